@@ -1,0 +1,32 @@
+"""recoup: compress LLMs, measure what it cost on knowledge-intensive work, win it back.
+
+Public API (re-exported here):
+
+- :func:`load` / :func:`load_model`: any model source -> :class:`LoadedModel`
+- :func:`anatomy`: per-architecture map of layers and linears
+- :func:`perplexity`: GPTQ-protocol perplexity
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+import os as _os
+
+_os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from recoup.errors import RecoupError  # noqa: E402
+from recoup.model.anatomy import anatomy  # noqa: E402
+from recoup.model.load import LoadedModel, load_model  # noqa: E402
+
+load = load_model
+
+
+def perplexity(*args, **kwargs):
+    """See :func:`recoup.evaluate.perplexity.perplexity`."""
+    from recoup.evaluate.perplexity import perplexity as _ppl
+
+    return _ppl(*args, **kwargs)
+
+
+__all__ = ["RecoupError", "LoadedModel", "anatomy", "load", "load_model", "perplexity", "__version__"]

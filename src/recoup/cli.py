@@ -1,0 +1,59 @@
+"""The ``recoup`` command: parses arguments, calls the library, prints results.
+
+Errors in what the user gave (RecoupError, bad flag values) print one line to stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from recoup import __version__
+from recoup.errors import RecoupError
+
+# Explicit list of subcommand modules (house style 2).
+COMMANDS = ["setup", "eval"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="recoup", description="Compress LLMs, measure what it cost on knowledge-intensive work, "
+                                                "and win it back with prompts and adapters.")
+    parser.add_argument("--version", action="version", version=f"recoup {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in COMMANDS:
+        importlib.import_module(f"recoup.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except RecoupError as exc:
+        sys.stderr.write(f"recoup {args.command}: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("recoup: interrupted; finished stages are kept\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

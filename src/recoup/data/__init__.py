@@ -1,0 +1,1 @@
+"""Text corpora, calibration sampling and the installed data packs."""

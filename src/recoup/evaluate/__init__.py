@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, the batched Scorer, task families and metrics."""

@@ -1,0 +1,73 @@
+"""Run a list of evaluation tasks on one model (optionally with a recovery) and collect results.
+
+Task names: ``ppl:CORPUS`` or ``ppl:CORPUS:SPLIT`` (default split test) for perplexity; any other
+name is looked up in the task registry (:mod:`recoup.evaluate.tasks`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import platform
+import time
+from typing import Any
+
+import torch
+
+from recoup.errors import RecoupError
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class EvalSettings:
+    seqlen: int = 2048
+    limit: int | None = None
+    batch_size: int = 8
+    seed: int = 0
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # task-family options (judge, shots...)
+
+
+def split_task_list(spec: str) -> list[str]:
+    tasks = [t.strip() for t in spec.split(",") if t.strip()]
+    if not tasks:
+        raise RecoupError("--tasks is empty; name at least one task, e.g. ppl:ptb")
+    return tasks
+
+
+def run_ppl(task: str, loaded, settings: EvalSettings, recovery) -> dict:
+    from recoup.evaluate.perplexity import perplexity
+
+    parts = task.split(":")
+    if len(parts) not in (2, 3) or not parts[1]:
+        raise RecoupError(f"bad perplexity task '{task}'; write ppl:CORPUS or ppl:CORPUS:SPLIT (e.g. ppl:ptb)")
+    split = parts[2] if len(parts) == 3 else "test"
+    res = perplexity(loaded.model, loaded.tokenizer, parts[1], split, settings.seqlen, settings.limit,
+                     batch_size=1, recovery=recovery)
+    return res.to_dict()
+
+
+def evaluate(loaded, tasks: list[str], settings: EvalSettings, recovery=None) -> dict:
+    """Evaluate every task; returns ``{"model", "results": {task: {...}}, "protocol": {...}}``."""
+    from recoup.evaluate import tasks as registry
+
+    runners = []
+    for task in tasks:  # validate every name before spending time on the first
+        if task.startswith("ppl:"):
+            runners.append((task, run_ppl))
+        else:
+            runners.append((task, registry.get_runner(task)))
+    model = recovery.apply(loaded.model) if recovery is not None else loaded.model
+    run_loaded = dataclasses.replace(loaded, model=model)
+    results: dict[str, dict] = {}
+    started = time.time()
+    for name, runner in runners:
+        t0 = time.time()
+        results[name] = runner(name, run_loaded, settings, recovery)
+        results[name]["seconds"] = round(time.time() - t0, 3)
+    protocol = {"seqlen": settings.seqlen, "limit": settings.limit, "seed": settings.seed,
+                "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
+                "torch": torch.__version__, "python": platform.python_version(),
+                "recovery": recovery.describe() if recovery is not None else None,
+                "seconds": round(time.time() - started, 3)}
+    return {"model": loaded.source, "results": results, "protocol": protocol}

