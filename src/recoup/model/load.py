@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from recoup.errors import RecoupError
 from recoup.paths import recoup_home
@@ -160,7 +161,7 @@ def load_model(source: str, dtype: str | torch.dtype = "float32", device: str = 
     try:
         tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(target, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         if kind == "hub":
             raise RecoupError(
                 f"could not load '{source}' from the Hugging Face hub (no network, a private repo, or a typo?); "

@@ -1,0 +1,28 @@
+# Two entry points for a fresh machine (see README): `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RECOUP := $(VENV)/bin/recoup
+
+.PHONY: install setup demo test test-fast bench
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the CPU build of torch first, so nothing pulls CUDA packages
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+setup: install
+	$(RECOUP) setup
+
+demo: setup
+	$(RECOUP) eval smollm2-135m --tasks ppl:ptb,ppl:wiki --seqlen 2048
+
+test-fast: install
+	$(PY) -m pytest -q
+
+test: setup
+	$(PY) -m pytest -q -m "slow or not slow"
