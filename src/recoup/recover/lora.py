@@ -1,0 +1,248 @@
+"""LoRA recovery through PEFT, kept unmerged so a sparse or quantized base stays exactly as it was.
+
+LoRA (Hu et al. 2021) adds ``B @ A`` (A: (r, in), B: (out, r), B initialised at zero) beside each
+targeted linear; the targets come from the anatomy map (attention, mlp or all linears of every
+decoder layer). The adapter is **never merged** into the base: merging ``W + BA`` would fill the
+pruned zeros of a sparse weight and move a quantized weight off its grid. The base weights are
+frozen, and :func:`linear_digests` lets a caller prove they are bit-identical after training.
+
+The saved directory is a plain PEFT LoRA adapter (``adapter_config.json`` +
+``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained`` loads, plus
+``recoup-recovery.json`` naming the method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from recoup.config import Config, check
+from recoup.errors import RecoupError
+from recoup.model.anatomy import anatomy
+from recoup.recover.base import Recovery
+
+log = logging.getLogger(__name__)
+
+RECOVERY_JSON = "recoup-recovery.json"
+TARGETS = ("attention", "mlp", "all")
+
+
+@dataclasses.dataclass
+class LoraConfig(Config):
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str = "all"  # attention | mlp | all (from the anatomy map)
+
+    def __post_init__(self) -> None:
+        check(self.rank >= 1, f"--rank must be >= 1 (got {self.rank})")
+        check(self.alpha > 0, f"LoRA alpha must be > 0 (got {self.alpha})")
+        check(0 <= self.dropout < 1, f"LoRA dropout must be in [0, 1) (got {self.dropout})")
+        check(self.targets in TARGETS, f"unknown LoRA targets '{self.targets}'; use one of {', '.join(TARGETS)}")
+
+
+def base_of(model: nn.Module) -> nn.Module:
+    """The underlying transformers model of a PeftModel (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _weight_of(module: nn.Module) -> torch.Tensor:
+    return module.base_layer.weight if hasattr(module, "base_layer") else module.weight
+
+
+def linear_digests(model: nn.Module) -> dict[str, str]:
+    """sha256 of every targeted base weight (the frozen one under a LoRA wrapper), keyed by layer.linear.
+
+    Equal digests before and after training prove that masks and quantized values are unchanged.
+    """
+    base = base_of(model)
+    ana = anatomy(base)
+    out = {}
+    for i, layer in enumerate(ana.layers):
+        for name in ana.linear_names():
+            mod = layer
+            for part in name.split("."):
+                mod = getattr(mod, part)
+            w = _weight_of(mod).detach().to("cpu").contiguous()
+            out[f"{i}.{name}"] = hashlib.sha256(w.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+    return out
+
+
+def _peft_config(cfg: LoraConfig, target_modules: list[str]):
+    import peft
+
+    return peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                           target_modules=target_modules, bias="none", task_type="CAUSAL_LM")
+
+
+class LoraRecovery(Recovery):
+    """A LoRA adapter: config, target leaf names and the PEFT state dict (keys as PEFT saves them)."""
+
+    method = "lora"
+
+    def __init__(self, cfg: LoraConfig, target_modules: list[str], state: dict[str, torch.Tensor] | None = None,
+                 hidden_size: int | None = None, meta: dict | None = None) -> None:
+        self.cfg = cfg
+        self.target_modules = list(target_modules)
+        self.state = state
+        self.hidden_size = hidden_size
+        self.meta = dict(meta or {})
+
+    @classmethod
+    def for_model(cls, model: nn.Module, cfg: LoraConfig) -> "LoraRecovery":
+        ana = anatomy(base_of(model))
+        return cls(cfg, ana.peft_target_modules(cfg.targets), hidden_size=ana.hidden_size)
+
+    # ------------------------------------------------------------------ attach
+    def apply(self, model: nn.Module, seed: int | None = None) -> nn.Module:
+        """Wrap ``model`` with the adapter (unmerged) and load the saved weights; returns the PeftModel.
+
+        With no saved state the adapter starts from PEFT's init (A Kaiming-uniform, B = 0) under
+        ``seed``, so the wrapped model computes exactly what the base computes.
+        """
+        import peft
+
+        ana = anatomy(base_of(model))
+        if self.hidden_size is not None and ana.hidden_size != self.hidden_size:
+            raise RecoupError(f"the adapter was trained for hidden size {self.hidden_size}, the model has "
+                              f"{ana.hidden_size}; a LoRA attaches only to the same architecture")
+        if seed is not None:
+            torch.manual_seed(seed)
+        wrapped = peft.get_peft_model(model, _peft_config(self.cfg, self.target_modules))
+        if self.state is not None:
+            self.load_into(wrapped, self.state)
+        return wrapped
+
+    @staticmethod
+    def load_into(wrapped: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Copy a PEFT LoRA state dict into a wrapped model; a shape or key mismatch is one clear line."""
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        own = get_peft_model_state_dict(wrapped)
+        missing = sorted(set(own) - set(state))
+        extra = sorted(set(state) - set(own))
+        if missing or extra:
+            raise RecoupError(f"the LoRA does not fit this model: {len(missing)} adapter tensors missing "
+                              f"(e.g. {missing[:1]}), {len(extra)} unexpected (e.g. {extra[:1]})")
+        for key, value in state.items():
+            if own[key].shape != value.shape:
+                raise RecoupError(f"the LoRA does not fit this model: {key} has shape {tuple(value.shape)}, "
+                                  f"the model needs {tuple(own[key].shape)} (another rank or architecture?)")
+        set_peft_model_state_dict(wrapped, state)
+
+    def capture(self, wrapped: nn.Module) -> None:
+        """Keep a detached copy of the wrapped model's adapter weights."""
+        from peft import get_peft_model_state_dict
+
+        self.state = {k: v.detach().to("cpu").clone() for k, v in get_peft_model_state_dict(wrapped).items()}
+
+    # ------------------------------------------------------------------ lifecycle
+    def num_parameters(self) -> int:
+        if self.state is None:
+            raise RecoupError("the LoRA has no weights yet (train it or load a saved one)")
+        return int(sum(v.numel() for v in self.state.values()))
+
+    def describe(self) -> dict:
+        return {"method": self.method, "parameters": self.num_parameters(), "rank": self.cfg.rank,
+                "alpha": self.cfg.alpha, "targets": self.target_modules, "merged": False, **self.meta}
+
+    def save(self, path: str | Path) -> None:
+        """Write a PEFT LoRA directory (``adapter_config.json``, ``adapter_model.safetensors``)."""
+        from safetensors.torch import save_file
+
+        if self.state is None:
+            raise RecoupError("nothing to save: the LoRA has no weights")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        pcfg = _peft_config(self.cfg, self.target_modules)
+        pcfg.save_pretrained(str(path))
+        save_file({k: v.contiguous() for k, v in self.state.items()}, str(path / "adapter_model.safetensors"))
+        info = {"method": self.method, "config": self.cfg.to_dict(), "target_modules": self.target_modules,
+                "hidden_size": self.hidden_size, "merged": False, **self.meta}
+        (path / RECOVERY_JSON).write_text(json.dumps(info, indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LoraRecovery":
+        """Read a PEFT LoRA directory (ours, or any PEFT LoRA for a supported architecture)."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        cfg_file, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
+        if not cfg_file.is_file() or not weights.is_file():
+            raise RecoupError(f"'{path}' is not a LoRA directory (needs adapter_config.json and "
+                              f"adapter_model.safetensors)")
+        raw = json.loads(cfg_file.read_text())
+        if raw.get("peft_type") != "LORA":
+            raise RecoupError(f"'{path}' holds a PEFT {raw.get('peft_type')} adapter, not a LoRA")
+        targets = raw.get("target_modules")
+        if isinstance(targets, str) or not targets:
+            raise RecoupError(f"'{path}': adapter_config.json must list target_modules explicitly")
+        cfg = LoraConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout", 0.0)))
+        info = json.loads((path / RECOVERY_JSON).read_text()) if (path / RECOVERY_JSON).is_file() else {}
+        meta = {k: v for k, v in info.items() if k not in ("method", "config", "target_modules", "hidden_size", "merged")}
+        return cls(cfg, sorted(targets), load_file(str(weights)), info.get("hidden_size"), meta)
+
+
+def lora_parameters(wrapped: nn.Module) -> list[nn.Parameter]:
+    """The adapter's trainable tensors (lora_A / lora_B) of a wrapped model."""
+    params = [p for n, p in wrapped.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def frozen_base(wrapped: nn.Module) -> Iterator[nn.Parameter]:
+    for n, p in wrapped.named_parameters():
+        if "lora_" not in n:
+            yield p
+
+
+def adapter_loss(model: nn.Module, batch, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Task / LM loss of one :class:`~recoup.recover.task_data.Batch` through the shared forward."""
+    from recoup.model.forward import forward_logits
+    from recoup.recover.task_data import lm_loss_from_logits
+
+    ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+    return lm_loss_from_logits(forward_logits(model, ids, mask), batch.labels.to(device))
+
+
+def fit_lora(model: nn.Module, tokenizer, data, cfg: LoraConfig, train_cfg, batch_size: int = 8,
+             init: LoraRecovery | None = None):
+    """Train a LoRA on a frozen (possibly compressed) model; returns (LoraRecovery, TrainResult, wrapped).
+
+    ``data`` is a :class:`~recoup.recover.task_data.TuningData`; ``init`` (a LoRA of the same rank and
+    targets, e.g. one trained on the dense model) replaces PEFT's random init. The base weights are
+    checked bit-identical after training (RecoupError otherwise). ``model`` is wrapped in place.
+    """
+    from recoup.recover.task_data import batch_stream, mean_loss
+    from recoup.recover.train import train
+
+    device = next(model.parameters()).device
+    before = linear_digests(model)
+    rec = LoraRecovery.for_model(model, cfg) if init is None else LoraRecovery(cfg, init.target_modules, init.state,
+                                                                              init.hidden_size)
+    if init is not None and (init.cfg.rank != cfg.rank or init.target_modules != LoraRecovery.for_model(model, cfg).target_modules):
+        raise RecoupError(f"the LoRA to inherit has rank {init.cfg.rank} on {init.target_modules}; "
+                          f"train with the same --rank and targets")
+    wrapped = rec.apply(model, seed=train_cfg.seed)
+    params = lora_parameters(wrapped)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batches = batch_stream(data.train, batch_size, pad, seed=train_cfg.seed)
+    validate = (lambda: mean_loss(wrapped, data.valid, pad, batch_size)) if data.valid else None
+    result = train(params, batches, lambda b: adapter_loss(wrapped, b, device), train_cfg, validate,
+                   tokens_in=lambda b: b.tokens, desc="lora")
+    if linear_digests(wrapped) != before:
+        raise RecoupError("internal error: training changed the frozen base weights")
+    rec.capture(wrapped)
+    rec.meta.update({"init": "inherited" if init is not None else "random", "base_intact": True,
+                     "train": {"steps": result.steps, "seconds": round(result.seconds, 1),
+                               "best_val_loss": result.best_val_loss, "best_step": result.best_step},
+                     "data": data.protocol})
+    return rec, result, wrapped

