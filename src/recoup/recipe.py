@@ -1,0 +1,447 @@
+"""Run recipes: YAML -> validated, typed :class:`Recipe`; ``--set key=value`` overrides.
+
+A recipe names a model, compression steps, recovery steps, what to evaluate and a seed (see
+``recoup/recipes/default.yaml``, shipped with the package). Validation collects every mistake and
+reports each on one line (``where: what is wrong; what is allowed``): unknown keys with a
+did-you-mean, wrong types, values out of range, unknown methods and missing files. Method-specific
+keys of compression and recovery steps are validated by those stages' own typed configs.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+from importlib import resources
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from recoup.errors import RecoupError
+
+SHIPPED = ("default", "sweep")
+
+
+def shipped_recipe_path(name: str) -> Path:
+    """Path of a recipe shipped inside the package (``default``, ``sweep``)."""
+    return Path(str(resources.files("recoup") / "recipes" / f"{name}.yaml"))
+
+
+# ----------------------------------------------------------------------------- typed sections
+
+@dataclasses.dataclass
+class Calibration:
+    corpus: str = "ptb"  # ptb | wiki | a .txt/.jsonl file
+    nsamples: int = 128
+    seqlen: int = 512
+
+    def problems(self) -> list[str]:
+        out = []
+        if not 1 <= self.nsamples <= 4096:
+            out.append(f"nsamples must be in [1, 4096] (got {self.nsamples})")
+        if not 8 <= self.seqlen <= 32768:
+            out.append(f"seqlen must be in [8, 32768] (got {self.seqlen})")
+        out += corpus_problems(self.corpus, "corpus")
+        return out
+
+
+@dataclasses.dataclass
+class Evaluation:
+    tasks: list[str] = dataclasses.field(default_factory=lambda: ["ppl:ptb"])
+    suite: Union[str, None] = None  # a named suite from recoup.evaluate.tasks.SUITES, added to tasks
+    limit: Union[int, None] = None  # windows per perplexity task / examples per task
+    seqlen: int = 2048  # perplexity window
+    batch_size: int = 8
+    dense: bool = True  # also evaluate the uncompressed model (the reference for "matching")
+    options: dict = dataclasses.field(default_factory=dict)  # task-family options (shots, judge ...)
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.limit is not None and self.limit < 1:
+            out.append(f"limit must be a positive integer or null (got {self.limit})")
+        if not 2 <= self.seqlen <= 32768:
+            out.append(f"seqlen must be in [2, 32768] (got {self.seqlen})")
+        if self.batch_size < 1:
+            out.append(f"batch_size must be >= 1 (got {self.batch_size})")
+        if not self.tasks and not self.suite:
+            out.append("name at least one task (e.g. tasks: [ppl:ptb]) or a suite")
+        for task in self.tasks:
+            if task.startswith("ppl:"):
+                parts = task.split(":")
+                if len(parts) not in (2, 3) or not parts[1]:
+                    out.append(f"bad perplexity task '{task}'; write ppl:CORPUS or ppl:CORPUS:SPLIT")
+                else:
+                    out += corpus_problems(parts[1], f"task {task}")
+        return out
+
+    def task_list(self) -> list[str]:
+        """The tasks plus the suite's tasks, in order, without repeats."""
+        tasks = list(self.tasks)
+        if self.suite:
+            from recoup.evaluate.tasks import SUITES
+
+            tasks += SUITES[self.suite]
+        return list(dict.fromkeys(tasks))
+
+
+@dataclasses.dataclass
+class Sweep:
+    methods: list[str] = dataclasses.field(default_factory=lambda: ["magnitude", "wanda", "sparsegpt"])
+    sparsity: list[float] = dataclasses.field(default_factory=lambda: [0.3, 0.5, 0.7])
+    bits: list[Union[int, None]] = dataclasses.field(default_factory=lambda: [None])
+    options: dict = dataclasses.field(default_factory=dict)  # extra compression keys for every cell
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.methods or not self.sparsity or not self.bits:
+            out.append("methods, sparsity and bits must each list at least one value")
+        out += [f"sparsity must be in [0, 0.99] (got {s})" for s in self.sparsity if not 0 <= s <= 0.99]
+        out += [f"bits must be one of 2, 3, 4, 8 or null (got {b})" for b in self.bits if b not in (None, 2, 3, 4, 8)]
+        return out
+
+    def cells(self) -> list[dict]:
+        """One compression step per grid cell: methods x sparsity x bits."""
+        cells = []
+        for method in self.methods:
+            for s in self.sparsity:
+                for b in self.bits:
+                    step = {"name": cell_name(method, s, b), "method": method, **self.options}
+                    if s > 0 or b is None:
+                        step["sparsity"] = s
+                    if b is not None:
+                        step["bits"] = b
+                    cells.append(step)
+        return cells
+
+
+def cell_name(method: str, sparsity: float, bits: int | None) -> str:
+    name = f"{method}-s{round(sparsity * 100):02d}"
+    return name + (f"-w{bits}" if bits is not None else "")
+
+
+@dataclasses.dataclass
+class Report:
+    matching: float = 0.05  # LLM-KICK: "matching" = within 5% of dense
+    plots: bool = True
+
+    def problems(self) -> list[str]:
+        return [] if 0 < self.matching < 1 else [f"matching must be in (0, 1) (got {self.matching})"]
+
+
+@dataclasses.dataclass
+class Recipe:
+    """A validated run recipe (see module doc). ``compress``/``recover`` hold the validated step dicts."""
+
+    name: str = "run"
+    description: str = ""
+    model: str = "smollm2-135m"
+    dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0
+    calibration: Calibration = dataclasses.field(default_factory=Calibration)
+    evaluate: Evaluation = dataclasses.field(default_factory=Evaluation)
+    compress: list = dataclasses.field(default_factory=list)
+    recover: list = dataclasses.field(default_factory=list)
+    sweep: Union[Sweep, None] = None
+    report: Report = dataclasses.field(default_factory=Report)
+    source: str = "<dict>"  # where it came from (not part of its identity)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+    def compress_steps(self) -> list[dict]:
+        """Explicit compression steps followed by the sweep's cells."""
+        return list(self.compress) + (self.sweep.cells() if self.sweep else [])
+
+
+_SECTIONS = {"calibration": Calibration, "evaluate": Evaluation, "sweep": Sweep, "report": Report}
+_STEP_KEYS_COMPRESS = ("name", "method", "calibration")
+
+
+
+# ----------------------------------------------------------------------------- checks
+
+def corpus_problems(corpus: str, what: str) -> list[str]:
+    from recoup.data.corpora import CORPORA
+
+    if corpus in CORPORA or Path(corpus).expanduser().is_file():
+        return []
+    if "/" in corpus or "." in corpus:
+        return [f"{what}: file not found: '{corpus}'"]
+    close = difflib.get_close_matches(corpus, CORPORA, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return [f"{what}: unknown corpus '{corpus}'{hint} known: {', '.join(CORPORA)} or a path to a .txt/.jsonl file"]
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false", dict: "a mapping"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, a) for a in get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is list or tp is list:
+        args = get_args(tp)
+        return isinstance(value, list) and (not args or all(_type_ok(v, args[0]) for v in value))
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True
+
+
+def _unknown_key(key: str, allowed: list[str], where: str) -> str:
+    close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"{where}: unknown key '{key}'{hint} allowed: {', '.join(allowed)}"
+
+
+def _build(cls: type, data: Any, where: str, errors: list[str]) -> Any:
+    """Instantiate a section dataclass from ``data``, appending one line per mistake to ``errors``."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        errors.append(f"{where}: expected a mapping of keys, got {type(data).__name__}")
+        return cls()
+    hints = get_type_hints(cls)
+    allowed = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in allowed:
+            errors.append(_unknown_key(key, allowed, where))
+            continue
+        if key in _SECTIONS or key in ("compress", "recover"):
+            kwargs[key] = value  # sections are built by the caller
+            continue
+        if key == "tasks" and isinstance(value, str):
+            value = [t.strip() for t in value.split(",") if t.strip()]
+        if not _type_ok(value, hints[key]):
+            errors.append(f"{where}.{key}: expected {_type_name(hints[key])}, got {type(value).__name__} {value!r}")
+            continue
+        if hints[key] is float and isinstance(value, int):
+            value = float(value)
+        kwargs[key] = value
+    obj = cls(**{k: v for k, v in kwargs.items() if k not in _SECTIONS and k not in ("compress", "recover")})
+    if hasattr(obj, "problems"):
+        errors += [f"{where}: {p}" if not p.startswith(("task ", "corpus")) else f"{where}.{p}" for p in obj.problems()]
+    return obj
+
+
+def _check_steps(steps: Any, kind: str, errors: list[str]) -> list[dict]:
+    if steps is None:
+        return []
+    if not isinstance(steps, list):
+        errors.append(f"{kind}: expected a list of steps, got {type(steps).__name__}")
+        return []
+    out, seen = [], set()
+    for i, step in enumerate(steps):
+        where = f"{kind}[{i}]"
+        if not isinstance(step, dict):
+            errors.append(f"{where}: expected a mapping with at least name and method, got {type(step).__name__}")
+            continue
+        step = {str(k): v for k, v in step.items()}  # YAML 1.1 reads a bare `on:` key as true
+        for req in ("name", "method"):
+            if not isinstance(step.get(req), str) or not step.get(req):
+                errors.append(f"{where}: '{req}' is required (a string)")
+        name = step.get("name")
+        if isinstance(name, str) and name:
+            where = f"{kind}[{i}] ({name})"
+            if name in seen:
+                errors.append(f"{where}: duplicate step name '{name}'")
+            if name == "dense" or not all(c.isalnum() or c in "-_." for c in name):
+                errors.append(f"{where}: step names use letters, digits, '-', '_' or '.' and may not be 'dense'")
+            seen.add(name)
+        out.append(step)
+        step["_where"] = where
+    return out
+
+
+def _validate_compress(step: dict, recipe: Recipe, errors: list[str]) -> None:
+    from recoup.runs.stages import compress_config
+
+    where = step.pop("_where")
+    if "calibration" in step:
+        cal = _build(Calibration, {**dataclasses.asdict(recipe.calibration), **(step["calibration"] or {})},
+                     f"{where}.calibration", errors)
+        step["calibration"] = dataclasses.asdict(cal)
+    if not isinstance(step.get("method"), str):
+        return
+    try:
+        compress_config(step)
+    except RecoupError as exc:
+        errors.append(f"{where}: {exc}")
+
+
+def _validate_recover(step: dict, names: list[str], errors: list[str]) -> None:
+    from recoup.runs.stages import recovery_config
+
+    where = step.pop("_where")
+    base = step.get("base")
+    if not isinstance(base, str) or base not in names:
+        close = difflib.get_close_matches(str(base), names, n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        what = "is required: the compression step to learn on" if base is None else f"'{base}' is not a compression step"
+        errors.append(f"{where}.base: {what}{hint} (steps: {', '.join(names) or 'none'})")
+    transfer = step.setdefault("transfer", [])
+    if isinstance(transfer, str):
+        transfer = step["transfer"] = [transfer]
+    if not isinstance(transfer, list):
+        errors.append(f"{where}.transfer: expected a list of compression step names (or 'dense')")
+    else:
+        for t in transfer:
+            if t != "dense" and t not in names:
+                close = difflib.get_close_matches(str(t), names + ["dense"], n=1, cutoff=0.6)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                errors.append(f"{where}.transfer: '{t}' is not a compression step{hint}")
+    if not isinstance(step.get("method"), str):
+        return
+    try:
+        recovery_config(step)
+    except RecoupError as exc:
+        errors.append(f"{where}: {exc}")
+
+
+def validate(raw: Any, source: str = "<dict>") -> Recipe:
+    """Build a :class:`Recipe` from a parsed mapping; raise RecoupError listing every mistake, one per line."""
+    errors: list[str] = []
+    if not isinstance(raw, dict):
+        raise RecoupError(f"{source}: a recipe is a YAML mapping (name, model, compress, recover, evaluate ...)")
+    raw = copy.deepcopy(raw)
+    recipe = _build(Recipe, raw, "recipe", errors)
+    for key, cls in _SECTIONS.items():
+        if key in raw and not (key == "sweep" and raw[key] is None):
+            setattr(recipe, key, _build(cls, raw[key], key, errors))
+    if recipe.dtype not in ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
+        errors.append(f"recipe.dtype: unknown dtype '{recipe.dtype}'; use float32, bfloat16 or float16")
+    if recipe.device not in ("cpu", "cuda") and not recipe.device.startswith("cuda:"):
+        errors.append(f"recipe.device: unknown device '{recipe.device}'; use cpu or cuda")
+    if recipe.seed < 0:
+        errors.append(f"recipe.seed must be >= 0 (got {recipe.seed})")
+    errors += _model_problems(recipe.model)
+    if recipe.evaluate.suite:
+        from recoup.evaluate.tasks import SUITES
+        from recoup.registry import unknown_name_message
+
+        if recipe.evaluate.suite not in SUITES:
+            errors.append("evaluate.suite: " + unknown_name_message("suite", recipe.evaluate.suite, SUITES))
+    compress = _check_steps(raw.get("compress"), "compress", errors)
+    recover = _check_steps(raw.get("recover"), "recover", errors)
+    for step in compress:
+        _validate_compress(step, recipe, errors)
+    names = [s["name"] for s in compress if isinstance(s.get("name"), str)]
+    if recipe.sweep is not None:
+        for cell in recipe.sweep.cells():
+            cell["_where"] = f"sweep cell {cell['name']}"
+            _validate_compress(cell, recipe, errors)
+            names.append(cell["name"])
+    for step in recover:
+        _validate_recover(step, names, errors)
+    if errors:
+        unique = list(dict.fromkeys(errors))
+        raise RecoupError(f"{source}: {len(unique)} problem(s) in the recipe:\n  " + "\n  ".join(unique))
+    recipe.compress, recipe.recover, recipe.source = compress, recover, source
+    return recipe
+
+
+def _model_problems(model: str) -> list[str]:
+    from recoup.model.load import BUNDLED_ALIAS
+
+    if model == BUNDLED_ALIAS:
+        return []
+    path = Path(model).expanduser()
+    looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1 or model.endswith(".gguf")
+    if looks_local and not path.exists():
+        return [f"recipe.model: no such file or directory: '{model}'"]
+    return []
+
+
+# ----------------------------------------------------------------------------- overrides and loading
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (['a','b','c'], value parsed as YAML: numbers, true/false, null, lists)."""
+    if "=" not in text:
+        raise RecoupError(f"--set expects key=value (got '{text}'), e.g. --set evaluate.limit=4")
+    key, value = text.split("=", 1)
+    parts = [p for p in key.strip().split(".")]
+    if not all(parts):
+        raise RecoupError(f"--set: bad key '{key}'; write dotted keys like compress.8x.sparsity")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return parts, parsed
+
+
+def apply_override(raw: dict, parts: list[str], value: Any) -> None:
+    """Set ``raw[parts...] = value``; list items are addressed by index or by their ``name``."""
+    node: Any = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            idx = next((j for j, s in enumerate(node) if isinstance(s, dict) and s.get("name") == part), None)
+            if idx is None and part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node):
+                idx = int(part)
+            if idx is None:
+                names = [s.get("name") for s in node if isinstance(s, dict)]
+                raise RecoupError(f"--set {where}: no step '{part}' (steps: {', '.join(map(str, names))})")
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+            continue
+        if not isinstance(node, dict):
+            raise RecoupError(f"--set {where}: '{'.'.join(parts[:i])}' is not a mapping")
+        if last:
+            node[part] = value
+        else:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Load a recipe file (None = the shipped default; ``default``/``sweep`` name shipped ones), apply overrides."""
+    if path is None or str(path) in SHIPPED:
+        file = shipped_recipe_path(str(path or "default"))
+    else:
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise RecoupError(f"recipe file not found: '{path}' (shipped recipes: {', '.join(SHIPPED)})")
+    try:
+        raw = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark is not None else ""
+        raise RecoupError(f"{file}:{at} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    raw = raw or {}
+    if isinstance(raw, dict):
+        for text in overrides or []:
+            apply_override(raw, *parse_override(text))
+    return validate(raw, source=str(path or "default"))
