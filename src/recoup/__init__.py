@@ -5,6 +5,7 @@ Public API (re-exported here):
 - :func:`load` / :func:`load_model`: any model source -> :class:`LoadedModel`
 - :func:`anatomy`: per-architecture map of layers and linears
 - :func:`perplexity`: GPTQ-protocol perplexity
+- :func:`compress`: compress a loaded model in place (``recoup.compress(loaded, config, calibration)``)
 """
 
 from __future__ import annotations
@@ -29,4 +30,13 @@ def perplexity(*args, **kwargs):
     return _ppl(*args, **kwargs)
 
 
-__all__ = ["RecoupError", "LoadedModel", "anatomy", "load", "load_model", "perplexity", "__version__"]
+def __getattr__(name: str):
+    """Lazy ``recoup.compress``: the package is callable as :func:`recoup.compress.engine.compress`."""
+    if name == "compress":
+        import importlib
+
+        return importlib.import_module("recoup.compress")
+    raise AttributeError(f"module 'recoup' has no attribute '{name}'")
+
+
+__all__ = ["RecoupError", "compress", "LoadedModel", "anatomy", "load", "load_model", "perplexity", "__version__"]

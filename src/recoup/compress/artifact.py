@@ -1,0 +1,201 @@
+"""Save / load a compressed model: safetensors + tokenizer + ``quant_params.safetensors`` (the grid
+of each quantized linear) + ``recoup.json``, the manifest, written LAST.
+
+The whole directory is written to a temporary sibling and renamed into place, so a reader never
+sees a half-written artifact. The manifest lists the sha256 of every other file; loading checks
+them, so a corrupted or foreign directory gives one clear line. Loading never unpickles
+(safetensors only, ``trust_remote_code`` off).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from recoup.compress.quantizer import grid_deviation
+from recoup.compress.report import CompressReport
+from recoup.errors import RecoupError
+from recoup.model.anatomy import anatomy
+from recoup.model.load import ARTIFACT_MANIFEST, LoadedModel, file_sha256, model_fingerprint, parse_dtype
+
+log = logging.getLogger(__name__)
+
+FORMAT = "recoup-compressed"
+FORMAT_VERSION = 1
+QPARAMS_FILE = "quant_params.safetensors"
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    import recoup
+
+    return {"recoup": recoup.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def save_artifact(loaded: LoadedModel, report: CompressReport, out_dir: str | Path) -> Path:
+    """Write ``loaded`` (already compressed, see :func:`recoup.compress.compress`) and ``report`` to ``out_dir``.
+
+    An existing recoup artifact at ``out_dir`` is replaced; any other existing non-empty path is refused.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not (out.is_dir() and ((out / ARTIFACT_MANIFEST).is_file() or not any(out.iterdir()))):
+        raise RecoupError(f"'{out}' exists and is not a recoup artifact; refusing to overwrite it (choose another --out)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        loaded.model.save_pretrained(str(tmp), safe_serialization=True)
+        loaded.tokenizer.save_pretrained(str(tmp))
+        if report.qparams:
+            flat = {f"{name}.{k}": v.contiguous() for name, d in report.qparams.items() for k, v in d.items()}
+            save_file(flat, str(tmp / QPARAMS_FILE))
+        files = {f.name: file_sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+        dtype = str(next(loaded.model.parameters()).dtype).replace("torch.", "")
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "source": {"model": loaded.source, "path": str(loaded.path) if loaded.path else None,
+                       "sha256": model_fingerprint(loaded.path) if loaded.path else None},
+            "model_type": report.model_type, "dtype": dtype,
+            "recipe": report.config, "calibration": report.calibration,
+            "summary": {"sparsity": report.sparsity, "mean_error": report.mean_error, "linears": len(report.linears),
+                        "bits": report.config.get("bits"), "group_size": report.config.get("group_size"),
+                        "sym": report.config.get("sym"), "pattern": report.config.get("pattern")},
+            "layers": [r.to_dict() for r in report.linears],
+            "seconds": report.seconds, "peak_rss_mb": report.peak_rss_mb, "versions": _versions(),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "files": files,
+        }
+        (tmp / ARTIFACT_MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("wrote artifact %s", out)
+    return out
+
+
+def read_manifest(path: str | Path, verify: bool = True) -> dict[str, Any]:
+    """The manifest of the artifact at ``path``; with ``verify`` the sha256 of every listed file is checked."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / ARTIFACT_MANIFEST).read_text())
+    except FileNotFoundError:
+        raise RecoupError(f"'{path}' is not a recoup artifact (no {ARTIFACT_MANIFEST})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise RecoupError(f"'{path}/{ARTIFACT_MANIFEST}' is not valid JSON; the artifact is corrupted") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise RecoupError(f"'{path}/{ARTIFACT_MANIFEST}' is not a recoup compressed-model manifest")
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise RecoupError(f"artifact format {manifest['format_version']} is newer than this recoup reads ({FORMAT_VERSION})")
+    if verify:
+        for name, digest in manifest.get("files", {}).items():
+            f = path / name
+            if not f.is_file():
+                raise RecoupError(f"artifact '{path}' is incomplete: {name} is missing")
+            if file_sha256(f) != digest:
+                raise RecoupError(f"artifact '{path}' is corrupted: {name} does not match its sha256 in {ARTIFACT_MANIFEST}")
+    return manifest
+
+
+def load_qparams(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    """{linear name: {scale, zero, g_idx}} of an artifact (empty if nothing was quantized)."""
+    from safetensors.torch import load_file
+
+    f = Path(path) / QPARAMS_FILE
+    if not f.is_file():
+        return {}
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in load_file(str(f)).items():
+        name, kind = key.rsplit(".", 1)
+        out.setdefault(name, {})[kind] = t
+    return out
+
+
+def load_artifact(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> LoadedModel:
+    """Load a compressed artifact (verified against its manifest) as a :class:`LoadedModel` with ``.manifest``.
+
+    The in-memory manifest gains ``artifact_dir`` (not stored in the file) so that
+    :func:`compression_fingerprint` can find the quantization grids.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path).expanduser().resolve()
+    manifest = read_manifest(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=parse_dtype(dtype), use_safetensors=True,
+                                                     trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:
+        raise RecoupError(f"could not load artifact '{path}': {str(exc).splitlines()[0]}") from None
+    model.to(device).eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    manifest["artifact_dir"] = str(path)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=str(path), path=path, manifest=manifest)
+
+
+def _sha(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().cpu().numpy().tobytes()).hexdigest()
+
+
+@torch.no_grad()
+def compression_fingerprint(model: nn.Module, manifest: dict[str, Any] | None = None,
+                            qparams: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
+    """Whether a model's compression is intact: per targeted linear, the zero count, a sha256 of the
+    zero mask, and (for quantized linears) the largest distance from the recorded grid in grid steps
+    and a sha256 of the integer codes. Compare the result before and after training a recovery:
+    equal ``digest`` means no mask bit and no quantized code changed.
+
+    manifest: an artifact manifest (``LoadedModel.manifest``) or ``CompressReport.to_dict()``; its
+    ``layers`` name the linears (default: every linear in the anatomy). qparams: the grids (default:
+    read from the manifest's ``artifact_dir``).
+    """
+    manifest = manifest or {}
+    if qparams is None:
+        qparams = load_qparams(manifest["artifact_dir"]) if manifest.get("artifact_dir") else {}
+    layers = manifest.get("layers") or manifest.get("linears")
+    anat = anatomy(model)
+    names = [r["name"] for r in layers] if layers else [n for n, _ in anat.iter_linears()]
+    bits = (manifest.get("recipe") or manifest.get("config") or {}).get("bits")
+    modules = dict(model.named_modules())
+    out: dict[str, Any] = {}
+    total = zeros = 0
+    all_on_grid: bool | None = None
+    for name in names:
+        if name not in modules:
+            raise RecoupError(f"the model has no linear '{name}' named in the manifest; is it the right model?")
+        w = anat.weight_matrix(modules[name]).detach().float()
+        mask = w == 0
+        entry: dict[str, Any] = {"zeros": int(mask.sum()), "numel": w.numel(), "mask_sha256": _sha(mask)}
+        q = qparams.get(name)
+        if q is not None and bits:
+            dev = grid_deviation(w, q["scale"], q["zero"], q["g_idx"], 2 ** bits - 1)
+            g = q["g_idx"].long()
+            codes = torch.round(w / q["scale"].float()[:, g] + q["zero"].float()[:, g]).to(torch.int16)
+            entry.update({"grid_deviation": dev, "on_grid": dev < 1e-2, "codes_sha256": _sha(codes)})
+            all_on_grid = entry["on_grid"] if all_on_grid is None else (all_on_grid and entry["on_grid"])
+        out[name] = entry
+        total += w.numel()
+        zeros += entry["zeros"]
+    digest = hashlib.sha256(json.dumps({n: [e["mask_sha256"], e.get("codes_sha256")] for n, e in out.items()},
+                                       sort_keys=True).encode()).hexdigest()
+    return {"linears": out, "sparsity": zeros / total if total else 0.0, "all_on_grid": all_on_grid, "digest": digest}

@@ -1,0 +1,235 @@
+"""The one sequential compression engine (the only place that walks decoder layers).
+
+Capture the first decoder layer's inputs on the calibration windows (a pre-hook grabs them and
+raises :class:`StopForward`); record every layer's other positional and keyword arguments (masks,
+rotary embeddings, which can differ per layer, e.g. Gemma 3's local/global layers) from one
+single-window forward. Then per layer, per linear group in true-sequential order (attention
+before MLP): a pre-hook on the group's first linear feeds one shared statistics object and stops
+the layer there; the method compresses each linear of the group; after all groups the layer is
+re-run so its *compressed* outputs become the next layer's inputs, overwriting the activations in
+place. Memory: the calibration activations (nsamples, seqlen, hidden) once, one group's
+statistics, no second copy of the model. Works in place on the model's device (CPU here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from recoup.compress.config import CompressConfig
+from recoup.compress.methods import METHODS, LinearResult
+from recoup.compress.report import CompressReport, LinearRecord, peak_rss_mb
+from recoup.compress.stats import ActNormStats, ActSampleStats, HessianStats
+from recoup.data.calibration import Calibration
+from recoup.errors import RecoupError
+from recoup.model.anatomy import Anatomy, _get, anatomy
+from recoup.model.load import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+class StopForward(Exception):
+    """Raised by a capture hook to end a forward early."""
+
+
+@contextlib.contextmanager
+def hooked(*handles: Any) -> Iterator[None]:
+    """Hold hook handles; remove them all on exit, whatever happens."""
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class LayerView:
+    """One decoder layer as the methods see it: weights as (out, in) float32 whatever the storage."""
+
+    def __init__(self, layer: nn.Module, anat: Anatomy, linear_names: tuple[str, ...]) -> None:
+        self.layer, self.anat, self.linear_names = layer, anat, linear_names
+        self.model_type = anat.model_type
+        self.results: dict[str, LinearResult] = {}
+
+    def module(self, name: str) -> nn.Module:
+        return _get(self.layer, name)
+
+    def get_weight(self, name: str) -> torch.Tensor:
+        return self.anat.weight_matrix(self.module(name)).detach().float().contiguous().clone()
+
+    def set_weight(self, name: str, w: torch.Tensor) -> None:
+        p = self.module(name).weight
+        p.data.copy_((w.t() if self.anat.spec.conv1d else w).to(p.dtype))
+
+
+def _targets(anat: Anatomy, which: str) -> list[tuple[str, ...]]:
+    allowed = {"all": anat.spec.attention + anat.spec.mlp, "attention": anat.spec.attention, "mlp": anat.spec.mlp}[which]
+    groups = [tuple(n for n in g if n in allowed) for g in anat.spec.sequential]
+    return [g for g in groups if g]
+
+
+def _validate_shapes(anat: Anatomy, groups: list[tuple[str, ...]], config: CompressConfig) -> None:
+    for i, layer in enumerate(anat.layers):
+        for name in (n for g in groups for n in g):
+            rows, cols = anat.weight_matrix(_get(layer, name)).shape
+            if config.group_size and config.group_size > cols:
+                raise RecoupError(f"group size {config.group_size} is larger than the input size {cols} of "
+                                  f"layer {i} {name}; use a group size <= {cols} or -1 (one group per row)")
+            if config.nm and cols % config.nm[1]:
+                raise RecoupError(f"{config.pattern} needs input sizes divisible by {config.nm[1]}; layer {i} {name} has {cols}")
+
+
+def _call_layer(layer: nn.Module, h: torch.Tensor, rec: tuple[tuple, dict, bool]) -> torch.Tensor:
+    args, kwargs, as_kwarg = rec
+    out = layer(*args, hidden_states=h, **kwargs) if as_kwarg else layer(h, *args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def capture_inputs(model: nn.Module, anat: Anatomy, ids: torch.Tensor, batch_size: int
+                   ) -> tuple[torch.Tensor, list[tuple[tuple, dict, bool]]]:
+    """(first-layer inputs (N, T, H), per-layer (other args, kwargs, hidden-as-kwarg)) for ids (N, T)."""
+    layers = anat.layers
+    device = next(model.parameters()).device
+    records: list[Any] = [None] * len(layers)
+
+    def recorder(i: int):
+        def hook(_mod, args, kwargs):
+            as_kw = not args
+            records[i] = (tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"}, as_kw)
+        return hook
+
+    with hooked(*[layer.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(layers)]):
+        model(input_ids=ids[:1].to(device), use_cache=False)
+    if any(r is None for r in records):
+        raise RecoupError("could not record the decoder layers' arguments (a layer was never called)")
+
+    inps: list[torch.Tensor] = []
+
+    def grab(_mod, args, kwargs):
+        inps.append((args[0] if args else kwargs["hidden_states"]).detach())
+        raise StopForward
+
+    with hooked(layers[0].register_forward_pre_hook(grab, with_kwargs=True)):
+        for start in range(0, ids.shape[0], batch_size):
+            try:
+                model(input_ids=ids[start:start + batch_size].to(device), use_cache=False)
+            except StopForward:
+                pass
+    return torch.cat(inps, 0), records
+
+
+def _new_stats(kind: str, cols: int, config: CompressConfig, calls: int, device: torch.device):
+    if kind == "hessian":
+        return HessianStats(cols, device)
+    if kind == "act_norm":
+        return ActNormStats(cols, device)
+    if kind == "act_sample":
+        return ActSampleStats(cols, config.awq_samples, calls, device)
+    return None
+
+
+def _observe(layer: nn.Module, first: nn.Module, stats, inps: torch.Tensor, rec, batch_size: int) -> None:
+    def hook(_mod, args):
+        stats.add(args[0].detach())
+        raise StopForward
+
+    with hooked(first.register_forward_pre_hook(hook)):
+        for start in range(0, inps.shape[0], batch_size):
+            try:
+                _call_layer(layer, inps[start:start + batch_size], rec)
+            except StopForward:
+                pass
+
+
+def _propagate(layer: nn.Module, inps: torch.Tensor, rec, batch_size: int) -> None:
+    for start in range(0, inps.shape[0], batch_size):
+        inps[start:start + batch_size] = _call_layer(layer, inps[start:start + batch_size], rec)
+
+
+def relative_error(w0: torch.Tensor, w1: torch.Tensor, stats) -> tuple[float, str]:
+    """Relative reconstruction error of w1 vs w0 (rows, cols): ||dW X||^2 / ||W X||^2 where stats allow."""
+    d = w1 - w0
+    if isinstance(stats, HessianStats):
+        h = stats.xtx
+        return float(((d @ h) * d).sum() / ((w0 @ h) * w0).sum().clamp(min=1e-30)), "output"
+    if isinstance(stats, ActNormStats):
+        return float((d * d * stats.sq).sum() / (w0 * w0 * stats.sq).sum().clamp(min=1e-30)), "act_norm"
+    if isinstance(stats, ActSampleStats):
+        x = stats.sample()
+        return float(((x @ d.t()) ** 2).sum() / ((x @ w0.t()) ** 2).sum().clamp(min=1e-30)), "sample"
+    return float((d * d).sum() / (w0 * w0).sum().clamp(min=1e-30)), "weight"
+
+
+@torch.no_grad()
+def compress(loaded: LoadedModel, config: CompressConfig, calibration: Calibration | None = None) -> CompressReport:
+    """Compress ``loaded.model`` in place with ``config`` (one sequential pass) and report what was done.
+
+    calibration: windows (nsamples, seqlen) from :func:`recoup.data.calibration.calibration_windows`;
+    required by wanda, sparsegpt, gptq and awq, unused by magnitude and rtn.
+    """
+    model = loaded.model
+    anat = anatomy(model)
+    method = METHODS.get(config.method)
+    groups = _targets(anat, config.targets)
+    _validate_shapes(anat, groups, config)
+    needs_data = method.stats != "none"
+    if needs_data and calibration is None:
+        raise RecoupError(f"{config.method} needs calibration data (e.g. --calib ptb)")
+    device = next(model.parameters()).device
+    started = time.time()
+    was_training = model.training
+    model.eval()
+    inps, records = None, None
+    calls = 0
+    if needs_data:
+        ids = calibration.input_ids
+        inps, records = capture_inputs(model, anat, ids, config.batch_size)
+        calls = -(-ids.shape[0] // config.batch_size)
+        log.info("captured layer inputs %s in %.1fs", tuple(inps.shape), time.time() - started)
+    linears: list[LinearRecord] = []
+    qparams: dict[str, dict[str, torch.Tensor]] = {}
+    layer_names = tuple(n for g in groups for n in g)
+    for i, layer in enumerate(tqdm(anat.layers, desc=f"compress {config.describe()}", unit="layer")):
+        t_layer = time.time()
+        view = LayerView(layer, anat, layer_names)
+        first_record = len(linears)
+        for names in groups:
+            stats = None
+            if needs_data:
+                cols = view.get_weight(names[0]).shape[1]
+                stats = _new_stats(method.stats, cols, config, calls, device)
+                _observe(layer, view.module(names[0]), stats, inps, records[i], config.batch_size)
+            group_info = method.prepare_group(view, names, stats, config) if method.prepare_group else {}
+            for name in names:
+                t0 = time.time()
+                w0 = view.get_weight(name)
+                res = method.compress_linear(w0, stats, config)
+                view.set_weight(name, res.weight)
+                view.results[name] = res
+                err, kind = relative_error(w0, res.weight, stats)
+                linears.append(LinearRecord(
+                    name=f"{anat.spec.layers}.{i}.{name}", layer=i, shape=tuple(w0.shape),
+                    sparsity=float((res.weight == 0).float().mean()), bits=config.bits, group_size=config.group_size,
+                    error=err, error_kind=kind, seconds=time.time() - t0, info={**group_info, **res.info}))
+            del stats
+        for name, res in view.results.items():
+            if res.scale is not None:
+                qparams[f"{anat.spec.layers}.{i}.{name}"] = {"scale": res.scale.cpu(), "zero": res.zero.cpu(),
+                                                             "g_idx": res.g_idx.cpu()}
+        if needs_data:
+            _propagate(layer, inps, records[i], config.batch_size)
+        errs = [r.error for r in linears[first_record:]]
+        log.info("layer %d: %.1fs, mean relative error %.4g (max %.4g)", i, time.time() - t_layer,
+                 sum(errs) / len(errs), max(errs))
+    model.train(was_training)
+    report = CompressReport(method=config.method, config=config.to_dict(), model_type=anat.model_type,
+                            calibration=calibration.protocol if calibration is not None else None, linears=linears,
+                            seconds=time.time() - started, peak_rss_mb=peak_rss_mb(), qparams=qparams)
+    log.info("compressed %d linears (%s) in %.1fs: sparsity %.4f, peak RSS %.0f MiB", len(linears),
+             config.describe(), report.seconds, report.sparsity, report.peak_rss_mb)
+    return report

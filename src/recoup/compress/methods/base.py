@@ -1,0 +1,33 @@
+"""What a compression method is: the statistics it needs and pure tensor math on one weight."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch
+
+
+@dataclasses.dataclass
+class LinearResult:
+    """A compressed weight (rows, cols) float32 and what the artifact records about it."""
+
+    weight: torch.Tensor
+    mask: torch.Tensor | None = None  # (rows, cols) bool, True = pruned
+    scale: torch.Tensor | None = None  # (rows, groups) grid scale
+    zero: torch.Tensor | None = None  # (rows, groups) grid zero point (integer code of 0.0)
+    g_idx: torch.Tensor | None = None  # (cols,) int32 group of each column
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """``stats``: none | hessian | act_norm | act_sample. ``compress_linear(weight, stats, config)``
+    is pure math on a (rows, cols) float32 weight; ``prepare_group`` (AWQ) may rescale a group of
+    linears and fold the inverse scale into the preceding op before they are compressed."""
+
+    name: str
+    stats: str
+    compress_linear: Callable[..., LinearResult]
+    prepare_group: Callable[..., dict] | None = None
+    paper: str = ""

@@ -1,0 +1,28 @@
+"""GPTQ (Frantar et al. 2022): blocked OBS quantization with lazy batch updates, group grids,
+act-order and static groups; see :func:`recoup.compress.obs.obs_compress`."""
+
+from __future__ import annotations
+
+import torch
+
+from recoup.compress.config import CompressConfig
+from recoup.compress.methods.base import LinearResult, Method
+from recoup.compress.obs import obs_compress
+from recoup.compress.quantizer import QuantGrid
+from recoup.compress.stats import HessianStats
+
+
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, config: CompressConfig) -> LinearResult:
+    """weight (rows, cols), hessian (cols, cols) = 2/n X^T X."""
+    grid = QuantGrid(config.bits, config.sym, config.group_size)
+    res = obs_compress(weight, hessian, grid=grid, blocksize=config.blocksize, percdamp=config.percdamp,
+                       act_order=config.act_order, static_groups=config.static_groups)
+    return LinearResult(weight=res.weight, scale=res.scale, zero=res.zero, g_idx=res.g_idx,
+                        info={"obs_loss": res.loss, "damp": res.damp})
+
+
+def _compress(weight: torch.Tensor, stats: HessianStats, config: CompressConfig) -> LinearResult:
+    return gptq(weight, stats.hessian(), config)
+
+
+METHOD = Method("gptq", "hessian", _compress, paper="Frantar et al. 2022 (GPTQ)")

@@ -1,0 +1,28 @@
+"""SparseGPT (Frantar & Alistarh 2023): OBS pruning with adaptive per-block masks, N:M, and optional
+joint quantization in the same pass (one Hessian); see :func:`recoup.compress.obs.obs_compress`."""
+
+from __future__ import annotations
+
+import torch
+
+from recoup.compress.config import CompressConfig
+from recoup.compress.methods.base import LinearResult, Method
+from recoup.compress.obs import obs_compress
+from recoup.compress.quantizer import QuantGrid
+from recoup.compress.stats import HessianStats
+
+
+def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, config: CompressConfig) -> LinearResult:
+    """weight (rows, cols), hessian (cols, cols) = 2/n X^T X."""
+    grid = QuantGrid(config.bits, config.sym, config.group_size) if config.bits else None
+    res = obs_compress(weight, hessian, sparsity=config.sparsity or 0.0, nm=config.nm, grid=grid,
+                       blocksize=config.blocksize, percdamp=config.percdamp)
+    return LinearResult(weight=res.weight, mask=res.mask, scale=res.scale, zero=res.zero, g_idx=res.g_idx,
+                        info={"obs_loss": res.loss, "damp": res.damp})
+
+
+def _compress(weight: torch.Tensor, stats: HessianStats, config: CompressConfig) -> LinearResult:
+    return sparsegpt(weight, stats.hessian(), config)
+
+
+METHOD = Method("sparsegpt", "hessian", _compress, paper="Frantar & Alistarh 2023 (SparseGPT)")

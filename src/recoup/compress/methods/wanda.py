@@ -1,0 +1,29 @@
+"""Wanda (Sun et al. 2023, "A Simple and Effective Pruning Approach for Large Language Models").
+
+Score S_ij = |W_ij| * ||X_j||_2, compared within each output row (unstructured) or within each
+group of M columns of a row (N:M); no weight update.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from recoup.compress.config import CompressConfig
+from recoup.compress.masks import nm_mask, unstructured_mask
+from recoup.compress.methods.base import LinearResult, Method
+from recoup.compress.stats import ActNormStats
+
+
+def wanda_prune(weight: torch.Tensor, col_norms: torch.Tensor, sparsity: float,
+                nm: tuple[int, int] | None = None) -> LinearResult:
+    """weight (rows, cols), col_norms (cols,) = ||X_j||_2 over the calibration tokens."""
+    score = weight.abs() * col_norms.to(weight)[None, :]
+    mask = nm_mask(score, *nm) if nm else unstructured_mask(score, sparsity, per_row=True)
+    return LinearResult(weight=weight.masked_fill(mask, 0), mask=mask)
+
+
+def _compress(weight: torch.Tensor, stats: ActNormStats, config: CompressConfig) -> LinearResult:
+    return wanda_prune(weight, stats.norms(), config.sparsity or 0.0, config.nm)
+
+
+METHOD = Method("wanda", "act_norm", _compress, paper="Sun et al. 2023 (Wanda)")

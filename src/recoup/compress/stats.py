@@ -1,0 +1,67 @@
+"""Calibration statistics fed by the engine's hooks; each consumes inputs x of shape (..., cols).
+
+- :class:`HessianStats`: float32 running sum of X^T X and the token count; ``hessian()`` is
+  ``2/n * X^T X`` as in GPTQ/SparseGPT. Adding batches one at a time equals adding them at once.
+- :class:`ActNormStats`: per-input-column sum of squares (Wanda's ||X_j||_2^2).
+- :class:`ActSampleStats`: mean |x| per column plus a strided sample of input rows (AWQ's search).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class HessianStats:
+    def __init__(self, cols: int, device: torch.device | str = "cpu") -> None:
+        self.xtx = torch.zeros(cols, cols, dtype=torch.float32, device=device)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.xtx.addmm_(x.t(), x)
+        self.count += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        """(cols, cols) = 2/n * sum x x^T."""
+        return self.xtx * (2.0 / max(self.count, 1))
+
+
+class ActNormStats:
+    def __init__(self, cols: int, device: torch.device | str = "cpu") -> None:
+        self.sq = torch.zeros(cols, dtype=torch.float32, device=device)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.sq += (x * x).sum(dim=0)
+        self.count += x.shape[0]
+
+    def norms(self) -> torch.Tensor:
+        """(cols,) ||X_j||_2 over every calibration token."""
+        return self.sq.sqrt()
+
+
+class ActSampleStats:
+    """Mean absolute activation per column and up to ``max_rows`` input rows spread over ``calls`` batches."""
+
+    def __init__(self, cols: int, max_rows: int, calls: int, device: torch.device | str = "cpu") -> None:
+        self.abs_sum = torch.zeros(cols, dtype=torch.float32, device=device)
+        self.count = 0
+        self.per_call = max(1, -(-max_rows // max(calls, 1)))
+        self.rows: list[torch.Tensor] = []
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.abs_sum += x.abs().sum(dim=0)
+        self.count += x.shape[0]
+        idx = torch.linspace(0, x.shape[0] - 1, min(self.per_call, x.shape[0]), device=x.device).long()
+        self.rows.append(x[idx].clone())
+
+    def mean_abs(self) -> torch.Tensor:
+        return self.abs_sum / max(self.count, 1)
+
+    def sample(self) -> torch.Tensor:
+        return torch.cat(self.rows, dim=0)
+
+
+STATS_KINDS = ("none", "hessian", "act_norm", "act_sample")
