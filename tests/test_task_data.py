@@ -10,7 +10,8 @@ from recoup.recover.task_data import (MCExample, batch_stream, collate, completi
 
 
 def _examples(n=200):
-    return [MCExample(key=f"q{i}", context=f"Question {i}\nAnswer:", choices=(" a", " b"), gold=i % 2) for i in range(n)]
+    return [MCExample(key=f"q{i}", contexts=(f"Question {i}\nAnswer:",) * 2, continuations=(" a", " b"),
+                      choices=("a", "b"), gold=i % 2) for i in range(n)]
 
 
 def test_split_is_disjoint_complete_and_seeded():
@@ -29,7 +30,7 @@ def test_split_is_disjoint_complete_and_seeded():
 def test_split_depends_on_the_example_not_its_position():
     exs = _examples(300)
     a = split_task("sciq", 0.3, seed=0, examples=exs)
-    b = split_task("sciq", 0.3, seed=0, examples=list(reversed(exs)) + [MCExample("new", "x", (" y",), 0)])
+    b = split_task("sciq", 0.3, seed=0, examples=list(reversed(exs)) + [MCExample("new", ("x",), (" y",), ("y",), 0)])
     assert {e.key for e in a.heldout} <= {e.key for e in b.heldout}
 
 
@@ -37,14 +38,14 @@ def test_bad_fraction_and_unknown_task_are_clear():
     with pytest.raises(RecoupError, match="heldout-fraction"):
         split_task("sciq", 1.5, examples=_examples())
     with pytest.raises(RecoupError, match="did you mean 'sciq'"):
-        load_task_examples("scq")
+        load_task_examples("scqi")
 
 
 def test_sciq_from_pack_has_gold_correct_answer():
     exs = load_task_examples("sciq")
     assert len(exs) == 1000
     assert all(len(e.choices) == 4 and e.gold == 3 for e in exs)
-    assert all(e.context.endswith("\nAnswer:") and e.choices[0].startswith(" ") for e in exs)
+    assert all(e.gold_pair[0].endswith("\nAnswer:") and e.gold_pair[1].startswith(" ") for e in exs)
     split = split_task("sciq", 0.3, 0, exs)
     assert len(split.train) + len(split.heldout) == 1000
 
@@ -78,7 +79,7 @@ def test_tuning_data_needs_exactly_one_source_and_keeps_heldout_out_of_training(
     with pytest.raises(RecoupError, match="exactly one"):
         tuning_data(tok)
     data = tuning_data(tok, task="sciq", max_len=64, heldout_fraction=0.3, seed=0)
-    held = {tuple(completion_sequence(tok, e.context, e.choices[e.gold], 64).ids) for e in data.split.heldout}
+    held = {tuple(completion_sequence(tok, *e.gold_pair, 64).ids) for e in data.split.heldout}
     used = {tuple(s.ids) for s in data.train + data.valid}
     assert not held & used
     assert data.protocol["n_heldout"] == len(data.split.heldout)

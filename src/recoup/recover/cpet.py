@@ -15,7 +15,7 @@ compressed model with three switches, so each part can be ablated.
 
 The base weights are never changed: the LoRA stays unmerged and the recovery modules are separate
 tensors added through forward hooks. The saved directory is a PEFT LoRA directory (PEFT loads the
-LoRA part) plus ``recovery_modules.safetensors`` and ``recoup-recovery.json``.
+LoRA part) plus ``recovery_modules.safetensors`` and ``recoup_recovery.json``.
 """
 
 from __future__ import annotations

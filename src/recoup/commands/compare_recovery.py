@@ -1,0 +1,80 @@
+"""recoup compare-recovery: dense, compressed and each recovery on a task's held-out part."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("compare-recovery", help="dense vs compressed vs recoveries: held-out task metrics, "
+                                                "extra parameters, prefill/decode latency",
+                       description="Score every row on the held-out part of TASK's seeded hash split (the part "
+                                   "tuning never sees), count the parameters each recovery adds, time prefill and "
+                                   "per-token decode (batch 1), and check the base weights stay bit-identical.")
+    p.add_argument("--task", required=True, help="multiple-choice task of the suite, e.g. sciq or boolq")
+    p.add_argument("--dense", help="dense model source (row 'dense')")
+    p.add_argument("--dense-lora", help="a LoRA trained on the dense model (row 'dense+lora'; the CPET teacher)")
+    p.add_argument("--compressed", help="compressed artifact (row 'compressed'; recoveries attach to it)")
+    p.add_argument("--hard-prompt", help="saved hard prompt directory (row '+hard prompt')")
+    p.add_argument("--soft-prompt", help="saved soft prompt directory (row '+soft prompt')")
+    p.add_argument("--idp", help="saved IDP pool directory (row '+IDP')")
+    p.add_argument("--lora", help="saved LoRA directory (row '+LoRA')")
+    p.add_argument("--cpet", action="append", default=[], metavar="[LABEL=]DIR",
+                   help="saved CPET directory (row '+CPET'); repeat with LABEL=DIR for ablations")
+    p.add_argument("--heldout-fraction", type=float, default=0.3, help="held-out share of the task (default 0.3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the hash split (default 0; match the training run)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N held-out examples")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=128, help="latency prompt length in tokens (default 128)")
+    p.add_argument("--new-tokens", type=int, default=32, help="decode steps timed (default 32)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats, median reported (default 3)")
+    p.add_argument("--json", default=None, help="write rows + protocol here")
+    p.set_defaults(func=run)
+
+
+def entries(args: argparse.Namespace) -> list:
+    from recoup.errors import RecoupError
+    from recoup.recover.compare import Entry
+
+    rows = []
+    if args.dense:
+        rows.append(Entry("dense", args.dense))
+        if args.dense_lora:
+            rows.append(Entry("dense+lora", args.dense, args.dense_lora))
+    elif args.dense_lora:
+        raise RecoupError("--dense-lora needs --dense")
+    attached = [("+hard prompt", args.hard_prompt), ("+soft prompt", args.soft_prompt), ("+IDP", args.idp),
+                ("+LoRA", args.lora)]
+    for item in args.cpet:
+        label, _, path = item.rpartition("=")
+        attached.append((f"+CPET {label}".rstrip() if label else "+CPET", path))
+    if args.compressed:
+        rows.append(Entry("compressed", args.compressed))
+        rows += [Entry(label, args.compressed, path) for label, path in attached if path]
+    elif any(path for _, path in attached):
+        raise RecoupError("recoveries attach to --compressed; give the compressed artifact")
+    if not rows:
+        raise RecoupError("nothing to compare: give --dense and/or --compressed (with recoveries)")
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    from recoup.errors import RecoupError
+    from recoup.recover.compare import LatencyConfig, compare, format_table
+
+    if args.limit is not None and args.limit < 1:
+        raise RecoupError(f"--limit must be positive (got {args.limit})")
+    latency = LatencyConfig(args.prompt_len, args.new_tokens, args.repeats)
+    result = compare(entries(args), args.task, args.heldout_fraction, args.seed, args.batch_size, latency, args.limit)
+    print(format_table(result))
+    p = result["protocol"]
+    print(f"\ntask {p['task']}: held-out {p['n_heldout']} of {p['n_heldout'] + p['n_train']} (fraction "
+          f"{p['heldout_fraction']}, seed {p['seed']}); latency batch 1, prompt {p['latency']['prompt_len']} tokens, "
+          f"{p['latency']['new_tokens']} decode steps, median of {p['latency']['repeats']}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+        print(f"wrote {args.json}")
+    return 0

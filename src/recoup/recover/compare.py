@@ -1,0 +1,226 @@
+"""Dense, compressed and every recovery side by side on a task's held-out part.
+
+For each entry (a model source and optionally a saved recovery) :func:`compare` measures
+
+- the task metrics (acc, acc_norm with stderr) on the *held-out* part of the task's seeded hash
+  split (:func:`recoup.recover.task_data.split_task`), scored by the evaluation Scorer with the
+  recovery attached, so no example used for tuning is ever scored;
+- the extra parameters the recovery adds (``Recovery.num_parameters``) and their share of the base;
+- latency, batch 1: prefill of a ``prompt_len``-token prompt (the recovery's prefix computation,
+  e.g. IDP's prompt selection, included) and per-token greedy decode with the KV cache over
+  ``new_tokens`` steps; the median of ``repeats`` runs after one warm-up;
+- whether the base weights are bit-identical after attaching the recovery and scoring
+  (sha256 of every targeted linear, see :func:`recoup.recover.lora.linear_digests`) and, for
+  adapters, whether training recorded them intact.
+
+These are the axes of the IDP paper's "21x fewer parameters, 60% lower latency" claim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from recoup.errors import RecoupError
+from recoup.model.forward import build_inputs
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Entry:
+    """One row: a label, a model source and an optional saved recovery directory."""
+
+    label: str
+    source: str
+    recovery: str | None = None
+
+
+@dataclasses.dataclass
+class LatencyConfig:
+    prompt_len: int = 128
+    new_tokens: int = 32
+    repeats: int = 3
+
+    def __post_init__(self) -> None:
+        if self.prompt_len < 1 or self.new_tokens < 1 or self.repeats < 1:
+            raise RecoupError("--prompt-len, --new-tokens and --repeats must be positive")
+
+
+@torch.no_grad()
+def measure_latency(model: nn.Module, input_ids: torch.Tensor, recovery=None,
+                    cfg: LatencyConfig = LatencyConfig()) -> dict:
+    """Median prefill and per-token decode milliseconds of greedy decoding, batch 1 (+ the generated ids).
+
+    input_ids: (1, T). Prefill = the recovery's ``prefix`` (if any) + one forward over prefix + prompt
+    filling the KV cache; decode = ``cfg.new_tokens`` single-token forwards over that cache.
+    """
+    model.eval()
+    embed = model.get_input_embeddings()
+    mask0 = torch.ones_like(input_ids)
+    prefill, decode = [], []
+    for rep in range(cfg.repeats + 1):  # the first run warms up
+        t0 = time.perf_counter()
+        prefix = recovery.prefix(model, input_ids, mask0) if recovery is not None else None
+        kw = build_inputs(model, input_ids, mask0, prefix)
+        out = model(**kw, use_cache=True)
+        t1 = time.perf_counter()
+        past_mask, cache = kw["attention_mask"], out.past_key_values
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        generated = [int(tok)]
+        for _ in range(cfg.new_tokens):
+            mask = torch.cat([past_mask, past_mask.new_ones((1, 1))], dim=1)
+            position_ids = past_mask.sum(-1, keepdim=True)
+            out = model(inputs_embeds=embed(tok), attention_mask=mask, position_ids=position_ids,
+                        past_key_values=cache, use_cache=True)
+            cache, past_mask = out.past_key_values, mask
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            generated.append(int(tok))
+        t2 = time.perf_counter()
+        if rep:
+            prefill.append(t1 - t0)
+            decode.append((t2 - t1) / cfg.new_tokens)
+    return {"prefill_ms": 1000 * statistics.median(prefill), "decode_ms_per_token": 1000 * statistics.median(decode),
+            "prompt_len": int(input_ids.shape[1]), "new_tokens": cfg.new_tokens, "repeats": cfg.repeats,
+            "threads": torch.get_num_threads(), "generated": generated[:-1]}
+
+
+def score_heldout(model: nn.Module, tokenizer, examples: list, recovery=None, batch_size: int = 8,
+                  max_length: int = 2048) -> dict:
+    """acc / acc_norm (lm-evaluation-harness definitions) of ``examples`` (MCExample) through the Scorer.
+
+    ``model`` already has the recovery's adapters attached (``recovery.apply``); prefixes are asked per batch.
+    """
+    from recoup.evaluate.metrics import summarize
+    from recoup.evaluate.scorer import Scorer
+    from recoup.evaluate.tasks.multiple_choice import requests_for, score_example
+
+    scorer = Scorer(model, tokenizer, recovery, batch_size=batch_size, max_length=max_length, attached=True)
+    suite = [ex.as_suite() for ex in examples]
+    scores = scorer.loglikelihood([r for ex in suite for r in requests_for(ex)], desc="held-out")
+    per: dict[str, list[float]] = {"acc": [], "acc_norm": []}
+    pos = 0
+    for ex in suite:
+        k = len(ex["choices"])
+        for key, value in score_example(ex, [s for s, _ in scores[pos:pos + k]]).items():
+            per[key].append(value)
+        pos += k
+    return {**summarize(per), "n": len(suite)}
+
+
+def _latency_prompt(tokenizer, examples: list, length: int) -> torch.Tensor:
+    """A fixed prompt of exactly ``length`` tokens cut from the held-out contexts (same for every row)."""
+    ids: list[int] = []
+    for ex in examples:
+        ids += tokenizer(ex.gold_pair[0], add_special_tokens=False).input_ids
+        if len(ids) >= length:
+            break
+    if len(ids) < length:
+        raise RecoupError(f"the held-out contexts hold {len(ids)} tokens, fewer than --prompt-len {length}")
+    return torch.tensor([ids[:length]])
+
+
+def base_sparsity(model: nn.Module) -> float:
+    """Fraction of exact zeros over every targeted linear's frozen weight."""
+    from recoup.model.anatomy import anatomy
+    from recoup.recover.lora import base_of
+
+    zeros = total = 0
+    for _, mod in anatomy(base_of(model)).iter_linears():
+        w = mod.base_layer.weight if hasattr(mod, "base_layer") else mod.weight
+        zeros += int((w == 0).sum())
+        total += w.numel()
+    return zeros / total
+
+
+def _fingerprint(model: nn.Module, manifest: dict | None) -> dict | None:
+    """The compression engineer's fingerprint (masks + quantized codes) of an artifact's model, else None."""
+    if not manifest:
+        return None
+    from recoup.compress.artifact import compression_fingerprint
+    from recoup.recover.lora import base_of
+
+    return compression_fingerprint(base_of(model), manifest)
+
+
+def evaluate_entry(entry: Entry, split, batch_size: int = 8, latency: LatencyConfig = LatencyConfig(),
+                   limit: int | None = None, dtype: str = "float32") -> dict:
+    """Score, count and time one entry (see module docstring); the model is loaded fresh for it."""
+    from recoup.model.load import load_model
+    from recoup.recover.io import load_recovery
+    from recoup.recover.lora import linear_digests
+
+    loaded = load_model(entry.source, dtype=dtype)
+    base_params = sum(p.numel() for p in loaded.model.parameters())
+    before = linear_digests(loaded.model)
+    sparsity = base_sparsity(loaded.model)
+    fingerprint = _fingerprint(loaded.model, loaded.manifest)
+    recovery = load_recovery(entry.recovery) if entry.recovery else None
+    model = recovery.apply(loaded.model) if recovery is not None else loaded.model
+    examples = split.heldout if limit is None else split.heldout[:limit]
+    t0 = time.time()
+    metrics = score_heldout(model, loaded.tokenizer, examples, recovery, batch_size)
+    score_s = time.time() - t0
+    lat = measure_latency(model, _latency_prompt(loaded.tokenizer, split.heldout, latency.prompt_len), recovery,
+                          latency)
+    intact = linear_digests(model) == before
+    after = _fingerprint(model, loaded.manifest)
+    if fingerprint is not None:
+        intact = intact and after["digest"] == fingerprint["digest"]
+    if not intact:
+        raise RecoupError(f"{entry.label}: the base weights changed after attaching {entry.recovery}")
+    extra = recovery.num_parameters() if recovery is not None else 0
+    desc = recovery.describe() if recovery is not None else {"method": "none"}
+    lat.pop("generated")
+    row = {"label": entry.label, "source": entry.source, "recovery": entry.recovery,
+           "method": desc.get("method", "none"), **metrics, "extra_parameters": extra,
+           "extra_parameters_pct": 100.0 * extra / base_params, "base_parameters": base_params,
+           **lat, "base_sparsity": sparsity, "base_intact_after_apply": intact,
+           "base_intact_after_training": desc.get("base_intact"), "merged": desc.get("merged"),
+           "score_seconds": round(score_s, 1)}
+    if fingerprint is not None:
+        row.update({"compression_digest": fingerprint["digest"], "compression_digest_after": after["digest"],
+                    "on_grid_after": after["all_on_grid"]})
+    if desc.get("method") == "idp":
+        row["idp_selected"] = desc.get("selected")
+    log.info("%s: acc=%.4f acc_norm=%.4f extra=%d prefill=%.1fms decode=%.2fms/token", entry.label, row["acc"],
+             row["acc_norm"], extra, row["prefill_ms"], row["decode_ms_per_token"])
+    return row
+
+
+def compare(entries: list[Entry], task: str, heldout_fraction: float = 0.3, seed: int = 0, batch_size: int = 8,
+            latency: LatencyConfig = LatencyConfig(), limit: int | None = None, dtype: str = "float32") -> dict:
+    """Every entry on the held-out part of ``task``; returns ``{"rows": [...], "protocol": {...}}``."""
+    from recoup.recover.task_data import split_task
+
+    if not entries:
+        raise RecoupError("nothing to compare: give at least one model")
+    labels = [e.label for e in entries]
+    if len(set(labels)) != len(labels):
+        raise RecoupError(f"duplicate row labels: {labels}")
+    split = split_task(task, heldout_fraction, seed)
+    rows = [evaluate_entry(e, split, batch_size, latency, limit, dtype) for e in entries]
+    protocol = {**split.protocol, "scored": "held-out part" + (f", first {limit}" if limit else ""),
+                "latency": dataclasses.asdict(latency), "dtype": dtype, "torch": torch.__version__,
+                "metric": "acc, acc_norm (lm-evaluation-harness definitions) via the Scorer"}
+    return {"rows": rows, "protocol": protocol}
+
+
+COLUMNS = (("label", "{}"), ("acc", "{:.4f}"), ("acc_stderr", "{:.4f}"), ("acc_norm", "{:.4f}"), ("n", "{}"),
+           ("extra_parameters", "{:,}"), ("extra_parameters_pct", "{:.3f}%"), ("prefill_ms", "{:.1f}"),
+           ("decode_ms_per_token", "{:.2f}"), ("base_sparsity", "{:.3f}"), ("base_intact_after_apply", "{}"))
+
+
+def format_table(result: dict) -> str:
+    """A Markdown table of :func:`compare`'s rows."""
+    head = "| " + " | ".join(c for c, _ in COLUMNS) + " |"
+    lines = [head, "|" + "---|" * len(COLUMNS)]
+    for row in result["rows"]:
+        lines.append("| " + " | ".join(fmt.format(row[c]) if row.get(c) is not None else "-" for c, fmt in COLUMNS)
+                     + " |")
+    return "\n".join(lines)

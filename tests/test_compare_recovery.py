@@ -1,0 +1,69 @@
+import json
+
+import pytest
+import torch
+
+from helpers import save_tiny, tiny_model, tiny_tokenizer
+from recoup import RecoupError
+from recoup.cli import main
+from recoup.model.forward import forward_logits
+from recoup.recover.base import Recovery
+from recoup.recover.compare import Entry, LatencyConfig, compare, measure_latency
+from recoup.recover.lora import LoraConfig, fit_lora
+from recoup.recover.train import TrainConfig
+from test_lora import toy_data
+
+
+class FixedPrefix(Recovery):
+    method = "fixed"
+
+    def __init__(self, prefix):
+        self.p = prefix
+
+    def prefix(self, model, input_ids, attention_mask):
+        return self.p
+
+    def num_parameters(self):
+        return self.p.numel()
+
+    def save(self, path):
+        raise NotImplementedError
+
+
+@pytest.mark.parametrize("with_prefix", [False, True])
+def test_cached_decode_in_latency_matches_full_recompute(with_prefix):
+    model = tiny_model("llama")
+    ids = torch.tensor([[5, 17, 23, 40, 41, 8]])
+    rec = FixedPrefix(torch.randn(3, 32)) if with_prefix else None
+    lat = measure_latency(model, ids, rec, LatencyConfig(prompt_len=6, new_tokens=5, repeats=1))
+    seq = ids
+    with torch.no_grad():
+        for _ in range(5):
+            logits = forward_logits(model, seq, torch.ones_like(seq), rec.p if rec else None)
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert lat["generated"] == seq[0, 6:].tolist()
+    assert lat["prefill_ms"] > 0 and lat["decode_ms_per_token"] > 0
+
+
+def test_compare_rows_and_cli(tmp_path):
+    tok = tiny_tokenizer()
+    save_tiny(tmp_path / "base")
+    rec, _, _ = fit_lora(tiny_model("llama"), tok, toy_data(tok), LoraConfig(rank=4), TrainConfig(steps=2))
+    rec.save(tmp_path / "lora")
+    lat = LatencyConfig(prompt_len=16, new_tokens=3, repeats=1)
+    out = compare([Entry("base", str(tmp_path / "base")), Entry("+LoRA", str(tmp_path / "base"), str(tmp_path / "lora"))],
+                  "sciq", limit=4, latency=lat)
+    base, lora = out["rows"]
+    assert base["extra_parameters"] == 0 and lora["extra_parameters"] == rec.num_parameters()
+    assert base["n"] == lora["n"] == 4 and lora["base_intact_after_apply"] is True
+    assert lora["merged"] is False
+    assert out["protocol"]["n_heldout"] > 0
+    code = main(["compare-recovery", "--task", "sciq", "--compressed", str(tmp_path / "base"), "--lora",
+                 str(tmp_path / "lora"), "--limit", "2", "--prompt-len", "8", "--new-tokens", "2", "--repeats", "1",
+                 "--json", str(tmp_path / "c.json")])
+    assert code == 0
+    rows = json.loads((tmp_path / "c.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["compressed", "+LoRA"]
+    assert main(["compare-recovery", "--task", "sciq", "--lora", str(tmp_path / "lora")]) == 2
+    with pytest.raises(RecoupError, match="duplicate"):
+        compare([Entry("a", "x"), Entry("a", "y")], "sciq")
