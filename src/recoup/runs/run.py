@@ -72,9 +72,12 @@ def _metrics_of(spec: StageSpec, result: dict) -> list[dict]:
                              "protocol": {"config": result.get("config")}})
         return rows
     if spec.kind == "compress":
-        secs = result.get("compress_seconds")
-        return [{"task": "compress", "metric": "seconds", "value": float(secs), "n": None, "stderr": None,
-                 "protocol": {"calibration": result.get("calibration")}}] if isinstance(secs, (int, float)) else []
+        rep = result.get("report") or {}
+        values = {"seconds": result.get("compress_seconds"), "sparsity": rep.get("sparsity"),
+                  "mean_error": rep.get("mean_error"), "peak_rss_mb": rep.get("peak_rss_mb")}
+        return [{"task": "compress", "metric": k, "value": float(v), "n": None, "stderr": None,
+                 "protocol": {"calibration": result.get("calibration"), "config": rep.get("config")}}
+                for k, v in values.items() if isinstance(v, (int, float))]
     return []
 
 
