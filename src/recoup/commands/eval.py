@@ -23,6 +23,8 @@ def register(sub) -> None:
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default float32)")
     p.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
     p.add_argument("--recovery", default=None, help="directory of a saved recovery (prompt or adapter) to attach")
+    p.add_argument("--prompt-text", default=None, help="a hard prompt: text prepended (as token embeddings, never "
+                                                       "scored) to every input")
     p.add_argument("--json", default=None, help="write results JSON here")
     p.set_defaults(func=run)
 
@@ -43,6 +45,12 @@ def run(args: argparse.Namespace) -> int:
         from recoup.recover.io import load_recovery
 
         recovery = load_recovery(args.recovery)
+    if args.prompt_text is not None:
+        from recoup.recover.hard_prompt import HardPrompt
+
+        if recovery is not None:
+            raise RecoupError("give either --recovery or --prompt-text, not both")
+        recovery = HardPrompt.from_text(args.prompt_text, loaded.tokenizer)
     settings = EvalSettings(seqlen=args.seqlen, limit=args.limit, batch_size=args.batch_size, seed=args.seed)
     out = evaluate(loaded, tasks, settings, recovery)
     for task, res in out["results"].items():

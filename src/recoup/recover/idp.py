@@ -1,0 +1,241 @@
+"""IDP, Inference-time Dynamic Prompting: a pool of soft prompts, one chosen per input.
+
+Hoang et al. 2023, "Do Compressed LLMs Forget Knowledge? An Experimental Study with Practical
+Implications". A pool of ``m`` prompts of ``n`` tokens, (m, n, H). At inference the input is
+prefilled after the whole pool, (m*n + T) positions; the prompt whose positions draw the most
+attention from the input tokens (summed over layers and heads, mean over the prompt's positions)
+is selected, and the input is then run with that prompt only, so decoding costs the same as a
+single prompt. The pool does not depend on the input: its key/values are computed once per model
+(and per pool update) and reused for every input.
+
+Two choices the paper leaves open, made here:
+
+- the first pool position is left out of the scores: it is the attention sink (the first position
+  draws attention whatever it holds), which would otherwise make prompt 0 win every time;
+- training is *joint with the selection in the loop*: each step selects a prompt per example
+  exactly as at inference (no gradient through the choice) and minimises next-token loss through
+  the chosen prompts, so each prompt is trained on the inputs that choose it. With a data mix
+  (``data="ptb,wiki"``) batches alternate sources example by example.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import copy
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from recoup.config import Config, check
+from recoup.errors import RecoupError
+from recoup.model.anatomy import anatomy
+from recoup.recover.base import Recovery
+from recoup.recover.soft_prompt import (SoftPromptConfig, frozen, init_embeddings, lm_loss, model_meta, split_ids,
+                                        val_windows, window_batches)
+from recoup.recover.train import TrainResult, train
+
+log = logging.getLogger(__name__)
+
+RECORD = "recoup_recovery.json"
+WEIGHTS = "idp_pool.safetensors"
+
+
+@dataclasses.dataclass
+class IDPConfig(SoftPromptConfig):
+    """A pool of ``pool`` prompts of ``tokens`` each; the rest as :class:`SoftPromptConfig`."""
+
+    pool: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.pool >= 2, f"an IDP pool needs at least 2 prompts (got {self.pool})")
+
+
+@contextlib.contextmanager
+def attention_scores(model: nn.Module, n_prefix: int, pool: int, tokens: int):
+    """Eager attention + hooks adding, per example, the input->prompt attention: yields a (B, m) holder.
+
+    Attention weights (B, heads, T, n_prefix + T) of every layer are reduced as they appear, so only
+    one layer's weights are alive at a time. Hooks and the attention implementation are restored
+    in ``finally``.
+    """
+    an = anatomy(model)
+    attn_path = an.spec.attention[0].rsplit(".", 1)[0]
+    modules = [layer.get_submodule(attn_path) for layer in an.layers]
+    previous = model.config._attn_implementation
+    acc: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def hook(_mod, _args, out) -> None:
+        weights = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+        if weights is None:
+            raise RecoupError("IDP needs attention weights, and this model's attention did not return them")
+        w = weights[..., 1:n_prefix].float().sum(1)  # (B, T, P-1): heads summed, sink dropped
+        mask = acc["mask"]  # (B, T) real input tokens
+        per_pos = (w * mask[..., None]).sum(1)  # (B, P-1)
+        per_pos = torch.cat([per_pos.new_zeros(per_pos.shape[0], 1), per_pos], 1).view(-1, pool, tokens)
+        counts = torch.full((pool,), float(tokens), device=per_pos.device)
+        counts[0] -= 1
+        acc["scores"] = acc["scores"] + per_pos.sum(-1) / counts.clamp(min=1)
+
+    try:
+        model.set_attn_implementation("eager")
+        handles = [m.register_forward_hook(hook) for m in modules]
+        yield acc
+    finally:
+        for h in handles:
+            h.remove()
+        model.set_attn_implementation(previous)
+
+
+class IDPPool(Recovery):
+    """A pool (m, n, H) of soft prompts; ``prefix`` selects one per example by attention."""
+
+    method = "idp"
+
+    def __init__(self, pool: torch.Tensor, meta: dict | None = None) -> None:
+        if pool.dim() != 3 or pool.shape[0] < 2:
+            raise RecoupError(f"an IDP pool is (prompts >= 2, tokens, hidden); got shape {tuple(pool.shape)}")
+        self.pool = nn.Parameter(pool.detach().float().clone())
+        self.meta = dict(meta or {})
+        self.choices: list[int] = []  # every example's choice made through prefix(), in order
+        self._kv: tuple | None = None  # (model id, pool version, device, cache)
+
+    @property
+    def size(self) -> int:
+        return self.pool.shape[0]
+
+    @property
+    def tokens(self) -> int:
+        return self.pool.shape[1]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.pool.shape[2]
+
+    def _pool_cache(self, model: nn.Module):
+        """The pool's key/values, computed once per model and pool state."""
+        w = model.get_input_embeddings().weight
+        if w.shape[1] != self.hidden_size:
+            raise RecoupError(f"the recovery's hidden size {self.hidden_size} does not match the model's "
+                              f"{w.shape[1]}; a prompt attaches only to models of the same hidden size")
+        key = (id(model), self.pool._version, w.device, w.dtype)
+        if self._kv is None or self._kv[0] != key:
+            flat = self.pool.detach().to(device=w.device, dtype=w.dtype).reshape(1, -1, self.hidden_size)
+            with torch.no_grad():
+                cache = model(inputs_embeds=flat, use_cache=True).past_key_values
+            self._kv = (key, cache)
+        return self._kv[1]
+
+    @torch.no_grad()
+    def scores(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """(B, m) attention mass each prompt draws from the input tokens (the selection pass)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        b = input_ids.shape[0]
+        n_prefix = self.size * self.tokens
+        cache = copy.deepcopy(self._pool_cache(model))
+        if b > 1:
+            cache.batch_repeat_interleave(b)
+        mask = torch.cat([attention_mask.new_ones(b, n_prefix), attention_mask], 1)
+        pos = n_prefix + (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        with attention_scores(model, n_prefix, self.size, self.tokens) as acc:
+            acc["mask"] = attention_mask.float()
+            acc["scores"] = torch.zeros(b, self.size, device=input_ids.device)
+            model(input_ids=input_ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+            return acc["scores"]
+
+    def select(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """(B,) index of the prompt each example attends to most."""
+        return self.scores(model, input_ids, attention_mask).argmax(-1)
+
+    def prefix(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, n, H): each example's selected prompt (recorded in ``choices``)."""
+        choice = self.select(model, input_ids, attention_mask)
+        self.choices.extend(choice.tolist())
+        w = model.get_input_embeddings().weight
+        return self.pool[choice.to(self.pool.device)].to(device=w.device, dtype=w.dtype)
+
+    def num_parameters(self) -> int:
+        return self.pool.numel()
+
+    def describe(self) -> dict:
+        counts = collections.Counter(self.choices)
+        return {"method": self.method, "parameters": self.num_parameters(), "pool": self.size, "tokens": self.tokens,
+                "hidden_size": self.hidden_size, "selected": {str(k): counts.get(k, 0) for k in range(self.size)},
+                "choices": self.choices[:2000], **{k: v for k, v in self.meta.items() if k != "train"}}
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({"pool": self.pool.detach().float().contiguous()}, str(out / WEIGHTS))
+        record = {"method": self.method, "pool": self.size, "tokens": self.tokens, "hidden_size": self.hidden_size,
+                  "weights": WEIGHTS, **self.meta}
+        (out / RECORD).write_text(json.dumps(record, indent=2, default=str))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "IDPPool":
+        from safetensors.torch import load_file
+
+        folder = Path(path)
+        try:
+            record = json.loads((folder / RECORD).read_text())
+            pool = load_file(str(folder / record.get("weights", WEIGHTS)))["pool"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise RecoupError(f"'{folder}' is not a saved IDP pool ({type(exc).__name__}: {exc})") from None
+        meta = {k: v for k, v in record.items() if k not in ("method", "pool", "tokens", "hidden_size", "weights")}
+        return cls(pool, meta)
+
+
+def mixed_batches(sources: list[torch.Tensor], seqlen: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """(batch_size, seqlen) windows taking example k from source k mod len(sources)."""
+    streams = [window_batches(ids, seqlen, 1, seed + i) for i, ids in enumerate(sources)]
+    while True:
+        yield torch.cat([next(streams[k % len(streams)]) for k in range(batch_size)])
+
+
+def fit_idp(loaded, config: IDPConfig) -> tuple[IDPPool, TrainResult]:
+    """Train an IDP pool on ``loaded.model`` (frozen, bit-identical), selection in the loop (module doc)."""
+    model, tok = loaded.model, loaded.tokenizer
+    names = [d.strip() for d in config.data.split(",") if d.strip()]
+    sources = [split_ids(tok, name, "train") for name in names]
+    val = torch.cat([val_windows(split_ids(tok, name, "valid"), config.seqlen,
+                                 max(1, config.val_windows // len(names))) for name in names])
+    rows = init_embeddings(model, tok, config, torch.cat(sources), config.pool * config.tokens)
+    pool = IDPPool(rows.view(config.pool, config.tokens, -1), model_meta(loaded))
+    device = next(model.parameters()).device
+    picks: list[int] = []
+
+    def chosen(x: torch.Tensor) -> torch.Tensor:
+        choice = pool.select(model, x)
+        picks.extend(choice.tolist())
+        w = model.get_input_embeddings().weight
+        return pool.pool[choice].to(device=w.device, dtype=w.dtype)
+
+    def loss_fn(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(device)
+        return lm_loss(model, x, chosen(x))
+
+    def validate() -> float:
+        return sum(lm_loss(model, v[None].to(device), chosen(v[None].to(device))).item() for v in val) / len(val)
+
+    with frozen(model):
+        result = train([pool.pool], mixed_batches(sources, config.seqlen, config.batch_size, config.seed), loss_fn,
+                       config.train_config(), validate, tokens_in=lambda b: b.numel(), desc="idp")
+    counts = collections.Counter(picks)
+    pool.meta["train"] = {"config": config.to_dict(), "result": result.to_dict(),
+                          "training_selections": {str(k): counts.get(k, 0) for k in range(config.pool)}}
+    pool.meta["training_selections"] = pool.meta["train"]["training_selections"]
+    pool.choices = []
+    log.info("idp: selections during training %s", dict(sorted(counts.items())))
+    return pool, result

@@ -1,0 +1,134 @@
+"""IDP prompt pools on tiny models: the cached selection equals the full computation, padding, training, save/load."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from helpers import tiny_loaded
+from recoup.errors import RecoupError
+from recoup.model.anatomy import anatomy
+from recoup.recover.idp import IDPConfig, IDPPool, fit_idp
+from recoup.recover.io import load_recovery
+from recoup.recover.soft_prompt import lm_loss
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    rng = random.Random(1)
+    words = "the cat sat on a mat while dogs ran in the park and birds sang".split()
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(" ".join(rng.choice(words) for _ in range(3000)))
+    return str(path)
+
+
+def reference_scores(model, pool: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Selection scores from one uncached eager forward over [pool; input] with output_attentions."""
+    m, n, h = pool.shape
+    emb = model.get_input_embeddings()
+    x = torch.cat([pool.reshape(1, m * n, h).expand(ids.shape[0], -1, -1), emb(ids)], 1)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        att = model(inputs_embeds=x, output_attentions=True, use_cache=False).attentions
+    finally:
+        model.set_attn_implementation(previous)
+    a = torch.stack(att).sum((0, 2))[:, m * n:, : m * n]  # (B, T, P): layers and heads summed
+    per_pos = a.sum(1)
+    per_pos[:, 0] = 0  # the attention sink is left out
+    counts = torch.full((m,), float(n))
+    counts[0] -= 1
+    return per_pos.view(-1, m, n).sum(-1) / counts
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3"])
+def test_cached_selection_equals_full_forward(arch):
+    lm = tiny_loaded(arch)
+    torch.manual_seed(0)
+    pool = IDPPool(torch.randn(3, 4, 32))
+    ids = torch.randint(4, 100, (2, 9))
+    hooks = [len(m._forward_hooks) for m in lm.model.modules()]
+    with torch.no_grad():
+        got = pool.scores(lm.model, ids)
+    assert [len(m._forward_hooks) for m in lm.model.modules()] == hooks  # ours removed
+    with torch.no_grad():
+        want = reference_scores(lm.model, pool.pool.detach(), ids)
+    assert got.shape == (2, 3)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    # the pool's key/values are computed once and reused
+    cache = pool._kv
+    pool.scores(lm.model, ids[:1])
+    assert pool._kv is cache
+    # nothing left behind: attention implementation and hooks restored
+    assert lm.model.config._attn_implementation == "sdpa"
+
+
+def test_left_padding_does_not_change_an_examples_scores():
+    lm = tiny_loaded()
+    torch.manual_seed(1)
+    pool = IDPPool(torch.randn(4, 3, 32))
+    short, long = torch.randint(4, 100, (1, 5)), torch.randint(4, 100, (1, 8))
+    batch = torch.zeros(2, 8, dtype=torch.long)
+    mask = torch.zeros(2, 8, dtype=torch.long)
+    batch[0, 3:], mask[0, 3:] = short, 1
+    batch[1], mask[1] = long, 1
+    together = pool.scores(lm.model, batch, mask)
+    assert torch.allclose(together[0], pool.scores(lm.model, short)[0], atol=1e-4)
+    assert torch.allclose(together[1], pool.scores(lm.model, long)[0], atol=1e-4)
+
+
+def test_prefix_is_the_selected_prompt_and_choices_are_reported():
+    lm = tiny_loaded()
+    torch.manual_seed(2)
+    pool = IDPPool(torch.randn(3, 4, 32))
+    ids = torch.randint(4, 100, (5, 7))
+    choice = pool.select(lm.model, ids)
+    pre = pool.prefix(lm.model, ids, torch.ones_like(ids))
+    assert pre.shape == (5, 4, 32)
+    for i, c in enumerate(choice.tolist()):
+        assert torch.equal(pre[i], pool.pool[c])
+    desc = pool.describe()
+    assert desc["choices"] == choice.tolist()
+    assert sum(desc["selected"].values()) == 5 and desc["pool"] == 3 and desc["tokens"] == 4
+
+
+def test_fit_idp_keeps_backbone_lowers_loss_and_round_trips(corpus, tmp_path):
+    lm = tiny_loaded(seed=4)
+    before = [p.detach().clone() for p in lm.model.parameters()]
+    cfg = IDPConfig(data=corpus, pool=3, tokens=4, seqlen=32, batch_size=4, steps=30, lr=0.05, eval_every=10,
+                    val_windows=4)
+    pool, result = fit_idp(lm, cfg)
+    assert all(torch.equal(a, b) for a, b in zip(before, lm.model.parameters()))
+    assert all(p.requires_grad for p in lm.model.parameters())  # flags restored
+    assert sum(pool.meta["training_selections"].values()) == 30 * 4 + 4 * 3  # train picks + validation picks
+    ids = lm.tokenizer(open(corpus).read(), add_special_tokens=False, return_tensors="pt").input_ids[0]
+    x = ids[-4 * 32:].view(4, 32)
+    with torch.no_grad():
+        assert lm_loss(lm.model, x, pool.prefix(lm.model, x, torch.ones_like(x))) < lm_loss(lm.model, x, None)
+    pool.save(tmp_path / "idp")
+    again = load_recovery(tmp_path / "idp")
+    assert isinstance(again, IDPPool) and torch.equal(again.pool, pool.pool)
+    assert torch.equal(again.select(lm.model, x), pool.select(lm.model, x))
+    wide = tiny_loaded(hidden=48)
+    with pytest.raises(RecoupError, match="hidden size 32 does not match the model's 48"):
+        again.select(wide.model, x)
+
+
+def test_config_validation():
+    with pytest.raises(RecoupError, match="at least 2"):
+        IDPConfig(pool=1)
+    with pytest.raises(RecoupError, match="did you mean 'pool'"):
+        IDPConfig.from_dict({"pools": 3})
+    with pytest.raises(RecoupError, match="prompts >= 2"):
+        IDPPool(torch.randn(1, 3, 8))
+
+
+def test_anatomy_attention_modules_exist_for_every_architecture():
+    for arch in ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "opt", "gpt2"]:
+        lm = tiny_loaded(arch)
+        pool = IDPPool(torch.randn(2, 2, 32))
+        scores = pool.scores(lm.model, torch.randint(4, 100, (1, 6)))
+        assert scores.shape == (1, 2) and torch.isfinite(scores).all() and (scores > 0).all(), arch
+        assert anatomy(lm.model)
