@@ -1,0 +1,254 @@
+"""The Scorer: the one place that runs a model for evaluation (DESIGN "contracts").
+
+Tasks hand it requests; it batches them, runs the model and hands back numbers or text:
+
+- :meth:`Scorer.loglikelihood` ``(context, continuation)`` -> (sum log p(continuation | context), is_greedy),
+  tokenized exactly as lm-evaluation-harness does (Gao et al. 2021, "A framework for few-shot language
+  model evaluation"): trailing context whitespace moves to the continuation, the continuation's ids are
+  the tail of ``encode(context + continuation)``. Requests are grouped by context; each distinct
+  context is run **once** (its KV cache is then copied to every continuation of that context), and
+  contexts are batched sorted by length so padding stays small.
+- :meth:`Scorer.generate`: greedy decoding with a KV cache, batched, left-padded, stop strings.
+- :meth:`Scorer.rolling_loglikelihood`: lm-eval's disjoint rolling windows for whole-text likelihood.
+
+A recovery (``recoup.recover.base.Recovery``) is attached once (``apply``) and asked for an
+input-embedding prefix per batch (``prefix``: (P, H) or per-example (B, P, H)); every forward goes
+through :func:`recoup.model.forward.build_inputs` so the prefix and left padding work for every
+architecture in the anatomy map. Continuation and decode steps extend that forward's attention mask
+and position ids over the cached keys/values.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from recoup.errors import RecoupError
+from recoup.model.forward import build_inputs
+
+log = logging.getLogger(__name__)
+
+TokenPair = tuple[tuple[int, ...], tuple[int, ...]]
+
+
+class Scorer:
+    """Batched, recovery-aware loglikelihood, greedy generation and rolling likelihood.
+
+    ``attached=True`` says the caller already ran ``recovery.apply(model)`` (the runner does that
+    once for all tasks); otherwise the Scorer does it here.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, recovery: Any = None, batch_size: int = 8,
+                 max_length: int | None = None, progress: bool = True, attached: bool = False) -> None:
+        if batch_size < 1:
+            raise RecoupError(f"batch size must be at least 1 (got {batch_size})")
+        self.model = recovery.apply(model) if (recovery is not None and not attached) else model
+        self.tokenizer = tokenizer
+        self.recovery = recovery
+        self.batch_size = batch_size
+        limit = getattr(model.config, "max_position_embeddings", None) or 2048
+        self.max_length = min(max_length or 2048, limit)
+        self.progress = progress
+        self.device = next(model.parameters()).device
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = int(pad if pad is not None else 0)
+        self.prefix_token = next((t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id) if t is not None), self.pad_id)
+        eos = {tokenizer.eos_token_id}
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
+        self.eos_ids = sorted(int(e) for e in eos if e is not None)
+
+    # ----------------------------------------------------------------- tokenization
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def encode_pair(self, context: str, continuation: str) -> TokenPair:
+        """lm-eval's split: context ids and the continuation's ids as the tail of the joint encoding."""
+        if not context:
+            return (self.prefix_token,), tuple(self.encode(continuation))
+        n_space = len(context) - len(context.rstrip())
+        if n_space:
+            context, continuation = context[:-n_space], context[-n_space:] + continuation
+        whole = self.encode(context + continuation)
+        ctx = self.encode(context)
+        return tuple(ctx), tuple(whole[len(ctx):])
+
+    # ----------------------------------------------------------------- forward pieces
+    def _prefill(self, rows: list[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Run left-padded ``rows`` with the recovery prefix; (last-position log-probs (B, V), mask (B, P+T), cache)."""
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        prefix = self.recovery.prefix(self.model, ids, mask) if self.recovery is not None else None
+        kwargs = build_inputs(self.model, ids, mask, prefix)
+        out = self.model(**kwargs, use_cache=True)
+        return F.log_softmax(out.logits[:, -1].float(), dim=-1), kwargs["attention_mask"], out.past_key_values
+
+    def _extend(self, ids: torch.Tensor, mask: torch.Tensor, past_mask: torch.Tensor, cache: Any) -> torch.Tensor:
+        """Run ``ids`` (R, L) after cached positions whose mask is ``past_mask`` (R, M); returns log-probs (R, L, V).
+
+        ``mask`` (R, L) marks real tokens (right padding); positions continue from each row's count of
+        attended past positions, exactly as :func:`build_inputs` numbers them.
+        """
+        full_mask = torch.cat([past_mask, mask], dim=1)
+        position_ids = past_mask.sum(-1, keepdim=True) + (mask.cumsum(-1) - 1).clamp(min=0)
+        embeds = self.model.get_input_embeddings()(ids)
+        out = self.model(inputs_embeds=embeds, attention_mask=full_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True)
+        return F.log_softmax(out.logits.float(), dim=-1)
+
+    # ----------------------------------------------------------------- loglikelihood
+    def loglikelihood(self, requests: Sequence[tuple[str, str]], desc: str = "loglikelihood") -> list[tuple[float, bool]]:
+        """(sum of continuation log-probs, whether greedy decoding reproduces it) per (context, continuation)."""
+        return self.loglikelihood_tokens([self.encode_pair(c, x) for c, x in requests], desc=desc)
+
+    @torch.no_grad()
+    def loglikelihood_tokens(self, pairs: Sequence[TokenPair], desc: str = "loglikelihood") -> list[tuple[float, bool]]:
+        """Token-level :meth:`loglikelihood`: each distinct context is run once, its cache shared by its continuations."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        conts: list[tuple[int, ...]] = []
+        for i, (ctx, cont) in enumerate(pairs):
+            if not cont:
+                raise RecoupError("a loglikelihood request has an empty continuation")
+            room = self.max_length - len(cont)
+            if room < 1:
+                raise RecoupError(f"a continuation of {len(cont)} tokens does not fit max_length {self.max_length}")
+            ctx = tuple(ctx[-room:]) if ctx else (self.prefix_token,)
+            groups.setdefault(ctx, []).append(i)
+            conts.append(tuple(cont))
+        # longest first: padding stays small within a batch and a too-large batch fails at once
+        order = sorted(groups, key=lambda c: -(len(c) + max(len(conts[i]) for i in groups[c])))
+        batches: list[list[tuple[int, ...]]] = []
+        for ctx in order:
+            if batches and sum(len(groups[c]) for c in batches[-1]) + len(groups[ctx]) <= self.batch_size:
+                batches[-1].append(ctx)
+            else:
+                batches.append([ctx])
+        results: list[tuple[float, bool] | None] = [None] * len(pairs)
+        self.model.eval()
+        for batch in tqdm(batches, desc=desc, unit="batch", disable=not self.progress, leave=False):
+            last, past_mask, cache = self._prefill(batch)
+            rows = [(b, i) for b, ctx in enumerate(batch) for i in groups[ctx]]
+            sel = torch.tensor([b for b, _ in rows], device=self.device)
+            first = torch.tensor([conts[i][0] for _, i in rows], device=self.device)
+            first_lp = last[sel].gather(1, first[:, None])[:, 0]
+            first_greedy = last[sel].argmax(-1) == first
+            width = max(len(conts[i]) for _, i in rows) - 1
+            if width > 0:
+                ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long, device=self.device)
+                tgt = torch.zeros((len(rows), width), dtype=torch.long, device=self.device)
+                mask = torch.zeros((len(rows), width), dtype=torch.long, device=self.device)
+                for r, (_, i) in enumerate(rows):
+                    n = len(conts[i]) - 1
+                    if n:
+                        ids[r, :n] = torch.tensor(conts[i][:-1])
+                        tgt[r, :n] = torch.tensor(conts[i][1:])
+                        mask[r, :n] = 1
+                if len(rows) != len(batch) or rows != [(b, groups[c][0]) for b, c in enumerate(batch)]:
+                    cache.batch_select_indices(sel)
+                logp = self._extend(ids, mask, past_mask[sel], cache)
+                rest_lp = (logp.gather(2, tgt[..., None])[..., 0] * mask).sum(-1)
+                rest_greedy = ((logp.argmax(-1) == tgt) | (mask == 0)).all(-1)
+            else:
+                rest_lp = torch.zeros_like(first_lp)
+                rest_greedy = torch.ones_like(first_greedy)
+            for r, (_, i) in enumerate(rows):
+                results[i] = (float(first_lp[r] + rest_lp[r]), bool(first_greedy[r] and rest_greedy[r]))
+        return results  # type: ignore[return-value]
+
+    # ----------------------------------------------------------------- rolling likelihood
+    def rolling_windows(self, tokens: Sequence[int], window: int | None = None) -> list[TokenPair]:
+        """lm-eval's ``get_rolling_token_windows`` (context_len=1) made disjoint: every token scored once."""
+        window = window or self.max_length
+        tokens = list(tokens)
+        if not tokens:
+            return []
+        first = min(window, len(tokens))
+        pairs: list[TokenPair] = [((self.prefix_token,), tuple(tokens[:first]))]
+        done = first
+        while done < len(tokens):
+            n = min(len(tokens) - done, window)
+            end = done + n
+            ctx = tokens[max(0, end - window - 1): end - 1]
+            pairs.append((tuple(ctx[: len(ctx) - (n - 1)]), tuple(tokens[end - n: end])))
+            done = end
+        return pairs
+
+    def rolling_loglikelihood(self, texts: Sequence[str], window: int | None = None) -> list[tuple[float, int]]:
+        """(sum log-prob, token count) of each whole text, scored in disjoint windows of ``window`` tokens."""
+        spans, pairs = [], []
+        for text in texts:
+            w = self.rolling_windows(self.encode(text), window)
+            spans.append((len(pairs), len(pairs) + len(w)))
+            pairs.extend(w)
+        scores = self.loglikelihood_tokens(pairs, desc="rolling") if pairs else []
+        return [(sum(s for s, _ in scores[a:b]), sum(len(pairs[k][1]) for k in range(a, b))) for a, b in spans]
+
+    # ----------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 32, stop: Sequence[str] = (),
+                 desc: str = "generate") -> list[str]:
+        """Greedy continuations of ``prompts`` (text after the prompt only), cut at the first stop string or EOS.
+
+        Stop strings are looked for after the continuation's leading whitespace, so an answer that
+        starts on a new line is not cut to nothing by a newline stop.
+        """
+        if max_new_tokens < 1:
+            raise RecoupError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
+        room = self.max_length - max_new_tokens
+        if room < 1:
+            raise RecoupError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in {self.max_length} tokens")
+        encoded = [self.encode(p)[-room:] or [self.prefix_token] for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+        outputs: list[str] = [""] * len(prompts)
+        eos = torch.tensor(self.eos_ids, device=self.device)
+        self.model.eval()
+        for start in tqdm(range(0, len(order), self.batch_size), desc=desc, unit="batch",
+                          disable=not self.progress, leave=False):
+            idx = order[start: start + self.batch_size]
+            logp, mask, cache = self._prefill([encoded[i] for i in idx])
+            n = len(idx)
+            done = torch.zeros(n, dtype=torch.bool, device=self.device)
+            new: list[list[int]] = [[] for _ in range(n)]
+            for step in range(max_new_tokens):
+                tok = logp.argmax(-1)
+                hit = torch.isin(tok, eos) if len(self.eos_ids) else torch.zeros_like(done)
+                for r in range(n):
+                    if not done[r] and not hit[r]:
+                        new[r].append(int(tok[r]))
+                done |= hit
+                if stop:
+                    for r in range(n):
+                        text = self.tokenizer.decode(new[r], skip_special_tokens=True).lstrip()
+                        if not done[r] and any(s in text for s in stop):
+                            done[r] = True
+                if bool(done.all()) or step == max_new_tokens - 1:
+                    break
+                step_mask = torch.ones((n, 1), dtype=mask.dtype, device=self.device)
+                logp = self._extend(tok[:, None], step_mask, mask, cache)[:, -1]
+                mask = torch.cat([mask, step_mask], dim=1)
+            for r, i in enumerate(idx):
+                outputs[i] = _cut(self.tokenizer.decode(new[r], skip_special_tokens=True), stop)
+        return outputs
+
+    def chat_prompt(self, message: str) -> str:
+        """``message`` as one user turn in the tokenizer's chat template, ready for the assistant's answer."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            return message
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
+                                                  add_generation_prompt=True)
+
+
+def _cut(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to the first stop string found after its leading whitespace."""
+    lead = len(text) - len(text.lstrip())
+    hits = [text.find(s, lead) for s in stop if s and text.find(s, lead) >= 0]
+    return text[: min(hits)] if hits else text
