@@ -1,0 +1,149 @@
+"""Benchmark prompt recovery: training throughput against PEFT's prompt tuning, and inference latency.
+
+1. Training tokens/s of one soft-prompt step (forward, backward to the prompt, clip, AdamW) through
+   recoup's forward (:func:`recoup.recover.soft_prompt.lm_loss`) and through ``peft``'s own
+   ``PromptTuningConfig`` model, on the same model, the same PTB-train windows, the same initial
+   prompt and the same objective (PEFT labels with the first input token masked, so both score the
+   same T-1 tokens). The first step of each is a warm-up and is not timed.
+2. Latency, batch 1 (:func:`recoup.recover.compare.measure_latency`): prefill of a ``--prompt-len``
+   token input and per-token greedy decode with the KV cache, for the model alone, + a soft prompt
+   of ``--tokens``, + an IDP pool of ``--pool`` x ``--tokens`` (prefill includes IDP's selection pass).
+
+    python benchmarks/recover.py --model /work/artifacts/smollm2-8x --steps 4 --json benchmarks/results/recover.json
+
+Prints a table and writes JSON. Trained prompts can be given with --prompt/--idp; otherwise prompts
+are initialised from vocabulary rows (latency does not depend on the values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def train_throughput(loaded, windows: torch.Tensor, init: torch.Tensor, lr: float, use_peft: bool) -> dict:
+    """Median seconds per step and tokens/s over ``windows`` (steps, B, T); step 0 is a warm-up."""
+    from recoup.recover.soft_prompt import SoftPrompt, frozen, lm_loss
+
+    model = loaded.model
+    if use_peft:
+        from peft import PromptTuningConfig, TaskType, get_peft_model
+
+        peft_model = get_peft_model(model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM,
+                                                              num_virtual_tokens=init.shape[0]))
+        emb = peft_model.prompt_encoder["default"].embedding.weight
+        with torch.no_grad():
+            emb.copy_(init)
+        params = [emb]
+
+        def step_loss(x: torch.Tensor) -> torch.Tensor:
+            labels = x.clone()
+            labels[:, 0] = -100
+            return peft_model(input_ids=x, attention_mask=torch.ones_like(x), labels=labels).loss
+    else:
+        prompt = SoftPrompt(init)
+        params = [prompt.embeddings]
+
+        def step_loss(x: torch.Tensor) -> torch.Tensor:
+            return lm_loss(model, x, prompt.prefix(model, x, x))
+
+    opt = torch.optim.AdamW(params, lr=lr)
+    times, losses = [], []
+    ctx = frozen(model) if not use_peft else _nothing()
+    with ctx:
+        for i, x in enumerate(windows):
+            t0 = time.perf_counter()
+            loss = step_loss(x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            if i:
+                times.append(time.perf_counter() - t0)
+            losses.append(loss.item())
+    sec = statistics.median(times)
+    return {"sec_per_step": sec, "tokens_per_s": windows[0].numel() / sec, "timed_steps": len(times),
+            "losses": losses}
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def main() -> None:
+    from recoup.data.calibration import calibration_windows
+    from recoup.model.load import load_model
+    from recoup.recover.compare import LatencyConfig, measure_latency
+    from recoup.recover.idp import IDPPool
+    from recoup.recover.io import load_recovery
+    from recoup.recover.soft_prompt import SoftPrompt
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m", help="model source (usually a compressed artifact)")
+    ap.add_argument("--tokens", type=int, default=20)
+    ap.add_argument("--pool", type=int, default=4)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=4, help="training steps per implementation (first is a warm-up)")
+    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--prompt", default=None, help="a saved soft prompt for the latency rows")
+    ap.add_argument("--idp", default=None, help="a saved IDP pool for the latency rows")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--json", default="benchmarks/results/recover.json")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.manual_seed(0)
+
+    loaded = load_model(args.model)
+    emb = loaded.model.get_input_embeddings().weight.detach()
+    init = emb[torch.randint(0, emb.shape[0], (args.tokens,))].clone()
+    rows = []
+    if not args.skip_train:
+        calib = calibration_windows(loaded.tokenizer, "ptb", args.steps * args.batch_size, args.seqlen, seed=0)
+        windows = calib.input_ids.view(args.steps, args.batch_size, args.seqlen)
+        for name, use_peft in (("recoup soft prompt", False), ("peft prompt tuning", True)):
+            res = train_throughput(loaded, windows, init, args.lr, use_peft)
+            rows.append({"kind": "train", "name": name, **res})
+    prompt = load_recovery(args.prompt) if args.prompt else SoftPrompt(init)
+    pool = load_recovery(args.idp) if args.idp else IDPPool(
+        emb[torch.randint(0, emb.shape[0], (args.pool * args.tokens,))].view(args.pool, args.tokens, -1))
+    ids = calibration_windows(loaded.tokenizer, "ptb", 1, args.prompt_len, seed=1, split="test").input_ids
+    lat_cfg = LatencyConfig(args.prompt_len, args.new_tokens, args.repeats)
+    for name, rec in (("model alone", None), (f"+ soft prompt ({prompt.tokens} tokens)", prompt),
+                      (f"+ IDP ({pool.size} x {pool.tokens} tokens)", pool)):
+        res = measure_latency(loaded.model, ids, rec, lat_cfg)
+        res.pop("generated")
+        rows.append({"kind": "latency", "name": name, **res})
+
+    print(f"model {args.model}; torch threads {torch.get_num_threads()}")
+    print(f"{'training (seqlen %d, batch %d)' % (args.seqlen, args.batch_size):44s} {'s/step':>8s} {'tokens/s':>9s}")
+    for r in rows:
+        if r["kind"] == "train":
+            print(f"{r['name']:44s} {r['sec_per_step']:8.2f} {r['tokens_per_s']:9.1f}")
+    print(f"\n{'latency (batch 1, %d-token input)' % args.prompt_len:44s} {'prefill ms':>10s} {'decode ms/tok':>13s}")
+    for r in rows:
+        if r["kind"] == "latency":
+            print(f"{r['name']:44s} {r['prefill_ms']:10.1f} {r['decode_ms_per_token']:13.2f}")
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": args.model, "args": vars(args), "rows": rows, "torch": torch.__version__,
+                               "python": platform.python_version(), "threads": torch.get_num_threads()}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
