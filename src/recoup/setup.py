@@ -6,6 +6,7 @@ import logging
 import subprocess
 import sys
 
+from recoup.data import bigbench
 from recoup.data.packs import PACKS, pack_dir
 from recoup.errors import RecoupError
 from recoup.model.load import BUNDLED_ALIAS, bundled_gguf_path, bundled_model_dir, convert_gguf
@@ -13,7 +14,9 @@ from recoup.model.load import BUNDLED_ALIAS, bundled_gguf_path, bundled_model_di
 log = logging.getLogger(__name__)
 
 # Extra setup steps (e.g. bigbench task files) register here: name -> (is_done, do).
-EXTRA_STEPS: list[tuple[str, callable, callable]] = []
+EXTRA_STEPS: list[tuple[str, callable, callable]] = [
+    (bigbench.SETUP_STEP, bigbench.installed, bigbench.download_and_extract),
+]
 
 
 def _pip_install(requirement: str) -> None:

@@ -35,6 +35,27 @@ def split_task_list(spec: str) -> list[str]:
     return tasks
 
 
+def resolve_tasks(tasks: str | None, suite: str | None, options: dict | None = None) -> list[str]:
+    """Task names from ``--tasks`` and/or ``--suite`` (deduplicated, in order), validated with their
+    options and data; raises RecoupError before any model is loaded."""
+    from recoup.evaluate import tasks as registry
+
+    names = split_task_list(tasks) if tasks else []
+    if suite:
+        names += registry.expand_suite(suite)
+    names = list(dict.fromkeys(names))
+    if not names:
+        raise RecoupError("name tasks with --tasks (e.g. arc_easy,piqa) or a suite with --suite (kick, zeroshot)")
+    for name in names:
+        if name.startswith("ppl:"):
+            if len(name.split(":")) not in (2, 3) or not name.split(":")[1]:
+                raise RecoupError(f"bad perplexity task '{name}'; write ppl:CORPUS or ppl:CORPUS:SPLIT (e.g. ppl:ptb)")
+        else:
+            registry.get_spec(name)
+    registry.validate(names, options or {})
+    return names
+
+
 def run_ppl(task: str, loaded, settings: EvalSettings, recovery) -> dict:
     from recoup.evaluate.perplexity import perplexity
 
@@ -57,6 +78,7 @@ def evaluate(loaded, tasks: list[str], settings: EvalSettings, recovery=None) ->
             runners.append((task, run_ppl))
         else:
             runners.append((task, registry.get_runner(task)))
+    registry.validate(tasks, settings.options)  # options, files and installed data, before any scoring
     model = recovery.apply(loaded.model) if recovery is not None else loaded.model
     run_loaded = dataclasses.replace(loaded, model=model)
     results: dict[str, dict] = {}
@@ -69,5 +91,6 @@ def evaluate(loaded, tasks: list[str], settings: EvalSettings, recovery=None) ->
                 "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
                 "torch": torch.__version__, "python": platform.python_version(),
                 "recovery": recovery.describe() if recovery is not None else None,
+                "options": {k: v for k, v in settings.options.items() if isinstance(v, (str, int, float, bool))},
                 "seconds": round(time.time() - started, 3)}
     return {"model": loaded.source, "results": results, "protocol": protocol}

@@ -1,18 +1,79 @@
 """The task registry: task name -> runner ``(name, loaded, settings, recovery) -> metrics dict``.
 
 Task families register explicitly below (house style 2: by import, not by walking packages).
+Every result holds metric values with ``<metric>_stderr``, ``n`` and a ``protocol`` dict (source,
+split, shots, template, limit, seed). Suites name groups of tasks: ``kick`` (LLM-KICK's five task
+families) and ``zeroshot`` (the multiple-choice set of the compression papers).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from recoup.errors import RecoupError
+from recoup.evaluate.tasks import factoid, instruction, multiple_choice, retrieval, summarization
+from recoup.evaluate.tasks.common import OPTIONS, TaskRunner, TaskSpec, parse_options
+from recoup.registry import Registry, unknown_name_message
 
-from recoup.registry import Registry
+TASKS: Registry[TaskSpec] = Registry("task")
 
-TaskRunner = Callable[..., dict]
-TASKS: Registry[TaskRunner] = Registry("task")
-SUITES: dict[str, list[str]] = {}
+for _name in multiple_choice.ZERO_SHOT_TASKS + ("mmlu",):
+    TASKS.register(_name, TaskSpec(_name, "multiple_choice", multiple_choice.run, multiple_choice.PACK,
+                                   multiple_choice.check, multiple_choice.load_mc))
+for _name in factoid.TASKS:
+    TASKS.register(_name, TaskSpec(_name, "factoid_qa", factoid.run, factoid.source(_name), factoid.checker(_name),
+                                   factoid.load))
+for _name in retrieval.TASKS:
+    TASKS.register(_name, TaskSpec(_name, "retrieval_qa", retrieval.run, retrieval.PACK, retrieval.check,
+                                   retrieval.load))
+for _name in summarization.TASKS:
+    TASKS.register(_name, TaskSpec(_name, "summarization", summarization.run, summarization.source(_name),
+                                   summarization.checker(_name), None))
+TASKS.register("instructions", TaskSpec("instructions", "instruction_following", instruction.run,
+                                        "a jsonl file (--option instructions_file=PATH)", instruction.check, None))
+
+SUITES: dict[str, list[str]] = {
+    "kick": ["triviaqa", "nq_open", "qa_wikidata", "mmlu", "squad_closed", "squad_open", "coqa_closed", "coqa_open",
+             "xsum", "cnndm", "instructions"],
+    "zeroshot": ["arc_easy", "arc_challenge", "piqa", "hellaswag", "boolq", "openbookqa", "winogrande", "sciq"],
+}
 
 
 def get_runner(name: str) -> TaskRunner:
+    return TASKS.get(name).run
+
+
+def get_spec(name: str) -> TaskSpec:
     return TASKS.get(name)
+
+
+def expand_suite(name: str) -> list[str]:
+    try:
+        return list(SUITES[name])
+    except KeyError:
+        raise RecoupError(unknown_name_message("suite", name, SUITES)) from None
+
+
+def validate(tasks: list[str], options: dict) -> None:
+    """Check every task name, its options and its data *before* a model is loaded."""
+    for task in tasks:
+        if task.startswith("ppl:"):
+            continue
+        get_spec(task).check(options)
+
+
+def load_examples(name: str, options: dict | None = None) -> list[dict]:
+    """Every example (documents + gold) of a task that has a fixed dataset, in source order.
+
+    Multiple-choice examples are ``{"id", "contexts", "continuations", "choices", "gold"}``; pass one to
+    :func:`requests_for` to get its loglikelihood requests with the exact evaluation prompt.
+    """
+    spec = get_spec(name)
+    if spec.load is None:
+        raise RecoupError(f"task '{name}' reads a user file; it has no built-in examples")
+    spec.check(options or {})
+    return spec.load(name, options or {})
+
+
+requests_for = multiple_choice.requests_for
+
+__all__ = ["TASKS", "SUITES", "OPTIONS", "TaskSpec", "get_runner", "get_spec", "expand_suite", "validate",
+           "load_examples", "requests_for", "parse_options"]
