@@ -15,6 +15,7 @@ from typing import Any
 # Numeric fields of a task's result that are not metrics.
 NOT_METRICS = {"n", "stderr", "seconds", "tokens", "windows", "windows_available", "limit", "seqlen", "seed",
                "batch_size", "shots", "k", "num_fewshot", "examples", "max_new_tokens", "context_tokens"}
+BULKY = {"examples", "per_example", "records", "generations"}  # kept in the stage's result.json, not per row
 LOWER_IS_BETTER = ("ppl", "nll", "loss", "perplexity", "bpb", "bits_per_byte")
 # Preferred headline metric per task, in order.
 PRIMARY_ORDER = ("ppl", "acc_norm", "acc", "exact_match", "em", "f1", "rougeL", "rouge_l", "rouge1", "score")
@@ -49,9 +50,11 @@ def metric_rows(evaluation: dict) -> list[dict]:
         n = res.get("n", res.get("windows"))
         stderr = res.get("stderr")
         primary = primary_metric(task, res)
-        meta = {k: v for k, v in res.items() if not _is_number(v) or k in NOT_METRICS}
+        meta = {k: v for k, v in res.items() if (not _is_number(v) or k in NOT_METRICS) and k not in BULKY}
         meta.pop("stderr", None)
-        protocol = {**{k: v for k, v in protocol_all.items() if k != "seconds"}, **meta}
+        nested = meta.pop("protocol", None)
+        protocol = {**{k: v for k, v in protocol_all.items() if k != "seconds"}, **meta,
+                    **(nested if isinstance(nested, dict) else {})}
         for metric, value in res.items():
             if not _is_number(value) or metric in NOT_METRICS or metric.endswith("_stderr"):
                 continue

@@ -120,9 +120,11 @@ def training_curve(view, out: Path) -> Path | None:
 def sweep_curves(view, out: Path) -> Path | None:
     """LLM-KICK-style: headline metric vs sparsity, one line per method (and bits), dense and its matching band."""
     comp = [e for e in view.evals if e.role == "compressed" and isinstance(e.labels.get("sparsity"), (int, float))]
-    levels = {float(e.labels["sparsity"]) for e in comp}
-    if len(levels) < 2:
-        return None
+    per_line: dict[tuple, set] = defaultdict(set)
+    for e in comp:
+        per_line[(e.labels.get("method"), e.labels.get("bits"))].add(float(e.labels["sparsity"]))
+    if not any(len(levels) >= 2 for levels in per_line.values()):
+        return None  # no method evaluated at two sparsity levels: no curve to draw
     plt = _plt()
     n = len(view.tasks)
     fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 3.6), squeeze=False)

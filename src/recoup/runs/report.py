@@ -67,6 +67,8 @@ def load_view(store: Store, run_id: str) -> RunView:
         values = {r["task"]: r for r in rows if r["stage"] == st["stage"] and r["protocol"].get("primary")}
         evals.append(EvalRow(st["stage"], st["labels"], values))
         tasks += [t for t in values if t not in tasks]
+    order = list((recipe.get("evaluate") or {}).get("tasks") or [])
+    tasks.sort(key=lambda t: (order.index(t) if t in order else len(order), not t.startswith("ppl:"), t))
     matching = float((recipe.get("report") or {}).get("matching", 0.05))
     return RunView(run, stages, evals, tasks, matching)
 
