@@ -20,6 +20,7 @@ and position ids over the cached keys/values.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any, Sequence
 
@@ -61,6 +62,7 @@ class Scorer:
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
         self.eos_ids = sorted(int(e) for e in eos if e is not None)
+        self._keep_arg = "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
     # ----------------------------------------------------------------- tokenization
     def encode(self, text: str) -> list[int]:
@@ -78,8 +80,13 @@ class Scorer:
         return tuple(ctx), tuple(whole[len(ctx):])
 
     # ----------------------------------------------------------------- forward pieces
-    def _prefill(self, rows: list[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """Run left-padded ``rows`` with the recovery prefix; (last-position log-probs (B, V), mask (B, P+T), cache)."""
+    def _prefill(self, rows: list[Sequence[int]], keep: int = 1,
+                 cache: bool = True) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Run left-padded ``rows`` with the recovery prefix.
+
+        Returns log-probs of the last ``keep`` positions (B, keep, V), the attention mask (B, P+T) and the
+        KV cache. Only the kept positions go through the LM head (``logits_to_keep``).
+        """
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -89,8 +96,10 @@ class Scorer:
         ids, mask = ids.to(self.device), mask.to(self.device)
         prefix = self.recovery.prefix(self.model, ids, mask) if self.recovery is not None else None
         kwargs = build_inputs(self.model, ids, mask, prefix)
-        out = self.model(**kwargs, use_cache=True)
-        return F.log_softmax(out.logits[:, -1].float(), dim=-1), kwargs["attention_mask"], out.past_key_values
+        if self._keep_arg:
+            kwargs["logits_to_keep"] = keep
+        out = self.model(**kwargs, use_cache=cache)
+        return F.log_softmax(out.logits[:, -keep:].float(), dim=-1), kwargs["attention_mask"], out.past_key_values
 
     def _extend(self, ids: torch.Tensor, mask: torch.Tensor, past_mask: torch.Tensor, cache: Any) -> torch.Tensor:
         """Run ``ids`` (R, L) after cached positions whose mask is ``past_mask`` (R, M); returns log-probs (R, L, V).
@@ -135,7 +144,12 @@ class Scorer:
         results: list[tuple[float, bool] | None] = [None] * len(pairs)
         self.model.eval()
         for batch in tqdm(batches, desc=desc, unit="batch", disable=not self.progress, leave=False):
+            if all(len(groups[c]) == 1 for c in batch):  # nothing shared: one forward over context + continuation
+                for i, score in zip([groups[c][0] for c in batch], self._score_joined(batch, [conts[groups[c][0]] for c in batch])):
+                    results[i] = score
+                continue
             last, past_mask, cache = self._prefill(batch)
+            last = last[:, -1]
             rows = [(b, i) for b, ctx in enumerate(batch) for i in groups[ctx]]
             sel = torch.tensor([b for b, _ in rows], device=self.device)
             first = torch.tensor([conts[i][0] for _, i in rows], device=self.device)
@@ -163,6 +177,18 @@ class Scorer:
             for r, (_, i) in enumerate(rows):
                 results[i] = (float(first_lp[r] + rest_lp[r]), bool(first_greedy[r] and rest_greedy[r]))
         return results  # type: ignore[return-value]
+
+    def _score_joined(self, ctxs: list[tuple[int, ...]], conts: list[tuple[int, ...]]) -> list[tuple[float, bool]]:
+        """(log-prob sum, greedy) of each continuation from one left-padded forward over context + continuation."""
+        keep = max(len(c) for c in conts) + 1
+        logp, _, _ = self._prefill([list(a) + list(b) for a, b in zip(ctxs, conts)], keep=keep, cache=False)
+        out = []
+        for r, cont in enumerate(conts):
+            n = len(cont)
+            lp = logp[r, keep - 1 - n: keep - 1]
+            tgt = torch.tensor(cont, device=self.device)
+            out.append((float(lp.gather(1, tgt[:, None]).sum()), bool((lp.argmax(-1) == tgt).all())))
+        return out
 
     # ----------------------------------------------------------------- rolling likelihood
     def rolling_windows(self, tokens: Sequence[int], window: int | None = None) -> list[TokenPair]:
@@ -215,6 +241,7 @@ class Scorer:
                           disable=not self.progress, leave=False):
             idx = order[start: start + self.batch_size]
             logp, mask, cache = self._prefill([encoded[i] for i in idx])
+            logp = logp[:, -1]
             n = len(idx)
             done = torch.zeros(n, dtype=torch.bool, device=self.device)
             new: list[list[int]] = [[] for _ in range(n)]
