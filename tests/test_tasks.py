@@ -143,3 +143,16 @@ def test_retrieval_open_book_truncates_context_closed_book_has_none():
     assert "Passage:" not in seen[0] and "Passage:" in seen[2]
     assert closed["n"] == opened["n"] == 2 and opened["protocol"]["context_tokens"] == 30
     assert {"em", "f1", "em_stderr"} <= set(opened)
+
+
+@pytest.mark.slow
+@needs_olmo
+def test_real_model_arc_easy_sample_is_reproducible_and_above_chance():
+    from recoup.model.load import load_model
+
+    lm = load_model("smollm2-135m")
+    settings = EvalSettings(limit=40, seed=0, batch_size=16)
+    first = evaluate(lm, ["arc_easy"], settings)["results"]["arc_easy"]
+    second = evaluate(lm, ["arc_easy"], settings)["results"]["arc_easy"]
+    assert (first["acc"], first["acc_norm"]) == (second["acc"], second["acc_norm"])
+    assert first["acc"] > 0.35  # chance is 0.25 on four choices

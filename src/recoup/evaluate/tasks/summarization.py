@@ -70,14 +70,15 @@ def run(name: str, loaded, settings, recovery) -> dict:
     prompts = [scorer.chat_prompt(ex["prompt"]) if chat else ex["prompt"] + "\n\nSummary:" for ex in chosen]
     generated = scorer.generate(prompts, max_new_tokens=max_new, desc=name)
     per: dict[str, list[float]] = {}
+    by_bucket: dict[str, list[float]] = {}
     records = []
     for ex, gen in zip(chosen, generated):
         scores = rouge(gen.strip(), ex["reference"])
         for key, value in scores.items():
             per.setdefault(key, []).append(value)
-            per.setdefault(f"{key}_{ex['bucket']}", []).append(value)
+            by_bucket.setdefault(f"{key}_{ex['bucket']}", []).append(value)
         records.append({"id": ex["id"], "bucket": ex["bucket"], "generated": gen, **scores})
-    result = {**summarize(per), "n": len(chosen)}
+    result = {**summarize(per), "n": len(chosen), **summarize(dict(sorted(by_bucket.items())))}
     result.update({f"n_{b}": sum(1 for ex in chosen if ex["bucket"] == b) for b in BUCKETS})
     judge = settings.options.get("judge")
     if judge is not None:
