@@ -276,9 +276,8 @@ def fit_cpet(model: nn.Module, tokenizer, data, cfg: CpetConfig, train_cfg, inhe
     :class:`~recoup.recover.task_data.Batch` (ids/mask/labels, (B, T)). The LoRA and the recovery
     modules are trained together with the shared loop; the best state by validation task loss is kept.
     """
-    from recoup.model.forward import build_inputs
     from recoup.recover.lora import linear_digests, lora_parameters
-    from recoup.recover.task_data import batch_stream, lm_loss_from_logits, mean_loss
+    from recoup.recover.task_data import batch_stream, kept_loss, mean_loss, model_outputs
     from recoup.recover.train import train
 
     if cfg.distill and teacher is None:
@@ -295,17 +294,16 @@ def fit_cpet(model: nn.Module, tokenizer, data, cfg: CpetConfig, train_cfg, inhe
     parts = {"task": 0.0, "distill": 0.0, "n": 0}
 
     def loss_fn(b) -> torch.Tensor:
-        ids, mask, labels = b.input_ids.to(device), b.attention_mask.to(device), b.labels.to(device)
-        out = wrapped(**build_inputs(wrapped, ids, mask), use_cache=False, output_hidden_states=cfg.distill)
-        task = lm_loss_from_logits(out.logits, labels)
+        out, keep = model_outputs(wrapped, b, device, hidden=cfg.distill)
+        task = kept_loss(out.logits, keep, b.labels)
         if not cfg.distill:
             return task
         with torch.no_grad():
-            tout = teacher(**build_inputs(teacher, ids, mask), use_cache=False, output_hidden_states=True)
-        scored = labels[:, 1:] != -100
-        d = distill_loss([out.hidden_states[i] for i in idx], [tout.hidden_states[i] for i in idx], mask,
-                         out.logits[:, :-1], tout.logits[:, :-1], scored, cfg.distill_alpha, cfg.kl_weight,
-                         cfg.kl_temperature)
+            tout, _ = model_outputs(teacher, b, device, hidden=True)
+        scored = b.labels.to(device)[:, keep + 1] != -100  # (B, K): positions whose next token is scored
+        d = distill_loss([out.hidden_states[i] for i in idx], [tout.hidden_states[i] for i in idx],
+                         b.attention_mask.to(device), out.logits, tout.logits, scored, cfg.distill_alpha,
+                         cfg.kl_weight, cfg.kl_temperature)
         parts["task"] += task.item()
         parts["distill"] += d.item()
         parts["n"] += 1

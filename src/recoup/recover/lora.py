@@ -205,12 +205,11 @@ def frozen_base(wrapped: nn.Module) -> Iterator[nn.Parameter]:
 
 
 def adapter_loss(model: nn.Module, batch, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Task / LM loss of one :class:`~recoup.recover.task_data.Batch` through the shared forward."""
-    from recoup.model.forward import forward_logits
-    from recoup.recover.task_data import lm_loss_from_logits
+    """Task / LM loss of one :class:`~recoup.recover.task_data.Batch` (logits only at scored positions)."""
+    from recoup.recover.task_data import kept_loss, model_outputs
 
-    ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-    return lm_loss_from_logits(forward_logits(model, ids, mask), batch.labels.to(device))
+    out, keep = model_outputs(model, batch, device)
+    return kept_loss(out.logits, keep, batch.labels)
 
 
 def fit_lora(model: nn.Module, tokenizer, data, cfg: LoraConfig, train_cfg, batch_size: int = 8,

@@ -262,6 +262,33 @@ def lm_loss_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
                            ignore_index=-100)
 
 
+def scored_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Input positions (K,) whose next token is scored in at least one row of ``labels`` (B, T)."""
+    return (labels[:, 1:] != -100).any(0).nonzero().flatten()
+
+
+def model_outputs(model, batch: "Batch", device, hidden: bool = False):
+    """One forward of ``batch`` that computes logits only where a next token is scored.
+
+    Returns (outputs, keep): ``outputs.logits`` is (B, K, V) at the positions ``keep`` (K,), so the
+    vocabulary projection (the largest activation of a small model) covers a handful of positions
+    instead of all T; ``outputs.hidden_states`` (when ``hidden``) are full (B, T, H).
+    """
+    from recoup.model.forward import build_inputs
+
+    ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+    keep = scored_positions(batch.labels).to(device)
+    out = model(**build_inputs(model, ids, mask), use_cache=False, logits_to_keep=keep, output_hidden_states=hidden)
+    return out, keep
+
+
+def kept_loss(logits: torch.Tensor, keep: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of logits (B, K, V) at positions ``keep`` against the next tokens ``labels[:, keep + 1]``."""
+    target = labels.to(logits.device)[:, keep + 1]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
+                           reduction=reduction)
+
+
 def mean_loss(model, seqs: list[Sequence], pad_id: int, batch_size: int = 8,
               prefix_fn: Callable | None = None) -> float:
     """Token-weighted mean loss over ``seqs`` (for validation); ``prefix_fn(ids, mask)`` may give a prefix."""
@@ -272,12 +299,16 @@ def mean_loss(model, seqs: list[Sequence], pad_id: int, batch_size: int = 8,
     with torch.no_grad():
         for start in range(0, len(seqs), batch_size):
             b = collate(seqs[start:start + batch_size], pad_id)
-            ids, mask, labels = b.input_ids.to(device), b.attention_mask.to(device), b.labels.to(device)
-            prefix = prefix_fn(ids, mask) if prefix_fn is not None else None
-            logits = forward_logits(model, ids, mask, prefix)[:, :-1].float()
-            n = int((labels[:, 1:] != -100).sum())
-            if n:
+            n = int((b.labels[:, 1:] != -100).sum())
+            if not n:
+                continue
+            if prefix_fn is None:
+                out, keep = model_outputs(model, b, device)
+                total += kept_loss(out.logits, keep, b.labels, reduction="sum").item()
+            else:
+                ids, mask, labels = b.input_ids.to(device), b.attention_mask.to(device), b.labels.to(device)
+                logits = forward_logits(model, ids, mask, prefix_fn(ids, mask))[:, :-1].float()
                 total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                          ignore_index=-100, reduction="sum").item()
-                count += n
+            count += n
     return total / max(1, count) if count else math.nan
