@@ -5,6 +5,7 @@ Public API (re-exported here):
 - :func:`load` / :func:`load_model`: any model source -> :class:`LoadedModel`
 - :func:`anatomy`: per-architecture map of layers and linears
 - :func:`perplexity`: GPTQ-protocol perplexity
+- :class:`Scorer`: batched loglikelihood / greedy generation / rolling likelihood, recovery-aware
 - :func:`compress`: compress a loaded model in place (``recoup.compress(loaded, config, calibration)``)
 """
 
@@ -36,7 +37,11 @@ def __getattr__(name: str):
         import importlib
 
         return importlib.import_module("recoup.compress")
+    if name == "Scorer":  # the batched, recovery-aware evaluation Scorer
+        from recoup.evaluate.scorer import Scorer
+
+        return Scorer
     raise AttributeError(f"module 'recoup' has no attribute '{name}'")
 
 
-__all__ = ["RecoupError", "compress", "LoadedModel", "anatomy", "load", "load_model", "perplexity", "__version__"]
+__all__ = ["RecoupError", "Scorer", "compress", "LoadedModel", "anatomy", "load", "load_model", "perplexity", "__version__"]
