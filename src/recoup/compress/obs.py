@@ -11,8 +11,10 @@ N:M), quantization (group grids fitted when a group starts) or both in one pass:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+from typing import Iterator
 
 import torch
 
@@ -31,6 +33,18 @@ class ObsResult:
     g_idx: torch.Tensor | None  # (cols,) int32 group of each column
     loss: float  # sum of the OBS losses (w - q)^2 / [H^-1]_jj^2 / 2
     damp: float  # the dampening that was used (after any retries)
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run the many small per-column ops on one thread: with several threads each op pays a barrier,
+    which dominates the OBS loop (and is ruinous on a machine shared by many processes)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def damped_inverse_cholesky(h: torch.Tensor, percdamp: float, retries: int = 6) -> tuple[torch.Tensor, float]:
@@ -66,6 +80,14 @@ def obs_compress(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float
     picks per row and group of M columns. With a grid every kept weight lands on its group's grid; in
     joint mode kept weights never round to exact zero, so the zeros are exactly the pruned ones.
     """
+    with single_thread():
+        return _obs_compress(weight, hessian, sparsity=sparsity, nm=nm, grid=grid, blocksize=blocksize,
+                             percdamp=percdamp, act_order=act_order, static_groups=static_groups)
+
+
+def _obs_compress(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float, nm: tuple[int, int] | None,
+                  grid: QuantGrid | None, blocksize: int, percdamp: float, act_order: bool,
+                  static_groups: bool) -> ObsResult:
     w = weight.detach().float().contiguous().clone()
     h = hessian.detach().float().contiguous().clone().to(w.device)
     rows, cols = w.shape

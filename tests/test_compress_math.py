@@ -1,0 +1,131 @@
+"""Pure tensor math of compression: grids, masks, statistics and the blocked OBS update."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from recoup.compress.masks import is_nm, nm_mask, unstructured_mask
+from recoup.compress.methods.rtn import rtn
+from recoup.compress.obs import damped_inverse_cholesky, obs_compress
+from recoup.compress.quantizer import QuantGrid, grid_deviation
+from recoup.compress.stats import ActNormStats, HessianStats
+
+
+def outlier_data(rows=16, cols=32, n=512, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cols, generator=g) @ torch.randn(cols, cols, generator=g)  # correlated inputs
+    x[:, :3] *= 25.0  # a few outlier input channels, as in LLM activations
+    w = torch.randn(rows, cols, generator=g)
+    return w, x
+
+
+def out_err(w0, w1, x):
+    return float(((x @ (w1 - w0).t()) ** 2).sum())
+
+
+def test_incremental_hessian_equals_batch():
+    x = torch.randn(6, 10, 24)
+    inc = HessianStats(24)
+    for chunk in x.split(2):
+        inc.add(chunk)
+    batch = HessianStats(24)
+    batch.add(x)
+    flat = x.reshape(-1, 24)
+    assert inc.count == batch.count == 60
+    torch.testing.assert_close(inc.hessian(), batch.hessian(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batch.hessian(), 2 / 60 * flat.t() @ flat, rtol=1e-5, atol=1e-5)
+
+
+def test_act_norms_are_column_l2_norms():
+    x = torch.randn(3, 7, 5)
+    s = ActNormStats(5)
+    s.add(x[:1])
+    s.add(x[1:])
+    torch.testing.assert_close(s.norms(), x.reshape(-1, 5).norm(dim=0))
+
+
+@pytest.mark.parametrize("bits,sym,group", [(2, True, 8), (3, True, 10), (4, False, 7), (8, True, None)])
+def test_rtn_puts_every_weight_on_its_grid_with_ragged_groups(bits, sym, group):
+    w = torch.randn(6, 24) * 3
+    grid = QuantGrid(bits, sym, group)
+    res = rtn(w, grid)
+    assert res.scale.shape == (6, grid.num_groups(24))
+    assert grid_deviation(res.weight, res.scale, res.zero, res.g_idx, grid.maxq) < 1e-4
+    levels = [torch.unique(res.weight[r, res.g_idx == g]).numel() for r in range(6) for g in range(res.scale.shape[1])]
+    assert max(levels) <= 2 ** bits
+    assert grid_deviation(w, res.scale, res.zero, res.g_idx, grid.maxq) > 1e-3  # the raw weights are not
+
+
+def test_zero_is_on_every_grid_and_keep_nonzero_avoids_it():
+    grid = QuantGrid(4, True, None)
+    w = torch.tensor([[0.01, -0.01, 1.0, -0.9]])
+    s, z = grid.fit(w)
+    q = grid.quantize(w, s, z)
+    assert q[0, 0] == 0 and q[0, 1] == 0  # small weights round to exact zero
+    q2 = grid.quantize(w, s, z, keep_nonzero=torch.ones_like(w, dtype=torch.bool))
+    assert (q2 != 0).all() and q2[0, 0] > 0 and q2[0, 1] < 0
+
+
+def test_masks_are_exact():
+    score = torch.randn(8, 16)
+    m = unstructured_mask(score, 0.5)
+    assert int(m.sum()) == 64
+    r = unstructured_mask(score, 0.25, per_row=True)
+    assert (r.sum(1) == 4).all()
+    ties = unstructured_mask(torch.ones(4, 4), 0.5)
+    assert int(ties.sum()) == 8
+    for n, mm in [(1, 2), (2, 4), (4, 8)]:
+        nm = nm_mask(score, n, mm)
+        assert is_nm(score.masked_fill(nm, 0), n, mm)
+        assert (nm.reshape(8, -1, mm).sum(2) == mm - n).all()
+
+
+def test_sparsegpt_exact_sparsity_and_beats_magnitude_on_outliers():
+    w, x = outlier_data()
+    h = 2 / x.shape[0] * x.t() @ x
+    res = obs_compress(w, h, sparsity=0.5, blocksize=8)
+    assert int((res.weight == 0).sum()) == w.numel() // 2
+    assert torch.equal(res.weight == 0, res.mask)
+    mag = w.masked_fill(unstructured_mask(w.abs(), 0.5), 0)
+    assert out_err(w, res.weight, x) < out_err(w, mag, x)
+
+
+@pytest.mark.parametrize("n,m", [(1, 2), (2, 4), (4, 8)])
+def test_sparsegpt_nm(n, m):
+    w, x = outlier_data()
+    res = obs_compress(w, 2 / 512 * x.t() @ x, nm=(n, m), blocksize=16)
+    rows, cols = w.shape
+    assert ((res.weight != 0).reshape(rows, cols // m, m).sum(2) == n).all()
+
+
+@pytest.mark.parametrize("act_order,static", [(False, False), (True, False), (True, True)])
+def test_gptq_error_below_rtn_on_outlier_channels(act_order, static):
+    w, x = outlier_data(seed=1)
+    h = 2 / x.shape[0] * x.t() @ x
+    grid = QuantGrid(3, True, 8)
+    res = obs_compress(w, h, grid=grid, blocksize=8, act_order=act_order, static_groups=static)
+    assert grid_deviation(res.weight, res.scale, res.zero, res.g_idx, grid.maxq) < 1e-4
+    base = rtn(w, grid)
+    assert out_err(w, res.weight, x) < out_err(w, base.weight, x)
+
+
+def test_joint_sparse_quantized_exact_zeros_and_grid():
+    w, x = outlier_data(rows=16, cols=64, seed=2)
+    grid = QuantGrid(4, True, 16)
+    res = obs_compress(w, 2 / 512 * x.t() @ x, sparsity=0.5, grid=grid, blocksize=32)
+    assert int((res.weight == 0).sum()) == w.numel() // 2
+    assert torch.equal(res.weight == 0, res.mask)
+    assert grid_deviation(res.weight, res.scale, res.zero, res.g_idx, grid.maxq) < 1e-4
+
+
+def test_indefinite_hessian_raises_damping_and_logs(caplog):
+    x = torch.randn(64, 8)
+    h = x.t() @ x
+    h = h - 0.05 * torch.diag(h).mean() * torch.eye(8) - torch.diag(torch.linalg.eigvalsh(h)[0].expand(8))
+    with caplog.at_level(logging.WARNING):
+        upper, damp = damped_inverse_cholesky(h, 1e-3)
+    assert damp == pytest.approx(0.1) and "retrying" in caplog.text
+    assert torch.isfinite(upper).all()
