@@ -67,3 +67,24 @@ def test_compare_rows_and_cli(tmp_path):
     assert main(["compare-recovery", "--task", "sciq", "--lora", str(tmp_path / "lora")]) == 2
     with pytest.raises(RecoupError, match="duplicate"):
         compare([Entry("a", "x"), Entry("a", "y")], "sciq")
+
+
+def test_recover_cli_lora_then_cpet_with_inheritance(tmp_path):
+    from recoup.recover.io import load_recovery
+    from recoup.recover.cpet import CpetRecovery
+    from recoup.recover.lora import LoraRecovery
+
+    save_tiny(tmp_path / "dense")
+    save_tiny(tmp_path / "small", seed=1)  # stands in for a compressed model of the same architecture
+    common = ["--task", "sciq", "--steps", "2", "--seqlen", "48", "--batch-size", "2", "--rank", "4"]
+    assert main(["recover", str(tmp_path / "dense"), "--method", "lora", "--out", str(tmp_path / "lora")] + common) == 0
+    assert main(["recover", str(tmp_path / "small"), "--method", "cpet", "--out", str(tmp_path / "cpet"),
+                 "--inherit", str(tmp_path / "lora"), "--recovery-modules", "--recovery-rank", "2", "--distill",
+                 "--teacher", str(tmp_path / "dense")] + common) == 0
+    assert isinstance(load_recovery(tmp_path / "lora"), LoraRecovery)
+    cpet = load_recovery(tmp_path / "cpet")
+    assert isinstance(cpet, CpetRecovery) and len(cpet.modules) > 0
+    assert cpet.meta["init"] == "inherited" and cpet.meta["data"]["task"] == "sciq"
+    # distillation without a teacher LoRA is one clear line, exit 2
+    assert main(["recover", str(tmp_path / "small"), "--method", "cpet", "--out", str(tmp_path / "bad"),
+                 "--distill"] + common) == 2

@@ -14,11 +14,13 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-ADAPTER_DEFAULTS = {"steps": 150, "lr": 1e-3, "batch_size": 8}
+ADAPTER_DEFAULTS = {"steps": 150, "lr": 1e-3, "batch_size": 8, "seqlen": 256}  # seqlen: max tokens per example
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags of the adapter methods (flags shared with prompt methods, e.g. --steps/--lr/--data, are reused)."""
+    """Flags of the adapter methods. The command's common flags are reused: --data, --steps, --lr, --seqlen (the
+    cap on tokens per training example, context cut from the left), --batch-size, --warmup, --max-grad-norm,
+    --eval-every, --seed (also the seed of the --task split), --time-budget."""
     g = p.add_argument_group("lora / cpet")
     g.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
     g.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
@@ -27,7 +29,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--task", default=None, help="tune on a multiple-choice task's train part (e.g. sciq, boolq); "
                                                 "the held-out part is kept out (see --heldout-fraction/--seed)")
     g.add_argument("--heldout-fraction", type=float, default=0.3, help="held-out share of --task (default 0.3)")
-    g.add_argument("--max-len", type=int, default=256, help="training sequence length cap in tokens (default 256)")
     g.add_argument("--inherit", default=None, metavar="DENSE_LORA_DIR",
                    help="cpet: start from this LoRA trained on the dense model (and use it in the teacher)")
     g.add_argument("--recovery-modules", action="store_true", help="cpet: add recovery modules beside the linears")
@@ -52,13 +53,17 @@ def _common(args: argparse.Namespace, loaded):
         raise RecoupError("give --task T or --data SRC, not both")
     if not task and not data:
         raise RecoupError("lora/cpet need tuning data: --task T (e.g. sciq) or --data SRC (corpus or .jsonl)")
-    tuning = tuning_data(loaded.tokenizer, task=task or None, data=data if not task else None, max_len=args.max_len,
-                         heldout_fraction=args.heldout_fraction, seed=args.seed)
+    seed = args.seed if args.seed is not None else 0
+    max_len = args.seqlen if args.seqlen is not None else ADAPTER_DEFAULTS["seqlen"]
+    tuning = tuning_data(loaded.tokenizer, task=task or None, data=data if not task else None, max_len=max_len,
+                         heldout_fraction=args.heldout_fraction, seed=seed)
     steps = args.steps if args.steps is not None else ADAPTER_DEFAULTS["steps"]
-    lr = args.lr if args.lr is not None else ADAPTER_DEFAULTS["lr"]
-    train_cfg = TrainConfig(steps=steps, lr=lr, seed=args.seed, eval_every=max(1, getattr(args, "eval_every", None)
-                                                                                or max(1, steps // 5)),
-                            time_budget_s=getattr(args, "time_budget", None))
+    given = {"lr": args.lr, "warmup": getattr(args, "warmup", None), "max_grad_norm": getattr(args, "max_grad_norm", None),
+             "eval_every": getattr(args, "eval_every", None), "time_budget_s": getattr(args, "time_budget", None)}
+    options = {k: v for k, v in given.items() if v is not None}
+    options.setdefault("lr", ADAPTER_DEFAULTS["lr"])
+    options.setdefault("eval_every", max(1, steps // 5))
+    train_cfg = TrainConfig(steps=steps, seed=seed, **options)
     bs = getattr(args, "batch_size", None) or ADAPTER_DEFAULTS["batch_size"]
     return tuning, train_cfg, bs
 

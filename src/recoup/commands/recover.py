@@ -118,6 +118,28 @@ def _register_builtin() -> None:
     METHODS.register("idp", RecoverMethod(
         "idp", "Inference-time Dynamic Prompting pool (Hoang et al. 2023)", _idp,
         _PROMPT_FLAGS + (Flag("--pool", "pool", type=int, help="prompts in the IDP pool m (idp; default 4)"),)))
+    METHODS.register("lora", RecoverMethod("lora", "LoRA through PEFT, kept unmerged (Hu et al. 2021)",
+                                           add_arguments=_adapter_args, run=_run_lora))
+    METHODS.register("cpet", RecoverMethod("cpet", "CPET / CA-LoRA: inheritance, recovery modules, distillation "
+                                                   "(Zhao et al. 2023)", add_arguments=_adapter_args, run=_run_cpet))
+
+
+def _adapter_args(p: argparse.ArgumentParser) -> None:
+    from recoup.commands.adapter_methods import add_arguments
+
+    add_arguments(p)
+
+
+def _run_lora(args: argparse.Namespace, loaded) -> int:
+    from recoup.commands.adapter_methods import run_lora
+
+    return run_lora(args, loaded)
+
+
+def _run_cpet(args: argparse.Namespace, loaded) -> int:
+    from recoup.commands.adapter_methods import run_cpet
+
+    return run_cpet(args, loaded)
 
 
 _register_builtin()
