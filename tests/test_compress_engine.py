@@ -1,0 +1,168 @@
+"""The sequential engine and artifacts on tiny random models of every architecture in the anatomy map."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import tiny_loaded
+
+from recoup.compress import CompressConfig, compress
+from recoup.compress.artifact import compression_fingerprint, load_artifact, save_artifact
+from recoup.compress.engine import LayerView, capture_inputs
+from recoup.compress.masks import is_nm
+from recoup.compress.methods.awq import _prepare
+from recoup.compress.stats import ActSampleStats
+from recoup.data.calibration import Calibration
+from recoup.errors import RecoupError
+from recoup.model.anatomy import anatomy
+from recoup.model.load import load_model
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "opt", "gpt2"]
+
+
+def calib(n=8, t=32, seed=0) -> Calibration:
+    ids = torch.randint(4, 100, (n, t), generator=torch.Generator().manual_seed(seed))
+    return Calibration(input_ids=ids, corpus="random", split="train", seqlen=t, seed=seed)
+
+
+def weights(model):
+    anat = anatomy(model)
+    return {n: anat.weight_matrix(m).detach().clone() for n, m in anat.iter_linears()}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_joint_sparse_quantized_every_arch(arch):
+    lm = tiny_loaded(arch, hidden=32, layers=2)
+    rep = compress(lm, CompressConfig(method="sparsegpt", sparsity=0.5, bits=4, group_size=16), calib())
+    fp = compression_fingerprint(lm.model, rep.to_dict(), rep.qparams)
+    assert fp["all_on_grid"] is True
+    for name, w in weights(lm.model).items():
+        assert int((w == 0).sum()) == w.numel() // 2, name  # exactly the pruned half, no extra zeros
+    assert len(rep.linears) == len(list(anatomy(lm.model).iter_linears()))
+    assert all(r.error_kind == "output" and r.error >= 0 for r in rep.linears)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_nm_every_pruner(arch, method):
+    lm = tiny_loaded(arch, hidden=32, layers=2)
+    compress(lm, CompressConfig(method=method, pattern="2:4"), calib())
+    for name, w in weights(lm.model).items():
+        assert is_nm(w, 2, 4), name
+        assert float((w == 0).float().mean()) == 0.5
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "opt", "gpt2"])
+def test_quantizers_put_every_weight_on_grid(arch, method):
+    lm = tiny_loaded(arch, hidden=48, layers=2)  # 48 columns, group 32: ragged last group
+    rep = compress(lm, CompressConfig(method=method, bits=3, group_size=32, sym=False), calib())
+    fp = compression_fingerprint(lm.model, rep.to_dict(), rep.qparams)
+    assert fp["all_on_grid"] is True
+    assert set(fp["linears"]) == set(rep.qparams)
+
+
+def test_gptq_and_sparsegpt_reduce_output_error_vs_baselines():
+    cal = calib(n=16)
+    errs = {}
+    for cfg in [dict(method="rtn", bits=3, group_size=16), dict(method="gptq", bits=3, group_size=16),
+                dict(method="magnitude", sparsity=0.5), dict(method="sparsegpt", sparsity=0.5)]:
+        lm = tiny_loaded("llama", hidden=32, layers=2)
+        x = cal.input_ids
+        ref = lm.model(x).logits.detach()
+        compress(lm, CompressConfig(**cfg), cal)
+        errs[cfg["method"]] = float(((lm.model(x).logits - ref) ** 2).mean().detach())
+    assert errs["gptq"] < errs["rtn"]
+    assert errs["sparsegpt"] < errs["magnitude"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "opt"])
+def test_awq_scale_folding_preserves_the_function(arch):
+    lm = tiny_loaded(arch, hidden=32, layers=1)
+    anat = anatomy(lm.model)
+    layer = anat.layers[0]
+    inps, recs = capture_inputs(lm.model, anat, calib().input_ids, 4)
+    from recoup.compress.engine import _call_layer
+
+    before = _call_layer(layer, inps, recs[0])
+    view = LayerView(layer, anat, anat.linear_names())
+    folded = 0
+    for names in anat.spec.sequential:
+        stats = ActSampleStats(view.get_weight(names[0]).shape[1], 256, 1)
+        stats.add(torch.randn(64, stats.abs_sum.numel()).abs() * torch.linspace(0.1, 10, stats.abs_sum.numel()))
+        info = _prepare(view, names, stats, CompressConfig(method="awq", bits=3, group_size=16))
+        folded += "awq_folded_into" in info
+    assert folded >= 2
+    after = _call_layer(layer, inps, recs[0])
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_artifact_reload_gives_identical_logits_and_fingerprint(tmp_path):
+    lm = tiny_loaded("gpt2", hidden=32, layers=2)
+    rep = compress(lm, CompressConfig(method="sparsegpt", pattern="2:4", bits=4, group_size=16), calib())
+    out = save_artifact(lm, rep, tmp_path / "art")
+    again = load_model(str(out))
+    assert again.manifest["recipe"]["pattern"] == "2:4" and again.manifest["calibration"]["nsamples"] == 8
+    x = torch.randint(4, 100, (2, 20))
+    assert torch.equal(lm.model(x).logits, again.model(x).logits)
+    fp = compression_fingerprint(again.model, again.manifest)
+    assert fp["digest"] == compression_fingerprint(lm.model, rep.to_dict(), rep.qparams)["digest"]
+    assert fp["all_on_grid"] is True
+    for name, w in weights(again.model).items():  # N:M checked from the saved artifact
+        assert is_nm(w, 2, 4), name
+    # a changed weight changes the fingerprint
+    anat = anatomy(again.model)
+    first = next(anat.iter_linears())[1]
+    with torch.no_grad():
+        first.weight.view(-1)[torch.nonzero(first.weight.view(-1) == 0)[0]] = 0.123
+    assert compression_fingerprint(again.model, again.manifest)["digest"] != fp["digest"]
+    assert not (tmp_path / f".art.partial").exists()
+
+
+def test_corrupted_and_foreign_artifacts_give_one_clear_line(tmp_path):
+    lm = tiny_loaded("llama", hidden=32, layers=1)
+    rep = compress(lm, CompressConfig(method="magnitude", sparsity=0.3), None)
+    out = save_artifact(lm, rep, tmp_path / "a")
+    with open(out / "model.safetensors", "r+b") as fh:
+        fh.seek(-8, 2)
+        fh.write(b"\x00garbage")
+    with pytest.raises(RecoupError, match="corrupted: model.safetensors"):
+        load_artifact(out)
+    (out / "recoup.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(RecoupError, match="not a recoup compressed-model manifest"):
+        load_model(str(out))
+    (out / "recoup.json").write_text("{not json")
+    with pytest.raises(RecoupError, match="not valid JSON"):
+        load_model(str(out))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "x.txt").write_text("hi")
+    with pytest.raises(RecoupError, match="refusing to overwrite"):
+        save_artifact(lm, rep, other)
+
+
+def test_engine_refusals():
+    lm = tiny_loaded("llama", hidden=32, layers=1)
+    with pytest.raises(RecoupError, match="group size 64 is larger than the input size 32"):
+        compress(lm, CompressConfig(method="rtn", bits=4, group_size=64))
+    with pytest.raises(RecoupError, match="needs calibration data"):
+        compress(lm, CompressConfig(method="gptq", bits=4))
+
+
+def test_targets_limit_what_is_touched():
+    lm = tiny_loaded("llama", hidden=32, layers=2)
+    before = weights(lm.model)
+    rep = compress(lm, CompressConfig(method="wanda", sparsity=0.5, targets="mlp"), calib())
+    after = weights(lm.model)
+    assert all("mlp" in r.name for r in rep.linears)
+    for name in before:
+        assert torch.equal(before[name], after[name]) == ("self_attn" in name)
+
+
+def test_many_layers_and_odd_hidden():
+    lm = tiny_loaded("llama", hidden=24, layers=5)
+    rep = compress(lm, CompressConfig(method="gptq", bits=2, group_size=16), calib(n=3, t=16))
+    assert len({r.layer for r in rep.linears}) == 5
+    assert compression_fingerprint(lm.model, rep.to_dict(), rep.qparams)["all_on_grid"] is True
