@@ -122,9 +122,8 @@ def test_joint_sparse_quantized_exact_zeros_and_grid():
 
 
 def test_indefinite_hessian_raises_damping_and_logs(caplog):
-    x = torch.randn(64, 8)
-    h = x.t() @ x
-    h = h - 0.05 * torch.diag(h).mean() * torch.eye(8) - torch.diag(torch.linalg.eigvalsh(h)[0].expand(8))
+    q, _ = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(0)))
+    h = q @ torch.diag(torch.tensor([1.0] * 7 + [-0.05])) @ q.t()  # one negative eigenvalue
     with caplog.at_level(logging.WARNING):
         upper, damp = damped_inverse_cholesky(h, 1e-3)
     assert damp == pytest.approx(0.1) and "retrying" in caplog.text
