@@ -166,3 +166,14 @@ def test_many_layers_and_odd_hidden():
     rep = compress(lm, CompressConfig(method="gptq", bits=2, group_size=16), calib(n=3, t=16))
     assert len({r.layer for r in rep.linears}) == 5
     assert compression_fingerprint(lm.model, rep.to_dict(), rep.qparams)["all_on_grid"] is True
+
+
+def test_fingerprint_sees_through_peft_wrapped_linears():
+    from peft import LoraConfig, get_peft_model
+
+    lm = tiny_loaded("llama", hidden=32, layers=1)
+    rep = compress(lm, CompressConfig(method="rtn", bits=4, group_size=16))
+    before = compression_fingerprint(lm.model, rep.to_dict(), rep.qparams)
+    wrapped = get_peft_model(lm.model, LoraConfig(target_modules=["q_proj", "down_proj"], r=2))
+    after = compression_fingerprint(wrapped.base_model.model, rep.to_dict(), rep.qparams)
+    assert after["digest"] == before["digest"] and after["all_on_grid"] is True

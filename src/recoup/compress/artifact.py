@@ -183,7 +183,9 @@ def compression_fingerprint(model: nn.Module, manifest: dict[str, Any] | None = 
     for name in names:
         if name not in modules:
             raise RecoupError(f"the model has no linear '{name}' named in the manifest; is it the right model?")
-        w = anat.weight_matrix(modules[name]).detach().float()
+        mod = modules[name]
+        mod = getattr(mod, "base_layer", mod)  # a PEFT-wrapped linear: fingerprint the frozen base weight
+        w = anat.weight_matrix(mod).detach().float()
         mask = w == 0
         entry: dict[str, Any] = {"zeros": int(mask.sum()), "numel": w.numel(), "mask_sha256": _sha(mask)}
         q = qparams.get(name)
