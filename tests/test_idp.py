@@ -132,3 +132,21 @@ def test_anatomy_attention_modules_exist_for_every_architecture():
         scores = pool.scores(lm.model, torch.randint(4, 100, (1, 6)))
         assert scores.shape == (1, 2) and torch.isfinite(scores).all() and (scores > 0).all(), arch
         assert anatomy(lm.model)
+
+
+def test_standardised_selection_and_saved_statistics(tmp_path):
+    lm = tiny_loaded()
+    torch.manual_seed(5)
+    pool = IDPPool(torch.randn(3, 4, 32))
+    ids = torch.randint(4, 100, (6, 7))
+    raw = pool.scores(lm.model, ids)
+    pool.observe_scores(raw, first=True)
+    assert torch.allclose(pool.score_mean, raw.mean(0))
+    z = (raw - raw.mean(0)) / raw.std(0, unbiased=False)
+    assert torch.equal(pool.select(lm.model, ids), z.argmax(-1))
+    pool.save(tmp_path / "p")
+    again = load_recovery(tmp_path / "p")
+    assert torch.equal(again.score_mean, pool.score_mean) and torch.equal(again.score_std, pool.score_std)
+    assert torch.equal(again.select(lm.model, ids), z.argmax(-1))
+    raw_pool = IDPPool(pool.pool.detach(), standardize=False)
+    assert torch.equal(raw_pool.select(lm.model, ids), raw.argmax(-1))

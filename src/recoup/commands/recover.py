@@ -96,7 +96,7 @@ _PROMPT_FLAGS = (
     Flag("--tokens", "tokens", type=int, help="prompt length n in virtual tokens (soft-prompt, idp; default 20)"),
     Flag("--init", "init", help="prompt init: vocab (frequent-token rows), text, random (default vocab)"),
     Flag("--init-text", "init_text", help="text whose token embeddings initialise the prompt (with --init text)"),
-    Flag("--val-windows", "val_windows", type=int, help="held-out windows scored at each validation (default 8)"),
+    Flag("--val-windows", "val_windows", type=int, help="held-out windows scored at each validation (default 4)"),
 )
 
 
@@ -216,12 +216,14 @@ def run(args: argparse.Namespace) -> int:
     recovery, result = method.fit(loaded, config)
     recovery.save(out)
     summary = {"model": args.model, "method": method.name, "config": config.to_dict(), "out": str(out),
-               "steps": result.steps, "seconds": round(result.seconds, 1), "tokens": result.tokens,
+               "steps": result.steps, "seconds": round(result.seconds, 1), "cpu_seconds": result.cpu_seconds,
+               "tokens": result.tokens,
                "best_val_loss": result.best_val_loss, "best_step": result.best_step,
                "parameters": recovery.num_parameters(), "total_seconds": round(time.time() - started, 1)}
     (out / "recoup_run.json").write_text(json.dumps(summary, indent=2))
     best = f"{math.exp(result.best_val_loss):.3f}" if result.best_val_loss is not None else "n/a"
-    print(f"{method.name}: {result.steps} steps, {result.tokens} tokens, {result.seconds:.1f}s; "
+    print(f"{method.name}: {result.steps} steps, {result.tokens} tokens, {result.seconds:.1f}s "
+          f"({result.cpu_seconds or 0:.1f} CPU s); "
           f"best validation ppl {best} (step {result.best_step}); {recovery.num_parameters()} parameters")
     print(f"saved to {out}")
     return 0

@@ -12,6 +12,12 @@ Two choices the paper leaves open, made here:
 
 - the first pool position is left out of the scores: it is the attention sink (the first position
   draws attention whatever it holds), which would otherwise make prompt 0 win every time;
+- scores are *standardised per prompt* before the argmax: ``(score - mean) / std`` with each
+  prompt's mean and std of scores on the training data (running estimates during training, saved
+  with the pool). Raw attention favours positions near the input (recency), so with raw scores the
+  last prompt of the pool won every example in a first real-model run; standardised, a prompt wins
+  when it draws *more attention than it usually does*. ``IDPPool(standardize=False)`` gives the
+  raw argmax;
 - training is *joint with the selection in the loop*: each step selects a prompt per example
   exactly as at inference (no gradient through the choice) and minimises next-token loss through
   the chosen prompts, so each prompt is trained on the inputs that choose it. With a data mix
@@ -99,10 +105,15 @@ class IDPPool(Recovery):
 
     method = "idp"
 
-    def __init__(self, pool: torch.Tensor, meta: dict | None = None) -> None:
+    def __init__(self, pool: torch.Tensor, meta: dict | None = None, score_mean: torch.Tensor | None = None,
+                 score_std: torch.Tensor | None = None, standardize: bool = True) -> None:
         if pool.dim() != 3 or pool.shape[0] < 2:
             raise RecoupError(f"an IDP pool is (prompts >= 2, tokens, hidden); got shape {tuple(pool.shape)}")
         self.pool = nn.Parameter(pool.detach().float().clone())
+        m = pool.shape[0]
+        self.score_mean = torch.zeros(m) if score_mean is None else score_mean.float().reshape(m).clone()
+        self.score_std = torch.ones(m) if score_std is None else score_std.float().reshape(m).clone()
+        self.standardize = standardize
         self.meta = dict(meta or {})
         self.choices: list[int] = []  # every example's choice made through prefix(), in order
         self._kv: tuple | None = None  # (model id, pool version, device, cache)
@@ -154,8 +165,26 @@ class IDPPool(Recovery):
 
     def select(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
                ) -> torch.Tensor:
-        """(B,) index of the prompt each example attends to most."""
-        return self.scores(model, input_ids, attention_mask).argmax(-1)
+        """(B,) index of the prompt each example attends to most (standardised scores, see module doc)."""
+        return self.choose(self.scores(model, input_ids, attention_mask))
+
+    def choose(self, raw: torch.Tensor) -> torch.Tensor:
+        """(B,) argmax of raw scores (B, m), standardised per prompt unless ``standardize`` is off."""
+        if not self.standardize:
+            return raw.argmax(-1)
+        mean, std = self.score_mean.to(raw.device), self.score_std.to(raw.device)
+        return ((raw - mean) / std.clamp(min=1e-6)).argmax(-1)
+
+    def observe_scores(self, raw: torch.Tensor, momentum: float = 0.9, first: bool = False) -> None:
+        """Update the running per-prompt mean/std of raw scores (B, m)."""
+        mean, std = raw.mean(0).cpu(), raw.std(0, unbiased=False).cpu() if raw.shape[0] > 1 else None
+        if first:
+            self.score_mean = mean
+            self.score_std = std if std is not None and (std > 0).all() else mean.abs().clamp(min=1e-6) * 0.1
+            return
+        self.score_mean = momentum * self.score_mean + (1 - momentum) * mean
+        if std is not None:
+            self.score_std = momentum * self.score_std + (1 - momentum) * std.clamp(min=1e-6)
 
     def prefix(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, n, H): each example's selected prompt (recorded in ``choices``)."""
@@ -170,7 +199,8 @@ class IDPPool(Recovery):
     def describe(self) -> dict:
         counts = collections.Counter(self.choices)
         return {"method": self.method, "parameters": self.num_parameters(), "pool": self.size, "tokens": self.tokens,
-                "hidden_size": self.hidden_size, "selected": {str(k): counts.get(k, 0) for k in range(self.size)},
+                "hidden_size": self.hidden_size, "standardize": self.standardize,
+                "selected": {str(k): counts.get(k, 0) for k in range(self.size)},
                 "choices": self.choices[:2000], **{k: v for k, v in self.meta.items() if k != "train"}}
 
     def save(self, path: str | Path) -> None:
@@ -178,9 +208,10 @@ class IDPPool(Recovery):
 
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
-        save_file({"pool": self.pool.detach().float().contiguous()}, str(out / WEIGHTS))
+        save_file({"pool": self.pool.detach().float().contiguous(), "score_mean": self.score_mean.contiguous(),
+                   "score_std": self.score_std.contiguous()}, str(out / WEIGHTS))
         record = {"method": self.method, "pool": self.size, "tokens": self.tokens, "hidden_size": self.hidden_size,
-                  "weights": WEIGHTS, **self.meta}
+                  "weights": WEIGHTS, "standardize": self.standardize, **self.meta}
         (out / RECORD).write_text(json.dumps(record, indent=2, default=str))
 
     @classmethod
@@ -190,11 +221,13 @@ class IDPPool(Recovery):
         folder = Path(path)
         try:
             record = json.loads((folder / RECORD).read_text())
-            pool = load_file(str(folder / record.get("weights", WEIGHTS)))["pool"]
+            tensors = load_file(str(folder / record.get("weights", WEIGHTS)))
+            pool = tensors["pool"]
         except (OSError, ValueError, KeyError) as exc:
             raise RecoupError(f"'{folder}' is not a saved IDP pool ({type(exc).__name__}: {exc})") from None
-        meta = {k: v for k, v in record.items() if k not in ("method", "pool", "tokens", "hidden_size", "weights")}
-        return cls(pool, meta)
+        meta = {k: v for k, v in record.items()
+                if k not in ("method", "pool", "tokens", "hidden_size", "weights", "standardize")}
+        return cls(pool, meta, tensors.get("score_mean"), tensors.get("score_std"), record.get("standardize", True))
 
 
 def mixed_batches(sources: list[torch.Tensor], seqlen: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
@@ -216,15 +249,18 @@ def fit_idp(loaded, config: IDPConfig) -> tuple[IDPPool, TrainResult]:
     device = next(model.parameters()).device
     picks: list[int] = []
 
-    def chosen(x: torch.Tensor) -> torch.Tensor:
-        choice = pool.select(model, x)
+    def chosen(x: torch.Tensor, observe: bool = False) -> torch.Tensor:
+        raw = pool.scores(model, x)
+        if observe:  # training batches update the running score statistics, then select with them
+            pool.observe_scores(raw, first=not picks)
+        choice = pool.choose(raw)
         picks.extend(choice.tolist())
         w = model.get_input_embeddings().weight
         return pool.pool[choice].to(device=w.device, dtype=w.dtype)
 
     def loss_fn(x: torch.Tensor) -> torch.Tensor:
         x = x.to(device)
-        return lm_loss(model, x, chosen(x))
+        return lm_loss(model, x, chosen(x, observe=True))
 
     def validate() -> float:
         return sum(lm_loss(model, v[None].to(device), chosen(v[None].to(device))).item() for v in val) / len(val)

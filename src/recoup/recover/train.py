@@ -48,6 +48,7 @@ class TrainResult:
     best_val_loss: float | None
     best_step: int | None
     tokens: int
+    cpu_seconds: float | None = None  # process CPU time (all threads) spent in the loop
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -77,6 +78,7 @@ def train(params: list[torch.nn.Parameter], batches: Iterator, loss_fn: Callable
     vals: list[tuple[int, float]] = []
     tokens = 0
     started = time.time()
+    cpu_started = time.process_time()
     bar = tqdm(range(cfg.steps), desc=desc, unit="step")
     step = 0
     for step in bar:
@@ -111,4 +113,5 @@ def train(params: list[torch.nn.Parameter], batches: Iterator, loss_fn: Callable
     log.info("%s: %d steps in %.1fs, best val loss %s at step %s", desc, step + 1, seconds,
              f"{best_val:.4f}" if best is not None else "n/a", best_step)
     return TrainResult(steps=step + 1, seconds=seconds, train_loss=history, val_loss=vals,
-                       best_val_loss=best_val if best is not None else None, best_step=best_step, tokens=tokens)
+                       best_val_loss=best_val if best is not None else None, best_step=best_step, tokens=tokens,
+                       cpu_seconds=time.process_time() - cpu_started)
