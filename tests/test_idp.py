@@ -40,7 +40,7 @@ def reference_scores(model, pool: torch.Tensor, ids: torch.Tensor) -> torch.Tens
     per_pos[:, 0] = 0  # the attention sink is left out
     counts = torch.full((m,), float(n))
     counts[0] -= 1
-    return per_pos.view(-1, m, n).sum(-1) / counts
+    return per_pos.view(-1, m, n).sum(-1) / counts / ids.shape[1]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3"])

@@ -3,7 +3,8 @@
 Hoang et al. 2023, "Do Compressed LLMs Forget Knowledge? An Experimental Study with Practical
 Implications". A pool of ``m`` prompts of ``n`` tokens, (m, n, H). At inference the input is
 prefilled after the whole pool, (m*n + T) positions; the prompt whose positions draw the most
-attention from the input tokens (summed over layers and heads, mean over the prompt's positions)
+attention from the input tokens (summed over layers and heads, mean over the prompt's positions
+and the input's tokens)
 is selected, and the input is then run with that prompt only, so decoding costs the same as a
 single prompt. The pool does not depend on the input: its key/values are computed once per model
 (and per pool update) and reused for every input.
@@ -147,7 +148,11 @@ class IDPPool(Recovery):
     @torch.no_grad()
     def scores(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
                ) -> torch.Tensor:
-        """(B, m) attention mass each prompt draws from the input tokens (the selection pass)."""
+        """(B, m) attention each prompt draws per input token (the selection pass).
+
+        Summed over layers and heads, mean over the prompt's positions (the sink left out) and over the
+        input's real tokens, so inputs of different lengths give comparable scores.
+        """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         b = input_ids.shape[0]
@@ -161,7 +166,7 @@ class IDPPool(Recovery):
             acc["mask"] = attention_mask.float()
             acc["scores"] = torch.zeros(b, self.size, device=input_ids.device)
             model(input_ids=input_ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-            return acc["scores"]
+            return acc["scores"] / attention_mask.float().sum(1, keepdim=True).clamp(min=1)
 
     def select(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
                ) -> torch.Tensor:
