@@ -4,12 +4,11 @@ Hoang et al. 2023, "Do Compressed LLMs Forget Knowledge? An Experimental Study w
 Implications". A pool of ``m`` prompts of ``n`` tokens, (m, n, H). At inference the input is
 prefilled after the whole pool, (m*n + T) positions; the prompt whose positions draw the most
 attention from the input tokens (summed over layers and heads, mean over the prompt's positions
-and the input's tokens)
-is selected, and the input is then run with that prompt only, so decoding costs the same as a
+and the input's tokens) is selected, and the input is then run with that prompt only, so decoding costs the same as a
 single prompt. The pool does not depend on the input: its key/values are computed once per model
 (and per pool update) and reused for every input.
 
-Two choices the paper leaves open, made here:
+Choices the paper leaves open, made here:
 
 - the first pool position is left out of the scores: it is the attention sink (the first position
   draws attention whatever it holds), which would otherwise make prompt 0 win every time;
@@ -17,7 +16,8 @@ Two choices the paper leaves open, made here:
   prompt's mean and std of scores on the training data (running estimates during training, saved
   with the pool). Raw attention favours positions near the input (recency), so with raw scores the
   last prompt of the pool won every example in a first real-model run; standardised, a prompt wins
-  when it draws *more attention than it usually does*. ``IDPPool(standardize=False)`` gives the
+  when it draws *more attention than it usually does*. The statistics come from the training text:
+  on inputs far from it (short task questions after PTB windows) one prompt can still win everything. ``IDPPool(standardize=False)`` gives the
   raw argmax;
 - training is *joint with the selection in the loop*: each step selects a prompt per example
   exactly as at inference (no gradient through the choice) and minimises next-token loss through
