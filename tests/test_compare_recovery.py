@@ -88,3 +88,16 @@ def test_recover_cli_lora_then_cpet_with_inheritance(tmp_path):
     # distillation without a teacher LoRA is one clear line, exit 2
     assert main(["recover", str(tmp_path / "small"), "--method", "cpet", "--out", str(tmp_path / "bad"),
                  "--distill"] + common) == 2
+
+
+def test_merge_keeps_rows_only_for_the_same_protocol():
+    from recoup.recover.compare import merge
+
+    proto = {"task": "sciq", "heldout_fraction": 0.3, "seed": 0, "n_heldout": 300, "scored": "held-out part"}
+    a = {"rows": [{"label": "dense"}], "protocol": proto}
+    b = {"rows": [{"label": "compressed"}], "protocol": dict(proto)}
+    assert [r["label"] for r in merge(a, b)["rows"]] == ["dense", "compressed"]
+    with pytest.raises(RecoupError, match="seed"):
+        merge(a, {"rows": [{"label": "x"}], "protocol": {**proto, "seed": 1}})
+    with pytest.raises(RecoupError, match="duplicate"):
+        merge(a, {"rows": [{"label": "dense"}], "protocol": proto})

@@ -30,6 +30,8 @@ def register(sub) -> None:
     p.add_argument("--prompt-len", type=int, default=128, help="latency prompt length in tokens (default 128)")
     p.add_argument("--new-tokens", type=int, default=32, help="decode steps timed (default 32)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats, median reported (default 3)")
+    p.add_argument("--include", default=None, metavar="JSON",
+                   help="put the rows of an earlier compare-recovery --json first (same task, split and limit)")
     p.add_argument("--json", default=None, help="write rows + protocol here")
     p.set_defaults(func=run)
 
@@ -62,12 +64,20 @@ def entries(args: argparse.Namespace) -> list:
 
 def run(args: argparse.Namespace) -> int:
     from recoup.errors import RecoupError
-    from recoup.recover.compare import LatencyConfig, compare, format_table
+    from recoup.recover.compare import LatencyConfig, compare, format_table, merge
 
     if args.limit is not None and args.limit < 1:
         raise RecoupError(f"--limit must be positive (got {args.limit})")
     latency = LatencyConfig(args.prompt_len, args.new_tokens, args.repeats)
+    earlier = None
+    if args.include:
+        try:
+            earlier = json.loads(Path(args.include).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise RecoupError(f"--include {args.include}: not a compare-recovery JSON ({type(exc).__name__})") from None
     result = compare(entries(args), args.task, args.heldout_fraction, args.seed, args.batch_size, latency, args.limit)
+    if earlier is not None:
+        result = merge(earlier, result)
     print(format_table(result))
     p = result["protocol"]
     print(f"\ntask {p['task']}: held-out {p['n_heldout']} of {p['n_heldout'] + p['n_train']} (fraction "

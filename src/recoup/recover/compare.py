@@ -211,6 +211,23 @@ def compare(entries: list[Entry], task: str, heldout_fraction: float = 0.3, seed
     return {"rows": rows, "protocol": protocol}
 
 
+_SAME = ("task", "heldout_fraction", "seed", "n_heldout", "scored")
+
+
+def merge(earlier: dict, later: dict) -> dict:
+    """Rows of an earlier :func:`compare` result followed by a later one's, when both scored the same
+    held-out examples (same task, fraction, seed, count, limit); a different protocol is one clear line."""
+    for key in _SAME:
+        if earlier["protocol"].get(key) != later["protocol"].get(key):
+            raise RecoupError(f"cannot include rows measured with another protocol: {key} is "
+                              f"{earlier['protocol'].get(key)!r} there and {later['protocol'].get(key)!r} here")
+    labels = [r["label"] for r in earlier["rows"]] + [r["label"] for r in later["rows"]]
+    if len(set(labels)) != len(labels):
+        raise RecoupError(f"duplicate row labels after including earlier rows: {labels}")
+    return {"rows": earlier["rows"] + later["rows"], "protocol": {**later["protocol"],
+                                                                 "included_from_earlier_run": len(earlier["rows"])}}
+
+
 COLUMNS = (("label", "{}"), ("acc", "{:.4f}"), ("acc_stderr", "{:.4f}"), ("acc_norm", "{:.4f}"), ("n", "{}"),
            ("extra_parameters", "{:,}"), ("extra_parameters_pct", "{:.3f}%"), ("prefill_ms", "{:.1f}"),
            ("decode_ms_per_token", "{:.2f}"), ("base_sparsity", "{:.3f}"), ("base_intact_after_apply", "{}"))
