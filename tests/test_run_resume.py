@@ -60,6 +60,7 @@ def test_sigkill_mid_stage_then_resume(tmp_path, stage, delay):
     before = EXPECTED_STAGES[:EXPECTED_STAGES.index(stage)]
     with Store(store_path) as store:
         run_id = store.runs()[0]["run_id"]
+        assert store.runs()[0]["status"] == "running" and Store.effective_status(store.runs()[0]) == "interrupted"
         status = {s["stage"]: s["status"] for s in store.stages(run_id)}
         assert [s for s in EXPECTED_STAGES if status[s] == "done"] == before
         assert status[stage] == "running"

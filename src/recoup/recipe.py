@@ -54,6 +54,7 @@ class Evaluation:
     tasks: list[str] = dataclasses.field(default_factory=lambda: ["ppl:ptb"])
     suite: Union[str, None] = None  # a named suite from recoup.evaluate.tasks.SUITES, added to tasks
     limit: Union[int, None] = None  # windows per perplexity task / examples per task
+    limits: dict = dataclasses.field(default_factory=dict)  # per-task limit overriding `limit`, e.g. {arc_easy: 100}
     seqlen: int = 2048  # perplexity window
     batch_size: int = 8
     dense: bool = True  # also evaluate the uncompressed model (the reference for "matching")
@@ -65,11 +66,23 @@ class Evaluation:
             out.append(f"limit must be a positive integer or null (got {self.limit})")
         if not 2 <= self.seqlen <= 32768:
             out.append(f"seqlen must be in [2, 32768] (got {self.seqlen})")
+        for task, n in self.limits.items():
+            if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1) and n is not None:
+                out.append(f"limits.{task} must be a positive integer or null (got {n!r})")
         if self.batch_size < 1:
             out.append(f"batch_size must be >= 1 (got {self.batch_size})")
         if not self.tasks and not self.suite:
             out.append("name at least one task (e.g. tasks: [ppl:ptb]) or a suite")
+        for task in self.limits:
+            if task not in self.tasks:
+                out.append(f"limits names '{task}', which is not in tasks")
         for task in self.tasks:
+            if not task.startswith("ppl:"):
+                from recoup.evaluate.tasks import TASKS
+                from recoup.registry import unknown_name_message
+
+                if task not in TASKS:
+                    out.append("tasks: " + unknown_name_message("task", task, TASKS.names()))
             if task.startswith("ppl:"):
                 parts = task.split(":")
                 if len(parts) not in (2, 3) or not parts[1]:

@@ -26,6 +26,6 @@ def run(args: argparse.Namespace) -> int:
             stages = store.stages(r["run_id"])
             done = sum(s["status"] == "done" for s in stages)
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["updated"]))
-            print(f"{r['run_id']:<28} {r['name']:<16} {r['status']:<12} {done:>3}/{len(stages):<3} {when:<17} "
+            print(f"{r['run_id']:<28} {r['name']:<16} {store.effective_status(r):<12} {done:>3}/{len(stages):<3} {when:<17} "
                   f"{r['run_dir']}")
     return 0

@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
 
     with Store(args.store) as store:
         r = store.run(args.run)
-        print(f"run {r['run_id']} ({r['name']}), status {r['status']}, dir {r['run_dir']}")
+        print(f"run {r['run_id']} ({r['name']}), status {store.effective_status(r)}, dir {r['run_dir']}")
         if r["report"]:
             print(f"report: {r['report']}")
         print(f"\n{'stage':<32} {'status':<8} {'seconds':>8} {'attempts':>8} {'reused':>6}")

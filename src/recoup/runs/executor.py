@@ -5,7 +5,7 @@ stages it reads, the run directory); :func:`run_job` is a top-level function tha
 else, writes the stage's output directory atomically and returns a :class:`JobResult`. Workers
 never touch the results store: the driver (``runs/run.py``) records each result as it arrives.
 
-The driver submits every job whose inputs are ready and calls :meth:`Executor.next_done` for the
+The driver submits jobs whose inputs are ready (up to :meth:`Executor.capacity`) and calls :meth:`Executor.next_done` for the
 next finished one. A Ray engine would be, in full::
 
     class RayExecutor(Executor):
@@ -15,6 +15,7 @@ next finished one. A Ray engine would be, in full::
             [ref], _ = ray.wait(list(self.pending), num_returns=1)
             return self.pending.pop(ref), ray.get(ref)
         def pending_count(self): return len(self.pending)
+        def capacity(self): return NUM_WORKERS  # or unlimited: Ray queues by itself
 
 with the run directory on a shared file system.
 """
@@ -25,6 +26,7 @@ import abc
 import dataclasses
 import gc
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -65,13 +67,19 @@ def run_job(job: Job) -> JobResult:
     if done is not None:
         return JobResult(job.name, job.key, "cached", done, job.out_dir, 0.0)
     log.info("stage %s: running (key %s)", job.name, job.key[:12])
-    t0 = time.time()
+    t0, cpu0 = time.time(), _cpu_seconds()
     tmp = cache.begin(final)
     result = execute(job.kind, job.params, {k: Path(v) for k, v in job.inputs.items()}, tmp)
-    result = {"stage": job.name, "kind": job.kind, "key": job.key, **result}
+    result = {"stage": job.name, "kind": job.kind, "key": job.key, **result,
+              "cpu_seconds": round(_cpu_seconds() - cpu0, 2)}  # user + system, all threads
     cache.commit(tmp, final, result)
     return JobResult(job.name, job.key, "done", cache.read_result(final) or result, job.out_dir,
                      round(time.time() - t0, 3))
+
+
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 class JobFailed(Exception):
@@ -96,6 +104,10 @@ class Executor(abc.ABC):
     @abc.abstractmethod
     def pending_count(self) -> int:
         """Jobs submitted and not yet handed back."""
+
+    def capacity(self) -> int:
+        """How many jobs it wants in flight at once (the driver keeps the rest, so the store says 'pending')."""
+        return 1 << 30
 
     def close(self) -> None:
         """Release workers (nothing to do locally)."""
@@ -124,6 +136,9 @@ class LocalExecutor(Executor):
 
     def pending_count(self) -> int:
         return len(self._queue)
+
+    def capacity(self) -> int:
+        return 1
 
 
 EXECUTORS = {"local": LocalExecutor}

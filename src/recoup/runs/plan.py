@@ -30,7 +30,8 @@ class StageSpec:
 
 def _eval_params(recipe: Recipe, tasks: list[str]) -> dict:
     ev = recipe.evaluate
-    return {"tasks": tasks, "limit": ev.limit, "seqlen": ev.seqlen, "batch_size": ev.batch_size,
+    limits = {t: ev.limits[t] for t in tasks if t in ev.limits}
+    return {"tasks": tasks, "limit": ev.limit, "limits": limits, "seqlen": ev.seqlen, "batch_size": ev.batch_size,
             "options": ev.options}
 
 

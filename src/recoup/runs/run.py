@@ -130,13 +130,16 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, store: Store | Non
 
     try:
         while len(done) < len(plan):
+            progress = len(done) + len(submitted)
             for i, spec in enumerate(plan):
                 if spec.name in submitted or not all(n in done for n in spec.needs):
+                    continue
+                finished = cache.read_result(Path(dirs[spec.name]))
+                if finished is None and executor.pending_count() >= executor.capacity():
                     continue
                 submitted.add(spec.name)
                 job = Job(spec.name, spec.kind, spec.params, keys[spec.name], {n: dirs[n] for n in spec.needs},
                           dirs[spec.name], i)
-                finished = cache.read_result(Path(dirs[spec.name]))
                 if finished is not None:
                     record(spec, JobResult(spec.name, keys[spec.name], "cached", finished, dirs[spec.name], 0.0))
                     continue
@@ -145,6 +148,8 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, store: Store | Non
             if len(done) == len(plan):
                 break
             if executor.pending_count() == 0:
+                if len(done) + len(submitted) == progress:
+                    raise RuntimeError(f"stages that can never run: {sorted(set(by_name) - done)}")
                 continue  # cached stages unblocked others: plan again
             job, res = _next(executor, store, run_id)
             record(by_name[job.name], res)

@@ -128,9 +128,20 @@ def run_evaluate(params: dict, inputs: dict[str, Path], out: Path) -> dict:
         from recoup.recover.io import load_recovery
 
         recovery = load_recovery(inputs[params["recovery"]] / RECOVERY_DIR)
-    settings = EvalSettings(seqlen=ev["seqlen"], limit=ev["limit"], batch_size=ev["batch_size"], seed=params["seed"],
-                            options=dict(ev.get("options") or {}))
-    return {"evaluation": evaluate(loaded, ev["tasks"], settings, recovery)}
+    limits = ev.get("limits") or {}
+    groups: dict = {}  # limit -> tasks, in order (one evaluate() call per distinct limit)
+    for task in ev["tasks"]:
+        groups.setdefault(limits.get(task, ev["limit"]), []).append(task)
+    merged: dict = {}
+    for limit, tasks in groups.items():
+        settings = EvalSettings(seqlen=ev["seqlen"], limit=limit, batch_size=ev["batch_size"], seed=params["seed"],
+                                options=dict(ev.get("options") or {}))
+        out = evaluate(loaded, tasks, settings, recovery)
+        merged.setdefault("model", out["model"])
+        merged.setdefault("results", {}).update(out["results"])
+        merged.setdefault("protocol", {**out["protocol"], "limits": {}})["limits"].update({t: limit for t in tasks})
+    merged["results"] = {t: merged["results"][t] for t in ev["tasks"]}
+    return {"evaluation": merged}
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[dict, dict[str, Path], Path], dict]] = {

@@ -145,6 +145,19 @@ class Store:
 
     # ------------------------------------------------------------------ reads
 
+    @staticmethod
+    def effective_status(run: dict) -> str:
+        """The run's status, with 'running' shown as 'interrupted' when its process on this host is gone."""
+        if run["status"] != "running" or run.get("host") != socket.gethostname() or not run.get("pid"):
+            return run["status"]
+        try:
+            os.kill(int(run["pid"]), 0)
+        except ProcessLookupError:
+            return "interrupted"
+        except PermissionError:
+            pass
+        return "running"
+
     def runs(self) -> list[dict]:
         rows = self.conn.execute("SELECT * FROM runs ORDER BY created").fetchall()
         return [dict(r) for r in rows]
