@@ -6,6 +6,7 @@ Public API (re-exported here):
 - :func:`anatomy`: per-architecture map of layers and linears
 - :func:`perplexity`: GPTQ-protocol perplexity
 - :class:`Scorer`: batched loglikelihood / greedy generation / rolling likelihood, recovery-aware
+- :func:`load_recipe` / :func:`run_recipe`: a whole run (compress -> evaluate -> recover -> report) from YAML
 - :func:`compress`: compress a loaded model in place (``recoup.compress(loaded, config, calibration)``)
 """
 
@@ -31,6 +32,20 @@ def perplexity(*args, **kwargs):
     return _ppl(*args, **kwargs)
 
 
+def load_recipe(*args, **kwargs):
+    """See :func:`recoup.recipe.load_recipe` (a YAML run recipe, validated; ``None`` = the shipped default)."""
+    from recoup.recipe import load_recipe as _load_recipe
+
+    return _load_recipe(*args, **kwargs)
+
+
+def run_recipe(*args, **kwargs):
+    """See :func:`recoup.runs.run.run_recipe` (run a recipe with caching and resume, record it, report it)."""
+    from recoup.runs.run import run_recipe as _run_recipe
+
+    return _run_recipe(*args, **kwargs)
+
+
 def __getattr__(name: str):
     """Lazy ``recoup.compress``: the package is callable as :func:`recoup.compress.engine.compress`."""
     if name == "compress":
@@ -44,4 +59,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'recoup' has no attribute '{name}'")
 
 
-__all__ = ["RecoupError", "Scorer", "compress", "LoadedModel", "anatomy", "load", "load_model", "perplexity", "__version__"]
+__all__ = ["RecoupError", "Scorer", "compress", "LoadedModel", "anatomy", "load", "load_model", "perplexity", "load_recipe", "run_recipe",
+           "__version__"]

@@ -277,7 +277,9 @@ def write_report(store: Store, run_id: str, out_dir: str | Path) -> tuple[Path, 
           "## Results per task", "",
           f"Headline metric per task (↓ lower is better, ↑ higher); ± is the standard error; ✓ = matching dense "
           f"(within {view.matching:.0%}, LLM-KICK), ✗ = not. Evaluation: tasks {', '.join(view.tasks)}; "
-          f"limit {ev.get('limit')} (perplexity windows / examples per task), perplexity window {ev.get('seqlen')} "
+          f"limit {ev.get('limit')} (perplexity windows / examples per task)"
+          + "".join(f", {t}: {n}" for t, n in (ev.get("limits") or {}).items())
+          + f"; perplexity window {ev.get('seqlen')} "
           f"tokens, batch {ev.get('batch_size')}.", "", *results_table(view), ""]
     for title, table in (("Recovery: dense vs compressed vs recovered", recovery_table(view)),
                          ("Training", training_table(view)), ("Compression", compression_table(view))):
