@@ -59,5 +59,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'recoup' has no attribute '{name}'")
 
 
-__all__ = ["RecoupError", "Scorer", "compress", "LoadedModel", "anatomy", "load", "load_model", "perplexity", "load_recipe", "run_recipe",
-           "__version__"]
+__all__ = ["RecoupError", "Scorer", "compress", "LoadedModel", "anatomy", "load", "load_model", "perplexity",
+           "load_recipe", "run_recipe", "__version__"]
