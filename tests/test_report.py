@@ -49,6 +49,10 @@ def test_metric_helpers():
     assert gap_closed(20.0, 30.0, 25.0) == pytest.approx(0.5)
     assert gap_closed(0.6, 0.5, 0.55) == pytest.approx(0.5)  # higher-is-better works the same way
     assert gap_closed(0.6, 0.6, 0.7) is None
+    assert gap_closed(20.0, 20.1, 19.0, "ppl") is None  # a 0.5% "loss" is no gap to close
+    assert gap_closed(20.0, 18.0, 17.0, "ppl") is None  # compressed better than dense: nothing lost
+    assert gap_closed(0.6, 0.7, 0.65, "acc") is None
+    assert gap_closed(20.0, 30.0, 18.0, "ppl") == pytest.approx(1.2)  # recovery beyond dense
     res = {"acc": 0.5, "acc_stderr": 0.1, "acc_norm": 0.6, "acc_norm_stderr": 0.2, "n": 10, "protocol": {"a": 1},
            "examples": [1, 2]}
     assert primary_metric("x", res) == "acc_norm"

@@ -78,13 +78,16 @@ def matches(value: float, dense: float, metric: str, tolerance: float = 0.05) ->
     return value >= dense * (1 - tolerance)
 
 
-def gap_closed(dense: float, compressed: float, recovered: float) -> float | None:
+def gap_closed(dense: float, compressed: float, recovered: float, metric: str | None = None,
+               min_gap: float = 0.01) -> float | None:
     """(compressed - recovered) / (compressed - dense): 1 = all the loss won back, 0 = none, <0 = worse.
 
-    Direction-free: the sign of the dense-compressed gap says which way is better. None when there
-    is no gap to close.
+    None when there is no loss to win back: the compressed model is within ``min_gap`` (relative) of
+    dense, or (given the ``metric``, hence its direction) better than dense.
     """
     gap = compressed - dense
-    if abs(gap) < 1e-12:
+    if abs(gap) <= min_gap * abs(dense) or abs(gap) < 1e-12:
+        return None
+    if metric is not None and (gap < 0 if lower_is_better(metric) else gap > 0):
         return None
     return (compressed - recovered) / gap

@@ -101,7 +101,7 @@ def _gap(view: RunView, task: str, before: EvalRow | None, after: EvalRow | None
     a = after.values.get(task) if after else None
     if d is None or b is None or a is None:
         return None
-    return gap_closed(d["value"], b["value"], a["value"])
+    return gap_closed(d["value"], b["value"], a["value"], d["metric"])
 
 
 def recovery_pairs(view: RunView) -> list[tuple[EvalRow, EvalRow]]:
@@ -218,7 +218,8 @@ def summary_paragraph(view: RunView) -> str:
             parts.append(f"Compressing {recipe.get('model')} with {comp} ({_describe(before.labels)}) cost: "
                          + "; ".join(deltas) + ".")
         wins = [f"{t} {fmt(before.values.get(t), False)} → {fmt(after.values.get(t), False)} "
-                f"({_pct(_gap(view, t, before, after))} of the gap closed)" for t in view.tasks
+                + (f"({_pct(g)} of the gap closed)" if (g := _gap(view, t, before, after)) is not None
+                   else "(no loss to win back there)") for t in view.tasks
                 if before.values.get(t) and after.values.get(t)]
         what = (f"The {after.labels.get('recovery')} recovery learned on {comp}" if after.role == "recovered"
                 else f"The same {after.labels.get('recovery')} attached unchanged to {comp} (transfer)")
