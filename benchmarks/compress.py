@@ -175,14 +175,17 @@ def main() -> int:
 
     print(f"\nPTB-test perplexity (seqlen {args.ppl_seqlen}, {'all' if not args.limit else args.limit} windows); "
           f"calibration {args.nsamples} x {args.seqlen} PTB-train windows, seed {args.seed}")
-    print(f"| recipe | PTB ppl | compress time (s) | peak RSS (MiB) | zeros | checks |\n|---|---:|---:|---:|---:|---|")
+    print(f"| recipe | calibration | PTB ppl | compress time (s) | peak RSS (MiB) | zeros | checks |\n"
+          f"|---|---|---:|---:|---:|---:|---|")
     for r in results:
         checks = []
         if r.get("all_on_grid") is not None:
             checks.append("on grid" if r["all_on_grid"] else "OFF GRID")
         if "nm_ok" in r:
             checks.append("N:M ok" if r["nm_ok"] else "N:M BROKEN")
-        print(f"| {r['recipe']} | {r['ppl']:.2f} | {r['compress_s']:.0f} | {r['peak_rss_mb']:.0f} | "
+        cal = r.get("calibration")
+        cal = f"{cal['nsamples']}x{cal['seqlen']} {cal['corpus']}" if cal else "none"
+        print(f"| {r['recipe']} | {cal} | {r['ppl']:.2f} | {r['compress_s']:.0f} | {r['peak_rss_mb']:.0f} | "
               f"{r.get('zero_fraction', 0):.4f} | {', '.join(checks)} |")
     print(f"wrote {out_path}")
     return 0 if math.isfinite(sum(r["ppl"] for r in results)) else 1
