@@ -34,3 +34,5 @@ python benchmarks/recover.py --model /work/artifacts/smollm2-8x --skip-train --p
 recoup eval smollm2-135m --tasks ppl:ptb,ppl:wiki --limit 4 --json /tmp/p5/dense.json
 OMP_NUM_THREADS=1 python benchmarks/recover.py --model smollm2-135m --steps 4 --seqlen 256 --batch-size 4 --prompt-len 128 --new-tokens 16 --repeats 3 --json benchmarks/results/recover_dense_smollm2.json
 recoup eval smollm2-135m --tasks ppl:ptb --limit 4 --recovery /work/artifacts/prompts/smollm2-8x-sp20 --json /tmp/p5/dense_sp.json
+recoup eval /work/artifacts/smollm2-sgpt60 --tasks ppl:ptb --limit 4 --json /tmp/p5/sgpt60.json
+recoup eval /work/artifacts/smollm2-sgpt60 --tasks ppl:ptb --limit 4 --recovery /work/artifacts/prompts/smollm2-8x-sp20 --json /tmp/p5/sgpt60_sp.json
