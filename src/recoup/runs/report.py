@@ -84,7 +84,7 @@ def fmt(row: dict | None, with_err: bool = True) -> str:
 
 
 def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{x * 100:.0f}%"
+    return "–" if x is None else f"{round(x * 100)}%"  # int rounding: no "-0%"
 
 
 def _mark(view: RunView, e: EvalRow, task: str) -> str:
