@@ -19,7 +19,7 @@ setup: install
 	$(RECOUP) setup
 
 demo: setup
-	$(RECOUP) eval smollm2-135m --tasks ppl:ptb,ppl:wiki --seqlen 2048
+	$(RECOUP) run --out runs/default
 
 test-fast: install
 	$(PY) -m pytest -q
