@@ -36,6 +36,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration window offsets (default 0)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward (default 8)")
     p.add_argument("--dtype", default="float32", help="dtype to load and save the model in (default float32)")
+    p.add_argument("--device", default="auto",
+                   help="where the layers are compressed: auto (cuda when available, else cpu), cpu, cuda, cuda:N; "
+                        "on a GPU the model stays on CPU and one decoder layer at a time moves to it (default auto)")
     p.add_argument("--out", required=True, help="artifact directory to write")
     p.set_defaults(func=run)
 
@@ -57,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
     if METHODS.get(config.method).stats != "none":
         calibration = calibration_windows(loaded.tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
-    report = compress(loaded, config, calibration)
+    report = compress(loaded, config, calibration, device=args.device)
     out = save_artifact(loaded, report, args.out)
     print(f"{config.describe()}: {len(report.linears)} linears, sparsity {report.sparsity:.4f}, "
           f"mean relative error {report.mean_error:.4g}, {report.seconds:.1f}s, peak RSS {report.peak_rss_mb:.0f} MiB")

@@ -8,7 +8,18 @@ before MLP): a pre-hook on the group's first linear feeds one shared statistics 
 the layer there; the method compresses each linear of the group; after all groups the layer is
 re-run so its *compressed* outputs become the next layer's inputs, overwriting the activations in
 place. Memory: the calibration activations (nsamples, seqlen, hidden) once, one group's
-statistics, no second copy of the model. Works in place on the model's device (CPU here).
+statistics, no second copy of the model.
+
+Two modes. *In place*: everything runs on the model's device. *Offload* (the execution device
+differs from the model's, e.g. ``device="cuda"`` for a model on CPU, or ``offload=True``): the
+model stays where it is; only the modules outside the decoder layers that run before the first
+layer (embeddings, positional / rotary embeddings; not the final norm or lm_head) visit the
+execution device for the capture, whose per-layer record pass replaces the layers by
+pass-throughs (masks and rotary embeddings do not depend on layer outputs); then each decoder
+layer in turn moves to the execution device, is observed, compressed (Hessians and OBS there)
+and re-run there, and moves back. The calibration activations (nsamples, seqlen, hidden) stay on
+the execution device for the whole pass (fp32 at 128 x 2048 x 4096: 4 GiB); device memory is one
+layer + the activations + one group's statistics.
 """
 
 from __future__ import annotations
@@ -90,23 +101,67 @@ def _call_layer(layer: nn.Module, h: torch.Tensor, rec: tuple[tuple, dict, bool]
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def capture_inputs(model: nn.Module, anat: Anatomy, ids: torch.Tensor, batch_size: int
+def _passthrough(*args: Any, **kwargs: Any) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@contextlib.contextmanager
+def _layers_passthrough(layers: nn.ModuleList) -> Iterator[None]:
+    """Each layer's forward returns its hidden states unchanged (hooks still fire); restored on exit."""
+    saved = [layer.__dict__.get("forward") for layer in layers]
+    try:
+        for layer in layers:
+            layer.forward = _passthrough
+        yield
+    finally:
+        for layer, fwd in zip(layers, saved):
+            if fwd is None:
+                del layer.forward
+            else:
+                layer.forward = fwd
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    """``obj`` with every tensor inside (tuples, lists, dicts) moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def capture_inputs(model: nn.Module, anat: Anatomy, ids: torch.Tensor, batch_size: int,
+                   device: torch.device | None = None, passthrough: bool = False
                    ) -> tuple[torch.Tensor, list[tuple[tuple, dict, bool]]]:
-    """(first-layer inputs (N, T, H), per-layer (other args, kwargs, hidden-as-kwarg)) for ids (N, T)."""
+    """(first-layer inputs (N, T, H), per-layer (other args, kwargs, hidden-as-kwarg)) for ids (N, T).
+
+    device: where the ids go (default: the model's first parameter's). passthrough: record the
+    per-layer arguments with every layer replaced by a pass-through (offload: the layers need not
+    be on ``device``), the arguments moved to ``device``."""
     layers = anat.layers
-    device = next(model.parameters()).device
+    device = device if device is not None else next(model.parameters()).device
     records: list[Any] = [None] * len(layers)
 
     def recorder(i: int):
         def hook(_mod, args, kwargs):
             as_kw = not args
             records[i] = (tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"}, as_kw)
+            if passthrough and i == len(layers) - 1:
+                raise StopForward
         return hook
 
     with hooked(*[layer.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(layers)]):
-        model(input_ids=ids[:1].to(device), use_cache=False)
+        if passthrough:
+            with _layers_passthrough(layers), contextlib.suppress(StopForward):
+                model(input_ids=ids[:1].to(device), use_cache=False)
+        else:
+            model(input_ids=ids[:1].to(device), use_cache=False)
     if any(r is None for r in records):
         raise RecoupError("could not record the decoder layers' arguments (a layer was never called)")
+    if passthrough:
+        records = [_to(r, device) for r in records]
 
     inps: list[torch.Tensor] = []
 
@@ -165,12 +220,98 @@ def relative_error(w0: torch.Tensor, w1: torch.Tensor, stats) -> tuple[float, st
     return float((d * d).sum() / (w0 * w0).sum().clamp(min=1e-30)), "weight"
 
 
+def resolve_device(device: str | torch.device | None, model_device: torch.device) -> torch.device:
+    """The execution device: None -> the model's; "auto" -> cuda when available, else cpu; "cuda" -> cuda:current."""
+    if device is None:
+        return model_device
+    if isinstance(device, str) and device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise RecoupError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RecoupError(f"device '{device}' asked for but CUDA is not available; use --device cpu or auto")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if dev.index >= torch.cuda.device_count():
+            raise RecoupError(f"device '{device}' asked for but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif dev.type != "cpu":
+        raise RecoupError(f"unsupported device '{device}'; use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+@contextlib.contextmanager
+def _prefix_on(model: nn.Module, anat: Anatomy, device: torch.device) -> Iterator[None]:
+    """Move every parameter and buffer outside the decoder layers, the final norm and lm_head (embeddings,
+    positional / rotary embeddings: what runs before the first layer) to ``device``; move them back on exit.
+    A tied weight (embedding = lm_head) moves once, as the one tensor it is."""
+    skip = (anat.spec.layers, anat.spec.final_norm, anat.spec.lm_head)
+    params: dict[int, tuple[nn.Parameter, torch.device]] = {}
+    buffers: list[tuple[nn.Module, str, torch.device]] = []
+    try:
+        for name, mod in model.named_modules():
+            if any(name == k or name.startswith(k + ".") for k in skip):
+                continue
+            for p in mod.parameters(recurse=False):
+                if id(p) not in params:
+                    params[id(p)] = (p, p.device)
+                    p.data = p.data.to(device)
+            for bname, b in list(mod._buffers.items()):
+                if b is not None:
+                    buffers.append((mod, bname, b.device))
+                    mod._buffers[bname] = b.to(device)
+        yield
+    finally:
+        for p, dev in params.values():
+            p.data = p.data.to(dev)
+        for mod, bname, dev in buffers:
+            mod._buffers[bname] = mod._buffers[bname].to(dev)
+
+
+def _compress_layer(i: int, layer: nn.Module, anat: Anatomy, method, groups: list[tuple[str, ...]],
+                    config: CompressConfig, inps: torch.Tensor | None, rec, calls: int, device: torch.device,
+                    linears: list[LinearRecord], qparams: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Observe, compress and propagate one decoder layer on ``device`` (where it and ``inps`` are)."""
+    view = LayerView(layer, anat, tuple(n for g in groups for n in g))
+    for names in groups:
+        stats = None
+        if inps is not None:
+            cols = view.get_weight(names[0]).shape[1]
+            stats = _new_stats(method.stats, cols, config, calls, device)
+            _observe(layer, view.module(names[0]), stats, inps, rec, config.batch_size)
+        group_info = method.prepare_group(view, names, stats, config) if method.prepare_group else {}
+        for name in names:
+            t0 = time.time()
+            w0 = view.get_weight(name)
+            res = method.compress_linear(w0, stats, config)
+            view.set_weight(name, res.weight)
+            view.results[name] = res
+            err, kind = relative_error(w0, res.weight, stats)
+            linears.append(LinearRecord(
+                name=f"{anat.spec.layers}.{i}.{name}", layer=i, shape=tuple(w0.shape),
+                sparsity=float((res.weight == 0).float().mean()), bits=config.bits, group_size=config.group_size,
+                error=err, error_kind=kind, seconds=time.time() - t0, info={**group_info, **res.info}))
+        del stats
+    for name, res in view.results.items():
+        if res.scale is not None:
+            qparams[f"{anat.spec.layers}.{i}.{name}"] = {"scale": res.scale.cpu(), "zero": res.zero.cpu(),
+                                                         "g_idx": res.g_idx.cpu()}
+    if inps is not None:
+        _propagate(layer, inps, rec, config.batch_size)
+
+
 @torch.no_grad()
-def compress(loaded: LoadedModel, config: CompressConfig, calibration: Calibration | None = None) -> CompressReport:
+def compress(loaded: LoadedModel, config: CompressConfig, calibration: Calibration | None = None, *,
+             device: str | torch.device | None = None, offload: bool | None = None) -> CompressReport:
     """Compress ``loaded.model`` in place with ``config`` (one sequential pass) and report what was done.
 
     calibration: windows (nsamples, seqlen) from :func:`recoup.data.calibration.calibration_windows`;
     required by wanda, sparsegpt, gptq and awq, unused by magnitude and rtn.
+    device: the execution device (None: the model's; "auto": cuda when available, else cpu).
+    offload: move one decoder layer at a time to ``device`` and back, the model staying where it is
+    (default: when ``device`` differs from the model's device). The weights are the model's either way.
     """
     model = loaded.model
     anat = anatomy(model)
@@ -180,56 +321,55 @@ def compress(loaded: LoadedModel, config: CompressConfig, calibration: Calibrati
     needs_data = method.stats != "none"
     if needs_data and calibration is None:
         raise RecoupError(f"{config.method} needs calibration data (e.g. --calib ptb)")
-    device = next(model.parameters()).device
+    model_device = next(model.parameters()).device
+    device = resolve_device(device, model_device)
+    if offload is None:
+        offload = device != model_device
+    elif not offload and device != model_device:
+        raise RecoupError(f"offload=False needs the model on the execution device {device}; it is on {model_device}")
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    log.info("compress %s: %s", config.describe(), f"offload, model on {model_device}, one layer at a time on "
+             f"{device}" if offload else f"in place on {device}")
     started = time.time()
     was_training = model.training
     model.eval()
     inps, records = None, None
     calls = 0
-    if needs_data:
-        ids = calibration.input_ids
-        inps, records = capture_inputs(model, anat, ids, config.batch_size)
-        calls = -(-ids.shape[0] // config.batch_size)
-        log.info("captured layer inputs %s in %.1fs", tuple(inps.shape), time.time() - started)
     linears: list[LinearRecord] = []
     qparams: dict[str, dict[str, torch.Tensor]] = {}
-    layer_names = tuple(n for g in groups for n in g)
-    for i, layer in enumerate(tqdm(anat.layers, desc=f"compress {config.describe()}", unit="layer")):
-        t_layer = time.time()
-        view = LayerView(layer, anat, layer_names)
-        first_record = len(linears)
-        for names in groups:
-            stats = None
-            if needs_data:
-                cols = view.get_weight(names[0]).shape[1]
-                stats = _new_stats(method.stats, cols, config, calls, device)
-                _observe(layer, view.module(names[0]), stats, inps, records[i], config.batch_size)
-            group_info = method.prepare_group(view, names, stats, config) if method.prepare_group else {}
-            for name in names:
-                t0 = time.time()
-                w0 = view.get_weight(name)
-                res = method.compress_linear(w0, stats, config)
-                view.set_weight(name, res.weight)
-                view.results[name] = res
-                err, kind = relative_error(w0, res.weight, stats)
-                linears.append(LinearRecord(
-                    name=f"{anat.spec.layers}.{i}.{name}", layer=i, shape=tuple(w0.shape),
-                    sparsity=float((res.weight == 0).float().mean()), bits=config.bits, group_size=config.group_size,
-                    error=err, error_kind=kind, seconds=time.time() - t0, info={**group_info, **res.info}))
-            del stats
-        for name, res in view.results.items():
-            if res.scale is not None:
-                qparams[f"{anat.spec.layers}.{i}.{name}"] = {"scale": res.scale.cpu(), "zero": res.zero.cpu(),
-                                                             "g_idx": res.g_idx.cpu()}
+    try:
         if needs_data:
-            _propagate(layer, inps, records[i], config.batch_size)
-        errs = [r.error for r in linears[first_record:]]
-        log.info("layer %d: %.1fs, mean relative error %.4g (max %.4g)", i, time.time() - t_layer,
-                 sum(errs) / len(errs), max(errs))
-    model.train(was_training)
+            ids = calibration.input_ids
+            with _prefix_on(model, anat, device) if offload else contextlib.nullcontext():
+                inps, records = capture_inputs(model, anat, ids, config.batch_size, device, passthrough=offload)
+            calls = -(-ids.shape[0] // config.batch_size)
+            log.info("captured layer inputs %s on %s in %.1fs", tuple(inps.shape), inps.device, time.time() - started)
+        for i, layer in enumerate(tqdm(anat.layers, desc=f"compress {config.describe()}", unit="layer")):
+            t_layer = time.time()
+            first_record = len(linears)
+            if offload:
+                layer.to(device)
+            try:
+                _compress_layer(i, layer, anat, method, groups, config, inps, records[i] if needs_data else None,
+                                calls, device, linears, qparams)
+            finally:
+                if offload:
+                    layer.to(model_device)
+                    if cuda:
+                        torch.cuda.empty_cache()
+            errs = [r.error for r in linears[first_record:]]
+            log.info("layer %d: %.1fs, mean relative error %.4g (max %.4g)", i, time.time() - t_layer,
+                     sum(errs) / len(errs), max(errs))
+    finally:
+        del inps
+        model.train(was_training)
     report = CompressReport(method=config.method, config=config.to_dict(), model_type=anat.model_type,
                             calibration=calibration.protocol if calibration is not None else None, linears=linears,
                             seconds=time.time() - started, peak_rss_mb=peak_rss_mb(), qparams=qparams)
     log.info("compressed %d linears (%s) in %.1fs: sparsity %.4f, peak RSS %.0f MiB", len(linears),
              config.describe(), report.seconds, report.sparsity, report.peak_rss_mb)
+    if cuda:
+        log.info("peak %s memory allocated: %.0f MiB", device, torch.cuda.max_memory_allocated(device) / 2 ** 20)
     return report
