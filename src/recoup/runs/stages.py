@@ -94,10 +94,11 @@ def run_compress(params: dict, inputs: dict[str, Path], out: Path) -> dict:
 
     cal = params["calibration"]
     config = compress_config(params["config"])
-    loaded = load_model(params["model"], dtype=params["dtype"], device=params["device"])
+    # The model stays on CPU; on CUDA the engine moves one decoder layer at a time to the device.
+    loaded = load_model(params["model"], dtype=params["dtype"], device="cpu")
     calib = calibration_windows(loaded.tokenizer, cal["corpus"], cal["nsamples"], cal["seqlen"], params["seed"])
     t0 = time.time()
-    report = compress(loaded, config, calib)
+    report = compress(loaded, config, calib, device=params["device"])
     seconds = time.time() - t0
     save_artifact(loaded, report, out / ARTIFACT_DIR)
     return {"artifact": ARTIFACT_DIR, "report": report.to_dict(), "calibration": calib.protocol,
