@@ -18,17 +18,14 @@ ADAPTER_DEFAULTS = {"steps": 150, "lr": 1e-3, "batch_size": 8, "seqlen": 256}  #
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags of the adapter methods. The command's common flags are reused: --data, --steps, --lr, --seqlen (the
-    cap on tokens per training example, context cut from the left), --batch-size, --warmup, --max-grad-norm,
-    --eval-every, --seed (also the seed of the --task split), --time-budget."""
+    """Flags of the adapter methods. The command's common flags are reused: --data, --task, --heldout-fraction
+    (default 0.3), --steps, --lr, --seqlen (the cap on tokens per training example, context cut from the left),
+    --batch-size, --warmup, --max-grad-norm, --eval-every, --seed (also the seed of the --task split), --time-budget."""
     g = p.add_argument_group("lora / cpet")
     g.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
     g.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
     g.add_argument("--targets", default="all", choices=["all", "attention", "mlp"],
                    help="linears that get LoRA, from the anatomy map (default all)")
-    g.add_argument("--task", default=None, help="tune on a multiple-choice task's train part (e.g. sciq, boolq); "
-                                                "the held-out part is kept out (see --heldout-fraction/--seed)")
-    g.add_argument("--heldout-fraction", type=float, default=0.3, help="held-out share of --task (default 0.3)")
     g.add_argument("--inherit", default=None, metavar="DENSE_LORA_DIR",
                    help="cpet: start from this LoRA trained on the dense model (and use it in the teacher)")
     g.add_argument("--recovery-modules", action="store_true", help="cpet: add recovery modules beside the linears")
@@ -56,7 +53,7 @@ def _common(args: argparse.Namespace, loaded):
     seed = args.seed if args.seed is not None else 0
     max_len = args.seqlen if args.seqlen is not None else ADAPTER_DEFAULTS["seqlen"]
     tuning = tuning_data(loaded.tokenizer, task=task or None, data=data if not task else None, max_len=max_len,
-                         heldout_fraction=args.heldout_fraction, seed=seed)
+                         heldout_fraction=0.3 if args.heldout_fraction is None else args.heldout_fraction, seed=seed)
     steps = args.steps if args.steps is not None else ADAPTER_DEFAULTS["steps"]
     given = {"lr": args.lr, "warmup": getattr(args, "warmup", None), "max_grad_norm": getattr(args, "max_grad_norm", None),
              "eval_every": getattr(args, "eval_every", None), "time_budget_s": getattr(args, "time_budget", None)}

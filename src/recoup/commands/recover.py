@@ -21,9 +21,15 @@ Built around :data:`METHODS`. A method is registered in one of two ways:
       METHODS.register("lora", RecoverMethod("lora", "LoRA, kept unmerged", add_arguments=_adapter_args,
                                              run=_run_lora))
 
-  in :func:`_register_builtin`. The common flags (``--data --steps --lr --seqlen --batch-size --warmup
-  --max-grad-norm --eval-every --seed --time-budget``) are always there, as ``args.data`` etc.,
-  ``None`` when not given.
+  in :func:`_register_builtin`. The common flags (``--data --task --heldout-fraction --steps --lr --seqlen
+  --batch-size --warmup --max-grad-norm --eval-every --seed --time-budget``) are always there, as
+  ``args.data`` etc., ``None`` when not given.
+
+Every training method takes either a corpus (``--data``, next-token loss on ``--seqlen`` windows; the
+prompt methods' default is ptb) or a multiple-choice task (``--task``, loss on the gold continuation of
+the train part of one seeded hash split, :func:`recoup.recover.task_data.tuning_data`), so prompts, IDP
+pools, LoRA and CPET trained on the same task with the same ``--heldout-fraction``/``--seed`` never see
+the held-out part that ``recoup compare-recovery`` scores.
 """
 
 from __future__ import annotations
@@ -80,15 +86,20 @@ METHODS: Registry[RecoverMethod] = Registry("recovery method")
 # Flags every method may take; each is passed on only when the method's config has the key.
 COMMON_FLAGS = (
     Flag("--data", "data", help="training text: ptb, wiki, a .txt/.jsonl file, or a comma-separated mix "
-                                "(default: the method's, ptb)"),
+                                "(soft-prompt/idp default ptb; not with --task)"),
+    Flag("--task", "task", help="train on a multiple-choice task's train part instead (e.g. sciq, arc_easy): loss on "
+                                "the gold continuation; the held-out part is never seen (--heldout-fraction, --seed)"),
+    Flag("--heldout-fraction", "heldout_fraction", type=float,
+         help="held-out share of --task, split by a seeded hash of each example (default 0.3)"),
     Flag("--steps", "steps", type=int, help="optimizer steps"),
     Flag("--lr", "lr", type=float, help="peak learning rate (AdamW, linear warm-up and decay)"),
-    Flag("--seqlen", "seqlen", type=int, help="training window length in tokens"),
-    Flag("--batch-size", "batch_size", type=int, help="windows per step"),
+    Flag("--seqlen", "seqlen", type=int, help="corpus window length in tokens; with --task the cap on tokens per "
+                                              "example (context cut from the left)"),
+    Flag("--batch-size", "batch_size", type=int, help="windows (or task examples) per step"),
     Flag("--warmup", "warmup", type=float, help="warm-up fraction of the steps"),
     Flag("--max-grad-norm", "max_grad_norm", type=float, help="gradient clipping norm"),
     Flag("--eval-every", "eval_every", type=int, help="validate every N steps (best state kept)"),
-    Flag("--seed", "seed", type=int, help="seed for initialisation and window order"),
+    Flag("--seed", "seed", type=int, help="seed for initialisation, batch order and the --task split (default 0)"),
     Flag("--time-budget", "time_budget_s", type=float, help="stop after this many seconds (best state kept)"),
 )
 
@@ -96,7 +107,9 @@ _PROMPT_FLAGS = (
     Flag("--tokens", "tokens", type=int, help="prompt length n in virtual tokens (soft-prompt, idp; default 20)"),
     Flag("--init", "init", help="prompt init: vocab (frequent-token rows), text, random (default vocab)"),
     Flag("--init-text", "init_text", help="text whose token embeddings initialise the prompt (with --init text)"),
-    Flag("--val-windows", "val_windows", type=int, help="held-out windows scored at each validation (default 4)"),
+    Flag("--val-windows", "val_windows", type=int,
+         help="corpus valid-split windows scored at each validation (default 4; with --task the validation set is "
+              "a seeded 64-example slice of the train part)"),
 )
 
 

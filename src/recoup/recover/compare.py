@@ -13,6 +13,11 @@ For each entry (a model source and optionally a saved recovery) :func:`compare` 
   (sha256 of every targeted linear, see :func:`recoup.recover.lora.linear_digests`) and, for
   adapters, whether training recorded them intact.
 
+A recovery tuned on the compared task (a LoRA, CPET, soft prompt or IDP pool trained with ``--task``
+records its split protocol in ``meta["data"]``) must have used the same split (heldout_fraction, seed,
+example counts), else it may have trained on examples this comparison scores: one clear error
+(:func:`check_tuning_split`). Recoveries tuned on a corpus or another task are scored as they are.
+
 These are the axes of the IDP paper's "21x fewer parameters, 60% lower latency" claim.
 """
 
@@ -148,6 +153,23 @@ def _fingerprint(model: nn.Module, manifest: dict | None) -> dict | None:
     return compression_fingerprint(base_of(model), manifest)
 
 
+def check_tuning_split(label: str, desc: dict, split) -> str | None:
+    """What the recovery was tuned on (task or corpus name, None if unrecorded); RecoupError when it was
+    tuned on ``split.task`` with another split than ``split`` (its training examples could be scored)."""
+    proto = desc.get("data")
+    if not isinstance(proto, dict):
+        return None
+    if proto.get("task") != split.task:
+        return proto.get("task") or proto.get("corpus") or proto.get("data")
+    here = {"heldout_fraction": split.heldout_fraction, "seed": split.seed, "n_train": len(split.train),
+            "n_heldout": len(split.heldout)}
+    diff = [f"{k} {proto.get(k)!r} (here {v!r})" for k, v in here.items() if proto.get(k) != v]
+    if diff:
+        raise RecoupError(f"{label}: the recovery was tuned on another split of {split.task}: {', '.join(diff)}; "
+                          f"it may have trained on scored examples (match --heldout-fraction/--seed to its training)")
+    return split.task
+
+
 def evaluate_entry(entry: Entry, split, batch_size: int = 8, latency: LatencyConfig = LatencyConfig(),
                    limit: int | None = None, dtype: str = "float32") -> dict:
     """Score, count and time one entry (see module docstring); the model is loaded fresh for it."""
@@ -161,6 +183,7 @@ def evaluate_entry(entry: Entry, split, batch_size: int = 8, latency: LatencyCon
     sparsity = base_sparsity(loaded.model)
     fingerprint = _fingerprint(loaded.model, loaded.manifest)
     recovery = load_recovery(entry.recovery) if entry.recovery else None
+    tuned_on = check_tuning_split(entry.label, recovery.describe(), split) if recovery is not None else None
     model = recovery.apply(loaded.model) if recovery is not None else loaded.model
     examples = split.heldout if limit is None else split.heldout[:limit]
     t0 = time.time()
@@ -181,7 +204,7 @@ def evaluate_entry(entry: Entry, split, batch_size: int = 8, latency: LatencyCon
            "method": desc.get("method", "none"), **metrics, "extra_parameters": extra,
            "extra_parameters_pct": 100.0 * extra / base_params, "base_parameters": base_params,
            **lat, "base_sparsity": sparsity, "base_intact_after_apply": intact,
-           "base_intact_after_training": desc.get("base_intact"), "merged": desc.get("merged"),
+           "base_intact_after_training": desc.get("base_intact"), "merged": desc.get("merged"), "tuned_on": tuned_on,
            "score_seconds": round(score_s, 1)}
     if fingerprint is not None:
         row.update({"compression_digest": fingerprint["digest"], "compression_digest_after": after["digest"],
@@ -196,6 +219,7 @@ def evaluate_entry(entry: Entry, split, batch_size: int = 8, latency: LatencyCon
 def compare(entries: list[Entry], task: str, heldout_fraction: float = 0.3, seed: int = 0, batch_size: int = 8,
             latency: LatencyConfig = LatencyConfig(), limit: int | None = None, dtype: str = "float32") -> dict:
     """Every entry on the held-out part of ``task``; returns ``{"rows": [...], "protocol": {...}}``."""
+    from recoup.recover.io import load_recovery
     from recoup.recover.task_data import split_task
 
     if not entries:
@@ -204,6 +228,9 @@ def compare(entries: list[Entry], task: str, heldout_fraction: float = 0.3, seed
     if len(set(labels)) != len(labels):
         raise RecoupError(f"duplicate row labels: {labels}")
     split = split_task(task, heldout_fraction, seed)
+    for e in entries:  # before any row is scored: a recovery tuned on another split of the task fails at once
+        if e.recovery:
+            check_tuning_split(e.label, load_recovery(e.recovery).describe(), split)
     rows = [evaluate_entry(e, split, batch_size, latency, limit, dtype) for e in entries]
     protocol = {**split.protocol, "scored": "held-out part" + (f", first {limit}" if limit else ""),
                 "latency": dataclasses.asdict(latency), "dtype": dtype, "torch": torch.__version__,

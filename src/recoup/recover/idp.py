@@ -22,7 +22,13 @@ Choices the paper leaves open, made here:
 - training is *joint with the selection in the loop*: each step selects a prompt per example
   exactly as at inference (no gradient through the choice) and minimises next-token loss through
   the chosen prompts, so each prompt is trained on the inputs that choose it. With a data mix
-  (``data="ptb,wiki"``) batches alternate sources example by example.
+  (``data="ptb,wiki"``) batches alternate sources example by example;
+- on a task (``task="sciq"``, the same seeded train / held-out split as soft prompts, LoRA and CPET, see
+  :mod:`recoup.recover.soft_prompt`): the loss is on the gold continuation only, and the prompt is
+  selected from the example's *context* (its question, without the continuation and the padding,
+  :func:`recoup.recover.task_data.context_part`), as the Scorer selects at evaluation, where the shared
+  context is prefilled before the choices. The selection pass takes the batch's attention mask, so an
+  example gets the same prompt padded in a batch or alone; the score statistics come from task contexts.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from recoup.errors import RecoupError
 from recoup.model.anatomy import anatomy
 from recoup.recover.base import Recovery
 from recoup.recover.soft_prompt import (SoftPromptConfig, frozen, init_embeddings, lm_loss, model_meta, split_ids,
-                                        val_windows, window_batches)
+                                        task_tuning, tuning_ids, val_windows, window_batches)
 from recoup.recover.train import TrainResult, train
 
 log = logging.getLogger(__name__)
@@ -243,19 +249,31 @@ def mixed_batches(sources: list[torch.Tensor], seqlen: int, batch_size: int, see
 
 
 def fit_idp(loaded, config: IDPConfig) -> tuple[IDPPool, TrainResult]:
-    """Train an IDP pool on ``loaded.model`` (frozen, bit-identical), selection in the loop (module doc)."""
+    """Train an IDP pool on ``loaded.model`` (frozen, bit-identical), selection in the loop (module doc).
+
+    Corpus: (batch_size, seqlen) windows, next-token loss. Task (``config.task``): padded batches of
+    context + gold continuation, loss on the continuation, selection on the context (module doc).
+    """
+    from recoup.recover.task_data import batch_stream, context_part, mean_prefixed_loss, pad_id_of, prefixed_loss
+
     model, tok = loaded.model, loaded.tokenizer
-    names = [d.strip() for d in config.data.split(",") if d.strip()]
-    sources = [split_ids(tok, name, "train") for name in names]
-    val = torch.cat([val_windows(split_ids(tok, name, "valid"), config.seqlen,
-                                 max(1, config.val_windows // len(names))) for name in names])
-    rows = init_embeddings(model, tok, config, torch.cat(sources), config.pool * config.tokens)
+    tuning = None
+    if config.task is not None:
+        tuning = task_tuning(loaded, config)
+        init_ids = tuning_ids(tuning)
+    else:
+        names = [d.strip() for d in config.data.split(",") if d.strip()]
+        sources = [split_ids(tok, name, "train") for name in names]
+        val = torch.cat([val_windows(split_ids(tok, name, "valid"), config.seqlen,
+                                     max(1, config.val_windows // len(names))) for name in names])
+        init_ids = torch.cat(sources)
+    rows = init_embeddings(model, tok, config, init_ids, config.pool * config.tokens)
     pool = IDPPool(rows.view(config.pool, config.tokens, -1), model_meta(loaded))
     device = next(model.parameters()).device
     picks: list[int] = []
 
-    def chosen(x: torch.Tensor, observe: bool = False) -> torch.Tensor:
-        raw = pool.scores(model, x)
+    def chosen(x: torch.Tensor, mask: torch.Tensor | None = None, observe: bool = False) -> torch.Tensor:
+        raw = pool.scores(model, x, mask)
         if observe:  # training batches update the running score statistics, then select with them
             pool.observe_scores(raw, first=not picks)
         choice = pool.choose(raw)
@@ -263,20 +281,43 @@ def fit_idp(loaded, config: IDPConfig) -> tuple[IDPPool, TrainResult]:
         w = model.get_input_embeddings().weight
         return pool.pool[choice].to(device=w.device, dtype=w.dtype)
 
-    def loss_fn(x: torch.Tensor) -> torch.Tensor:
-        x = x.to(device)
-        return lm_loss(model, x, chosen(x, observe=True))
+    if tuning is not None:
+        pad = pad_id_of(tok)
 
-    def validate() -> float:
-        return sum(lm_loss(model, v[None].to(device), chosen(v[None].to(device))).item() for v in val) / len(val)
+        def select(b, observe: bool = False) -> torch.Tensor:
+            ids, mask = context_part(b)
+            return chosen(ids.to(device), mask.to(device), observe)
+
+        def loss_fn(b) -> torch.Tensor:
+            return prefixed_loss(model, b, device, select(b, observe=True))
+
+        def validate() -> float:
+            return mean_prefixed_loss(model, tuning.valid, pad, config.batch_size, device, select)
+
+        batches, tokens_in = batch_stream(tuning.train, config.batch_size, pad, config.seed), (lambda b: b.tokens)
+    else:
+        def loss_fn(x: torch.Tensor) -> torch.Tensor:
+            x = x.to(device)
+            return lm_loss(model, x, chosen(x, observe=True))
+
+        def validate() -> float:
+            return sum(lm_loss(model, v[None].to(device), chosen(v[None].to(device))).item() for v in val) / len(val)
+
+        batches = mixed_batches(sources, config.seqlen, config.batch_size, config.seed)
+        tokens_in = (lambda b: b.numel())
 
     with frozen(model):
-        result = train([pool.pool], mixed_batches(sources, config.seqlen, config.batch_size, config.seed), loss_fn,
-                       config.train_config(), validate, tokens_in=lambda b: b.numel(), desc="idp")
+        if tuning is not None:
+            base_val = mean_prefixed_loss(model, tuning.valid, pad, config.batch_size, device)
+            log.info("idp: %s validation loss without a prompt %.4f", config.task, base_val)
+        result = train([pool.pool], batches, loss_fn, config.train_config(), validate, tokens_in=tokens_in, desc="idp")
     counts = collections.Counter(picks)
     pool.meta["train"] = {"config": config.to_dict(), "result": result.to_dict(),
                           "training_selections": {str(k): counts.get(k, 0) for k in range(config.pool)}}
     pool.meta["training_selections"] = pool.meta["train"]["training_selections"]
+    if tuning is not None:
+        pool.meta["data"] = tuning.protocol
+        pool.meta["train"]["val_loss_without_prompt"] = base_val
     pool.choices = []
     log.info("idp: selections during training %s", dict(sorted(counts.items())))
     return pool, result

@@ -3,15 +3,27 @@
 Xu et al. 2023, "Compress, Then Prompt: Improving Accuracy-Efficiency Trade-off of LLM Inference
 with Transferable Prompt". ``n`` virtual token embeddings, shape (n, H), are prepended to the
 input embeddings of a *frozen* (compressed) model; the attention mask is extended and the prompt
-positions are never scored (:func:`recoup.model.forward.forward_logits` drops them). The objective
-is next-token loss on a corpus. The prompt is saved in PEFT's prompt-tuning layout
-(``adapter_config.json`` + ``adapter_model.safetensors`` holding ``prompt_embeddings``), so
-``peft.PeftModel.from_pretrained`` loads it, and it attaches to any model of the same hidden size.
+positions are never scored (:func:`recoup.model.forward.forward_logits` drops them). The prompt is
+saved in PEFT's prompt-tuning layout (``adapter_config.json`` + ``adapter_model.safetensors`` holding
+``prompt_embeddings``), so ``peft.PeftModel.from_pretrained`` loads it, and it attaches to any model
+of the same hidden size.
+
+Two objectives (``data`` and ``task`` are exclusive):
+
+- corpus (default, ``data="ptb"``): next-token loss on ``seqlen``-token windows at seeded offsets of the
+  corpus' train split; validation is the mean NLL of ``val_windows`` windows of its valid split;
+- task (``task="sciq"``): the multiple-choice task's train part of the seeded hash split that LoRA/CPET
+  use (:func:`recoup.recover.task_data.tuning_data`, ``heldout_fraction`` and ``seed``), so the held-out
+  part ``recoup compare-recovery`` scores is identical across methods and never seen. Each example is
+  context + gold continuation, at most ``seqlen`` tokens (context cut from the left), right-padded
+  in batches; the loss is on the gold continuation only (prompt positions and padding never scored);
+  validation is the mean loss on the seeded 64-example slice of the train part. The split protocol is
+  saved with the prompt (``meta["data"]``).
 
 CPU-friendly defaults (the paper: 100 tokens, lr 1e-3, 1024-token sequences): 20 tokens, lr 3e-2
 (a few dozen steps need a larger rate; 3e-2 beat 1e-2 in a 12-step probe on SmolLM2-135M), 256-token
-sequences, batch 2, 80 steps, validation on 4 held-out windows every 15 steps. On the shared 2-core
-machine one step (512 tokens) of SmolLM2-135M takes about 7 CPU seconds with one thread
+sequences, batch 2, 80 steps, validation every 15 steps (4 windows of the corpus). On the shared
+2-core machine one step (512 tokens) of SmolLM2-135M takes about 7 CPU seconds with one thread
 (``OMP_NUM_THREADS=1``; two threads were 3x slower under contention).
 """
 
@@ -50,8 +62,10 @@ class SoftPromptConfig(Config):
     tokens: int = 20  # prompt length n
     init: str = "vocab"  # vocab (rows of frequent tokens) | text | random
     init_text: str | None = None
-    data: str = "ptb"  # corpus name (ptb, wiki, ...) or a .txt/.jsonl file; comma-separated for a mix
-    seqlen: int = 256
+    data: str | None = None  # corpus (ptb, wiki, ...) or a .txt/.jsonl file, comma-separated mix; ptb without task
+    task: str | None = None  # a multiple-choice task (sciq, arc_easy ...): train on its train part instead
+    heldout_fraction: float = 0.3  # with task: the share kept out (same hash split as LoRA/CPET)
+    seqlen: int = 256  # corpus: window length; task: max tokens per example (context cut from the left)
     batch_size: int = 2
     steps: int = 80
     lr: float = 3e-2
@@ -59,7 +73,7 @@ class SoftPromptConfig(Config):
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     eval_every: int = 15
-    val_windows: int = 4  # held-out windows of seqlen scored at each validation
+    val_windows: int | None = None  # corpus: valid-split windows scored per validation (default 4); not with task
     seed: int = 0
     time_budget_s: float | None = None
 
@@ -69,8 +83,17 @@ class SoftPromptConfig(Config):
         check(self.init != "text" or bool(self.init_text), "init 'text' needs init_text")
         check(self.seqlen >= 2, f"seqlen must be >= 2 (got {self.seqlen})")
         check(self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})")
-        check(self.val_windows >= 1, f"val_windows must be >= 1 (got {self.val_windows})")
-        check(bool(self.data.strip()), "data is empty; name a corpus (ptb, wiki) or a text file")
+        check(self.task is None or self.data is None, "give a task (--task T) or data (--data SRC), not both")
+        check(0 < self.heldout_fraction < 1, f"heldout_fraction must be in (0, 1) (got {self.heldout_fraction})")
+        if self.task is not None:
+            check(bool(self.task.strip()), "task is empty; name a multiple-choice task (sciq, arc_easy ...)")
+            check(self.val_windows is None, "val_windows applies to corpus training; with a task, validation is "
+                                            "the seeded 64-example slice of the task's train part")
+        else:
+            self.data = "ptb" if self.data is None else self.data
+            self.val_windows = 4 if self.val_windows is None else self.val_windows
+            check(self.val_windows >= 1, f"val_windows must be >= 1 (got {self.val_windows})")
+            check(bool(self.data.strip()), "data is empty; name a corpus (ptb, wiki) or a text file")
         self.train_config()  # validates steps, lr, warmup, eval_every
 
     def train_config(self) -> TrainConfig:
@@ -243,9 +266,11 @@ def model_meta(loaded) -> dict:
 def fit_soft_prompt(loaded, config: SoftPromptConfig) -> tuple[SoftPrompt, TrainResult]:
     """Learn a soft prompt on ``loaded.model`` (kept frozen, bit-identical) with next-token loss.
 
-    Windows (batch_size, seqlen) are drawn at seeded offsets of the data's train split; validation
+    With ``config.task`` see :func:`fit_soft_prompt_on_task`. Otherwise windows (batch_size, seqlen) are drawn at seeded offsets of the data's train split; validation
     is the mean NLL of ``val_windows`` windows of its valid split; the best prompt is kept.
     """
+    if config.task is not None:
+        return fit_soft_prompt_on_task(loaded, config)
     model, tok = loaded.model, loaded.tokenizer
     train_ids = split_ids(tok, config.data, "train")
     val = val_windows(split_ids(tok, config.data, "valid"), config.seqlen, config.val_windows)
@@ -265,5 +290,52 @@ def fit_soft_prompt(loaded, config: SoftPromptConfig) -> tuple[SoftPrompt, Train
         log.info("soft-prompt: validation loss without a prompt %.4f (ppl %.2f)", base_val, math.exp(base_val))
         result = train([prompt.embeddings], window_batches(train_ids, config.seqlen, config.batch_size, config.seed),
                        loss_fn, config.train_config(), validate, tokens_in=lambda b: b.numel(), desc="soft-prompt")
+    prompt.meta["train"] = {"config": config.to_dict(), "result": result.to_dict(), "val_loss_without_prompt": base_val}
+    return prompt, result
+
+
+def task_tuning(loaded, config: SoftPromptConfig):
+    """The task's :class:`~recoup.recover.task_data.TuningData`: the same seeded split LoRA/CPET train on."""
+    from recoup.recover.task_data import tuning_data
+
+    return tuning_data(loaded.tokenizer, task=config.task, max_len=config.seqlen,
+                       heldout_fraction=config.heldout_fraction, seed=config.seed)
+
+
+def tuning_ids(tuning) -> torch.Tensor:
+    """Every token id of the training sequences, 1-D (for the vocab init)."""
+    return torch.tensor([i for s in tuning.train for i in s.ids], dtype=torch.long)
+
+
+def fit_soft_prompt_on_task(loaded, config: SoftPromptConfig) -> tuple[SoftPrompt, TrainResult]:
+    """Learn a soft prompt on the train part of ``config.task`` (loss on the gold continuation only).
+
+    Batches: ``batch_size`` examples (context + gold continuation, at most ``seqlen`` tokens) right-padded,
+    the prompt (n, H) prepended; prompt positions, context and padding are not scored. Validation is the
+    token-weighted mean loss on ``tuning.valid`` (a seeded slice of the train part); the best prompt is
+    kept. The held-out part is never seen; its protocol is recorded in ``meta["data"]``.
+    """
+    from recoup.recover.task_data import batch_stream, mean_prefixed_loss, pad_id_of, prefixed_loss
+
+    model, tok = loaded.model, loaded.tokenizer
+    tuning = task_tuning(loaded, config)
+    pad = pad_id_of(tok)
+    prompt = SoftPrompt(init_embeddings(model, tok, config, tuning_ids(tuning), config.tokens), model_meta(loaded))
+    device = next(model.parameters()).device
+
+    def prefix(b):
+        return prompt.prefix(model, b.input_ids, b.attention_mask)
+
+    def validate(with_prompt: bool = True) -> float:
+        return mean_prefixed_loss(model, tuning.valid, pad, config.batch_size, device, prefix if with_prompt else None)
+
+    with frozen(model):
+        base_val = validate(with_prompt=False)
+        log.info("soft-prompt: %s validation loss without a prompt %.4f (%d train, %d valid examples)",
+                 config.task, base_val, len(tuning.train), len(tuning.valid))
+        result = train([prompt.embeddings], batch_stream(tuning.train, config.batch_size, pad, config.seed),
+                       lambda b: prefixed_loss(model, b, device, prefix(b)),
+                       config.train_config(), validate, tokens_in=lambda b: b.tokens, desc="soft-prompt")
+    prompt.meta["data"] = tuning.protocol
     prompt.meta["train"] = {"config": config.to_dict(), "result": result.to_dict(), "val_loss_without_prompt": base_val}
     return prompt, result

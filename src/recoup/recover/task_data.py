@@ -312,3 +312,65 @@ def mean_loss(model, seqs: list[Sequence], pad_id: int, batch_size: int = 8,
                                          ignore_index=-100, reduction="sum").item()
             count += n
     return total / max(1, count) if count else math.nan
+
+
+# ---------------------------------------------------------------- losses behind an input-embedding prefix
+
+
+def _keeps_logits(model) -> bool:
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def prefixed_loss(model, batch: Batch, device, prefix: torch.Tensor | None = None,
+                  reduction: str = "mean") -> torch.Tensor:
+    """Loss of ``batch`` on its scored tokens with an input-embedding ``prefix`` (P, H) or (B, P, H) prepended.
+
+    The prefix positions and padding are never scored (labels -100); logits are computed only at the
+    positions whose next token is scored (``logits_to_keep``, shifted by P), as :func:`model_outputs` does.
+    """
+    from recoup.model.forward import build_inputs
+
+    ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+    keep = scored_positions(batch.labels).to(device)
+    kwargs = build_inputs(model, ids, mask, prefix)
+    shift = kwargs["inputs_embeds"].shape[1] - ids.shape[1]
+    if _keeps_logits(model):
+        logits = model(**kwargs, use_cache=False, logits_to_keep=keep + shift).logits
+    else:
+        logits = model(**kwargs, use_cache=False).logits[:, keep + shift]
+    return kept_loss(logits, keep, batch.labels, reduction=reduction)
+
+
+def mean_prefixed_loss(model, seqs: list[Sequence], pad_id: int, batch_size: int, device,
+                       prefix_fn: Callable[[Batch], torch.Tensor | None] | None = None) -> float:
+    """Token-weighted mean of :func:`prefixed_loss` over ``seqs`` in order; ``prefix_fn(batch)`` gives the prefix."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(seqs), batch_size):
+            b = collate(seqs[start:start + batch_size], pad_id)
+            n = int((b.labels[:, 1:] != -100).sum())
+            if n:
+                prefix = prefix_fn(b) if prefix_fn is not None else None
+                total += prefixed_loss(model, b, device, prefix, reduction="sum").item()
+                count += n
+    return total / count if count else math.nan
+
+
+def context_part(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unscored context of each row: ids (B, C) and mask (B, C), C the longest context.
+
+    A row's context is its real tokens before the first scored one (the task's question); the
+    continuation and the padding are masked out, so an input-dependent prefix (IDP's selection) sees
+    what the Scorer's prefill sees at evaluation, whatever the row's padding in the batch.
+    """
+    before = (batch.labels != -100).long().cumsum(-1) == 0
+    ctx = batch.attention_mask.bool() & before
+    width = max(1, int(ctx.sum(-1).max()))
+    return batch.input_ids[:, :width], ctx[:, :width].long()
+
+
+def pad_id_of(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return int(pad if pad is not None else 0)
