@@ -58,9 +58,12 @@ def test_config_task_and_data_are_exclusive_and_corpus_defaults_unchanged():
         SoftPromptConfig(task="sciq", val_windows=2)
     with pytest.raises(RecoupError, match="heldout_fraction"):
         IDPConfig(task="sciq", heldout_fraction=1.5)
+    with pytest.raises(RecoupError, match="only with a task"):
+        SoftPromptConfig(heldout_fraction=0.2)
     corpus = SoftPromptConfig()
-    assert (corpus.data, corpus.task, corpus.val_windows) == ("ptb", None, 4)
-    assert SoftPromptConfig(task="sciq").data is None
+    assert (corpus.data, corpus.task, corpus.val_windows, corpus.heldout_fraction) == ("ptb", None, 4, None)
+    task = SoftPromptConfig(task="sciq")
+    assert (task.data, task.heldout_fraction, task.val_windows) == (None, 0.3, None)
 
 
 def test_prefixed_loss_scores_only_the_continuation_whatever_the_padding():

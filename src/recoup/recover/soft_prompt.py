@@ -64,7 +64,7 @@ class SoftPromptConfig(Config):
     init_text: str | None = None
     data: str | None = None  # corpus (ptb, wiki, ...) or a .txt/.jsonl file, comma-separated mix; ptb without task
     task: str | None = None  # a multiple-choice task (sciq, arc_easy ...): train on its train part instead
-    heldout_fraction: float = 0.3  # with task: the share kept out (same hash split as LoRA/CPET)
+    heldout_fraction: float | None = None  # task only: the share kept out (default 0.3, LoRA/CPET's split)
     seqlen: int = 256  # corpus: window length; task: max tokens per example (context cut from the left)
     batch_size: int = 2
     steps: int = 80
@@ -84,12 +84,14 @@ class SoftPromptConfig(Config):
         check(self.seqlen >= 2, f"seqlen must be >= 2 (got {self.seqlen})")
         check(self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})")
         check(self.task is None or self.data is None, "give a task (--task T) or data (--data SRC), not both")
-        check(0 < self.heldout_fraction < 1, f"heldout_fraction must be in (0, 1) (got {self.heldout_fraction})")
         if self.task is not None:
+            self.heldout_fraction = 0.3 if self.heldout_fraction is None else self.heldout_fraction
+            check(0 < self.heldout_fraction < 1, f"heldout_fraction must be in (0, 1) (got {self.heldout_fraction})")
             check(bool(self.task.strip()), "task is empty; name a multiple-choice task (sciq, arc_easy ...)")
             check(self.val_windows is None, "val_windows applies to corpus training; with a task, validation is "
                                             "the seeded 64-example slice of the task's train part")
         else:
+            check(self.heldout_fraction is None, "heldout_fraction applies only with a task (--task T)")
             self.data = "ptb" if self.data is None else self.data
             self.val_windows = 4 if self.val_windows is None else self.val_windows
             check(self.val_windows >= 1, f"val_windows must be >= 1 (got {self.val_windows})")

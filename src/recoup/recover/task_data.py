@@ -9,6 +9,9 @@ the same (task, fraction, seed) always gives the same split. Three objectives fe
 - a corpus (``ptb``, ``wiki``, a ``.txt`` file): language-model loss on ``seqlen``-token windows;
 - a user ``.jsonl`` file whose lines are ``{"text"}`` (LM loss on all of it) or
   ``{"prompt", "completion"}`` (loss on the completion only).
+
+LoRA and CPET train on these batches directly; soft prompts and IDP pools put their prompt in front
+(:func:`prefixed_loss`, :func:`mean_prefixed_loss`; IDP selects on :func:`context_part`).
 """
 
 from __future__ import annotations
