@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,10 @@ def register(sub) -> None:
                    help="where the layers are compressed: auto (cuda when available, else cpu), cpu, cuda, cuda:N; "
                         "on a GPU the model stays on CPU and one decoder layer at a time moves to it (default auto)")
     p.add_argument("--out", required=True, help="artifact directory to write")
+    p.add_argument("--storage", choices=("packed", "dense"), default="packed",
+                   help="packed: quantized weights as bit-packed integer codes, sparse ones as a bitmask + kept "
+                        "values (loads to the same weights, bit for bit); dense: fake-quant weights in --dtype "
+                        "(default packed)")
     p.set_defaults(func=run)
 
 
@@ -47,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from recoup.compress import CompressConfig, compress
     from recoup.compress.artifact import save_artifact
     from recoup.data.calibration import calibration_windows
-    from recoup.model.load import load_model
+    from recoup.model.load import ARTIFACT_MANIFEST, load_model
 
     config = CompressConfig.from_dict({
         "method": args.method, "sparsity": args.sparsity, "pattern": args.pattern, "bits": args.bits,
@@ -61,8 +66,9 @@ def run(args: argparse.Namespace) -> int:
     if METHODS.get(config.method).stats != "none":
         calibration = calibration_windows(loaded.tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
     report = compress(loaded, config, calibration, device=args.device)
-    out = save_artifact(loaded, report, args.out)
+    out = save_artifact(loaded, report, args.out, storage=args.storage)
     print(f"{config.describe()}: {len(report.linears)} linears, sparsity {report.sparsity:.4f}, "
           f"mean relative error {report.mean_error:.4g}, {report.seconds:.1f}s, peak RSS {report.peak_rss_mb:.0f} MiB")
-    print(f"wrote {out}")
+    storage = json.loads((out / ARTIFACT_MANIFEST).read_text())["storage"]
+    print(f"wrote {out} ({storage['kind']}, {storage['bytes'] / 1e6:.1f} MB on disk)")
     return 0

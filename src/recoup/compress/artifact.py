@@ -1,6 +1,13 @@
 """Save / load a compressed model: safetensors + tokenizer + ``quant_params.safetensors`` (the grid
 of each quantized linear) + ``recoup.json``, the manifest, written LAST.
 
+Storage (``storage`` in the manifest): ``packed`` (default; format_version 2) keeps each quantized
+linear as bit-packed integer codes and each sparse-only linear as a bitmask + kept values in
+``packed_weights.safetensors`` (see :mod:`recoup.compress.packing`), everything else in
+``model.safetensors``; loading decodes them to the same dense fake-quant weights, bit for bit.
+``dense`` (format_version 1, what older recoup wrote and still reads) keeps every weight in
+``model.safetensors``. The manifest records the bytes on disk.
+
 The whole directory is written to a temporary sibling and renamed into place, so a reader never
 sees a half-written artifact. The manifest lists the sha256 of every other file; loading checks
 them, so a corrupted or foreign directory gives one clear line. Loading never unpickles
@@ -16,23 +23,29 @@ import logging
 import os
 import platform
 import shutil
+from collections import Counter
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from recoup.compress.packing import PACKED_FILE, pack_model, unpack_into
 from recoup.compress.quantizer import grid_deviation
 from recoup.compress.report import CompressReport
 from recoup.errors import RecoupError
 from recoup.model.anatomy import anatomy
 from recoup.model.load import ARTIFACT_MANIFEST, LoadedModel, file_sha256, model_fingerprint, parse_dtype
+from recoup.registry import unknown_name_message
 
 log = logging.getLogger(__name__)
 
 FORMAT = "recoup-compressed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # newest this recoup reads; 2 = packed storage (dense artifacts are still written as 1)
 QPARAMS_FILE = "quant_params.safetensors"
+STORAGES = ("packed", "dense")
+DEFAULT_STORAGE = "packed"
 
 
 def _versions() -> dict[str, str]:
@@ -44,13 +57,45 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def save_artifact(loaded: LoadedModel, report: CompressReport, out_dir: str | Path) -> Path:
+def save_artifact(loaded: LoadedModel, report: CompressReport, out_dir: str | Path,
+                  storage: str = DEFAULT_STORAGE) -> Path:
     """Write ``loaded`` (already compressed, see :func:`recoup.compress.compress`) and ``report`` to ``out_dir``.
 
+    storage: ``packed`` (quantized linears as bit-packed integer codes, sparse ones as a bitmask +
+    kept values, see :mod:`recoup.compress.packing`) or ``dense`` (fake-quant weights in the model dtype).
     An existing recoup artifact at ``out_dir`` is replaced; any other existing non-empty path is refused.
     """
+    fields = {
+        "source": {"model": loaded.source, "path": str(loaded.path) if loaded.path else None,
+                   "sha256": model_fingerprint(loaded.path) if loaded.path else None},
+        "model_type": report.model_type, "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
+        "recipe": report.config, "calibration": report.calibration,
+        "summary": {"sparsity": report.sparsity, "mean_error": report.mean_error, "linears": len(report.linears),
+                    "bits": report.config.get("bits"), "group_size": report.config.get("group_size"),
+                    "sym": report.config.get("sym"), "pattern": report.config.get("pattern")},
+        "layers": [r.to_dict() for r in report.linears],
+        "seconds": report.seconds, "peak_rss_mb": report.peak_rss_mb,
+    }
+    return _write(loaded, fields, report.qparams, out_dir, storage)
+
+
+def repack_artifact(src: str | Path, out_dir: str | Path, storage: str = DEFAULT_STORAGE) -> Path:
+    """Rewrite the artifact at ``src`` with another ``storage`` into ``out_dir`` (same weights, recipe,
+    calibration and per-layer records; a new ``created`` and ``storage``)."""
+    loaded = load_artifact(src)
+    fields = {k: loaded.manifest[k] for k in _FIELDS if k in loaded.manifest}
+    return _write(loaded, fields, load_qparams(src), out_dir, storage)
+
+
+_FIELDS = ("source", "model_type", "dtype", "recipe", "calibration", "summary", "layers", "seconds", "peak_rss_mb")
+
+
+def _write(loaded: LoadedModel, fields: dict[str, Any], qparams: dict[str, dict[str, torch.Tensor]],
+           out_dir: str | Path, storage: str) -> Path:
     from safetensors.torch import save_file
 
+    if storage not in STORAGES:
+        raise RecoupError(unknown_name_message("storage", str(storage), STORAGES))
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not (out.is_dir() and ((out / ARTIFACT_MANIFEST).is_file() or not any(out.iterdir()))):
         raise RecoupError(f"'{out}' exists and is not a recoup artifact; refusing to overwrite it (choose another --out)")
@@ -58,27 +103,31 @@ def save_artifact(loaded: LoadedModel, report: CompressReport, out_dir: str | Pa
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        loaded.model.save_pretrained(str(tmp), safe_serialization=True)
+        packed, metas = {}, {}
+        if storage == "packed":
+            names = [r["name"] for r in fields.get("layers") or []]
+            packed, metas = pack_model(loaded.model, names, qparams, (fields.get("recipe") or {}).get("bits"))
+        state = {k: v for k, v in loaded.model.state_dict().items() if k not in metas} if metas else None
+        loaded.model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state)
         loaded.tokenizer.save_pretrained(str(tmp))
-        if report.qparams:
-            flat = {f"{name}.{k}": v.contiguous() for name, d in report.qparams.items() for k, v in d.items()}
+        if qparams:
+            flat = {f"{name}.{k}": (_small_zero(v) if storage == "packed" and k == "zero" else v).contiguous()
+                    for name, d in qparams.items() for k, v in d.items()}
             save_file(flat, str(tmp / QPARAMS_FILE))
-        files = {f.name: file_sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
-        dtype = str(next(loaded.model.parameters()).dtype).replace("torch.", "")
-        manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION,
-            "source": {"model": loaded.source, "path": str(loaded.path) if loaded.path else None,
-                       "sha256": model_fingerprint(loaded.path) if loaded.path else None},
-            "model_type": report.model_type, "dtype": dtype,
-            "recipe": report.config, "calibration": report.calibration,
-            "summary": {"sparsity": report.sparsity, "mean_error": report.mean_error, "linears": len(report.linears),
-                        "bits": report.config.get("bits"), "group_size": report.config.get("group_size"),
-                        "sym": report.config.get("sym"), "pattern": report.config.get("pattern")},
-            "layers": [r.to_dict() for r in report.linears],
-            "seconds": report.seconds, "peak_rss_mb": report.peak_rss_mb, "versions": _versions(),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "files": files,
-        }
+        if metas:
+            save_file(packed, str(tmp / PACKED_FILE), metadata={"format": "recoup-packed"})
+        listed = [f for f in sorted(tmp.iterdir()) if f.is_file()]
+        encodings = Counter(m["encoding"] for m in metas.values())
+        storage_info: dict[str, Any] = {
+            "kind": "packed" if metas else "dense", "bytes": sum(f.stat().st_size for f in listed),
+            "file_bytes": {f.name: f.stat().st_size for f in listed},
+            "packed_linears": dict(encodings), "dense_linears": len(fields.get("layers") or []) - len(metas)}
+        if metas:
+            storage_info.update({"file": PACKED_FILE, "tensors": metas})
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION if metas else 1, **fields,
+                    "versions": _versions(),
+                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "files": {f.name: file_sha256(f) for f in listed}, "storage": storage_info}
         (tmp / ARTIFACT_MANIFEST).write_text(json.dumps(manifest, indent=1))
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -89,7 +138,10 @@ def save_artifact(loaded: LoadedModel, report: CompressReport, out_dir: str | Pa
             os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("wrote artifact %s", out)
+    if metas:
+        log.info("packed %d of %d linears (%s); %d stay dense", len(metas), len(fields.get("layers") or []),
+                 ", ".join(f"{k} {v}" for k, v in sorted(encodings.items())), storage_info["dense_linears"])
+    log.info("wrote artifact %s (%s, %.1f MB on disk)", out, storage_info["kind"], storage_info["bytes"] / 1e6)
     return out
 
 
@@ -126,6 +178,8 @@ def load_qparams(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     out: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in load_file(str(f)).items():
         name, kind = key.rsplit(".", 1)
+        if kind == "zero" and t.dtype == torch.uint8:  # packed artifacts store integer zero points as uint8
+            t = t.float()
         out.setdefault(name, {})[kind] = t
     return out
 
@@ -140,17 +194,49 @@ def load_artifact(path: str | Path, dtype: str | torch.dtype = "float32", device
 
     path = Path(path).expanduser().resolve()
     manifest = read_manifest(path)
+    storage = manifest.get("storage") or {}
+    metas = storage.get("tensors") if storage.get("kind") == "packed" else None
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=parse_dtype(dtype), use_safetensors=True,
-                                                     trust_remote_code=False)
+        with _quiet_missing_weights() if metas else nullcontext():
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=parse_dtype(dtype), use_safetensors=True, trust_remote_code=False,
+                output_loading_info=True)
     except (OSError, ValueError, KeyError) as exc:
         raise RecoupError(f"could not load artifact '{path}': {str(exc).splitlines()[0]}") from None
+    if metas:
+        from safetensors.torch import load_file
+
+        if set(info["missing_keys"]) != set(metas):
+            raise RecoupError(f"artifact '{path}': the weights missing from model.safetensors are not the packed ones; "
+                              "the artifact is corrupted")
+        unpack_into(model, metas, load_file(str(path / storage.get("file", PACKED_FILE))), load_qparams(path))
     model.to(device).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     manifest["artifact_dir"] = str(path)
     return LoadedModel(model=model, tokenizer=tokenizer, source=str(path), path=path, manifest=manifest)
+
+
+def _small_zero(zero: torch.Tensor) -> torch.Tensor:
+    """Zero points (integer codes of 0.0, float32) as uint8 when that is exact (always, for 1-8 bits)."""
+    small = zero.to(torch.uint8)
+    return small if torch.equal(small.float(), zero.float()) else zero
+
+
+@contextmanager
+def _quiet_missing_weights():
+    """transformers warns that packed weights are missing from model.safetensors (they are decoded next);
+    at that level it also runs a tensor-parallel check that warns, hence the second logger."""
+    loggers = [logging.getLogger(f"transformers.{n}") for n in ("modeling_utils", "distributed.tensor_parallel")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _sha(t: torch.Tensor) -> str:
