@@ -174,6 +174,10 @@ def test_corrupted_or_inconsistent_packed_artifacts_give_one_clear_line(tmp_path
     (out / "recoup.json").write_text(json.dumps(manifest))
     with pytest.raises(RecoupError, match="not the packed ones; the artifact is corrupted"):
         load_artifact(out)
+    manifest["storage"]["kind"] = "dense"  # a manifest edited to dense: the packed weights would be random
+    (out / "recoup.json").write_text(json.dumps(manifest))
+    with pytest.raises(RecoupError, match="not the packed ones; the artifact is corrupted"):
+        load_artifact(out)
     manifest["format_version"] = 3
     (out / "recoup.json").write_text(json.dumps(manifest))
     with pytest.raises(RecoupError, match="newer than this recoup reads"):

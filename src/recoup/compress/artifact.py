@@ -195,7 +195,10 @@ def load_artifact(path: str | Path, dtype: str | torch.dtype = "float32", device
     path = Path(path).expanduser().resolve()
     manifest = read_manifest(path)
     storage = manifest.get("storage") or {}
-    metas = storage.get("tensors") if storage.get("kind") == "packed" else None
+    metas = storage.get("tensors") if storage.get("kind") == "packed" else {}
+    if not isinstance(metas, dict):
+        raise RecoupError(f"'{path}/{ARTIFACT_MANIFEST}' says packed storage but lists no packed tensors; "
+                          "the artifact is corrupted")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         with _quiet_missing_weights() if metas else nullcontext():
@@ -204,12 +207,12 @@ def load_artifact(path: str | Path, dtype: str | torch.dtype = "float32", device
                 output_loading_info=True)
     except (OSError, ValueError, KeyError) as exc:
         raise RecoupError(f"could not load artifact '{path}': {str(exc).splitlines()[0]}") from None
+    if set(info["missing_keys"]) != set(metas):  # else transformers would fill them with random weights
+        raise RecoupError(f"artifact '{path}': the weights missing from model.safetensors are not the packed ones; "
+                          "the artifact is corrupted")
     if metas:
         from safetensors.torch import load_file
 
-        if set(info["missing_keys"]) != set(metas):
-            raise RecoupError(f"artifact '{path}': the weights missing from model.safetensors are not the packed ones; "
-                              "the artifact is corrupted")
         unpack_into(model, metas, load_file(str(path / storage.get("file", PACKED_FILE))), load_qparams(path))
     model.to(device).eval()
     if tokenizer.pad_token_id is None:
