@@ -64,10 +64,10 @@ def test_pack_bits_layout_is_little_endian():
     assert pack_bits(torch.tensor([7, 1, 0]), 3).tolist() == [0b01111, 0]
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_rtn_ragged_groups_round_trip_bitwise(tmp_path, bits):
+@pytest.mark.parametrize("bits,sym", [(2, True), (3, True), (3, False), (4, True), (8, False)])
+def test_rtn_ragged_groups_round_trip_bitwise(tmp_path, bits, sym):
     lm = tiny_loaded("llama", hidden=40, layers=2)  # 40 and 120 columns: ragged last group of 16
-    rep = compress(lm, CompressConfig(method="rtn", bits=bits, group_size=16), None)
+    rep = compress(lm, CompressConfig(method="rtn", bits=bits, group_size=16, sym=sym), None)
     assert any(q["g_idx"].bincount().min() < 16 for q in rep.qparams.values())
     packed, dense = both(tmp_path, lm, rep)
     storage = packed.manifest["storage"]
@@ -124,6 +124,17 @@ def test_bfloat16_model_round_trip_bitwise(tmp_path):
     assert packed.manifest["storage"]["packed_linears"] == {"codes": 7}
     sd = lm.model.state_dict()  # (in-memory logits differ: .to(bfloat16) also cast the rotary buffers)
     assert all(torch.equal(t.view(torch.int16), sd[k].view(torch.int16)) for k, t in packed.model.state_dict().items())
+    assert torch.equal(packed.model(X).logits, dense.model(X).logits)
+
+
+def test_float32_artifact_loaded_as_bfloat16_matches_dense(tmp_path):
+    lm = tiny_loaded("qwen3", hidden=32, layers=1)
+    rep = compress(lm, CompressConfig(method="sparsegpt", sparsity=0.5, bits=3, group_size=16), calib())
+    packed = load_artifact(save_artifact(lm, rep, tmp_path / "p"), dtype="bfloat16")
+    dense = load_artifact(save_artifact(lm, rep, tmp_path / "d", storage="dense"), dtype="bfloat16")
+    sd = dense.model.state_dict()
+    assert all(torch.equal(t.view(torch.int16), sd[k].view(torch.int16)) for k, t in packed.model.state_dict().items()
+               if t.dtype == torch.bfloat16)
     assert torch.equal(packed.model(X).logits, dense.model(X).logits)
 
 
