@@ -156,3 +156,20 @@ def test_real_model_arc_easy_sample_is_reproducible_and_above_chance():
     second = evaluate(lm, ["arc_easy"], settings)["results"]["arc_easy"]
     assert (first["acc"], first["acc_norm"]) == (second["acc"], second["acc_norm"])
     assert first["acc"] > 0.35  # chance is 0.25 on four choices
+
+
+def test_scores_of_a_task_the_recovery_was_tuned_on_carry_a_warning(caplog):
+    import torch
+
+    from recoup.recover.soft_prompt import SoftPrompt
+
+    lm = tiny_loaded("llama")
+    hidden = lm.model.get_input_embeddings().weight.shape[1]
+    settings = EvalSettings(limit=2, seed=0, batch_size=2, seqlen=512)
+    tuned = SoftPrompt(torch.zeros(3, hidden), {"data": {"task": "arc_easy", "heldout_fraction": 0.3, "seed": 0}})
+    with caplog.at_level("WARNING"):
+        out = evaluate(lm, ["arc_easy", "piqa"], settings, recovery=tuned)["results"]
+    assert "training examples" in out["arc_easy"]["warning"] and "warning" not in out["piqa"]
+    assert any("compare-recovery" in r.message for r in caplog.records)
+    other = SoftPrompt(torch.zeros(3, hidden), {"data": {"corpus": "ptb"}})
+    assert "warning" not in evaluate(lm, ["arc_easy"], settings, recovery=other)["results"]["arc_easy"]

@@ -68,6 +68,18 @@ def run_ppl(task: str, loaded, settings: EvalSettings, recovery) -> dict:
     return res.to_dict()
 
 
+TUNED_ON_TASK_WARNING = ("the recovery was tuned on the train part of this task, and these scores include its training "
+                         "examples; `recoup compare-recovery --task T` scores the held-out part only")
+
+
+def _tuned_task(recovery) -> str | None:
+    """The task a recovery was tuned on (its recorded tuning protocol), if any."""
+    if recovery is None:
+        return None
+    data = recovery.describe().get("data")
+    return data.get("task") if isinstance(data, dict) else None
+
+
 def evaluate(loaded, tasks: list[str], settings: EvalSettings, recovery=None) -> dict:
     """Evaluate every task; returns ``{"model", "results": {task: {...}}, "protocol": {...}}``."""
     from recoup.evaluate import tasks as registry
@@ -79,14 +91,19 @@ def evaluate(loaded, tasks: list[str], settings: EvalSettings, recovery=None) ->
         else:
             runners.append((task, registry.get_runner(task)))
     registry.validate(tasks, settings.options)  # options, files and installed data, before any scoring
+    tuned_task = _tuned_task(recovery)
     model = recovery.apply(loaded.model) if recovery is not None else loaded.model
     run_loaded = dataclasses.replace(loaded, model=model)
     results: dict[str, dict] = {}
     started = time.time()
+    if tuned_task in tasks:
+        log.warning("%s: %s", tuned_task, TUNED_ON_TASK_WARNING)
     for name, runner in runners:
         t0 = time.time()
         results[name] = runner(name, run_loaded, settings, recovery)
         results[name]["seconds"] = round(time.time() - t0, 3)
+        if name == tuned_task:
+            results[name]["warning"] = TUNED_ON_TASK_WARNING
     protocol = {"seqlen": settings.seqlen, "limit": settings.limit, "seed": settings.seed,
                 "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
                 "torch": torch.__version__, "python": platform.python_version(),
