@@ -101,3 +101,24 @@ def test_merge_keeps_rows_only_for_the_same_protocol():
         merge(a, {"rows": [{"label": "x"}], "protocol": {**proto, "seed": 1}})
     with pytest.raises(RecoupError, match="duplicate"):
         merge(a, {"rows": [{"label": "dense"}], "protocol": proto})
+
+
+def test_compare_recovery_rows_take_labels_and_can_skip_the_compressed_row():
+    import argparse
+
+    from recoup.commands.compare_recovery import entries, register
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    register(sub)
+    parser = sub.choices["compare-recovery"]
+
+    def rows(*argv):
+        return [(e.label, e.recovery) for e in entries(parser.parse_args(["--task", "sciq", *argv]))]
+
+    assert rows("--compressed", "art", "--soft-prompt", "ptb=/p/a", "--soft-prompt", "sciq=/p/b", "--idp", "/p/c") == [
+        ("compressed", None), ("+soft prompt ptb", "/p/a"), ("+soft prompt sciq", "/p/b"), ("+IDP", "/p/c")]
+    assert rows("--compressed", "art", "--lora", "/x/a=b", "--skip-compressed-row") == [("+LoRA", "/x/a=b")]
+    with pytest.raises(RecoupError, match="labelled"):
+        rows("--compressed", "art", "--soft-prompt", "/p/a", "--soft-prompt", "/p/b")
+    with pytest.raises(RecoupError, match="needs --compressed"):
+        rows("--dense", "d", "--skip-compressed-row")

@@ -17,12 +17,14 @@ def register(sub) -> None:
     p.add_argument("--dense", help="dense model source (row 'dense')")
     p.add_argument("--dense-lora", help="a LoRA trained on the dense model (row 'dense+lora'; the CPET teacher)")
     p.add_argument("--compressed", help="compressed artifact (row 'compressed'; recoveries attach to it)")
-    p.add_argument("--hard-prompt", help="saved hard prompt directory (row '+hard prompt')")
-    p.add_argument("--soft-prompt", help="saved soft prompt directory (row '+soft prompt')")
-    p.add_argument("--idp", help="saved IDP pool directory (row '+IDP')")
-    p.add_argument("--lora", help="saved LoRA directory (row '+LoRA')")
-    p.add_argument("--cpet", action="append", default=[], metavar="[LABEL=]DIR",
-                   help="saved CPET directory (row '+CPET'); repeat with LABEL=DIR for ablations")
+    for flag, row, what in [("--hard-prompt", "+hard prompt", "hard prompt"), ("--soft-prompt", "+soft prompt",
+                             "soft prompt"), ("--idp", "+IDP", "IDP pool"), ("--lora", "+LoRA", "LoRA"),
+                            ("--cpet", "+CPET", "CPET")]:
+        p.add_argument(flag, action="append", default=[], metavar="[LABEL=]DIR",
+                       help=f"saved {what} directory (row '{row}'); repeat with LABEL=DIR (row '{row} LABEL') "
+                            f"to compare several")
+    p.add_argument("--skip-compressed-row", action="store_true",
+                   help="do not score the compressed artifact itself (e.g. its row is in --include already)")
     p.add_argument("--heldout-fraction", type=float, default=0.3, help="held-out share of the task (default 0.3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the hash split (default 0; match the training run)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N held-out examples")
@@ -47,13 +49,21 @@ def entries(args: argparse.Namespace) -> list:
             rows.append(Entry("dense+lora", args.dense, args.dense_lora))
     elif args.dense_lora:
         raise RecoupError("--dense-lora needs --dense")
-    attached = [("+hard prompt", args.hard_prompt), ("+soft prompt", args.soft_prompt), ("+IDP", args.idp),
-                ("+LoRA", args.lora)]
-    for item in args.cpet:
-        label, _, path = item.rpartition("=")
-        attached.append((f"+CPET {label}".rstrip() if label else "+CPET", path))
+    attached = []
+    for row, items in [("+hard prompt", args.hard_prompt), ("+soft prompt", args.soft_prompt), ("+IDP", args.idp),
+                       ("+LoRA", args.lora), ("+CPET", args.cpet)]:
+        for item in items:
+            label, _, path = item.rpartition("=") if "=" in item.split("/")[0] else ("", "", item)
+            attached.append((f"{row} {label}" if label else row, path))
+    labels = [label for label, _ in attached]
+    if len(set(labels)) != len(labels):
+        raise RecoupError(f"two rows are labelled '{next(x for x in labels if labels.count(x) > 1)}'; "
+                          f"name them with LABEL=DIR")
+    if args.skip_compressed_row and not args.compressed:
+        raise RecoupError("--skip-compressed-row needs --compressed (the recoveries attach to it)")
     if args.compressed:
-        rows.append(Entry("compressed", args.compressed))
+        if not args.skip_compressed_row:
+            rows.append(Entry("compressed", args.compressed))
         rows += [Entry(label, args.compressed, path) for label, path in attached if path]
     elif any(path for _, path in attached):
         raise RecoupError("recoveries attach to --compressed; give the compressed artifact")
