@@ -36,3 +36,7 @@ OMP_NUM_THREADS=1 python benchmarks/recover.py --model smollm2-135m --steps 4 --
 recoup eval smollm2-135m --tasks ppl:ptb --limit 4 --recovery /work/artifacts/prompts/smollm2-8x-sp20 --json /tmp/p5/dense_sp.json
 recoup eval /work/artifacts/smollm2-sgpt60 --tasks ppl:ptb --limit 4 --json /tmp/p5/sgpt60.json
 recoup eval /work/artifacts/smollm2-sgpt60 --tasks ppl:ptb --limit 4 --recovery /work/artifacts/prompts/smollm2-8x-sp20 --json /tmp/p5/sgpt60_sp.json
+
+# full PTB test (47 windows of 2048), session 2
+OMP_NUM_THREADS=1 recoup eval /work/artifacts/smollm2-8x --tasks ppl:ptb --seqlen 2048 --json 8x_full_ptb.json
+OMP_NUM_THREADS=1 recoup eval /work/artifacts/smollm2-8x --tasks ppl:ptb --seqlen 2048 --recovery /work/artifacts/prompts/smollm2-8x-sp20 --json 8x_sp_full_ptb.json
