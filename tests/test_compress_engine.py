@@ -118,7 +118,7 @@ def test_artifact_reload_gives_identical_logits_and_fingerprint(tmp_path):
     with torch.no_grad():
         first.weight.view(-1)[torch.nonzero(first.weight.view(-1) == 0)[0]] = 0.123
     assert compression_fingerprint(again.model, again.manifest)["digest"] != fp["digest"]
-    assert not (tmp_path / f".art.partial").exists()
+    assert not (tmp_path / ".art.partial").exists()
 
 
 def test_corrupted_and_foreign_artifacts_give_one_clear_line(tmp_path):

@@ -15,7 +15,7 @@ from recoup.model.forward import forward_logits
 from recoup.recover.idp import IDPConfig, IDPPool, fit_idp
 from recoup.recover.io import load_recovery
 from recoup.recover.soft_prompt import SoftPrompt, SoftPromptConfig, fit_soft_prompt
-from recoup.recover.task_data import (collate, context_part, mean_prefixed_loss, prefixed_loss, split_task,
+from recoup.recover.task_data import (collate, context_part, mean_loss, prefixed_loss, split_task,
                                       task_sequences, tuning_data)
 from test_recover_prompt import digest, prune_
 
@@ -82,7 +82,7 @@ def test_prefixed_loss_scores_only_the_continuation_whatever_the_padding():
                                    reduction="sum") for i, s in enumerate(seqs))
     assert torch.allclose(together, alone, rtol=1e-4) and torch.allclose(together, want, rtol=1e-4)
     n = sum(len(s.ids) - s.first_scored for s in seqs)
-    assert mean_prefixed_loss(lm.model, seqs, 0, 2, "cpu", lambda b: prefix) == pytest.approx(float(want) / n, rel=1e-4)
+    assert mean_loss(lm.model, seqs, 0, 2, lambda b: prefix) == pytest.approx(float(want) / n, rel=1e-4)
 
 
 def test_soft_prompt_on_task_lowers_validation_loss_keeps_backbone_and_never_sees_heldout(seen_batches, tmp_path):

@@ -277,7 +277,7 @@ def fit_cpet(model: nn.Module, tokenizer, data, cfg: CpetConfig, train_cfg, inhe
     modules are trained together with the shared loop; the best state by validation task loss is kept.
     """
     from recoup.recover.lora import linear_digests, lora_parameters
-    from recoup.recover.task_data import batch_stream, kept_loss, mean_loss, model_outputs
+    from recoup.recover.task_data import batch_stream, kept_loss, mean_loss, model_outputs, pad_id_of
     from recoup.recover.train import train
 
     if cfg.distill and teacher is None:
@@ -309,7 +309,7 @@ def fit_cpet(model: nn.Module, tokenizer, data, cfg: CpetConfig, train_cfg, inhe
         parts["n"] += 1
         return task + d
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id_of(tokenizer)
     batches = batch_stream(data.train, batch_size, pad, seed=train_cfg.seed)
     validate = (lambda: mean_loss(wrapped, data.valid, pad, batch_size)) if data.valid else None
     result = train(params, batches, loss_fn, train_cfg, validate, tokens_in=lambda b: b.tokens, desc="cpet")

@@ -45,7 +45,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from recoup.config import Config, check
+from recoup.config import check
 from recoup.errors import RecoupError
 from recoup.model.anatomy import anatomy
 from recoup.recover.base import Recovery
@@ -254,7 +254,7 @@ def fit_idp(loaded, config: IDPConfig) -> tuple[IDPPool, TrainResult]:
     Corpus: (batch_size, seqlen) windows, next-token loss. Task (``config.task``): padded batches of
     context + gold continuation, loss on the continuation, selection on the context (module doc).
     """
-    from recoup.recover.task_data import batch_stream, context_part, mean_prefixed_loss, pad_id_of, prefixed_loss
+    from recoup.recover.task_data import batch_stream, context_part, mean_loss, pad_id_of, prefixed_loss
 
     model, tok = loaded.model, loaded.tokenizer
     tuning = None
@@ -292,7 +292,7 @@ def fit_idp(loaded, config: IDPConfig) -> tuple[IDPPool, TrainResult]:
             return prefixed_loss(model, b, device, select(b, observe=True))
 
         def validate() -> float:
-            return mean_prefixed_loss(model, tuning.valid, pad, config.batch_size, device, select)
+            return mean_loss(model, tuning.valid, pad, config.batch_size, select)
 
         batches, tokens_in = batch_stream(tuning.train, config.batch_size, pad, config.seed), (lambda b: b.tokens)
     else:
@@ -308,7 +308,7 @@ def fit_idp(loaded, config: IDPConfig) -> tuple[IDPPool, TrainResult]:
 
     with frozen(model):
         if tuning is not None:
-            base_val = mean_prefixed_loss(model, tuning.valid, pad, config.batch_size, device)
+            base_val = mean_loss(model, tuning.valid, pad, config.batch_size)
             log.info("idp: %s validation loss without a prompt %.4f", config.task, base_val)
         result = train([pool.pool], batches, loss_fn, config.train_config(), validate, tokens_in=tokens_in, desc="idp")
     counts = collections.Counter(picks)

@@ -204,14 +204,6 @@ def frozen_base(wrapped: nn.Module) -> Iterator[nn.Parameter]:
             yield p
 
 
-def adapter_loss(model: nn.Module, batch, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Task / LM loss of one :class:`~recoup.recover.task_data.Batch` (logits only at scored positions)."""
-    from recoup.recover.task_data import kept_loss, model_outputs
-
-    out, keep = model_outputs(model, batch, device)
-    return kept_loss(out.logits, keep, batch.labels)
-
-
 def fit_lora(model: nn.Module, tokenizer, data, cfg: LoraConfig, train_cfg, batch_size: int = 8,
              init: LoraRecovery | None = None):
     """Train a LoRA on a frozen (possibly compressed) model; returns (LoraRecovery, TrainResult, wrapped).
@@ -220,7 +212,7 @@ def fit_lora(model: nn.Module, tokenizer, data, cfg: LoraConfig, train_cfg, batc
     targets, e.g. one trained on the dense model) replaces PEFT's random init. The base weights are
     checked bit-identical after training (RecoupError otherwise). ``model`` is wrapped in place.
     """
-    from recoup.recover.task_data import batch_stream, mean_loss
+    from recoup.recover.task_data import batch_stream, mean_loss, pad_id_of, prefixed_loss
     from recoup.recover.train import train
 
     device = next(model.parameters()).device
@@ -232,10 +224,10 @@ def fit_lora(model: nn.Module, tokenizer, data, cfg: LoraConfig, train_cfg, batc
                           f"train with the same --rank and targets")
     wrapped = rec.apply(model, seed=train_cfg.seed)
     params = lora_parameters(wrapped)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id_of(tokenizer)
     batches = batch_stream(data.train, batch_size, pad, seed=train_cfg.seed)
     validate = (lambda: mean_loss(wrapped, data.valid, pad, batch_size)) if data.valid else None
-    result = train(params, batches, lambda b: adapter_loss(wrapped, b, device), train_cfg, validate,
+    result = train(params, batches, lambda b: prefixed_loss(wrapped, b, device), train_cfg, validate,
                    tokens_in=lambda b: b.tokens, desc="lora")
     if linear_digests(wrapped) != before:
         raise RecoupError("internal error: training changed the frozen base weights")

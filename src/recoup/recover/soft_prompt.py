@@ -317,7 +317,7 @@ def fit_soft_prompt_on_task(loaded, config: SoftPromptConfig) -> tuple[SoftPromp
     token-weighted mean loss on ``tuning.valid`` (a seeded slice of the train part); the best prompt is
     kept. The held-out part is never seen; its protocol is recorded in ``meta["data"]``.
     """
-    from recoup.recover.task_data import batch_stream, mean_prefixed_loss, pad_id_of, prefixed_loss
+    from recoup.recover.task_data import batch_stream, mean_loss, pad_id_of, prefixed_loss
 
     model, tok = loaded.model, loaded.tokenizer
     tuning = task_tuning(loaded, config)
@@ -329,7 +329,7 @@ def fit_soft_prompt_on_task(loaded, config: SoftPromptConfig) -> tuple[SoftPromp
         return prompt.prefix(model, b.input_ids, b.attention_mask)
 
     def validate(with_prompt: bool = True) -> float:
-        return mean_prefixed_loss(model, tuning.valid, pad, config.batch_size, device, prefix if with_prompt else None)
+        return mean_loss(model, tuning.valid, pad, config.batch_size, prefix if with_prompt else None)
 
     with frozen(model):
         base_val = validate(with_prompt=False)

@@ -11,7 +11,7 @@ the same (task, fraction, seed) always gives the same split. Three objectives fe
   ``{"prompt", "completion"}`` (loss on the completion only).
 
 LoRA and CPET train on these batches directly; soft prompts and IDP pools put their prompt in front
-(:func:`prefixed_loss`, :func:`mean_prefixed_loss`; IDP selects on :func:`context_part`).
+(:func:`prefixed_loss`, :func:`mean_loss` with ``prefix_fn``; IDP selects on :func:`context_part`).
 """
 
 from __future__ import annotations
@@ -270,19 +270,32 @@ def scored_positions(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != -100).any(0).nonzero().flatten()
 
 
-def model_outputs(model, batch: "Batch", device, hidden: bool = False):
+def model_outputs(model, batch: "Batch", device, hidden: bool = False, prefix: torch.Tensor | None = None):
     """One forward of ``batch`` that computes logits only where a next token is scored.
 
-    Returns (outputs, keep): ``outputs.logits`` is (B, K, V) at the positions ``keep`` (K,), so the
+    Returns (outputs, keep): ``outputs.logits`` is (B, K, V) at the input positions ``keep`` (K,), so the
     vocabulary projection (the largest activation of a small model) covers a handful of positions
-    instead of all T; ``outputs.hidden_states`` (when ``hidden``) are full (B, T, H).
+    instead of all T. ``prefix``: input embeddings (P, H) or (B, P, H) put in front (a soft prompt);
+    its positions are never scored and ``keep`` stays in the batch's own positions.
+    ``outputs.hidden_states`` (when ``hidden``) are full, (B, P + T, H).
     """
     from recoup.model.forward import build_inputs
 
     ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
     keep = scored_positions(batch.labels).to(device)
-    out = model(**build_inputs(model, ids, mask), use_cache=False, logits_to_keep=keep, output_hidden_states=hidden)
+    kwargs = build_inputs(model, ids, mask, prefix)
+    at = keep + (kwargs["inputs_embeds"].shape[1] - ids.shape[1])
+    if _keeps_logits(model):
+        return model(**kwargs, use_cache=False, logits_to_keep=at, output_hidden_states=hidden), keep
+    out = model(**kwargs, use_cache=False, output_hidden_states=hidden)
+    out.logits = out.logits[:, at]
     return out, keep
+
+
+def _keeps_logits(model) -> bool:
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def kept_loss(logits: torch.Tensor, keep: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -292,64 +305,18 @@ def kept_loss(logits: torch.Tensor, keep: torch.Tensor, labels: torch.Tensor, re
                            reduction=reduction)
 
 
-def mean_loss(model, seqs: list[Sequence], pad_id: int, batch_size: int = 8,
-              prefix_fn: Callable | None = None) -> float:
-    """Token-weighted mean loss over ``seqs`` (for validation); ``prefix_fn(ids, mask)`` may give a prefix."""
-    from recoup.model.forward import forward_logits
-
-    total, count = 0.0, 0
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        for start in range(0, len(seqs), batch_size):
-            b = collate(seqs[start:start + batch_size], pad_id)
-            n = int((b.labels[:, 1:] != -100).sum())
-            if not n:
-                continue
-            if prefix_fn is None:
-                out, keep = model_outputs(model, b, device)
-                total += kept_loss(out.logits, keep, b.labels, reduction="sum").item()
-            else:
-                ids, mask, labels = b.input_ids.to(device), b.attention_mask.to(device), b.labels.to(device)
-                logits = forward_logits(model, ids, mask, prefix_fn(ids, mask))[:, :-1].float()
-                total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                         ignore_index=-100, reduction="sum").item()
-            count += n
-    return total / max(1, count) if count else math.nan
-
-
-# ---------------------------------------------------------------- losses behind an input-embedding prefix
-
-
-def _keeps_logits(model) -> bool:
-    import inspect
-
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
-
-
 def prefixed_loss(model, batch: Batch, device, prefix: torch.Tensor | None = None,
                   reduction: str = "mean") -> torch.Tensor:
-    """Loss of ``batch`` on its scored tokens with an input-embedding ``prefix`` (P, H) or (B, P, H) prepended.
-
-    The prefix positions and padding are never scored (labels -100); logits are computed only at the
-    positions whose next token is scored (``logits_to_keep``, shifted by P), as :func:`model_outputs` does.
-    """
-    from recoup.model.forward import build_inputs
-
-    ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-    keep = scored_positions(batch.labels).to(device)
-    kwargs = build_inputs(model, ids, mask, prefix)
-    shift = kwargs["inputs_embeds"].shape[1] - ids.shape[1]
-    if _keeps_logits(model):
-        logits = model(**kwargs, use_cache=False, logits_to_keep=keep + shift).logits
-    else:
-        logits = model(**kwargs, use_cache=False).logits[:, keep + shift]
-    return kept_loss(logits, keep, batch.labels, reduction=reduction)
+    """Loss of ``batch`` on its scored tokens, optionally behind an input-embedding ``prefix`` (P, H) or (B, P, H)."""
+    out, keep = model_outputs(model, batch, device, prefix=prefix)
+    return kept_loss(out.logits, keep, batch.labels, reduction=reduction)
 
 
-def mean_prefixed_loss(model, seqs: list[Sequence], pad_id: int, batch_size: int, device,
-                       prefix_fn: Callable[[Batch], torch.Tensor | None] | None = None) -> float:
-    """Token-weighted mean of :func:`prefixed_loss` over ``seqs`` in order; ``prefix_fn(batch)`` gives the prefix."""
+def mean_loss(model, seqs: list[Sequence], pad_id: int, batch_size: int = 8,
+              prefix_fn: Callable[[Batch], torch.Tensor | None] | None = None) -> float:
+    """Token-weighted mean loss over ``seqs`` in order (for validation); ``prefix_fn(batch)`` may give a prefix."""
     total, count = 0.0, 0
+    device = next(model.parameters()).device
     with torch.no_grad():
         for start in range(0, len(seqs), batch_size):
             b = collate(seqs[start:start + batch_size], pad_id)
