@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from recoup.errors import RecoupError
-from recoup.recipe import Recipe, apply_override, load_recipe, parse_override, validate
+from recoup.overrides import apply_override, parse_override
+from recoup.recipe import Recipe, load_recipe, validate
 from recoup.runs.plan import build_plan
 
 
