@@ -20,7 +20,6 @@ and position ids over the cached keys/values.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from typing import Any, Sequence
 
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from recoup.errors import RecoupError
-from recoup.model.forward import build_inputs
+from recoup.model.forward import build_inputs, keeps_logits
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ class Scorer:
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
         self.eos_ids = sorted(int(e) for e in eos if e is not None)
-        self._keep_arg = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        self._keep_arg = keeps_logits(self.model)
 
     # ----------------------------------------------------------------- tokenization
     def encode(self, text: str) -> list[int]:

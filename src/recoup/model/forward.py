@@ -8,10 +8,17 @@ for every architecture in the anatomy map.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
 from recoup.errors import RecoupError
+
+
+def keeps_logits(model: nn.Module) -> bool:
+    """Whether ``model.forward`` takes ``logits_to_keep`` (the LM head only at chosen positions)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def build_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

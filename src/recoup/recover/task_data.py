@@ -279,23 +279,17 @@ def model_outputs(model, batch: "Batch", device, hidden: bool = False, prefix: t
     its positions are never scored and ``keep`` stays in the batch's own positions.
     ``outputs.hidden_states`` (when ``hidden``) are full, (B, P + T, H).
     """
-    from recoup.model.forward import build_inputs
+    from recoup.model.forward import build_inputs, keeps_logits
 
     ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
     keep = scored_positions(batch.labels).to(device)
     kwargs = build_inputs(model, ids, mask, prefix)
     at = keep + (kwargs["inputs_embeds"].shape[1] - ids.shape[1])
-    if _keeps_logits(model):
+    if keeps_logits(model):
         return model(**kwargs, use_cache=False, logits_to_keep=at, output_hidden_states=hidden), keep
     out = model(**kwargs, use_cache=False, output_hidden_states=hidden)
     out.logits = out.logits[:, at]
     return out, keep
-
-
-def _keeps_logits(model) -> bool:
-    import inspect
-
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def kept_loss(logits: torch.Tensor, keep: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
