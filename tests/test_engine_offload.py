@@ -164,21 +164,41 @@ def test_cli_device_flag_rejects_unavailable_cuda(tmp_path, capsys):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("arch", ["llama", "opt"])
-@pytest.mark.parametrize("method", ["sparsegpt", "gptq", "wanda"])
-def test_cuda_offload_matches_cpu(arch, method):
+@pytest.mark.parametrize("method", ["sparsegpt", "gptq", "wanda", "awq"])
+def test_cuda_offload_equals_cuda_in_place_bitwise(arch, method):
+    """The offload machinery on CUDA: same kernels as compressing the model in place on the GPU, so the
+    same weights bit for bit, and every parameter back on the CPU."""
     ref, off = tiny_loaded(arch, hidden=64, layers=3), tiny_loaded(arch, hidden=64, layers=3)
+    ref.model.to("cuda")
     cfg = CompressConfig(**CONFIGS[method], batch_size=4)
     rep_ref = compress(ref, cfg, calib(8, 32))
     rep_off = compress(off, cfg, calib(8, 32), device="cuda")
     assert {p.device.type for p in off.model.parameters()} == {"cpu"}
-    assert {b.device.type for b in off.model.buffers()} == {"cpu"}
+    assert {b.device.type for b in off.model.buffers()} <= {"cpu"}
+    got = state(off.model)
+    for k, v in state(ref.model).items():
+        assert torch.equal(v.cpu(), got[k]), k
+    assert [r.error for r in rep_ref.linears] == [r.error for r in rep_off.linears]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+@pytest.mark.parametrize("method", ["sparsegpt", "gptq", "wanda"])
+def test_cuda_offload_agrees_with_cpu(arch, method):
+    """CPU and CUDA differ in reduction order, and the OBS solvers turn that into different near-tie
+    choices (on an H100, SparseGPT's weights differed by up to 19% relative norm while every linear's
+    error agreed to about 1%), so weights are not compared one by one: the sparsity and the layer-wise
+    reconstruction errors must agree. Calibration has more tokens than any layer has inputs."""
+    ref, off = tiny_loaded(arch, hidden=64, layers=3), tiny_loaded(arch, hidden=64, layers=3)
+    cfg = CompressConfig(**CONFIGS[method], batch_size=8)
+    rep_ref = compress(ref, cfg, calib(64, 32))
+    rep_off = compress(off, cfg, calib(64, 32), device="cuda")
+    assert {p.device.type for p in off.model.parameters()} == {"cpu"}
     w_ref, w_off = dict(ref.model.named_parameters()), dict(off.model.named_parameters())
-    names = [n for n, _ in anatomy(ref.model).iter_linears()]
-    for n in names:
-        a, b = w_ref[n + ".weight"], w_off[n + ".weight"]
-        # the same fraction pruned; masks may differ where TF32 / reduction order flip near-ties
-        assert float((a == 0).float().mean()) == float((b == 0).float().mean()), n
-        assert float((a - b).norm() / a.norm()) < 0.1, n
+    for n, _ in anatomy(ref.model).iter_linears():
+        a, b = w_ref[n + ".weight"].detach(), w_off[n + ".weight"].detach()
+        if method != "gptq":  # GPTQ's zeros are weights that round to the grid's 0 level, not a target
+            assert float((a == 0).float().mean()) == float((b == 0).float().mean()) == 0.5, n
     mean_ref = sum(r.error for r in rep_ref.linears) / len(rep_ref.linears)
     mean_off = sum(r.error for r in rep_off.linears) / len(rep_off.linears)
-    assert abs(mean_ref - mean_off) <= 0.1 * mean_ref + 1e-6
+    assert abs(mean_ref - mean_off) <= 0.05 * mean_ref + 1e-6
