@@ -105,14 +105,16 @@ def test_magnitude_2_4_stores_mask_and_kept_values(tmp_path):
     assert not (packed.path / "quant_params.safetensors").exists()
 
 
-def test_awq_linears_rescaled_after_quantization_stay_dense(tmp_path):
+def test_awq_linears_rescaled_after_quantization_stay_on_their_grids_and_pack(tmp_path):
     lm = tiny_loaded("llama", hidden=32, layers=2)
     rep = compress(lm, CompressConfig(method="awq", bits=4, group_size=16, awq_grid=4, awq_samples=256), calib())
-    # down_proj's scales divide up_proj's rows after up_proj was quantized (ratio 0: scales of 1, still exact)
+    # down_proj's scales divide up_proj's rows after up_proj was quantized: its codes move to rescaled grids
     folded = sum(r.info.get("awq_folded_into") == "mlp.up_proj" and r.info["awq_ratio"] > 0 for r in rep.linears)
-    packed, _ = both(tmp_path, lm, rep)
+    assert folded >= 1
+    packed, dense = both(tmp_path, lm, rep)
     storage = packed.manifest["storage"]
-    assert storage["dense_linears"] == folded >= 1 and storage["packed_linears"] == {"codes": 14 - folded}
+    assert storage["dense_linears"] == 0 and storage["packed_linears"] == {"codes": 14}
+    assert all(torch.equal(t, dense.model.state_dict()[k]) for k, t in packed.model.state_dict().items())
 
 
 def test_bfloat16_model_round_trip_bitwise(tmp_path):
