@@ -234,7 +234,7 @@ class Scorer:
         encoded = [self.encode(p)[-room:] or [self.prefix_token] for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
         outputs: list[str] = [""] * len(prompts)
-        eos = torch.tensor(self.eos_ids, device=self.device)
+        eos = set(self.eos_ids)
         self.model.eval()
         for start in tqdm(range(0, len(order), self.batch_size), desc=desc, unit="batch",
                           disable=not self.progress, leave=False):
@@ -242,21 +242,20 @@ class Scorer:
             logp, mask, cache = self._prefill([encoded[i] for i in idx])
             logp = logp[:, -1]
             n = len(idx)
-            done = torch.zeros(n, dtype=torch.bool, device=self.device)
+            done = [False] * n  # host-side: one device->host copy of the step's tokens, not one per row
             new: list[list[int]] = [[] for _ in range(n)]
             for step in range(max_new_tokens):
                 tok = logp.argmax(-1)
-                hit = torch.isin(tok, eos) if len(self.eos_ids) else torch.zeros_like(done)
-                for r in range(n):
-                    if not done[r] and not hit[r]:
-                        new[r].append(int(tok[r]))
-                done |= hit
-                if stop:
-                    for r in range(n):
-                        text = self.tokenizer.decode(new[r], skip_special_tokens=True).lstrip()
-                        if not done[r] and any(s in text for s in stop):
-                            done[r] = True
-                if bool(done.all()) or step == max_new_tokens - 1:
+                for r, t in enumerate(tok.tolist()):
+                    if done[r]:
+                        continue
+                    if t in eos:
+                        done[r] = True
+                        continue
+                    new[r].append(t)
+                    if stop and any(x in self.tokenizer.decode(new[r], skip_special_tokens=True).lstrip() for x in stop):
+                        done[r] = True
+                if all(done) or step == max_new_tokens - 1:
                     break
                 step_mask = torch.ones((n, 1), dtype=mask.dtype, device=self.device)
                 logp = self._extend(tok[:, None], step_mask, mask, cache)[:, -1]
