@@ -24,8 +24,9 @@ def corpus(tmp_path_factory):
     return str(path)
 
 
-def reference_scores(model, pool: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Selection scores from one uncached eager forward over [pool; input] with output_attentions."""
+def reference_scores(model, pool: torch.Tensor, ids: torch.Tensor, layers: int | None = None) -> torch.Tensor:
+    """Selection scores from one uncached eager forward over [pool; input] with output_attentions
+    (attention of the first ``layers`` layers, or of all)."""
     m, n, h = pool.shape
     emb = model.get_input_embeddings()
     x = torch.cat([pool.reshape(1, m * n, h).expand(ids.shape[0], -1, -1), emb(ids)], 1)
@@ -35,7 +36,7 @@ def reference_scores(model, pool: torch.Tensor, ids: torch.Tensor) -> torch.Tens
         att = model(inputs_embeds=x, output_attentions=True, use_cache=False).attentions
     finally:
         model.set_attn_implementation(previous)
-    a = torch.stack(att).sum((0, 2))[:, m * n:, : m * n]  # (B, T, P): layers and heads summed
+    a = torch.stack(att[:layers]).sum((0, 2))[:, m * n:, : m * n]  # (B, T, P): layers and heads summed
     per_pos = a.sum(1)
     per_pos[:, 0] = 0  # the attention sink is left out
     counts = torch.full((m,), float(n))
@@ -63,6 +64,36 @@ def test_cached_selection_equals_full_forward(arch):
     assert pool._kv is cache
     # nothing left behind: attention implementation and hooks restored
     assert lm.model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_selection_on_the_first_layers_scores_them_and_stops_there(arch, tmp_path):
+    lm = tiny_loaded(arch, layers=3)
+    torch.manual_seed(0)
+    pool = IDPPool(torch.randn(3, 4, 32), select_layers=1)
+    ids = torch.randint(4, 100, (2, 9))
+    with torch.no_grad():
+        pool.scores(lm.model, ids)  # the pool's key/values: one full pass, once per model
+    layers = anatomy(lm.model).layers
+    ran = []
+    handles = [layer.register_forward_pre_hook(lambda m, a, k=k: ran.append(k)) for k, layer in enumerate(layers)]
+    with torch.no_grad():
+        got = pool.scores(lm.model, ids)
+        ran_selection = list(ran)
+        want = reference_scores(lm.model, pool.pool.detach(), ids, layers=1)
+        full = IDPPool(pool.pool.detach(), select_layers=0).scores(lm.model, ids)
+        every = IDPPool(pool.pool.detach(), select_layers=5).scores(lm.model, ids)  # more than the model has
+    for h in handles:
+        h.remove()
+    assert ran_selection == [0]  # the pass stopped after the first layer
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4) and not torch.allclose(got, full)
+    assert torch.equal(every, full)
+    assert lm.model.config._attn_implementation == "sdpa"
+    pool.save(tmp_path / "k1")
+    again = load_recovery(tmp_path / "k1")
+    assert again.select_layers == 1 and again.describe()["select_layers"] == 1
+    with torch.no_grad():
+        assert torch.equal(again.scores(lm.model, ids), got)
 
 
 def test_left_padding_does_not_change_an_examples_scores():
@@ -123,6 +154,8 @@ def test_config_validation():
         IDPConfig.from_dict({"pools": 3})
     with pytest.raises(RecoupError, match="prompts >= 2"):
         IDPPool(torch.randn(1, 3, 8))
+    with pytest.raises(RecoupError, match="select_layers must be >= 0"):
+        IDPConfig(select_layers=-1)
 
 
 def test_anatomy_attention_modules_exist_for_every_architecture():

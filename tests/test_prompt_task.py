@@ -149,8 +149,10 @@ def test_cli_recover_on_task_then_eval_and_compare_recovery(tmp_path, capsys):
     common = ["--task", "sciq", "--tokens", "4", "--seqlen", str(SEQLEN), "--batch-size", "4", "--steps", "2",
               "--eval-every", "2"]
     assert main(["recover", m, "--method", "soft-prompt", "--out", str(tmp_path / "sp")] + common) == 0
-    assert main(["recover", m, "--method", "idp", "--pool", "2", "--out", str(tmp_path / "idp")] + common) == 0
+    assert main(["recover", m, "--method", "idp", "--pool", "2", "--select-layers", "1", "--out", str(tmp_path / "idp")]
+                + common) == 0
     capsys.readouterr()
+    assert json.loads((tmp_path / "idp" / "recoup_recovery.json").read_text())["select_layers"] == 1
     saved = json.loads((tmp_path / "sp" / "recoup_run.json").read_text())["config"]
     assert (saved["task"], saved["data"], saved["heldout_fraction"]) == ("sciq", None, 0.3)
     assert json.loads((tmp_path / "idp" / "recoup_recovery.json").read_text())["data"]["task"] == "sciq"

@@ -130,7 +130,10 @@ def _register_builtin() -> None:
         "soft-prompt", "Compress-Then-Prompt soft prompt (Xu et al. 2023)", _soft_prompt, _PROMPT_FLAGS))
     METHODS.register("idp", RecoverMethod(
         "idp", "Inference-time Dynamic Prompting pool (Hoang et al. 2023)", _idp,
-        _PROMPT_FLAGS + (Flag("--pool", "pool", type=int, help="prompts in the IDP pool m (idp; default 4)"),)))
+        _PROMPT_FLAGS + (Flag("--pool", "pool", type=int, help="prompts in the IDP pool m (idp; default 4)"),
+                         Flag("--select-layers", "select_layers", type=int,
+                              help="score the pool on the first K decoder layers only, a cheaper selection pass "
+                                   "(idp; default 0 = all layers)"))))
     METHODS.register("lora", RecoverMethod("lora", "LoRA through PEFT, kept unmerged (Hu et al. 2021)",
                                            add_arguments=_adapter_args, run=_run_lora))
     METHODS.register("cpet", RecoverMethod("cpet", "CPET / CA-LoRA: inheritance, recovery modules, distillation "

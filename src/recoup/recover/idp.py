@@ -28,7 +28,10 @@ Choices the paper leaves open, made here:
   selected from the example's *context* (its question, without the continuation and the padding,
   :func:`recoup.recover.task_data.context_part`), as the Scorer selects at evaluation, where the shared
   context is prefilled before the choices. The selection pass takes the batch's attention mask, so an
-  example gets the same prompt padded in a batch or alone; the score statistics come from task contexts.
+  example gets the same prompt padded in a batch or alone; the score statistics come from task contexts;
+- the selection pass is an extra prefill of the input after the pool. ``select_layers=K`` scores the
+  attention of the first K decoder layers only and stops the pass there, so it costs about K/L of a
+  prefill instead of a whole one. The pool is trained with the same K it is used with (saved with it).
 """
 
 from __future__ import annotations
@@ -64,23 +67,32 @@ class IDPConfig(SoftPromptConfig):
     """A pool of ``pool`` prompts of ``tokens`` each; the rest as :class:`SoftPromptConfig`."""
 
     pool: int = 4
+    select_layers: int = 0  # selection pass through the first K decoder layers only (0: all)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.pool >= 2, f"an IDP pool needs at least 2 prompts (got {self.pool})")
+        check(self.select_layers >= 0, f"select_layers must be >= 0, 0 meaning all layers (got {self.select_layers})")
+
+
+class _SelectionDone(Exception):
+    """Raised by the last scored layer's hook: the selection pass needs no further layer."""
 
 
 @contextlib.contextmanager
-def attention_scores(model: nn.Module, n_prefix: int, pool: int, tokens: int):
+def attention_scores(model: nn.Module, n_prefix: int, pool: int, tokens: int, layers: int = 0):
     """Eager attention + hooks adding, per example, the input->prompt attention: yields a (B, m) holder.
 
-    Attention weights (B, heads, T, n_prefix + T) of every layer are reduced as they appear, so only
+    Attention weights (B, heads, T, n_prefix + T) of every layer (or of the first ``layers``, after
+    which the forward pass stops with :class:`_SelectionDone`) are reduced as they appear, so only
     one layer's weights are alive at a time. Hooks and the attention implementation are restored
     in ``finally``.
     """
     an = anatomy(model)
     attn_path = an.spec.attention[0].rsplit(".", 1)[0]
     modules = [layer.get_submodule(attn_path) for layer in an.layers]
+    if layers and layers < len(modules):
+        modules = modules[:layers]
     previous = model.config._attn_implementation
     acc: dict[str, torch.Tensor] = {}
     handles = []
@@ -96,6 +108,8 @@ def attention_scores(model: nn.Module, n_prefix: int, pool: int, tokens: int):
         counts = torch.full((pool,), float(tokens), device=per_pos.device)
         counts[0] -= 1
         acc["scores"] = acc["scores"] + per_pos.sum(-1) / counts.clamp(min=1)
+        if _mod is modules[-1] and len(modules) < len(an.layers):
+            raise _SelectionDone
 
     try:
         model.set_attn_implementation("eager")
@@ -113,9 +127,12 @@ class IDPPool(Recovery):
     method = "idp"
 
     def __init__(self, pool: torch.Tensor, meta: dict | None = None, score_mean: torch.Tensor | None = None,
-                 score_std: torch.Tensor | None = None, standardize: bool = True) -> None:
+                 score_std: torch.Tensor | None = None, standardize: bool = True, select_layers: int = 0) -> None:
         if pool.dim() != 3 or pool.shape[0] < 2:
             raise RecoupError(f"an IDP pool is (prompts >= 2, tokens, hidden); got shape {tuple(pool.shape)}")
+        if select_layers < 0:
+            raise RecoupError(f"select_layers must be >= 0, 0 meaning all layers (got {select_layers})")
+        self.select_layers = int(select_layers)  # the selection pass scores the first K layers (0: all)
         self.pool = nn.Parameter(pool.detach().float().clone())
         m = pool.shape[0]
         self.score_mean = torch.zeros(m) if score_mean is None else score_mean.float().reshape(m).clone()
@@ -168,10 +185,14 @@ class IDPPool(Recovery):
             cache.batch_repeat_interleave(b)
         mask = torch.cat([attention_mask.new_ones(b, n_prefix), attention_mask], 1)
         pos = n_prefix + (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        with attention_scores(model, n_prefix, self.size, self.tokens) as acc:
+        with attention_scores(model, n_prefix, self.size, self.tokens, self.select_layers) as acc:
             acc["mask"] = attention_mask.float()
             acc["scores"] = torch.zeros(b, self.size, device=input_ids.device)
-            model(input_ids=input_ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+            try:
+                model(input_ids=input_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                      use_cache=True)
+            except _SelectionDone:
+                pass
             return acc["scores"] / attention_mask.float().sum(1, keepdim=True).clamp(min=1)
 
     def select(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -210,7 +231,7 @@ class IDPPool(Recovery):
     def describe(self) -> dict:
         counts = collections.Counter(self.choices)
         return {"method": self.method, "parameters": self.num_parameters(), "pool": self.size, "tokens": self.tokens,
-                "hidden_size": self.hidden_size, "standardize": self.standardize,
+                "hidden_size": self.hidden_size, "standardize": self.standardize, "select_layers": self.select_layers,
                 "selected": {str(k): counts.get(k, 0) for k in range(self.size)},
                 "choices": self.choices[:2000], **{k: v for k, v in self.meta.items() if k != "train"}}
 
@@ -222,7 +243,8 @@ class IDPPool(Recovery):
         save_file({"pool": self.pool.detach().float().contiguous(), "score_mean": self.score_mean.contiguous(),
                    "score_std": self.score_std.contiguous()}, str(out / WEIGHTS))
         record = {"method": self.method, "pool": self.size, "tokens": self.tokens, "hidden_size": self.hidden_size,
-                  "weights": WEIGHTS, "standardize": self.standardize, **self.meta}
+                  "weights": WEIGHTS, "standardize": self.standardize, "select_layers": self.select_layers,
+                  **self.meta}
         (out / RECORD).write_text(json.dumps(record, indent=2, default=str))
 
     @classmethod
@@ -237,8 +259,9 @@ class IDPPool(Recovery):
         except (OSError, ValueError, KeyError) as exc:
             raise RecoupError(f"'{folder}' is not a saved IDP pool ({type(exc).__name__}: {exc})") from None
         meta = {k: v for k, v in record.items()
-                if k not in ("method", "pool", "tokens", "hidden_size", "weights", "standardize")}
-        return cls(pool, meta, tensors.get("score_mean"), tensors.get("score_std"), record.get("standardize", True))
+                if k not in ("method", "pool", "tokens", "hidden_size", "weights", "standardize", "select_layers")}
+        return cls(pool, meta, tensors.get("score_mean"), tensors.get("score_std"), record.get("standardize", True),
+                   record.get("select_layers", 0))
 
 
 def mixed_batches(sources: list[torch.Tensor], seqlen: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
@@ -268,7 +291,7 @@ def fit_idp(loaded, config: IDPConfig) -> tuple[IDPPool, TrainResult]:
                                      max(1, config.val_windows // len(names))) for name in names])
         init_ids = torch.cat(sources)
     rows = init_embeddings(model, tok, config, init_ids, config.pool * config.tokens)
-    pool = IDPPool(rows.view(config.pool, config.tokens, -1), model_meta(loaded))
+    pool = IDPPool(rows.view(config.pool, config.tokens, -1), model_meta(loaded), select_layers=config.select_layers)
     device = next(model.parameters()).device
     picks: list[int] = []
 
