@@ -175,8 +175,8 @@ def main() -> int:
 
     print(f"\nPTB-test perplexity (seqlen {args.ppl_seqlen}, {'all' if not args.limit else args.limit} windows); "
           f"calibration {args.nsamples} x {args.seqlen} PTB-train windows, seed {args.seed}")
-    print(f"| recipe | calibration | PTB ppl | compress time (s) | peak RSS (MiB) | zeros | checks |\n"
-          f"|---|---|---:|---:|---:|---:|---|")
+    print("| recipe | calibration | PTB ppl | compress time (s) | peak RSS (MiB) | zeros | checks |\n"
+          "|---|---|---:|---:|---:|---:|---|")
     for r in results:
         checks = []
         if r.get("all_on_grid") is not None:
