@@ -117,6 +117,23 @@ def test_factoid_prompt_is_llm_kicks():
     assert factoid.TEMPLATE.format(question="Who?") == "Please give answer to this question: Who?\nThe answer is "
 
 
+def test_factoid_template_option(monkeypatch):
+    assert factoid.prompt_template({}) == factoid.TEMPLATE
+    assert factoid.prompt_template({"factoid_template": "cloze"}) == "{question}"
+    assert factoid.prompt_template({"factoid_template": "Q: {question}\\nA:"}) == "Q: {question}\nA:"
+    for bad in ("Q: {q}", "no field", "{question} {other}"):
+        with pytest.raises(RecoupError, match="factoid_template must be kick, cloze or a format string"):
+            factoid.checker("triviaqa")({"factoid_template": bad})
+    seen = []
+    lm = tiny_loaded("llama")
+    monkeypatch.setattr(factoid, "load", lambda name, options=None: [
+        {"id": "0", "question": "The capital of France is", "answers": ["Paris"]}])
+    monkeypatch.setattr(Scorer, "generate", lambda self, prompts, **kw: seen.extend(prompts) or [" Paris."] * len(prompts))
+    res = factoid.run("qa_wikidata", lm, EvalSettings(seqlen=512, options={"factoid_template": "cloze"}), None)
+    assert seen == ["The capital of France is"] and res["em"] == 1.0
+    assert res["protocol"]["template"] == "{question}"
+
+
 @needs_olmo
 def test_retrieval_open_book_truncates_context_closed_book_has_none():
     examples = retrieval.load("squad_open")

