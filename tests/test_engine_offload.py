@@ -186,9 +186,9 @@ def test_cuda_offload_equals_cuda_in_place_bitwise(arch, method):
 @pytest.mark.parametrize("method", ["sparsegpt", "gptq", "wanda"])
 def test_cuda_offload_agrees_with_cpu(arch, method):
     """CPU and CUDA differ in reduction order, and the OBS solvers turn that into different near-tie
-    choices (on an H100, SparseGPT's weights differed by up to 19% relative norm while every linear's
-    error agreed to about 1%), so weights are not compared one by one: the sparsity and the layer-wise
-    reconstruction errors must agree. Calibration has more tokens than any layer has inputs."""
+    choices (on an H100, SparseGPT's weights differed by up to 19% relative norm while each linear's
+    error agreed within 5%, most within 1%), so weights are not compared one by one: the sparsity and
+    the mean reconstruction error must agree. Calibration has more tokens than any layer has inputs."""
     ref, off = tiny_loaded(arch, hidden=64, layers=3), tiny_loaded(arch, hidden=64, layers=3)
     cfg = CompressConfig(**CONFIGS[method], batch_size=8)
     rep_ref = compress(ref, cfg, calib(64, 32))
