@@ -79,16 +79,15 @@ def _prepare(view, names: tuple[str, ...], stats: ActSampleStats, config: Compre
     for n, w in zip(names, weights):
         view.set_weight(n, w * s[None, :])
     if is_linear:
+        folded = prev_w / s[:, None]
         done = view.results.get(prev)
         if done is not None and done.scale is not None:
-            # ``prev`` is already quantized: its rows move to rescaled grids (scale / s). Rebuild them from
-            # their integer codes on the new grids so they stay on them exactly (and pack as codes).
-            g = done.g_idx.long()
-            codes = torch.round(prev_w.float() / done.scale.float()[:, g] + done.zero.float()[:, g])
+            # ``prev`` is already quantized: its rows move to rescaled grids (scale / s). The division alone
+            # leaves them a float rounding off those grids, so snap them back with the grid's own quantize.
             done.scale = done.scale / s[:, None].to(done.scale)
-            view.set_weight(prev, done.scale.float()[:, g] * (codes - done.zero.float()[:, g]))
-        else:
-            view.set_weight(prev, prev_w / s[:, None])
+            g = done.g_idx.long()
+            folded = grid.quantize(folded, done.scale.float()[:, g], done.zero.float()[:, g])
+        view.set_weight(prev, folded)
         bias = getattr(prev_mod, "bias", None)
         if bias is not None:
             bias.data.copy_((bias.float() / s).to(bias.dtype))
