@@ -38,10 +38,10 @@ def prompt_template(options: dict) -> str:
     raw = str(options.get("factoid_template", "kick"))
     template = {"kick": TEMPLATE, "cloze": "{question}"}.get(raw, raw.replace("\\n", "\n"))
     try:
-        template.format(question="q")
+        ok = "{question}" in template and template.format(question="q") is not None
     except (KeyError, IndexError, ValueError):
-        template = ""
-    if "{question}" not in template:
+        ok = False
+    if not ok:
         raise RecoupError(f"option factoid_template must be kick, cloze or a format string with {{question}} and no "
                           f"other {{field}} (got '{raw}')")
     return template
