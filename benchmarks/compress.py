@@ -38,7 +38,7 @@ RECIPES: dict[str, dict] = {
 
 def check_properties(loaded, config, report) -> dict:
     """Exact zero fraction, N:M and grid membership of every targeted linear, measured on the weights."""
-    from recoup.compress.artifact import compression_fingerprint
+    from recoup.artifact.store import compression_fingerprint
     from recoup.compress.masks import is_nm
     from recoup.model.anatomy import anatomy
 
@@ -54,10 +54,10 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
     """Compress + evaluate one recipe in this process; returns a result row."""
     from recoup.compress import CompressConfig, compress
     from recoup.compress.methods import METHODS
-    from recoup.compress.report import peak_rss_mb
+    from recoup.artifact.report import peak_rss_mb
     from recoup.data.calibration import calibration_windows
     from recoup.evaluate.perplexity import perplexity
-    from recoup.model.load import load_model
+    from recoup.artifact import load_model
 
     row: dict = {"recipe": name}
     if name.startswith("artifact:"):
@@ -67,7 +67,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
         row.update({"recipe": f"{m['recipe']['method']} {Path(path).name}", "compress_s": m["seconds"],
                     "peak_rss_mb": m["peak_rss_mb"], "zero_fraction": m["summary"]["sparsity"],
                     "calibration": m["calibration"]})
-        from recoup.compress.artifact import compression_fingerprint
+        from recoup.artifact.store import compression_fingerprint
 
         row["all_on_grid"] = compression_fingerprint(loaded.model, m)["all_on_grid"]
     else:
@@ -97,7 +97,7 @@ def obs_timing(args: argparse.Namespace) -> list[dict]:
     import torch
 
     from recoup.compress.obs import obs_compress
-    from recoup.compress.quantizer import QuantGrid
+    from recoup.artifact.grid import QuantGrid
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rows = []

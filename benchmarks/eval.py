@@ -79,7 +79,7 @@ def main() -> None:
     from recoup.evaluate.scorer import Scorer
     from recoup.evaluate.tasks import factoid, load_examples, requests_for
     from recoup.evaluate.tasks.common import sample_indices
-    from recoup.model.load import load_model
+    from recoup.artifact import load_model
 
     loaded = load_model(args.model)
     model = loaded.model

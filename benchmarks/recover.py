@@ -5,7 +5,7 @@
    ``PromptTuningConfig`` model, on the same model, the same PTB-train windows, the same initial
    prompt and the same objective (PEFT labels with the first input token masked, so both score the
    same T-1 tokens). The first step of each is a warm-up and is not timed.
-2. Latency, batch 1 (:func:`recoup.recover.compare.measure_latency`): prefill of a ``--prompt-len``
+2. Latency, batch 1 (:func:`recoup.runs.compare_recovery.measure_latency`): prefill of a ``--prompt-len``
    token input and per-token greedy decode with the KV cache, for the model alone, + a soft prompt
    of ``--tokens``, + an IDP pool of ``--pool`` x ``--tokens`` (prefill includes IDP's selection pass).
 
@@ -83,8 +83,8 @@ class _nothing:
 
 def main() -> None:
     from recoup.data.calibration import calibration_windows
-    from recoup.model.load import load_model
-    from recoup.recover.compare import LatencyConfig, measure_latency
+    from recoup.artifact import load_model
+    from recoup.runs.compare_recovery import LatencyConfig, measure_latency
     from recoup.recover.idp import IDPPool
     from recoup.recover.io import load_recovery
     from recoup.recover.soft_prompt import SoftPrompt

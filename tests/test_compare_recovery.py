@@ -7,8 +7,8 @@ from helpers import save_tiny, tiny_model, tiny_tokenizer
 from recoup import RecoupError
 from recoup.cli import main
 from recoup.model.forward import forward_logits
-from recoup.recover.base import Recovery
-from recoup.recover.compare import Entry, LatencyConfig, compare, measure_latency
+from recoup.model.recovery import Recovery
+from recoup.runs.compare_recovery import Entry, LatencyConfig, compare, measure_latency
 from recoup.recover.lora import LoraConfig, fit_lora
 from recoup.recover.train import TrainConfig
 from test_lora import toy_data
@@ -91,7 +91,7 @@ def test_recover_cli_lora_then_cpet_with_inheritance(tmp_path):
 
 
 def test_merge_keeps_rows_only_for_the_same_protocol():
-    from recoup.recover.compare import merge
+    from recoup.runs.compare_recovery import merge
 
     proto = {"task": "sciq", "heldout_fraction": 0.3, "seed": 0, "n_heldout": 300, "scored": "held-out part"}
     a = {"rows": [{"label": "dense"}], "protocol": proto}

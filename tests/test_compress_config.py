@@ -9,11 +9,11 @@ from helpers import save_tiny
 
 from recoup.cli import main
 from recoup.compress import CompressConfig
-from recoup.compress.artifact import compression_fingerprint
+from recoup.artifact.store import compression_fingerprint
 from recoup.compress.masks import is_nm
 from recoup.errors import RecoupError
 from recoup.model.anatomy import anatomy
-from recoup.model.load import load_model
+from recoup.artifact import load_model
 
 
 @pytest.mark.parametrize("data,match", [

@@ -9,7 +9,7 @@ import torch
 from helpers import tiny_loaded
 
 from recoup.compress import CompressConfig, compress
-from recoup.compress.artifact import compression_fingerprint, load_artifact, save_artifact
+from recoup.artifact.store import compression_fingerprint, load_artifact, save_artifact
 from recoup.compress.engine import LayerView, capture_inputs
 from recoup.compress.masks import is_nm
 from recoup.compress.methods.awq import _prepare
@@ -17,7 +17,7 @@ from recoup.compress.stats import ActSampleStats
 from recoup.data.calibration import Calibration
 from recoup.errors import RecoupError
 from recoup.model.anatomy import anatomy
-from recoup.model.load import load_model
+from recoup.artifact import load_model
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "opt", "gpt2"]
 

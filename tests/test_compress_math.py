@@ -10,7 +10,7 @@ import torch
 from recoup.compress.masks import is_nm, nm_mask, unstructured_mask
 from recoup.compress.methods.rtn import rtn
 from recoup.compress.obs import damped_inverse_cholesky, obs_compress
-from recoup.compress.quantizer import QuantGrid, grid_deviation
+from recoup.artifact.grid import QuantGrid, grid_deviation
 from recoup.compress.stats import ActNormStats, HessianStats
 
 

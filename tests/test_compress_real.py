@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from recoup.compress import CompressConfig, compress
-from recoup.compress.artifact import compression_fingerprint
+from recoup.artifact.store import compression_fingerprint
 from recoup.compress.masks import is_nm
 from recoup.data.calibration import calibration_windows
 from recoup.evaluate.perplexity import perplexity
 from recoup.model.anatomy import anatomy
-from recoup.model.load import load_model
+from recoup.artifact import load_model
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ def test_wanda_2_4_beats_magnitude_2_4_on_the_real_model():
 def test_joint_8x_artifact_is_exactly_half_zeros_on_grid_and_packed(tmp_path):
     """The 8x recipe (SparseGPT 50% + 4-bit sym g64) on the real model, saved packed and reloaded
     (short calibration: the properties do not depend on its size)."""
-    from recoup.compress.artifact import save_artifact
+    from recoup.artifact.store import save_artifact
 
     lm = load_model("smollm2-135m")
     cal = calibration_windows(lm.tokenizer, "ptb", 8, 256, 0)

@@ -10,9 +10,9 @@ from helpers import save_tiny, tiny_loaded
 
 from recoup.cli import main
 from recoup.compress import CompressConfig, compress
-from recoup.compress.artifact import (compression_fingerprint, load_artifact, load_qparams, repack_artifact,
+from recoup.artifact.store import (compression_fingerprint, load_artifact, load_qparams, repack_artifact,
                                       save_artifact)
-from recoup.compress.packing import PACKED_FILE, encode_linear, pack_bits, packed_nbytes, unpack_bits
+from recoup.artifact.packing import PACKED_FILE, encode_linear, pack_bits, packed_nbytes, unpack_bits
 from recoup.data.calibration import Calibration
 from recoup.errors import RecoupError
 from recoup.model.anatomy import anatomy

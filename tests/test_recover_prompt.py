@@ -132,10 +132,10 @@ def test_save_load_round_trip_and_peft_gives_same_loss(corpus, tmp_path):
 
 def test_transfer_across_artifacts_and_hidden_size_mismatch(corpus, tmp_path):
     """A prompt learned on one compressed tiny model attaches unchanged to other sparsity levels."""
-    from recoup.compress.artifact import compression_fingerprint, save_artifact
+    from recoup.artifact.store import compression_fingerprint, save_artifact
     from recoup.compress.config import CompressConfig
     from recoup.compress.engine import compress
-    from recoup.model.load import load_model
+    from recoup.artifact import load_model
 
     dirs = {}
     for sparsity in (0.4, 0.5, 0.6):

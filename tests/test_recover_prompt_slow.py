@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 def test_soft_prompt_on_real_model_lowers_validation_loss_and_keeps_weights(tmp_path):
     from peft import PeftModel
 
-    from recoup.model.load import load_model
+    from recoup.artifact import load_model
     from recoup.recover.io import load_recovery
     from recoup.recover.soft_prompt import SoftPromptConfig, fit_soft_prompt, lm_loss
 

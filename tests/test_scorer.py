@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from helpers import tiny_loaded
 from recoup.evaluate.scorer import Scorer
 from recoup.model.forward import forward_logits
-from recoup.recover.base import Recovery
+from recoup.model.recovery import Recovery
 
 REQUESTS = [("Question: what is 2+2?\nAnswer:", " four"), ("Question: what is 2+2?\nAnswer:", " 4"),
             ("Question: what is 2+2?\nAnswer:", " twenty-two"), ("Hi", " there friend"), ("Hi ", "there"),

@@ -165,7 +165,7 @@ def test_retrieval_open_book_truncates_context_closed_book_has_none():
 @pytest.mark.slow
 @needs_olmo
 def test_real_model_arc_easy_sample_is_reproducible_and_above_chance():
-    from recoup.model.load import load_model
+    from recoup.artifact import load_model
 
     lm = load_model("smollm2-135m")
     settings = EvalSettings(limit=40, seed=0, batch_size=16)

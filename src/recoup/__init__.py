@@ -12,7 +12,7 @@ Public API (re-exported here):
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from recoup.version import __version__  # noqa: E402
 
 import os as _os
 
@@ -20,7 +20,7 @@ _os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from recoup.errors import RecoupError  # noqa: E402
 from recoup.model.anatomy import anatomy  # noqa: E402
-from recoup.model.load import LoadedModel, load_model  # noqa: E402
+from recoup.artifact import LoadedModel, load_model  # noqa: E402
 
 load = load_model
 

@@ -68,7 +68,7 @@ def _common(args: argparse.Namespace, loaded):
 def _fingerprint(model, manifest):
     if not manifest:
         return None
-    from recoup.compress.artifact import compression_fingerprint
+    from recoup.artifact.store import compression_fingerprint
     from recoup.recover.lora import base_of
 
     return compression_fingerprint(base_of(model), manifest)
@@ -109,7 +109,7 @@ def run_lora(args: argparse.Namespace, loaded) -> int:
 def run_cpet(args: argparse.Namespace, loaded) -> int:
     """CPET on a compressed ``loaded``: --inherit, --recovery-modules, --distill switch its three parts."""
     from recoup.errors import RecoupError
-    from recoup.model.load import load_model
+    from recoup.artifact import load_model
     from recoup.recover.cpet import CpetConfig, fit_cpet, make_teacher
     from recoup.recover.lora import LoraRecovery
 

@@ -40,7 +40,7 @@ def register(sub) -> None:
 
 def entries(args: argparse.Namespace) -> list:
     from recoup.errors import RecoupError
-    from recoup.recover.compare import Entry
+    from recoup.runs.compare_recovery import Entry
 
     rows = []
     if args.dense:
@@ -74,7 +74,7 @@ def entries(args: argparse.Namespace) -> list:
 
 def run(args: argparse.Namespace) -> int:
     from recoup.errors import RecoupError
-    from recoup.recover.compare import LatencyConfig, compare, format_table, merge
+    from recoup.runs.compare_recovery import LatencyConfig, compare, format_table, merge
 
     if args.limit is not None and args.limit < 1:
         raise RecoupError(f"--limit must be positive (got {args.limit})")

@@ -50,9 +50,10 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from recoup.compress import CompressConfig, compress
-    from recoup.compress.artifact import save_artifact
+    from recoup.artifact.store import save_artifact
     from recoup.data.calibration import calibration_windows
-    from recoup.model.load import ARTIFACT_MANIFEST, load_model
+    from recoup.artifact import load_model
+    from recoup.model.load import ARTIFACT_MANIFEST
 
     config = CompressConfig.from_dict({
         "method": args.method, "sparsity": args.sparsity, "pattern": args.pattern, "bits": args.bits,

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from recoup.evaluate.judge import build_judge
     from recoup.evaluate.runner import EvalSettings, evaluate, resolve_tasks
     from recoup.evaluate.tasks import parse_options
-    from recoup.model.load import load_model
+    from recoup.artifact import load_model
 
     if args.limit is not None and args.limit < 1:
         raise RecoupError(f"--limit must be a positive integer (got {args.limit})")

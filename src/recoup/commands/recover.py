@@ -218,7 +218,7 @@ def method_config(method: RecoverMethod, args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from recoup.errors import RecoupError
-    from recoup.model.load import load_model
+    from recoup.artifact import load_model
 
     method = METHODS.get(args.method)
     config = method_config(method, args) if method.run is None else None

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from recoup.compress.config import METHOD_NAMES, CompressConfig
 from recoup.compress.engine import compress
-from recoup.compress.report import CompressReport, LinearRecord
+from recoup.artifact.report import CompressReport, LinearRecord
 
 __all__ = ["CompressConfig", "CompressReport", "LinearRecord", "METHOD_NAMES", "compress"]
 
 
 class _CallableModule(__import__("types").ModuleType):
-    """``recoup.compress(loaded, config, calibration)`` calls :func:`compress` while ``recoup.compress.artifact``
+    """``recoup.compress(loaded, config, calibration)`` calls :func:`compress` while ``recoup.artifact.store``
     stays reachable: the package and the function share one name."""
 
     def __call__(self, loaded, config, calibration=None, **kwargs) -> CompressReport:

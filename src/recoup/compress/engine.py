@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from recoup.compress.config import CompressConfig
 from recoup.compress.methods import METHODS, LinearResult
-from recoup.compress.report import CompressReport, LinearRecord, peak_rss_mb
+from recoup.artifact.report import CompressReport, LinearRecord, peak_rss_mb
 from recoup.compress.stats import ActNormStats, ActSampleStats, HessianStats
 from recoup.data.calibration import Calibration
 from recoup.errors import RecoupError

@@ -18,7 +18,7 @@ from typing import Iterator
 
 import torch
 
-from recoup.compress.quantizer import QuantGrid
+from recoup.artifact.grid import QuantGrid
 from recoup.errors import RecoupError
 
 log = logging.getLogger(__name__)

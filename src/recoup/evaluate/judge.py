@@ -237,7 +237,7 @@ def build_judge(url: str | None, model: str | None, key_env: str | None, local: 
     if model:
         raise RecoupError("--judge-model needs --judge-url")
     if local:
-        from recoup.model.load import load_model
+        from recoup.artifact import load_model
 
         return Judge(LocalJudge(load_model(local, dtype=dtype, device=device)), retries=retries)
     return None

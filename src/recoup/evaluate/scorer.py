@@ -11,7 +11,7 @@ Tasks hand it requests; it batches them, runs the model and hands back numbers o
 - :meth:`Scorer.generate`: greedy decoding with a KV cache, batched, left-padded, stop strings.
 - :meth:`Scorer.rolling_loglikelihood`: lm-eval's disjoint rolling windows for whole-text likelihood.
 
-A recovery (``recoup.recover.base.Recovery``) is attached once (``apply``) and asked for an
+A recovery (``recoup.model.recovery.Recovery``) is attached once (``apply``) and asked for an
 input-embedding prefix per batch (``prefix``: (P, H) or per-example (B, P, H)); every forward goes
 through :func:`recoup.model.forward.build_inputs` so the prefix and left padding work for every
 architecture in the anatomy map. Continuation and decode steps extend that forward's attention mask

@@ -143,17 +143,17 @@ def resolve_source(source: str) -> tuple[str, Path | None]:
     return "hub", None
 
 
-def load_model(source: str, dtype: str | torch.dtype = "float32", device: str = "cpu",
-               trust_remote_code: bool = False) -> LoadedModel:
-    """Load any supported source as a causal LM in eval mode on ``device``."""
+def load_pretrained(source: str, dtype: str | torch.dtype = "float32", device: str = "cpu",
+                    trust_remote_code: bool = False) -> LoadedModel:
+    """Load a plain (uncompressed) source as a causal LM in eval mode on ``device``.
+
+    Compressed artifacts are one layer up: :func:`recoup.artifact.load_model` loads every source."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kind, path = resolve_source(source)
     torch_dtype = parse_dtype(dtype)
     if kind == "artifact":
-        from recoup.compress.artifact import load_artifact  # lazy: compress depends on model
-
-        return load_artifact(path, dtype=torch_dtype, device=device)
+        raise RecoupError(f"'{source}' is a recoup artifact; load it with recoup.artifact.load_model")
     target = str(path) if path is not None else source
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if path is not None:

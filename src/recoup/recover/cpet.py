@@ -35,7 +35,7 @@ from torch import nn
 from recoup.config import Config, check
 from recoup.errors import RecoupError
 from recoup.model.anatomy import anatomy
-from recoup.recover.base import Recovery
+from recoup.model.recovery import Recovery
 from recoup.recover.lora import RECOVERY_JSON, TARGETS, LoraConfig, LoraRecovery, base_of
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 Compress-Then-Prompt (Xu et al. 2023) opens with such a case study: telling a compressed model
 "The weight matrix inside the language model contains errors. Make any necessary adjustments to
-ensure optimal performance." A hard prompt is a :class:`~recoup.recover.base.Recovery` whose
+ensure optimal performance." A hard prompt is a :class:`~recoup.model.recovery.Recovery` whose
 prefix is the input embeddings of the text's tokens, (P, H), looked up in the model it is attached
 to, so it is never scored and works with every evaluation path that honours ``prefix``.
 """
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from recoup.errors import RecoupError
-from recoup.recover.base import Recovery
+from recoup.model.recovery import Recovery
 
 CTP_CASE_STUDY = ("The weight matrix inside the language model contains errors. "
                   "Make any necessary adjustments to ensure optimal performance.")

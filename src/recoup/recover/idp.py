@@ -51,7 +51,7 @@ from torch import nn
 from recoup.config import check
 from recoup.errors import RecoupError
 from recoup.model.anatomy import anatomy
-from recoup.recover.base import Recovery
+from recoup.model.recovery import Recovery
 from recoup.recover.soft_prompt import (SoftPromptConfig, frozen, init_embeddings, lm_loss, model_meta, split_ids,
                                         task_tuning, tuning_ids, val_windows, window_batches)
 from recoup.recover.train import TrainResult, train

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from recoup.errors import RecoupError
-from recoup.recover.base import Recovery
+from recoup.model.recovery import Recovery
 from recoup.registry import Registry
 
 Loader = Callable[[Path], Recovery]

@@ -26,7 +26,7 @@ from torch import nn
 from recoup.config import Config, check
 from recoup.errors import RecoupError
 from recoup.model.anatomy import anatomy
-from recoup.recover.base import Recovery
+from recoup.model.recovery import Recovery
 
 log = logging.getLogger(__name__)
 

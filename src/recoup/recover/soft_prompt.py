@@ -44,7 +44,7 @@ from torch import nn
 from recoup.config import Config, check
 from recoup.errors import RecoupError
 from recoup.model.forward import forward_logits
-from recoup.recover.base import Recovery
+from recoup.model.recovery import Recovery
 from recoup.recover.train import TrainConfig, TrainResult, train
 
 log = logging.getLogger(__name__)

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 class MCExample:
     """One multiple-choice example: per choice a context and a continuation (leading space kept).
 
-    Built from the evaluation suite's examples (:func:`recoup.evaluate.tasks.multiple_choice.load_mc`),
+    Built from the evaluation suite's examples (:func:`recoup.data.multiple_choice.load_mc`),
     so tuning uses exactly the prompts the suite scores (lm-evaluation-harness templates).
     """
 
@@ -64,7 +64,7 @@ class MCExample:
 
 def load_task_examples(task: str) -> list[MCExample]:
     """Every example of a multiple-choice task of the evaluation suite (its validation split), in file order."""
-    from recoup.evaluate.tasks.multiple_choice import ZERO_SHOT_TASKS, load_mc
+    from recoup.data.multiple_choice import ZERO_SHOT_TASKS, load_mc
 
     if task not in ZERO_SHOT_TASKS:
         raise RecoupError(unknown_name_message("tuning task", task, ZERO_SHOT_TASKS))

@@ -17,7 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
-import recoup
+from recoup.version import __version__
 from recoup.model.load import BUNDLED_ALIAS, bundled_model_dir, model_fingerprint, resolve_source
 
 log = logging.getLogger(__name__)
@@ -28,8 +28,8 @@ RESULT = "result.json"
 @functools.lru_cache(maxsize=None)
 def code_version(parts: tuple[str, ...]) -> str:
     """sha256 over recoup's version and the source files under the given package sub-paths."""
-    root = Path(recoup.__file__).parent
-    h = hashlib.sha256(recoup.__version__.encode())
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256(__version__.encode())
     for part in parts:
         target = root / part
         files = sorted(target.rglob("*.py")) if target.is_dir() else [target] if target.is_file() else []

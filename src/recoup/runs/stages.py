@@ -88,9 +88,9 @@ def _model_source(params: dict, inputs: dict[str, Path]) -> str:
 def run_compress(params: dict, inputs: dict[str, Path], out: Path) -> dict:
     """Load the model, draw calibration windows, compress, save the artifact under ``out/artifact``."""
     from recoup.compress import compress
-    from recoup.compress.artifact import save_artifact
+    from recoup.artifact.store import save_artifact
     from recoup.data.calibration import calibration_windows
-    from recoup.model.load import load_model
+    from recoup.artifact import load_model
 
     cal = params["calibration"]
     config = compress_config(params["config"])
@@ -107,7 +107,7 @@ def run_compress(params: dict, inputs: dict[str, Path], out: Path) -> dict:
 
 def run_recover(params: dict, inputs: dict[str, Path], out: Path) -> dict:
     """Fit a recovery on the (frozen) compressed model and save it under ``out/recovery``."""
-    from recoup.model.load import load_model
+    from recoup.artifact import load_model
 
     method = RECOVERY_METHODS.get(params["method"])
     config = method.config(params["config"])
@@ -120,7 +120,7 @@ def run_recover(params: dict, inputs: dict[str, Path], out: Path) -> dict:
 def run_evaluate(params: dict, inputs: dict[str, Path], out: Path) -> dict:
     """Evaluate the model (dense, or an upstream artifact), with an upstream recovery attached if named."""
     from recoup.evaluate.runner import EvalSettings, evaluate
-    from recoup.model.load import load_model
+    from recoup.artifact import load_model
 
     ev = params["evaluate"]
     loaded = load_model(_model_source(params, inputs), dtype=params["dtype"], device=params["device"])

@@ -19,7 +19,7 @@ import torch
 from recoup.compress.config import CompressConfig
 from recoup.compress.methods.base import LinearResult, Method
 from recoup.compress.methods.rtn import rtn
-from recoup.compress.quantizer import QuantGrid
+from recoup.artifact.grid import QuantGrid
 from recoup.compress.stats import ActSampleStats
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ import torch
 
 from recoup.compress.config import CompressConfig
 from recoup.compress.methods.base import LinearResult, Method
-from recoup.compress.quantizer import QuantGrid
+from recoup.artifact.grid import QuantGrid
 
 
 def rtn(weight: torch.Tensor, grid: QuantGrid) -> LinearResult:

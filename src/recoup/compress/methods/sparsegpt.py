@@ -8,7 +8,7 @@ import torch
 from recoup.compress.config import CompressConfig
 from recoup.compress.methods.base import LinearResult, Method
 from recoup.compress.obs import obs_compress
-from recoup.compress.quantizer import QuantGrid
+from recoup.artifact.grid import QuantGrid
 from recoup.compress.stats import HessianStats
 
 

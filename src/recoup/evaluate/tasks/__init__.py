@@ -17,7 +17,7 @@ TASKS: Registry[TaskSpec] = Registry("task")
 
 for _name in multiple_choice.ZERO_SHOT_TASKS + ("mmlu",):
     TASKS.register(_name, TaskSpec(_name, "multiple_choice", multiple_choice.run, multiple_choice.PACK,
-                                   multiple_choice.check, multiple_choice.load_mc))
+                                   multiple_choice.check, multiple_choice.load))
 for _name in factoid.TASKS:
     TASKS.register(_name, TaskSpec(_name, "factoid_qa", factoid.run, factoid.source(_name), factoid.checker(_name),
                                    factoid.load))

@@ -147,7 +147,7 @@ def _fingerprint(model: nn.Module, manifest: dict | None) -> dict | None:
     """The compression engineer's fingerprint (masks + quantized codes) of an artifact's model, else None."""
     if not manifest:
         return None
-    from recoup.compress.artifact import compression_fingerprint
+    from recoup.artifact.store import compression_fingerprint
     from recoup.recover.lora import base_of
 
     return compression_fingerprint(base_of(model), manifest)
@@ -173,7 +173,7 @@ def check_tuning_split(label: str, desc: dict, split) -> str | None:
 def evaluate_entry(entry: Entry, split, batch_size: int = 8, latency: LatencyConfig = LatencyConfig(),
                    limit: int | None = None, dtype: str = "float32") -> dict:
     """Score, count and time one entry (see module docstring); the model is loaded fresh for it."""
-    from recoup.model.load import load_model
+    from recoup.artifact import load_model
     from recoup.recover.io import load_recovery
     from recoup.recover.lora import linear_digests
 

@@ -3,7 +3,7 @@ of each quantized linear) + ``recoup.json``, the manifest, written LAST.
 
 Storage (``storage`` in the manifest): ``packed`` (default; format_version 2) keeps each quantized
 linear as bit-packed integer codes and each sparse-only linear as a bitmask + kept values in
-``packed_weights.safetensors`` (see :mod:`recoup.compress.packing`), everything else in
+``packed_weights.safetensors`` (see :mod:`recoup.artifact.packing`), everything else in
 ``model.safetensors``; loading decodes them to the same dense fake-quant weights, bit for bit.
 ``dense`` (format_version 1, what older recoup wrote and still reads) keeps every weight in
 ``model.safetensors``. The manifest records the bytes on disk.
@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from recoup.compress.packing import PACKED_FILE, pack_model, unpack_into
-from recoup.compress.quantizer import grid_deviation
-from recoup.compress.report import CompressReport
+from recoup.artifact.packing import PACKED_FILE, pack_model, unpack_into
+from recoup.artifact.grid import grid_deviation
+from recoup.artifact.report import CompressReport
 from recoup.errors import RecoupError
 from recoup.model.anatomy import anatomy
 from recoup.model.load import ARTIFACT_MANIFEST, LoadedModel, file_sha256, model_fingerprint, parse_dtype
@@ -51,9 +51,9 @@ DEFAULT_STORAGE = "packed"
 def _versions() -> dict[str, str]:
     import transformers
 
-    import recoup
+    from recoup.version import __version__
 
-    return {"recoup": recoup.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+    return {"recoup": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
 
 
@@ -62,7 +62,7 @@ def save_artifact(loaded: LoadedModel, report: CompressReport, out_dir: str | Pa
     """Write ``loaded`` (already compressed, see :func:`recoup.compress.compress`) and ``report`` to ``out_dir``.
 
     storage: ``packed`` (quantized linears as bit-packed integer codes, sparse ones as a bitmask +
-    kept values, see :mod:`recoup.compress.packing`) or ``dense`` (fake-quant weights in the model dtype).
+    kept values, see :mod:`recoup.artifact.packing`) or ``dense`` (fake-quant weights in the model dtype).
     An existing recoup artifact at ``out_dir`` is replaced; any other existing non-empty path is refused.
     """
     fields = {

@@ -1,7 +1,7 @@
 """Packed storage of compressed linears: integer codes bit-packed into uint8, sparsity as a bitmask.
 
 A fake-quantized weight (rows, cols) is ``scale[:, g_idx] * (q - zero[:, g_idx])`` with integer
-codes ``q`` in ``[0, 2**bits - 1]`` (see :mod:`recoup.compress.quantizer`), so the codes plus the
+codes ``q`` in ``[0, 2**bits - 1]`` (see :mod:`recoup.artifact.grid`), so the codes plus the
 grid (already in ``quant_params.safetensors``) give the weight back exactly. Encodings of one linear:
 
 - ``codes``: every code, ``bits`` bits each, bit-packed (any 1-8 bits: 3-bit codes take 3 bits,
