@@ -29,7 +29,7 @@ from recoup.artifact import load_model
     ({"method": "gptq"}, "give bits"),
     ({"method": "wanda", "sparsity": 0.5, "bits": 4}, "joint sparse"),
     ({"method": "gptq", "bits": 4, "sparsity": 0.5}, "does not prune"),
-    ({"method": "rtn", "bits": 4, "act_order": True}, "GPTQ options"),
+    ({"method": "rtn", "bits": 4, "act_order": True}, "option of gptq, not of rtn"),
     ({"method": "gptq", "bits": 4, "static_groups": True}, "needs a group_size"),
     ({"method": "sparsegpt", "pattern": "4:8", "blocksize": 12}, "multiple of M=8"),
     ({"method": "rtn", "bits": 4, "targets": "mpl"}, "did you mean 'mlp'"),

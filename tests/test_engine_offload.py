@@ -39,8 +39,8 @@ def state(model) -> dict[str, torch.Tensor]:
 
 def run_both(arch: str, cfg: dict, **kw):
     ref, off = tiny_loaded(arch, hidden=32, layers=3), tiny_loaded(arch, hidden=32, layers=3)
-    rep_ref = compress(ref, CompressConfig(**cfg, batch_size=4), calib())
-    rep_off = compress(off, CompressConfig(**cfg, batch_size=4), calib(), offload=True, **kw)
+    rep_ref = compress(ref, CompressConfig.from_dict({**cfg, "batch_size": 4}), calib())
+    rep_off = compress(off, CompressConfig.from_dict({**cfg, "batch_size": 4}), calib(), offload=True, **kw)
     return ref, off, rep_ref, rep_off
 
 

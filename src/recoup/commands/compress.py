@@ -10,7 +10,10 @@ log = logging.getLogger(__name__)
 
 
 def register(sub) -> None:
-    from recoup.compress.config import METHOD_NAMES, TARGETS
+    from recoup.compress import METHODS
+    from recoup.compress.config import TARGETS
+
+    METHOD_NAMES = METHODS.names()
 
     p = sub.add_parser("compress", help="prune and/or quantize a model into a compressed artifact",
                        description="Compress MODEL with one sequential layer-by-layer pass and write an artifact "
@@ -57,9 +60,9 @@ def run(args: argparse.Namespace) -> int:
 
     config = CompressConfig.from_dict({
         "method": args.method, "sparsity": args.sparsity, "pattern": args.pattern, "bits": args.bits,
-        "group_size": args.group_size, "sym": args.sym, "blocksize": args.blocksize, "percdamp": args.percdamp,
-        "act_order": args.act_order, "static_groups": args.static_groups, "targets": args.targets,
-        "batch_size": args.batch_size})
+        "group_size": args.group_size, "sym": args.sym, "targets": args.targets, "batch_size": args.batch_size,
+        **({"blocksize": args.blocksize, "percdamp": args.percdamp} if args.method in ("sparsegpt", "gptq") else {}),
+        **({"act_order": args.act_order, "static_groups": args.static_groups} if args.method == "gptq" else {})})
     loaded = load_model(args.model, dtype=args.dtype)
     calibration = None
     from recoup.compress.methods import METHODS

@@ -1,8 +1,12 @@
-"""The typed, validated compression config (house style 1).
+"""The typed, validated compression config (house style 1): shared keys here, per-method keys in each
+method's own file.
 
-One config covers every method; ``CompressConfig.from_dict`` rejects unknown keys with a
-did-you-mean, and ``__post_init__`` rejects combinations a method cannot honour (2:4 at 30%
-sparsity, 3.5 bits, act-order outside GPTQ ...) with one clear line.
+:class:`CompressConfig` holds what every method understands (method, sparsity / N:M pattern, bits,
+group size, symmetric grid, targets, calibration batch). A method that takes more (GPTQ's act-order,
+the OBS block size, AWQ's grid) declares a :class:`MethodOptions` subclass beside its math and names it
+in its :class:`~recoup.compress.methods.base.Method`; ``CompressConfig.from_dict`` routes those keys there,
+so a key another method owns is an error that names the method it belongs to. ``to_dict`` flattens both
+(a recipe step, a manifest and the CLI all use the same flat key names).
 
 N:M follows the NVIDIA convention: N weights are *kept* in every group of M consecutive input
 columns of a row (2:4 keeps 2 of 4, i.e. 50% sparsity).
@@ -11,15 +15,13 @@ columns of a row (2:4 keeps 2 of 4, i.e. 50% sparsity).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import difflib
+from typing import Any, Mapping
 
 from recoup.config import Config, check
 from recoup.errors import RecoupError
 from recoup.registry import unknown_name_message
 
-SPARSE_METHODS = ("magnitude", "wanda", "sparsegpt")
-QUANT_METHODS = ("rtn", "gptq", "awq")
-METHOD_NAMES = SPARSE_METHODS + QUANT_METHODS
 TARGETS = ("all", "attention", "mlp")
 
 
@@ -35,27 +37,83 @@ def parse_pattern(pattern: str) -> tuple[int, int]:
 
 
 @dataclasses.dataclass
+class MethodOptions(Config):
+    """Keys only one method (or a family sharing math) takes; subclass it in the method's file.
+
+    ``check(config)`` may reject combinations with the shared keys (one clear line)."""
+
+    def check(self, config: "CompressConfig") -> None:
+        return None
+
+
+def _methods():
+    from recoup.compress.methods import METHODS  # lazy: the method files import this module
+
+    return METHODS
+
+
+def option_owners() -> dict[str, list[str]]:
+    """Every per-method key -> the methods that take it (for CLI flags and helpful errors)."""
+    owners: dict[str, list[str]] = {}
+    registry = _methods()
+    for name in registry.names():
+        for key in registry.get(name).options.field_names():
+            owners.setdefault(key, []).append(name)
+    return owners
+
+
+@dataclasses.dataclass
 class CompressConfig(Config):
-    """What to compress and how; papers' defaults (SparseGPT/GPTQ: blocksize 128, percdamp 0.01)."""
+    """What to compress and how. ``options`` holds the method's own keys (defaults: the papers')."""
 
     method: str = "sparsegpt"
     sparsity: float | None = None  # fraction of weights set to zero in each targeted linear (0-0.99)
     pattern: str | None = None  # "N:M" semi-structured sparsity (N kept of every M)
     bits: int | None = None  # quantization bits (2-8); with sparsegpt: joint sparse + quantized pass
-    group_size: int | None = None  # columns per quantization group; None = one group per row
+    group_size: int | None = None  # columns per quantization group; None (or -1) = one group per row
     sym: bool = True  # symmetric grid (zero point in the middle) or asymmetric (min/max)
-    blocksize: int = 128  # OBS block of columns (SparseGPT/GPTQ)
-    percdamp: float = 0.01  # dampening, fraction of the mean Hessian diagonal
-    act_order: bool = False  # GPTQ: quantize columns in order of decreasing Hessian diagonal
-    static_groups: bool = False  # GPTQ + act_order: fix group grids before reordering
     targets: str = "all"  # all | attention | mlp
-    awq_grid: int = 20  # AWQ: number of scale exponents tried in [0, 1)
-    awq_samples: int = 4096  # AWQ: calibration tokens kept per group for the scale search
     batch_size: int = 8  # calibration windows per forward in the engine
+    options: Any = None  # the method's MethodOptions (a mapping is validated into it)
+
+    @classmethod
+    def base_fields(cls) -> list[str]:
+        return [f for f in cls.field_names() if f != "options"]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "") -> "CompressConfig":
+        """Flat keys -> config: shared keys here, the rest to the method's options (did-you-mean on misses)."""
+        prefix = f"{where}: " if where else ""
+        data = dict(data)
+        method = data.get("method", cls.method)
+        if not isinstance(method, str):
+            raise RecoupError(f"{prefix}method must be a string (got {method!r})")
+        spec = _methods().get(method)
+        base = {k: data.pop(k) for k in cls.base_fields() if k in data}
+        own = spec.options.field_names()
+        owners = option_owners()
+        for key in data:
+            if key in own:
+                continue
+            if key in owners:
+                raise RecoupError(f"{prefix}'{key}' is an option of {', '.join(owners[key])}, not of {method}")
+            allowed = cls.base_fields() + own
+            close = difflib.get_close_matches(key, allowed + list(owners), n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise RecoupError(f"{prefix}unknown key '{key}' for method {method}{hint} allowed: {', '.join(allowed)}")
+        try:
+            return cls(**base, options=spec.options.from_dict(data, where=where or method))
+        except TypeError as exc:
+            raise RecoupError(f"{prefix}{exc}") from None
 
     def __post_init__(self) -> None:
-        if self.method not in METHOD_NAMES:
-            raise RecoupError(unknown_name_message("method", str(self.method), METHOD_NAMES))
+        spec = _methods().get(str(self.method))  # unknown method -> did-you-mean
+        if self.options is None:
+            self.options = spec.options()
+        elif isinstance(self.options, Mapping):
+            self.options = spec.options.from_dict(self.options, where=self.method)
+        check(type(self.options) is spec.options,
+              f"options of {self.method} must be {spec.options.__name__} (got {type(self.options).__name__})")
         if self.sparsity is not None:
             check(isinstance(self.sparsity, (int, float)) and not isinstance(self.sparsity, bool),
                   f"sparsity must be a number in [0, 0.99] (got {self.sparsity!r})")
@@ -74,37 +132,28 @@ class CompressConfig(Config):
         if self.group_size is not None:
             check(isinstance(self.group_size, int) and not isinstance(self.group_size, bool),
                   f"group_size must be a whole number (got {self.group_size!r})")
-            if self.group_size in (0, -1):
+            if self.group_size == -1:
                 self.group_size = None  # GPTQ convention: -1 = per row
             else:
                 check(self.group_size >= 2, f"group_size must be >= 2, or -1 for one group per row (got {self.group_size})")
-        check(isinstance(self.blocksize, int) and self.blocksize >= 1, f"blocksize must be >= 1 (got {self.blocksize})")
-        check(0.0 < float(self.percdamp) <= 1.0, f"percdamp must be in (0, 1] (got {self.percdamp})")
         check(self.targets in TARGETS, unknown_name_message("targets", str(self.targets), TARGETS))
-        check(self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})")
-        check(self.awq_grid >= 1 and self.awq_samples >= 16, "awq_grid must be >= 1 and awq_samples >= 16")
-        self._check_method()
+        check(isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})")
+        self._check_method(spec)
 
-    def _check_method(self) -> None:
+    def _check_method(self, spec) -> None:
         m = self.method
-        if m in SPARSE_METHODS:
+        if spec.prune == "required":
             check(self.sparsity is not None, f"{m} prunes: give a sparsity (e.g. 0.5) or a pattern (e.g. 2:4)")
-            if self.bits is not None and m != "sparsegpt":
-                raise RecoupError(f"{m} does not quantize; joint sparse + quantized compression is "
-                                  f"--method sparsegpt --sparsity S --bits B")
-        else:
+        elif self.sparsity is not None:
+            raise RecoupError(f"{m} does not prune; for sparse + quantized use --method sparsegpt --sparsity S --bits B")
+        if spec.quantize == "required":
             check(self.bits is not None, f"{m} quantizes: give bits (2-8), e.g. bits=4")
-            if self.sparsity is not None:
-                raise RecoupError(f"{m} does not prune; for sparse + quantized use --method sparsegpt --sparsity S --bits B")
+        elif spec.quantize == "never" and self.bits is not None:
+            raise RecoupError(f"{m} does not quantize; joint sparse + quantized compression is "
+                              f"--method sparsegpt --sparsity S --bits B")
         if self.bits is None:
             check(self.group_size is None, "group_size only applies when quantizing (give bits)")
-        if m != "gptq":
-            check(not self.act_order and not self.static_groups, f"act_order / static_groups are GPTQ options, not {m}")
-        if self.static_groups:
-            check(self.group_size is not None, "static_groups needs a group_size")
-        if m == "sparsegpt" and self.pattern is not None:
-            _, mm = parse_pattern(self.pattern)
-            check(self.blocksize % mm == 0, f"blocksize {self.blocksize} must be a multiple of M={mm} for {self.pattern}")
+        self.options.check(self)
 
     # convenience ----------------------------------------------------------------------------------
     @property
@@ -131,4 +180,7 @@ class CompressConfig(Config):
         return " ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Flat: the shared keys and the method's own (what recipes, manifests and the CLI use)."""
+        out = {k: getattr(self, k) for k in self.base_fields()}
+        out.update(self.options.to_dict())
+        return out

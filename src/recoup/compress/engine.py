@@ -184,7 +184,7 @@ def _new_stats(kind: str, cols: int, config: CompressConfig, calls: int, device:
     if kind == "act_norm":
         return ActNormStats(cols, device)
     if kind == "act_sample":
-        return ActSampleStats(cols, config.awq_samples, calls, device)
+        return ActSampleStats(cols, config.options.samples, calls, device)
     return None
 
 

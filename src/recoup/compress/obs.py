@@ -19,6 +19,8 @@ from typing import Iterator
 import torch
 
 from recoup.artifact.grid import QuantGrid
+from recoup.compress.config import MethodOptions
+from recoup.config import check
 from recoup.errors import RecoupError
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,21 @@ def damped_inverse_cholesky(h: torch.Tensor, percdamp: float, retries: int = 6) 
         damp *= 10
     raise RecoupError(f"Hessian stays singular even with percdamp={damp / 10:g}; the calibration data may be too "
                       f"small or degenerate (try more --nsamples)")
+
+
+@dataclasses.dataclass
+class OBSOptions(MethodOptions):
+    """Keys of the blocked OBS update (SparseGPT and GPTQ; the papers' defaults)."""
+
+    blocksize: int = 128  # OBS block of columns
+    percdamp: float = 0.01  # dampening, fraction of the mean Hessian diagonal
+
+    def check(self, config) -> None:
+        check(isinstance(self.blocksize, int) and self.blocksize >= 1, f"blocksize must be >= 1 (got {self.blocksize})")
+        check(0.0 < float(self.percdamp) <= 1.0, f"percdamp must be in (0, 1] (got {self.percdamp})")
+        if config.nm is not None:
+            m = config.nm[1]
+            check(self.blocksize % m == 0, f"blocksize {self.blocksize} must be a multiple of M={m} for {config.pattern}")
 
 
 def obs_compress(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float = 0.0,

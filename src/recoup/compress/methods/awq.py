@@ -12,11 +12,13 @@ GELU / fused qkv) are plain RTN. Which op precedes which group is per-architectu
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
 
-from recoup.compress.config import CompressConfig
+from recoup.compress.config import CompressConfig, MethodOptions
+from recoup.config import check
 from recoup.compress.methods.base import LinearResult, Method
 from recoup.compress.methods.rtn import rtn
 from recoup.artifact.grid import QuantGrid
@@ -75,7 +77,7 @@ def _prepare(view, names: tuple[str, ...], stats: ActSampleStats, config: Compre
         if prev_w.shape[0] != weights[0].shape[1]:
             return {"awq": f"{prev} output {prev_w.shape[0]} != input {weights[0].shape[1]} (GQA); plain RTN"}
     grid = QuantGrid(config.bits, config.sym, config.group_size)
-    s, ratio, err = awq_search_scales(weights, stats.sample(), stats.mean_abs(), grid, config.awq_grid)
+    s, ratio, err = awq_search_scales(weights, stats.sample(), stats.mean_abs(), grid, config.options.grid)
     for n, w in zip(names, weights):
         view.set_weight(n, w * s[None, :])
     if is_linear:
@@ -106,4 +108,17 @@ def _compress(weight: torch.Tensor, stats, config: CompressConfig) -> LinearResu
     return rtn(weight, QuantGrid(config.bits, config.sym, config.group_size))
 
 
-METHOD = Method("awq", "act_sample", _compress, prepare_group=_prepare, paper="Lin et al. 2023 (AWQ)")
+@dataclasses.dataclass
+class AWQOptions(MethodOptions):
+    """AWQ's scale search: ``grid`` exponents tried in [0, 1), ``samples`` calibration tokens kept per group."""
+
+    grid: int = 20
+    samples: int = 4096
+
+    def check(self, config) -> None:
+        check(isinstance(self.grid, int) and self.grid >= 1, f"grid must be >= 1 (got {self.grid})")
+        check(isinstance(self.samples, int) and self.samples >= 16, f"samples must be >= 16 (got {self.samples})")
+
+
+METHOD = Method("awq", "act_sample", _compress, prepare_group=_prepare, paper="Lin et al. 2023 (AWQ)",
+                quantize="required", options=AWQOptions)

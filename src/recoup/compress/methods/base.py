@@ -1,4 +1,8 @@
-"""What a compression method is: the statistics it needs and pure tensor math on one weight."""
+"""What a compression method is: the statistics it needs, its own config keys and pure tensor math on one weight.
+
+A new method is one file defining ``METHOD = Method(...)`` plus one line in :mod:`recoup.compress.methods`
+(or ``METHODS.register(...)`` from your own code): the CLI, recipes and Python pick it up from the registry.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import dataclasses
 from typing import Any, Callable
 
 import torch
+
+from recoup.compress.config import MethodOptions
 
 
 @dataclasses.dataclass
@@ -20,14 +26,24 @@ class LinearResult:
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+@dataclasses.dataclass
+class NoOptions(MethodOptions):
+    """A method with no keys of its own."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
     """``stats``: none | hessian | act_norm | act_sample. ``compress_linear(weight, stats, config)``
     is pure math on a (rows, cols) float32 weight; ``prepare_group`` (AWQ) may rescale a group of
-    linears and fold the inverse scale into the preceding op before they are compressed."""
+    linears and fold the inverse scale into the preceding op before they are compressed.
+    ``prune`` / ``quantize``: required | optional | never (what the shared keys must say);
+    ``options``: the method's own config keys (a :class:`MethodOptions` subclass)."""
 
     name: str
     stats: str
     compress_linear: Callable[..., LinearResult]
     prepare_group: Callable[..., dict] | None = None
     paper: str = ""
+    prune: str = "never"
+    quantize: str = "never"
+    options: type[MethodOptions] = NoOptions

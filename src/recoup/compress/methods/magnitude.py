@@ -20,4 +20,4 @@ def _compress(weight: torch.Tensor, stats, config: CompressConfig) -> LinearResu
     return magnitude_prune(weight, config.sparsity or 0.0, config.nm)
 
 
-METHOD = Method("magnitude", "none", _compress, paper="magnitude pruning baseline")
+METHOD = Method("magnitude", "none", _compress, paper="magnitude pruning baseline", prune="required")

@@ -19,4 +19,4 @@ def _compress(weight: torch.Tensor, stats, config: CompressConfig) -> LinearResu
     return rtn(weight, QuantGrid(config.bits, config.sym, config.group_size))
 
 
-METHOD = Method("rtn", "none", _compress, paper="round-to-nearest baseline")
+METHOD = Method("rtn", "none", _compress, paper="round-to-nearest baseline", quantize="required")

@@ -7,7 +7,7 @@ import torch
 
 from recoup.compress.config import CompressConfig
 from recoup.compress.methods.base import LinearResult, Method
-from recoup.compress.obs import obs_compress
+from recoup.compress.obs import OBSOptions, obs_compress
 from recoup.artifact.grid import QuantGrid
 from recoup.compress.stats import HessianStats
 
@@ -16,7 +16,7 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, config: CompressConfi
     """weight (rows, cols), hessian (cols, cols) = 2/n X^T X."""
     grid = QuantGrid(config.bits, config.sym, config.group_size) if config.bits else None
     res = obs_compress(weight, hessian, sparsity=config.sparsity or 0.0, nm=config.nm, grid=grid,
-                       blocksize=config.blocksize, percdamp=config.percdamp)
+                       blocksize=config.options.blocksize, percdamp=config.options.percdamp)
     return LinearResult(weight=res.weight, mask=res.mask, scale=res.scale, zero=res.zero, g_idx=res.g_idx,
                         info={"obs_loss": res.loss, "damp": res.damp})
 
@@ -25,4 +25,5 @@ def _compress(weight: torch.Tensor, stats: HessianStats, config: CompressConfig)
     return sparsegpt(weight, stats.hessian(), config)
 
 
-METHOD = Method("sparsegpt", "hessian", _compress, paper="Frantar & Alistarh 2023 (SparseGPT)")
+METHOD = Method("sparsegpt", "hessian", _compress, paper="Frantar & Alistarh 2023 (SparseGPT)", prune="required",
+                quantize="optional", options=OBSOptions)

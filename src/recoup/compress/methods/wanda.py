@@ -26,4 +26,4 @@ def _compress(weight: torch.Tensor, stats: ActNormStats, config: CompressConfig)
     return wanda_prune(weight, stats.norms(), config.sparsity or 0.0, config.nm)
 
 
-METHOD = Method("wanda", "act_norm", _compress, paper="Sun et al. 2023 (Wanda)")
+METHOD = Method("wanda", "act_norm", _compress, paper="Sun et al. 2023 (Wanda)", prune="required")
