@@ -1,7 +1,7 @@
 """Benchmark prompt recovery: training throughput against PEFT's prompt tuning, and inference latency.
 
 1. Training tokens/s of one soft-prompt step (forward, backward to the prompt, clip, AdamW) through
-   recoup's forward (:func:`recoup.recover.soft_prompt.lm_loss`) and through ``peft``'s own
+   recoup's forward (:func:`recoup.recover.task_data.lm_loss`) and through ``peft``'s own
    ``PromptTuningConfig`` model, on the same model, the same PTB-train windows, the same initial
    prompt and the same objective (PEFT labels with the first input token masked, so both score the
    same T-1 tokens). The first step of each is a warm-up and is not timed.
@@ -30,7 +30,8 @@ import torch
 
 def train_throughput(loaded, windows: torch.Tensor, init: torch.Tensor, lr: float, use_peft: bool) -> dict:
     """Median seconds per step and tokens/s over ``windows`` (steps, B, T); step 0 is a warm-up."""
-    from recoup.recover.soft_prompt import SoftPrompt, frozen, lm_loss
+    from recoup.recover.soft_prompt import SoftPrompt, frozen
+    from recoup.recover.task_data import lm_loss
 
     model = loaded.model
     if use_peft:
@@ -86,7 +87,7 @@ def main() -> None:
     from recoup.artifact import load_model
     from recoup.runs.compare_recovery import LatencyConfig, measure_latency
     from recoup.recover.idp import IDPPool
-    from recoup.recover.io import load_recovery
+    from recoup.recover.methods import load_recovery
     from recoup.recover.soft_prompt import SoftPrompt
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -22,7 +22,7 @@ def test_version_and_help():
 @pytest.mark.parametrize("args,needle", [
     (["eval", "./no/such/model"], "no such file or directory"),
     (["eval", "smollm2-135m", "--limit", "x"], "invalid int value"),
-    (["eval", "smollm2-135m", "--limit", "0"], "--limit must be a positive integer"),
+    (["eval", "smollm2-135m", "--limit", "0"], "limit must be a positive integer"),
     (["nosuchcommand"], "invalid choice"),
 ])
 def test_bad_input_is_one_line_exit_2(args, needle):

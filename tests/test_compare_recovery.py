@@ -58,19 +58,19 @@ def test_compare_rows_and_cli(tmp_path):
     assert base["n"] == lora["n"] == 4 and lora["base_intact_after_apply"] is True
     assert lora["merged"] is False
     assert out["protocol"]["n_heldout"] > 0
-    code = main(["compare-recovery", "--task", "sciq", "--compressed", str(tmp_path / "base"), "--lora",
+    code = main(["compare-recovery", "--task", "sciq", "--compressed", str(tmp_path / "base"), "--recovery",
                  str(tmp_path / "lora"), "--limit", "2", "--prompt-len", "8", "--new-tokens", "2", "--repeats", "1",
                  "--json", str(tmp_path / "c.json")])
     assert code == 0
     rows = json.loads((tmp_path / "c.json").read_text())["rows"]
-    assert [r["label"] for r in rows] == ["compressed", "+LoRA"]
-    assert main(["compare-recovery", "--task", "sciq", "--lora", str(tmp_path / "lora")]) == 2
+    assert [r["label"] for r in rows] == ["compressed", "+lora"]
+    assert main(["compare-recovery", "--task", "sciq", "--recovery", str(tmp_path / "lora")]) == 2
     with pytest.raises(RecoupError, match="duplicate"):
         compare([Entry("a", "x"), Entry("a", "y")], "sciq")
 
 
 def test_recover_cli_lora_then_cpet_with_inheritance(tmp_path):
-    from recoup.recover.io import load_recovery
+    from recoup.recover.methods import load_recovery
     from recoup.recover.cpet import CpetRecovery
     from recoup.recover.lora import LoraRecovery
 
@@ -115,10 +115,11 @@ def test_compare_recovery_rows_take_labels_and_can_skip_the_compressed_row():
     def rows(*argv):
         return [(e.label, e.recovery) for e in entries(parser.parse_args(["--task", "sciq", *argv]))]
 
-    assert rows("--compressed", "art", "--soft-prompt", "ptb=/p/a", "--soft-prompt", "sciq=/p/b", "--idp", "/p/c") == [
-        ("compressed", None), ("+soft prompt ptb", "/p/a"), ("+soft prompt sciq", "/p/b"), ("+IDP", "/p/c")]
-    assert rows("--compressed", "art", "--lora", "/x/a=b", "--skip-compressed-row") == [("+LoRA", "/x/a=b")]
+    assert rows("--compressed", "art", "--recovery", "ptb=/p/a", "--recovery", "sciq=/p/b") == [
+        ("compressed", None), ("+ptb", "/p/a"), ("+sciq", "/p/b")]
+    with pytest.raises(RecoupError, match="no recovery directory"):  # no label: the row is named after its method
+        rows("--compressed", "art", "--recovery", "/x/a=b", "--skip-compressed-row")
     with pytest.raises(RecoupError, match="labelled"):
-        rows("--compressed", "art", "--soft-prompt", "/p/a", "--soft-prompt", "/p/b")
+        rows("--compressed", "art", "--recovery", "a=/p/a", "--recovery", "a=/p/b")
     with pytest.raises(RecoupError, match="needs --compressed"):
         rows("--dense", "d", "--skip-compressed-row")

@@ -11,8 +11,8 @@ from helpers import tiny_loaded
 from recoup.errors import RecoupError
 from recoup.model.anatomy import anatomy
 from recoup.recover.idp import IDPConfig, IDPPool, fit_idp
-from recoup.recover.io import load_recovery
-from recoup.recover.soft_prompt import lm_loss
+from recoup.recover.methods import load_recovery
+from recoup.recover.task_data import lm_loss
 
 
 @pytest.fixture(scope="module")

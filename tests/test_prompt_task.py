@@ -13,7 +13,7 @@ from helpers import save_tiny, tiny_loaded
 from recoup.errors import RecoupError
 from recoup.model.forward import forward_logits
 from recoup.recover.idp import IDPConfig, IDPPool, fit_idp
-from recoup.recover.io import load_recovery
+from recoup.recover.methods import load_recovery
 from recoup.recover.soft_prompt import SoftPrompt, SoftPromptConfig, fit_soft_prompt
 from recoup.recover.task_data import (collate, context_part, mean_loss, prefixed_loss, split_task,
                                       task_sequences, tuning_data)
@@ -163,11 +163,11 @@ def test_cli_recover_on_task_then_eval_and_compare_recovery(tmp_path, capsys):
     assert main(["eval", m, "--tasks", "sciq", "--limit", "2", "--recovery", str(tmp_path / "sp"),
                  "--json", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["protocol"]["recovery"]["method"] == "soft-prompt"
-    compare = ["compare-recovery", "--task", "sciq", "--compressed", m, "--soft-prompt", str(tmp_path / "sp"), "--idp",
+    compare = ["compare-recovery", "--task", "sciq", "--compressed", m, "--recovery", str(tmp_path / "sp"), "--recovery",
                str(tmp_path / "idp"), "--limit", "2", "--prompt-len", "8", "--new-tokens", "2", "--repeats", "1"]
     assert main(compare + ["--json", str(tmp_path / "c.json")]) == 0
     rows = json.loads((tmp_path / "c.json").read_text())["rows"]
-    assert [r["label"] for r in rows] == ["compressed", "+soft prompt", "+IDP"]
+    assert [r["label"] for r in rows] == ["compressed", "+soft-prompt", "+idp"]
     assert [r["tuned_on"] for r in rows] == [None, "sciq", "sciq"] and rows[2]["idp_selected"] is not None
     capsys.readouterr()
     # scoring another split of the task the prompts were tuned on could score their training examples

@@ -12,8 +12,9 @@ from helpers import save_tiny, tiny_loaded
 from recoup.errors import RecoupError
 from recoup.model.forward import forward_logits
 from recoup.recover.hard_prompt import CTP_CASE_STUDY, HardPrompt
-from recoup.recover.io import load_recovery
-from recoup.recover.soft_prompt import SoftPrompt, SoftPromptConfig, fit_soft_prompt, lm_loss
+from recoup.recover.methods import load_recovery
+from recoup.recover.soft_prompt import SoftPrompt, SoftPromptConfig, fit_soft_prompt
+from recoup.recover.task_data import lm_loss
 
 
 @pytest.fixture(scope="module")
@@ -207,13 +208,18 @@ def test_cli_recover_then_eval_with_recovery_and_prompt_text(corpus, tmp_path, c
     assert main(args) == 2  # --out not empty
     assert "not empty" in capsys.readouterr().err
     assert main(args[:2] + ["--method", "soft-prompt", "--pool", "3", "--out", str(tmp_path / "x")]) == 2
-    assert "--pool does not apply" in capsys.readouterr().err
+    assert "'pool' does not apply to method soft-prompt" in capsys.readouterr().err
     base = ["eval", str(tmp_path / "m"), "--tasks", f"ppl:{corpus}", "--seqlen", "32", "--limit", "2"]
     assert main(base + ["--recovery", str(out), "--json", str(tmp_path / "r.json")]) == 0
     import json
 
     res = json.loads((tmp_path / "r.json").read_text())
     assert res["protocol"]["recovery"]["method"] == "soft-prompt"
+    assert main(base + ["--json", str(tmp_path / "plain.json")]) == 0
+    plain = json.loads((tmp_path / "plain.json").read_text())
+    task = f"ppl:{corpus}"
+    # the prompt was trained on this text: attached through the CLI it must lower the perplexity
+    assert res["results"][task]["ppl"] < plain["results"][task]["ppl"]
     assert main(base + ["--prompt-text", CTP_CASE_STUDY, "--json", str(tmp_path / "h.json")]) == 0
     res = json.loads((tmp_path / "h.json").read_text())
     assert res["protocol"]["recovery"]["method"] == "hard-prompt"

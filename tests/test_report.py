@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from recoup.runs.metrics import gap_closed, matches, metric_rows, primary_metric
+from recoup.evaluate.metrics import matching
+from recoup.runs.metrics import gap_closed, metric_rows, primary_metric
 from recoup.runs.report import load_view, summary_paragraph, write_report
 from recoup.runs.store import Store
 
@@ -44,8 +45,8 @@ def recovery_store(path) -> tuple[Store, str]:
 
 
 def test_metric_helpers():
-    assert matches(20.9, 20.0, "ppl") and not matches(21.1, 20.0, "ppl")
-    assert matches(0.58, 0.60, "acc") and not matches(0.56, 0.60, "acc")
+    assert matching(20.0, 20.9, metric="ppl") and not matching(20.0, 21.1, metric="ppl")
+    assert matching(0.60, 0.58, metric="acc") and not matching(0.60, 0.56, metric="acc")
     assert gap_closed(20.0, 30.0, 25.0) == pytest.approx(0.5)
     assert gap_closed(0.6, 0.5, 0.55) == pytest.approx(0.5)  # higher-is-better works the same way
     assert gap_closed(0.6, 0.6, 0.7) is None

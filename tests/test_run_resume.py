@@ -51,7 +51,7 @@ def test_sigkill_mid_stage_then_resume(tmp_path, stage, delay):
     recipe = tiny_recipe(tmp_path, steps=6)
     if stage == "recover:prompt":  # make training long enough to be killed in the middle of it
         raw = yaml.safe_load(recipe.read_text())
-        raw["recover"][0].update(steps=100000, time_budget_s=4.0, eval_every=50)
+        raw["recover"][0].update(steps=100000, time_budget=4.0, eval_every=50)
         recipe.write_text(yaml.safe_dump(raw))
     run_dir, store_path = tmp_path / "run", tmp_path / "store.sqlite"
     cmd = recoup_cmd("run", str(recipe), "--out", str(run_dir), "--store", str(store_path))

@@ -99,14 +99,17 @@ def test_batch_stream_visits_every_sequence_once_per_epoch():
 def test_loss_on_kept_positions_equals_the_full_loss():
     from helpers import tiny_model
     from recoup.model.forward import forward_logits
-    from recoup.recover.task_data import kept_loss, lm_loss_from_logits, mean_loss, model_outputs
+    import torch.nn.functional as F
+    from recoup.recover.task_data import kept_loss, mean_loss, model_outputs
 
     tok = tiny_tokenizer()
     model = tiny_model("llama")
     seqs = [completion_sequence(tok, "the context " * (i + 1), f" ans{i}", 64) for i in range(3)]
     b = collate(seqs, tok.pad_token_id)
     with torch.no_grad():
-        full = lm_loss_from_logits(forward_logits(model, b.input_ids, b.attention_mask), b.labels)
+        logits = forward_logits(model, b.input_ids, b.attention_mask)  # the full-vocabulary reference
+        full = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), b.labels[:, 1:].reshape(-1),
+                               ignore_index=-100)
         out, keep = model_outputs(model, b, "cpu")
         assert out.logits.shape[1] == len(keep) < b.input_ids.shape[1]
         assert torch.allclose(kept_loss(out.logits, keep, b.labels), full, atol=1e-5)

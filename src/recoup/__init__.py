@@ -2,12 +2,29 @@
 
 Public API (re-exported here):
 
-- :func:`load` / :func:`load_model`: any model source -> :class:`LoadedModel`
+- :func:`load` / :func:`load_model`: any model source (a recoup artifact included) -> :class:`LoadedModel`
 - :func:`anatomy`: per-architecture map of layers and linears
 - :func:`perplexity`: GPTQ-protocol perplexity
 - :class:`Scorer`: batched loglikelihood / greedy generation / rolling likelihood, recovery-aware
+- the stage functions in :mod:`recoup.runs.stages`, each taking one typed job (the same object a CLI command
+  and a recipe step build): ``compress(CompressJob)``, ``evaluate(EvalJob)``, ``recover(RecoverJob)``;
+  the jobs are re-exported here (``recoup.CompressJob.from_flat({...})``)
 - :func:`load_recipe` / :func:`run_recipe`: a whole run (compress -> evaluate -> recover -> report) from YAML
-- :func:`compress`: compress a loaded model in place (``recoup.compress(loaded, config, calibration)``)
+
+Layers (a module imports its own room and rooms below it, never above; the three peers never import
+one another; ``tests/test_layers.py`` checks it)::
+
+    commands/, cli, setup, integrations/        the faces: parse arguments into jobs, print
+    runs/          stage functions, plan, executors, store, report, compare-recovery
+    recipe/        YAML -> validated typed jobs (recipe/jobs.py: CompressJob, EvalJob, RecoverJob)
+    compress/  |  recover/  |  evaluate/        peers
+    artifact/      save / load / pack / grid / fingerprint of compressed models; load_model of every source
+    model/, data/  loading, anatomy, forward, the recovery contract; corpora, windows, task datasets
+    errors, config, registry, paths, overrides, version     the base
+
+Registries (one per kind; a new one is one file + one line): compression methods
+(``recoup.compress.METHODS``), recovery methods (``recoup.recover.methods.RECOVERIES``), tasks
+(``recoup.evaluate.tasks.TASKS`` and the ``ppl:`` family in ``FAMILIES``).
 """
 
 from __future__ import annotations
@@ -46,12 +63,15 @@ def run_recipe(*args, **kwargs):
     return _run_recipe(*args, **kwargs)
 
 
+_STAGES = {"CompressJob": "recoup.recipe.jobs", "EvalJob": "recoup.recipe.jobs", "RecoverJob": "recoup.recipe.jobs"}
+
+
 def __getattr__(name: str):
-    """Lazy ``recoup.compress``: the package is callable as :func:`recoup.compress.engine.compress`."""
-    if name == "compress":
+    """Lazy attributes: the stage jobs and the Scorer (imported on first use)."""
+    if name in _STAGES:
         import importlib
 
-        return importlib.import_module("recoup.compress")
+        return getattr(importlib.import_module(_STAGES[name]), name)
     if name == "Scorer":  # the batched, recovery-aware evaluation Scorer
         from recoup.evaluate.scorer import Scorer
 
@@ -59,5 +79,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'recoup' has no attribute '{name}'")
 
 
-__all__ = ["RecoupError", "Scorer", "compress", "LoadedModel", "anatomy", "load", "load_model", "perplexity",
+__all__ = ["RecoupError", "Scorer", "CompressJob", "EvalJob", "RecoverJob", "LoadedModel", "anatomy", "load", "load_model", "perplexity",
            "load_recipe", "run_recipe", "__version__"]

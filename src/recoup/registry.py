@@ -37,6 +37,10 @@ class Registry(Generic[T]):
         except KeyError:
             raise RecoupError(unknown_name_message(self.kind, name, self._items)) from None
 
+    def unregister(self, name: str) -> T:
+        """Remove an entry (for code that registers something for a while, e.g. a test)."""
+        return self._items.pop(name)
+
     def names(self) -> list[str]:
         return sorted(self._items)
 

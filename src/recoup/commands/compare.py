@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 from recoup.errors import RecoupError
 
-_SKIP = {"n", "seconds", "tokens", "windows", "seqlen", "windows_available", "limit", "n_judged",
-         "distinct_tokens_all", "unique_tokens"}
-_LOWER_IS_BETTER = {"ppl", "nll"}
 
 
 def register(sub) -> None:
@@ -38,46 +34,12 @@ def _load(path: str) -> dict:
     return data
 
 
-def headline(result: dict, all_metrics: bool = False) -> list[str]:
-    """The metrics of one task result worth comparing (every numeric one with ``all_metrics``)."""
-    numeric = [k for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-               and not k.endswith("_stderr") and k not in _SKIP and not k.startswith("n_")]
-    if all_metrics:
-        return numeric
-    for group in (("acc", "acc_norm"), ("em", "f1"), ("rouge1", "rouge2", "rougeL"), ("ppl",)):
-        chosen = [k for k in group if k in numeric]
-        if chosen:
-            judge = [k for k in numeric if k.startswith("judge_") and not k.endswith("_reference")]
-            return chosen + judge
-    judge = [k for k in numeric if k.startswith("judge_") and not k.endswith("_reference")]
-    return judge or numeric
-
-
-def compare(dense: dict, other: dict, tolerance: float = 0.05, all_metrics: bool = False) -> dict:
-    """Rows ``{task, metric, dense, other, delta, relative, matching}`` plus tasks present in one file only."""
-    from recoup.evaluate.metrics import matching
-
-    rows = []
-    d_res, o_res = dense["results"], other["results"]
-    for task in d_res:
-        if task not in o_res:
-            continue
-        for metric in headline(d_res[task], all_metrics):
-            a, b = d_res[task].get(metric), o_res[task].get(metric)
-            if not isinstance(b, (int, float)) or any(math.isnan(x) for x in (a, b)):
-                continue
-            higher = metric not in _LOWER_IS_BETTER
-            rows.append({"task": task, "metric": metric, "dense": a, "other": b, "delta": b - a,
-                         "relative": (b - a) / abs(a) if a else None, "n_dense": d_res[task].get("n"),
-                         "n_other": o_res[task].get("n"), "matching": matching(a, b, tolerance, higher)})
-    return {"dense": dense.get("model"), "other": other.get("model"), "tolerance": tolerance, "rows": rows,
-            "only_dense": sorted(set(d_res) - set(o_res)), "only_other": sorted(set(o_res) - set(d_res))}
-
-
 def run(args: argparse.Namespace) -> int:
     if not 0 <= args.tolerance < 1:
         raise RecoupError(f"--tolerance is a fraction in [0, 1) (got {args.tolerance})")
-    out = compare(_load(args.dense), _load(args.other), args.tolerance, args.all_metrics)
+    from recoup.runs.metrics import compare_results
+
+    out = compare_results(_load(args.dense), _load(args.other), args.tolerance, args.all_metrics)
     if not out["rows"]:
         raise RecoupError("the two results files share no task metric to compare")
     print(f"dense: {out['dense']}   other: {out['other']}   matching = within {args.tolerance:.0%} of dense")

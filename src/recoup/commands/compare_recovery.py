@@ -15,14 +15,13 @@ def register(sub) -> None:
                                    "per-token decode (batch 1), and check the base weights stay bit-identical.")
     p.add_argument("--task", required=True, help="multiple-choice task of the suite, e.g. sciq or boolq")
     p.add_argument("--dense", help="dense model source (row 'dense')")
-    p.add_argument("--dense-lora", help="a LoRA trained on the dense model (row 'dense+lora'; the CPET teacher)")
+    p.add_argument("--dense-recovery", action="append", default=[], metavar="[LABEL=]DIR",
+                   help="a saved recovery attached to --dense (row 'dense+METHOD' or 'dense+LABEL'; e.g. the CPET "
+                        "teacher's LoRA); repeatable")
     p.add_argument("--compressed", help="compressed artifact (row 'compressed'; recoveries attach to it)")
-    for flag, row, what in [("--hard-prompt", "+hard prompt", "hard prompt"), ("--soft-prompt", "+soft prompt",
-                             "soft prompt"), ("--idp", "+IDP", "IDP pool"), ("--lora", "+LoRA", "LoRA"),
-                            ("--cpet", "+CPET", "CPET")]:
-        p.add_argument(flag, action="append", default=[], metavar="[LABEL=]DIR",
-                       help=f"saved {what} directory (row '{row}'); repeat with LABEL=DIR (row '{row} LABEL') "
-                            f"to compare several")
+    p.add_argument("--recovery", action="append", default=[], metavar="[LABEL=]DIR",
+                   help="a saved recovery of any method attached to --compressed (row '+METHOD' or '+LABEL'); "
+                        "repeatable")
     p.add_argument("--skip-compressed-row", action="store_true",
                    help="do not score the compressed artifact itself (e.g. its row is in --include already)")
     p.add_argument("--heldout-fraction", type=float, default=0.3, help="held-out share of the task (default 0.3)")
@@ -38,34 +37,40 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _labelled(items: list[str], prefix: str) -> list[tuple[str, str]]:
+    """``[LABEL=]DIR`` -> (row label, dir); without a label the row is named after the saved method."""
+    from recoup.recover.methods import saved_method
+
+    out = []
+    for item in items:
+        label, _, path = item.partition("=") if "=" in item.split("/")[0] else ("", "", item)
+        out.append((f"{prefix}{label or saved_method(path)}", path))
+    return out
+
+
 def entries(args: argparse.Namespace) -> list:
     from recoup.errors import RecoupError
     from recoup.runs.compare_recovery import Entry
 
     rows = []
-    if args.dense:
-        rows.append(Entry("dense", args.dense))
-        if args.dense_lora:
-            rows.append(Entry("dense+lora", args.dense, args.dense_lora))
-    elif args.dense_lora:
-        raise RecoupError("--dense-lora needs --dense")
-    attached = []
-    for row, items in [("+hard prompt", args.hard_prompt), ("+soft prompt", args.soft_prompt), ("+IDP", args.idp),
-                       ("+LoRA", args.lora), ("+CPET", args.cpet)]:
-        for item in items:
-            label, _, path = item.rpartition("=") if "=" in item.split("/")[0] else ("", "", item)
-            attached.append((f"{row} {label}" if label else row, path))
-    labels = [label for label, _ in attached]
+    dense = _labelled(args.dense_recovery, "dense+")
+    attached = _labelled(args.recovery, "+")
+    labels = [label for label, _ in dense + attached]
     if len(set(labels)) != len(labels):
         raise RecoupError(f"two rows are labelled '{next(x for x in labels if labels.count(x) > 1)}'; "
                           f"name them with LABEL=DIR")
+    if args.dense:
+        rows.append(Entry("dense", args.dense))
+        rows += [Entry(label, args.dense, path) for label, path in dense]
+    elif dense:
+        raise RecoupError("--dense-recovery needs --dense")
     if args.skip_compressed_row and not args.compressed:
         raise RecoupError("--skip-compressed-row needs --compressed (the recoveries attach to it)")
     if args.compressed:
         if not args.skip_compressed_row:
             rows.append(Entry("compressed", args.compressed))
-        rows += [Entry(label, args.compressed, path) for label, path in attached if path]
-    elif any(path for _, path in attached):
+        rows += [Entry(label, args.compressed, path) for label, path in attached]
+    elif attached:
         raise RecoupError("recoveries attach to --compressed; give the compressed artifact")
     if not rows:
         raise RecoupError("nothing to compare: give --dense and/or --compressed (with recoveries)")

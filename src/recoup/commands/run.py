@@ -13,6 +13,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", default=None, help="results store (default $RECOUP_STORE or $RECOUP_HOME/results.sqlite)")
     p.add_argument("--executor", default="local", help="job executor (default local: sequential, in process)")
     p.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the recipe and print its stages; load no model, compute nothing")
 
 
 def register(sub) -> None:
@@ -27,7 +29,18 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def dry_run(recipe) -> int:
+    from recoup.runs.plan import build_plan, describe_plan
+
+    plan = build_plan(recipe, "dry-run")
+    print(f"recipe {recipe.name} ({recipe.source}): valid; model {recipe.model}, {len(plan)} stage(s):")
+    print("\n".join(describe_plan(plan)))
+    return 0
+
+
 def execute(recipe, args: argparse.Namespace) -> int:
+    if getattr(args, "dry_run", False):
+        return dry_run(recipe)
     from recoup.runs.executor import make_executor
     from recoup.runs.run import run_recipe
     from recoup.runs.store import Store

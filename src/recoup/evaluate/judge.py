@@ -223,9 +223,8 @@ class Judge:
         return self._ask(SUMMARY.format(question=article, reference=reference, answer=answer), 4, 2)
 
 
-def build_judge(url: str | None, model: str | None, key_env: str | None, local: str | None, retries: int = 3,
-                dtype: str = "float32", device: str = "cpu") -> Judge | None:
-    """The judge the CLI flags describe, or None when none is configured."""
+def check_judge(url: str | None, model: str | None, key_env: str | None, local: str | None) -> None:
+    """One clear line for a judge setting that cannot work, before anything is loaded."""
     if url and local:
         raise RecoupError("give either --judge-url or --judge-local, not both")
     if url:
@@ -233,9 +232,16 @@ def build_judge(url: str | None, model: str | None, key_env: str | None, local: 
             raise RecoupError(f"--judge-url must start with http:// or https:// (got '{url}')")
         if not model:
             raise RecoupError("--judge-url needs --judge-model (the model name the endpoint serves)")
-        return Judge(HttpJudge(url, model, key_env), retries=retries)
-    if model:
+    elif model:
         raise RecoupError("--judge-model needs --judge-url")
+
+
+def build_judge(url: str | None, model: str | None, key_env: str | None, local: str | None, retries: int = 3,
+                dtype: str = "float32", device: str = "cpu") -> Judge | None:
+    """The judge the CLI flags describe, or None when none is configured."""
+    check_judge(url, model, key_env, local)
+    if url:
+        return Judge(HttpJudge(url, model, key_env), retries=retries)
     if local:
         from recoup.artifact import load_model
 

@@ -119,12 +119,24 @@ def argmax(values: Sequence[float]) -> int:
     return best
 
 
-def matching(dense: float, other: float, tolerance: float = 0.05, higher_is_better: bool = True) -> bool:
-    """LLM-KICK's "matching": ``other`` is within ``tolerance`` (relative) of ``dense``.
+LOWER_IS_BETTER = ("ppl", "nll", "loss", "perplexity", "bpb", "bits_per_byte")
+
+
+def lower_is_better(metric: str) -> bool:
+    """A metric's direction by its name: perplexity, NLL and losses are lower-is-better."""
+    return metric.lower() in LOWER_IS_BETTER or metric.lower().endswith(("_ppl", "_nll", "_loss"))
+
+
+def matching(dense: float, other: float, tolerance: float = 0.05, higher_is_better: bool | None = None,
+             metric: str | None = None) -> bool:
+    """LLM-KICK's "matching" (the one definition recoup uses): ``other`` is within ``tolerance`` (relative)
+    of ``dense``, or better. The direction is ``higher_is_better`` or, given ``metric``, its name's.
 
     For higher-is-better metrics a score above dense also matches; for lower-is-better (perplexity)
     a score below dense matches.
     """
+    if higher_is_better is None:
+        higher_is_better = not lower_is_better(metric or "")
     if dense == 0:
         return other == 0 or (other > 0) == higher_is_better
     rel = (other - dense) / abs(dense)

@@ -1,7 +1,7 @@
 """Run a list of evaluation tasks on one model (optionally with a recovery) and collect results.
 
-Task names: ``ppl:CORPUS`` or ``ppl:CORPUS:SPLIT`` (default split test) for perplexity; any other
-name is looked up in the task registry (:mod:`recoup.evaluate.tasks`).
+Task names are looked up in the task registry (:mod:`recoup.evaluate.tasks`), perplexity (``ppl:CORPUS``)
+included.
 """
 
 from __future__ import annotations
@@ -35,37 +35,19 @@ def split_task_list(spec: str) -> list[str]:
     return tasks
 
 
-def resolve_tasks(tasks: str | None, suite: str | None, options: dict | None = None) -> list[str]:
+def resolve_tasks(tasks: str | list[str] | None, suite: str | None, options: dict | None = None) -> list[str]:
     """Task names from ``--tasks`` and/or ``--suite`` (deduplicated, in order), validated with their
     options and data; raises RecoupError before any model is loaded."""
     from recoup.evaluate import tasks as registry
 
-    names = split_task_list(tasks) if tasks else []
+    names = split_task_list(tasks) if isinstance(tasks, str) else list(tasks or [])
     if suite:
         names += registry.expand_suite(suite)
     names = list(dict.fromkeys(names))
     if not names:
-        raise RecoupError("name tasks with --tasks (e.g. arc_easy,piqa) or a suite with --suite (kick, zeroshot)")
-    for name in names:
-        if name.startswith("ppl:"):
-            if len(name.split(":")) not in (2, 3) or not name.split(":")[1]:
-                raise RecoupError(f"bad perplexity task '{name}'; write ppl:CORPUS or ppl:CORPUS:SPLIT (e.g. ppl:ptb)")
-        else:
-            registry.get_spec(name)
-    registry.validate(names, options or {})
+        raise RecoupError("name tasks with --tasks (e.g. ppl:ptb,arc_easy) or a suite with --suite (kick, zeroshot)")
+    registry.validate(names, options or {})  # every name known, its options and data present
     return names
-
-
-def run_ppl(task: str, loaded, settings: EvalSettings, recovery) -> dict:
-    from recoup.evaluate.perplexity import perplexity
-
-    parts = task.split(":")
-    if len(parts) not in (2, 3) or not parts[1]:
-        raise RecoupError(f"bad perplexity task '{task}'; write ppl:CORPUS or ppl:CORPUS:SPLIT (e.g. ppl:ptb)")
-    split = parts[2] if len(parts) == 3 else "test"
-    res = perplexity(loaded.model, loaded.tokenizer, parts[1], split, settings.seqlen, settings.limit,
-                     batch_size=1, recovery=recovery)
-    return res.to_dict()
 
 
 TUNED_ON_TASK_WARNING = ("the recovery was tuned on the train part of this task, and these scores include its training "
@@ -84,12 +66,7 @@ def evaluate(loaded, tasks: list[str], settings: EvalSettings, recovery=None) ->
     """Evaluate every task; returns ``{"model", "results": {task: {...}}, "protocol": {...}}``."""
     from recoup.evaluate import tasks as registry
 
-    runners = []
-    for task in tasks:  # validate every name before spending time on the first
-        if task.startswith("ppl:"):
-            runners.append((task, run_ppl))
-        else:
-            runners.append((task, registry.get_runner(task)))
+    runners = [(task, registry.get_runner(task)) for task in tasks]  # every name known before the first runs
     registry.validate(tasks, settings.options)  # options, files and installed data, before any scoring
     tuned_task = _tuned_task(recovery)
     model = recovery.apply(loaded.model) if recovery is not None else loaded.model

@@ -189,6 +189,26 @@ class Scorer:
             out.append((float(lp.gather(1, tgt[:, None]).sum()), bool((lp.argmax(-1) == tgt).all())))
         return out
 
+    # ----------------------------------------------------------------- window likelihood (GPTQ perplexity)
+    @torch.no_grad()
+    def window_nll(self, windows: torch.Tensor, desc: str = "perplexity") -> tuple[float, int]:
+        """(summed next-token NLL, scored tokens) of token windows (n, T), ``batch_size`` windows per forward.
+
+        Each window is its own context (the GPTQ/SparseGPT protocol): its first token is not scored, the
+        recovery's prefix is prepended and never scored.
+        """
+        from recoup.model.forward import forward_logits
+
+        total, count = 0.0, 0
+        for start in tqdm(range(0, windows.shape[0], self.batch_size), desc=desc, unit="batch",
+                          disable=not self.progress, leave=False):
+            x = windows[start: start + self.batch_size].to(self.device)
+            prefix = self.recovery.prefix(self.model, x, torch.ones_like(x)) if self.recovery is not None else None
+            logits = forward_logits(self.model, x, None, prefix)[:, :-1].float()
+            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum").item()
+            count += x[:, 1:].numel()
+        return total, count
+
     # ----------------------------------------------------------------- rolling likelihood
     def rolling_windows(self, tokens: Sequence[int], window: int | None = None) -> list[TokenPair]:
         """lm-eval's ``get_rolling_token_windows`` (context_len=1) made disjoint: every token scored once."""

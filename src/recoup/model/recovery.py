@@ -14,6 +14,13 @@ The Scorer and perplexity call ``apply`` once and ``prefix`` per batch.
 
 from __future__ import annotations
 
+# The files a saved recovery directory holds (one place for their names).
+RECOVERY_RECORD = "recoup_recovery.json"  # {"method": ..., ...}: names the method of a non-PEFT layout
+TRAIN_RECORD = "recoup_train.json"  # how it was trained (history, protocol)
+RUN_RECORD = "recoup_run.json"  # the command-level summary `recoup recover` writes
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+
 import abc
 from pathlib import Path
 

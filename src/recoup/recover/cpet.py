@@ -26,7 +26,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,9 @@ from recoup.config import Config, check
 from recoup.errors import RecoupError
 from recoup.model.anatomy import anatomy
 from recoup.model.recovery import Recovery
-from recoup.recover.lora import RECOVERY_JSON, TARGETS, LoraConfig, LoraRecovery, base_of
+from recoup.recover.base import RecoveryMethod
+from recoup.recover.lora import (RECOVERY_JSON, TARGETS, LoraConfig, LoraMethodConfig, LoraRecovery, base_of,
+                                 compression_digest, record_intact)
 
 log = logging.getLogger(__name__)
 
@@ -325,3 +327,60 @@ def fit_cpet(model: nn.Module, tokenizer, data, cfg: CpetConfig, train_cfg, inhe
                                "best_val_loss": result.best_val_loss, "best_step": result.best_step},
                      "data": data.protocol})
     return rec, result, wrapped
+
+
+# ---------------------------------------------------------------------------- the method (registry entry)
+
+
+@dataclasses.dataclass
+class CpetMethodConfig(LoraMethodConfig):
+    """``recoup recover --method cpet``: the LoRA keys plus CPET's three switches. ``inherit`` names the dense
+    model's LoRA (inheritance; also the teacher's adapter); ``distill`` needs it and a dense ``teacher``
+    source (default: the artifact's source model)."""
+
+    recovery_modules: bool = False  # add low-rank non-linear recovery modules beside the linears
+    recovery_rank: int = 8
+    recovery_targets: str = "all"
+    distill: bool = False  # distil from the dense model + its LoRA (inherit) into the compressed model
+    distill_alpha: float = 1.0  # weight of the hidden-state MSE
+    distill_layers: str = "last"  # last (final normed hidden state) | all | comma list of decoder layers
+    kl_weight: float = 0.0  # weight of the logit KL term
+    kl_temperature: float = 2.0
+    teacher: str | None = None  # dense model source for distillation (default: the artifact's source)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.cpet()
+        check(not self.distill or self.inherit is not None,
+              "distill needs inherit=DENSE_LORA_DIR: the teacher is the dense model + that LoRA")
+
+    def cpet(self) -> CpetConfig:
+        return CpetConfig(rank=self.rank, alpha=self.alpha, targets=self.targets,
+                          recovery_modules=self.recovery_modules, recovery_rank=self.recovery_rank,
+                          recovery_targets=self.recovery_targets, distill=self.distill,
+                          distill_alpha=self.distill_alpha, distill_layers=self.distill_layers,
+                          kl_weight=self.kl_weight, kl_temperature=self.kl_temperature)
+
+
+def fit(loaded, config: CpetMethodConfig, data) -> tuple[CpetRecovery, Any]:
+    """The registry's fit: CPET on a compressed ``loaded`` (its compression checked unchanged)."""
+    from recoup.artifact import load_model
+
+    inherit = LoraRecovery.load(config.inherit) if config.inherit else None
+    teacher, source = None, None
+    if config.distill:
+        source = config.teacher or ((loaded.manifest or {}).get("source") or {}).get("model")
+        if not source:
+            raise RecoupError("distill: name the dense model with teacher=SOURCE (the model has no artifact manifest)")
+        dtype = next(loaded.model.parameters()).dtype
+        teacher = make_teacher(load_model(source, dtype=dtype).model, inherit)
+    before = compression_digest(loaded.model, loaded.manifest)
+    rec, result, wrapped = fit_cpet(loaded.model, loaded.tokenizer, data, config.cpet(), config.train_config(),
+                                    inherit, teacher, config.batch_size)
+    rec.meta["teacher"] = source
+    record_intact(rec, loaded, wrapped, before)
+    return rec, result
+
+
+METHOD = RecoveryMethod("cpet", "CPET / CA-LoRA: inheritance, recovery modules, distillation (Zhao et al. 2023)",
+                        CpetMethodConfig, fit, CpetRecovery.load)

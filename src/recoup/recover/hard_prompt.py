@@ -9,18 +9,27 @@ to, so it is never scored and works with every evaluation path that honours ``pr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from recoup.config import Config
 from recoup.errors import RecoupError
-from recoup.model.recovery import Recovery
+from recoup.model.recovery import RECOVERY_RECORD as RECORD, Recovery
+from recoup.recover.base import RecoveryMethod
 
 CTP_CASE_STUDY = ("The weight matrix inside the language model contains errors. "
                   "Make any necessary adjustments to ensure optimal performance.")
-RECORD = "recoup_recovery.json"
+
+
+@dataclasses.dataclass
+class HardPromptConfig(Config):
+    """A hard prompt is its text (default: Compress-Then-Prompt's case-study prompt)."""
+
+    text: str = CTP_CASE_STUDY
 
 
 class HardPrompt(Recovery):
@@ -68,3 +77,12 @@ class HardPrompt(Recovery):
             return cls(data["text"], data["token_ids"])
         except KeyError as exc:
             raise RecoupError(f"'{path}': hard-prompt record lacks {exc}") from None
+
+
+def fit_hard_prompt(loaded, config: HardPromptConfig, data=None) -> tuple[HardPrompt, None]:
+    """Nothing to learn: the text tokenized for ``loaded``'s tokenizer."""
+    return HardPrompt.from_text(config.text, loaded.tokenizer), None
+
+
+METHOD = RecoveryMethod("hard-prompt", "a fixed text prefix, never scored (Compress-Then-Prompt's hard prompt)",
+                        HardPromptConfig, fit_hard_prompt, HardPrompt.load)

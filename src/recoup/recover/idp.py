@@ -21,8 +21,9 @@ Choices the paper leaves open, made here:
   raw argmax;
 - training is *joint with the selection in the loop*: each step selects a prompt per example
   exactly as at inference (no gradient through the choice) and minimises next-token loss through
-  the chosen prompts, so each prompt is trained on the inputs that choose it. With a data mix
-  (``data="ptb,wiki"``) batches alternate sources example by example;
+  the chosen prompts, so each prompt is trained on the inputs that choose it. Corpus windows are drawn
+  as for every other recovery (:class:`recoup.recover.task_data.TuningData`; a mix ``data="ptb,wiki"`` is
+  sampled from the joined text, each source giving its share of validation windows);
 - on a task (``task="sciq"``, the same seeded train / held-out split as soft prompts, LoRA and CPET, see
   :mod:`recoup.recover.soft_prompt`): the loss is on the gold continuation only, and the prompt is
   selected from the example's *context* (its question, without the continuation and the padding,
@@ -43,7 +44,6 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -51,14 +51,13 @@ from torch import nn
 from recoup.config import check
 from recoup.errors import RecoupError
 from recoup.model.anatomy import anatomy
-from recoup.model.recovery import Recovery
-from recoup.recover.soft_prompt import (SoftPromptConfig, frozen, init_embeddings, lm_loss, model_meta, split_ids,
-                                        task_tuning, tuning_ids, val_windows, window_batches)
+from recoup.model.recovery import RECOVERY_RECORD as RECORD, Recovery
+from recoup.recover.soft_prompt import SoftPromptConfig, frozen, init_embeddings, model_meta
+from recoup.recover.base import RecoveryMethod
 from recoup.recover.train import TrainResult, train
 
 log = logging.getLogger(__name__)
 
-RECORD = "recoup_recovery.json"
 WEIGHTS = "idp_pool.safetensors"
 
 
@@ -264,33 +263,19 @@ class IDPPool(Recovery):
                    record.get("select_layers", 0))
 
 
-def mixed_batches(sources: list[torch.Tensor], seqlen: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
-    """(batch_size, seqlen) windows taking example k from source k mod len(sources)."""
-    streams = [window_batches(ids, seqlen, 1, seed + i) for i, ids in enumerate(sources)]
-    while True:
-        yield torch.cat([next(streams[k % len(streams)]) for k in range(batch_size)])
-
-
-def fit_idp(loaded, config: IDPConfig) -> tuple[IDPPool, TrainResult]:
+def fit_idp(loaded, config: IDPConfig, data=None) -> tuple[IDPPool, TrainResult]:
     """Train an IDP pool on ``loaded.model`` (frozen, bit-identical), selection in the loop (module doc).
 
-    Corpus: (batch_size, seqlen) windows, next-token loss. Task (``config.task``): padded batches of
-    context + gold continuation, loss on the continuation, selection on the context (module doc).
+    ``data`` (:class:`~recoup.recover.task_data.TuningData`, built from the config when None): a corpus
+    gives (batch_size, seqlen) windows with next-token loss, each window selecting on itself; a task gives
+    padded batches of context + gold continuation, loss on the continuation, selection on the context.
     """
-    from recoup.recover.task_data import batch_stream, context_part, mean_loss, pad_id_of, prefixed_loss
+    from recoup.recover.task_data import context_part, mean_loss, pad_id_of, prefixed_loss, training_data
 
     model, tok = loaded.model, loaded.tokenizer
-    tuning = None
-    if config.task is not None:
-        tuning = task_tuning(loaded, config)
-        init_ids = tuning_ids(tuning)
-    else:
-        names = [d.strip() for d in config.data.split(",") if d.strip()]
-        sources = [split_ids(tok, name, "train") for name in names]
-        val = torch.cat([val_windows(split_ids(tok, name, "valid"), config.seqlen,
-                                     max(1, config.val_windows // len(names))) for name in names])
-        init_ids = torch.cat(sources)
-    rows = init_embeddings(model, tok, config, init_ids, config.pool * config.tokens)
+    data = training_data(tok, config) if data is None else data
+    pad = pad_id_of(tok)
+    rows = init_embeddings(model, tok, config, data.token_ids(), config.pool * config.tokens)
     pool = IDPPool(rows.view(config.pool, config.tokens, -1), model_meta(loaded), select_layers=config.select_layers)
     device = next(model.parameters()).device
     picks: list[int] = []
@@ -304,43 +289,27 @@ def fit_idp(loaded, config: IDPConfig) -> tuple[IDPPool, TrainResult]:
         w = model.get_input_embeddings().weight
         return pool.pool[choice].to(device=w.device, dtype=w.dtype)
 
-    if tuning is not None:
-        pad = pad_id_of(tok)
-
-        def select(b, observe: bool = False) -> torch.Tensor:
-            ids, mask = context_part(b)
-            return chosen(ids.to(device), mask.to(device), observe)
-
-        def loss_fn(b) -> torch.Tensor:
-            return prefixed_loss(model, b, device, select(b, observe=True))
-
-        def validate() -> float:
-            return mean_loss(model, tuning.valid, pad, config.batch_size, select)
-
-        batches, tokens_in = batch_stream(tuning.train, config.batch_size, pad, config.seed), (lambda b: b.tokens)
-    else:
-        def loss_fn(x: torch.Tensor) -> torch.Tensor:
-            x = x.to(device)
-            return lm_loss(model, x, chosen(x, observe=True))
-
-        def validate() -> float:
-            return sum(lm_loss(model, v[None].to(device), chosen(v[None].to(device))).item() for v in val) / len(val)
-
-        batches = mixed_batches(sources, config.seqlen, config.batch_size, config.seed)
-        tokens_in = (lambda b: b.numel())
+    def select(b, observe: bool = False) -> torch.Tensor:
+        ids, mask = (b.input_ids, b.attention_mask) if data.lm else context_part(b)
+        return chosen(ids.to(device), mask.to(device), observe)
 
     with frozen(model):
-        if tuning is not None:
-            base_val = mean_loss(model, tuning.valid, pad, config.batch_size)
-            log.info("idp: %s validation loss without a prompt %.4f", config.task, base_val)
-        result = train([pool.pool], batches, loss_fn, config.train_config(), validate, tokens_in=tokens_in, desc="idp")
+        base_val = mean_loss(model, data.valid, pad, config.batch_size)
+        log.info("idp: validation loss without a prompt %.4f", base_val)
+        result = train([pool.pool], data.batches(config.batch_size, pad, config.seed),
+                       lambda b: prefixed_loss(model, b, device, select(b, observe=True)), config.train_config(),
+                       lambda: mean_loss(model, data.valid, pad, config.batch_size, select),
+                       tokens_in=lambda b: b.tokens, desc="idp")
     counts = collections.Counter(picks)
     pool.meta["train"] = {"config": config.to_dict(), "result": result.to_dict(),
-                          "training_selections": {str(k): counts.get(k, 0) for k in range(config.pool)}}
+                          "training_selections": {str(k): counts.get(k, 0) for k in range(config.pool)},
+                          "val_loss_without_prompt": base_val}
     pool.meta["training_selections"] = pool.meta["train"]["training_selections"]
-    if tuning is not None:
-        pool.meta["data"] = tuning.protocol
-        pool.meta["train"]["val_loss_without_prompt"] = base_val
+    pool.meta["data"] = data.protocol
     pool.choices = []
     log.info("idp: selections during training %s", dict(sorted(counts.items())))
     return pool, result
+
+
+METHOD = RecoveryMethod("idp", "Inference-time Dynamic Prompting pool (Hoang et al. 2023)", IDPConfig, fit_idp,
+                        IDPPool.load)

@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -26,11 +26,12 @@ from torch import nn
 from recoup.config import Config, check
 from recoup.errors import RecoupError
 from recoup.model.anatomy import anatomy
-from recoup.model.recovery import Recovery
+from recoup.model.recovery import PEFT_CONFIG, PEFT_WEIGHTS, RECOVERY_RECORD as RECOVERY_JSON, Recovery
+from recoup.recover.base import RecoveryMethod
+from recoup.recover.train import FitConfig, TrainResult
 
 log = logging.getLogger(__name__)
 
-RECOVERY_JSON = "recoup_recovery.json"  # the name recover/io.py dispatches on
 TARGETS = ("attention", "mlp", "all")
 
 
@@ -163,7 +164,7 @@ class LoraRecovery(Recovery):
         path.mkdir(parents=True, exist_ok=True)
         pcfg = _peft_config(self.cfg, self.target_modules)
         pcfg.save_pretrained(str(path))
-        save_file({k: v.contiguous() for k, v in self.state.items()}, str(path / "adapter_model.safetensors"))
+        save_file({k: v.contiguous() for k, v in self.state.items()}, str(path / PEFT_WEIGHTS))
         info = {"method": self.method, "config": self.cfg.to_dict(), "target_modules": self.target_modules,
                 "hidden_size": self.hidden_size, "merged": False, **self.meta}
         (path / RECOVERY_JSON).write_text(json.dumps(info, indent=1))
@@ -174,7 +175,7 @@ class LoraRecovery(Recovery):
         from safetensors.torch import load_file
 
         path = Path(path)
-        cfg_file, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
+        cfg_file, weights = path / PEFT_CONFIG, path / PEFT_WEIGHTS
         if not cfg_file.is_file() or not weights.is_file():
             raise RecoupError(f"'{path}' is not a LoRA directory (needs adapter_config.json and "
                               f"adapter_model.safetensors)")
@@ -237,3 +238,67 @@ def fit_lora(model: nn.Module, tokenizer, data, cfg: LoraConfig, train_cfg, batc
                                "best_val_loss": result.best_val_loss, "best_step": result.best_step},
                      "data": data.protocol})
     return rec, result, wrapped
+
+
+# ---------------------------------------------------------------------------- the method (registry entry)
+
+
+@dataclasses.dataclass
+class LoraMethodConfig(FitConfig):
+    """``recoup recover --method lora``: the adapter's shape, where it starts, and the shared training keys
+    (adapter defaults: 150 steps, lr 1e-3, batch 8, examples of at most 256 tokens, validation every steps/5).
+    It needs tuning data: a task (``task: sciq``) or a corpus / jsonl file (``data: ...``)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str = "all"  # attention | mlp | all, from the anatomy map
+    inherit: str | None = None  # a saved LoRA (same rank and targets) to start from instead of PEFT's init
+    batch_size: int = 8
+    steps: int = 150
+    lr: float = 1e-3
+    eval_every: int | None = None
+
+    default_data: ClassVar[str | None] = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.lora()
+
+    def lora(self) -> LoraConfig:
+        return LoraConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.targets)
+
+
+def compression_digest(model: nn.Module, manifest: dict | None) -> dict | None:
+    """The artifact's compression fingerprint (masks + quantized codes) of ``model``; None for a plain model."""
+    if not manifest:
+        return None
+    from recoup.artifact.store import compression_fingerprint
+
+    return compression_fingerprint(base_of(model), manifest)
+
+
+def record_intact(rec: Recovery, loaded, wrapped: nn.Module, before: dict | None) -> None:
+    """Prove the artifact's masks and codes are unchanged after training (RecoupError otherwise) and record
+    it, with the base the recovery was learned on, in ``rec.meta``."""
+    if before is not None:
+        after = compression_digest(wrapped, loaded.manifest)
+        if after["digest"] != before["digest"]:
+            raise RecoupError("internal error: training changed the artifact's masks or quantized values")
+        rec.meta["compression_fingerprint"] = {"digest": before["digest"], "unchanged": True,
+                                               "sparsity": after["sparsity"], "all_on_grid": after["all_on_grid"]}
+    rec.meta["source"] = loaded.source
+
+
+def fit(loaded, config: LoraMethodConfig, data) -> tuple[LoraRecovery, TrainResult]:
+    """The registry's fit: LoRA on ``loaded`` (kept unmerged; its compression checked unchanged)."""
+    init = LoraRecovery.load(config.inherit) if config.inherit else None
+    before = compression_digest(loaded.model, loaded.manifest)
+    rec, result, wrapped = fit_lora(loaded.model, loaded.tokenizer, data, config.lora(), config.train_config(),
+                                    config.batch_size, init=init)
+    record_intact(rec, loaded, wrapped, before)
+    return rec, result
+
+
+METHOD = RecoveryMethod("lora", "LoRA through PEFT, kept unmerged (Hu et al. 2021)", LoraMethodConfig, fit,
+                        LoraRecovery.load, peft_type="LORA")

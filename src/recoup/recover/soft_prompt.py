@@ -35,73 +35,35 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from recoup.config import Config, check
+from recoup.config import check
 from recoup.errors import RecoupError
-from recoup.model.forward import forward_logits
-from recoup.model.recovery import Recovery
-from recoup.recover.train import TrainConfig, TrainResult, train
+from recoup.model.recovery import PEFT_CONFIG, PEFT_WEIGHTS, TRAIN_RECORD, Recovery
+from recoup.recover.base import RecoveryMethod
+from recoup.recover.train import FitConfig, TrainResult, train
 
 log = logging.getLogger(__name__)
 
 INITS = ("vocab", "text", "random")
-PEFT_CONFIG = "adapter_config.json"
-PEFT_WEIGHTS = "adapter_model.safetensors"
-TRAIN_RECORD = "recoup_train.json"
 
 
 @dataclasses.dataclass
-class SoftPromptConfig(Config):
-    """Soft-prompt training settings (CPU-friendly defaults; see the module doc for the paper's)."""
+class SoftPromptConfig(FitConfig):
+    """Soft-prompt settings (CPU-friendly defaults; see the module doc for the paper's); the training keys
+    (data/task, steps, lr, ...) are :class:`~recoup.recover.train.FitConfig`'s."""
 
     tokens: int = 20  # prompt length n
     init: str = "vocab"  # vocab (rows of frequent tokens) | text | random
     init_text: str | None = None
-    data: str | None = None  # corpus (ptb, wiki, ...) or a .txt/.jsonl file, comma-separated mix; ptb without task
-    task: str | None = None  # a multiple-choice task (sciq, arc_easy ...): train on its train part instead
-    heldout_fraction: float | None = None  # task only: the share kept out (default 0.3, LoRA/CPET's split)
-    seqlen: int = 256  # corpus: window length; task: max tokens per example (context cut from the left)
-    batch_size: int = 2
-    steps: int = 80
-    lr: float = 3e-2
-    warmup: float = 0.05
-    max_grad_norm: float = 1.0
-    weight_decay: float = 0.0
-    eval_every: int = 15
-    val_windows: int | None = None  # corpus: valid-split windows scored per validation (default 4); not with task
-    seed: int = 0
-    time_budget_s: float | None = None
 
     def __post_init__(self) -> None:
         check(self.tokens >= 1, f"tokens must be >= 1 (got {self.tokens})")
         check(self.init in INITS, f"unknown init '{self.init}'; use one of {', '.join(INITS)}")
         check(self.init != "text" or bool(self.init_text), "init 'text' needs init_text")
-        check(self.seqlen >= 2, f"seqlen must be >= 2 (got {self.seqlen})")
-        check(self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})")
-        check(self.task is None or self.data is None, "give a task (--task T) or data (--data SRC), not both")
-        if self.task is not None:
-            self.heldout_fraction = 0.3 if self.heldout_fraction is None else self.heldout_fraction
-            check(0 < self.heldout_fraction < 1, f"heldout_fraction must be in (0, 1) (got {self.heldout_fraction})")
-            check(bool(self.task.strip()), "task is empty; name a multiple-choice task (sciq, arc_easy ...)")
-            check(self.val_windows is None, "val_windows applies to corpus training; with a task, validation is "
-                                            "the seeded 64-example slice of the task's train part")
-        else:
-            check(self.heldout_fraction is None, "heldout_fraction applies only with a task (--task T)")
-            self.data = "ptb" if self.data is None else self.data
-            self.val_windows = 4 if self.val_windows is None else self.val_windows
-            check(self.val_windows >= 1, f"val_windows must be >= 1 (got {self.val_windows})")
-            check(bool(self.data.strip()), "data is empty; name a corpus (ptb, wiki) or a text file")
-        self.train_config()  # validates steps, lr, warmup, eval_every
-
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(steps=self.steps, lr=self.lr, weight_decay=self.weight_decay, warmup=self.warmup,
-                           max_grad_norm=self.max_grad_norm, eval_every=self.eval_every, seed=self.seed,
-                           time_budget_s=self.time_budget_s)
+        super().__post_init__()
 
 
 class SoftPrompt(Recovery):
@@ -174,52 +136,6 @@ class SoftPrompt(Recovery):
         return cls(emb, meta)
 
 
-# ----------------------------------------------------------------------------------------- data
-
-
-def split_ids(tokenizer, data: str, split: str) -> torch.Tensor:
-    """Token ids of one corpus (or a comma-separated mix) for ``split``.
-
-    A file has no splits: its first 90% is ``train`` and its last 10% ``valid``/``test``.
-    """
-    from recoup.data.calibration import tokenize_corpus
-    from recoup.data.corpora import load_corpus
-
-    parts = []
-    for name in [d.strip() for d in data.split(",") if d.strip()]:
-        is_file = Path(name).expanduser().is_file()
-        ids = tokenize_corpus(tokenizer, load_corpus(name, "train" if is_file else split))
-        if is_file:
-            cut = int(ids.numel() * 0.9)
-            ids = ids[:cut] if split == "train" else ids[cut:]
-        parts.append(ids)
-    return torch.cat(parts)
-
-
-def window_batches(ids: torch.Tensor, seqlen: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
-    """Endless (batch_size, seqlen) windows at seeded random offsets of a 1-D id tensor."""
-    if ids.numel() <= seqlen:
-        raise RecoupError(f"the training text has {ids.numel()} tokens, fewer than one window of {seqlen}")
-    gen = torch.Generator().manual_seed(seed)
-    while True:
-        starts = torch.randint(0, ids.numel() - seqlen, (batch_size,), generator=gen).tolist()
-        yield torch.stack([ids[s: s + seqlen] for s in starts])
-
-
-def val_windows(ids: torch.Tensor, seqlen: int, count: int) -> torch.Tensor:
-    """The first ``count`` non-overlapping windows (fewer if the text is short): (k, seqlen)."""
-    k = min(count, ids.numel() // seqlen)
-    if k < 1:
-        raise RecoupError(f"the validation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
-    return ids[: k * seqlen].view(k, seqlen)
-
-
-def lm_loss(model: nn.Module, x: torch.Tensor, prefix: torch.Tensor | None) -> torch.Tensor:
-    """Mean next-token NLL of windows x (B, T) with a prefix (P, H) or (B, P, H); prefix never scored."""
-    logits = forward_logits(model, x, None, prefix)[:, :-1].float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
-
-
 @contextlib.contextmanager
 def frozen(model: nn.Module):
     """Backbone frozen (no grads, eval mode) for the duration; flags restored in ``finally``."""
@@ -236,7 +152,7 @@ def frozen(model: nn.Module):
         model.train(was_training)
 
 
-def init_embeddings(model: nn.Module, tokenizer, config: SoftPromptConfig, train_ids: torch.Tensor,
+def init_embeddings(model: nn.Module, tokenizer, config, train_ids: torch.Tensor,
                     rows: int) -> torch.Tensor:
     """(rows, H) initial prompt: rows of frequent training tokens (Lester et al.), a text, or random."""
     emb = model.get_input_embeddings().weight.detach().float().cpu()
@@ -265,79 +181,40 @@ def model_meta(loaded) -> dict:
             "num_layers": getattr(cfg, "num_hidden_layers", None), "model_type": getattr(cfg, "model_type", None)}
 
 
-def fit_soft_prompt(loaded, config: SoftPromptConfig) -> tuple[SoftPrompt, TrainResult]:
-    """Learn a soft prompt on ``loaded.model`` (kept frozen, bit-identical) with next-token loss.
+def fit_soft_prompt(loaded, config: SoftPromptConfig, data=None) -> tuple[SoftPrompt, TrainResult]:
+    """Learn a soft prompt on ``loaded.model`` (kept frozen, bit-identical).
 
-    With ``config.task`` see :func:`fit_soft_prompt_on_task`. Otherwise windows (batch_size, seqlen) are drawn at seeded offsets of the data's train split; validation
-    is the mean NLL of ``val_windows`` windows of its valid split; the best prompt is kept.
+    ``data`` (:class:`~recoup.recover.task_data.TuningData`, built from the config's data/task keys when
+    None): a corpus gives (batch_size, seqlen) windows at seeded offsets of its train split, next-token
+    loss; a task gives padded batches of context + gold continuation (at most ``seqlen`` tokens), loss on
+    the continuation only. The prompt (n, H) is prepended and never scored; validation is the
+    token-weighted mean loss on ``data.valid``; the best prompt is kept. A task's split protocol is
+    recorded in ``meta["data"]``.
     """
-    if config.task is not None:
-        return fit_soft_prompt_on_task(loaded, config)
-    model, tok = loaded.model, loaded.tokenizer
-    train_ids = split_ids(tok, config.data, "train")
-    val = val_windows(split_ids(tok, config.data, "valid"), config.seqlen, config.val_windows)
-    prompt = SoftPrompt(init_embeddings(model, tok, config, train_ids, config.tokens), model_meta(loaded))
-    device = next(model.parameters()).device
-
-    def loss_fn(x: torch.Tensor) -> torch.Tensor:
-        return lm_loss(model, x.to(device), prompt.prefix(model, x, x))
-
-    def validate(with_prompt: bool = True) -> float:
-        return sum(lm_loss(model, v[None].to(device), prompt.prefix(model, v, v) if with_prompt else None).item()
-                   for v in val) / len(val)
-
-    with frozen(model):
-        with torch.no_grad():
-            base_val = validate(with_prompt=False)
-        log.info("soft-prompt: validation loss without a prompt %.4f (ppl %.2f)", base_val, math.exp(base_val))
-        result = train([prompt.embeddings], window_batches(train_ids, config.seqlen, config.batch_size, config.seed),
-                       loss_fn, config.train_config(), validate, tokens_in=lambda b: b.numel(), desc="soft-prompt")
-    prompt.meta["train"] = {"config": config.to_dict(), "result": result.to_dict(), "val_loss_without_prompt": base_val}
-    return prompt, result
-
-
-def task_tuning(loaded, config: SoftPromptConfig):
-    """The task's :class:`~recoup.recover.task_data.TuningData`: the same seeded split LoRA/CPET train on."""
-    from recoup.recover.task_data import tuning_data
-
-    return tuning_data(loaded.tokenizer, task=config.task, max_len=config.seqlen,
-                       heldout_fraction=config.heldout_fraction, seed=config.seed)
-
-
-def tuning_ids(tuning) -> torch.Tensor:
-    """Every token id of the training sequences, 1-D (for the vocab init)."""
-    return torch.tensor([i for s in tuning.train for i in s.ids], dtype=torch.long)
-
-
-def fit_soft_prompt_on_task(loaded, config: SoftPromptConfig) -> tuple[SoftPrompt, TrainResult]:
-    """Learn a soft prompt on the train part of ``config.task`` (loss on the gold continuation only).
-
-    Batches: ``batch_size`` examples (context + gold continuation, at most ``seqlen`` tokens) right-padded,
-    the prompt (n, H) prepended; prompt positions, context and padding are not scored. Validation is the
-    token-weighted mean loss on ``tuning.valid`` (a seeded slice of the train part); the best prompt is
-    kept. The held-out part is never seen; its protocol is recorded in ``meta["data"]``.
-    """
-    from recoup.recover.task_data import batch_stream, mean_loss, pad_id_of, prefixed_loss
+    from recoup.recover.task_data import mean_loss, pad_id_of, prefixed_loss, training_data
 
     model, tok = loaded.model, loaded.tokenizer
-    tuning = task_tuning(loaded, config)
+    data = training_data(tok, config) if data is None else data
     pad = pad_id_of(tok)
-    prompt = SoftPrompt(init_embeddings(model, tok, config, tuning_ids(tuning), config.tokens), model_meta(loaded))
+    prompt = SoftPrompt(init_embeddings(model, tok, config, data.token_ids(), config.tokens), model_meta(loaded))
     device = next(model.parameters()).device
 
     def prefix(b):
         return prompt.prefix(model, b.input_ids, b.attention_mask)
 
     def validate(with_prompt: bool = True) -> float:
-        return mean_loss(model, tuning.valid, pad, config.batch_size, prefix if with_prompt else None)
+        return mean_loss(model, data.valid, pad, config.batch_size, prefix if with_prompt else None)
 
     with frozen(model):
         base_val = validate(with_prompt=False)
-        log.info("soft-prompt: %s validation loss without a prompt %.4f (%d train, %d valid examples)",
-                 config.task, base_val, len(tuning.train), len(tuning.valid))
-        result = train([prompt.embeddings], batch_stream(tuning.train, config.batch_size, pad, config.seed),
+        log.info("soft-prompt: validation loss without a prompt %.4f (ppl %.2f)", base_val, math.exp(base_val))
+        result = train([prompt.embeddings], data.batches(config.batch_size, pad, config.seed),
                        lambda b: prefixed_loss(model, b, device, prefix(b)),
                        config.train_config(), validate, tokens_in=lambda b: b.tokens, desc="soft-prompt")
-    prompt.meta["data"] = tuning.protocol
+    prompt.meta["data"] = data.protocol
     prompt.meta["train"] = {"config": config.to_dict(), "result": result.to_dict(), "val_loss_without_prompt": base_val}
     return prompt, result
+
+
+METHOD = RecoveryMethod("soft-prompt", "Compress-Then-Prompt soft prompt (Xu et al. 2023)", SoftPromptConfig,
+                        fit_soft_prompt, SoftPrompt.load, peft_type="PROMPT_TUNING")

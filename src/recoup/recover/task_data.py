@@ -137,21 +137,6 @@ def task_sequences(tokenizer, examples: list[MCExample], max_len: int = 256) -> 
     return [completion_sequence(tokenizer, *ex.gold_pair, max_len) for ex in examples]
 
 
-def corpus_sequences(tokenizer, corpus: str, split: str = "train", seqlen: int = 256,
-                     limit: int | None = None) -> list[Sequence]:
-    """Non-overlapping ``seqlen``-token windows of a corpus split (language-model loss on every token)."""
-    from recoup.data.calibration import tokenize_corpus
-    from recoup.data.corpora import load_corpus
-
-    ids = tokenize_corpus(tokenizer, load_corpus(corpus, split))
-    n = ids.numel() // seqlen
-    if limit is not None:
-        n = min(n, limit)
-    if n < 1:
-        raise RecoupError(f"corpus '{corpus}' ({split}) has {ids.numel()} tokens, fewer than one window of {seqlen}")
-    return [Sequence(ids=ids[i * seqlen:(i + 1) * seqlen].tolist()) for i in range(n)]
-
-
 def jsonl_sequences(tokenizer, path: str | Path, max_len: int = 256) -> list[Sequence]:
     """Lines ``{"text": ...}`` (loss on all tokens) or ``{"prompt": ..., "completion": ...}``."""
     path = Path(path)
@@ -181,20 +166,62 @@ def jsonl_sequences(tokenizer, path: str | Path, max_len: int = 256) -> list[Seq
 
 @dataclasses.dataclass
 class TuningData:
-    """Training sequences, validation sequences and where they came from."""
+    """What a recovery trains on: training batches, validation sequences and where they came from.
+
+    Two kinds behind one interface (:meth:`batches`, ``valid``, :meth:`token_ids`):
+
+    - a corpus (``lm_ids`` set): endless (batch_size, seqlen) windows at seeded offsets of the train
+      split (:func:`recoup.data.windows.window_stream`, the calibration sampler), every token after the
+      first scored; validation = the first ``val_windows`` windows of the valid split;
+    - sequences (a task, a jsonl file): context + completion, loss on the completion, reshuffled every epoch.
+    """
 
     train: list[Sequence]
     valid: list[Sequence]
     protocol: dict
     split: TaskSplit | None = None
+    lm_ids: torch.Tensor | None = None  # corpus: the train split's ids, 1-D
+    seqlen: int = 256
+
+    @property
+    def lm(self) -> bool:
+        """True for a corpus (language-model loss on every token)."""
+        return self.lm_ids is not None
+
+    def batches(self, batch_size: int, pad_id: int, seed: int) -> Iterator["Batch"]:
+        if self.lm_ids is not None:
+            from recoup.data.windows import window_stream
+
+            return (collate([Sequence(ids=w.tolist()) for w in x], pad_id)
+                    for x in window_stream(self.lm_ids, self.seqlen, batch_size, seed))
+        return batch_stream(self.train, batch_size, pad_id, seed=seed)
+
+    def token_ids(self) -> torch.Tensor:
+        """Every training token id, 1-D (a prompt's vocab init counts them)."""
+        if self.lm_ids is not None:
+            return self.lm_ids
+        return torch.tensor([i for s in self.train for i in s.ids], dtype=torch.long)
+
+
+def training_data(tokenizer, config) -> TuningData:
+    """The one builder of recovery training data, from a config's ``data`` / ``task`` keys
+    (:class:`recoup.recover.train.FitConfig`): every method samples the same way from the same source."""
+    if config.task is not None:
+        return tuning_data(tokenizer, task=config.task, max_len=config.seqlen,
+                           heldout_fraction=config.heldout_fraction, seed=config.seed)
+    return tuning_data(tokenizer, data=config.data, max_len=config.seqlen, seed=config.seed,
+                       val_windows=config.val_windows or 4)
 
 
 def tuning_data(tokenizer, task: str | None = None, data: str | None = None, max_len: int = 256,
-                heldout_fraction: float = 0.3, seed: int = 0, valid_size: int = 64) -> TuningData:
-    """Build tuning data from ``task`` (a task name) or ``data`` (a corpus name, a .txt or a .jsonl file).
+                heldout_fraction: float = 0.3, seed: int = 0, valid_size: int = 64,
+                val_windows: int = 4) -> TuningData:
+    """Build tuning data from ``task`` (a task name) or ``data`` (a corpus name, a comma-separated mix,
+    a .txt or a .jsonl file).
 
     For a task, ``valid_size`` examples of the *train* part (a seeded draw) are the validation set the
-    training loop uses to keep its best state; the held-out part is never seen during tuning.
+    training loop uses to keep its best state; the held-out part is never seen during tuning. For a
+    corpus, each source of a mix gives ``max(1, val_windows // sources)`` validation windows.
     """
     if (task is None) == (data is None):
         raise RecoupError("give exactly one of --task T or --data SRC")
@@ -216,10 +243,19 @@ def tuning_data(tokenizer, task: str | None = None, data: str | None = None, max
         n_valid = min(valid_size, max(1, len(seqs) // 10)) if len(seqs) > 1 else 0
         return TuningData(train=[seqs[i] for i in order[n_valid:]], valid=[seqs[i] for i in order[:n_valid]],
                           protocol={"data": name, "objective": "jsonl", "max_len": max_len, "seed": seed})
-    train = corpus_sequences(tokenizer, name, "train", max_len)
-    valid = corpus_sequences(tokenizer, name, "valid", max_len, limit=valid_size) if not Path(name).is_file() else []
-    return TuningData(train=train, valid=valid, protocol={"corpus": name, "objective": "language model",
-                                                          "seqlen": max_len, "seed": seed})
+    from recoup.data.windows import consecutive_windows, corpus_ids, corpus_names
+
+    names = corpus_names(name)
+    per = max(1, val_windows // len(names))
+    valid = [Sequence(ids=w.tolist()) for n in names
+             for w in consecutive_windows(corpus_ids(tokenizer, n, "valid", split_files=True), max_len, per)]
+    train_ids = corpus_ids(tokenizer, name, "train", split_files=True)
+    if train_ids.numel() <= max_len:
+        raise RecoupError(f"the training text has {train_ids.numel()} tokens, fewer than one window of {max_len}")
+    return TuningData(train=[], valid=valid, lm_ids=train_ids, seqlen=max_len,
+                      protocol={"corpus": name, "objective": "language model", "seqlen": max_len, "seed": seed,
+                                "sampling": "seeded random offsets of the train split",
+                                "val_windows": len(valid)})
 
 
 @dataclasses.dataclass
@@ -259,10 +295,11 @@ def batch_stream(seqs: list[Sequence], batch_size: int, pad_id: int, seed: int =
             yield collate([seqs[i] for i in order[start:start + batch_size]], pad_id)
 
 
-def lm_loss_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy: logits (B, T, V) at input positions, labels (B, T) (-100 ignored)."""
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                           ignore_index=-100)
+def lm_loss(model, x: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token NLL of windows ``x`` (B, T), every token after the first scored, behind an optional
+    input-embedding prefix (P, H) or (B, P, H) that is never scored (:func:`prefixed_loss` on a window batch)."""
+    b = collate([Sequence(ids=row.tolist()) for row in x.cpu()], 0)
+    return prefixed_loss(model, b, x.device, prefix)
 
 
 def scored_positions(labels: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import math
 import time
-from typing import Callable, Iterator
+from typing import Callable, ClassVar, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -37,6 +37,61 @@ class TrainConfig(Config):
         check(0 < self.lr < 1, f"lr must be in (0, 1) (got {self.lr})")
         check(0 <= self.warmup < 1, f"warmup is a fraction of steps in [0, 1) (got {self.warmup})")
         check(self.eval_every >= 1, f"eval_every must be >= 1 (got {self.eval_every})")
+
+
+@dataclasses.dataclass
+class FitConfig(Config):
+    """The keys every trained recovery shares: what it trains on and the loop (defaults: the prompt methods').
+
+    Training data is exactly one of ``data`` (a corpus: ptb, wiki, a .txt/.jsonl file or a comma-separated
+    mix; next-token loss on ``seqlen``-token windows at seeded offsets) or ``task`` (a multiple-choice task's
+    train part of a seeded hash split; loss on the gold continuation; ``heldout_fraction`` stays unseen).
+    ``default_data`` is what a method trains on when given neither (None: it must be told).
+    """
+
+    data: str | None = None
+    task: str | None = None
+    heldout_fraction: float | None = None  # task only: the share kept out (default 0.3)
+    seqlen: int = 256  # corpus: window length; task/jsonl: max tokens per example (context cut from the left)
+    batch_size: int = 2
+    steps: int = 80
+    lr: float = 3e-2
+    warmup: float = 0.05
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    eval_every: int | None = 15  # None: every steps // 5
+    val_windows: int | None = None  # corpus: valid-split windows per validation (default 4); not with a task
+    seed: int = 0  # initialisation, batch order and the task split
+    time_budget: float | None = None  # seconds; stop early (best state kept) once spent
+
+    default_data: ClassVar[str | None] = "ptb"
+
+    def __post_init__(self) -> None:
+        check(self.seqlen >= 2, f"seqlen must be >= 2 (got {self.seqlen})")
+        check(self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})")
+        check(self.task is None or self.data is None, "give a task (--task T) or data (--data SRC), not both")
+        if self.task is not None:
+            check(bool(self.task.strip()), "task is empty; name a multiple-choice task (sciq, arc_easy ...)")
+            self.heldout_fraction = 0.3 if self.heldout_fraction is None else self.heldout_fraction
+            check(0 < self.heldout_fraction < 1, f"heldout_fraction must be in (0, 1) (got {self.heldout_fraction})")
+            check(self.val_windows is None, "val_windows applies to corpus training; with a task, validation is "
+                                            "the seeded 64-example slice of the task's train part")
+        else:
+            check(self.heldout_fraction is None, "heldout_fraction applies only with a task (--task T)")
+            self.data = self.default_data if self.data is None else self.data
+            check(self.data is not None, "this method needs training data: --task T (e.g. sciq) or --data SRC "
+                                         "(a corpus such as ptb, or a .txt/.jsonl file)")
+            check(bool(str(self.data).strip()), "data is empty; name a corpus (ptb, wiki) or a text file")
+            self.val_windows = 4 if self.val_windows is None else self.val_windows
+            check(self.val_windows >= 1, f"val_windows must be >= 1 (got {self.val_windows})")
+        check(self.time_budget is None or self.time_budget > 0, f"time_budget must be > 0 seconds (got {self.time_budget})")
+        self.train_config()  # validates steps, lr, warmup, eval_every
+
+    def train_config(self) -> "TrainConfig":
+        every = self.eval_every if self.eval_every is not None else max(1, self.steps // 5)
+        return TrainConfig(steps=self.steps, lr=self.lr, weight_decay=self.weight_decay, warmup=self.warmup,
+                           max_grad_norm=self.max_grad_norm, eval_every=every, seed=self.seed,
+                           time_budget_s=self.time_budget)
 
 
 @dataclasses.dataclass

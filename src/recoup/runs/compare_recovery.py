@@ -174,7 +174,7 @@ def evaluate_entry(entry: Entry, split, batch_size: int = 8, latency: LatencyCon
                    limit: int | None = None, dtype: str = "float32") -> dict:
     """Score, count and time one entry (see module docstring); the model is loaded fresh for it."""
     from recoup.artifact import load_model
-    from recoup.recover.io import load_recovery
+    from recoup.recover.methods import load_recovery
     from recoup.recover.lora import linear_digests
 
     loaded = load_model(entry.source, dtype=dtype)
@@ -219,7 +219,7 @@ def evaluate_entry(entry: Entry, split, batch_size: int = 8, latency: LatencyCon
 def compare(entries: list[Entry], task: str, heldout_fraction: float = 0.3, seed: int = 0, batch_size: int = 8,
             latency: LatencyConfig = LatencyConfig(), limit: int | None = None, dtype: str = "float32") -> dict:
     """Every entry on the held-out part of ``task``; returns ``{"rows": [...], "protocol": {...}}``."""
-    from recoup.recover.io import load_recovery
+    from recoup.recover.methods import load_recovery
     from recoup.recover.task_data import split_task
 
     if not entries:

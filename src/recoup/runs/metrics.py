@@ -12,17 +12,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from recoup.evaluate.metrics import lower_is_better, matching
+
 # Numeric fields of a task's result that are not metrics.
 NOT_METRICS = {"n", "stderr", "seconds", "tokens", "windows", "windows_available", "limit", "seqlen", "seed",
                "batch_size", "shots", "k", "num_fewshot", "examples", "max_new_tokens", "context_tokens"}
 BULKY = {"examples", "per_example", "records", "generations"}  # kept in the stage's result.json, not per row
-LOWER_IS_BETTER = ("ppl", "nll", "loss", "perplexity", "bpb", "bits_per_byte")
 # Preferred headline metric per task, in order.
 PRIMARY_ORDER = ("ppl", "acc_norm", "acc", "exact_match", "em", "f1", "rougeL", "rouge_l", "rouge1", "score")
-
-
-def lower_is_better(metric: str) -> bool:
-    return metric.lower() in LOWER_IS_BETTER or metric.lower().endswith(("_ppl", "_nll", "_loss"))
 
 
 def _is_number(v: Any) -> bool:
@@ -71,13 +68,6 @@ def metric_rows(evaluation: dict) -> list[dict]:
     return rows
 
 
-def matches(value: float, dense: float, metric: str, tolerance: float = 0.05) -> bool:
-    """LLM-KICK's "matching": within ``tolerance`` (relative) of dense, or better."""
-    if lower_is_better(metric):
-        return value <= dense * (1 + tolerance)
-    return value >= dense * (1 - tolerance)
-
-
 def gap_closed(dense: float, compressed: float, recovered: float, metric: str | None = None,
                min_gap: float = 0.01) -> float | None:
     """(compressed - recovered) / (compressed - dense): 1 = all the loss won back, 0 = none, <0 = worse.
@@ -91,3 +81,41 @@ def gap_closed(dense: float, compressed: float, recovered: float, metric: str | 
     if metric is not None and (gap < 0 if lower_is_better(metric) else gap > 0):
         return None
     return (compressed - recovered) / gap
+
+
+# ----------------------------------------------------------------------------- two results files
+
+COMPARE_SKIP = {"n", "seconds", "tokens", "windows", "seqlen", "windows_available", "limit", "n_judged",
+                "distinct_tokens_all", "unique_tokens"}
+
+
+def headline(result: dict, all_metrics: bool = False) -> list[str]:
+    """The metrics of one task result worth comparing (every numeric one with ``all_metrics``)."""
+    numeric = [k for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+               and not k.endswith("_stderr") and k not in COMPARE_SKIP and not k.startswith("n_")]
+    if all_metrics:
+        return numeric
+    judge = [k for k in numeric if k.startswith("judge_") and not k.endswith("_reference")]
+    for group in (("acc", "acc_norm"), ("em", "f1"), ("rouge1", "rouge2", "rougeL"), ("ppl",)):
+        chosen = [k for k in group if k in numeric]
+        if chosen:
+            return chosen + judge
+    return judge or numeric
+
+
+def compare_results(dense: dict, other: dict, tolerance: float = 0.05, all_metrics: bool = False) -> dict:
+    """Rows ``{task, metric, dense, other, delta, relative, matching}`` plus tasks present in one file only."""
+    rows = []
+    d_res, o_res = dense["results"], other["results"]
+    for task in d_res:
+        if task not in o_res:
+            continue
+        for metric in headline(d_res[task], all_metrics):
+            a, b = d_res[task].get(metric), o_res[task].get(metric)
+            if not _is_number(a) or not _is_number(b):
+                continue
+            rows.append({"task": task, "metric": metric, "dense": a, "other": b, "delta": b - a,
+                         "relative": (b - a) / abs(a) if a else None, "n_dense": d_res[task].get("n"),
+                         "n_other": o_res[task].get("n"), "matching": matching(a, b, tolerance, metric=metric)})
+    return {"dense": dense.get("model"), "other": other.get("model"), "tolerance": tolerance, "rows": rows,
+            "only_dense": sorted(set(d_res) - set(o_res)), "only_other": sorted(set(o_res) - set(d_res))}

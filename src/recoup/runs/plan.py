@@ -28,23 +28,18 @@ class StageSpec:
         return dataclasses.asdict(self)
 
 
-def _eval_params(recipe: Recipe, tasks: list[str]) -> dict:
-    ev = recipe.evaluate
-    limits = {t: ev.limits[t] for t in tasks if t in ev.limits}
-    return {"tasks": tasks, "limit": ev.limit, "limits": limits, "seqlen": ev.seqlen, "batch_size": ev.batch_size,
-            "options": ev.options}
-
-
 def _compress_labels(step: dict) -> dict:
     return {"compression": step["name"], "method": step["method"], "sparsity": step.get("sparsity"),
             "bits": step.get("bits"), "pattern": step.get("pattern")}
 
 
 def build_plan(recipe: Recipe, fingerprint: str) -> list[StageSpec]:
-    """The run's stages in execution order (every stage after the stages it needs)."""
-    base = {"model": recipe.model, "fingerprint": fingerprint, "dtype": recipe.dtype, "device": recipe.device,
-            "seed": recipe.seed}
-    evaluation = _eval_params(recipe, recipe.evaluate.task_list())
+    """The run's stages in execution order (every stage after the stages it needs).
+
+    A stage's ``params`` are the flat keys of its typed job (:mod:`recoup.recipe.jobs`) plus ``base`` /
+    ``recovery`` (the stages whose outputs it reads) and the model's ``fingerprint`` (for the cache key)."""
+    base = {"model": recipe.model, "fingerprint": fingerprint}
+    evaluation = dict(recipe.evaluation or {})
     steps = {s["name"]: s for s in recipe.compress_steps()}
     plan: list[StageSpec] = []
     added: set[str] = set()
@@ -56,40 +51,54 @@ def build_plan(recipe: Recipe, fingerprint: str) -> list[StageSpec]:
 
     def add_compression(name: str) -> None:
         step = steps[name]
-        calibration = step.get("calibration") or dataclasses.asdict(recipe.calibration)
-        config = {k: v for k, v in step.items() if k not in ("name", "calibration")}
-        add(StageSpec(f"compress:{name}", "compress", {**base, "calibration": calibration, "config": config}, [],
-                      {"role": "compressed", **_compress_labels(step)}))
-        add(StageSpec(f"eval:{name}", "evaluate", {**base, "base": f"compress:{name}", "evaluate": evaluation},
+        params = {**base, **{k: v for k, v in step.items() if k != "name"}}
+        add(StageSpec(f"compress:{name}", "compress", params, [], {"role": "compressed", **_compress_labels(step)}))
+        add(StageSpec(f"eval:{name}", "evaluate", {**base, **evaluation, "base": f"compress:{name}"},
                       [f"compress:{name}"], {"role": "compressed", **_compress_labels(step)}))
 
     if recipe.evaluate.dense:
-        add(StageSpec("eval:dense", "evaluate", {**base, "evaluate": evaluation}, [],
+        add(StageSpec("eval:dense", "evaluate", {**base, **evaluation}, [],
                       {"role": "dense", "compression": "dense", "method": "dense", "sparsity": 0.0, "bits": None}))
     for rec in recipe.recover:
         on, name = rec["base"], rec["name"]
         add_compression(on)
-        config = {k: v for k, v in rec.items() if k not in ("name", "method", "base", "transfer")}
-        config.setdefault("seed", recipe.seed)
-        add(StageSpec(f"recover:{name}", "recover",
-                      {**base, "base": f"compress:{on}", "method": rec["method"], "config": config},
+        keys = {k: v for k, v in rec.items() if k not in ("name", "base", "transfer")}
+        add(StageSpec(f"recover:{name}", "recover", {**base, **keys, "base": f"compress:{on}"},
                       [f"compress:{on}"], {"role": "recovery", "recovery": name, **_compress_labels(steps[on])}))
         add(StageSpec(f"eval:{on}+{name}", "evaluate",
-                      {**base, "base": f"compress:{on}", "recovery": f"recover:{name}", "evaluate": evaluation},
+                      {**base, **evaluation, "base": f"compress:{on}", "recovery": f"recover:{name}"},
                       [f"compress:{on}", f"recover:{name}"],
                       {"role": "recovered", "recovery": name, **_compress_labels(steps[on])}))
         for target in rec.get("transfer") or []:
             if target == "dense":
                 labels = {"compression": "dense", "method": "dense", "sparsity": 0.0, "bits": None}
-                params = {**base, "recovery": f"recover:{name}", "evaluate": evaluation}
+                params = {**base, **evaluation, "recovery": f"recover:{name}"}
                 needs = [f"recover:{name}"]
             else:
                 add_compression(target)
                 labels = _compress_labels(steps[target])
-                params = {**base, "base": f"compress:{target}", "recovery": f"recover:{name}", "evaluate": evaluation}
+                params = {**base, **evaluation, "base": f"compress:{target}", "recovery": f"recover:{name}"}
                 needs = [f"compress:{target}", f"recover:{name}"]
             add(StageSpec(f"eval:{target}+{name}", "evaluate", params, needs,
                           {"role": "transfer", "recovery": name, "trained_on": on, **labels}))
     for name in steps:
         add_compression(name)
     return plan
+
+
+def describe_plan(plan: list[StageSpec]) -> list[str]:
+    """One line per stage: name, what it reads, and its key settings (for ``recoup run --dry-run``)."""
+    lines = []
+    for i, spec in enumerate(plan, 1):
+        p = spec.params
+        if spec.kind == "compress":
+            what = (f"{p['method']} sparsity={p.get('sparsity')} pattern={p.get('pattern')} bits={p.get('bits')} "
+                    f"group_size={p.get('group_size')}; calib {p['calib']} {p['nsamples']}x{p['seqlen']} seed {p['seed']}")
+        elif spec.kind == "recover":
+            what = f"{p['method']} on {p['base']}"
+        else:
+            reads = p.get("base") or p["model"]
+            what = f"{', '.join(p['tasks'])} on {reads}" + (f" + {p['recovery']}" if p.get("recovery") else "")
+        needs = f" (after {', '.join(spec.needs)})" if spec.needs else ""
+        lines.append(f"{i:>2}. {spec.name:<28} {spec.kind:<9} {what}{needs}")
+    return lines

@@ -6,7 +6,7 @@ import logging
 from collections import defaultdict
 from pathlib import Path
 
-from recoup.runs.metrics import lower_is_better
+from recoup.evaluate.metrics import lower_is_better
 
 log = logging.getLogger(__name__)
 

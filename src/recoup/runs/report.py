@@ -14,7 +14,8 @@ import logging
 import os
 from pathlib import Path
 
-from recoup.runs.metrics import gap_closed, lower_is_better, matches
+from recoup.evaluate.metrics import lower_is_better, matching
+from recoup.runs.metrics import gap_closed
 from recoup.runs.store import Store
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,9 @@ def load_view(store: Store, run_id: str) -> RunView:
         evals.append(EvalRow(st["stage"], st["labels"], values))
         tasks += [t for t in values if t not in tasks]
     order = list((recipe.get("evaluate") or {}).get("tasks") or [])
-    tasks.sort(key=lambda t: (order.index(t) if t in order else len(order), not t.startswith("ppl:"), t))
+    primary = {r["task"]: r["metric"] for r in rows if r["protocol"].get("primary")}
+    # recipe order, then lower-is-better (perplexity) tasks first, then by name
+    tasks.sort(key=lambda t: (order.index(t) if t in order else len(order), not lower_is_better(primary.get(t, "")), t))
     matching = float((recipe.get("report") or {}).get("matching", 0.05))
     return RunView(run, stages, evals, tasks, matching)
 
@@ -92,7 +95,7 @@ def _mark(view: RunView, e: EvalRow, task: str) -> str:
     row = e.values.get(task)
     if dense is None or row is None or e.role == "dense":
         return ""
-    return " ✓" if matches(row["value"], dense["value"], row["metric"], view.matching) else " ✗"
+    return " ✓" if matching(dense["value"], row["value"], view.matching, metric=row["metric"]) else " ✗"
 
 
 def _gap(view: RunView, task: str, before: EvalRow | None, after: EvalRow | None) -> float | None:

@@ -1,163 +1,198 @@
-"""The stages a run composes: compress, recover, evaluate. Each is a function of plain data.
+"""The stage functions, the API of recoup: each takes one typed job (:mod:`recoup.recipe.jobs`).
 
-A stage function takes its parameters (a slice of the recipe, JSON-serialisable), the output
-directories of the stages it needs, and a fresh directory to write into; it returns a JSON-able
-result. It never touches the results store or the cache bookkeeping (``runs/cache.py`` and
-``runs/run.py`` do), so any executor, local or distributed, can run it.
+- :func:`compress` (:class:`CompressJob`): load, draw calibration windows, compress, save the artifact;
+- :func:`evaluate` (:class:`EvalJob`): load a model (dense or artifact), attach a recovery, run the tasks;
+- :func:`recover` (:class:`RecoverJob`): fit any registered recovery method on a (compressed) model, save it.
+
+A CLI command parses its flags into the job and calls the function; a recipe step builds the same job.
+:func:`execute` runs one stage of a recipe for an executor: it turns the stage's plain-data parameters
+(and the directories of the stages it needs) into the job. Stage functions never touch the results store
+or the cache bookkeeping (``runs/cache.py`` and ``runs/run.py`` do), so any executor can run them.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import logging
+import math
 import resource
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from recoup.errors import RecoupError
-from recoup.registry import Registry
+from recoup.model.recovery import RUN_RECORD, TRAIN_RECORD
+from recoup.recipe.jobs import CompressJob, EvalJob, RecoverJob
 
 log = logging.getLogger(__name__)
 
 ARTIFACT_DIR = "artifact"
 RECOVERY_DIR = "recovery"
-_COMPRESS_META = ("name", "calibration")
-_RECOVER_META = ("name", "method", "base", "transfer")
 
-
-# ----------------------------------------------------------------------------- method configs
-
-def compress_config(step: dict):
-    """The compression stage's typed config for a recipe step (method + its keys)."""
-    try:
-        from recoup.compress import CompressConfig
-    except ImportError as exc:
-        raise RecoupError(f"compression is not available in this installation ({exc})") from None
-    return CompressConfig.from_dict({k: v for k, v in step.items() if k not in _COMPRESS_META and k != "_where"})
-
-
-@dataclasses.dataclass(frozen=True)
-class RecoveryMethod:
-    """How a run fits one recovery method: its typed config and ``fit(loaded, config) -> (Recovery, record)``."""
-
-    config: Callable[[dict], Any]
-    fit: Callable[[Any, Any], tuple[Any, dict]]
-
-
-RECOVERY_METHODS: Registry[RecoveryMethod] = Registry("recovery method")
-
-
-def _soft_prompt_config(d: dict):
-    from recoup.recover.soft_prompt import SoftPromptConfig
-
-    return SoftPromptConfig.from_dict(d)
-
-
-def _soft_prompt_fit(loaded, config) -> tuple[Any, dict]:
-    from recoup.recover.soft_prompt import fit_soft_prompt
-
-    prompt, result = fit_soft_prompt(loaded, config)
-    base = (prompt.meta.get("train") or {}).get("val_loss_without_prompt")
-    return prompt, {"config": config.to_dict(), "train": result.to_dict(), "val_loss_without_recovery": base}
-
-
-RECOVERY_METHODS.register("soft-prompt", RecoveryMethod(_soft_prompt_config, _soft_prompt_fit))
-
-
-def recovery_config(step: dict):
-    """The recovery method's typed config for a recipe step (unknown method -> did-you-mean)."""
-    method = RECOVERY_METHODS.get(step["method"])
-    return method.config({k: v for k, v in step.items() if k not in _RECOVER_META and k != "_where"})
-
-
-# ----------------------------------------------------------------------------- stage functions
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _model_source(params: dict, inputs: dict[str, Path]) -> str:
-    """The model a stage reads: the upstream compression artifact, or the recipe's model."""
-    base = params.get("base")
-    if base:
-        return str(inputs[base] / ARTIFACT_DIR)
-    return params["model"]
+# ----------------------------------------------------------------------------- the stage functions
 
-
-def run_compress(params: dict, inputs: dict[str, Path], out: Path) -> dict:
-    """Load the model, draw calibration windows, compress, save the artifact under ``out/artifact``."""
-    from recoup.compress import compress
+def compress(job: CompressJob) -> dict:
+    """Compress ``job.model`` with ``job.config`` and write the artifact to ``job.out``."""
+    from recoup.artifact import load_model
     from recoup.artifact.store import save_artifact
+    from recoup.compress import METHODS
+    from recoup.compress import compress as run_engine
     from recoup.data.calibration import calibration_windows
-    from recoup.artifact import load_model
 
-    cal = params["calibration"]
-    config = compress_config(params["config"])
+    if job.out is None:
+        raise RecoupError("compress: give --out DIR")
     # The model stays on CPU; on CUDA the engine moves one decoder layer at a time to the device.
-    loaded = load_model(params["model"], dtype=params["dtype"], device="cpu")
-    calib = calibration_windows(loaded.tokenizer, cal["corpus"], cal["nsamples"], cal["seqlen"], params["seed"])
+    loaded = load_model(job.model, dtype=job.dtype, device="cpu")
+    calib = None
+    if METHODS.get(job.config.method).stats != "none":
+        calib = calibration_windows(loaded.tokenizer, job.calib, job.nsamples, job.seqlen, job.seed)
     t0 = time.time()
-    report = compress(loaded, config, calib, device=params["device"])
+    report = run_engine(loaded, job.config, calib, device=job.device)
     seconds = time.time() - t0
-    save_artifact(loaded, report, out / ARTIFACT_DIR)
-    return {"artifact": ARTIFACT_DIR, "report": report.to_dict(), "calibration": calib.protocol,
-            "compress_seconds": round(seconds, 3)}
+    out = save_artifact(loaded, report, job.out, storage=job.storage)
+    manifest = json.loads((out / "recoup.json").read_text())
+    return {"artifact": str(out), "report": report.to_dict(), "calibration": calib.protocol if calib else None,
+            "compress_seconds": round(seconds, 3), "storage": manifest.get("storage")}
 
 
-def run_recover(params: dict, inputs: dict[str, Path], out: Path) -> dict:
-    """Fit a recovery on the (frozen) compressed model and save it under ``out/recovery``."""
+def _recovery_for(job: EvalJob, loaded) -> Any:
+    if job.recovery:
+        from recoup.recover.methods import load_recovery
+
+        return load_recovery(job.recovery)
+    if job.prompt_text is not None:
+        from recoup.recover.hard_prompt import HardPrompt
+
+        return HardPrompt.from_text(job.prompt_text, loaded.tokenizer)
+    return None
+
+
+def evaluate(job: EvalJob, judge: Any = None) -> dict:
+    """Evaluate ``job.model`` (dense or an artifact), with ``job.recovery`` / ``job.prompt_text`` attached.
+
+    ``limits`` gives some tasks their own limit (one scoring pass per distinct limit). ``judge`` overrides
+    the judge the job's keys describe (tests pass a stand-in)."""
     from recoup.artifact import load_model
+    from recoup.evaluate.judge import build_judge
+    from recoup.evaluate.runner import EvalSettings
+    from recoup.evaluate.runner import evaluate as run_tasks
 
-    method = RECOVERY_METHODS.get(params["method"])
-    config = method.config(params["config"])
-    loaded = load_model(_model_source(params, inputs), dtype=params["dtype"], device=params["device"])
-    recovery, record = method.fit(loaded, config)
-    recovery.save(out / RECOVERY_DIR)
-    return {"recovery": RECOVERY_DIR, "method": params["method"], **record}
-
-
-def run_evaluate(params: dict, inputs: dict[str, Path], out: Path) -> dict:
-    """Evaluate the model (dense, or an upstream artifact), with an upstream recovery attached if named."""
-    from recoup.evaluate.runner import EvalSettings, evaluate
-    from recoup.artifact import load_model
-
-    ev = params["evaluate"]
-    loaded = load_model(_model_source(params, inputs), dtype=params["dtype"], device=params["device"])
-    recovery = None
-    if params.get("recovery"):
-        from recoup.recover.io import load_recovery
-
-        recovery = load_recovery(inputs[params["recovery"]] / RECOVERY_DIR)
-    limits = ev.get("limits") or {}
-    groups: dict = {}  # limit -> tasks, in order (one evaluate() call per distinct limit)
-    for task in ev["tasks"]:
-        groups.setdefault(limits.get(task, ev["limit"]), []).append(task)
+    options = dict(job.options)
+    judge = judge or build_judge(job.judge_url, job.judge_model, job.judge_key_env, job.judge_local,
+                                 job.judge_retries, dtype=job.dtype, device=job.device)
+    if judge is not None:
+        options["judge"] = judge
+    loaded = load_model(job.model, dtype=job.dtype, device=job.device)
+    recovery = _recovery_for(job, loaded)
+    groups: dict = {}  # limit -> tasks, in order (one pass per distinct limit)
+    for task in job.tasks:
+        groups.setdefault(job.limits.get(task, job.limit), []).append(task)
     merged: dict = {}
     for limit, tasks in groups.items():
-        settings = EvalSettings(seqlen=ev["seqlen"], limit=limit, batch_size=ev["batch_size"], seed=params["seed"],
-                                options=dict(ev.get("options") or {}))
-        out = evaluate(loaded, tasks, settings, recovery)
+        settings = EvalSettings(seqlen=job.seqlen, limit=limit, batch_size=job.batch_size, seed=job.seed,
+                                options=options)
+        out = run_tasks(loaded, tasks, settings, recovery)
         merged.setdefault("model", out["model"])
         merged.setdefault("results", {}).update(out["results"])
         merged.setdefault("protocol", {**out["protocol"], "limits": {}})["limits"].update({t: limit for t in tasks})
-    merged["results"] = {t: merged["results"][t] for t in ev["tasks"]}
-    return {"evaluation": merged}
+    merged["results"] = {t: merged["results"][t] for t in job.tasks}
+    if job.json:
+        path = Path(job.json).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(merged, indent=2))
+    return merged
+
+
+def recover(job: RecoverJob) -> dict:
+    """Fit ``job.method`` on ``job.model`` (whose weights stay bit-identical) and save it to ``job.out``."""
+    from recoup.artifact import load_model
+    from recoup.recover.methods import RECOVERIES
+    from recoup.recover.task_data import training_data
+
+    if job.out is None:
+        raise RecoupError("recover: give --out DIR")
+    method = RECOVERIES.get(job.method)
+    loaded = load_model(job.model, dtype=job.dtype, device=job.device)
+    data = training_data(loaded.tokenizer, job.config) if method.trains else None
+    started = time.time()
+    recovery, result = method.fit(loaded, job.config, data)
+    out = Path(job.out).expanduser()
+    recovery.save(out)
+    summary: dict = {"model": job.model, "method": job.method, "config": job.config.to_dict(), "out": str(out),
+                     "parameters": recovery.num_parameters(), "total_seconds": round(time.time() - started, 1)}
+    if result is not None:
+        summary.update({"steps": result.steps, "seconds": round(result.seconds, 1), "cpu_seconds": result.cpu_seconds,
+                        "tokens": result.tokens, "best_val_loss": result.best_val_loss, "best_step": result.best_step,
+                        "train": result.to_dict()})
+        base = (getattr(recovery, "meta", {}).get("train") or {}).get("val_loss_without_prompt")
+        summary["val_loss_without_recovery"] = base
+        if not (out / TRAIN_RECORD).is_file():
+            (out / TRAIN_RECORD).write_text(json.dumps({"method": job.method, "history": result.to_dict()}, indent=1))
+    (out / RUN_RECORD).write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def best_ppl(summary: dict) -> str:
+    loss = summary.get("best_val_loss")
+    return f"{math.exp(loss):.3f}" if isinstance(loss, (int, float)) else "n/a"
+
+
+# ----------------------------------------------------------------------------- recipe stages
+
+def _model_source(params: dict, inputs: dict[str, Path]) -> str:
+    """The model a stage reads: the upstream compression artifact, or the recipe's model."""
+    base = params.get("base")
+    return str(inputs[base] / ARTIFACT_DIR) if base else params["model"]
+
+
+def _job_keys(params: dict) -> dict:
+    return {k: v for k, v in params.items() if k not in ("base", "fingerprint", "recovery_stage")}
+
+
+def _compress_stage(params: dict, inputs: dict[str, Path], out: Path) -> dict:
+    job = CompressJob.from_flat({**_job_keys(params), "out": str(out / ARTIFACT_DIR)})
+    result = compress(job)
+    result["artifact"] = ARTIFACT_DIR
+    return result
+
+
+def _recover_stage(params: dict, inputs: dict[str, Path], out: Path) -> dict:
+    job = RecoverJob.from_flat({**_job_keys(params), "model": _model_source(params, inputs),
+                                "out": str(out / RECOVERY_DIR)})
+    summary = recover(job)
+    record = {"recovery": RECOVERY_DIR, "method": job.method, "config": job.config.to_dict(),
+              "parameters": summary["parameters"], "val_loss_without_recovery": summary.get("val_loss_without_recovery")}
+    if "train" in summary:
+        record["train"] = summary["train"]
+    return record
+
+
+def _evaluate_stage(params: dict, inputs: dict[str, Path], out: Path) -> dict:
+    keys = _job_keys(params)
+    ref = keys.pop("recovery", None)
+    job = EvalJob.from_flat({**keys, "model": _model_source(params, inputs),
+                             "recovery": str(inputs[ref] / RECOVERY_DIR) if ref else None})
+    return {"evaluation": evaluate(job)}
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[dict, dict[str, Path], Path], dict]] = {
-    "compress": run_compress, "recover": run_recover, "evaluate": run_evaluate}
+    "compress": _compress_stage, "recover": _recover_stage, "evaluate": _evaluate_stage}
 
 # The code each stage kind runs: its hash is part of the stage's cache key.
 STAGE_CODE: dict[str, tuple[str, ...]] = {
-    "compress": ("compress", "model", "data", "runs/stages.py"),
-    "recover": ("recover", "model", "data", "evaluate/perplexity.py", "runs/stages.py"),
-    "evaluate": ("evaluate", "model", "data", "recover", "runs/stages.py"),
+    "compress": ("compress", "artifact", "model", "data", "recipe", "runs/stages.py"),
+    "recover": ("recover", "artifact", "model", "data", "recipe", "runs/stages.py"),
+    "evaluate": ("evaluate", "artifact", "model", "data", "recover", "recipe", "runs/stages.py"),
 }
 
 
 def execute(kind: str, params: dict, inputs: dict[str, Path], out: Path) -> dict:
-    """Run one stage function, adding its wall time and the process's peak RSS to the result."""
+    """Run one recipe stage, adding its wall time and the process's peak RSS to the result."""
     try:
         fn = STAGE_FUNCTIONS[kind]
     except KeyError:
@@ -168,3 +203,6 @@ def execute(kind: str, params: dict, inputs: dict[str, Path], out: Path) -> dict
     result["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     log.info("stage %s done in %.1fs (peak RSS %.0f MB)", kind, result["seconds"], result["peak_rss_mb"])
     return result
+
+
+__all__ = ["compress", "evaluate", "recover", "execute", "best_ppl", "ARTIFACT_DIR", "RECOVERY_DIR"]

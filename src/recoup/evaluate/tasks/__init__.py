@@ -1,6 +1,8 @@
 """The task registry: task name -> runner ``(name, loaded, settings, recovery) -> metrics dict``.
 
-Task families register explicitly below (house style 2: by import, not by walking packages).
+Task families register explicitly below (house style 2: by import, not by walking packages). A fixed
+task is one ``TASKS.register(name, TaskSpec(...))`` line; a parametric family (``ppl:CORPUS``) registers
+its prefix in :data:`FAMILIES` with a function ``name -> TaskSpec``.
 Every result holds metric values with ``<metric>_stderr``, ``n`` and a ``protocol`` dict (source,
 split, shots, template, limit, seed). Suites name groups of tasks: ``kick`` (LLM-KICK's five task
 families) and ``zeroshot`` (the multiple-choice set of the compression papers).
@@ -8,12 +10,16 @@ families) and ``zeroshot`` (the multiple-choice set of the compression papers).
 
 from __future__ import annotations
 
+from typing import Callable
+
 from recoup.errors import RecoupError
-from recoup.evaluate.tasks import factoid, instruction, multiple_choice, retrieval, summarization
+from recoup.evaluate.tasks import factoid, instruction, multiple_choice, perplexity, retrieval, summarization
 from recoup.evaluate.tasks.common import OPTIONS, TaskRunner, TaskSpec, parse_options
 from recoup.registry import Registry, unknown_name_message
 
 TASKS: Registry[TaskSpec] = Registry("task")
+FAMILIES: Registry[Callable[[str], TaskSpec]] = Registry("task family")  # "prefix:..." names
+FAMILIES.register(perplexity.PREFIX, perplexity.spec)
 
 for _name in multiple_choice.ZERO_SHOT_TASKS + ("mmlu",):
     TASKS.register(_name, TaskSpec(_name, "multiple_choice", multiple_choice.run, multiple_choice.PACK,
@@ -38,11 +44,21 @@ SUITES: dict[str, list[str]] = {
 
 
 def get_runner(name: str) -> TaskRunner:
-    return TASKS.get(name).run
+    return get_spec(name).run
 
 
 def get_spec(name: str) -> TaskSpec:
+    """The spec of a task name: a registered task, or ``prefix:...`` of a registered family."""
+    if ":" in name:
+        return FAMILIES.get(name.split(":", 1)[0])(name)
+    if name not in TASKS and any(name == f or name.startswith(f + "_") for f in FAMILIES.names()):
+        raise RecoupError(f"task '{name}' needs a corpus: write {name.split('_')[0]}:CORPUS (e.g. ppl:ptb)")
     return TASKS.get(name)
+
+
+def task_names() -> list[str]:
+    """Every fixed task name and every family as ``prefix:...``."""
+    return TASKS.names() + [f"{f}:..." for f in FAMILIES.names()]
 
 
 def expand_suite(name: str) -> list[str]:
@@ -55,8 +71,6 @@ def expand_suite(name: str) -> list[str]:
 def validate(tasks: list[str], options: dict) -> None:
     """Check every task name, its options and its data *before* a model is loaded."""
     for task in tasks:
-        if task.startswith("ppl:"):
-            continue
         get_spec(task).check(options)
 
 
@@ -75,5 +89,5 @@ def load_examples(name: str, options: dict | None = None) -> list[dict]:
 
 requests_for = multiple_choice.requests_for
 
-__all__ = ["TASKS", "SUITES", "OPTIONS", "TaskSpec", "get_runner", "get_spec", "expand_suite", "validate",
+__all__ = ["TASKS", "FAMILIES", "SUITES", "task_names", "OPTIONS", "TaskSpec", "get_runner", "get_spec", "expand_suite", "validate",
            "load_examples", "requests_for", "parse_options"]

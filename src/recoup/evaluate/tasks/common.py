@@ -38,6 +38,7 @@ class TaskSpec:
     source: str
     check: Callable[[dict], None] = lambda options: None  # raises RecoupError when data/options are missing
     load: Callable[..., list[dict]] | None = None  # examples (documents + gold), for reuse in training
+    lower_is_better: bool = False  # its headline metric's direction (perplexity: lower)
 
 
 def parse_options(items: list[str] | None) -> dict[str, Any]:

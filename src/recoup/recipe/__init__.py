@@ -1,10 +1,15 @@
 """Run recipes: YAML -> validated, typed :class:`Recipe`; ``--set key=value`` overrides.
 
 A recipe names a model, compression steps, recovery steps, what to evaluate and a seed (see
-``recoup/recipes/default.yaml``, shipped with the package). Validation collects every mistake and
-reports each on one line (``where: what is wrong; what is allowed``): unknown keys with a
-did-you-mean, wrong types, values out of range, unknown methods and missing files. Method-specific
-keys of compression and recovery steps are validated by those stages' own typed configs.
+``recoup/recipes/default.yaml``, shipped with the package). Each step is the typed job of its stage
+(:mod:`recoup.recipe.jobs`) built from the step's keys, which are the CLI flags of ``recoup compress`` /
+``recoup recover`` / ``recoup eval`` without the dashes; recipe-level ``dtype``, ``device``, ``seed`` and
+the ``calibration`` section (``corpus`` -> ``calib``, ``nsamples``, ``seqlen``) are their defaults. What
+the run itself decides is not a key: the model a step reads (``model``, ``base``), where it writes
+(``out``, ``force``), a recovery to attach (``recovery``: a recover step), results files (``json``: the
+store). Validation collects every mistake and reports each on one line (``where: what is wrong; what is
+allowed``): unknown keys with a did-you-mean, wrong types, values out of range, unknown methods and
+missing files, all before any model is loaded.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import yaml
 
 from recoup.errors import RecoupError
 from recoup.overrides import apply_override, parse_override
+from recoup.recipe.jobs import CompressJob, EvalJob, RecoverJob
 
 SHIPPED = ("default", "sweep")
 
@@ -50,56 +56,13 @@ class Calibration:
         return out
 
 
-@dataclasses.dataclass
-class Evaluation:
-    tasks: list[str] = dataclasses.field(default_factory=lambda: ["ppl:ptb"])
-    suite: Union[str, None] = None  # a named suite from recoup.evaluate.tasks.SUITES, added to tasks
-    limit: Union[int, None] = None  # windows per perplexity task / examples per task
-    limits: dict = dataclasses.field(default_factory=dict)  # per-task limit overriding `limit`, e.g. {arc_easy: 100}
-    seqlen: int = 2048  # perplexity window
-    batch_size: int = 8
-    dense: bool = True  # also evaluate the uncompressed model (the reference for "matching")
-    options: dict = dataclasses.field(default_factory=dict)  # task-family options (shots, judge ...)
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.limit is not None and self.limit < 1:
-            out.append(f"limit must be a positive integer or null (got {self.limit})")
-        if not 2 <= self.seqlen <= 32768:
-            out.append(f"seqlen must be in [2, 32768] (got {self.seqlen})")
-        for task, n in self.limits.items():
-            if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1) and n is not None:
-                out.append(f"limits.{task} must be a positive integer or null (got {n!r})")
-        if self.batch_size < 1:
-            out.append(f"batch_size must be >= 1 (got {self.batch_size})")
-        if not self.tasks and not self.suite:
-            out.append("name at least one task (e.g. tasks: [ppl:ptb]) or a suite")
-        for task in self.limits:
-            if task not in self.tasks:
-                out.append(f"limits names '{task}', which is not in tasks")
-        for task in self.tasks:
-            if not task.startswith("ppl:"):
-                from recoup.evaluate.tasks import TASKS
-                from recoup.registry import unknown_name_message
-
-                if task not in TASKS:
-                    out.append("tasks: " + unknown_name_message("task", task, TASKS.names()))
-            if task.startswith("ppl:"):
-                parts = task.split(":")
-                if len(parts) not in (2, 3) or not parts[1]:
-                    out.append(f"bad perplexity task '{task}'; write ppl:CORPUS or ppl:CORPUS:SPLIT")
-                else:
-                    out += corpus_problems(parts[1], f"task {task}")
-        return out
-
-    def task_list(self) -> list[str]:
-        """The tasks plus the suite's tasks, in order, without repeats."""
-        tasks = list(self.tasks)
-        if self.suite:
-            from recoup.evaluate.tasks import SUITES
-
-            tasks += SUITES[self.suite]
-        return list(dict.fromkeys(tasks))
+# The recipe's evaluate section: the keys of recoup eval (EvalJob) that a run does not decide, plus dense.
+RUN_DECIDES_EVAL = ("model", "recovery", "json")
+Evaluation = dataclasses.make_dataclass(
+    "Evaluation",
+    [(f.name, get_type_hints(EvalJob)[f.name], f) for f in dataclasses.fields(EvalJob) if f.name not in RUN_DECIDES_EVAL]
+    + [("dense", bool, dataclasses.field(default=True))],  # also evaluate the uncompressed model (the reference)
+    namespace={"__doc__": "The evaluate section: recoup eval's keys (tasks, limit, limits, seqlen, ...) + dense."})
 
 
 @dataclasses.dataclass
@@ -163,37 +126,35 @@ class Recipe:
     sweep: Union[Sweep, None] = None
     report: Report = dataclasses.field(default_factory=Report)
     source: str = "<dict>"  # where it came from (not part of its identity)
+    evaluation: Union[dict, None] = None  # the evaluate section as validated EvalJob keys (set by validate)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("source")
+        d.pop("evaluation")
         return d
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
     def compress_steps(self) -> list[dict]:
-        """Explicit compression steps followed by the sweep's cells."""
-        return list(self.compress) + (self.sweep.cells() if self.sweep else [])
+        """Explicit compression steps followed by the sweep's cells (validated flat CompressJob keys + name)."""
+        return list(self.compress)
 
 
 _SECTIONS = {"calibration": Calibration, "evaluate": Evaluation, "sweep": Sweep, "report": Report}
-_STEP_KEYS_COMPRESS = ("name", "method", "calibration")
-
 
 
 # ----------------------------------------------------------------------------- checks
 
 def corpus_problems(corpus: str, what: str) -> list[str]:
-    from recoup.data.corpora import CORPORA
+    from recoup.evaluate.tasks.perplexity import check_corpus
 
-    if corpus in CORPORA or Path(corpus).expanduser().is_file():
-        return []
-    if "/" in corpus or "." in corpus:
-        return [f"{what}: file not found: '{corpus}'"]
-    close = difflib.get_close_matches(corpus, CORPORA, n=1, cutoff=0.6)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    return [f"{what}: unknown corpus '{corpus}'{hint} known: {', '.join(CORPORA)} or a path to a .txt/.jsonl file"]
+    try:
+        check_corpus(corpus, what)
+    except RecoupError as exc:
+        return [str(exc)]
+    return []
 
 
 def _type_name(tp: Any) -> str:
@@ -296,25 +257,35 @@ def _check_steps(steps: Any, kind: str, errors: list[str]) -> list[dict]:
     return out
 
 
-def _validate_compress(step: dict, recipe: Recipe, errors: list[str]) -> None:
-    from recoup.runs.stages import compress_config
+def _where(err: RecoupError, where: str) -> str:
+    text = str(err)
+    return text if text.startswith(where) else f"{where}: {text}"
 
+
+def _compress_step(step: dict, recipe: Recipe, errors: list[str]) -> dict | None:
+    """A compress step (or sweep cell) -> its validated flat CompressJob keys (+ name), or None."""
     where = step.pop("_where")
-    if "calibration" in step:
-        cal = _build(Calibration, {**dataclasses.asdict(recipe.calibration), **(step["calibration"] or {})},
-                     f"{where}.calibration", errors)
-        step["calibration"] = dataclasses.asdict(cal)
-    if not isinstance(step.get("method"), str):
-        return
+    for key in ("model", "out", "force", "calibration"):
+        if key in step:
+            errors.append(f"{where}: '{key}' is not a step key (" + (
+                "the calibration keys of a step are calib, nsamples, seqlen" if key == "calibration"
+                else "the run decides it") + ")")
+            return None
+    cal = recipe.calibration if not recipe.calibration.problems() else Calibration()  # its own lines say why
+    flat = {"model": recipe.model, "dtype": recipe.dtype, "device": recipe.device, "seed": recipe.seed,
+            "calib": cal.corpus, "nsamples": cal.nsamples, "seqlen": cal.seqlen,
+            **{k: v for k, v in step.items() if k != "name"}}
     try:
-        compress_config(step)
+        job = CompressJob.from_flat(flat, where=where)
     except RecoupError as exc:
-        errors.append(f"{where}: {exc}")
+        errors.append(_where(exc, where))
+        return None
+    keys = {k: v for k, v in job.to_flat().items() if k not in ("model", "out", "force")}
+    return {"name": step["name"], **keys}
 
 
-def _validate_recover(step: dict, names: list[str], errors: list[str]) -> None:
-    from recoup.runs.stages import recovery_config
-
+def _recover_step(step: dict, recipe: Recipe, names: list[str], errors: list[str]) -> dict | None:
+    """A recover step -> ``{name, base, transfer}`` + its validated flat RecoverJob keys, or None."""
     where = step.pop("_where")
     base = step.get("base")
     if not isinstance(base, str) or base not in names:
@@ -322,30 +293,55 @@ def _validate_recover(step: dict, names: list[str], errors: list[str]) -> None:
         hint = f"; did you mean '{close[0]}'?" if close else ""
         what = "is required: the compression step to learn on" if base is None else f"'{base}' is not a compression step"
         errors.append(f"{where}.base: {what}{hint} (steps: {', '.join(names) or 'none'})")
-    transfer = step.setdefault("transfer", [])
+    transfer = step.get("transfer") or []
     if isinstance(transfer, str):
-        transfer = step["transfer"] = [transfer]
+        transfer = [transfer]
     if not isinstance(transfer, list):
         errors.append(f"{where}.transfer: expected a list of compression step names (or 'dense')")
-    else:
-        for t in transfer:
-            if t != "dense" and t not in names:
-                close = difflib.get_close_matches(str(t), names + ["dense"], n=1, cutoff=0.6)
-                hint = f"; did you mean '{close[0]}'?" if close else ""
-                errors.append(f"{where}.transfer: '{t}' is not a compression step{hint}")
-    if not isinstance(step.get("method"), str):
-        return
+        transfer = []
+    for t in transfer:
+        if t != "dense" and t not in names:
+            close = difflib.get_close_matches(str(t), names + ["dense"], n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            errors.append(f"{where}.transfer: '{t}' is not a compression step{hint}")
+    for key in ("model", "out", "force"):
+        if key in step:
+            errors.append(f"{where}: '{key}' is not a step key (the run decides it)")
+            return None
+    keys = {k: v for k, v in step.items() if k not in ("name", "base", "transfer")}
+    if not isinstance(keys.get("method"), str):
+        return None
     try:
-        recovery_config(step)
+        from recoup.recover.methods import RECOVERIES
+
+        takes_seed = "seed" in RECOVERIES.get(keys["method"]).config.field_names()
+        defaults = {"dtype": recipe.dtype, "device": recipe.device, **({"seed": recipe.seed} if takes_seed else {})}
+        job = RecoverJob.from_flat({"model": recipe.model, **defaults, **keys}, where=where)
     except RecoupError as exc:
-        errors.append(f"{where}: {exc}")
+        errors.append(_where(exc, where))
+        return None
+    flat = {k: v for k, v in job.to_flat().items() if k not in ("model", "out", "force")}
+    return {"name": step["name"], "base": base, "transfer": transfer, **flat}
+
+
+def _evaluation(recipe: Recipe, errors: list[str]) -> dict | None:
+    """The evaluate section as validated flat EvalJob keys (without model/recovery/json)."""
+    ev = {f.name: getattr(recipe.evaluate, f.name) for f in dataclasses.fields(recipe.evaluate) if f.name != "dense"}
+    try:
+        job = EvalJob.from_flat({"model": recipe.model, "dtype": recipe.dtype, "device": recipe.device,
+                                 "seed": recipe.seed, **ev}, where="evaluate")
+    except RecoupError as exc:
+        errors.append(_where(exc, "evaluate"))
+        return None
+    return {k: v for k, v in job.to_flat().items() if k not in RUN_DECIDES_EVAL}
 
 
 def validate(raw: Any, source: str = "<dict>") -> Recipe:
     """Build a :class:`Recipe` from a parsed mapping; raise RecoupError listing every mistake, one per line."""
     errors: list[str] = []
-    if not isinstance(raw, dict):
-        raise RecoupError(f"{source}: a recipe is a YAML mapping (name, model, compress, recover, evaluate ...)")
+    if not isinstance(raw, dict) or not raw:
+        raise RecoupError(f"{source}: a recipe is a YAML mapping (name, model, compress, recover, evaluate ...)"
+                          + (" and this one is empty" if isinstance(raw, dict) or raw is None else ""))
     raw = copy.deepcopy(raw)
     recipe = _build(Recipe, raw, "recipe", errors)
     for key, cls in _SECTIONS.items():
@@ -355,31 +351,37 @@ def validate(raw: Any, source: str = "<dict>") -> Recipe:
         errors.append(f"recipe.dtype: unknown dtype '{recipe.dtype}'; use float32, bfloat16 or float16")
     if recipe.device not in ("cpu", "cuda") and not recipe.device.startswith("cuda:"):
         errors.append(f"recipe.device: unknown device '{recipe.device}'; use cpu or cuda")
-    if recipe.seed < 0:
+    if not isinstance(recipe.seed, int) or recipe.seed < 0:
         errors.append(f"recipe.seed must be >= 0 (got {recipe.seed})")
-    errors += _model_problems(recipe.model)
-    if recipe.evaluate.suite:
-        from recoup.evaluate.tasks import SUITES
-        from recoup.registry import unknown_name_message
+    model_errors = _model_problems(recipe.model)
+    errors += model_errors
+    checked_model = recipe.model
+    if model_errors:  # said once above; the steps are checked against a stand-in so their own mistakes show
+        from recoup.model.load import BUNDLED_ALIAS
 
-        if recipe.evaluate.suite not in SUITES:
-            errors.append("evaluate.suite: " + unknown_name_message("suite", recipe.evaluate.suite, SUITES))
-    compress = _check_steps(raw.get("compress"), "compress", errors)
-    recover = _check_steps(raw.get("recover"), "recover", errors)
-    for step in compress:
-        _validate_compress(step, recipe, errors)
-    names = [s["name"] for s in compress if isinstance(s.get("name"), str)]
+        recipe.model = BUNDLED_ALIAS
+    evaluation = _evaluation(recipe, errors)
+    compress_raw = _check_steps(raw.get("compress"), "compress", errors)
+    recover_raw = _check_steps(raw.get("recover"), "recover", errors)
+    compress = [c for c in (_compress_step(s, recipe, errors) for s in compress_raw) if c]
+    names = [s["name"] for s in compress_raw if isinstance(s.get("name"), str)]
     if recipe.sweep is not None:
         for cell in recipe.sweep.cells():
             cell["_where"] = f"sweep cell {cell['name']}"
-            _validate_compress(cell, recipe, errors)
+            done = _compress_step(cell, recipe, errors)
+            if done:
+                compress.append(done)
             names.append(cell["name"])
-    for step in recover:
-        _validate_recover(step, names, errors)
+    recover = [r for r in (_recover_step(s, recipe, names, errors) for s in recover_raw) if r]
+    if not errors and not compress and not recipe.evaluate.dense:
+        errors.append("the recipe has no stage to run: add compress steps, a sweep, or evaluate.dense: true")
+    recipe.model = checked_model
     if errors:
         unique = list(dict.fromkeys(errors))
         raise RecoupError(f"{source}: {len(unique)} problem(s) in the recipe:\n  " + "\n  ".join(unique))
+    recipe.model = checked_model
     recipe.compress, recipe.recover, recipe.source = compress, recover, source
+    recipe.evaluation = evaluation
     return recipe
 
 
