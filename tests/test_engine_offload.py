@@ -106,11 +106,11 @@ def test_passthrough_record_pass_equals_full_forward(arch):
     inps_a, rec_a = capture_inputs(lm.model, anat, ids, 4)
     inps_b, rec_b = capture_inputs(lm.model, anat, ids, 4, torch.device("cpu"), passthrough=True)
     assert torch.equal(inps_a, inps_b)
-    for (args_a, kw_a, kw_flag_a), (args_b, kw_b, kw_flag_b) in zip(rec_a, rec_b):
+    for (args_a, kw_a, kw_flag_a), (args_b, kw_b, kw_flag_b) in zip(rec_a, rec_b, strict=True):
         assert kw_flag_a == kw_flag_b and kw_a.keys() == kw_b.keys() and len(args_a) == len(args_b)
-        for a, b in list(zip(args_a, args_b)) + [(kw_a[k], kw_b[k]) for k in kw_a]:
+        for a, b in list(zip(args_a, args_b, strict=True)) + [(kw_a[k], kw_b[k]) for k in kw_a]:
             flat_a, flat_b = (a if isinstance(a, (tuple, list)) else [a]), (b if isinstance(b, (tuple, list)) else [b])
-            for x, y in zip(flat_a, flat_b):
+            for x, y in zip(flat_a, flat_b, strict=True):
                 assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
 
 
@@ -118,7 +118,7 @@ def test_magnitude_offload_needs_no_calibration():
     ref, off = tiny_loaded("gpt2", layers=2), tiny_loaded("gpt2", layers=2)
     compress(ref, CompressConfig(method="magnitude", sparsity=0.5))
     compress(off, CompressConfig(method="magnitude", sparsity=0.5), offload=True)
-    assert all(torch.equal(a, b) for a, b in zip(ref.model.parameters(), off.model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(ref.model.parameters(), off.model.parameters(), strict=True))
 
 
 def test_mode_is_logged(caplog):

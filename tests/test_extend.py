@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import save_tiny
+from helpers import save_tiny, needs_packs
 from test_run import write_corpus
 
 from recoup.cli import main
@@ -18,6 +18,9 @@ from recoup.config import Config, check
 from recoup.model.recovery import RECOVERY_RECORD, Recovery
 
 # ------------------------------------------------------------------------------------------- a recovery
+
+
+pytestmark = needs_packs
 
 
 @dataclasses.dataclass

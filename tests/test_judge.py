@@ -18,7 +18,7 @@ from recoup.evaluate.runner import EvalSettings
 from recoup.evaluate.tasks import instruction, summarization
 from recoup.evaluate.tasks.judging import judge_all
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "llm-kick"
+SHARED = Path(__file__).resolve().parent / "data" / "llm-kick"  # LLM-KICK's files, copied unchanged
 
 
 class FakeJudgeServer:
@@ -32,6 +32,9 @@ class FakeJudgeServer:
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802
+                if self.path != "/v1/chat/completions":  # a client posting elsewhere gets what a real server sends
+                    self.send_error(404, f"no route {self.path}")
+                    return
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.requests.append(body)
                 outer.headers.append(dict(self.headers))
@@ -120,7 +123,7 @@ def test_judge_all_keeps_examples_judged_before_a_failure():
     assert records[0]["judge_score"] == 8.0 and records[1]["judge_raw"] == "6" and "judge_score" not in records[2]
 
 
-@pytest.mark.skipif(not (SHARED / "instruction_questions.jsonl").is_file(), reason="LLM-KICK questions not in shared/")
+@pytest.mark.skipif(not (SHARED / "instruction_questions.jsonl").is_file(), reason="LLM-KICK questions missing")
 def test_instruction_task_with_judge_and_reference(tmp_path):
     ref = tmp_path / "ref.jsonl"
     ref.write_text("".join(json.dumps({"question_id": i, "text": f"reference answer {i}"}) + "\n" for i in range(1, 81)))
@@ -138,7 +141,7 @@ def test_instruction_task_with_judge_and_reference(tmp_path):
     assert res["unique_tokens"] >= 1 and res["protocol"]["judge_mode"].startswith("pairwise")
 
 
-@pytest.mark.skipif(not (SHARED / "cnn_dm_stories.jsonl").is_file(), reason="LLM-KICK stories not in shared/")
+@pytest.mark.skipif(not (SHARED / "cnn_dm_stories.jsonl").is_file(), reason="LLM-KICK stories missing")
 def test_summary_task_with_unreachable_judge_keeps_rouge():
     lm = tiny_loaded("llama")
     judge = Judge(HttpJudge(f"http://127.0.0.1:{free_port()}/v1", "m", None, timeout=2), retries=1, backoff_s=0)

@@ -36,7 +36,7 @@ def both(tmp_path, lm, rep):
     dense = load_artifact(save_artifact(lm, rep, tmp_path / "dense", storage="dense"))
     assert torch.equal(packed.model(X).logits, ref)
     assert torch.equal(dense.model(X).logits, ref)
-    for (k, a), (_, b) in zip(packed.model.state_dict().items(), lm.model.state_dict().items()):
+    for (k, a), (_, b) in zip(packed.model.state_dict().items(), lm.model.state_dict().items(), strict=True):
         assert torch.equal(a.view(torch.uint8) if a.dtype.is_floating_point else a,
                            b.view(torch.uint8) if b.dtype.is_floating_point else b), k
     assert packed.manifest["format_version"] == 2 and dense.manifest["format_version"] == 1

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import tiny_loaded
+from helpers import tiny_loaded, needs_packs
 from recoup import RecoupError
 from recoup.evaluate.perplexity import perplexity
 
@@ -49,6 +49,7 @@ def test_ppl_errors_are_clear(tmp_path):
         perplexity(lm.model, lm.tokenizer, str(tmp_path / "missing.txt"))
 
 
+@needs_packs
 def test_corpora_from_installed_packs_have_disjoint_splits():
     from recoup.data.corpora import load_corpus, wiki_passages
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import recoup.recover.task_data as task_data
-from helpers import save_tiny, tiny_loaded
+from helpers import save_tiny, tiny_loaded, needs_packs
 from recoup.errors import RecoupError
 from recoup.model.forward import forward_logits
 from recoup.recover.idp import IDPConfig, IDPPool, fit_idp
@@ -20,6 +20,9 @@ from recoup.recover.task_data import (collate, context_part, mean_loss, prefixed
 from test_recover_prompt import digest, prune_
 
 SEQLEN = 48
+
+
+pytestmark = needs_packs
 
 
 def peaked(lm):
@@ -115,7 +118,7 @@ def test_idp_on_task_reports_choices_and_selects_the_same_prompt_padded_or_alone
     before = [p.detach().clone() for p in lm.model.parameters()]
     cfg = IDPConfig(task="sciq", pool=3, tokens=4, seqlen=SEQLEN, batch_size=4, steps=8, lr=0.05, eval_every=8)
     pool, result = fit_idp(lm, cfg)
-    assert all(torch.equal(a, b) for a, b in zip(before, lm.model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, lm.model.parameters(), strict=True))
     tuning = tuning_data(lm.tokenizer, task="sciq", max_len=SEQLEN)
     # every training example and the validation over the valid slice made one choice each
     assert sum(pool.meta["training_selections"].values()) == 8 * 4 + len(tuning.valid)

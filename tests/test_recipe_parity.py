@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from helpers import needs_packs
 import yaml
 from test_run import tiny_recipe
 
@@ -39,6 +40,7 @@ def test_every_key_is_a_recipe_key():
 @pytest.mark.parametrize("method,extra", [
     ("lora", {"task": "sciq", "rank": 4}), ("idp", {"pool": 2, "data": "ptb"}), ("cpet", {"task": "sciq"}),
     ("soft-prompt", {"tokens": 4}), ("hard-prompt", {"text": "be exact"})])
+@needs_packs
 def test_a_recover_step_takes_every_method_and_its_keys(method, extra):
     raw = {"name": "t", "model": "smollm2-135m", "evaluate": {"tasks": ["ppl:ptb"]},
            "compress": [{"name": "s", "method": "magnitude", "sparsity": 0.5}],

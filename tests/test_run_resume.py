@@ -107,3 +107,30 @@ def test_two_runs_share_one_store(tmp_path):
             assert [s["stage"] for s in stages] == EXPECTED_STAGES and all(s["status"] == "done" for s in stages)
             assert {m["stage"] for m in store.metrics(r["run_id"]) if m["metric"] == "ppl"} == \
                 {s for s in EXPECTED_STAGES if s.startswith("eval:")}
+
+
+def test_a_weight_or_code_change_changes_the_stage_keys(tmp_path):
+    """What invalidates the cache: the model's weights (its fingerprint) and the code a stage runs."""
+    from helpers import save_tiny
+    from test_run import tiny_recipe
+
+    from recoup.recipe import load_recipe
+    from recoup.runs import cache
+    from recoup.runs.plan import build_plan
+    from recoup.runs.run import stage_keys
+
+    recipe = load_recipe(tiny_recipe(tmp_path))
+    before = stage_keys(build_plan(recipe, cache.source_fingerprint(recipe.model)))
+    save_tiny(tmp_path / "model", "llama", hidden=32, layers=2, seed=1)  # same config, other weights
+    after = stage_keys(build_plan(recipe, cache.source_fingerprint(recipe.model)))
+    assert set(before) == set(after) and all(before[k] != after[k] for k in before)
+
+    root = tmp_path / "pkg"
+    (root / "compress").mkdir(parents=True)
+    (root / "compress" / "engine.py").write_text("x = 1\n")
+    v1 = cache.code_version(("compress",), root)
+    (root / "compress" / "engine.py").write_text("x = 2\n")
+    cache.code_version.cache_clear()
+    assert cache.code_version(("compress",), root) != v1
+    assert cache.stage_key("compress", {"a": 1}, {}, v1) != cache.stage_key("compress", {"a": 1}, {},
+                                                                             cache.code_version(("compress",), root))

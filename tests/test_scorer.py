@@ -74,7 +74,7 @@ def test_batched_loglikelihood_equals_one_at_a_time(arch):
     lm = tiny_loaded(arch)
     scorer = Scorer(lm.model, lm.tokenizer, batch_size=5, progress=False)
     got = scorer.loglikelihood(REQUESTS)
-    for (ctx, cont), (ll, _) in zip(REQUESTS, got):
+    for (ctx, cont), (ll, _) in zip(REQUESTS, got, strict=True):
         assert ll == pytest.approx(reference_ll(lm.model, scorer, ctx, cont), abs=1e-4)
     one = Scorer(lm.model, lm.tokenizer, batch_size=1, progress=False).loglikelihood(REQUESTS)
     assert [a for a, _ in one] == pytest.approx([a for a, _ in got], abs=1e-4)
@@ -120,10 +120,10 @@ def test_prefix_recovery_in_loglikelihood_and_generation(arch, per_example):
     scorer = Scorer(lm.model, lm.tokenizer, recovery=rec, batch_size=4, progress=False)
     assert rec.applied == 1
     got = scorer.loglikelihood(REQUESTS[:6])
-    for (ctx, cont), (ll, _) in zip(REQUESTS[:6], got):
+    for (ctx, cont), (ll, _) in zip(REQUESTS[:6], got, strict=True):
         assert ll == pytest.approx(reference_ll(lm.model, scorer, ctx, cont, rec), abs=1e-4)
     plain = Scorer(lm.model, lm.tokenizer, batch_size=4, progress=False).loglikelihood(REQUESTS[:6])
-    assert any(abs(a[0] - b[0]) > 1e-3 for a, b in zip(got, plain))  # the prefix really reached the model
+    assert any(abs(a[0] - b[0]) > 1e-3 for a, b in zip(got, plain, strict=True))  # the prefix really reached the model
     prompts = ["Hello wor", "Q: a?\nA:", "xyz"]
     outs = scorer.generate(prompts, max_new_tokens=6)
     assert outs == [reference_greedy(lm.model, scorer, p, 6, rec) for p in prompts]

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from helpers import tiny_tokenizer
+from helpers import tiny_tokenizer, needs_packs
 from recoup import RecoupError
 from recoup.recover.task_data import (MCExample, batch_stream, collate, completion_sequence, jsonl_sequences,
                                       load_task_examples, split_task, tuning_data)
@@ -14,6 +14,7 @@ def _examples(n=200):
                       choices=("a", "b"), gold=i % 2) for i in range(n)]
 
 
+@needs_packs
 def test_split_is_disjoint_complete_and_seeded():
     exs = _examples(400)
     a = split_task("sciq", 0.3, seed=0, examples=exs)
@@ -27,6 +28,7 @@ def test_split_is_disjoint_complete_and_seeded():
     assert [e.key for e in a.heldout] != [e.key for e in c.heldout]
 
 
+@needs_packs
 def test_split_depends_on_the_example_not_its_position():
     exs = _examples(300)
     a = split_task("sciq", 0.3, seed=0, examples=exs)
@@ -41,6 +43,7 @@ def test_bad_fraction_and_unknown_task_are_clear():
         load_task_examples("scqi")
 
 
+@needs_packs
 def test_sciq_from_pack_has_gold_correct_answer():
     exs = load_task_examples("sciq")
     assert len(exs) == 1000
@@ -74,6 +77,7 @@ def test_jsonl_both_forms_and_a_bad_line(tmp_path):
         jsonl_sequences(tok, bad)
 
 
+@needs_packs
 def test_tuning_data_needs_exactly_one_source_and_keeps_heldout_out_of_training():
     tok = tiny_tokenizer()
     with pytest.raises(RecoupError, match="exactly one"):

@@ -26,9 +26,9 @@ RESULT = "result.json"
 
 
 @functools.lru_cache(maxsize=None)
-def code_version(parts: tuple[str, ...]) -> str:
-    """sha256 over recoup's version and the source files under the given package sub-paths."""
-    root = Path(__file__).resolve().parents[1]
+def code_version(parts: tuple[str, ...], root: Path | None = None) -> str:
+    """sha256 over recoup's version and the source files under the given sub-paths of ``root`` (the package)."""
+    root = Path(__file__).resolve().parents[1] if root is None else root
     h = hashlib.sha256(__version__.encode())
     for part in parts:
         target = root / part
