@@ -302,3 +302,27 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
     assert not (tmp_path / "new").exists() and (tmp_path / "full" / "x").read_text() == "keep me"
     assert main(["export", str(art.path), "--format", "gguf", "--out", str(tmp_path / "ok")]) == 0
     assert (tmp_path / "ok" / "model.gguf").is_file()
+
+
+def test_saved_recoveries_record_a_usable_base(tmp_path, monkeypatch):
+    """A LoRA / soft prompt saved by recoup names its base as a path PEFT resolves (never null)."""
+    from peft import AutoPeftModelForCausalLM
+
+    from recoup.recover.lora import LoraConfig, LoraRecovery
+    from recoup.recover.soft_prompt import SoftPrompt
+
+    lm = tiny()
+    lm.model.save_pretrained(str(tmp_path / "base"))
+    monkeypatch.chdir(tmp_path)
+    rec = LoraRecovery.for_model(lm.model, LoraConfig(rank=2))
+    wrapped = rec.apply(lm.model, seed=0)
+    rec.capture(wrapped)
+    rec.meta["source"] = "base"  # relative, as a user may type it
+    rec.save(tmp_path / "lora")
+    cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str((tmp_path / "base").resolve())
+    monkeypatch.chdir("/")
+    assert AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "lora")) is not None
+    SoftPrompt(torch.randn(4, 64), {"base_model": str(tmp_path / "base")}).save(tmp_path / "sp")
+    cfg = json.loads((tmp_path / "sp" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str((tmp_path / "base").resolve())
