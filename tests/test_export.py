@@ -326,3 +326,27 @@ def test_saved_recoveries_record_a_usable_base(tmp_path, monkeypatch):
     SoftPrompt(torch.randn(4, 64), {"base_model": str(tmp_path / "base")}).save(tmp_path / "sp")
     cfg = json.loads((tmp_path / "sp" / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == str((tmp_path / "base").resolve())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt,rel", [("compressed-tensors", 1e-5), ("gguf", 2e-3), ("hf", 1e-5)])
+def test_real_model_exports_match_recoup(tmp_path, fmt, rel):
+    """smollm2-135m, RTN 4-bit sym groups of 64 (a Q4_0 grid): each destination's logits match recoup's."""
+    from recoup.artifact import load_model
+    from transformers import AutoTokenizer
+
+    lm = load_model("smollm2-135m")
+    rep = compress(lm, CompressConfig(method="rtn", bits=4, group_size=64), None)
+    art = load_artifact(save_artifact(lm, rep, tmp_path / "art"))
+    res = run_export(art, tmp_path, fmt)
+    x = art.tokenizer(["The capital of France is Paris, and the capital of Italy is"], return_tensors="pt").input_ids
+    kw = {"gguf_file": "model.gguf"} if fmt == "gguf" else {}
+    m = AutoModelForCausalLM.from_pretrained(res["out"], dtype=torch.float32, **kw).eval()
+    with torch.no_grad():
+        ref, got = art.model(x).logits, m(x).logits
+    assert_close(got, ref, rel)
+    if fmt == "gguf":
+        assert res["plan"]["linear_type"] == "Q4_0" and res["tensor_types"]["Q4_0"] == 210
+        tok = AutoTokenizer.from_pretrained(res["out"], gguf_file="model.gguf")
+        text = "Deploy 3 models: 12,345 tokens/s!"
+        assert tok(text)["input_ids"] == art.tokenizer(text)["input_ids"]
