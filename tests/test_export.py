@@ -350,3 +350,22 @@ def test_real_model_exports_match_recoup(tmp_path, fmt, rel):
         tok = AutoTokenizer.from_pretrained(res["out"], gguf_file="model.gguf")
         text = "Deploy 3 models: 12,345 tokens/s!"
         assert tok(text)["input_ids"] == art.tokenizer(text)["input_ids"]
+
+
+def test_soft_prompt_beside_export_loads_with_peft(tmp_path):
+    """A recoup soft prompt exported beside an hf export: PEFT's prompt tuning gives recoup's logits."""
+    from peft import AutoPeftModelForCausalLM
+
+    from recoup.model.forward import forward_logits
+    from recoup.recover.soft_prompt import SoftPrompt
+
+    art = artifact(tmp_path, method="sparsegpt", sparsity=0.5, bits=4, group_size=32)
+    sp = SoftPrompt(torch.randn(5, 64, generator=torch.Generator().manual_seed(0)) * 0.02,
+                    {"base_model": str(art.path), "num_attention_heads": 4, "num_layers": 2})
+    sp.save(tmp_path / "sp")
+    res = run_export(art, tmp_path, "hf", recovery=str(tmp_path / "sp"))
+    m = AutoPeftModelForCausalLM.from_pretrained(res["recovery"], dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = m(input_ids=X).logits[:, sp.tokens:]
+        ref = forward_logits(art.model, X, None, sp.prefix(art.model, X, torch.ones_like(X)))
+    assert_close(got.float(), ref.float(), 1e-5)
