@@ -5,6 +5,11 @@ input columns of one row (GPTQ's grouping). The grid of a group is ``scale * (q 
 integer codes ``q`` in ``[0, 2**bits - 1]``. Parameters are fitted as in GPTQ's ``Quantizer``
 (min/max with zero forced into the range; symmetric uses ``zero = (maxq + 1) / 2``), so exact 0 is
 always a grid point, which is what lets pruned weights stay on the grid in joint compression.
+
+``scale_dtype="float16"`` rounds every fitted scale to a float16 value (before the zero point is
+fitted), so a symmetric 4-bit grid of groups that are a multiple of 32 is exactly a GGUF Q4_0 grid
+(fp16 ``d``, value ``d * (q - 8)``) and a symmetric 8-bit one exactly Q8_0: a GPTQ / SparseGPT / AWQ
+pass run on such a grid exports to GGUF without any rounding.
 """
 
 from __future__ import annotations
@@ -13,12 +18,19 @@ import dataclasses
 
 import torch
 
+SCALE_DTYPES = ("float32", "float16")
+
 
 @dataclasses.dataclass(frozen=True)
 class QuantGrid:
     bits: int
     sym: bool = True
     group_size: int | None = None  # None: one group per row
+    scale_dtype: str = "float32"  # float16: scales rounded to fp16 (GGUF Q4_0 / Q8_0 hold them exactly)
+
+    def __post_init__(self) -> None:
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}, got {self.scale_dtype!r}")
 
     @property
     def maxq(self) -> int:
@@ -46,6 +58,8 @@ class QuantGrid:
         xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
         xmax = torch.where(empty, torch.ones_like(xmax), xmax)
         scale = (xmax - xmin) / self.maxq
+        if self.scale_dtype == "float16":  # smallest fp16 subnormal keeps tiny groups off a zero scale
+            scale = scale.to(torch.float16).float().clamp_min(2.0 ** -24)
         if self.sym:
             zero = torch.full_like(scale, (self.maxq + 1) / 2)
         else:

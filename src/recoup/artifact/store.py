@@ -8,6 +8,11 @@ linear as bit-packed integer codes and each sparse-only linear as a bitmask + ke
 ``dense`` (format_version 1, what older recoup wrote and still reads) keeps every weight in
 ``model.safetensors``. The manifest records the bytes on disk.
 
+No silent garbage: a packed artifact's ``config.json`` names the model type
+:data:`PACKED_MODEL_TYPE` (the real one is kept as ``recoup_model_type``), so plain
+``transformers.AutoModelForCausalLM.from_pretrained`` fails with a message naming ``recoup export``
+instead of filling the packed weights with random values; :func:`load_artifact` restores the type.
+
 The whole directory is written to a temporary sibling and renamed into place, so a reader never
 sees a half-written artifact. The manifest lists the sha256 of every other file; loading checks
 them, so a corrupted or foreign directory gives one clear line. Loading never unpickles
@@ -46,6 +51,9 @@ FORMAT_VERSION = 2  # newest this recoup reads; 2 = packed storage (dense artifa
 QPARAMS_FILE = "quant_params.safetensors"
 STORAGES = ("packed", "dense")
 DEFAULT_STORAGE = "packed"
+PACKED_MODEL_TYPE = ("recoup-packed (a recoup artifact with bit-packed weights: load it with recoup, "
+                     "or run `recoup export` to get a model transformers, vLLM or llama.cpp loads)")
+REAL_MODEL_TYPE_KEY = "recoup_model_type"
 
 
 def _versions() -> dict[str, str]:
@@ -116,6 +124,7 @@ def _write(loaded: LoadedModel, fields: dict[str, Any], qparams: dict[str, dict[
             save_file(flat, str(tmp / QPARAMS_FILE))
         if metas:
             save_file(packed, str(tmp / PACKED_FILE), metadata={"format": "recoup-packed"})
+            _mark_packed_config(tmp / "config.json")
         listed = [f for f in sorted(tmp.iterdir()) if f.is_file()]
         encodings = Counter(m["encoding"] for m in metas.values())
         storage_info: dict[str, Any] = {
@@ -200,11 +209,12 @@ def load_artifact(path: str | Path, dtype: str | torch.dtype = "float32", device
         raise RecoupError(f"'{path}/{ARTIFACT_MANIFEST}' says packed storage but lists no packed tensors; "
                           "the artifact is corrupted")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        config = _artifact_config(path)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), **({"config": config} if config is not None else {}))
         with _quiet_missing_weights() if metas else nullcontext():
             model, info = AutoModelForCausalLM.from_pretrained(
-                str(path), dtype=parse_dtype(dtype), use_safetensors=True, trust_remote_code=False,
-                output_loading_info=True)
+                str(path), config=config, dtype=parse_dtype(dtype), use_safetensors=True,
+                trust_remote_code=False, output_loading_info=True)
     except (OSError, ValueError, KeyError) as exc:
         raise RecoupError(f"could not load artifact '{path}': {str(exc).splitlines()[0]}") from None
     if set(info["missing_keys"]) != set(metas):  # else transformers would fill them with random weights
@@ -219,6 +229,29 @@ def load_artifact(path: str | Path, dtype: str | torch.dtype = "float32", device
         tokenizer.pad_token = tokenizer.eos_token
     manifest["artifact_dir"] = str(path)
     return LoadedModel(model=model, tokenizer=tokenizer, source=str(path), path=path, manifest=manifest)
+
+
+def _mark_packed_config(config_file: Path) -> None:
+    """Give ``config.json`` the model type :data:`PACKED_MODEL_TYPE` (real one kept aside), so plain
+    transformers refuses the directory with a message naming ``recoup export``."""
+    raw = json.loads(config_file.read_text())
+    raw[REAL_MODEL_TYPE_KEY] = raw["model_type"]
+    raw["model_type"] = PACKED_MODEL_TYPE
+    config_file.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+
+
+def _artifact_config(path: Path):
+    """The transformers config of the artifact at ``path``, with a packed artifact's real model type
+    restored (older artifacts and dense ones have it in place: None lets transformers read it)."""
+    from transformers import CONFIG_MAPPING
+
+    raw = json.loads((path / "config.json").read_text())
+    if REAL_MODEL_TYPE_KEY not in raw:
+        return None
+    raw["model_type"] = real = raw.pop(REAL_MODEL_TYPE_KEY)
+    if real not in CONFIG_MAPPING:
+        raise RecoupError(f"artifact '{path}' holds a '{real}' model, which this transformers does not know")
+    return CONFIG_MAPPING[real].from_dict(raw)
 
 
 def _small_zero(zero: torch.Tensor) -> torch.Tensor:

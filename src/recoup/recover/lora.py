@@ -76,6 +76,19 @@ def linear_digests(model: nn.Module) -> dict[str, str]:
     return out
 
 
+def peft_base_path(source: str | None) -> str | None:
+    """``base_model_name_or_path`` for a saved PEFT adapter: the model source as the user gave it, made
+    loadable (a local path absolute, the bundled alias its converted directory, a hub id as is)."""
+    from recoup.model.load import BUNDLED_ALIAS, bundled_model_dir
+
+    if not source:
+        return None
+    if source == BUNDLED_ALIAS:
+        return str(bundled_model_dir())
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
+
+
 def _peft_config(cfg: LoraConfig, target_modules: list[str]):
     import peft
 
@@ -163,6 +176,7 @@ class LoraRecovery(Recovery):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         pcfg = _peft_config(self.cfg, self.target_modules)
+        pcfg.base_model_name_or_path = peft_base_path(self.meta.get("base_model") or self.meta.get("source"))
         pcfg.save_pretrained(str(path))
         save_file({k: v.contiguous() for k, v in self.state.items()}, str(path / PEFT_WEIGHTS))
         info = {"method": self.method, "config": self.cfg.to_dict(), "target_modules": self.target_modules,

@@ -101,13 +101,15 @@ class SoftPrompt(Recovery):
         """PEFT prompt-tuning layout (+ ``recoup_train.json`` with how it was trained)."""
         from safetensors.torch import save_file
 
+        from recoup.recover.lora import peft_base_path
+
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         cfg = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": self.tokens,
                "token_dim": self.hidden_size, "num_transformer_submodules": 1,
                "num_attention_heads": self.meta.get("num_attention_heads"), "num_layers": self.meta.get("num_layers"),
                "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None, "tokenizer_name_or_path": None,
-               "tokenizer_kwargs": None, "base_model_name_or_path": self.meta.get("base_model"),
+               "tokenizer_kwargs": None, "base_model_name_or_path": peft_base_path(self.meta.get("base_model")),
                "inference_mode": True, "revision": None, "auto_mapping": None, "modules_to_save": None}
         (out / PEFT_CONFIG).write_text(json.dumps(cfg, indent=2))
         save_file({"prompt_embeddings": self.embeddings.detach().float().contiguous()}, str(out / PEFT_WEIGHTS))
