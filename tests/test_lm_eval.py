@@ -15,29 +15,11 @@ import torch
 pytest.importorskip("lm_eval")
 
 from helpers import save_tiny  # noqa: E402
+from recoup.integrations.lm_eval import write_arc_easy_task  # noqa: E402
 from recoup.errors import RecoupError  # noqa: E402
 
 ARC = "hf_datasets/ai2_arc/ARC-Easy/validation"
 TQA = "hf_datasets/trivia_qa/rc.wikipedia.nocontext/validation"
-
-ARC_YAML = """task: recoup_arc_easy
-dataset_path: arrow
-dataset_kwargs:
-  data_files:
-    validation: {file}
-output_type: multiple_choice
-validation_split: validation
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_target: "{{{{choices.label.index(answerKey)}}}}"
-doc_to_choice: "{{{{choices.text}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-"""
 
 TQA_YAML = """task: recoup_triviaqa
 dataset_path: arrow
@@ -75,7 +57,8 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("lmeval")
     tasks = root / "tasks"
     tasks.mkdir()
-    (tasks / "recoup_arc_easy.yaml").write_text(ARC_YAML.format(file=_arrow(ARC)))
+    _arrow(ARC)
+    write_arc_easy_task(tasks)
     (tasks / "recoup_triviaqa.yaml").write_text(TQA_YAML.format(file=_arrow(TQA)))
     save_tiny(root / "tiny", seed=1)
     with pytest.MonkeyPatch.context() as mp:

