@@ -254,9 +254,9 @@ class Scorer:
                         done[r] = True
                         continue
                     new[r].append(t)
-                    text = self.tokenizer.decode(new[r], skip_special_tokens=True)
-                    if stop and any(x in (text.lstrip() if stop_after_space else text) for x in stop if x):
-                        done[r] = True
+                    if stop:
+                        text = self.tokenizer.decode(new[r], skip_special_tokens=True)
+                        done[r] = any(x in (text.lstrip() if stop_after_space else text) for x in stop if x)
                 if all(done) or step == max_new_tokens - 1:
                     break
                 step_mask = torch.ones((n, 1), dtype=mask.dtype, device=self.device)
