@@ -12,6 +12,15 @@ the new tokens). The two methods' numbers are compared too (max |delta| of log-l
 generated text). Prints a table and writes JSON.
 
     python benchmarks/eval.py --model smollm2-135m --examples 100 --json out/bench_eval.json
+
+``--vs-lm-eval``: examples/s of recoup's Scorer against lm-evaluation-harness's ``hf`` model (``HFLM``, its
+logits cache on) on the same ARC-Easy loglikelihood requests and the same weights, each at every batch size
+in ``--batch-sizes``; the ratio is taken between the two best. Runs alternate (Scorer, hf) per batch size so
+a change in machine load hits both. Also reports max |delta| of the per-request log-likelihoods and
+whether every example's argmax choice agrees.
+
+    python benchmarks/eval.py --vs-lm-eval --model smollm2-135m --examples 60 --batch-sizes 4,16,64 \
+        --json benchmarks/results/eval/scorer_vs_lm_eval_hf.json
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -61,6 +71,60 @@ def timed(fn, repeats):
     return statistics.median(times), times, result
 
 
+def vs_lm_eval(args) -> None:
+    """Scorer vs lm-eval's hf model on ARC-Easy loglikelihood requests, both at their best batch size."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from recoup.artifact import load_model
+    from recoup.evaluate.metrics import argmax
+    from recoup.evaluate.scorer import Scorer
+    from recoup.evaluate.tasks import load_examples, requests_for
+    from recoup.evaluate.tasks.common import sample_indices
+
+    loaded = load_model(args.model)
+    arc = load_examples("arc_easy")
+    chosen = [arc[i] for i in sample_indices(len(arc), args.examples, args.seed)]
+    requests = [r for ex in chosen for r in requests_for(ex)]
+    instances = [Instance("loglikelihood", {}, r, k) for k, r in enumerate(requests)]
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    runs, outputs = [], {}
+    for b in sizes:
+        scorer = Scorer(loaded.model, loaded.tokenizer, batch_size=b, progress=False)
+        hf = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=b, device=str(scorer.device))
+        for name, fn in (("recoup Scorer", lambda: scorer.loglikelihood(requests)),
+                         ("lm-eval hf", lambda: hf.loglikelihood(instances, disable_tqdm=True))):
+            t0 = time.perf_counter()
+            out = fn()
+            secs = time.perf_counter() - t0
+            outputs[name] = [float(x[0]) for x in out]
+            runs.append({"method": name, "batch_size": b, "seconds": secs, "examples_per_s": len(chosen) / secs,
+                         "load_average": os.getloadavg()})
+            print(f"{name:<14} batch {b:>3}: {secs:8.1f} s  {len(chosen) / secs:7.3f} examples/s", flush=True)
+    best = {name: max((r for r in runs if r["method"] == name), key=lambda r: r["examples_per_s"])
+            for name in ("recoup Scorer", "lm-eval hf")}
+    diff = max(abs(a - b) for a, b in zip(outputs["recoup Scorer"], outputs["lm-eval hf"]))
+    agree, pos = 0, 0
+    for ex in chosen:
+        k = len(ex["choices"])
+        agree += argmax(outputs["recoup Scorer"][pos:pos + k]) == argmax(outputs["lm-eval hf"][pos:pos + k])
+        pos += k
+    ratio = best["recoup Scorer"]["examples_per_s"] / best["lm-eval hf"]["examples_per_s"]
+    print(f"best: recoup Scorer {best['recoup Scorer']['examples_per_s']:.3f} ex/s (batch "
+          f"{best['recoup Scorer']['batch_size']}), lm-eval hf {best['lm-eval hf']['examples_per_s']:.3f} ex/s (batch "
+          f"{best['lm-eval hf']['batch_size']}): {ratio:.2f}x; max |delta ll| {diff:.2e}; same choice {agree}/{len(chosen)}")
+    import lm_eval
+
+    out = {"model": args.model, "task": "arc_easy (pack validation, seeded sample)", "examples": len(chosen),
+           "requests": len(requests), "seed": args.seed, "runs": runs, "best": best, "speedup": ratio,
+           "max_abs_ll_diff": diff, "same_choice": agree, "threads": torch.get_num_threads(),
+           "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "torch": torch.__version__,
+           "lm_eval": lm_eval.__version__, "python": platform.python_version(), "command": " ".join(sys.argv)}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=2))
+    print(f"wrote {args.json}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -73,7 +137,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="timings per method (median reported)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="out/bench_eval.json")
+    ap.add_argument("--vs-lm-eval", action="store_true", help="Scorer vs lm-eval's hf model (needs recoup[lm-eval])")
+    ap.add_argument("--batch-sizes", default="4,16,64", help="batch sizes tried by --vs-lm-eval")
     args = ap.parse_args()
+    if args.vs_lm_eval:
+        return vs_lm_eval(args)
 
     from recoup.data.corpora import wiki_passages
     from recoup.evaluate.scorer import Scorer

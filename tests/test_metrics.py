@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -46,6 +47,41 @@ def test_rouge_agrees_with_rouge_score():
         theirs = ref.score(gold, pred)
         for key in ("rouge1", "rouge2", "rougeL"):
             assert ours[key] == pytest.approx(theirs[key].fmeasure, abs=1e-9)
+
+
+def test_stemmed_rouge_is_rouge_scores_stemmed_lsum():
+    pytest.importorskip("rouge_score")
+    # Porter stemming: cats -> cat, running/runs -> run; without it nothing matches
+    assert M.rouge_stemmed("cats running", "cat runs")["rouge1"] == pytest.approx(1.0)
+    assert M.rouge("cats running", "cat runs")["rouge1"] == 0.0
+    # sentences swapped: one LCS over the whole text keeps 2 of 4 tokens (L = 0.5); Lsum takes the union LCS
+    # of each reference line with every predicted line, so every token counts (Lsum = 1.0)
+    got = M.rouge_stemmed("a b\nc d", "c d\na b")
+    assert got["rougeL"] == pytest.approx(0.5) and got["rougeLsum"] == pytest.approx(1.0)
+    # Lin (2004)'s summary-level LCS: reference line "w1 w2 w3 w4 w5", predicted lines "w1 w2 w6 w7 w8" and
+    # "w1 w3 w8 w9 w5": union LCS = w1 w2 w3 w5 -> R = 4/5, P = 4/10
+    got = M.rouge_stemmed("w1 w2 w6 w7 w8\nw1 w3 w8 w9 w5", "w1 w2 w3 w4 w5")
+    assert got["rougeLsum"] == pytest.approx(2 * 0.8 * 0.4 / 1.2)
+
+
+def test_stemmed_rouge_option_on_a_summary_task(tmp_path):
+    pytest.importorskip("rouge_score")
+    from helpers import tiny_loaded
+    from recoup.errors import RecoupError
+    from recoup.evaluate.runner import EvalSettings
+    from recoup.evaluate.tasks import summarization, validate
+
+    stories = tmp_path / "stories.jsonl"
+    text = "Summarize the given story.\n\nThe cat sat on the mat. It rained.\n@highlight\nCat sat\n@highlight\nIt rained"
+    stories.write_text(json.dumps({"question_id": 1, "text": text, "category": "small"}) + "\n")
+    with pytest.raises(RecoupError, match="option rouge must be plain or stemmed"):
+        validate(["cnndm"], {"cnndm_file": str(stories), "rouge": "lsum"})
+    assert summarization.load("cnndm", {"cnndm_file": str(stories)})[0]["reference_lines"] == "Cat sat\nIt rained"
+    options = {"cnndm_file": str(stories), "max_new_tokens": "6", "rouge": "stemmed", "chat": "false"}
+    res = summarization.run("cnndm", tiny_loaded("llama"), EvalSettings(seqlen=512, options=options), None)
+    gen = res["examples"][0]["generated"].strip()
+    assert res["rougeLsum"] == pytest.approx(M.rouge_stemmed(gen, "Cat sat\nIt rained")["rougeLsum"])
+    assert res["protocol"]["rouge"] == "stemmed" and "use_stemmer=True" in res["protocol"]["metric"]
 
 
 def test_stderr_is_sample_sd_over_sqrt_n():

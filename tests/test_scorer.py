@@ -180,3 +180,19 @@ def test_bad_arguments_are_one_line_errors():
         scorer.generate(["x"], max_new_tokens=0)
     with pytest.raises(RecoupError, match="does not fit"):
         scorer.loglikelihood([("a", "b" * 40)])
+
+
+def test_a_window_of_max_length_tokens_fits_and_stops_cut_anywhere_for_lm_eval():
+    """lm-eval's bound: context + continuation may be max_length + 1 tokens (the last is never an input), so
+    rolling windows of max_length tokens score; stop strings are looked for anywhere when asked."""
+    from recoup.errors import RecoupError
+    from recoup.evaluate.scorer import _cut
+
+    lm = tiny_loaded("llama")
+    scorer = Scorer(lm.model, lm.tokenizer, progress=False, max_length=16)
+    assert len(scorer.loglikelihood([("a", "b" * 16)])) == 1
+    with pytest.raises(RecoupError, match="does not fit"):
+        scorer.loglikelihood([("a", "b" * 17)])
+    (total, count), = scorer.rolling_loglikelihood(["abcdefghij" * 5])
+    assert count == 50 and total < 0
+    assert _cut("\nParis\nx", ["\n"]) == "\nParis" and _cut("\nParis\nx", ["\n"], after_space=False) == ""

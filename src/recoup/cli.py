@@ -14,7 +14,8 @@ from recoup import __version__
 from recoup.errors import RecoupError
 
 # Explicit list of subcommand modules (house style 2).
-COMMANDS = ["setup", "eval", "compress", "run", "sweep", "runs", "show", "report", "compare_recovery", "recover", "compare", "export"]
+COMMANDS = ["setup", "eval", "compress", "run", "sweep", "runs", "show", "report", "compare_recovery", "recover", "compare",
+            "export", "lm_eval"]
 
 
 class _Parser(argparse.ArgumentParser):

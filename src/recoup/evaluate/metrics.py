@@ -3,18 +3,24 @@
 Normalization is SQuAD's (Rajpurkar et al. 2016): lower-case, drop punctuation and the articles
 a/an/the, squeeze whitespace. ROUGE follows Lin (2004) with ``rouge_score``'s default tokenizer
 (lower-case, non-alphanumerics become spaces, no stemming): ROUGE-N is n-gram overlap F-measure,
-ROUGE-L the longest-common-subsequence F-measure. "Matching" is LLM-KICK's definition (Jaiswal et
+ROUGE-L the longest-common-subsequence F-measure. :func:`rouge_stemmed` is the variant summarization
+papers report: the ``rouge-score`` package itself (Google's reimplementation of Lin's ROUGE-1.5.5) with
+its Porter stemmer, including ROUGE-Lsum (summary-level LCS, sentences split at newlines); it needs
+that package installed, there is no second implementation. "Matching" is LLM-KICK's definition (Jaiswal et
 al. 2023, "Compressing LLMs: The Truth is Rarely Pure and Never Simple"): a compressed model matches
 its dense parent on a task when its score is within 5% of the dense score.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import string
 from collections import Counter
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
+
+from recoup.errors import RecoupError
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)
@@ -95,6 +101,34 @@ def rouge_l(prediction: str, reference: str) -> float:
 def rouge(prediction: str, reference: str) -> dict[str, float]:
     return {"rouge1": rouge_n(prediction, reference, 1), "rouge2": rouge_n(prediction, reference, 2),
             "rougeL": rouge_l(prediction, reference)}
+
+
+STEMMED_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+
+@functools.lru_cache(maxsize=1)
+def _stemmed_scorer() -> Any:
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError:
+        raise RecoupError("stemmed ROUGE uses the rouge-score package, which is not installed; "
+                          "pip install rouge-score (or recoup[test])") from None
+    return rouge_scorer.RougeScorer(list(STEMMED_KEYS), use_stemmer=True)
+
+
+def require_rouge_score() -> None:
+    """Raise one clear line when the ``rouge-score`` package is missing (call before loading a model)."""
+    _stemmed_scorer()
+
+
+def rouge_stemmed(prediction: str, reference: str) -> dict[str, float]:
+    """ROUGE-1/2/L/Lsum F-measures from ``rouge-score`` with ``use_stemmer=True`` (Lin 2004; Porter stemming).
+
+    ROUGE-Lsum takes newlines as sentence boundaries (``rouge-score``'s convention): give multi-sentence
+    references and predictions one sentence per line.
+    """
+    scores = _stemmed_scorer().score(reference, prediction)
+    return {key: scores[key].fmeasure for key in STEMMED_KEYS}
 
 
 def mean(values: Sequence[float]) -> float:

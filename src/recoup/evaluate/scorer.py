@@ -126,7 +126,7 @@ class Scorer:
         for i, (ctx, cont) in enumerate(pairs):
             if not cont:
                 raise RecoupError("a loglikelihood request has an empty continuation")
-            room = self.max_length - len(cont)
+            room = self.max_length + 1 - len(cont)  # the last continuation token is never an input
             if room < 1:
                 raise RecoupError(f"a continuation of {len(cont)} tokens does not fit max_length {self.max_length}")
             ctx = tuple(ctx[-room:]) if ctx else (self.prefix_token,)
@@ -240,11 +240,12 @@ class Scorer:
     # ----------------------------------------------------------------- generation
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 32, stop: Sequence[str] = (),
-                 desc: str = "generate") -> list[str]:
+                 desc: str = "generate", stop_after_space: bool = True) -> list[str]:
         """Greedy continuations of ``prompts`` (text after the prompt only), cut at the first stop string or EOS.
 
-        Stop strings are looked for after the continuation's leading whitespace, so an answer that
-        starts on a new line is not cut to nothing by a newline stop.
+        With ``stop_after_space`` (recoup's tasks) stop strings are looked for after the continuation's
+        leading whitespace, so an answer that starts on a new line is not cut to nothing by a newline
+        stop; without it they are looked for anywhere, as lm-evaluation-harness's ``until`` does.
         """
         if max_new_tokens < 1:
             raise RecoupError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
@@ -273,15 +274,16 @@ class Scorer:
                         done[r] = True
                         continue
                     new[r].append(t)
-                    if stop and any(x in self.tokenizer.decode(new[r], skip_special_tokens=True).lstrip() for x in stop):
-                        done[r] = True
+                    if stop:
+                        text = self.tokenizer.decode(new[r], skip_special_tokens=True)
+                        done[r] = any(x in (text.lstrip() if stop_after_space else text) for x in stop if x)
                 if all(done) or step == max_new_tokens - 1:
                     break
                 step_mask = torch.ones((n, 1), dtype=mask.dtype, device=self.device)
                 logp = self._extend(tok[:, None], step_mask, mask, cache)[:, -1]
                 mask = torch.cat([mask, step_mask], dim=1)
             for r, i in enumerate(idx):
-                outputs[i] = _cut(self.tokenizer.decode(new[r], skip_special_tokens=True), stop)
+                outputs[i] = _cut(self.tokenizer.decode(new[r], skip_special_tokens=True), stop, stop_after_space)
         return outputs
 
     def chat_prompt(self, message: str) -> str:
@@ -292,8 +294,8 @@ class Scorer:
                                                   add_generation_prompt=True)
 
 
-def _cut(text: str, stop: Sequence[str]) -> str:
-    """``text`` up to the first stop string found after its leading whitespace."""
-    lead = len(text) - len(text.lstrip())
+def _cut(text: str, stop: Sequence[str], after_space: bool = True) -> str:
+    """``text`` up to the first stop string found (after its leading whitespace when ``after_space``)."""
+    lead = len(text) - len(text.lstrip()) if after_space else 0
     hits = [text.find(s, lead) for s in stop if s and text.find(s, lead) >= 0]
     return text[: min(hits)] if hits else text

@@ -23,6 +23,8 @@ OPTIONS: dict[str, str] = {
     "instructions_reference": "reference answers for the judge: a recoup results JSON (e.g. the dense run) or a "
                               "jsonl of {question_id, text}",
     "chat": "wrap summarization/instruction prompts in the tokenizer's chat template: true|false (default true)",
+    "rouge": "summarization ROUGE: plain (recoup's ROUGE-1/2/L, no stemming; the default) or stemmed (the rouge-score "
+             "package's Porter-stemmed ROUGE-1/2/L/Lsum, the variant summarization papers report)",
     "factoid_template": "factoid QA prompt: kick (LLM-KICK's, the default), cloze (the question text alone, the "
                         "natural form of qa_wikidata's statements) or a format string with {question} (\\n = newline)",
 }
