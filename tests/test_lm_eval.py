@@ -93,7 +93,7 @@ def _recoup_mc(source: str, indices: list[int], recovery_dir: str | None = None)
     loaded = load_model(source)
     recovery = None
     if recovery_dir:
-        from recoup.recover.io import load_recovery
+        from recoup.recover.methods import load_recovery
 
         recovery = load_recovery(recovery_dir)
     scorer = Scorer(loaded.model, loaded.tokenizer, recovery, batch_size=8, progress=False)

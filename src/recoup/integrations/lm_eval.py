@@ -8,7 +8,7 @@ evaluation", lm-eval >= 0.4)::
     recoup lm-eval --model recoup --model_args pretrained=... --tasks ...     # registers it, then lm-eval's CLI
 
 ``pretrained`` is anything :func:`recoup.artifact.load_model` loads (``smollm2-135m``, a .gguf file, a local
-HF directory, a recoup artifact, a hub id); ``recovery`` a directory :func:`recoup.recover.io.load_recovery`
+HF directory, a recoup artifact, a hub id); ``recovery`` a directory :func:`recoup.recover.methods.load_recovery`
 loads (soft prompt, IDP pool, hard prompt, LoRA, CPET).
 
 The three request types map onto :class:`recoup.evaluate.scorer.Scorer` with lm-eval's own token
@@ -111,7 +111,7 @@ class RecoupLM(LM):
         limit = _int_arg("max_length", max_length) if max_length is not None else None
         recovered = None
         if recovery:
-            from recoup.recover.io import load_recovery
+            from recoup.recover.methods import load_recovery
 
             recovered = load_recovery(str(recovery))
         device = device or "cpu"
