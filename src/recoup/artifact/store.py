@@ -38,6 +38,7 @@ from recoup.errors import RecoupError
 from recoup.model.anatomy import anatomy
 from recoup.model.load import ARTIFACT_MANIFEST, LoadedModel, file_sha256, model_fingerprint, parse_dtype
 from recoup.registry import unknown_name_message
+from recoup.safeio import dumps
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def _write(loaded: LoadedModel, fields: dict[str, Any], qparams: dict[str, dict[
                     "versions": _versions(),
                     "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     "files": {f.name: file_sha256(f) for f in listed}, "storage": storage_info}
-        (tmp / ARTIFACT_MANIFEST).write_text(json.dumps(manifest, indent=1))
+        (tmp / ARTIFACT_MANIFEST).write_text(dumps(manifest, indent=1))
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from recoup.errors import RecoupError
+from recoup.safeio import dumps
 
 
 
@@ -57,6 +58,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"{side.replace('_', ' in ')}: {', '.join(out[side])}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        Path(args.json).write_text(dumps(out, indent=2))
         print(f"wrote {args.json}")
     return 0

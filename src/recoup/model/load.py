@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 
 from recoup.errors import RecoupError
 from recoup.paths import recoup_home
+from recoup.safeio import dumps
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
         del model.config.quantization_config
     model.save_pretrained(str(tmp), safe_serialization=True)
     tok.save_pretrained(str(tmp))
-    (tmp / "recoup-source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": file_sha256(gguf)}, indent=1))
+    (tmp / "recoup-source.json").write_text(dumps({"gguf": str(gguf), "sha256": file_sha256(gguf)}, indent=1))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out_dir)
     return out_dir

@@ -23,6 +23,7 @@ from typing import Any, Callable
 from recoup.errors import RecoupError
 from recoup.model.recovery import RUN_RECORD, TRAIN_RECORD
 from recoup.recipe.jobs import CompressJob, EvalJob, RecoverJob
+from recoup.safeio import dumps
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ def evaluate(job: EvalJob, judge: Any = None) -> dict:
     if job.json:
         path = Path(job.json).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(merged, indent=2))
+        path.write_text(dumps(merged, indent=2))
     return merged
 
 
@@ -132,8 +133,8 @@ def recover(job: RecoverJob) -> dict:
         base = (getattr(recovery, "meta", {}).get("train") or {}).get("val_loss_without_prompt")
         summary["val_loss_without_recovery"] = base
         if not (out / TRAIN_RECORD).is_file():
-            (out / TRAIN_RECORD).write_text(json.dumps({"method": job.method, "history": result.to_dict()}, indent=1))
-    (out / RUN_RECORD).write_text(json.dumps(summary, indent=2, default=str))
+            (out / TRAIN_RECORD).write_text(dumps({"method": job.method, "history": result.to_dict()}, indent=1))
+    (out / RUN_RECORD).write_text(dumps(summary, indent=2, default=str))
     return summary
 
 
