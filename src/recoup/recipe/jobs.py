@@ -69,13 +69,15 @@ def check_device(device: str, allow_auto: bool = False) -> None:
 
 def check_source(model: str) -> None:
     """A model source that names a local path must exist (one line, before anything loads)."""
-    from recoup.model.load import BUNDLED_ALIAS
+    from recoup.model.load import BUNDLED_ALIAS, did_you_mean, suggest_source
 
     check(isinstance(model, str) and bool(model.strip()), "name a model source (e.g. smollm2-135m)")
     if model == BUNDLED_ALIAS:
         return
     looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1 or model.endswith(".gguf")
-    check(not looks_local or Path(model).expanduser().exists(), f"no such file or directory: '{model}'")
+    check(not looks_local or Path(model).expanduser().exists(),
+          f"no such file or directory: '{model}'{did_you_mean(model)}")
+    suggest_source(model)
 
 
 def check_out(out: str | None, force: bool = False) -> None:
@@ -269,6 +271,7 @@ class RecoverJob(Config):
         check(self.config is not None, "a recovery job needs its method config")
         data = getattr(self.config, "data", None)
         if data:
+            from recoup.data.corpora import check_text_file
             from recoup.data.windows import corpus_names
             from recoup.evaluate.tasks.perplexity import check_corpus
 
@@ -276,7 +279,7 @@ class RecoverJob(Config):
                 if not name.endswith((".jsonl", ".jsonl.gz")):
                     check_corpus(name, "data")
                 else:
-                    check(Path(name).expanduser().is_file(), f"data: file not found: '{name}'")
+                    check_text_file(name, "data")
         task = getattr(self.config, "task", None)
         if task:
             from recoup.data.multiple_choice import ZERO_SHOT_TASKS

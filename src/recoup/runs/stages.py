@@ -102,11 +102,32 @@ def evaluate(job: EvalJob, judge: Any = None) -> dict:
         merged.setdefault("results", {}).update(out["results"])
         merged.setdefault("protocol", {**out["protocol"], "limits": {}})["limits"].update({t: limit for t in tasks})
     merged["results"] = {t: merged["results"][t] for t in job.tasks}
+    bad = mark_non_finite(merged["results"])
     if job.json:
         path = Path(job.json).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(dumps(merged, indent=2))
+    if bad:
+        raise RecoupError(f"{bad[0]} is not a finite number; the result is marked failed"
+                          f"{' in ' + job.json if job.json else ''} (a diverged recovery or a broken model?)")
     return merged
+
+
+def mark_non_finite(results: dict[str, dict]) -> list[str]:
+    """Mark each task result whose headline metric (its declared ``primary`` and the usual names: ppl,
+    acc, em, ...) is NaN/Inf ``failed``; returns ``["task: metric=nan", ...]``. (JSON writes such values as
+    null: :func:`recoup.safeio.dumps`.)"""
+    from recoup.runs.metrics import PRIMARY_ORDER
+
+    bad = []
+    for task, res in results.items():
+        names = [res["primary"]] if isinstance(res.get("primary"), str) else []
+        names += [n for n in PRIMARY_ORDER if n not in names]
+        wrong = [f"{n}={res[n]}" for n in names if isinstance(res.get(n), float) and not math.isfinite(res[n])]
+        if wrong:
+            res["failed"] = "non-finite " + ", ".join(wrong)
+            bad.append(f"{task}: {wrong[0]}")
+    return bad
 
 
 def recover(job: RecoverJob) -> dict:
