@@ -165,8 +165,8 @@ def seal_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_manifest(path: str | Path, verify: bool = True) -> dict[str, Any]:
-    """The manifest of the artifact at ``path``; with ``verify`` the manifest's own digest and the sha256 of
-    every listed file are checked. A manifest without a digest (written before recoup sealed manifests)
+    """The manifest of the artifact at ``path``; its own digest is always checked, with ``verify`` also the
+    sha256 of every listed file. A manifest without a digest (written before recoup sealed manifests)
     still loads: its files are verified, its recorded fields cannot be, and a warning says so."""
     path = Path(path)
     try:
@@ -179,14 +179,14 @@ def read_manifest(path: str | Path, verify: bool = True) -> dict[str, Any]:
         raise RecoupError(f"'{path}/{ARTIFACT_MANIFEST}' is not a recoup compressed-model manifest")
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise RecoupError(f"artifact format {manifest['format_version']} is newer than this recoup reads ({FORMAT_VERSION})")
+    if MANIFEST_DIGEST in manifest:  # cheap: always checked
+        if manifest[MANIFEST_DIGEST] != manifest_digest(manifest):
+            raise RecoupError(f"artifact '{path}': {ARTIFACT_MANIFEST} was edited after recoup wrote it (its "
+                              f"{MANIFEST_DIGEST} does not match); recompress, or restore the original file")
+    elif verify:
+        log.warning("artifact '%s': %s has no %s (an older recoup wrote it); its files are verified, its "
+                    "recorded sparsity/bits/layers are not", path, ARTIFACT_MANIFEST, MANIFEST_DIGEST)
     if verify:
-        if MANIFEST_DIGEST in manifest:
-            if manifest[MANIFEST_DIGEST] != manifest_digest(manifest):
-                raise RecoupError(f"artifact '{path}': {ARTIFACT_MANIFEST} was edited after recoup wrote it (its "
-                                  f"{MANIFEST_DIGEST} does not match); recompress, or restore the original file")
-        else:
-            log.warning("artifact '%s': %s has no %s (an older recoup wrote it); its files are verified, its "
-                        "recorded sparsity/bits/layers are not", path, ARTIFACT_MANIFEST, MANIFEST_DIGEST)
         files = manifest.get("files", {})
         if not isinstance(files, dict) or not files:
             raise RecoupError(f"artifact '{path}': {ARTIFACT_MANIFEST} lists no files; the artifact is corrupted")

@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     if args.include:
         try:
             earlier = json.loads(Path(args.include).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise RecoupError(f"--include {args.include}: not a compare-recovery JSON ({type(exc).__name__})") from None
     result = compare(entries(args), args.task, args.heldout_fraction, args.seed, args.batch_size, latency, args.limit)
     if earlier is not None:

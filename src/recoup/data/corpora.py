@@ -91,6 +91,8 @@ def check_text_file(path: str | Path, what: str = "corpus") -> None:
         raw = gzip.open(path, "rb").read() if path.name.lower().endswith(".gz") else path.read_bytes()
     except (OSError, EOFError) as exc:
         raise RecoupError(f"{what}: cannot read '{path}' ({type(exc).__name__}: {exc})") from None
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise RecoupError(f"{what}: '{path}' is UTF-16 text, not UTF-8; convert it, e.g. `iconv -f utf-16 -t utf-8`")
     if b"\0" in raw[: 1 << 20]:
         raise RecoupError(f"{what}: '{path}' is a binary file, not text; give a UTF-8 .txt or .jsonl file")
     try:

@@ -20,6 +20,7 @@ from typing import Iterator
 
 from recoup.errors import RecoupError
 from recoup.recipe import Recipe
+from recoup.recipe.jobs import writable
 from recoup.runs import cache
 from recoup.runs.executor import Executor, Job, JobFailed, JobResult, LocalExecutor
 from recoup.runs.metrics import metric_rows
@@ -108,11 +109,11 @@ def check_run_dir(run_dir: Path) -> None:
         if foreign:
             raise RecoupError(f"--out '{run_dir}' holds files recoup did not write ({', '.join(foreign[:3])}"
                               f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty directory")
-        if not os.access(run_dir, os.W_OK):
+        if not writable(run_dir):
             raise RecoupError(f"--out '{run_dir}' is not writable")
         return
     parent = next((p for p in run_dir.parents if p.exists()), Path("."))
-    if not os.access(parent, os.W_OK):
+    if not writable(parent):
         raise RecoupError(f"--out '{run_dir}': '{parent}' is not writable")
 
 

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 from recoup.errors import RecoupError
 from recoup.paths import recoup_home
-from recoup.safeio import dumps
+from recoup.safeio import dumps, redact
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -120,7 +120,8 @@ class Store:
 
     def stage_failed(self, run_id: str, stage: str, error: str) -> None:
         with self.transaction() as c:
-            c.execute("UPDATE stages SET status='failed', error=? WHERE run_id=? AND stage=?", (error, run_id, stage))
+            c.execute("UPDATE stages SET status='failed', error=? WHERE run_id=? AND stage=?",
+                      (redact(error), run_id, stage))
 
     def stage_finished(self, run_id: str, stage: str, result: dict, cached: bool, seconds: float,
                        metrics: list[dict], artifacts: dict[str, str]) -> None:
