@@ -419,3 +419,64 @@ def test_judge_key_echoed_by_the_endpoint_is_never_written(tmp_path, monkeypatch
     for text in written:
         assert secret not in text
     assert "[REDACTED]" in (tmp_path / "r.json").read_text()
+
+
+def test_sigterm_is_handled_like_ctrl_c(monkeypatch, capsys):
+    import os
+    import signal
+    import time
+
+    import recoup.commands.runs
+
+    def killed(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        raise AssertionError("SIGTERM did not interrupt")
+
+    monkeypatch.setattr(recoup.commands.runs, "run", killed)
+    assert main(["runs"]) == 130
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "interrupted" in lines[0]
+    assert signal.getsignal(signal.SIGTERM) is not killed  # the previous handler is restored
+
+
+def test_interrupt_marks_the_running_stage_interrupted(tmp_path):
+    from recoup.recipe import load_recipe
+    from recoup.runs.executor import LocalExecutor
+    from recoup.runs.run import run_recipe
+    from recoup.runs.store import Store
+
+    class Interrupted(LocalExecutor):
+        def next_done(self):
+            raise KeyboardInterrupt
+
+    save_tiny(tmp_path / "m")
+    (tmp_path / "r.yaml").write_text(VALID_RECIPE.replace("smollm2-135m", str(tmp_path / "m")))
+    with Store(tmp_path / "s.sqlite") as store:
+        with pytest.raises(KeyboardInterrupt):
+            run_recipe(load_recipe(str(tmp_path / "r.yaml")), tmp_path / "run", store, Interrupted(), report=False)
+        run = store.runs()[0]
+        assert run["status"] == "interrupted"
+        assert [s["status"] for s in store.stages(run["run_id"])] == ["interrupted"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) <= [".recoup.lock", "run.json", "stages"]
+
+
+def test_hub_ids_fail_fast_offline(monkeypatch):
+    import socket
+
+    import huggingface_hub.constants
+
+    from recoup.errors import RecoupError
+    from recoup.model.load import load_pretrained
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(RecoupError, match="HF_HUB_OFFLINE"):
+        load_pretrained("recoup-test-org/no-such-model")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+    def unreachable(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    with pytest.raises(RecoupError, match="cannot reach the Hugging Face hub"):
+        load_pretrained("recoup-test-org/no-such-model")
