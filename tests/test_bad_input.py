@@ -478,5 +478,5 @@ def test_hub_ids_fail_fast_offline(monkeypatch):
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(socket, "create_connection", unreachable)
-    with pytest.raises(RecoupError, match="cannot reach the Hugging Face hub"):
+    with pytest.raises(RecoupError, match="huggingface.co is unreachable"):
         load_pretrained("recoup-test-org/no-such-model")

@@ -180,10 +180,12 @@ def check_hub(source: str, timeout_s: float = 3.0) -> bool:
     except ImportError:  # pragma: no cover - transformers depends on it
         return False
     cached = isinstance(try_to_load_from_cache(source, "config.json"), str)
-    if constants.HF_HUB_OFFLINE:
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline:
         if not cached:
-            raise RecoupError(f"'{source}' is not in the Hugging Face cache and HF_HUB_OFFLINE is set; download it "
-                              f"where you have a network, or pass a local directory")
+            raise RecoupError(f"could not load '{source}' from the Hugging Face hub: HF_HUB_OFFLINE is set and it is "
+                              f"not in the local cache; download it where you have a network, or pass a local "
+                              f"directory")
         return True
     import socket
     from urllib.parse import urlparse
@@ -196,8 +198,8 @@ def check_hub(source: str, timeout_s: float = 3.0) -> bool:
         if cached:
             log.info("the hub is unreachable (%s); loading '%s' from the local cache", exc, source)
             return True
-        raise RecoupError(f"cannot reach the Hugging Face hub ({endpoint.hostname}: {exc}) to download '{source}'; "
-                          f"pass a local model directory, '{BUNDLED_ALIAS}', or use a network") from None
+        raise RecoupError(f"could not load '{source}' from the Hugging Face hub: {endpoint.hostname} is unreachable "
+                          f"({exc}); pass a local model directory, '{BUNDLED_ALIAS}', or use a network") from None
     return False
 
 
