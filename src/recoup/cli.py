@@ -15,7 +15,7 @@ import sys
 
 from recoup import __version__
 from recoup.errors import RecoupError
-from recoup.safeio import install_log_redaction, redact
+from recoup.safeio import SECRET_ENV, install_log_redaction, redact, secret_env
 
 # Explicit list of subcommand modules (house style 2).
 COMMANDS = ["setup", "eval", "compress", "run", "sweep", "runs", "show", "report", "compare_recovery", "recover", "compare"]
@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     install_log_redaction()
+    for name in SECRET_ENV:  # tokens in the environment never reach a log line, error line or written file
+        secret_env(name)
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command is None:

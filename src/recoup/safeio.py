@@ -21,6 +21,7 @@ import re
 from typing import Any
 
 REDACTED = "[REDACTED]"
+SECRET_ENV = ("OPENAI_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")  # registered by the CLI at start
 _SECRETS: set[str] = set()
 # an echoed header: "Authorization: Bearer TOKEN" / "Bearer TOKEN" (token-like, 8+ characters)
 _HEADER = re.compile(r"((?i:authorization)[\"']?\s*[:=]\s*[\"']?(?:Bearer\s+)?|Bearer\s+)[A-Za-z0-9._~+/=-]{8,}")
