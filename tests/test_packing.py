@@ -10,7 +10,7 @@ from helpers import save_tiny, tiny_loaded
 
 from recoup.cli import main
 from recoup.compress import CompressConfig, compress
-from recoup.artifact.store import (compression_fingerprint, load_artifact, load_qparams, repack_artifact,
+from recoup.artifact.store import (compression_fingerprint, load_artifact, load_qparams, repack_artifact, seal_manifest,
                                       save_artifact)
 from recoup.artifact.packing import PACKED_FILE, encode_linear, pack_bits, packed_nbytes, unpack_bits
 from recoup.data.calibration import Calibration
@@ -158,6 +158,7 @@ def test_old_dense_artifact_without_storage_still_loads(tmp_path):
     out = save_artifact(lm, rep, tmp_path / "old", storage="dense")
     manifest = json.loads((out / "recoup.json").read_text())
     del manifest["storage"]  # what recoup wrote before packed storage existed
+    del manifest["manifest_sha256"]  # ... and before manifests were sealed
     manifest["format_version"] = 1
     (out / "recoup.json").write_text(json.dumps(manifest))
     old = load_artifact(out)
@@ -184,11 +185,11 @@ def test_corrupted_or_inconsistent_packed_artifacts_give_one_clear_line(tmp_path
     out = save_artifact(lm, rep, tmp_path / "b")
     manifest = json.loads((out / "recoup.json").read_text())
     manifest["storage"]["tensors"].popitem()  # the manifest no longer names every packed weight
-    (out / "recoup.json").write_text(json.dumps(manifest))
+    (out / "recoup.json").write_text(json.dumps(seal_manifest(manifest)))  # resealed: the deeper check still holds
     with pytest.raises(RecoupError, match="not the packed ones; the artifact is corrupted"):
         load_artifact(out)
     manifest["storage"]["kind"] = "dense"  # a manifest edited to dense: the packed weights would be random
-    (out / "recoup.json").write_text(json.dumps(manifest))
+    (out / "recoup.json").write_text(json.dumps(seal_manifest(manifest)))
     with pytest.raises(RecoupError, match="not the packed ones; the artifact is corrupted"):
         load_artifact(out)
     manifest["format_version"] = 3

@@ -41,8 +41,10 @@ from recoup.artifact.grid import grid_deviation
 from recoup.artifact.report import CompressReport
 from recoup.errors import RecoupError
 from recoup.model.anatomy import anatomy
-from recoup.model.load import ARTIFACT_MANIFEST, LoadedModel, file_sha256, model_fingerprint, parse_dtype
+from recoup.model.load import (ARTIFACT_MANIFEST, LoadedModel, check_finite, file_sha256, model_fingerprint,
+                               parse_dtype)
 from recoup.registry import unknown_name_message
+from recoup.safeio import dumps
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +139,7 @@ def _write(loaded: LoadedModel, fields: dict[str, Any], qparams: dict[str, dict[
                     "versions": _versions(),
                     "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     "files": {f.name: file_sha256(f) for f in listed}, "storage": storage_info}
-        (tmp / ARTIFACT_MANIFEST).write_text(json.dumps(manifest, indent=1))
+        (tmp / ARTIFACT_MANIFEST).write_text(dumps(seal_manifest(manifest), indent=1))
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
@@ -154,8 +156,27 @@ def _write(loaded: LoadedModel, fields: dict[str, Any], qparams: dict[str, dict[
     return out
 
 
+MANIFEST_DIGEST = "manifest_sha256"
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON (sorted keys, no whitespace, NaN as null), the digest field
+    and the in-memory ``artifact_dir`` left out: it covers the recipe, per-layer records, summary and the
+    list of file hashes, so an edited sparsity, bits or layer list no longer matches."""
+    body = {k: v for k, v in manifest.items() if k not in (MANIFEST_DIGEST, "artifact_dir")}
+    canonical = json.dumps(json.loads(dumps(body)), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def seal_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """``manifest`` with its own digest (:func:`manifest_digest`) added as ``manifest_sha256``."""
+    return {**manifest, MANIFEST_DIGEST: manifest_digest(manifest)}
+
+
 def read_manifest(path: str | Path, verify: bool = True) -> dict[str, Any]:
-    """The manifest of the artifact at ``path``; with ``verify`` the sha256 of every listed file is checked."""
+    """The manifest of the artifact at ``path``; its own digest is always checked, with ``verify`` also the
+    sha256 of every listed file. A manifest without a digest (written before recoup sealed manifests)
+    still loads: its files are verified, its recorded fields cannot be, and a warning says so."""
     path = Path(path)
     try:
         manifest = json.loads((path / ARTIFACT_MANIFEST).read_text())
@@ -167,8 +188,18 @@ def read_manifest(path: str | Path, verify: bool = True) -> dict[str, Any]:
         raise RecoupError(f"'{path}/{ARTIFACT_MANIFEST}' is not a recoup compressed-model manifest")
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise RecoupError(f"artifact format {manifest['format_version']} is newer than this recoup reads ({FORMAT_VERSION})")
+    if MANIFEST_DIGEST in manifest:  # cheap: always checked
+        if manifest[MANIFEST_DIGEST] != manifest_digest(manifest):
+            raise RecoupError(f"artifact '{path}': {ARTIFACT_MANIFEST} was edited after recoup wrote it (its "
+                              f"{MANIFEST_DIGEST} does not match); recompress, or restore the original file")
+    elif verify:
+        log.warning("artifact '%s': %s has no %s (an older recoup wrote it); its files are verified, its "
+                    "recorded sparsity/bits/layers are not", path, ARTIFACT_MANIFEST, MANIFEST_DIGEST)
     if verify:
-        for name, digest in manifest.get("files", {}).items():
+        files = manifest.get("files", {})
+        if not isinstance(files, dict) or not files:
+            raise RecoupError(f"artifact '{path}': {ARTIFACT_MANIFEST} lists no files; the artifact is corrupted")
+        for name, digest in files.items():
             f = path / name
             if not f.is_file():
                 raise RecoupError(f"artifact '{path}' is incomplete: {name} is missing")
@@ -224,6 +255,7 @@ def load_artifact(path: str | Path, dtype: str | torch.dtype = "float32", device
         from safetensors.torch import load_file
 
         unpack_into(model, metas, load_file(str(path / storage.get("file", PACKED_FILE))), load_qparams(path))
+    check_finite(model.state_dict().items(), f"artifact '{path}'")
     model.to(device).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from recoup.errors import RecoupError
+from recoup.safeio import dumps
 
 
 
@@ -27,6 +28,10 @@ def _load(path: str) -> dict:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RecoupError(f"no such results file: '{path}'") from None
+    except IsADirectoryError:
+        raise RecoupError(f"'{path}' is a directory; give a results JSON file") from None
+    except UnicodeDecodeError:
+        raise RecoupError(f"'{path}' is not UTF-8 text (a binary file?); give a results JSON file") from None
     except json.JSONDecodeError as exc:
         raise RecoupError(f"'{path}' is not JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
@@ -57,6 +62,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"{side.replace('_', ' in ')}: {', '.join(out[side])}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        Path(args.json).write_text(dumps(out, indent=2))
         print(f"wrote {args.json}")
     return 0

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from recoup.safeio import dumps
+
 
 def register(sub) -> None:
     p = sub.add_parser("compare-recovery", help="dense vs compressed vs recoveries: held-out task metrics, "
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     if args.include:
         try:
             earlier = json.loads(Path(args.include).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise RecoupError(f"--include {args.include}: not a compare-recovery JSON ({type(exc).__name__})") from None
     result = compare(entries(args), args.task, args.heldout_fraction, args.seed, args.batch_size, latency, args.limit)
     if earlier is not None:
@@ -100,6 +102,6 @@ def run(args: argparse.Namespace) -> int:
           f"{p['latency']['new_tokens']} decode steps, median of {p['latency']['repeats']}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+        Path(args.json).write_text(dumps(result, indent=2, default=str))
         print(f"wrote {args.json}")
     return 0

@@ -45,7 +45,8 @@ HELP: dict[str, str] = {
                "instructions_file, instructions_reference, chat, factoid_template",
     "judge_url": "OpenAI-compatible endpoint of the LLM judge (e.g. http://host/v1)",
     "judge_model": "model name sent to the judge endpoint",
-    "judge_key_env": "environment variable holding the judge's API key",
+    "judge_key_env": "environment variable holding the judge's API key (named: must be set and non-empty; the "
+                     "default OPENAI_API_KEY may be unset for a keyless endpoint); never logged or written",
     "judge_local": "a local model source to use as the judge instead of a URL",
     "judge_retries": "attempts per judged example",
     "recovery": "directory of a saved recovery (prompt or adapter) to attach",

@@ -39,6 +39,12 @@ def dry_run(recipe) -> int:
 
 
 def execute(recipe, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from recoup.runs.run import check_run_dir
+
+    if args.out is not None:
+        check_run_dir(Path(args.out).expanduser().resolve())  # also for --dry-run: one line before any work
     if getattr(args, "dry_run", False):
         return dry_run(recipe)
     from recoup.runs.executor import make_executor

@@ -79,8 +79,34 @@ def _hub(name: str, split: str) -> str:
                           f"or a local text file") from None
 
 
+def check_text_file(path: str | Path, what: str = "corpus") -> None:
+    """One line unless ``path`` is a readable file whose text is UTF-8 (gzip-compressed when ``.gz``).
+
+    Reads the whole file once (corpora are small next to a model); binary data (NUL bytes) and other
+    encodings (latin-1, UTF-16) are refused with the byte offset, so nothing later meets a decode error."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise RecoupError(f"{what}: file not found: '{path}'")
+    try:
+        raw = gzip.open(path, "rb").read() if path.name.lower().endswith(".gz") else path.read_bytes()
+    except (OSError, EOFError) as exc:
+        raise RecoupError(f"{what}: cannot read '{path}' ({type(exc).__name__}: {exc})") from None
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise RecoupError(f"{what}: '{path}' is UTF-16 text, not UTF-8; convert it, e.g. `iconv -f utf-16 -t utf-8`")
+    if b"\0" in raw[: 1 << 20]:
+        raise RecoupError(f"{what}: '{path}' is a binary file, not text; give a UTF-8 .txt or .jsonl file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecoupError(f"{what}: '{path}' is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                          f"convert it, e.g. `iconv -f latin1 -t utf-8`") from None
+    if not text.strip():
+        raise RecoupError(f"{what}: '{path}' is empty")
+
+
 def _file(path: Path) -> str:
     name = path.name.lower()
+    check_text_file(path)
     opener = gzip.open if name.endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as fh:
         if name.endswith((".jsonl", ".jsonl.gz")):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import re
 import time
 import urllib.error
@@ -22,6 +21,7 @@ import urllib.request
 from typing import Any, Protocol
 
 from recoup.errors import RecoupError
+from recoup.safeio import redact, secret_env
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class HttpJudge:
         body = json.dumps({"model": self.model, "temperature": 0, "max_tokens": self.max_tokens,
                            "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]})
         headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.key_env) if self.key_env else None
+        key = secret_env(self.key_env) if self.key_env else None  # registered: redacted from logs/JSON/errors
         if key:
             headers["Authorization"] = f"Bearer {key}"
         req = urllib.request.Request(self.url, data=body.encode(), headers=headers, method="POST")
@@ -145,15 +145,15 @@ class HttpJudge:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 payload = resp.read()
         except urllib.error.HTTPError as exc:
-            raise JudgeError(f"judge {self.url} answered HTTP {exc.code} ({exc.reason})") from None
+            raise JudgeError(redact(f"judge {self.url} answered HTTP {exc.code} ({exc.reason})")) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise JudgeError(f"judge {self.url} is unreachable ({reason})") from None
+            raise JudgeError(redact(f"judge {self.url} is unreachable ({reason})")) from None
         try:
-            return json.loads(payload)["choices"][0]["message"]["content"]
-        except (json.JSONDecodeError, KeyError, IndexError, TypeError):
-            raise JudgeError(f"judge {self.url} sent a reply that is not an OpenAI chat completion: "
-                             f"{payload[:120]!r}") from None
+            return redact(json.loads(payload)["choices"][0]["message"]["content"])
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError, UnicodeDecodeError):
+            raise JudgeError(redact(f"judge {self.url} sent a reply that is not an OpenAI chat completion: "
+                                    f"{payload[:120]!r}")) from None
 
 
 class LocalJudge:
@@ -223,15 +223,30 @@ class Judge:
         return self._ask(SUMMARY.format(question=article, reference=reference, answer=answer), 4, 2)
 
 
+DEFAULT_KEY_ENV = "OPENAI_API_KEY"
+
+
 def check_judge(url: str | None, model: str | None, key_env: str | None, local: str | None) -> None:
-    """One clear line for a judge setting that cannot work, before anything is loaded."""
+    """One clear line for a judge setting that cannot work, before anything is loaded.
+
+    The key variable: one named with ``--judge-key-env`` must be set and non-empty. The default,
+    ``OPENAI_API_KEY``, may be unset (keyless local endpoints: vLLM, llama.cpp server), and then no
+    Authorization header is sent; set but empty it is an error, like any named variable."""
     if url and local:
         raise RecoupError("give either --judge-url or --judge-local, not both")
     if url:
-        if not url.startswith(("http://", "https://")):
+        if not url.startswith(("http://", "https://")) or len(url) <= len("https://"):
             raise RecoupError(f"--judge-url must start with http:// or https:// (got '{url}')")
         if not model:
             raise RecoupError("--judge-url needs --judge-model (the model name the endpoint serves)")
+        if key_env:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_env):
+                raise RecoupError(f"--judge-key-env names an environment variable (got '{key_env}')")
+            value = secret_env(key_env)
+            if value is not None and not value.strip():
+                raise RecoupError(f"--judge-key-env: ${key_env} is set but empty; export the judge's API key")
+            if value is None and key_env != DEFAULT_KEY_ENV:
+                raise RecoupError(f"--judge-key-env: ${key_env} is not set; export the judge's API key in it")
     elif model:
         raise RecoupError("--judge-model needs --judge-url")
 

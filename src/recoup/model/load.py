@@ -10,9 +10,9 @@ off unless asked.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 
 from recoup.errors import RecoupError
 from recoup.paths import recoup_home
+from recoup.safeio import dumps
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
         del model.config.quantization_config
     model.save_pretrained(str(tmp), safe_serialization=True)
     tok.save_pretrained(str(tmp))
-    (tmp / "recoup-source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": file_sha256(gguf)}, indent=1))
+    (tmp / "recoup-source.json").write_text(dumps({"gguf": str(gguf), "sha256": file_sha256(gguf)}, indent=1))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out_dir)
     return out_dir
@@ -139,8 +140,67 @@ def resolve_source(source: str) -> tuple[str, Path | None]:
                           f"(nor {ARTIFACT_MANIFEST} of a recoup artifact)")
     looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1 or source.endswith(".gguf")
     if looks_local:
-        raise RecoupError(f"no such file or directory: '{source}'")
+        raise RecoupError(f"no such file or directory: '{source}'{did_you_mean(source)}")
+    suggest_source(source)
     return "hub", None
+
+
+def did_you_mean(source: str) -> str:
+    """"; did you mean 'X'?" for the bundled alias or a local directory/.gguf close to ``source``, else ""."""
+    path = Path(source).expanduser()
+    parent = path.parent if str(path.parent) not in ("", ".") else Path(".")
+    candidates: dict[str, str] = {BUNDLED_ALIAS: BUNDLED_ALIAS}
+    try:
+        for entry in list(parent.iterdir())[:2000] if parent.is_dir() else []:
+            if entry.is_dir() or entry.suffix.lower() == ".gguf":
+                shown = entry.name if parent == Path(".") else str(parent / entry.name)
+                candidates[entry.name] = shown
+    except OSError:
+        pass
+    close = difflib.get_close_matches(path.name, list(candidates), n=1, cutoff=0.8)
+    return f"; did you mean '{candidates[close[0]]}'?" if close else ""
+
+
+def suggest_source(source: str) -> None:
+    """One line, before any hub request, when ``source`` (not a local path) is close to the bundled alias or
+    to a local directory: a mistyped ``smollm2-135`` must not go to the hub."""
+    if source == BUNDLED_ALIAS or Path(source).expanduser().exists():
+        return
+    hint = did_you_mean(source)
+    if hint:
+        raise RecoupError(f"unknown model '{source}'{hint} (neither the bundled alias nor a local path; a hub "
+                          f"id is org/name)")
+
+
+def check_hub(source: str, timeout_s: float = 3.0) -> bool:
+    """Whether to load hub id ``source`` from the local cache only. Offline (``HF_HUB_OFFLINE``, or the hub
+    unreachable within ``timeout_s``) and not cached: one line at once instead of minutes of retries."""
+    try:
+        from huggingface_hub import constants, try_to_load_from_cache
+    except ImportError:  # pragma: no cover - transformers depends on it
+        return False
+    cached = isinstance(try_to_load_from_cache(source, "config.json"), str)
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline:
+        if not cached:
+            raise RecoupError(f"could not load '{source}' from the Hugging Face hub: HF_HUB_OFFLINE is set and it is "
+                              f"not in the local cache; download it where you have a network, or pass a local "
+                              f"directory")
+        return True
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80)),
+                                 timeout=timeout_s).close()
+    except OSError as exc:
+        if cached:
+            log.info("the hub is unreachable (%s); loading '%s' from the local cache", exc, source)
+            return True
+        raise RecoupError(f"could not load '{source}' from the Hugging Face hub: {endpoint.hostname} is unreachable "
+                          f"({exc}); pass a local model directory, '{BUNDLED_ALIAS}', or use a network") from None
+    return False
 
 
 def load_pretrained(source: str, dtype: str | torch.dtype = "float32", device: str = "cpu",
@@ -158,8 +218,12 @@ def load_pretrained(source: str, dtype: str | torch.dtype = "float32", device: s
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if path is not None:
         kwargs["use_safetensors"] = True  # never unpickle local weights
+    local_only = check_hub(source) if kind == "hub" else False
+    if local_only:
+        kwargs["local_files_only"] = True
     try:
-        tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code,
+                                                  **({"local_files_only": True} if local_only else {}))
         model = AutoModelForCausalLM.from_pretrained(target, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         if kind == "hub":
@@ -172,6 +236,33 @@ def load_pretrained(source: str, dtype: str | torch.dtype = "float32", device: s
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, path=path)
+
+
+def check_finite(tensors, where: str) -> None:
+    """One line naming the first tensor of ``tensors`` ((name, tensor) pairs) holding NaN or Inf.
+
+    Floating tensors only; integer codes and masks are finite by construction."""
+    for name, t in tensors:
+        if not (torch.is_tensor(t) and t.is_floating_point()):
+            continue
+        if bool(torch.isfinite(t.sum())):  # fast path: a NaN/Inf makes the sum non-finite (so can overflow:
+            continue
+        if not bool(torch.isfinite(t).all()):  # then this exact check decides)
+            kind = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+            raise RecoupError(f"{where}: tensor '{name}' holds {kind} values; the file is corrupted or its "
+                              f"training diverged (recompute it)")
+
+
+def check_finite_files(folder: Path, where: str) -> None:
+    """:func:`check_finite` over every tensor of every ``*.safetensors`` file in ``folder``."""
+    from safetensors import safe_open
+
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                check_finite(((f"{f.name}:{k}", fh.get_tensor(k)) for k in fh.keys()), where)
+        except SafetensorError as exc:
+            raise RecoupError(f"{where}: '{f.name}' is not a readable safetensors file ({exc})") from None
 
 
 def model_fingerprint(path: Path | None) -> str | None:

@@ -69,13 +69,20 @@ def check_device(device: str, allow_auto: bool = False) -> None:
 
 def check_source(model: str) -> None:
     """A model source that names a local path must exist (one line, before anything loads)."""
-    from recoup.model.load import BUNDLED_ALIAS
+    from recoup.model.load import ARTIFACT_MANIFEST, BUNDLED_ALIAS, did_you_mean, suggest_source
 
     check(isinstance(model, str) and bool(model.strip()), "name a model source (e.g. smollm2-135m)")
     if model == BUNDLED_ALIAS:
         return
     looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1 or model.endswith(".gguf")
-    check(not looks_local or Path(model).expanduser().exists(), f"no such file or directory: '{model}'")
+    check(not looks_local or Path(model).expanduser().exists(),
+          f"no such file or directory: '{model}'{did_you_mean(model)}")
+    suggest_source(model)
+    path = Path(model).expanduser()
+    if path.is_dir() and (path / ARTIFACT_MANIFEST).is_file():
+        from recoup.artifact.store import read_manifest
+
+        read_manifest(path, verify=False)  # an edited/foreign manifest: one line now (files are hashed at load)
 
 
 def check_out(out: str | None, force: bool = False) -> None:
@@ -88,9 +95,19 @@ def check_out(out: str | None, force: bool = False) -> None:
         check(force or not any(path.iterdir()), f"--out '{out}' exists and is not empty; choose another directory "
                                                 f"or pass --force")
     parent = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
-    import os
+    check(writable(parent), f"--out '{out}': '{parent}' is not writable")
 
-    check(os.access(parent, os.W_OK), f"--out '{out}': '{parent}' is not writable")
+
+def writable(folder: Path) -> bool:
+    """Whether a file can be created in ``folder`` (tried, not guessed from permission bits: root, read-only
+    filesystems and /proc answer ``os.access`` wrongly)."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
 
 
 def _split_flat(data: Mapping[str, Any], own: list[str]) -> tuple[dict, dict]:
@@ -202,7 +219,10 @@ class EvalJob(Config):
         if self.recovery is not None:
             from recoup.recover.methods import saved_method
 
+            from recoup.model.load import check_finite_files
+
             saved_method(self.recovery)  # a readable recovery directory, before the model loads
+            check_finite_files(Path(self.recovery).expanduser(), f"recovery '{self.recovery}'")
         self.options = {**parse_options([f"{k}={v}" for k, v in self.options.items()])} if self.options else {}
         self.tasks = resolve_tasks(self.tasks, self.suite, self.options)
         self.suite = None  # expanded into tasks
@@ -269,6 +289,7 @@ class RecoverJob(Config):
         check(self.config is not None, "a recovery job needs its method config")
         data = getattr(self.config, "data", None)
         if data:
+            from recoup.data.corpora import check_text_file
             from recoup.data.windows import corpus_names
             from recoup.evaluate.tasks.perplexity import check_corpus
 
@@ -276,7 +297,7 @@ class RecoverJob(Config):
                 if not name.endswith((".jsonl", ".jsonl.gz")):
                     check_corpus(name, "data")
                 else:
-                    check(Path(name).expanduser().is_file(), f"data: file not found: '{name}'")
+                    check_text_file(name, "data")
         task = getattr(self.config, "task", None)
         if task:
             from recoup.data.multiple_choice import ZERO_SHOT_TASKS

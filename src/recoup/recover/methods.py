@@ -53,15 +53,19 @@ def saved_method(path: str | Path) -> str:
         method = _record_method(folder / TRAIN_RECORD)
         if method is not None:
             return method
-    except json.JSONDecodeError as exc:
-        raise RecoupError(f"'{path}': corrupt recovery metadata ({exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise RecoupError(f"'{path}': corrupt recovery metadata ({type(exc).__name__})") from None
     raise RecoupError(f"'{path}' is not a saved recovery: it has neither {PEFT_CONFIG} nor {RECOVERY_RECORD}")
 
 
 def load_recovery(path: str | Path) -> Recovery:
     """The recovery saved in ``path``, ready to attach (``Recovery.apply`` / ``Recovery.prefix``)."""
+    from recoup.model.load import check_finite_files
+
     folder = Path(path).expanduser()
-    return RECOVERIES.get(saved_method(folder)).load(folder)
+    method = saved_method(folder)
+    check_finite_files(folder, f"recovery '{path}'")  # a NaN prompt/adapter would score nan silently
+    return RECOVERIES.get(method).load(folder)
 
 
 __all__ = ["RECOVERIES", "RecoveryMethod", "load_recovery", "saved_method"]

@@ -17,6 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
+from recoup.safeio import dumps
 from recoup.version import __version__
 from recoup.model.load import BUNDLED_ALIAS, bundled_model_dir, model_fingerprint, resolve_source
 
@@ -97,7 +98,7 @@ def begin(final: Path) -> Path:
 
 def commit(tmp: Path, final: Path, result: dict) -> None:
     """Write ``result.json`` (fsynced) into ``tmp`` and rename ``tmp`` to ``final`` atomically."""
-    data = json.dumps(result, indent=1, default=str).encode()
+    data = dumps(result, indent=1).encode()
     with open(tmp / RESULT, "wb") as fh:
         fh.write(data)
         fh.flush()

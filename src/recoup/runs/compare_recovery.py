@@ -224,9 +224,20 @@ def compare(entries: list[Entry], task: str, heldout_fraction: float = 0.3, seed
 
     if not entries:
         raise RecoupError("nothing to compare: give at least one model")
+    if batch_size < 1:
+        raise RecoupError(f"batch_size must be >= 1 (got {batch_size})")
+    if not 0 < heldout_fraction < 1:
+        raise RecoupError(f"heldout_fraction must be in (0, 1) (got {heldout_fraction})")
     labels = [e.label for e in entries]
     if len(set(labels)) != len(labels):
         raise RecoupError(f"duplicate row labels: {labels}")
+    from recoup.recipe.jobs import check_source
+    from recoup.recover.methods import saved_method
+
+    for e in entries:  # every source and recovery directory, before the first model loads
+        check_source(e.source)
+        if e.recovery:
+            saved_method(e.recovery)
     split = split_task(task, heldout_fraction, seed)
     for e in entries:  # before any row is scored: a recovery tuned on another split of the task fails at once
         if e.recovery:

@@ -17,6 +17,7 @@ from pathlib import Path
 from recoup.evaluate.metrics import lower_is_better, matching
 from recoup.runs.metrics import gap_closed
 from recoup.runs.store import Store
+from recoup.safeio import dumps
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +294,7 @@ def write_report(store: Store, run_id: str, out_dir: str | Path) -> tuple[Path, 
         md += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     md += ["## Stages", "", "attempts = times the stage was started; reused = times a finished result was "
            "reused instead of recomputed.", "", *stages_table(view), "",
-           "## Protocol (the recipe as run)", "", "```json", json.dumps(recipe, indent=1), "```", ""]
+           "## Protocol (the recipe as run)", "", "```json", dumps(recipe, indent=1), "```", ""]
     path = out / "report.md"
     tmp = out / f".report.md.{os.getpid()}.tmp"
     tmp.write_text("\n".join(md))

@@ -8,23 +8,30 @@ recipe into the same directory picks up from there.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
-import json
 import logging
 import os
+import socket
 import time
 from pathlib import Path
+from typing import Iterator
 
+from recoup.errors import RecoupError
 from recoup.recipe import Recipe
+from recoup.recipe.jobs import writable
 from recoup.runs import cache
 from recoup.runs.executor import Executor, Job, JobFailed, JobResult, LocalExecutor
 from recoup.runs.metrics import metric_rows
 from recoup.runs.plan import StageSpec, build_plan
 from recoup.runs.stages import ARTIFACT_DIR, RECOVERY_DIR, STAGE_CODE
 from recoup.runs.store import Store
+from recoup.safeio import dumps
 
 log = logging.getLogger(__name__)
+
+LOCK_FILE = ".recoup.lock"
 
 
 @dataclasses.dataclass
@@ -89,9 +96,55 @@ def _artifacts_of(spec: StageSpec, out_dir: str) -> dict[str, str]:
     return {"result": str(Path(out_dir) / cache.RESULT)}
 
 
+RUN_FILES = ("run.json", "stages", "report", LOCK_FILE)  # everything recoup writes into a run directory
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """A run directory is new, empty, or one recoup wrote (it holds only :data:`RUN_FILES`); its parent
+    is writable. One line otherwise, before anything runs."""
+    if run_dir.exists():
+        if not run_dir.is_dir():
+            raise RecoupError(f"--out '{run_dir}' exists and is a file; choose a directory path")
+        foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_FILES)
+        if foreign:
+            raise RecoupError(f"--out '{run_dir}' holds files recoup did not write ({', '.join(foreign[:3])}"
+                              f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty directory")
+        if not writable(run_dir):
+            raise RecoupError(f"--out '{run_dir}' is not writable")
+        return
+    parent = next((p for p in run_dir.parents if p.exists()), Path("."))
+    if not writable(parent):
+        raise RecoupError(f"--out '{run_dir}': '{parent}' is not writable")
+
+
+@contextlib.contextmanager
+def lock_run_dir(run_dir: Path) -> Iterator[None]:
+    """An exclusive lock on ``run_dir`` for one ``recoup run`` (``flock`` on its ``.recoup.lock``; the
+    kernel drops it when the process dies, so a killed run never leaves a stale lock). A second run
+    into the same directory stops with one line instead of computing every stage again."""
+    import fcntl
+
+    fh = open(run_dir / LOCK_FILE, "a+")
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise RecoupError(f"another recoup run ({holder}) is running in '{run_dir}'; wait for it to finish "
+                              f"or choose another --out") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        fh.flush()
+        yield
+    finally:
+        fh.close()
+
+
 def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
+    tmp.write_text(dumps(data, indent=1, default=str))
     os.replace(tmp, path)
 
 
@@ -100,7 +153,14 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, store: Store | Non
     """Run every stage of ``recipe`` not already finished in ``out``; record it all in ``store``."""
     started = time.time()
     run_dir = Path(out or default_run_dir(recipe)).expanduser().resolve()
+    check_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with lock_run_dir(run_dir):
+        return _run_locked(recipe, run_dir, started, store, executor, report)
+
+
+def _run_locked(recipe: Recipe, run_dir: Path, started: float, store: Store | None, executor: Executor | None,
+                report: bool) -> RunOutcome:
     own_store = store is None
     store = store or Store()
     executor = executor or LocalExecutor()
@@ -154,7 +214,7 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, store: Store | Non
             job, res = _next(executor, store, run_id)
             record(by_name[job.name], res)
     except KeyboardInterrupt:
-        store.finish_run(run_id, "interrupted")
+        store.interrupt_run(run_id)
         raise
     except BaseException:
         store.finish_run(run_id, "failed")

@@ -23,6 +23,7 @@ from typing import Any, Callable
 from recoup.errors import RecoupError
 from recoup.model.recovery import RUN_RECORD, TRAIN_RECORD
 from recoup.recipe.jobs import CompressJob, EvalJob, RecoverJob
+from recoup.safeio import dumps
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +102,32 @@ def evaluate(job: EvalJob, judge: Any = None) -> dict:
         merged.setdefault("results", {}).update(out["results"])
         merged.setdefault("protocol", {**out["protocol"], "limits": {}})["limits"].update({t: limit for t in tasks})
     merged["results"] = {t: merged["results"][t] for t in job.tasks}
+    bad = mark_non_finite(merged["results"])
     if job.json:
         path = Path(job.json).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(merged, indent=2))
+        path.write_text(dumps(merged, indent=2))
+    if bad:
+        raise RecoupError(f"{bad[0]} is not a finite number; the result is marked failed"
+                          f"{' in ' + job.json if job.json else ''} (a diverged recovery or a broken model?)")
     return merged
+
+
+def mark_non_finite(results: dict[str, dict]) -> list[str]:
+    """Mark each task result whose headline metric (its declared ``primary`` and the usual names: ppl,
+    acc, em, ...) is NaN/Inf ``failed``; returns ``["task: metric=nan", ...]``. (JSON writes such values as
+    null: :func:`recoup.safeio.dumps`.)"""
+    from recoup.runs.metrics import PRIMARY_ORDER
+
+    bad = []
+    for task, res in results.items():
+        names = [res["primary"]] if isinstance(res.get("primary"), str) else []
+        names += [n for n in PRIMARY_ORDER if n not in names]
+        wrong = [f"{n}={res[n]}" for n in names if isinstance(res.get(n), float) and not math.isfinite(res[n])]
+        if wrong:
+            res["failed"] = "non-finite " + ", ".join(wrong)
+            bad.append(f"{task}: {wrong[0]}")
+    return bad
 
 
 def recover(job: RecoverJob) -> dict:
@@ -132,8 +154,8 @@ def recover(job: RecoverJob) -> dict:
         base = (getattr(recovery, "meta", {}).get("train") or {}).get("val_loss_without_prompt")
         summary["val_loss_without_recovery"] = base
         if not (out / TRAIN_RECORD).is_file():
-            (out / TRAIN_RECORD).write_text(json.dumps({"method": job.method, "history": result.to_dict()}, indent=1))
-    (out / RUN_RECORD).write_text(json.dumps(summary, indent=2, default=str))
+            (out / TRAIN_RECORD).write_text(dumps({"method": job.method, "history": result.to_dict()}, indent=1))
+    (out / RUN_RECORD).write_text(dumps(summary, indent=2, default=str))
     return summary
 
 

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 from recoup.errors import RecoupError
 from recoup.paths import recoup_home
+from recoup.safeio import dumps, redact
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -94,7 +95,7 @@ class Store:
                          VALUES (?, ?, ?, ?, ?, 'running', ?, ?, ?, ?)
                          ON CONFLICT(run_id) DO UPDATE SET status='running', updated=excluded.updated,
                          host=excluded.host, pid=excluded.pid, finished=NULL""",
-                      (run_id, name, source, json.dumps(recipe, sort_keys=True), run_dir, now, now,
+                      (run_id, name, source, dumps(recipe, sort_keys=True), run_dir, now, now,
                        socket.gethostname(), os.getpid()))
 
     def plan_stage(self, run_id: str, stage: str, position: int, kind: str, key: str, out_dir: str,
@@ -105,12 +106,12 @@ class Store:
             if row is None or row["key"] != key:
                 c.execute("""INSERT OR REPLACE INTO stages (run_id, stage, position, kind, key, status, dir, labels)
                              VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)""",
-                          (run_id, stage, position, kind, key, out_dir, json.dumps(labels)))
+                          (run_id, stage, position, kind, key, out_dir, dumps(labels)))
                 c.execute("DELETE FROM metrics WHERE run_id=? AND stage=?", (run_id, stage))
                 c.execute("DELETE FROM artifacts WHERE run_id=? AND stage=?", (run_id, stage))
             else:
                 c.execute("UPDATE stages SET position=?, labels=? WHERE run_id=? AND stage=?",
-                          (position, json.dumps(labels), run_id, stage))
+                          (position, dumps(labels), run_id, stage))
 
     def stage_started(self, run_id: str, stage: str) -> None:
         with self.transaction() as c:
@@ -119,7 +120,8 @@ class Store:
 
     def stage_failed(self, run_id: str, stage: str, error: str) -> None:
         with self.transaction() as c:
-            c.execute("UPDATE stages SET status='failed', error=? WHERE run_id=? AND stage=?", (error, run_id, stage))
+            c.execute("UPDATE stages SET status='failed', error=? WHERE run_id=? AND stage=?",
+                      (redact(error), run_id, stage))
 
     def stage_finished(self, run_id: str, stage: str, result: dict, cached: bool, seconds: float,
                        metrics: list[dict], artifacts: dict[str, str]) -> None:
@@ -127,7 +129,7 @@ class Store:
         with self.transaction() as c:
             c.execute("""UPDATE stages SET status='done', result=?, finished=COALESCE(finished, ?),
                          seconds=COALESCE(?, seconds), cache_hits=cache_hits+? WHERE run_id=? AND stage=?""",
-                      (json.dumps(result, default=str), time.time(), None if cached else seconds, int(cached),
+                      (dumps(result, default=str), time.time(), None if cached else seconds, int(cached),
                        run_id, stage))
             key = c.execute("SELECT key FROM stages WHERE run_id=? AND stage=?", (run_id, stage)).fetchone()["key"]
             for kind, path in artifacts.items():
@@ -135,7 +137,14 @@ class Store:
             for m in metrics:
                 c.execute("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                           (run_id, stage, m["task"], m["metric"], m["value"], m.get("n"), m.get("stderr"),
-                           json.dumps(m.get("protocol") or {}, sort_keys=True, default=str)))
+                           dumps(m.get("protocol") or {}, sort_keys=True, default=str)))
+
+    def interrupt_run(self, run_id: str) -> None:
+        """Mark the run and every stage of it still running as interrupted (SIGINT/SIGTERM)."""
+        with self.transaction() as c:
+            c.execute("UPDATE stages SET status='interrupted' WHERE run_id=? AND status='running'", (run_id,))
+            c.execute("UPDATE runs SET status='interrupted', updated=?, finished=NULL WHERE run_id=?",
+                      (time.time(), run_id))
 
     def finish_run(self, run_id: str, status: str, summary: str | None = None, report: str | None = None) -> None:
         with self.transaction() as c:

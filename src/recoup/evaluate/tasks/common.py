@@ -44,7 +44,8 @@ class TaskSpec:
 
 
 def parse_options(items: list[str] | None) -> dict[str, Any]:
-    """``["shots=5", "cnndm_file=x.jsonl"]`` -> dict; unknown keys get "did you mean"."""
+    """``["shots=5", "cnndm_file=x.jsonl"]`` -> dict; unknown keys get "did you mean"; every value is
+    checked against its key's type and range (:data:`OPTION_RANGES`, files exist and are UTF-8 text)."""
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
@@ -52,18 +53,41 @@ def parse_options(items: list[str] | None) -> dict[str, Any]:
             raise RecoupError(f"--option wants KEY=VALUE (got '{item}')")
         if key not in OPTIONS:
             raise RecoupError(unknown_name_message("task option", key, OPTIONS))
+        check_option(key, value)
         out[key] = value
     return out
 
 
-def int_option(options: dict, key: str, default: int, minimum: int = 1) -> int:
+# integer options: (minimum, maximum)
+OPTION_RANGES: dict[str, tuple[int, int]] = {"shots": (0, 64), "context_tokens": (1, 1 << 17),
+                                             "max_new_tokens": (1, 1 << 15)}
+FILE_OPTIONS = ("cnndm_file", "instructions_file", "instructions_reference")
+
+
+def check_option(key: str, value: Any) -> None:
+    """One line when ``value`` is not valid for option ``key`` (before any model loads)."""
+    if key in OPTION_RANGES:
+        int_option({key: value}, key, 0, *OPTION_RANGES[key])
+    elif key == "chat":
+        bool_option({key: value}, key, True)
+    elif key in FILE_OPTIONS:
+        from recoup.data.corpora import check_text_file
+
+        check_text_file(str(value), f"option {key}")
+
+
+def int_option(options: dict, key: str, default: int, minimum: int = 1, maximum: int | None = None) -> int:
     raw = options.get(key, default)
+    if isinstance(raw, bool) or isinstance(raw, float) and not raw.is_integer():
+        raise RecoupError(f"option {key} must be an integer (got '{raw}')")
     try:
-        value = int(raw)
+        value = int(str(raw).strip()) if not isinstance(raw, (int, float)) else int(raw)
     except (TypeError, ValueError):
         raise RecoupError(f"option {key} must be an integer (got '{raw}')") from None
     if value < minimum:
         raise RecoupError(f"option {key} must be at least {minimum} (got {value})")
+    if maximum is not None and value > maximum:
+        raise RecoupError(f"option {key} must be at most {maximum} (got {value})")
     return value
 
 
@@ -85,6 +109,9 @@ def file_option(options: dict, key: str, task: str) -> Path:
     path = Path(str(raw)).expanduser()
     if not path.is_file():
         raise RecoupError(f"option {key}: no such file '{raw}'")
+    from recoup.data.corpora import check_text_file
+
+    check_text_file(path, f"option {key}")
     return path
 
 

@@ -26,10 +26,14 @@ def parse(name: str) -> tuple[str, str]:
 
 
 def check_corpus(corpus: str, what: str = "corpus") -> None:
-    """One clear line for an unknown corpus name or a missing file (before any model loads)."""
-    from recoup.data.corpora import CORPORA
+    """One clear line for an unknown corpus name, a missing file, or a file that is not UTF-8 text (before any
+    model loads)."""
+    from recoup.data.corpora import CORPORA, check_text_file
 
-    if corpus in CORPORA or Path(corpus).expanduser().is_file():
+    if corpus in CORPORA:
+        return
+    if Path(corpus).expanduser().is_file():
+        check_text_file(corpus, what)
         return
     if "/" in corpus or "." in corpus:
         raise RecoupError(f"{what}: file not found: '{corpus}'")
