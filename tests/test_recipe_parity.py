@@ -86,3 +86,30 @@ def test_lora_step_in_a_recipe_runs_and_changes_the_numbers(tmp_path):
         out = run_recipe(load_recipe(tmp_path / "l.yaml"), tmp_path / "run", store, report=False)
         vals = {r["stage"]: r["value"] for r in store.metrics(out.run_id) if r["metric"] == "ppl"}
     assert vals["eval:8x+lora"] != vals["eval:8x"] and vals["eval:8x+lora"] < vals["eval:8x"]
+
+
+def test_export_step_in_a_recipe_writes_what_transformers_loads(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from recoup.artifact import load_model
+    from recoup.runs.run import run_recipe
+    from recoup.runs.store import Store
+
+    raw = yaml.safe_load(tiny_recipe(tmp_path).read_text())
+    raw["recover"] = []
+    raw["evaluate"]["dense"] = False
+    raw["compress"] = raw["compress"][:1]
+    raw["export"] = [{"name": "hf", "base": "8x", "format": "hf", "dtype": "float32"}]
+    (tmp_path / "e.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(Exception, match="not a compression step"):
+        validate({**raw, "export": [{"name": "hf", "base": "9x", "format": "hf"}]})
+    with Store(tmp_path / "s.sqlite") as store:
+        out = run_recipe(load_recipe(tmp_path / "e.yaml"), tmp_path / "run", store, report=False)
+        arts = {a["kind"]: a["path"] for a in store.artifacts(out.run_id)}
+    assert "export:hf" in out.ran
+    ids = torch.tensor([[5, 17, 23, 40, 41, 8]])
+    with torch.no_grad():
+        theirs = AutoModelForCausalLM.from_pretrained(arts["export"]).eval()(ids).logits
+        ours = load_model(arts["artifact"]).model(ids).logits
+    assert torch.allclose(theirs, ours, atol=1e-5)

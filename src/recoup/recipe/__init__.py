@@ -123,6 +123,7 @@ class Recipe:
     evaluate: Evaluation = dataclasses.field(default_factory=Evaluation)
     compress: list = dataclasses.field(default_factory=list)
     recover: list = dataclasses.field(default_factory=list)
+    export: list = dataclasses.field(default_factory=list)  # {name, base, format, dtype, gguf_type, recovery, merge}
     sweep: Union[Sweep, None] = None
     report: Report = dataclasses.field(default_factory=Report)
     source: str = "<dict>"  # where it came from (not part of its identity)
@@ -211,7 +212,7 @@ def _build(cls: type, data: Any, where: str, errors: list[str]) -> Any:
         if key not in allowed:
             errors.append(_unknown_key(key, allowed, where))
             continue
-        if key in _SECTIONS or key in ("compress", "recover"):
+        if key in _SECTIONS or key in ("compress", "recover", "export"):
             kwargs[key] = value  # sections are built by the caller
             continue
         if key == "tasks" and isinstance(value, str):
@@ -222,13 +223,13 @@ def _build(cls: type, data: Any, where: str, errors: list[str]) -> Any:
         if hints[key] is float and isinstance(value, int):
             value = float(value)
         kwargs[key] = value
-    obj = cls(**{k: v for k, v in kwargs.items() if k not in _SECTIONS and k not in ("compress", "recover")})
+    obj = cls(**{k: v for k, v in kwargs.items() if k not in _SECTIONS and k not in ("compress", "recover", "export")})
     if hasattr(obj, "problems"):
         errors += [f"{where}: {p}" if not p.startswith(("task ", "corpus")) else f"{where}.{p}" for p in obj.problems()]
     return obj
 
 
-def _check_steps(steps: Any, kind: str, errors: list[str]) -> list[dict]:
+def _check_steps(steps: Any, kind: str, errors: list[str], required: tuple[str, ...] = ("name", "method")) -> list[dict]:
     if steps is None:
         return []
     if not isinstance(steps, list):
@@ -241,7 +242,7 @@ def _check_steps(steps: Any, kind: str, errors: list[str]) -> list[dict]:
             errors.append(f"{where}: expected a mapping with at least name and method, got {type(step).__name__}")
             continue
         step = {str(k): v for k, v in step.items()}  # YAML 1.1 reads a bare `on:` key as true
-        for req in ("name", "method"):
+        for req in required:
             if not isinstance(step.get(req), str) or not step.get(req):
                 errors.append(f"{where}: '{req}' is required (a string)")
         name = step.get("name")
@@ -324,6 +325,33 @@ def _recover_step(step: dict, recipe: Recipe, names: list[str], errors: list[str
     return {"name": step["name"], "base": base, "transfer": transfer, **flat}
 
 
+def _export_step(step: dict, names: list[str], recoveries: list[str], errors: list[str]) -> dict | None:
+    """An export step -> ``{name, base, recovery}`` + its validated ExportConfig keys (format, dtype ...)."""
+    from recoup.artifact.export import ExportConfig
+
+    where = step.pop("_where")
+    base, rec = step.get("base"), step.get("recovery")
+    if base not in names:
+        errors.append(f"{where}.base: '{base}' is not a compression step (steps: {', '.join(names) or 'none'})")
+        return None
+    if rec is not None and rec not in recoveries:
+        errors.append(f"{where}.recovery: '{rec}' is not a recover step (steps: {', '.join(recoveries) or 'none'})")
+        return None
+    for key in ("source", "out"):
+        if key in step:
+            errors.append(f"{where}: '{key}' is not a step key (the run decides it)")
+            return None
+    keys = {k: v for k, v in step.items() if k not in ("name", "base", "recovery")}
+    try:
+        job = ExportConfig.from_dict({**keys, "source": "<artifact>", "out": "<stage>",
+                                      "recovery": "<recovery>" if rec else None}, where=where)
+    except RecoupError as exc:
+        errors.append(_where(exc, where))
+        return None
+    flat = {k: v for k, v in job.to_dict().items() if k not in ("source", "out", "recovery")}
+    return {"name": step["name"], "base": base, "recovery": rec, **flat}
+
+
 def _evaluation(recipe: Recipe, errors: list[str]) -> dict | None:
     """The evaluate section as validated flat EvalJob keys (without model/recovery/json)."""
     ev = {f.name: getattr(recipe.evaluate, f.name) for f in dataclasses.fields(recipe.evaluate) if f.name != "dense"}
@@ -373,6 +401,8 @@ def validate(raw: Any, source: str = "<dict>") -> Recipe:
                 compress.append(done)
             names.append(cell["name"])
     recover = [r for r in (_recover_step(s, recipe, names, errors) for s in recover_raw) if r]
+    exports = [e for e in (_export_step(s, names, [r["name"] for r in recover_raw if isinstance(r.get("name"), str)],
+                                        errors) for s in _check_steps(raw.get("export"), "export", errors, ("name", "format"))) if e]
     if not errors and not compress and not recipe.evaluate.dense:
         errors.append("the recipe has no stage to run: add compress steps, a sweep, or evaluate.dense: true")
     recipe.model = checked_model
@@ -380,7 +410,7 @@ def validate(raw: Any, source: str = "<dict>") -> Recipe:
         unique = list(dict.fromkeys(errors))
         raise RecoupError(f"{source}: {len(unique)} problem(s) in the recipe:\n  " + "\n  ".join(unique))
     recipe.model = checked_model
-    recipe.compress, recipe.recover, recipe.source = compress, recover, source
+    recipe.compress, recipe.recover, recipe.export, recipe.source = compress, recover, exports, source
     recipe.evaluation = evaluation
     return recipe
 

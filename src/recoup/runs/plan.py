@@ -81,6 +81,14 @@ def build_plan(recipe: Recipe, fingerprint: str) -> list[StageSpec]:
                 needs = [f"compress:{target}", f"recover:{name}"]
             add(StageSpec(f"eval:{target}+{name}", "evaluate", params, needs,
                           {"role": "transfer", "recovery": name, "trained_on": on, **labels}))
+    for ex in recipe.export:
+        add_compression(ex["base"])
+        keys = {k: v for k, v in ex.items() if k not in ("name", "base", "recovery")}
+        needs = [f"compress:{ex['base']}"] + ([f"recover:{ex['recovery']}"] if ex.get("recovery") else [])
+        add(StageSpec(f"export:{ex['name']}", "export",
+                      {**base, **keys, "base": f"compress:{ex['base']}",
+                       **({"recovery": f"recover:{ex['recovery']}"} if ex.get("recovery") else {})},
+                      needs, {"role": "export", "export": ex["name"], **_compress_labels(steps[ex["base"]])}))
     for name in steps:
         add_compression(name)
     return plan
@@ -96,6 +104,8 @@ def describe_plan(plan: list[StageSpec]) -> list[str]:
                     f"group_size={p.get('group_size')}; calib {p['calib']} {p['nsamples']}x{p['seqlen']} seed {p['seed']}")
         elif spec.kind == "recover":
             what = f"{p['method']} on {p['base']}"
+        elif spec.kind == "export":
+            what = f"{p['format']} of {p['base']}" + (f" + {p['recovery']}" if p.get("recovery") else "")
         else:
             reads = p.get("base") or p["model"]
             what = f"{', '.join(p['tasks'])} on {reads}" + (f" + {p['recovery']}" if p.get("recovery") else "")

@@ -25,7 +25,7 @@ from recoup.runs import cache
 from recoup.runs.executor import Executor, Job, JobFailed, JobResult, LocalExecutor
 from recoup.runs.metrics import metric_rows
 from recoup.runs.plan import StageSpec, build_plan
-from recoup.runs.stages import ARTIFACT_DIR, RECOVERY_DIR, STAGE_CODE
+from recoup.runs.stages import ARTIFACT_DIR, EXPORT_DIR, RECOVERY_DIR, STAGE_CODE
 from recoup.runs.store import Store
 from recoup.safeio import dumps
 
@@ -93,6 +93,8 @@ def _artifacts_of(spec: StageSpec, out_dir: str) -> dict[str, str]:
         return {"artifact": str(Path(out_dir) / ARTIFACT_DIR)}
     if spec.kind == "recover":
         return {"recovery": str(Path(out_dir) / RECOVERY_DIR)}
+    if spec.kind == "export":
+        return {"export": str(Path(out_dir) / EXPORT_DIR)}
     return {"result": str(Path(out_dir) / cache.RESULT)}
 
 

@@ -2,7 +2,8 @@
 
 - :func:`compress` (:class:`CompressJob`): load, draw calibration windows, compress, save the artifact;
 - :func:`evaluate` (:class:`EvalJob`): load a model (dense or artifact), attach a recovery, run the tasks;
-- :func:`recover` (:class:`RecoverJob`): fit any registered recovery method on a (compressed) model, save it.
+- :func:`recover` (:class:`RecoverJob`): fit any registered recovery method on a (compressed) model, save it;
+- :func:`export` (:class:`recoup.artifact.export.ExportConfig`): write an artifact (+ recovery) for a destination.
 
 A CLI command parses its flags into the job and calls the function; a recipe step builds the same job.
 :func:`execute` runs one stage of a recipe for an executor: it turns the stage's plain-data parameters
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 ARTIFACT_DIR = "artifact"
 RECOVERY_DIR = "recovery"
+EXPORT_DIR = "export"
 
 
 def _peak_rss_mb() -> float:
@@ -159,6 +161,13 @@ def recover(job: RecoverJob) -> dict:
     return summary
 
 
+def export(job) -> dict:
+    """Write a compressed artifact (and its recovery) in a destination format (:mod:`recoup.artifact.export`)."""
+    from recoup.artifact.export import export as run_export
+
+    return run_export(job)
+
+
 def best_ppl(summary: dict) -> str:
     loss = summary.get("best_val_loss")
     return f"{math.exp(loss):.3f}" if isinstance(loss, (int, float)) else "n/a"
@@ -202,14 +211,28 @@ def _evaluate_stage(params: dict, inputs: dict[str, Path], out: Path) -> dict:
     return {"evaluation": evaluate(job)}
 
 
+def _export_stage(params: dict, inputs: dict[str, Path], out: Path) -> dict:
+    from recoup.artifact.export import ExportConfig
+
+    keys = _job_keys(params)
+    keys.pop("model", None)
+    ref = keys.pop("recovery", None)
+    job = ExportConfig.from_dict({**keys, "source": str(inputs[params["base"]] / ARTIFACT_DIR),
+                                  "recovery": str(inputs[ref] / RECOVERY_DIR) if ref else None,
+                                  "out": str(out / EXPORT_DIR)})
+    result = export(job)
+    return {**{k: v for k, v in result.items() if k != "out"}, "export": EXPORT_DIR}
+
+
 STAGE_FUNCTIONS: dict[str, Callable[[dict, dict[str, Path], Path], dict]] = {
-    "compress": _compress_stage, "recover": _recover_stage, "evaluate": _evaluate_stage}
+    "compress": _compress_stage, "recover": _recover_stage, "evaluate": _evaluate_stage, "export": _export_stage}
 
 # The code each stage kind runs: its hash is part of the stage's cache key.
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "compress": ("compress", "artifact", "model", "data", "recipe", "runs/stages.py"),
     "recover": ("recover", "artifact", "model", "data", "recipe", "runs/stages.py"),
     "evaluate": ("evaluate", "artifact", "model", "data", "recover", "recipe", "runs/stages.py"),
+    "export": ("artifact", "model", "recipe", "runs/stages.py"),
 }
 
 
