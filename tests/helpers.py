@@ -68,3 +68,16 @@ def save_tiny(path, arch: str = "llama", hidden: int = 32, layers: int = 2, seed
     lm.tokenizer.save_pretrained(str(path))
     lm.path = path
     return lm
+
+
+def bos_tokenizer(bos: str = "<s>") -> PreTrainedTokenizerFast:
+    """:func:`tiny_tokenizer` that puts ``bos`` in front of every encoding by default, as Llama's and Gemma's
+    tokenizers do (``<s>`` / ``<bos>``) and OPT's (its BOS is ``</s>``): a TemplateProcessing post-processor."""
+    from tokenizers import processors
+
+    tok = tiny_tokenizer()
+    bid = tok.convert_tokens_to_ids(bos)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, bid)])
+    tok.bos_token = bos
+    return tok
