@@ -159,3 +159,24 @@ def test_bos_is_a_key_of_every_stage():
         assert "bos" in [k.name for k in keys(kind)]
     with pytest.raises(RecoupError, match="unknown bos policy"):
         EvalJob(bos="yes")
+
+
+def test_bos_is_a_recipe_key_of_every_step(tmp_path):
+    import yaml
+    from test_run import tiny_recipe
+
+    from recoup.recipe import load_recipe
+    from recoup.runs.plan import build_plan
+
+    raw = yaml.safe_load(tiny_recipe(tmp_path).read_text())
+    raw["evaluate"]["bos"] = "never"
+    raw["compress"][0]["bos"] = "always"
+    raw["recover"][0]["bos"] = "never"
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(raw))
+    plan = {s.name: s.params for s in build_plan(load_recipe(tmp_path / "b.yaml"), "fp")}
+    assert plan["eval:dense"]["bos"] == "never" and plan["compress:8x"]["bos"] == "always"
+    assert plan["recover:prompt"]["bos"] == "never" and plan["compress:s60"]["bos"] == "auto"
+    raw["evaluate"]["bos"] = "maybe"
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(RecoupError, match="unknown bos policy 'maybe'"):
+        load_recipe(tmp_path / "c.yaml")
