@@ -12,7 +12,9 @@ the same (task, fraction, seed) always gives the same split. Three objectives fe
 
 Under the BOS policy (:mod:`recoup.data.bos`, ``config.bos``) every sequence and window of a model whose
 tokenizer adds a BOS starts with exactly one, never scored, within the same ``seqlen`` / ``max_len``: the
-Scorer's requests look the same at evaluation. LoRA and CPET train on these batches directly; soft prompts and IDP pools put their prompt in front
+Scorer's requests look the same at evaluation.
+
+LoRA and CPET train on these batches directly; soft prompts and IDP pools put their prompt in front
 (:func:`prefixed_loss`, :func:`mean_loss` with ``prefix_fn``; IDP selects on :func:`context_part`).
 """
 
