@@ -69,8 +69,8 @@ def test_every_architecture_has_a_family_bos_behaviour():
 def _eval(tmp_path, source, name, corpus, *extra) -> dict:
     out = tmp_path / f"{name}.json"
     tasks = f"ppl:{corpus}" + (",arc_easy" if ARC else "")
-    assert main(["eval", str(source), "--tasks", tasks, "--limit", "2", "--seqlen", str(EVAL_SEQLEN), "--batch-size", "4",
-                 "--json", str(out), *extra]) == 0
+    assert main(["eval", str(source), "--tasks", tasks, "--limit", "2", "--seqlen", str(EVAL_SEQLEN),
+                 "--batch-size", "4", "--json", str(out), *extra]) == 0
     return json.loads(out.read_text())
 
 

@@ -42,7 +42,8 @@ def perplexity(model, tokenizer, corpus: str = "ptb", split: str = "test", seqle
                bos: str = "auto") -> PerplexityResult:
     """Perplexity of ``model`` on a corpus split (GPTQ protocol); the result records the protocol.
 
-    ``bos``: the BOS policy (auto | always | never). ``attached``: the caller already ran ``recovery.apply(model)`` (see :class:`~recoup.evaluate.scorer.Scorer`)."""
+    ``bos``: the BOS policy (auto | always | never). ``attached``: the caller already ran
+    ``recovery.apply(model)`` (see :class:`~recoup.evaluate.scorer.Scorer`)."""
     from recoup.evaluate.scorer import Scorer
 
     if seqlen < 2:
