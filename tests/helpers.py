@@ -79,3 +79,16 @@ def _packs_present() -> bool:
 
 # Tests that read the installed data packs (ARC, SciQ ... and PTB) skip cleanly without `recoup setup`.
 needs_packs = pytest.mark.skipif(not _packs_present(), reason="data packs not installed (run `recoup setup`)")
+
+
+def bos_tokenizer(bos: str = "<s>") -> PreTrainedTokenizerFast:
+    """:func:`tiny_tokenizer` that puts ``bos`` in front of every encoding by default, as Llama's and Gemma's
+    tokenizers do (``<s>`` / ``<bos>``) and OPT's (its BOS is ``</s>``): a TemplateProcessing post-processor."""
+    from tokenizers import processors
+
+    tok = tiny_tokenizer()
+    bid = tok.convert_tokens_to_ids(bos)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, bid)])
+    tok.bos_token = bos
+    return tok

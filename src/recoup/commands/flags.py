@@ -52,6 +52,7 @@ HELP: dict[str, str] = {
     "recovery": "directory of a saved recovery (prompt or adapter) to attach",
     "prompt_text": "a hard prompt: text prepended (as token embeddings, never scored) to every input",
     "json": "write results JSON here",
+    "bos": "BOS policy: auto (one BOS first in every window/request if the tokenizer adds one), always, never",
     "data": "training text: ptb, wiki, a .txt/.jsonl file, or a comma-separated mix (not with --task)",
     "task": "train on a multiple-choice task's train part (e.g. sciq): loss on the gold continuation; the "
             "held-out part is never seen",

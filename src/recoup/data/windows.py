@@ -3,6 +3,11 @@
 - :func:`corpus_ids`: a corpus (or a comma-separated mix, or a text file) tokenized once, 1-D;
 - :func:`random_windows`: windows at seeded random offsets (GPTQ/SparseGPT calibration; training batches);
 - :func:`consecutive_windows`: the first non-overlapping windows (GPTQ perplexity; validation).
+
+``bos`` (an id from :func:`recoup.data.bos.bos_id`, or None): every window starts with that one BOS and
+still holds ``seqlen`` positions, so ``seqlen - 1`` text tokens follow it; the BOS is never scored (a
+window's first position never is), so every text token of a window is. With None, windows are plain
+``seqlen``-token slices (their first token unscored), exactly as before.
 """
 
 from __future__ import annotations
@@ -45,26 +50,46 @@ def corpus_ids(tokenizer, data: str, split: str, split_files: bool = False) -> t
     return torch.cat(parts)
 
 
-def random_windows(ids: torch.Tensor, seqlen: int, count: int, generator: torch.Generator) -> torch.Tensor:
-    """(count, seqlen) windows at random offsets of a 1-D id tensor, drawn from ``generator``."""
-    if ids.numel() <= seqlen:
-        raise RecoupError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}")
-    starts = torch.randint(0, ids.numel() - seqlen, (count,), generator=generator).tolist()
-    return torch.stack([ids[s: s + seqlen] for s in starts])
+def text_per_window(seqlen: int, bos: int | None = None) -> int:
+    """Text tokens in a window of ``seqlen`` positions: ``seqlen``, or ``seqlen - 1`` after a BOS."""
+    width = seqlen - (bos is not None)
+    if width < 1:
+        raise RecoupError(f"a window of {seqlen} positions leaves no room for text after the BOS")
+    return width
 
 
-def window_stream(ids: torch.Tensor, seqlen: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+def _prepend(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    if bos is None:
+        return windows
+    return torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows], dim=1)
+
+
+def random_windows(ids: torch.Tensor, seqlen: int, count: int, generator: torch.Generator,
+                   bos: int | None = None) -> torch.Tensor:
+    """(count, seqlen) windows at random offsets of a 1-D id tensor, drawn from ``generator`` (BOS first if set)."""
+    width = text_per_window(seqlen, bos)
+    if ids.numel() <= width:
+        raise RecoupError(f"the text has {ids.numel()} tokens, fewer than one window of {width}")
+    starts = torch.randint(0, ids.numel() - width, (count,), generator=generator).tolist()
+    return _prepend(torch.stack([ids[s: s + width] for s in starts]), bos)
+
+
+def window_stream(ids: torch.Tensor, seqlen: int, batch_size: int, seed: int,
+                  bos: int | None = None) -> Iterator[torch.Tensor]:
     """Endless (batch_size, seqlen) batches of :func:`random_windows` from one seeded generator."""
     gen = torch.Generator().manual_seed(seed)
     while True:
-        yield random_windows(ids, seqlen, batch_size, gen)
+        yield random_windows(ids, seqlen, batch_size, gen, bos)
 
 
-def consecutive_windows(ids: torch.Tensor, seqlen: int, limit: int | None = None) -> torch.Tensor:
-    """The first non-overlapping windows (at most ``limit``): (n, seqlen); the tail that does not fill one is dropped."""
-    n = ids.numel() // seqlen
+def consecutive_windows(ids: torch.Tensor, seqlen: int, limit: int | None = None,
+                        bos: int | None = None) -> torch.Tensor:
+    """The first non-overlapping windows (at most ``limit``): (n, seqlen), BOS first if set; the tail that does
+    not fill one is dropped."""
+    width = text_per_window(seqlen, bos)
+    n = ids.numel() // width
     if limit is not None:
         n = min(n, limit)
     if n < 1:
-        raise RecoupError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}")
-    return ids[: n * seqlen].view(n, seqlen)
+        raise RecoupError(f"the text has {ids.numel()} tokens, fewer than one window of {width}")
+    return _prepend(ids[: n * width].view(n, width), bos)

@@ -25,6 +25,7 @@ class EvalSettings:
     limit: int | None = None
     batch_size: int = 8
     seed: int = 0
+    bos: str = "auto"  # the BOS policy (recoup.data.bos): auto | always | never
     options: dict[str, Any] = dataclasses.field(default_factory=dict)  # task-family options (judge, shots...)
 
 
@@ -64,6 +65,7 @@ def _tuned_task(recovery) -> str | None:
 
 def evaluate(loaded, tasks: list[str], settings: EvalSettings, recovery=None) -> dict:
     """Evaluate every task; returns ``{"model", "results": {task: {...}}, "protocol": {...}}``."""
+    from recoup.data.bos import bos_id
     from recoup.evaluate import tasks as registry
 
     runners = [(task, registry.get_runner(task)) for task in tasks]  # every name known before the first runs
@@ -81,7 +83,8 @@ def evaluate(loaded, tasks: list[str], settings: EvalSettings, recovery=None) ->
         results[name]["seconds"] = round(time.time() - t0, 3)
         if name == tuned_task:
             results[name]["warning"] = TUNED_ON_TASK_WARNING
-    protocol = {"seqlen": settings.seqlen, "limit": settings.limit, "seed": settings.seed,
+    protocol = {"seqlen": settings.seqlen, "limit": settings.limit, "seed": settings.seed, "bos": settings.bos,
+                "bos_token_id": bos_id(loaded.tokenizer, settings.bos),
                 "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
                 "torch": torch.__version__, "python": platform.python_version(),
                 "recovery": recovery.describe() if recovery is not None else None,

@@ -16,6 +16,12 @@ input-embedding prefix per batch (``prefix``: (P, H) or per-example (B, P, H)); 
 through :func:`recoup.model.forward.build_inputs` so the prefix and left padding work for every
 architecture in the anatomy map. Continuation and decode steps extend that forward's attention mask
 and position ids over the cached keys/values.
+
+BOS (:mod:`recoup.data.bos`): under ``auto`` a model whose tokenizer adds a BOS gets exactly one at the
+start of every request's tokens (loglikelihood contexts, rolling windows, generation prompts), never
+scored; a context that already starts with it (a chat template writing its BOS as text) keeps that one.
+Requests are still encoded without special tokens, so the continuation split is lm-eval's. A recovery's
+prefix goes in front of the whole request, BOS included (as in training). Otherwise nothing is added.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from recoup.data.bos import bos_id, with_bos
 from recoup.errors import RecoupError
 from recoup.model.forward import build_inputs, keeps_logits
 
@@ -43,7 +50,8 @@ class Scorer:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, recovery: Any = None, batch_size: int = 8,
-                 max_length: int | None = None, progress: bool = True, attached: bool = False) -> None:
+                 max_length: int | None = None, progress: bool = True, attached: bool = False,
+                 bos: str = "auto") -> None:
         if batch_size < 1:
             raise RecoupError(f"batch size must be at least 1 (got {batch_size})")
         self.model = recovery.apply(model) if (recovery is not None and not attached) else model
@@ -57,6 +65,8 @@ class Scorer:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad if pad is not None else 0)
         self.prefix_token = next((t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id) if t is not None), self.pad_id)
+        self.bos = bos
+        self.bos_id = bos_id(tokenizer, bos)  # None: nothing added
         eos = {tokenizer.eos_token_id}
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
@@ -66,6 +76,13 @@ class Scorer:
     # ----------------------------------------------------------------- tokenization
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def context(self, ids: Sequence[int], room: int) -> tuple[int, ...]:
+        """A request's context cut from the left to ``room`` positions: exactly one BOS first under the BOS
+        policy, else the plain tail (the prefix token when empty)."""
+        if self.bos_id is not None:
+            return tuple(with_bos(list(ids), self.bos_id, room))
+        return tuple(ids[-room:]) if ids else (self.prefix_token,)
 
     def encode_pair(self, context: str, continuation: str) -> TokenPair:
         """lm-eval's split: context ids and the continuation's ids as the tail of the joint encoding."""
@@ -129,7 +146,7 @@ class Scorer:
             room = self.max_length + 1 - len(cont)  # the last continuation token is never an input
             if room < 1:
                 raise RecoupError(f"a continuation of {len(cont)} tokens does not fit max_length {self.max_length}")
-            ctx = tuple(ctx[-room:]) if ctx else (self.prefix_token,)
+            ctx = self.context(ctx, room)
             groups.setdefault(ctx, []).append(i)
             conts.append(tuple(cont))
         # longest first: padding stays small within a batch and a too-large batch fails at once
@@ -194,8 +211,8 @@ class Scorer:
     def window_nll(self, windows: torch.Tensor, desc: str = "perplexity") -> tuple[float, int]:
         """(summed next-token NLL, scored tokens) of token windows (n, T), ``batch_size`` windows per forward.
 
-        Each window is its own context (the GPTQ/SparseGPT protocol): its first token is not scored, the
-        recovery's prefix is prepended and never scored.
+        Each window is its own context (the GPTQ/SparseGPT protocol): its first token (the BOS, when the
+        windowing put one there) is not scored, the recovery's prefix is prepended and never scored.
         """
         from recoup.model.forward import forward_logits
 
@@ -211,8 +228,11 @@ class Scorer:
 
     # ----------------------------------------------------------------- rolling likelihood
     def rolling_windows(self, tokens: Sequence[int], window: int | None = None) -> list[TokenPair]:
-        """lm-eval's ``get_rolling_token_windows`` (context_len=1) made disjoint: every token scored once."""
-        window = window or self.max_length
+        """lm-eval's ``get_rolling_token_windows`` (context_len=1) made disjoint: every token scored once.
+
+        ``window`` defaults to ``max_length - 1`` so a window and its one context token fit; under the BOS
+        policy every window's context becomes the BOS (:meth:`context`)."""
+        window = window or self.max_length - 1
         tokens = list(tokens)
         if not tokens:
             return []
@@ -252,7 +272,7 @@ class Scorer:
         room = self.max_length - max_new_tokens
         if room < 1:
             raise RecoupError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in {self.max_length} tokens")
-        encoded = [self.encode(p)[-room:] or [self.prefix_token] for p in prompts]
+        encoded = [list(self.context(self.encode(p), room)) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
         outputs: list[str] = [""] * len(prompts)
         eos = set(self.eos_ids)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Mapping, Union
 
 from recoup.config import Config, check
+from recoup.data.bos import check_policy
 from recoup.errors import RecoupError
 
 DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
@@ -131,6 +132,7 @@ class CompressJob(Config):
     device: str = "auto"
     storage: str = "packed"
     force: bool = False
+    bos: str = "auto"  # BOS policy of the calibration windows (recoup.data.bos): auto | always | never
     config: Any = None  # CompressConfig
 
     POSITIONAL: ClassVar[tuple[str, ...]] = ("model",)
@@ -158,6 +160,7 @@ class CompressJob(Config):
         check(self.seed >= 0, f"seed must be >= 0 (got {self.seed})")
         check(self.dtype in DTYPES, f"unknown dtype '{self.dtype}'; use float32, bfloat16 or float16")
         check(self.storage in STORAGES, f"unknown storage '{self.storage}'; use packed or dense")
+        check_policy(self.bos)
         check_device(self.device, allow_auto=True)
         check_corpus(self.calib, "calib")
         check_out(self.out, self.force)
@@ -176,6 +179,7 @@ class EvalJob(Config):
     seqlen: int = 2048  # perplexity window (and the Scorer's context cap)
     batch_size: int = 8
     seed: int = 0  # seeded task subsets
+    bos: str = "auto"  # BOS policy of every window / request (recoup.data.bos): auto | always | never
     dtype: str = "float32"
     device: str = "cpu"
     options: dict = dataclasses.field(default_factory=dict)  # task-family options (shots, ...)
@@ -211,6 +215,7 @@ class EvalJob(Config):
         check(2 <= self.seqlen <= 1 << 17, f"seqlen must be in [2, 131072] (got {self.seqlen})")
         check(self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})")
         check(self.seed >= 0, f"seed must be >= 0 (got {self.seed})")
+        check_policy(self.bos)
         check(self.judge_retries >= 1, f"judge_retries must be >= 1 (got {self.judge_retries})")
         check(self.dtype in DTYPES, f"unknown dtype '{self.dtype}'; use float32, bfloat16 or float16")
         check_device(self.device)

@@ -10,6 +10,10 @@ the same (task, fraction, seed) always gives the same split. Three objectives fe
 - a user ``.jsonl`` file whose lines are ``{"text"}`` (LM loss on all of it) or
   ``{"prompt", "completion"}`` (loss on the completion only).
 
+Under the BOS policy (:mod:`recoup.data.bos`, ``config.bos``) every sequence and window of a model whose
+tokenizer adds a BOS starts with exactly one, never scored, within the same ``seqlen`` / ``max_len``: the
+Scorer's requests look the same at evaluation.
+
 LoRA and CPET train on these batches directly; soft prompts and IDP pools put their prompt in front
 (:func:`prefixed_loss`, :func:`mean_loss` with ``prefix_fn``; IDP selects on :func:`context_part`).
 """
@@ -122,22 +126,36 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False, verbose=False).input_ids
 
 
-def completion_sequence(tokenizer, context: str, completion: str, max_len: int) -> Sequence:
-    """context + completion, the context cut from the left so the whole is at most ``max_len`` tokens."""
+def completion_sequence(tokenizer, context: str, completion: str, max_len: int, bos: int | None = None) -> Sequence:
+    """context + completion, the context cut from the left so the whole is at most ``max_len`` tokens;
+    with ``bos`` the context starts with exactly that one BOS (as the Scorer's requests do)."""
+    from recoup.data.bos import with_bos
+
     ctx, comp = _encode(tokenizer, context), _encode(tokenizer, completion)
     if not comp:
         raise RecoupError(f"empty completion after tokenization for context {context[:40]!r}")
     comp = comp[:max_len - 1]
-    ctx = ctx[max(0, len(ctx) - (max_len - len(comp))):] or [tokenizer.eos_token_id]
+    if bos is not None:
+        ctx = with_bos(ctx, bos, max_len - len(comp))
+    else:
+        ctx = ctx[max(0, len(ctx) - (max_len - len(comp))):] or [tokenizer.eos_token_id]
     return Sequence(ids=ctx + comp, first_scored=len(ctx))
 
 
-def task_sequences(tokenizer, examples: list[MCExample], max_len: int = 256) -> list[Sequence]:
+def task_sequences(tokenizer, examples: list[MCExample], max_len: int = 256, bos: int | None = None) -> list[Sequence]:
     """Context + gold continuation per example (loss on the continuation only)."""
-    return [completion_sequence(tokenizer, *ex.gold_pair, max_len) for ex in examples]
+    return [completion_sequence(tokenizer, *ex.gold_pair, max_len, bos) for ex in examples]
 
 
-def jsonl_sequences(tokenizer, path: str | Path, max_len: int = 256) -> list[Sequence]:
+def text_sequence(tokenizer, text: str, max_len: int, bos: int | None = None) -> Sequence | None:
+    """A text, LM loss on all of it (the BOS, when set, first and unscored); None if under 2 tokens."""
+    ids = _encode(tokenizer, text)[:max_len - (bos is not None)]
+    if len(ids) < 2:
+        return None
+    return Sequence(ids=[bos] + ids) if bos is not None else Sequence(ids=ids)
+
+
+def jsonl_sequences(tokenizer, path: str | Path, max_len: int = 256, bos: int | None = None) -> list[Sequence]:
     """Lines ``{"text": ...}`` (loss on all tokens) or ``{"prompt": ..., "completion": ...}``."""
     path = Path(path)
     if not path.is_file():
@@ -151,11 +169,12 @@ def jsonl_sequences(tokenizer, path: str | Path, max_len: int = 256) -> list[Seq
             try:
                 row = json.loads(line)
                 if "prompt" in row and "completion" in row:
-                    out.append(completion_sequence(tokenizer, str(row["prompt"]), str(row["completion"]), max_len))
+                    out.append(completion_sequence(tokenizer, str(row["prompt"]), str(row["completion"]), max_len,
+                                                   bos))
                 else:
-                    ids = _encode(tokenizer, str(row["text"]))[:max_len]
-                    if len(ids) >= 2:
-                        out.append(Sequence(ids=ids))
+                    seq = text_sequence(tokenizer, str(row["text"]), max_len, bos)
+                    if seq is not None:
+                        out.append(seq)
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise RecoupError(f"{path}:{i}: expected a JSON object with 'text', or 'prompt' and "
                                   f"'completion', per line") from None
@@ -182,6 +201,7 @@ class TuningData:
     split: TaskSplit | None = None
     lm_ids: torch.Tensor | None = None  # corpus: the train split's ids, 1-D
     seqlen: int = 256
+    bos_id: int | None = None  # every window / sequence starts with this BOS (recoup.data.bos), or nothing
 
     @property
     def lm(self) -> bool:
@@ -193,69 +213,77 @@ class TuningData:
             from recoup.data.windows import window_stream
 
             return (collate([Sequence(ids=w.tolist()) for w in x], pad_id)
-                    for x in window_stream(self.lm_ids, self.seqlen, batch_size, seed))
+                    for x in window_stream(self.lm_ids, self.seqlen, batch_size, seed, self.bos_id))
         return batch_stream(self.train, batch_size, pad_id, seed=seed)
 
     def token_ids(self) -> torch.Tensor:
         """Every training token id, 1-D (a prompt's vocab init counts them)."""
         if self.lm_ids is not None:
             return self.lm_ids
-        return torch.tensor([i for s in self.train for i in s.ids], dtype=torch.long)
+        skip = int(self.bos_id is not None)  # the BOS each sequence starts with is not training text
+        return torch.tensor([i for s in self.train for i in s.ids[skip:]], dtype=torch.long)
 
 
 def training_data(tokenizer, config) -> TuningData:
     """The one builder of recovery training data, from a config's ``data`` / ``task`` keys
     (:class:`recoup.recover.train.FitConfig`): every method samples the same way from the same source."""
+    bos = getattr(config, "bos", "auto")
     if config.task is not None:
         return tuning_data(tokenizer, task=config.task, max_len=config.seqlen,
-                           heldout_fraction=config.heldout_fraction, seed=config.seed)
+                           heldout_fraction=config.heldout_fraction, seed=config.seed, bos=bos)
     return tuning_data(tokenizer, data=config.data, max_len=config.seqlen, seed=config.seed,
-                       val_windows=config.val_windows or 4)
+                       val_windows=config.val_windows or 4, bos=bos)
 
 
 def tuning_data(tokenizer, task: str | None = None, data: str | None = None, max_len: int = 256,
                 heldout_fraction: float = 0.3, seed: int = 0, valid_size: int = 64,
-                val_windows: int = 4) -> TuningData:
+                val_windows: int = 4, bos: str = "auto") -> TuningData:
     """Build tuning data from ``task`` (a task name) or ``data`` (a corpus name, a comma-separated mix,
     a .txt or a .jsonl file).
 
     For a task, ``valid_size`` examples of the *train* part (a seeded draw) are the validation set the
     training loop uses to keep its best state; the held-out part is never seen during tuning. For a
-    corpus, each source of a mix gives ``max(1, val_windows // sources)`` validation windows.
+    corpus, each source of a mix gives ``max(1, val_windows // sources)`` validation windows. ``bos``: the
+    BOS policy (auto | always | never), recorded in the protocol.
     """
+    from recoup.data.bos import bos_id
+
     if (task is None) == (data is None):
         raise RecoupError("give exactly one of --task T or --data SRC")
+    bid = bos_id(tokenizer, bos)
+    record = {"bos": bos, "bos_token_id": bid}
     gen = torch.Generator().manual_seed(seed)
     if task is not None:
         split = split_task(task, heldout_fraction, seed)
-        seqs = task_sequences(tokenizer, split.train, max_len)
+        seqs = task_sequences(tokenizer, split.train, max_len, bid)
         order = torch.randperm(len(seqs), generator=gen).tolist()
         n_valid = min(valid_size, len(seqs) // 5)
         valid = [seqs[i] for i in order[:n_valid]]
         train = [seqs[i] for i in order[n_valid:]]
         protocol = {**split.protocol, "objective": "loss on the gold continuation", "max_len": max_len,
-                    "n_valid_from_train": n_valid}
-        return TuningData(train=train, valid=valid, protocol=protocol, split=split)
+                    "n_valid_from_train": n_valid, **record}
+        return TuningData(train=train, valid=valid, protocol=protocol, split=split, bos_id=bid)
     name = str(data)
     if name.endswith((".jsonl", ".jsonl.gz")):
-        seqs = jsonl_sequences(tokenizer, name, max_len)
+        seqs = jsonl_sequences(tokenizer, name, max_len, bid)
         order = torch.randperm(len(seqs), generator=gen).tolist()
         n_valid = min(valid_size, max(1, len(seqs) // 10)) if len(seqs) > 1 else 0
         return TuningData(train=[seqs[i] for i in order[n_valid:]], valid=[seqs[i] for i in order[:n_valid]],
-                          protocol={"data": name, "objective": "jsonl", "max_len": max_len, "seed": seed})
-    from recoup.data.windows import consecutive_windows, corpus_ids, corpus_names
+                          protocol={"data": name, "objective": "jsonl", "max_len": max_len, "seed": seed, **record},
+                          bos_id=bid)
+    from recoup.data.windows import consecutive_windows, corpus_ids, corpus_names, text_per_window
 
     names = corpus_names(name)
     per = max(1, val_windows // len(names))
     valid = [Sequence(ids=w.tolist()) for n in names
-             for w in consecutive_windows(corpus_ids(tokenizer, n, "valid", split_files=True), max_len, per)]
+             for w in consecutive_windows(corpus_ids(tokenizer, n, "valid", split_files=True), max_len, per, bid)]
     train_ids = corpus_ids(tokenizer, name, "train", split_files=True)
-    if train_ids.numel() <= max_len:
+    if train_ids.numel() <= text_per_window(max_len, bid):
         raise RecoupError(f"the training text has {train_ids.numel()} tokens, fewer than one window of {max_len}")
-    return TuningData(train=[], valid=valid, lm_ids=train_ids, seqlen=max_len,
+    return TuningData(train=[], valid=valid, lm_ids=train_ids, seqlen=max_len, bos_id=bid,
                       protocol={"corpus": name, "objective": "language model", "seqlen": max_len, "seed": seed,
                                 "sampling": "seeded random offsets of the train split",
-                                "val_windows": len(valid)})
+                                "val_windows": len(valid), **record})
 
 
 @dataclasses.dataclass

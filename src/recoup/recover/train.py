@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from recoup.config import Config, check
+from recoup.data.bos import check_policy
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +64,12 @@ class FitConfig(Config):
     val_windows: int | None = None  # corpus: valid-split windows per validation (default 4); not with a task
     seed: int = 0  # initialisation, batch order and the task split
     time_budget: float | None = None  # seconds; stop early (best state kept) once spent
+    bos: str = "auto"  # BOS policy of every training window / sequence (recoup.data.bos): auto | always | never
 
     default_data: ClassVar[str | None] = "ptb"
 
     def __post_init__(self) -> None:
+        check_policy(self.bos)
         check(self.seqlen >= 2, f"seqlen must be >= 2 (got {self.seqlen})")
         check(self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})")
         check(self.task is None or self.data is None, "give a task (--task T) or data (--data SRC), not both")

@@ -53,7 +53,7 @@ def compress(job: CompressJob) -> dict:
     loaded = load_model(job.model, dtype=job.dtype, device="cpu")
     calib = None
     if METHODS.get(job.config.method).stats != "none":
-        calib = calibration_windows(loaded.tokenizer, job.calib, job.nsamples, job.seqlen, job.seed)
+        calib = calibration_windows(loaded.tokenizer, job.calib, job.nsamples, job.seqlen, job.seed, bos=job.bos)
     t0 = time.time()
     report = run_engine(loaded, job.config, calib, device=job.device)
     seconds = time.time() - t0
@@ -98,7 +98,7 @@ def evaluate(job: EvalJob, judge: Any = None) -> dict:
     merged: dict = {}
     for limit, tasks in groups.items():
         settings = EvalSettings(seqlen=job.seqlen, limit=limit, batch_size=job.batch_size, seed=job.seed,
-                                options=options)
+                                bos=job.bos, options=options)
         out = run_tasks(loaded, tasks, settings, recovery)
         merged.setdefault("model", out["model"])
         merged.setdefault("results", {}).update(out["results"])

@@ -146,7 +146,7 @@ def make_scorer(loaded, settings, recovery):
     from recoup.evaluate.scorer import Scorer
 
     return Scorer(loaded.model, loaded.tokenizer, recovery, batch_size=settings.batch_size,
-                  max_length=settings.seqlen, attached=True)
+                  max_length=settings.seqlen, attached=True, bos=settings.bos)
 
 
 def protocol(source: str, split: str, template: str, settings, n_available: int, **extra: Any) -> dict:

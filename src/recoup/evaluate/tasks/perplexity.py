@@ -49,7 +49,8 @@ def run(name: str, loaded, settings, recovery) -> dict:
 
     corpus, split = parse(name)
     res = perplexity(loaded.model, loaded.tokenizer, corpus, split, settings.seqlen, settings.limit,
-                     batch_size=1, recovery=recovery, attached=True)
+                     batch_size=1, recovery=recovery, attached=True,
+                     bos=settings.bos)
     return {**res.to_dict(), "primary": "ppl"}
 
 
