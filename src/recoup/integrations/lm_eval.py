@@ -41,7 +41,7 @@ from recoup.evaluate.scorer import Scorer, TokenPair
 
 log = logging.getLogger(__name__)
 
-MODEL_ARGS = ("pretrained", "recovery", "dtype", "device", "batch_size", "max_length")
+MODEL_ARGS = ("pretrained", "recovery", "dtype", "device", "batch_size", "max_length", "bos")
 DEFAULT_MAX_GEN_TOKS = 256
 
 # lm-eval's arc_easy.yaml (prompt, target, choices, metrics), reading the data pack's Arrow file instead of the hub
@@ -100,13 +100,16 @@ class RecoupLM(LM):
 
     def __init__(self, pretrained: str = "smollm2-135m", recovery: str | None = None, dtype: str = "float32",
                  device: str | None = "cpu", batch_size: int | str = 8, max_length: int | None = None,
-                 max_batch_size: int | None = None, **unknown: Any) -> None:
+                 max_batch_size: int | None = None, bos: str = "auto", **unknown: Any) -> None:
         super().__init__()
         if unknown:
             raise RecoupError(f"unknown model_args for --model recoup: {', '.join(sorted(unknown))}; "
                               f"allowed: {', '.join(MODEL_ARGS)}")
         from recoup.artifact import load_model
 
+        from recoup.data.bos import check_policy
+
+        check_policy(str(bos))  # auto | always | never (lm-eval's hf adds a BOS only with add_bos_token=True)
         batch = _int_arg("batch_size", batch_size)
         limit = _int_arg("max_length", max_length) if max_length is not None else None
         recovered = None
@@ -121,7 +124,7 @@ class RecoupLM(LM):
         self.loaded = load_model(str(pretrained), dtype=dtype, device=device)
         self.tokenizer = self.loaded.tokenizer
         self.scorer = Scorer(self.loaded.model, self.tokenizer, recovered, batch_size=batch, max_length=limit,
-                             progress=True)
+                             progress=True, bos=str(bos))
         self.source, self.recovery_dir, self.dtype_name = str(pretrained), recovery, str(dtype)
         self._device = self.scorer.device
         log.info("recoup lm-eval model: %s%s, batch %d, max_length %d", pretrained,
