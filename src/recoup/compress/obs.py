@@ -74,10 +74,11 @@ def damped_inverse_cholesky(h: torch.Tensor, percdamp: float, retries: int = 6) 
 
 @dataclasses.dataclass
 class OBSOptions(MethodOptions):
-    """Keys of the blocked OBS update (SparseGPT and GPTQ; the papers' defaults)."""
+    """Keys of the blocked OBS update (SparseGPT and GPTQ). Defaults: the papers' reference code and
+    llm-compressor's GPTQModifier / SparseGPTModifier (``block_size=128``, ``dampening_frac=0.01``)."""
 
-    blocksize: int = 128  # OBS block of columns
-    percdamp: float = 0.01  # dampening, fraction of the mean Hessian diagonal
+    blocksize: int = 128  # columns per OBS block (lazy batch update); N:M needs a multiple of M
+    percdamp: float = 0.01  # Hessian dampening added to the diagonal, as a fraction of its mean (x10 per retry if singular)
 
     def check(self, config) -> None:
         check(isinstance(self.blocksize, int) and self.blocksize >= 1, f"blocksize must be >= 1 (got {self.blocksize})")
