@@ -37,7 +37,7 @@ from recoup.compress.config import CompressConfig
 from recoup.compress.methods import METHODS, LinearResult
 from recoup.artifact.report import CompressReport, LinearRecord, peak_rss_mb
 from recoup.compress.onepass import available_bytes, parked_bytes, run_parked
-from recoup.compress.stats import ActNormStats, ActSampleStats, HessianStats
+from recoup.compress.stats import ActNormStats, ActSampleStats, BlockIOStats, HessianStats
 from recoup.data.calibration import Calibration
 from recoup.errors import RecoupError
 from recoup.model.anatomy import Anatomy, _get, anatomy
@@ -179,13 +179,16 @@ def capture_inputs(model: nn.Module, anat: Anatomy, ids: torch.Tensor, batch_siz
     return torch.cat(inps, 0), records
 
 
-def _new_stats(kind: str, cols: int, config: CompressConfig, calls: int, device: torch.device):
+def _new_stats(kind: str, cols: int, config: CompressConfig, calls: int, device: torch.device,
+               parent: nn.Module | None = None):
     if kind == "hessian":
         return HessianStats(cols, device)
     if kind == "act_norm":
         return ActNormStats(cols, device)
     if kind == "act_sample":
         return ActSampleStats(cols, config.options.samples, calls, device)
+    if kind == "block_io":
+        return BlockIOStats(cols, config.options.samples, calls, device, parent, config.options.block_tokens)
     return None
 
 
@@ -194,7 +197,12 @@ def _observe(layer: nn.Module, first: nn.Module, stats, inps: torch.Tensor, rec,
         stats.add(args[0].detach())
         raise StopForward
 
-    with hooked(first.register_forward_pre_hook(hook)):
+    def record(_mod, args, kwargs):
+        stats.add_call(args, kwargs)
+
+    parent = getattr(stats, "parent", None)  # block_io: the block's calls too (registered first: fires first)
+    handles = [parent.register_forward_pre_hook(record, with_kwargs=True)] if parent is not None else []
+    with hooked(*handles, first.register_forward_pre_hook(hook)):
         for start in range(0, inps.shape[0], batch_size):
             try:
                 _call_layer(layer, inps[start:start + batch_size], rec)
@@ -217,6 +225,8 @@ def relative_error(w0: torch.Tensor, w1: torch.Tensor, stats) -> tuple[float, st
         return float((d * d * stats.sq).sum() / (w0 * w0 * stats.sq).sum().clamp(min=1e-30)), "act_norm"
     if isinstance(stats, ActSampleStats):
         x = stats.sample()
+        if getattr(stats, "input_scale", None) is not None:  # AWQ folded 1/s into the op producing x
+            x = x / stats.input_scale[None, :]
         return float(((x @ d.t()) ** 2).sum() / ((x @ w0.t()) ** 2).sum().clamp(min=1e-30)), "sample"
     return float((d * d).sum() / (w0 * w0).sum().clamp(min=1e-30)), "weight"
 
@@ -314,7 +324,9 @@ def _compress_layer(i: int, layer: nn.Module, anat: Anatomy, method, groups: lis
     view = LayerView(layer, anat, tuple(n for g in groups for n in g))
 
     def stats_for(names: tuple[str, ...]):
-        return _new_stats(method.stats, view.get_weight(names[0]).shape[1], config, calls, device)
+        block = method.block(view.model_type, names) if method.block else None
+        return _new_stats(method.stats, view.get_weight(names[0]).shape[1], config, calls, device,
+                          view.module(block) if block else None)
 
     if inps is not None and once:
         run_parked(lambda h: _call_layer(layer, h, rec), [view.module(g[0]) for g in groups], inps,
