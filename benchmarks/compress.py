@@ -80,9 +80,11 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
             cal = None
             if METHODS.get(config.method).stats != "none":
                 cal = calibration_windows(loaded.tokenizer, "ptb", args.nsamples, args.seqlen, args.seed)
-            t0 = time.time()
+            t0, c0 = time.time(), time.process_time()
             report = compress(loaded, config, cal)
             row["compress_s"] = time.time() - t0
+            row["compress_cpu_s"] = time.process_time() - c0  # CPU seconds of every thread: less load-sensitive
+            row["load_avg"] = os.getloadavg()
             row["peak_rss_mb"] = peak_rss_mb()
             row["calibration"] = cal.protocol if cal is not None else None
             row.update(check_properties(loaded, config, report))
