@@ -180,3 +180,22 @@ def test_fingerprint_sees_through_peft_wrapped_linears():
     wrapped = get_peft_model(lm.model, LoraConfig(target_modules=["q_proj", "down_proj"], r=2))
     after = compression_fingerprint(wrapped.base_model.model, rep.to_dict(), rep.qparams)
     assert after["digest"] == before["digest"] and after["all_on_grid"] is True
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
+def test_awq_searches_every_foldable_group_on_its_block_output(arch):
+    """Every group with a foldable preceding op records its block's calls and searches; the chosen scale's block
+    loss is at most the unscaled one (s = 1 is the first candidate); clipping ran on every linear but q/k."""
+    lm = tiny_loaded(arch, hidden=32, layers=2)
+    rep = compress(lm, CompressConfig.from_dict(dict(method="awq", bits=3, group_size=16, grid=6)), calib())
+    anat = anatomy(lm.model)
+    rel = {r.name: r.name[len(f"{anat.spec.layers}.{r.layer}."):] for r in rep.linears}
+    searched = {rel[r.name] for r in rep.linears if "awq_block_loss" in r.info}
+    expected = {n for g, prev in PRECEDING_OP[arch].items() for n in g
+                if not (prev in anat.linear_names() and anat.weight_matrix(anat.linears(anat.layers[0])[prev]).shape[0]
+                        != anat.weight_matrix(anat.linears(anat.layers[0])[g[0]]).shape[1])}
+    assert searched == expected and expected
+    for r in rep.linears:
+        if "awq_block_loss" in r.info:
+            assert r.info["awq_block_loss"] <= r.info["awq_block_loss_unscaled"]
+        assert ("q_proj" in r.name or "k_proj" in r.name) != (rel[r.name] in r.info["awq_clip"])

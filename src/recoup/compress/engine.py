@@ -4,11 +4,15 @@ Capture the first decoder layer's inputs on the calibration windows (a pre-hook 
 raises :class:`StopForward`); record every layer's other positional and keyword arguments (masks,
 rotary embeddings, which can differ per layer, e.g. Gemma 3's local/global layers) from one
 single-window forward. Then per layer, per linear group in true-sequential order (attention
-before MLP): a pre-hook on the group's first linear feeds one shared statistics object and stops
-the layer there; the method compresses each linear of the group; after all groups the layer is
-re-run so its *compressed* outputs become the next layer's inputs, overwriting the activations in
-place. Memory: the calibration activations (nsamples, seqlen, hidden) once, one group's
-statistics, no second copy of the model.
+before MLP): a pre-hook on the group's first linear feeds one shared statistics object; the method
+compresses each linear of the group; the layer's *compressed* outputs become the next layer's inputs,
+overwriting the activations in place. By default each calibration batch's forward of the layer runs
+once, parked at each group's hook until the group is compressed (:mod:`recoup.compress.onepass`:
+one forward plus the statistics per layer, bitwise the result of re-running). A method that rescales
+an op which already ran (AWQ), or a run whose parked forwards would exceed ``activation_budget_mb``,
+re-runs the layer from its start for each group (stopping at the hook) and once more to propagate.
+Memory: the calibration activations (nsamples, seqlen, hidden) once, plus on the single-pass path
+the parked forwards (estimated and logged), one group's statistics, no second copy of the model.
 
 Two modes. *In place*: everything runs on the model's device. *Offload* (the execution device
 differs from the model's, e.g. ``device="cuda"`` for a model on CPU, or ``offload=True``): the
