@@ -54,3 +54,13 @@ def test_one_forward_per_layer_is_bitwise_the_rerun_path(arch, cfg):
 def test_parked_bytes_counts_every_group_input():
     # llama-7b at 128 x 2048 in fp16: residual + input (2 x 4096) + q, o, gate/up (4096 each) + down (11008)
     assert parked_bytes(128 * 2048, 4096, [4096, 4096, 4096, 11008], 2) == 128 * 2048 * 2 * (8192 + 23296)
+
+
+@pytest.mark.parametrize("targets", ["mlp", "attention"])
+def test_one_forward_per_layer_with_a_subset_of_groups(targets):
+    cfg = dict(method="sparsegpt", sparsity=0.5, targets=targets)
+    lm_a, lm_b = tiny_loaded("qwen3", hidden=32, layers=2), tiny_loaded("qwen3", hidden=32, layers=2)
+    compress(lm_a, CompressConfig.from_dict({**cfg, "batch_size": 4}), calib())
+    compress(lm_b, CompressConfig.from_dict({**cfg, "batch_size": 4, "activation_budget_mb": 0}), calib())
+    for (name, a), (_, b) in zip(anatomy(lm_a.model).iter_linears(), anatomy(lm_b.model).iter_linears()):
+        assert torch.equal(a.weight, b.weight), name
