@@ -303,14 +303,14 @@ def _compress_group(i: int, view: LayerView, method, names: tuple[str, ...], sta
             error=err, error_kind=kind, seconds=time.time() - t0, info={**group_info, **res.info}))
 
 
-def single_pass(method, config: CompressConfig, inps: torch.Tensor, hidden_cols: list[int],
+def single_pass(method, config: CompressConfig, inps: torch.Tensor, group_cols: list[int],
                 device: torch.device) -> tuple[bool, int]:
     """(whether layers run once per batch, the parked forwards' estimated bytes) for this method and budget.
 
     A method that rescales the op before a group (AWQ's ``prepare_group``) changes what an already-run
     part of the forward computed, so it re-runs; otherwise the budget (``activation_budget_mb``, default
     half the device's free memory) decides."""
-    need = parked_bytes(inps.shape[0] * inps.shape[1], inps.shape[2], hidden_cols, inps.element_size())
+    need = parked_bytes(inps.shape[0] * inps.shape[1], inps.shape[2], group_cols, inps.element_size())
     if method.prepare_group is not None:
         return False, need
     budget = config.activation_budget_mb * 2 ** 20 if config.activation_budget_mb is not None \
