@@ -30,7 +30,6 @@ from recoup.artifact import load_model
     ({"method": "wanda", "sparsity": 0.5, "bits": 4}, "joint sparse"),
     ({"method": "gptq", "bits": 4, "sparsity": 0.5}, "does not prune"),
     ({"method": "rtn", "bits": 4, "act_order": True}, "option of gptq, not of rtn"),
-    ({"method": "gptq", "bits": 4, "static_groups": True}, "needs a group_size"),
     ({"method": "sparsegpt", "pattern": "4:8", "blocksize": 12}, "multiple of M=8"),
     ({"method": "rtn", "bits": 4, "targets": "mpl"}, "did you mean 'mlp'"),
 ])
@@ -45,6 +44,16 @@ def test_good_configs():
     assert CompressConfig.from_dict({"method": "gptq", "bits": 4, "group_size": -1}).group_size is None
     j = CompressConfig.from_dict({"method": "sparsegpt", "sparsity": 0.5, "bits": 4, "group_size": 64})
     assert j.prunes and j.quantizes and j.describe() == "sparsegpt 50% 4-bit sym g64"
+
+
+def test_gptq_defaults_are_the_fields():
+    """act-order with static groups on by default (llm-compressor's actorder="static"); per-row is allowed too."""
+    g = CompressConfig.from_dict({"method": "gptq", "bits": 4, "group_size": 64})
+    assert g.options.act_order and g.options.static_groups
+    assert (g.options.blocksize, g.options.percdamp) == (128, 0.01)
+    assert CompressConfig.from_dict({"method": "gptq", "bits": 4}).options.static_groups  # no effect per-row
+    off = CompressConfig.from_dict({"method": "gptq", "bits": 4, "act_order": False, "static_groups": False})
+    assert not off.options.act_order
 
 
 def test_cli_compress_writes_a_loadable_artifact(tmp_path, capsys):

@@ -12,8 +12,8 @@ from recoup.compress import CompressConfig, compress
 from recoup.artifact.store import compression_fingerprint, load_artifact, save_artifact
 from recoup.compress.engine import LayerView, capture_inputs
 from recoup.compress.masks import is_nm
-from recoup.compress.methods.awq import _prepare
-from recoup.compress.stats import ActSampleStats
+from recoup.artifact.grid import QuantGrid
+from recoup.compress.methods.awq import PRECEDING_OP, _fold
 from recoup.data.calibration import Calibration
 from recoup.errors import RecoupError
 from recoup.model.anatomy import anatomy
@@ -78,7 +78,7 @@ def test_gptq_and_sparsegpt_reduce_output_error_vs_baselines():
     assert errs["sparsegpt"] < errs["magnitude"]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "opt"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "opt", "gpt2"])
 def test_awq_scale_folding_preserves_the_function(arch):
     lm = tiny_loaded(arch, hidden=32, layers=1)
     anat = anatomy(lm.model)
@@ -90,10 +90,13 @@ def test_awq_scale_folding_preserves_the_function(arch):
     view = LayerView(layer, anat, anat.linear_names())
     folded = 0
     for names in anat.spec.sequential:
-        stats = ActSampleStats(view.get_weight(names[0]).shape[1], 256, 1)
-        stats.add(torch.randn(64, stats.abs_sum.numel()).abs() * torch.linspace(0.1, 10, stats.abs_sum.numel()))
-        info = _prepare(view, names, stats, CompressConfig(method="awq", bits=3, group_size=16))
-        folded += "awq_folded_into" in info
+        prev = PRECEDING_OP[anat.model_type].get(names)
+        weights = [view.get_weight(n) for n in names]
+        if prev is None or (prev in view.linear_names and view.get_weight(prev).shape[0] != weights[0].shape[1]):
+            continue
+        s = torch.rand(weights[0].shape[1], generator=torch.Generator().manual_seed(folded)) * 4 + 0.25
+        _fold(view, names, weights, prev, s, QuantGrid(3, True, 16))
+        folded += 1
     assert folded >= 2
     after = _call_layer(layer, inps, recs[0])
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
@@ -177,3 +180,22 @@ def test_fingerprint_sees_through_peft_wrapped_linears():
     wrapped = get_peft_model(lm.model, LoraConfig(target_modules=["q_proj", "down_proj"], r=2))
     after = compression_fingerprint(wrapped.base_model.model, rep.to_dict(), rep.qparams)
     assert after["digest"] == before["digest"] and after["all_on_grid"] is True
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
+def test_awq_searches_every_foldable_group_on_its_block_output(arch):
+    """Every group with a foldable preceding op records its block's calls and searches; the chosen scale's block
+    loss is at most the unscaled one (s = 1 is the first candidate); clipping ran on every linear but q/k."""
+    lm = tiny_loaded(arch, hidden=32, layers=2)
+    rep = compress(lm, CompressConfig.from_dict(dict(method="awq", bits=3, group_size=16, grid=6)), calib())
+    anat = anatomy(lm.model)
+    rel = {r.name: r.name[len(f"{anat.spec.layers}.{r.layer}."):] for r in rep.linears}
+    searched = {rel[r.name] for r in rep.linears if "awq_block_loss" in r.info}
+    expected = {n for g, prev in PRECEDING_OP[arch].items() for n in g
+                if not (prev in anat.linear_names() and anat.weight_matrix(anat.linears(anat.layers[0])[prev]).shape[0]
+                        != anat.weight_matrix(anat.linears(anat.layers[0])[g[0]]).shape[1])}
+    assert searched == expected and expected
+    for r in rep.linears:
+        if "awq_block_loss" in r.info:
+            assert r.info["awq_block_loss"] <= r.info["awq_block_loss_unscaled"]
+        assert ("q_proj" in r.name or "k_proj" in r.name) != (rel[r.name] in r.info["awq_clip"])

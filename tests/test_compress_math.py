@@ -128,3 +128,31 @@ def test_indefinite_hessian_raises_damping_and_logs(caplog):
         upper, damp = damped_inverse_cholesky(h, 1e-3)
     assert damp == pytest.approx(0.1) and "retrying" in caplog.text
     assert torch.isfinite(upper).all()
+
+
+def test_awq_clip_never_worse_than_no_clip_and_never_grows_weights():
+    from recoup.compress.methods.awq import awq_clip
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 40, generator=g)
+    w[:, 3] *= 8  # outlier column: clipping pays off in its group
+    x = torch.randn(256, 40, generator=g)
+    grid = QuantGrid(3, False, 16)  # 40 columns: groups of 16, 16, 8 (ragged)
+    clipped = awq_clip(w, x, grid)
+    assert (clipped.abs() <= w.abs() + 1e-7).all() and not torch.equal(clipped, w)
+
+    def group_err(v):  # per (row, group) mean squared partial output of the quantized weight
+        q = grid.quantize_matrix(v)[0]
+        return torch.stack([((x[:, s:s + 16] @ (q - w)[:, s:s + 16].t()) ** 2).mean(0) for s in (0, 16, 32)], 1)
+
+    assert (group_err(clipped) <= group_err(w) + 1e-6).all()
+
+
+def test_awq_scale_candidates_start_at_identity():
+    from recoup.compress.methods.awq import scale_candidates
+
+    x_mean, w_mean = torch.rand(32) + 0.1, torch.rand(32) + 0.1
+    for w in (None, w_mean):
+        cands = scale_candidates(x_mean, w, 20)
+        assert len(cands) == 20 and cands[0][0] == 0.0 and torch.allclose(cands[0][1], torch.ones(32))
+        assert cands[-1][0] == 1.0

@@ -74,6 +74,7 @@ class CompressConfig(Config):
     sym: bool = True  # symmetric grid (zero point in the middle) or asymmetric (min/max)
     targets: str = "all"  # all | attention | mlp
     batch_size: int = 8  # calibration windows per forward in the engine
+    activation_budget_mb: int | None = None  # memory for the one-forward-per-layer engine's parked forwards; None: half the device's free memory; 0: re-run each layer per group
     options: Any = None  # the method's MethodOptions (a mapping is validated into it)
 
     @classmethod
@@ -138,6 +139,9 @@ class CompressConfig(Config):
                 check(self.group_size >= 2, f"group_size must be >= 2, or -1 for one group per row (got {self.group_size})")
         check(self.targets in TARGETS, unknown_name_message("targets", str(self.targets), TARGETS))
         check(isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})")
+        if self.activation_budget_mb is not None:
+            check(isinstance(self.activation_budget_mb, int) and self.activation_budget_mb >= 0,
+                  f"activation_budget_mb must be a whole number of MiB >= 0 (got {self.activation_budget_mb!r})")
         self._check_method(spec)
 
     def _check_method(self, spec) -> None:

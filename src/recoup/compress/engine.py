@@ -4,11 +4,15 @@ Capture the first decoder layer's inputs on the calibration windows (a pre-hook 
 raises :class:`StopForward`); record every layer's other positional and keyword arguments (masks,
 rotary embeddings, which can differ per layer, e.g. Gemma 3's local/global layers) from one
 single-window forward. Then per layer, per linear group in true-sequential order (attention
-before MLP): a pre-hook on the group's first linear feeds one shared statistics object and stops
-the layer there; the method compresses each linear of the group; after all groups the layer is
-re-run so its *compressed* outputs become the next layer's inputs, overwriting the activations in
-place. Memory: the calibration activations (nsamples, seqlen, hidden) once, one group's
-statistics, no second copy of the model.
+before MLP): a pre-hook on the group's first linear feeds one shared statistics object; the method
+compresses each linear of the group; the layer's *compressed* outputs become the next layer's inputs,
+overwriting the activations in place. By default each calibration batch's forward of the layer runs
+once, parked at each group's hook until the group is compressed (:mod:`recoup.compress.onepass`:
+one forward plus the statistics per layer, bitwise the result of re-running). A method that rescales
+an op which already ran (AWQ), or a run whose parked forwards would exceed ``activation_budget_mb``,
+re-runs the layer from its start for each group (stopping at the hook) and once more to propagate.
+Memory: the calibration activations (nsamples, seqlen, hidden) once, plus on the single-pass path
+the parked forwards (estimated and logged), one group's statistics, no second copy of the model.
 
 Two modes. *In place*: everything runs on the model's device. *Offload* (the execution device
 differs from the model's, e.g. ``device="cuda"`` for a model on CPU, or ``offload=True``): the
@@ -36,7 +40,8 @@ from tqdm.auto import tqdm
 from recoup.compress.config import CompressConfig
 from recoup.compress.methods import METHODS, LinearResult
 from recoup.artifact.report import CompressReport, LinearRecord, peak_rss_mb
-from recoup.compress.stats import ActNormStats, ActSampleStats, HessianStats
+from recoup.compress.onepass import available_bytes, parked_bytes, run_parked
+from recoup.compress.stats import ActNormStats, ActSampleStats, BlockIOStats, HessianStats
 from recoup.data.calibration import Calibration
 from recoup.errors import RecoupError
 from recoup.model.anatomy import Anatomy, _get, anatomy
@@ -178,13 +183,16 @@ def capture_inputs(model: nn.Module, anat: Anatomy, ids: torch.Tensor, batch_siz
     return torch.cat(inps, 0), records
 
 
-def _new_stats(kind: str, cols: int, config: CompressConfig, calls: int, device: torch.device):
+def _new_stats(kind: str, cols: int, config: CompressConfig, calls: int, device: torch.device,
+               parent: nn.Module | None = None):
     if kind == "hessian":
         return HessianStats(cols, device)
     if kind == "act_norm":
         return ActNormStats(cols, device)
     if kind == "act_sample":
         return ActSampleStats(cols, config.options.samples, calls, device)
+    if kind == "block_io":
+        return BlockIOStats(cols, config.options.samples, calls, device, parent, config.options.block_tokens)
     return None
 
 
@@ -193,7 +201,12 @@ def _observe(layer: nn.Module, first: nn.Module, stats, inps: torch.Tensor, rec,
         stats.add(args[0].detach())
         raise StopForward
 
-    with hooked(first.register_forward_pre_hook(hook)):
+    def record(_mod, args, kwargs):
+        stats.add_call(args, kwargs)
+
+    parent = getattr(stats, "parent", None)  # block_io: the block's calls too (registered first: fires first)
+    handles = [parent.register_forward_pre_hook(record, with_kwargs=True)] if parent is not None else []
+    with hooked(*handles, first.register_forward_pre_hook(hook)):
         for start in range(0, inps.shape[0], batch_size):
             try:
                 _call_layer(layer, inps[start:start + batch_size], rec)
@@ -216,6 +229,8 @@ def relative_error(w0: torch.Tensor, w1: torch.Tensor, stats) -> tuple[float, st
         return float((d * d * stats.sq).sum() / (w0 * w0 * stats.sq).sum().clamp(min=1e-30)), "act_norm"
     if isinstance(stats, ActSampleStats):
         x = stats.sample()
+        if getattr(stats, "input_scale", None) is not None:  # AWQ folded 1/s into the op producing x
+            x = x / stats.input_scale[None, :]
         return float(((x @ d.t()) ** 2).sum() / ((x @ w0.t()) ** 2).sum().clamp(min=1e-30)), "sample"
     return float((d * d).sum() / (w0 * w0).sum().clamp(min=1e-30)), "weight"
 
@@ -270,36 +285,71 @@ def _prefix_on(model: nn.Module, anat: Anatomy, device: torch.device) -> Iterato
             mod._buffers[bname] = mod._buffers[bname].to(dev)
 
 
+def _compress_group(i: int, view: LayerView, method, names: tuple[str, ...], stats, config: CompressConfig,
+                    linears: list[LinearRecord]) -> None:
+    """Compress the linears ``names`` (one true-sequential group) of layer ``i`` with their shared ``stats``."""
+    anat = view.anat
+    group_info = method.prepare_group(view, names, stats, config) if method.prepare_group else {}
+    for name in names:
+        t0 = time.time()
+        w0 = view.get_weight(name)
+        res = method.compress_linear(w0, stats, config)
+        view.set_weight(name, res.weight)
+        view.results[name] = res
+        err, kind = relative_error(w0, res.weight, stats)
+        linears.append(LinearRecord(
+            name=f"{anat.spec.layers}.{i}.{name}", layer=i, shape=tuple(w0.shape),
+            sparsity=float((res.weight == 0).float().mean()), bits=config.bits, group_size=config.group_size,
+            error=err, error_kind=kind, seconds=time.time() - t0, info={**group_info, **res.info}))
+
+
+def single_pass(method, config: CompressConfig, inps: torch.Tensor, group_cols: list[int],
+                device: torch.device) -> tuple[bool, int]:
+    """(whether layers run once per batch, the parked forwards' estimated bytes) for this method and budget.
+
+    A method that rescales the op before a group (AWQ's ``prepare_group``) changes what an already-run
+    part of the forward computed, so it re-runs; otherwise the budget (``activation_budget_mb``, default
+    half the device's free memory) decides."""
+    need = parked_bytes(inps.shape[0] * inps.shape[1], inps.shape[2], group_cols, inps.element_size())
+    if method.prepare_group is not None:
+        return False, need
+    budget = config.activation_budget_mb * 2 ** 20 if config.activation_budget_mb is not None \
+        else available_bytes(device) // 2
+    return need <= budget, need
+
+
 def _compress_layer(i: int, layer: nn.Module, anat: Anatomy, method, groups: list[tuple[str, ...]],
                     config: CompressConfig, inps: torch.Tensor | None, rec, calls: int, device: torch.device,
-                    linears: list[LinearRecord], qparams: dict[str, dict[str, torch.Tensor]]) -> None:
-    """Observe, compress and propagate one decoder layer on ``device`` (where it and ``inps`` are)."""
+                    linears: list[LinearRecord], qparams: dict[str, dict[str, torch.Tensor]], once: bool) -> None:
+    """Observe, compress and propagate one decoder layer on ``device`` (where it and ``inps`` are).
+
+    once: one forward per calibration batch, parked at each group (:mod:`recoup.compress.onepass`);
+    otherwise the layer re-runs from its start for each group's statistics and once more to propagate."""
     view = LayerView(layer, anat, tuple(n for g in groups for n in g))
-    for names in groups:
-        stats = None
+
+    def stats_for(names: tuple[str, ...]):
+        block = method.block(view.model_type, names) if method.block else None
+        return _new_stats(method.stats, view.get_weight(names[0]).shape[1], config, calls, device,
+                          view.module(block) if block else None)
+
+    if inps is not None and once:
+        run_parked(lambda h: _call_layer(layer, h, rec), [view.module(g[0]) for g in groups], inps,
+                   config.batch_size, lambda k: stats_for(groups[k]),
+                   lambda k, stats: _compress_group(i, view, method, groups[k], stats, config, linears), device)
+    else:
+        for names in groups:
+            stats = None
+            if inps is not None:
+                stats = stats_for(names)
+                _observe(layer, view.module(names[0]), stats, inps, rec, config.batch_size)
+            _compress_group(i, view, method, names, stats, config, linears)
+            del stats
         if inps is not None:
-            cols = view.get_weight(names[0]).shape[1]
-            stats = _new_stats(method.stats, cols, config, calls, device)
-            _observe(layer, view.module(names[0]), stats, inps, rec, config.batch_size)
-        group_info = method.prepare_group(view, names, stats, config) if method.prepare_group else {}
-        for name in names:
-            t0 = time.time()
-            w0 = view.get_weight(name)
-            res = method.compress_linear(w0, stats, config)
-            view.set_weight(name, res.weight)
-            view.results[name] = res
-            err, kind = relative_error(w0, res.weight, stats)
-            linears.append(LinearRecord(
-                name=f"{anat.spec.layers}.{i}.{name}", layer=i, shape=tuple(w0.shape),
-                sparsity=float((res.weight == 0).float().mean()), bits=config.bits, group_size=config.group_size,
-                error=err, error_kind=kind, seconds=time.time() - t0, info={**group_info, **res.info}))
-        del stats
+            _propagate(layer, inps, rec, config.batch_size)
     for name, res in view.results.items():
         if res.scale is not None:
             qparams[f"{anat.spec.layers}.{i}.{name}"] = {"scale": res.scale.cpu(), "zero": res.zero.cpu(),
                                                          "g_idx": res.g_idx.cpu()}
-    if inps is not None:
-        _propagate(layer, inps, rec, config.batch_size)
 
 
 @torch.no_grad()
@@ -336,7 +386,7 @@ def compress(loaded: LoadedModel, config: CompressConfig, calibration: Calibrati
     was_training = model.training
     model.eval()
     inps, records = None, None
-    calls = 0
+    calls, once = 0, False
     linears: list[LinearRecord] = []
     qparams: dict[str, dict[str, torch.Tensor]] = {}
     try:
@@ -345,7 +395,12 @@ def compress(loaded: LoadedModel, config: CompressConfig, calibration: Calibrati
             with _prefix_on(model, anat, device) if offload else contextlib.nullcontext():
                 inps, records = capture_inputs(model, anat, ids, config.batch_size, device, passthrough=offload)
             calls = -(-ids.shape[0] // config.batch_size)
-            log.info("captured layer inputs %s on %s in %.1fs", tuple(inps.shape), inps.device, time.time() - started)
+            cols = [anat.weight_matrix(_get(anat.layers[0], g[0])).shape[1] for g in groups]
+            once, need = single_pass(method, config, inps, cols, device)
+            log.info("captured layer inputs %s on %s in %.1fs (%.0f MiB); %s", tuple(inps.shape), inps.device,
+                     time.time() - started, inps.numel() * inps.element_size() / 2 ** 20,
+                     f"one forward per layer, parked forwards <= {need / 2 ** 20:.0f} MiB" if once else
+                     f"re-running each layer per group ({'the method rescales earlier ops' if method.prepare_group else f'parked forwards would need {need / 2 ** 20:.0f} MiB, over the budget'})")
         for i, layer in enumerate(tqdm(anat.layers, desc=f"compress {config.describe()}", unit="layer")):
             t_layer = time.time()
             first_record = len(linears)
@@ -353,7 +408,7 @@ def compress(loaded: LoadedModel, config: CompressConfig, calibration: Calibrati
                 layer.to(device)
             try:
                 _compress_layer(i, layer, anat, method, groups, config, inps, records[i] if needs_data else None,
-                                calls, device, linears, qparams)
+                                calls, device, linears, qparams, once)
             finally:
                 if offload:
                     layer.to(model_device)

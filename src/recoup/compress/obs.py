@@ -39,8 +39,9 @@ class ObsResult:
 
 @contextlib.contextmanager
 def single_thread() -> Iterator[None]:
-    """Run the many small per-column ops on one thread: with several threads each op pays a barrier,
-    which dominates the OBS loop (and is ruinous on a machine shared by many processes)."""
+    """Run the many small per-column ops on one thread: with several threads each op (a vector of
+    ``rows``) pays a barrier, which dominates the column loop (and is ruinous on a shared machine).
+    The O(cols^3) factorisations and the lazy block updates around the loop keep torch's threads."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -74,10 +75,11 @@ def damped_inverse_cholesky(h: torch.Tensor, percdamp: float, retries: int = 6) 
 
 @dataclasses.dataclass
 class OBSOptions(MethodOptions):
-    """Keys of the blocked OBS update (SparseGPT and GPTQ; the papers' defaults)."""
+    """Keys of the blocked OBS update (SparseGPT and GPTQ). Defaults: the papers' reference code and
+    llm-compressor's GPTQModifier / SparseGPTModifier (``block_size=128``, ``dampening_frac=0.01``)."""
 
-    blocksize: int = 128  # OBS block of columns
-    percdamp: float = 0.01  # dampening, fraction of the mean Hessian diagonal
+    blocksize: int = 128  # columns per OBS block (lazy batch update); N:M needs a multiple of M
+    percdamp: float = 0.01  # Hessian dampening added to the diagonal, as a fraction of its mean (x10 per retry if singular)
 
     def check(self, config) -> None:
         check(isinstance(self.blocksize, int) and self.blocksize >= 1, f"blocksize must be >= 1 (got {self.blocksize})")
@@ -97,9 +99,8 @@ def obs_compress(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float
     picks per row and group of M columns. With a grid every kept weight lands on its group's grid; in
     joint mode kept weights never round to exact zero, so the zeros are exactly the pruned ones.
     """
-    with single_thread():
-        return _obs_compress(weight, hessian, sparsity=sparsity, nm=nm, grid=grid, blocksize=blocksize,
-                             percdamp=percdamp, act_order=act_order, static_groups=static_groups)
+    return _obs_compress(weight, hessian, sparsity=sparsity, nm=nm, grid=grid, blocksize=blocksize,
+                         percdamp=percdamp, act_order=act_order, static_groups=static_groups)
 
 
 def _obs_compress(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float, nm: tuple[int, int] | None,
@@ -147,31 +148,32 @@ def _obs_compress(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: floa
             k = int(score.numel() * sparsity)
             if k > 0:
                 mask1.view(-1)[torch.topk(score.flatten(), k, largest=False).indices] = True
-        for i in range(count):
-            col = i1 + i
-            wc = w1[:, i]
-            d = hinv1[i, i]
-            if nm is not None and i % nm[1] == 0:
-                n, m = nm
-                score = w1[:, i:i + m] ** 2 / d1[i:i + m][None, :] ** 2
-                mask1[:, i:i + m].scatter_(1, torch.topk(score, m - n, dim=1, largest=False).indices, True)
-            q = wc.clone()
-            q[mask1[:, i]] = 0
-            if grid is not None:
-                g = int(col_group[col])
-                if not static_groups and col % gsize == 0:
-                    ahead = torch.cat([w1[:, i:].masked_fill(mask1[:, i:], 0), w[:, i2:]], dim=1)[:, :gsize]
-                    scale[:, g], zero[:, g] = grid.fit(ahead)
-                keep = ~mask1[:, i] if prune else None
-                q = grid.quantize(q[:, None], scale[:, g], zero[:, g],
-                                  keep_nonzero=None if keep is None else keep[:, None])[:, 0]
-                if prune:
-                    q[mask1[:, i]] = 0
-            q1[:, i] = q
-            losses += (wc - q) ** 2 / d ** 2 / 2
-            err = (wc - q) / d
-            w1[:, i:] -= err[:, None] @ hinv1[i, i:][None, :]
-            err1[:, i] = err
+        with single_thread():
+            for i in range(count):
+                col = i1 + i
+                wc = w1[:, i]
+                d = hinv1[i, i]
+                if nm is not None and i % nm[1] == 0:
+                    n, m = nm
+                    score = w1[:, i:i + m] ** 2 / d1[i:i + m][None, :] ** 2
+                    mask1[:, i:i + m].scatter_(1, torch.topk(score, m - n, dim=1, largest=False).indices, True)
+                q = wc.clone()
+                q[mask1[:, i]] = 0
+                if grid is not None:
+                    g = int(col_group[col])
+                    if not static_groups and col % gsize == 0:
+                        ahead = torch.cat([w1[:, i:].masked_fill(mask1[:, i:], 0), w[:, i2:]], dim=1)[:, :gsize]
+                        scale[:, g], zero[:, g] = grid.fit(ahead)
+                    keep = ~mask1[:, i] if prune else None
+                    q = grid.quantize(q[:, None], scale[:, g], zero[:, g],
+                                      keep_nonzero=None if keep is None else keep[:, None])[:, 0]
+                    if prune:
+                        q[mask1[:, i]] = 0
+                q1[:, i] = q
+                losses += (wc - q) ** 2 / d ** 2 / 2
+                err = (wc - q) / d
+                w1[:, i:] -= err[:, None] @ hinv1[i, i:][None, :]
+                err1[:, i] = err
         w[:, i1:i2] = q1
         mask[:, i1:i2] = mask1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]

@@ -33,9 +33,11 @@ class NoOptions(MethodOptions):
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """``stats``: none | hessian | act_norm | act_sample. ``compress_linear(weight, stats, config)``
+    """``stats``: none | hessian | act_norm | act_sample | block_io. ``compress_linear(weight, stats, config)``
     is pure math on a (rows, cols) float32 weight; ``prepare_group`` (AWQ) may rescale a group of
-    linears and fold the inverse scale into the preceding op before they are compressed.
+    linears and fold the inverse scale into the preceding op before they are compressed;
+    ``block(model_type, group)`` names the module (relative to the decoder layer) whose calls
+    ``block_io`` statistics record for that group (AWQ's block-output loss), or None.
     ``prune`` / ``quantize``: required | optional | never (what the shared keys must say);
     ``options``: the method's own config keys (a :class:`MethodOptions` subclass)."""
 
@@ -47,3 +49,4 @@ class Method:
     prune: str = "never"
     quantize: str = "never"
     options: type[MethodOptions] = NoOptions
+    block: Callable[[str, tuple[str, ...]], str | None] | None = None

@@ -12,20 +12,22 @@ from recoup.compress.methods.base import LinearResult, Method
 from recoup.compress.obs import OBSOptions, obs_compress
 from recoup.artifact.grid import QuantGrid
 from recoup.compress.stats import HessianStats
-from recoup.config import check
 
 
 @dataclasses.dataclass
 class GPTQOptions(OBSOptions):
-    """GPTQ's own keys beside the OBS block size and dampening."""
+    """GPTQ's own keys beside the OBS block size and dampening.
 
-    act_order: bool = False  # quantize columns in order of decreasing Hessian diagonal
-    static_groups: bool = False  # with act_order: fix group grids before reordering
+    Defaults as llm-compressor's GPTQModifier (``actorder="static"``, ``block_size=128``,
+    ``dampening_frac=0.01``): columns in activation order, group grids fitted on the original
+    column groups before the reordering, so the artifact's ``g_idx`` stays trivial (no runtime
+    reordering in vLLM / GGUF kernels) while the quality gain of act-order is kept."""
+
+    act_order: bool = True  # quantize columns in order of decreasing Hessian diagonal (GPTQ's act-order; --no-act-order: left to right)
+    static_groups: bool = True  # with act_order and a group_size: fit each group's grid before reordering (trivial g_idx); no effect per-row
 
     def check(self, config) -> None:
         super().check(config)
-        if self.static_groups:
-            check(config.group_size is not None, "static_groups needs a group_size")
 
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, config: CompressConfig) -> LinearResult:

@@ -1,0 +1,103 @@
+"""llm-compressor's side of benchmarks/compress_vs_peer.py; runs in the peer's own virtual environment.
+
+Never imports recoup. Loads the HF model directory, calibrates on the exact token windows recoup used
+(a saved (N, T) tensor, no shuffling), runs ``llmcompressor.oneshot`` with the recipe of the same name,
+times it, and saves the model's state dict with every quantized linear's weight dequantized on its
+grid (compressed-tensors' own ``forward_quantize``), so recoup scores the result with its own evaluator.
+Prints one ``RESULT {json}`` line.
+
+    VENV/bin/python benchmarks/compress_peer_worker.py --model-dir DIR --calib ids.pt --recipe gptq-w4g64 --out W.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def weights_args(bits: int, group_size: int, sym: bool) -> dict:
+    return {"num_bits": bits, "type": "int", "symmetric": sym, "strategy": "group", "group_size": group_size}
+
+
+def recipe(name: str, sym: bool):
+    """The llm-compressor modifiers (at their defaults) for a recipe name of compress_vs_peer.RECIPES."""
+    from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from llmcompressor.modifiers.transform import AWQModifier
+
+    def groups(bits: int, gs: int) -> dict:
+        return {"group_0": {"targets": ["Linear"], "weights": weights_args(bits, gs, sym)}}
+
+    ignore = ["lm_head"]
+    if name == "gptq-w4g64":
+        return [GPTQModifier(config_groups=groups(4, 64), ignore=ignore)]
+    if name == "gptq-w3g64":
+        return [GPTQModifier(config_groups=groups(3, 64), ignore=ignore)]
+    if name == "sparsegpt-50":
+        return [SparseGPTModifier(sparsity=0.5, mask_structure="0:0", ignore=ignore)]
+    if name == "sparsegpt-2:4":
+        return [SparseGPTModifier(sparsity=0.5, mask_structure="2:4", ignore=ignore)]
+    if name == "wanda-50":
+        return [WandaPruningModifier(sparsity=0.5, mask_structure="0:0", ignore=ignore)]
+    if name in ("awq-w4g64", "awq-w3g64"):
+        bits = 4 if name == "awq-w4g64" else 3
+        return [AWQModifier(), QuantizationModifier(config_groups=groups(bits, 64), ignore=ignore)]
+    if name == "sparsegpt-50+w4g64":  # llm-compressor's sparse-then-quantize recipe
+        return [SparseGPTModifier(sparsity=0.5, mask_structure="0:0", ignore=ignore),
+                GPTQModifier(config_groups=groups(4, 64), ignore=ignore)]
+    raise SystemExit(f"unknown recipe {name}")
+
+
+def dequantized_state(model) -> dict:
+    """The model's state dict with each quantized linear's weight replaced by its fake-quantized value."""
+    import torch
+    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    quantized = 0
+    for name, mod in model.named_modules():
+        scheme = getattr(mod, "quantization_scheme", None)
+        if isinstance(mod, torch.nn.Linear) and scheme is not None and scheme.weights is not None:
+            with torch.no_grad():
+                state[f"{name}.weight"] = forward_quantize(mod, mod.weight, "weight", scheme.weights).detach().clone()
+            quantized += 1
+    return state, quantized
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--calib", required=True, help="torch-saved (N, T) int64 token windows")
+    p.add_argument("--recipe", required=True)
+    p.add_argument("--asym", action="store_true")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ids = torch.load(args.calib)
+    n, t = ids.shape
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(args.model_dir)
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    t0, c0 = time.time(), time.process_time()
+    oneshot(model=model, tokenizer=tok, dataset=ds, recipe=recipe(args.recipe, not args.asym),
+            num_calibration_samples=n, max_seq_length=t, shuffle_calibration_samples=False,
+            batch_size=args.batch_size)
+    seconds, cpu = time.time() - t0, time.process_time() - c0
+    state, quantized = dequantized_state(model)
+    torch.save(state, args.out)
+    import llmcompressor
+
+    print("RESULT " + json.dumps({"compress_s": seconds, "compress_cpu_s": cpu, "quantized_linears": quantized,
+                                  "llmcompressor": llmcompressor.__version__, "torch": torch.__version__}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,66 @@
+"""The one-forward-per-layer engine gives bitwise the weights of the re-run-per-group path, every architecture.
+
+Why bitwise and not just close: the parked forwards run the same kernels on the same batches with the
+same (already compressed) weights as a re-run does, one thread at a time and in batch order, so every
+statistic is summed in the same order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import tiny_loaded
+
+from recoup.compress import CompressConfig, compress
+from recoup.compress.onepass import parked_bytes
+from recoup.data.calibration import Calibration
+from recoup.model.anatomy import anatomy
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "opt", "gpt2"]
+
+
+def calib(n=6, t=24, seed=0) -> Calibration:
+    ids = torch.randint(4, 100, (n, t), generator=torch.Generator().manual_seed(seed))
+    return Calibration(input_ids=ids, corpus="random", split="train", seqlen=t, seed=seed)
+
+
+def run(arch: str, cfg: dict, budget: int | None):
+    lm = tiny_loaded(arch, hidden=32, layers=3)
+    anat = anatomy(lm.model)
+    first = anat.linears(anat.layers[1])[anat.spec.sequential[0][0]]
+    calls = []
+    handle = first.register_forward_hook(lambda *a: calls.append(1))
+    rep = compress(lm, CompressConfig.from_dict({**cfg, "batch_size": 4, "activation_budget_mb": budget}), calib())
+    handle.remove()
+    # 6 windows in batches of 4: 2 forwards of layer 1 (plus its one record pass) on the single-pass path
+    assert len(calls) == (3 if budget is None else 2 * len(anat.spec.sequential) + 1)
+    return {n: anat.weight_matrix(m).detach().clone() for n, m in anat.iter_linears()}, rep, lm
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("cfg", [dict(method="sparsegpt", sparsity=0.5, bits=4, group_size=16),
+                                 dict(method="gptq", bits=3, group_size=16), dict(method="wanda", pattern="2:4")],
+                         ids=["joint", "gptq", "wanda"])
+def test_one_forward_per_layer_is_bitwise_the_rerun_path(arch, cfg):
+    once, rep_once, lm_once = run(arch, cfg, None)  # tiny: always fits the default budget
+    rerun, rep_rerun, lm_rerun = run(arch, cfg, 0)  # budget 0: re-run each layer per group
+    assert once.keys() == rerun.keys()
+    for name in once:
+        assert torch.equal(once[name], rerun[name]), name
+    assert [r.error for r in rep_once.linears] == [r.error for r in rep_rerun.linears]
+    x = calib(2, 16, seed=1).input_ids
+    assert torch.equal(lm_once.model(x).logits, lm_rerun.model(x).logits)
+
+
+def test_parked_bytes_counts_every_group_input():
+    # llama-7b at 128 x 2048 in fp16: residual + input (2 x 4096) + q, o, gate/up (4096 each) + down (11008)
+    assert parked_bytes(128 * 2048, 4096, [4096, 4096, 4096, 11008], 2) == 128 * 2048 * 2 * (8192 + 23296)
+
+
+@pytest.mark.parametrize("targets", ["mlp", "attention"])
+def test_one_forward_per_layer_with_a_subset_of_groups(targets):
+    cfg = dict(method="sparsegpt", sparsity=0.5, targets=targets)
+    lm_a, lm_b = tiny_loaded("qwen3", hidden=32, layers=2), tiny_loaded("qwen3", hidden=32, layers=2)
+    compress(lm_a, CompressConfig.from_dict({**cfg, "batch_size": 4}), calib())
+    compress(lm_b, CompressConfig.from_dict({**cfg, "batch_size": 4, "activation_budget_mb": 0}), calib())
+    for (name, a), (_, b) in zip(anatomy(lm_a.model).iter_linears(), anatomy(lm_b.model).iter_linears()):
+        assert torch.equal(a.weight, b.weight), name
