@@ -205,6 +205,18 @@ def test_gguf_fp16_scale_grid_is_exact_q4_0(tmp_path):
     assert_close(logits(m), logits(art.model), 1e-5)
 
 
+@pytest.mark.parametrize("method,extra", [("gptq", {}), ("sparsegpt", {"sparsity": 0.5})])
+def test_compress_scale_dtype_float16_makes_gptq_exact_in_q4_0(tmp_path, method, extra):
+    """``--scale-dtype float16``: GPTQ (or SparseGPT + 4-bit) lands on grids a Q4_0 file holds bit for bit."""
+    art = artifact(tmp_path, method=method, bits=4, group_size=64, scale_dtype="float16", **extra)
+    res = run_export(art, tmp_path, "gguf")
+    assert res["plan"]["linear_type"] == "Q4_0" and res["scales_exact_in_fp16"] is True
+    m = AutoModelForCausalLM.from_pretrained(res["out"], gguf_file="model.gguf", dtype=torch.float32).eval()
+    for name, mod in art.model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+            assert torch.equal(m.get_submodule(name).weight, mod.weight), name
+
+
 def test_gguf_refusals(tmp_path):
     art = artifact(tmp_path, method="rtn", bits=3, group_size=32)
     with pytest.raises(RecoupError, match="--bits 4 --sym"):

@@ -34,6 +34,8 @@ HELP: dict[str, str] = {
     "bits": "quantization bits (2-8); with sparsegpt: the joint sparse + quantized pass",
     "group_size": "columns per quantization group (-1: one group per row)",
     "sym": "symmetric grid (--no-sym: asymmetric min/max)",
+    "scale_dtype": "float32 | float16: float16 rounds grid scales to fp16, so `recoup export --format gguf` writes "
+                   "Q4_0/Q4_1/Q8_0 exactly (e.g. GPTQ quality in a Q4_0 file)",
     "targets": "which linears: all, attention, mlp",
     "batch_size": "compress: calibration windows per forward; eval: scoring batch; recover: windows or examples "
                   "per step",

@@ -72,6 +72,7 @@ class CompressConfig(Config):
     bits: int | None = None  # quantization bits (2-8); with sparsegpt: joint sparse + quantized pass
     group_size: int | None = None  # columns per quantization group; None (or -1) = one group per row
     sym: bool = True  # symmetric grid (zero point in the middle) or asymmetric (min/max)
+    scale_dtype: str = "float32"  # float16: grid scales rounded to fp16, so a GGUF Q4_0/Q4_1/Q8_0 export is exact
     targets: str = "all"  # all | attention | mlp
     batch_size: int = 8  # calibration windows per forward in the engine
     activation_budget_mb: int | None = None  # memory for the one-forward-per-layer engine's parked forwards; None: half the device's free memory; 0: re-run each layer per group
@@ -155,6 +156,8 @@ class CompressConfig(Config):
         elif spec.quantize == "never" and self.bits is not None:
             raise RecoupError(f"{m} does not quantize; joint sparse + quantized compression is "
                               f"--method sparsegpt --sparsity S --bits B")
+        check(self.scale_dtype in ("float32", "float16"),
+              f"scale_dtype must be float32 or float16 (got {self.scale_dtype!r})")
         if self.bits is None:
             check(self.group_size is None, "group_size only applies when quantizing (give bits)")
         self.options.check(self)
@@ -171,6 +174,12 @@ class CompressConfig(Config):
     @property
     def quantizes(self) -> bool:
         return self.bits is not None
+
+    def grid(self):
+        """The quantization grid these keys describe (:class:`recoup.artifact.grid.QuantGrid`)."""
+        from recoup.artifact.grid import QuantGrid
+
+        return QuantGrid(self.bits, self.sym, self.group_size, scale_dtype=self.scale_dtype)
 
     def describe(self) -> str:
         parts = [self.method]

@@ -166,7 +166,7 @@ def awq_clip(weight: torch.Tensor, x: torch.Tensor, grid: QuantGrid, n_grid: int
 def _prepare(view, names: tuple[str, ...], stats: BlockIOStats, config: CompressConfig) -> dict:
     """Search scales for the group ``names`` of ``view`` (the engine's LayerView) on its block's output and
     fold them; then clip each linear's weights (the paper's clipping search) on the rescaled inputs."""
-    grid = QuantGrid(config.bits, config.sym, config.group_size)
+    grid = config.grid()
     opts = config.options
     info: dict = {}
     prev = PRECEDING_OP.get(view.model_type, {}).get(tuple(names))
@@ -227,7 +227,7 @@ def _fold(view, names: tuple[str, ...], weights: list[torch.Tensor], prev: str, 
 
 
 def _compress(weight: torch.Tensor, stats, config: CompressConfig) -> LinearResult:
-    return rtn(weight, QuantGrid(config.bits, config.sym, config.group_size))
+    return rtn(weight, config.grid())
 
 
 @dataclasses.dataclass

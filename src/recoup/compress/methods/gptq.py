@@ -10,7 +10,6 @@ import torch
 from recoup.compress.config import CompressConfig
 from recoup.compress.methods.base import LinearResult, Method
 from recoup.compress.obs import OBSOptions, obs_compress
-from recoup.artifact.grid import QuantGrid
 from recoup.compress.stats import HessianStats
 
 
@@ -32,7 +31,7 @@ class GPTQOptions(OBSOptions):
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, config: CompressConfig) -> LinearResult:
     """weight (rows, cols), hessian (cols, cols) = 2/n X^T X."""
-    grid = QuantGrid(config.bits, config.sym, config.group_size)
+    grid = config.grid()
     res = obs_compress(weight, hessian, grid=grid, blocksize=config.options.blocksize,
                        percdamp=config.options.percdamp, act_order=config.options.act_order,
                        static_groups=config.options.static_groups)

@@ -16,7 +16,7 @@ def rtn(weight: torch.Tensor, grid: QuantGrid) -> LinearResult:
 
 
 def _compress(weight: torch.Tensor, stats, config: CompressConfig) -> LinearResult:
-    return rtn(weight, QuantGrid(config.bits, config.sym, config.group_size))
+    return rtn(weight, config.grid())
 
 
 METHOD = Method("rtn", "none", _compress, paper="round-to-nearest baseline", quantize="required")

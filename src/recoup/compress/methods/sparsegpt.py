@@ -8,13 +8,12 @@ import torch
 from recoup.compress.config import CompressConfig
 from recoup.compress.methods.base import LinearResult, Method
 from recoup.compress.obs import OBSOptions, obs_compress
-from recoup.artifact.grid import QuantGrid
 from recoup.compress.stats import HessianStats
 
 
 def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, config: CompressConfig) -> LinearResult:
     """weight (rows, cols), hessian (cols, cols) = 2/n X^T X."""
-    grid = QuantGrid(config.bits, config.sym, config.group_size) if config.bits else None
+    grid = config.grid() if config.bits else None
     res = obs_compress(weight, hessian, sparsity=config.sparsity or 0.0, nm=config.nm, grid=grid,
                        blocksize=config.options.blocksize, percdamp=config.options.percdamp)
     return LinearResult(weight=res.weight, mask=res.mask, scale=res.scale, zero=res.zero, g_idx=res.g_idx,
