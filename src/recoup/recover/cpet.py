@@ -279,7 +279,7 @@ def fit_cpet(model: nn.Module, tokenizer, data, cfg: CpetConfig, train_cfg, inhe
     modules are trained together with the shared loop; the best state by validation task loss is kept.
     """
     from recoup.recover.lora import linear_digests, lora_parameters
-    from recoup.recover.task_data import batch_stream, kept_loss, mean_loss, model_outputs, pad_id_of
+    from recoup.recover.task_data import kept_loss, mean_loss, model_outputs, pad_id_of
     from recoup.recover.train import train
 
     if cfg.distill and teacher is None:
@@ -312,7 +312,7 @@ def fit_cpet(model: nn.Module, tokenizer, data, cfg: CpetConfig, train_cfg, inhe
         return task + d
 
     pad = pad_id_of(tokenizer)
-    batches = batch_stream(data.train, batch_size, pad, seed=train_cfg.seed)
+    batches = data.batches(batch_size, pad, train_cfg.seed)
     validate = (lambda: mean_loss(wrapped, data.valid, pad, batch_size)) if data.valid else None
     result = train(params, batches, loss_fn, train_cfg, validate, tokens_in=lambda b: b.tokens, desc="cpet")
     if linear_digests(wrapped) != before:

@@ -213,7 +213,7 @@ def fit_lora(model: nn.Module, tokenizer, data, cfg: LoraConfig, train_cfg, batc
     targets, e.g. one trained on the dense model) replaces PEFT's random init. The base weights are
     checked bit-identical after training (RecoupError otherwise). ``model`` is wrapped in place.
     """
-    from recoup.recover.task_data import batch_stream, mean_loss, pad_id_of, prefixed_loss
+    from recoup.recover.task_data import mean_loss, pad_id_of, prefixed_loss
     from recoup.recover.train import train
 
     device = next(model.parameters()).device
@@ -226,7 +226,7 @@ def fit_lora(model: nn.Module, tokenizer, data, cfg: LoraConfig, train_cfg, batc
     wrapped = rec.apply(model, seed=train_cfg.seed)
     params = lora_parameters(wrapped)
     pad = pad_id_of(tokenizer)
-    batches = batch_stream(data.train, batch_size, pad, seed=train_cfg.seed)
+    batches = data.batches(batch_size, pad, train_cfg.seed)
     validate = (lambda: mean_loss(wrapped, data.valid, pad, batch_size)) if data.valid else None
     result = train(params, batches, lambda b: prefixed_loss(wrapped, b, device), train_cfg, validate,
                    tokens_in=lambda b: b.tokens, desc="lora")

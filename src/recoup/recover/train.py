@@ -3,6 +3,12 @@
 AdamW, linear warm-up then linear decay, gradient clipping, a seeded order, periodic validation,
 the best state (lowest validation loss) kept, a progress bar showing loss and validation
 perplexity. The caller supplies the trainable parameters, a batch iterator and a loss function.
+
+Data parallel under ``torchrun`` / ``accelerate launch`` (:mod:`recoup.model.parallel`), for every method at
+once: rank 0's initial parameters are broadcast, each rank's batches are its slice of the global batch
+(:meth:`recoup.recover.task_data.TuningData.batches`), gradients are averaged over the ranks before clipping
+(as DDP does: exact for equal scored tokens per slice, e.g. corpus windows), the logged loss is the ranks'
+mean, and rank 0 alone validates, keeps the best state and shows progress (only its result is saved).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from recoup.config import Config, check
+from recoup.model import parallel
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +132,9 @@ def train(params: list[torch.nn.Parameter], batches: Iterator, loss_fn: Callable
           tokens_in: Callable[[object], int] = lambda b: 0, desc: str = "train") -> TrainResult:
     """Minimise ``loss_fn(batch)`` over ``params``; returns the history; leaves the best state in ``params``."""
     torch.manual_seed(cfg.seed)
+    device = params[0].device if params else torch.device("cpu")
+    parallel.broadcast_(params)  # no-op on one process
+    main = parallel.is_main()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     best: list[torch.Tensor] | None = None
@@ -134,20 +144,22 @@ def train(params: list[torch.nn.Parameter], batches: Iterator, loss_fn: Callable
     tokens = 0
     started = time.time()
     cpu_started = time.process_time()
-    bar = tqdm(range(cfg.steps), desc=desc, unit="step")
+    bar = tqdm(range(cfg.steps), desc=desc, unit="step", disable=not main)
     step = 0
     for step in bar:
         batch = next(batches)
         loss = loss_fn(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        parallel.average_gradients_(params)
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
         sched.step()
-        history.append(loss.item())
-        tokens += tokens_in(batch)
-        last = (step + 1 == cfg.steps) or (cfg.time_budget_s is not None and time.time() - started > cfg.time_budget_s)
-        if validate is not None and ((step + 1) % cfg.eval_every == 0 or last):
+        history.append(parallel.mean_scalar(loss.item(), device))
+        tokens += round(parallel.mean_scalar(float(tokens_in(batch)), device) * parallel.world_size())
+        last = (step + 1 == cfg.steps) or (cfg.time_budget_s is not None and parallel.main_decides(
+            time.time() - started > cfg.time_budget_s, device))
+        if validate is not None and main and ((step + 1) % cfg.eval_every == 0 or last):
             with torch.no_grad():
                 v = validate()
             vals.append((step + 1, v))

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from recoup.errors import RecoupError
+from recoup.model import parallel
 from recoup.model.recovery import RUN_RECORD, TRAIN_RECORD
 from recoup.recipe.jobs import CompressJob, EvalJob, RecoverJob
 
@@ -122,7 +123,9 @@ def recover(job: RecoverJob) -> dict:
     started = time.time()
     recovery, result = method.fit(loaded, job.config, data)
     out = Path(job.out).expanduser()
-    recovery.save(out)
+    main = parallel.is_main()  # under torchrun / accelerate, rank 0 alone saves
+    if main:
+        recovery.save(out)
     summary: dict = {"model": job.model, "method": job.method, "config": job.config.to_dict(), "out": str(out),
                      "parameters": recovery.num_parameters(), "total_seconds": round(time.time() - started, 1)}
     if result is not None:
@@ -131,9 +134,10 @@ def recover(job: RecoverJob) -> dict:
                         "train": result.to_dict()})
         base = (getattr(recovery, "meta", {}).get("train") or {}).get("val_loss_without_prompt")
         summary["val_loss_without_recovery"] = base
-        if not (out / TRAIN_RECORD).is_file():
+        if main and not (out / TRAIN_RECORD).is_file():
             (out / TRAIN_RECORD).write_text(json.dumps({"method": job.method, "history": result.to_dict()}, indent=1))
-    (out / RUN_RECORD).write_text(json.dumps(summary, indent=2, default=str))
+    if main:
+        (out / RUN_RECORD).write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
 
