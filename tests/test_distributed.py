@@ -78,3 +78,20 @@ def test_two_processes_save_the_recovery_one_process_saves(tiny, tmp_path, metho
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), (k, (a[k] - b[k]).abs().max())
     moved = any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a)
     assert moved
+
+
+@needs_torchrun
+def test_sharded_evaluation_on_two_processes_gives_the_one_process_metrics(tiny, tmp_path):
+    import json
+
+    model, corpus = tiny
+    common = ["eval", str(model), "--tasks", f"arc_easy,ppl:{corpus}", "--limit", "7", "--seqlen", "256",
+              "--batch-size", "2"]
+    recoup(common + ["--json", str(tmp_path / "one.json")])
+    two = recoup(common + ["--json", str(tmp_path / "two.json")], nproc=2)
+    assert two.stdout.count("arc_easy") >= 1
+    one, both = (json.loads((tmp_path / f).read_text())["results"] for f in ("one.json", "two.json"))
+    assert one.keys() == both.keys() == {"arc_easy", f"ppl:{corpus}"}
+    for task in one:
+        metrics = {k: v for k, v in one[task].items() if isinstance(v, (int, float)) and k != "seconds"}
+        assert metrics and metrics == {k: both[task][k] for k in metrics}, task

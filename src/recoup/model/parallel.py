@@ -120,10 +120,19 @@ def main_decides(flag: bool, device: torch.device | str = "cpu") -> bool:
     return bool(t.item())
 
 
-def gather_objects(obj: object) -> list[object] | None:
-    """Every rank's ``obj`` in rank order on rank 0 (None on the others); ``[obj]`` on one process."""
-    if not ensure_group("cpu"):
+def all_gather_objects(obj: object) -> list[object]:
+    """Every rank's ``obj`` (picklable) in rank order, on every rank; ``[obj]`` on one process."""
+    if not ensure_group("cuda" if torch.cuda.is_available() else "cpu"):
         return [obj]
-    out: list[object] | None = [None] * world_size() if is_main() else None
-    dist.gather_object(obj, out, dst=0)
+    out: list[object] = [None] * world_size()
+    dist.all_gather_object(out, obj)
     return out
+
+
+def sharded_map(fn, items: list) -> list:
+    """``[fn(x) for x in items]`` with each rank computing its contiguous shard of ``items``; every rank gets
+    the whole list in the original order (one process: a plain map). ``fn`` must not need other ranks."""
+    if world_size() <= 1:
+        return [fn(x) for x in items]
+    mine = [fn(x) for x in items[my_slice(len(items))]]
+    return [y for part in all_gather_objects(mine) for y in part]  # type: ignore[union-attr]

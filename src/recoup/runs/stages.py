@@ -102,7 +102,7 @@ def evaluate(job: EvalJob, judge: Any = None) -> dict:
         merged.setdefault("results", {}).update(out["results"])
         merged.setdefault("protocol", {**out["protocol"], "limits": {}})["limits"].update({t: limit for t in tasks})
     merged["results"] = {t: merged["results"][t] for t in job.tasks}
-    if job.json:
+    if job.json and parallel.is_main():  # under torchrun every rank has the gathered results; rank 0 writes
         path = Path(job.json).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(merged, indent=2))
