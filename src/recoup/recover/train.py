@@ -13,6 +13,7 @@ mean, and rank 0 alone validates, keeps the best state and shows progress (only 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -70,6 +71,7 @@ class FitConfig(Config):
     val_windows: int | None = None  # corpus: valid-split windows per validation (default 4); not with a task
     seed: int = 0  # initialisation, batch order and the task split
     time_budget: float | None = None  # seconds; stop early (best state kept) once spent
+    gradient_checkpointing: bool = False  # recompute decoder layers in the backward: less memory, ~30% more time
 
     default_data: ClassVar[str | None] = "ptb"
 
@@ -127,12 +129,59 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return f
 
 
+@contextlib.contextmanager
+def training_context(model: torch.nn.Module, gradient_checkpointing: bool = False):
+    """Memory and precision for training a recovery on ``model`` (its weights frozen), for every method at once.
+
+    - ``gradient_checkpointing``: the decoder layers recompute their activations in the backward pass
+      (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost"); only the layers themselves are
+      put in training mode, so no dropout turns on; off again on exit.
+    - a bfloat16/float16 model runs its forward under ``torch.autocast`` in its own dtype, while the trainable
+      parameters and the optimizer state stay float32 (:func:`train` keeps them so): mixed precision
+      (Micikevicius et al. 2018).
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    hooks = []
+    if gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            from recoup.errors import RecoupError
+
+            raise RecoupError(f"{type(model).__name__} does not support gradient checkpointing")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+        def on(module, args):  # transformers checkpoints a layer only in training mode: the layer alone, for
+            module.training = True  # its own call (children, e.g. dropout, stay as they are: eval)
+
+        def off(module, args, output):
+            module.training = False
+
+        for m in model.modules():
+            if isinstance(m, GradientCheckpointingLayer):
+                hooks += [m.register_forward_pre_hook(on), m.register_forward_hook(off)]
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    amp = (torch.autocast(device_type=device.type, dtype=dtype) if dtype in (torch.bfloat16, torch.float16)
+           else contextlib.nullcontext())
+    try:
+        with amp:
+            yield
+    finally:
+        for h in hooks:
+            h.remove()
+        if gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+
+
 def train(params: list[torch.nn.Parameter], batches: Iterator, loss_fn: Callable[[object], torch.Tensor],
           cfg: TrainConfig, validate: Callable[[], float] | None = None,
           tokens_in: Callable[[object], int] = lambda b: 0, desc: str = "train") -> TrainResult:
     """Minimise ``loss_fn(batch)`` over ``params``; returns the history; leaves the best state in ``params``."""
     torch.manual_seed(cfg.seed)
     device = params[0].device if params else torch.device("cpu")
+    for p in params:  # mixed precision: trainable parameters (and so the optimizer state) in float32
+        if p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
     parallel.broadcast_(params)  # no-op on one process
     main = parallel.is_main()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -88,7 +88,7 @@ def evaluate(job: EvalJob, judge: Any = None) -> dict:
                                  job.judge_retries, dtype=job.dtype, device=job.device)
     if judge is not None:
         options["judge"] = judge
-    loaded = load_model(job.model, dtype=job.dtype, device=job.device)
+    loaded = load_model(job.model, dtype=job.dtype, device=job.device, device_map=job.device_map)
     recovery = _recovery_for(job, loaded)
     groups: dict = {}  # limit -> tasks, in order (one pass per distinct limit)
     for task in job.tasks:
@@ -114,14 +114,16 @@ def recover(job: RecoverJob) -> dict:
     from recoup.artifact import load_model
     from recoup.recover.methods import RECOVERIES
     from recoup.recover.task_data import training_data
+    from recoup.recover.train import training_context
 
     if job.out is None:
         raise RecoupError("recover: give --out DIR")
     method = RECOVERIES.get(job.method)
-    loaded = load_model(job.model, dtype=job.dtype, device=job.device)
+    loaded = load_model(job.model, dtype=job.dtype, device=job.device, device_map=job.device_map)
     data = training_data(loaded.tokenizer, job.config) if method.trains else None
     started = time.time()
-    recovery, result = method.fit(loaded, job.config, data)
+    with training_context(loaded.model, bool(getattr(job.config, "gradient_checkpointing", False))):
+        recovery, result = method.fit(loaded, job.config, data)
     out = Path(job.out).expanduser()
     main = parallel.is_main()  # under torchrun / accelerate, rank 0 alone saves
     if main:
