@@ -23,7 +23,9 @@ HELP: dict[str, str] = {
     "seqlen": "compress: calibration window length; eval: perplexity window; recover: training window / max "
               "tokens per example",
     "seed": "seed of calibration offsets / sampled task subsets / initialisation, batch order and task split",
-    "dtype": "float32 | bfloat16 | float16",
+    "dtype": "auto (default: the checkpoint's dtype on CUDA, float32 on CPU) | float32 | bfloat16 | float16",
+    "device_map": "auto: spread a model too large for one device over the GPUs, then CPU memory (accelerate)",
+    "gradient_checkpointing": "recompute decoder layers in the backward: much less activation memory, ~30% slower",
     "device": "cpu | cuda | cuda:N (compress: also auto; on a GPU the model stays on CPU, one decoder layer at a "
               "time moves to it)",
     "storage": "packed: bit-packed codes + sparsity bitmasks (loads to the same weights, bit for bit); dense: "

@@ -11,7 +11,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a recipe value, dotted keys, e.g. --set evaluate.limit=4 "
                         "--set compress.8x.sparsity=0.6 (repeatable)")
     p.add_argument("--store", default=None, help="results store (default $RECOUP_STORE or $RECOUP_HOME/results.sqlite)")
-    p.add_argument("--executor", default="local", help="job executor (default local: sequential, in process)")
+    p.add_argument("--executor", default="local",
+                   help="job executor: local (default: sequential, in process) or ray (each stage a Ray task)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join with --executor ray (default $RAY_ADDRESS, else a local cluster "
+                        "started and shut down for the run); the run directory must be on a shared file system")
     p.add_argument("--no-report", action="store_true", help="skip the report at the end")
     p.add_argument("--dry-run", action="store_true",
                    help="validate the recipe and print its stages; load no model, compute nothing")
@@ -51,7 +55,7 @@ def execute(recipe, args: argparse.Namespace) -> int:
     from recoup.runs.run import run_recipe
     from recoup.runs.store import Store
 
-    executor = make_executor(args.executor)
+    executor = make_executor(args.executor, args.address)
     with Store(args.store) as store:
         outcome = run_recipe(recipe, out=args.out, store=store, executor=executor, report=not args.no_report)
     print(f"run {outcome.run_id}: {len(outcome.ran)} stage(s) computed, {len(outcome.cached)} reused, "

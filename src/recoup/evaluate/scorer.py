@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from recoup.data.bos import bos_id, with_bos
 from recoup.errors import RecoupError
+from recoup.model import parallel
 from recoup.model.forward import build_inputs, keeps_logits
 
 log = logging.getLogger(__name__)
@@ -159,11 +160,13 @@ class Scorer:
                 batches.append([ctx])
         results: list[tuple[float, bool] | None] = [None] * len(pairs)
         self.model.eval()
-        for batch in tqdm(batches, desc=desc, unit="batch", disable=not self.progress, leave=False):
+        bar = tqdm(total=len(batches), desc=desc, unit="batch", disable=not self.progress, leave=False)
+
+        def score(batch: list[tuple[int, ...]]) -> list[tuple[int, tuple[float, bool]]]:
+            bar.update()
             if all(len(groups[c]) == 1 for c in batch):  # nothing shared: one forward over context + continuation
-                for i, score in zip([groups[c][0] for c in batch], self._score_joined(batch, [conts[groups[c][0]] for c in batch])):
-                    results[i] = score
-                continue
+                return list(zip([groups[c][0] for c in batch],
+                                self._score_joined(batch, [conts[groups[c][0]] for c in batch])))
             last, past_mask, cache = self._prefill(batch)
             last = last[:, -1]
             rows = [(b, i) for b, ctx in enumerate(batch) for i in groups[ctx]]
@@ -190,8 +193,13 @@ class Scorer:
             else:
                 rest_lp = torch.zeros_like(first_lp)
                 rest_greedy = torch.ones_like(first_greedy)
-            for r, (_, i) in enumerate(rows):
-                results[i] = (float(first_lp[r] + rest_lp[r]), bool(first_greedy[r] and rest_greedy[r]))
+            return [(i, (float(first_lp[r] + rest_lp[r]), bool(first_greedy[r] and rest_greedy[r])))
+                    for r, (_, i) in enumerate(rows)]
+
+        for done in parallel.sharded_map(score, batches):  # under torchrun: each rank a shard of the batches
+            for i, result in done:
+                results[i] = result
+        bar.close()
         return results  # type: ignore[return-value]
 
     def _score_joined(self, ctxs: list[tuple[int, ...]], conts: list[tuple[int, ...]]) -> list[tuple[float, bool]]:
@@ -216,14 +224,22 @@ class Scorer:
         """
         from recoup.model.forward import forward_logits
 
-        total, count = 0.0, 0
-        for start in tqdm(range(0, windows.shape[0], self.batch_size), desc=desc, unit="batch",
-                          disable=not self.progress, leave=False):
+        starts = list(range(0, windows.shape[0], self.batch_size))
+        bar = tqdm(total=len(starts), desc=desc, unit="batch", disable=not self.progress, leave=False)
+
+        def nll(start: int) -> tuple[float, int]:
+            bar.update()
             x = windows[start: start + self.batch_size].to(self.device)
             prefix = self.recovery.prefix(self.model, x, torch.ones_like(x)) if self.recovery is not None else None
             logits = forward_logits(self.model, x, None, prefix)[:, :-1].float()
-            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum").item()
-            count += x[:, 1:].numel()
+            return (F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum").item(),
+                    x[:, 1:].numel())
+
+        total, count = 0.0, 0
+        for part, n in parallel.sharded_map(nll, starts):  # summed in batch order: the same float on any rank count
+            total += part
+            count += n
+        bar.close()
         return total, count
 
     # ----------------------------------------------------------------- rolling likelihood
@@ -277,8 +293,11 @@ class Scorer:
         outputs: list[str] = [""] * len(prompts)
         eos = set(self.eos_ids)
         self.model.eval()
-        for start in tqdm(range(0, len(order), self.batch_size), desc=desc, unit="batch",
-                          disable=not self.progress, leave=False):
+        starts = list(range(0, len(order), self.batch_size))
+        bar = tqdm(total=len(starts), desc=desc, unit="batch", disable=not self.progress, leave=False)
+
+        def greedy(start: int) -> list[tuple[int, str]]:
+            bar.update()
             idx = order[start: start + self.batch_size]
             logp, mask, cache = self._prefill([encoded[i] for i in idx])
             logp = logp[:, -1]
@@ -302,8 +321,12 @@ class Scorer:
                 step_mask = torch.ones((n, 1), dtype=mask.dtype, device=self.device)
                 logp = self._extend(tok[:, None], step_mask, mask, cache)[:, -1]
                 mask = torch.cat([mask, step_mask], dim=1)
-            for r, i in enumerate(idx):
-                outputs[i] = _cut(self.tokenizer.decode(new[r], skip_special_tokens=True), stop, stop_after_space)
+            return [(i, _cut(self.tokenizer.decode(new[r], skip_special_tokens=True), stop, stop_after_space)) for r, i in enumerate(idx)]
+
+        for done in parallel.sharded_map(greedy, starts):  # under torchrun: each rank a shard of the batches
+            for i, text in done:
+                outputs[i] = text
+        bar.close()
         return outputs
 
     def chat_prompt(self, message: str) -> str:

@@ -56,10 +56,40 @@ class LoadedModel:
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
+    if name == "auto":
+        raise RecoupError("dtype 'auto' depends on the device: resolve it with resolve_dtype(name, device, path)")
     try:
         return DTYPES[name]
     except KeyError:
         raise RecoupError(f"unknown dtype '{name}'; use one of {', '.join(DTYPES)}") from None
+
+
+def checkpoint_dtype(path: Path | None) -> torch.dtype:
+    """The dtype a local checkpoint's config.json records (``dtype`` or ``torch_dtype``); float32 when absent."""
+    import json
+
+    cfg = (Path(path) / "config.json") if path is not None else None
+    if cfg is None or not cfg.is_file():
+        return torch.float32
+    try:
+        data = json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return torch.float32
+    name = data.get("dtype") or data.get("torch_dtype") or (data.get("text_config") or {}).get("dtype")
+    return DTYPES.get(str(name).replace("torch.", ""), torch.float32)
+
+
+def resolve_dtype(name: str | torch.dtype, device: str, path: Path | None = None) -> torch.dtype | str:
+    """``auto``: the checkpoint's dtype on CUDA (a bf16 checkpoint runs in bf16), float32 on CPU (CPU
+    half-precision kernels are slow and lose accuracy); any other name: that dtype. A hub source on CUDA
+    gives ``"auto"`` for transformers to read the dtype from the downloaded config."""
+    if name != "auto":
+        return parse_dtype(name)
+    if not str(device).startswith("cuda") and device != "auto":
+        return torch.float32
+    if device == "auto" and not torch.cuda.is_available():
+        return torch.float32
+    return checkpoint_dtype(path) if path is not None else "auto"
 
 
 def bundled_gguf_path() -> Path | None:
@@ -204,18 +234,22 @@ def check_hub(source: str, timeout_s: float = 3.0) -> bool:
 
 
 def load_pretrained(source: str, dtype: str | torch.dtype = "float32", device: str = "cpu",
-                    trust_remote_code: bool = False) -> LoadedModel:
+                    trust_remote_code: bool = False, device_map: str | None = None) -> LoadedModel:
     """Load a plain (uncompressed) source as a causal LM in eval mode on ``device``.
 
+    ``dtype="auto"``: see :func:`resolve_dtype`. ``device_map="auto"``: accelerate's big-model placement
+    (layers spread over the GPUs, then CPU memory) instead of one ``device``.
     Compressed artifacts are one layer up: :func:`recoup.artifact.load_model` loads every source."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kind, path = resolve_source(source)
-    torch_dtype = parse_dtype(dtype)
+    torch_dtype = resolve_dtype(dtype, "auto" if device_map else device, path)
     if kind == "artifact":
         raise RecoupError(f"'{source}' is a recoup artifact; load it with recoup.artifact.load_model")
     target = str(path) if path is not None else source
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     if path is not None:
         kwargs["use_safetensors"] = True  # never unpickle local weights
     local_only = check_hub(source) if kind == "hub" else False
@@ -232,7 +266,9 @@ def load_pretrained(source: str, dtype: str | torch.dtype = "float32", device: s
                 f"download it where you have a network and pass the local directory. ({type(exc).__name__})"
             ) from None
         raise RecoupError(f"could not load model from '{source}': {str(exc).splitlines()[0]}") from None
-    model.to(device).eval()
+    if device_map is None:
+        model.to(device)
+    model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, path=path)

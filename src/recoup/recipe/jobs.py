@@ -21,7 +21,7 @@ from recoup.config import Config, check
 from recoup.data.bos import check_policy
 from recoup.errors import RecoupError
 
-DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 STORAGES = ("packed", "dense")
 
 
@@ -128,7 +128,7 @@ class CompressJob(Config):
     nsamples: int = 128
     seqlen: int = 512
     seed: int = 0
-    dtype: str = "float32"
+    dtype: str = "auto"  # the checkpoint's dtype on CUDA, float32 on CPU
     device: str = "auto"
     storage: str = "packed"
     force: bool = False
@@ -158,7 +158,7 @@ class CompressJob(Config):
         check(1 <= self.nsamples <= 1 << 16, f"nsamples must be in [1, 65536] (got {self.nsamples})")
         check(2 <= self.seqlen <= 1 << 17, f"seqlen must be in [2, 131072] (got {self.seqlen})")
         check(self.seed >= 0, f"seed must be >= 0 (got {self.seed})")
-        check(self.dtype in DTYPES, f"unknown dtype '{self.dtype}'; use float32, bfloat16 or float16")
+        check(self.dtype in DTYPES, f"unknown dtype '{self.dtype}'; use auto, float32, bfloat16 or float16")
         check(self.storage in STORAGES, f"unknown storage '{self.storage}'; use packed or dense")
         check_policy(self.bos)
         check_device(self.device, allow_auto=True)
@@ -180,8 +180,9 @@ class EvalJob(Config):
     batch_size: int = 8
     seed: int = 0  # seeded task subsets
     bos: str = "auto"  # BOS policy of every window / request (recoup.data.bos): auto | always | never
-    dtype: str = "float32"
+    dtype: str = "auto"  # the checkpoint's dtype on CUDA, float32 on CPU
     device: str = "cpu"
+    device_map: str | None = None  # auto: accelerate's big-model placement (GPUs, then CPU); overrides device
     options: dict = dataclasses.field(default_factory=dict)  # task-family options (shots, ...)
     judge_url: str | None = None
     judge_model: str | None = None
@@ -217,8 +218,9 @@ class EvalJob(Config):
         check(self.seed >= 0, f"seed must be >= 0 (got {self.seed})")
         check_policy(self.bos)
         check(self.judge_retries >= 1, f"judge_retries must be >= 1 (got {self.judge_retries})")
-        check(self.dtype in DTYPES, f"unknown dtype '{self.dtype}'; use float32, bfloat16 or float16")
+        check(self.dtype in DTYPES, f"unknown dtype '{self.dtype}'; use auto, float32, bfloat16 or float16")
         check_device(self.device)
+        check(self.device_map in (None, "auto"), f"unknown device_map '{self.device_map}'; use auto (or leave it out)")
         check(self.recovery is None or self.prompt_text is None, "give either recovery or prompt_text, not both")
         check(self.prompt_text is None or bool(self.prompt_text.strip()), "prompt_text is empty")
         if self.recovery is not None:
@@ -249,8 +251,9 @@ class RecoverJob(Config):
     model: str = "smollm2-135m"
     method: str = "soft-prompt"
     out: str | None = None
-    dtype: str = "float32"
+    dtype: str = "auto"  # the checkpoint's dtype on CUDA, float32 on CPU
     device: str = "cpu"
+    device_map: str | None = None  # auto: accelerate's big-model placement (GPUs, then CPU); overrides device
     force: bool = False
     config: Any = None
 
@@ -288,8 +291,9 @@ class RecoverJob(Config):
 
         RECOVERIES.get(self.method)
         check_source(self.model)
-        check(self.dtype in DTYPES, f"unknown dtype '{self.dtype}'; use float32, bfloat16 or float16")
+        check(self.dtype in DTYPES, f"unknown dtype '{self.dtype}'; use auto, float32, bfloat16 or float16")
         check_device(self.device)
+        check(self.device_map in (None, "auto"), f"unknown device_map '{self.device_map}'; use auto (or leave it out)")
         check_out(self.out, self.force)
         check(self.config is not None, "a recovery job needs its method config")
         data = getattr(self.config, "data", None)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from recoup.errors import RecoupError
+from recoup.model import parallel
 from recoup.registry import unknown_name_message
 
 log = logging.getLogger(__name__)
@@ -209,10 +210,16 @@ class TuningData:
         return self.lm_ids is not None
 
     def batches(self, batch_size: int, pad_id: int, seed: int) -> Iterator["Batch"]:
+        """Endless seeded batches of ``batch_size`` (the global batch). Under a data-parallel launcher each
+        rank gets its contiguous slice of the same global batch (:mod:`recoup.model.parallel`)."""
+        world = parallel.world_size()
+        if batch_size < world:
+            raise RecoupError(f"batch_size {batch_size} is the global batch; it must be at least the number of "
+                              f"processes ({world})")
         if self.lm_ids is not None:
             from recoup.data.windows import window_stream
 
-            return (collate([Sequence(ids=w.tolist()) for w in x], pad_id)
+            return (collate([Sequence(ids=w.tolist()) for w in x[parallel.my_slice(len(x))]], pad_id)
                     for x in window_stream(self.lm_ids, self.seqlen, batch_size, seed, self.bos_id))
         return batch_stream(self.train, batch_size, pad_id, seed=seed)
 
@@ -313,14 +320,18 @@ def collate(seqs: list[Sequence], pad_id: int) -> Batch:
 
 
 def batch_stream(seqs: list[Sequence], batch_size: int, pad_id: int, seed: int = 0) -> Iterator[Batch]:
-    """Endless batches, reshuffled every epoch by a seeded generator."""
+    """Endless batches, reshuffled every epoch by a seeded generator; each rank gets its slice of every batch."""
     if not seqs:
         raise RecoupError("no training sequences")
     gen = torch.Generator().manual_seed(seed)
+    world = parallel.world_size()
     while True:
         order = torch.randperm(len(seqs), generator=gen).tolist()
         for start in range(0, len(order), batch_size):
-            yield collate([seqs[i] for i in order[start:start + batch_size]], pad_id)
+            chosen = order[start:start + batch_size]
+            if len(chosen) < world:  # data parallel: an epoch's tail too short to give every rank a row
+                continue
+            yield collate([seqs[i] for i in chosen[parallel.my_slice(len(chosen))]], pad_id)
 
 
 def lm_loss(model, x: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:

@@ -3,10 +3,17 @@
 AdamW, linear warm-up then linear decay, gradient clipping, a seeded order, periodic validation,
 the best state (lowest validation loss) kept, a progress bar showing loss and validation
 perplexity. The caller supplies the trainable parameters, a batch iterator and a loss function.
+
+Data parallel under ``torchrun`` / ``accelerate launch`` (:mod:`recoup.model.parallel`), for every method at
+once: rank 0's initial parameters are broadcast, each rank's batches are its slice of the global batch
+(:meth:`recoup.recover.task_data.TuningData.batches`), gradients are averaged over the ranks before clipping
+(as DDP does: exact for equal scored tokens per slice, e.g. corpus windows), the logged loss is the ranks'
+mean, and rank 0 alone validates, keeps the best state and shows progress (only its result is saved).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -18,6 +25,7 @@ from tqdm.auto import tqdm
 
 from recoup.config import Config, check
 from recoup.data.bos import check_policy
+from recoup.model import parallel
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +73,7 @@ class FitConfig(Config):
     seed: int = 0  # initialisation, batch order and the task split
     time_budget: float | None = None  # seconds; stop early (best state kept) once spent
     bos: str = "auto"  # BOS policy of every training window / sequence (recoup.data.bos): auto | always | never
+    gradient_checkpointing: bool = False  # recompute decoder layers in the backward: less memory, ~30% more time
 
     default_data: ClassVar[str | None] = "ptb"
 
@@ -123,11 +132,61 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return f
 
 
+@contextlib.contextmanager
+def training_context(model: torch.nn.Module, gradient_checkpointing: bool = False):
+    """Memory and precision for training a recovery on ``model`` (its weights frozen), for every method at once.
+
+    - ``gradient_checkpointing``: the decoder layers recompute their activations in the backward pass
+      (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost"); only the layers themselves are
+      put in training mode, so no dropout turns on; off again on exit.
+    - a bfloat16/float16 model runs its forward under ``torch.autocast`` in its own dtype, while the trainable
+      parameters and the optimizer state stay float32 (:func:`train` keeps them so): mixed precision
+      (Micikevicius et al. 2018).
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    hooks = []
+    if gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            from recoup.errors import RecoupError
+
+            raise RecoupError(f"{type(model).__name__} does not support gradient checkpointing")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+        def on(module, args):  # transformers checkpoints a layer only in training mode: the layer alone, for
+            module.training = True  # its own call (children, e.g. dropout, stay as they are: eval)
+
+        def off(module, args, output):
+            module.training = False
+
+        for m in model.modules():
+            if isinstance(m, GradientCheckpointingLayer):
+                hooks += [m.register_forward_pre_hook(on), m.register_forward_hook(off)]
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    amp = (torch.autocast(device_type=device.type, dtype=dtype) if dtype in (torch.bfloat16, torch.float16)
+           else contextlib.nullcontext())
+    try:
+        with amp:
+            yield
+    finally:
+        for h in hooks:
+            h.remove()
+        if gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+
+
 def train(params: list[torch.nn.Parameter], batches: Iterator, loss_fn: Callable[[object], torch.Tensor],
           cfg: TrainConfig, validate: Callable[[], float] | None = None,
           tokens_in: Callable[[object], int] = lambda b: 0, desc: str = "train") -> TrainResult:
     """Minimise ``loss_fn(batch)`` over ``params``; returns the history; leaves the best state in ``params``."""
     torch.manual_seed(cfg.seed)
+    device = params[0].device if params else torch.device("cpu")
+    for p in params:  # mixed precision: trainable parameters (and so the optimizer state) in float32
+        if p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
+    parallel.broadcast_(params)  # no-op on one process
+    main = parallel.is_main()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     best: list[torch.Tensor] | None = None
@@ -137,20 +196,22 @@ def train(params: list[torch.nn.Parameter], batches: Iterator, loss_fn: Callable
     tokens = 0
     started = time.time()
     cpu_started = time.process_time()
-    bar = tqdm(range(cfg.steps), desc=desc, unit="step")
+    bar = tqdm(range(cfg.steps), desc=desc, unit="step", disable=not main)
     step = 0
     for step in bar:
         batch = next(batches)
         loss = loss_fn(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        parallel.average_gradients_(params)
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
         sched.step()
-        history.append(loss.item())
-        tokens += tokens_in(batch)
-        last = (step + 1 == cfg.steps) or (cfg.time_budget_s is not None and time.time() - started > cfg.time_budget_s)
-        if validate is not None and ((step + 1) % cfg.eval_every == 0 or last):
+        history.append(parallel.mean_scalar(loss.item(), device))
+        tokens += round(parallel.mean_scalar(float(tokens_in(batch)), device) * parallel.world_size())
+        last = (step + 1 == cfg.steps) or (cfg.time_budget_s is not None and parallel.main_decides(
+            time.time() - started > cfg.time_budget_s, device))
+        if validate is not None and main and ((step + 1) % cfg.eval_every == 0 or last):
             with torch.no_grad():
                 v = validate()
             vals.append((step + 1, v))

@@ -1,4 +1,4 @@
-"""Executors run stage jobs. Local and sequential now; a distributed engine plugs in the same way.
+"""Executors run stage jobs: locally and sequentially, or on a Ray cluster; another engine plugs in the same way.
 
 A :class:`Job` is plain, picklable data (stage kind, parameters, key, the directories of the
 stages it reads, the run directory); :func:`run_job` is a top-level function that needs nothing
@@ -6,18 +6,8 @@ else, writes the stage's output directory atomically and returns a :class:`JobRe
 never touch the results store: the driver (``runs/run.py``) records each result as it arrives.
 
 The driver submits jobs whose inputs are ready (up to :meth:`Executor.capacity`) and calls :meth:`Executor.next_done` for the
-next finished one. A Ray engine would be, in full::
-
-    class RayExecutor(Executor):
-        def __init__(self): self.pending = {}
-        def submit(self, job): self.pending[ray.remote(run_job).remote(job)] = job
-        def next_done(self):
-            [ref], _ = ray.wait(list(self.pending), num_returns=1)
-            return self.pending.pop(ref), ray.get(ref)
-        def pending_count(self): return len(self.pending)
-        def capacity(self): return NUM_WORKERS  # or unlimited: Ray queues by itself
-
-with the run directory on a shared file system.
+next finished one. ``local`` runs them here, one at a time; ``ray`` (:mod:`recoup.runs.ray_executor`)
+runs each as a Ray task on a local or remote cluster, with the run directory on a shared file system.
 """
 
 from __future__ import annotations
@@ -141,13 +131,23 @@ class LocalExecutor(Executor):
         return 1
 
 
-EXECUTORS = {"local": LocalExecutor}
+def _ray_executor(**options) -> Executor:
+    from recoup.runs.ray_executor import RayExecutor  # imports ray only when asked for
+
+    return RayExecutor(**options)
 
 
-def make_executor(name: str) -> Executor:
-    try:
-        return EXECUTORS[name]()
-    except KeyError:
+EXECUTORS = {"local": LocalExecutor, "ray": _ray_executor}
+
+
+def make_executor(name: str, address: str | None = None) -> Executor:
+    """The executor called ``name``; ``address`` is the cluster to join (Ray; none: a local cluster)."""
+    if name not in EXECUTORS:
         from recoup.registry import unknown_name_message
 
-        raise RecoupError(unknown_name_message("executor", name, EXECUTORS)) from None
+        raise RecoupError(unknown_name_message("executor", name, EXECUTORS))
+    if address is not None:
+        if name == "local":
+            raise RecoupError("--address is for a cluster executor (--executor ray), not the local one")
+        return EXECUTORS[name](address=address)
+    return EXECUTORS[name]()

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from recoup.errors import RecoupError
+from recoup.model import parallel
 from recoup.model.recovery import RUN_RECORD, TRAIN_RECORD
 from recoup.recipe.jobs import CompressJob, EvalJob, RecoverJob
 from recoup.safeio import dumps
@@ -90,7 +91,7 @@ def evaluate(job: EvalJob, judge: Any = None) -> dict:
                                  job.judge_retries, dtype=job.dtype, device=job.device)
     if judge is not None:
         options["judge"] = judge
-    loaded = load_model(job.model, dtype=job.dtype, device=job.device)
+    loaded = load_model(job.model, dtype=job.dtype, device=job.device, device_map=job.device_map)
     recovery = _recovery_for(job, loaded)
     groups: dict = {}  # limit -> tasks, in order (one pass per distinct limit)
     for task in job.tasks:
@@ -105,7 +106,7 @@ def evaluate(job: EvalJob, judge: Any = None) -> dict:
         merged.setdefault("protocol", {**out["protocol"], "limits": {}})["limits"].update({t: limit for t in tasks})
     merged["results"] = {t: merged["results"][t] for t in job.tasks}
     bad = mark_non_finite(merged["results"])
-    if job.json:
+    if job.json and parallel.is_main():  # under torchrun every rank has the gathered results; rank 0 writes
         path = Path(job.json).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(dumps(merged, indent=2))
@@ -137,16 +138,20 @@ def recover(job: RecoverJob) -> dict:
     from recoup.artifact import load_model
     from recoup.recover.methods import RECOVERIES
     from recoup.recover.task_data import training_data
+    from recoup.recover.train import training_context
 
     if job.out is None:
         raise RecoupError("recover: give --out DIR")
     method = RECOVERIES.get(job.method)
-    loaded = load_model(job.model, dtype=job.dtype, device=job.device)
+    loaded = load_model(job.model, dtype=job.dtype, device=job.device, device_map=job.device_map)
     data = training_data(loaded.tokenizer, job.config) if method.trains else None
     started = time.time()
-    recovery, result = method.fit(loaded, job.config, data)
+    with training_context(loaded.model, bool(getattr(job.config, "gradient_checkpointing", False))):
+        recovery, result = method.fit(loaded, job.config, data)
     out = Path(job.out).expanduser()
-    recovery.save(out)
+    main = parallel.is_main()  # under torchrun / accelerate, rank 0 alone saves
+    if main:
+        recovery.save(out)
     summary: dict = {"model": job.model, "method": job.method, "config": job.config.to_dict(), "out": str(out),
                      "parameters": recovery.num_parameters(), "total_seconds": round(time.time() - started, 1)}
     if result is not None:
@@ -155,9 +160,10 @@ def recover(job: RecoverJob) -> dict:
                         "train": result.to_dict()})
         base = (getattr(recovery, "meta", {}).get("train") or {}).get("val_loss_without_prompt")
         summary["val_loss_without_recovery"] = base
-        if not (out / TRAIN_RECORD).is_file():
+        if main and not (out / TRAIN_RECORD).is_file():
             (out / TRAIN_RECORD).write_text(dumps({"method": job.method, "history": result.to_dict()}, indent=1))
-    (out / RUN_RECORD).write_text(dumps(summary, indent=2, default=str))
+    if main:
+        (out / RUN_RECORD).write_text(dumps(summary, indent=2, default=str))
     return summary
 
 
