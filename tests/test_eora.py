@@ -148,3 +148,18 @@ def test_missing_dense_source_is_one_clear_line(artifact, tmp_path):
         fit(tiny_loaded("llama"), EoraConfig(rank=2, calib=str(text)), None)
     with pytest.raises(RecoupError, match="rank"):
         EoraConfig(rank=0)
+
+
+def test_lora_inherits_the_compensation_whatever_its_alpha(artifact, tmp_path):
+    """``--inherit EORA_DIR`` for LoRA / CPET: fine-tuning starts from the compensation (LoftQ-style init)."""
+    from recoup.artifact import load_model
+    from recoup.recover.lora import inherited_state
+
+    art, text = artifact
+    rec, _ = fit(load_model(str(art)), EoraConfig(rank=4, calib=str(text), nsamples=4, seqlen=32), None)
+    cfg = LoraConfig(rank=4, alpha=16.0)
+    lora = EoraRecovery(cfg, rec.target_modules, inherited_state(rec, cfg), rec.hidden_size)
+    with torch.no_grad():
+        want = forward_logits(rec.apply(load_model(str(art)).model), IDS)
+        got = forward_logits(lora.apply(load_model(str(art)).model), IDS)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -34,6 +34,7 @@ from recoup.errors import RecoupError
 from recoup.model.anatomy import Anatomy, _get, anatomy
 from recoup.recover.base import RecoveryMethod
 from recoup.recover.lora import LoraConfig, LoraRecovery, base_of, compression_digest, record_intact
+from recoup.recover.train import load_teacher, teacher_source
 
 log = logging.getLogger(__name__)
 
@@ -201,34 +202,11 @@ class EoraConfig(Config):
         check(bool(str(self.calib).strip()), "calib is empty; name a corpus (ptb, wiki) or a text file")
 
 
-def dense_source(loaded, teacher: str | None) -> str:
-    """The dense model a compressed ``loaded`` came from: ``teacher`` or the manifest's recorded source."""
-    if teacher:
-        return teacher
-    src = (loaded.manifest or {}).get("source") or {}
-    if not src:
-        raise RecoupError(f"'{loaded.source}' is not a compressed artifact (no manifest source); give the dense "
-                          f"model with --teacher SOURCE")
-    return src.get("path") or src.get("model")
-
-
-def load_dense(loaded, teacher: str | None, device: str = "cpu"):
-    """Load the dense source (float32 on ``device``); one clear line when it cannot be loaded."""
-    from recoup.artifact import load_model
-
-    src = dense_source(loaded, teacher)
-    try:
-        return load_model(str(src), dtype="float32", device=device)
-    except (RecoupError, OSError, ValueError) as exc:
-        raise RecoupError(f"cannot load the dense source '{src}' of '{loaded.source}' ({exc}); "
-                          f"give it with --teacher SOURCE") from None
-
-
 def fit(loaded, config: EoraConfig, data=None) -> tuple[EoraRecovery, None]:
     """The registry's fit: EoRA on the compressed ``loaded`` (unchanged; its fingerprint checked)."""
     from recoup.data.calibration import calibration_windows
 
-    dense = load_dense(loaded, config.teacher)
+    dense = load_teacher(loaded, config.teacher)
     calib = calibration_windows(loaded.tokenizer, config.calib, config.nsamples, config.seqlen, config.seed)
     model = base_of(loaded.model)
     before = compression_digest(model, loaded.manifest)
@@ -240,7 +218,7 @@ def fit(loaded, config: EoraConfig, data=None) -> tuple[EoraRecovery, None]:
     del dense
     rec = EoraRecovery(LoraConfig(rank=config.rank, alpha=float(config.rank)), targets, state, ana.hidden_size)
     record_intact(rec, loaded, model, before)
-    rec.meta.update({"init": "eora", "teacher": dense_source(loaded, config.teacher), "calibration": calib.protocol,
+    rec.meta.update({"init": "eora", "teacher": teacher_source(loaded, config.teacher), "calibration": calib.protocol,
                      "damp": config.damp, "seconds": round(seconds, 1)})
     log.info("eora rank %d: %d parameters in %.1fs", config.rank, rec.num_parameters(), seconds)
     return rec, None
