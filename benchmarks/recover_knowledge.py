@@ -133,6 +133,7 @@ def main() -> None:
     ap.add_argument("--arc", type=int, default=250, help="seeded ARC-Easy examples (0: all 570)")
     ap.add_argument("--sciq", type=int, default=200, help="first SciQ held-out examples (0: all)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--report-only", action="store_true", help="table and plot from the rows already measured")
     ap.add_argument("--out", default="benchmarks/results/recover_knowledge")
     ap.add_argument("--workdir", default="/tmp/recover_knowledge", help="where the fitted recoveries go (large)")
     args = ap.parse_args()
@@ -151,6 +152,9 @@ def main() -> None:
         if done.is_file():
             rows[row] = json.loads(done.read_text())
             print(f"{row}: cached {done}", flush=True)
+            continue
+        if args.report_only:
+            print(f"{row}: not measured", flush=True)
             continue
         recovery, fitted = fit_row(row, args, workdir)
         rows[row] = {**fitted, **evaluate_row(row, recovery, args)}

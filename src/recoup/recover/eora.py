@@ -137,7 +137,7 @@ def compensate(model: nn.Module, dense: nn.Module, ids: torch.Tensor, rank: int,
 
         def observer(key: str):
             def hook(_mod, args):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # float32 sums, as GPTQ's
                 stats[key] = x.T @ x if stats[key].numel() == 0 else stats[key] + x.T @ x
             return hook
 
