@@ -38,7 +38,7 @@ from recoup.model.anatomy import anatomy
 from recoup.model.recovery import Recovery
 from recoup.recover.base import RecoveryMethod
 from recoup.recover.lora import (RECOVERY_JSON, TARGETS, LoraConfig, LoraMethodConfig, LoraRecovery, base_of,
-                                 compression_digest, record_intact)
+                                 compression_digest, inherited_state, record_intact)
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ def build_cpet(model: nn.Module, cfg: CpetConfig, inherit: LoraRecovery | None =
     if inherit is not None and (inherit.cfg.rank != cfg.rank or inherit.target_modules != fresh.target_modules):
         raise RecoupError(f"the LoRA to inherit has rank {inherit.cfg.rank} on {inherit.target_modules}; CPET needs "
                           f"the same --rank ({cfg.rank}) and targets ({fresh.target_modules})")
-    state = {k: v.clone() for k, v in inherit.state.items()} if inherit is not None else None
+    state = inherited_state(inherit, cfg.lora()) if inherit is not None else None
     lora = LoraRecovery(cfg.lora(), fresh.target_modules, state, fresh.hidden_size)
     modules = CpetRecovery.new_modules(model, cfg, seed + 1) if cfg.recovery_modules else nn.ModuleDict()
     rec = CpetRecovery(cfg, lora, modules)
@@ -270,16 +270,17 @@ def build_cpet(model: nn.Module, cfg: CpetConfig, inherit: LoraRecovery | None =
 
 
 def fit_cpet(model: nn.Module, tokenizer, data, cfg: CpetConfig, train_cfg, inherit: LoraRecovery | None = None,
-             teacher: nn.Module | None = None, batch_size: int = 8):
+             teacher: nn.Module | None = None, batch_size: int = 8, objective=None):
     """Train CPET on a frozen compressed ``model``; returns (CpetRecovery, TrainResult, wrapped model).
 
     ``inherit``: the dense model's LoRA to start from (None = PEFT's random init); ``teacher``: the
     dense model + LoRA (see :func:`make_teacher`), required when ``cfg.distill``. Batches are
     :class:`~recoup.recover.task_data.Batch` (ids/mask/labels, (B, T)). The LoRA and the recovery
     modules are trained together with the shared loop; the best state by validation task loss is kept.
+    ``objective`` (an :class:`~recoup.recover.task_data.Objective`, default lm) is the task term.
     """
     from recoup.recover.lora import linear_digests, lora_parameters
-    from recoup.recover.task_data import kept_loss, mean_loss, model_outputs, pad_id_of
+    from recoup.recover.task_data import Objective, mean_loss, model_outputs, pad_id_of
     from recoup.recover.train import train
 
     if cfg.distill and teacher is None:
@@ -294,10 +295,11 @@ def fit_cpet(model: nn.Module, tokenizer, data, cfg: CpetConfig, train_cfg, inhe
     if cfg.distill and len(anatomy(base_of(teacher)).layers) != num_layers:
         raise RecoupError("the teacher and the compressed model have different numbers of layers")
     parts = {"task": 0.0, "distill": 0.0, "n": 0}
+    objective = Objective("lm") if objective is None else objective
 
     def loss_fn(b) -> torch.Tensor:
         out, keep = model_outputs(wrapped, b, device, hidden=cfg.distill)
-        task = kept_loss(out.logits, keep, b.labels)
+        task = objective.of_logits(out.logits, keep, b, device)
         if not cfg.distill:
             return task
         with torch.no_grad():
@@ -376,7 +378,7 @@ def fit(loaded, config: CpetMethodConfig, data) -> tuple[CpetRecovery, Any]:
         teacher = make_teacher(load_model(source, dtype=dtype).model, inherit)
     before = compression_digest(loaded.model, loaded.manifest)
     rec, result, wrapped = fit_cpet(loaded.model, loaded.tokenizer, data, config.cpet(), config.train_config(),
-                                    inherit, teacher, config.batch_size)
+                                    inherit, teacher, config.batch_size, config.objective_loss(loaded))
     rec.meta["teacher"] = source
     record_intact(rec, loaded, wrapped, before)
     return rec, result

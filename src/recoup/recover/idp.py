@@ -270,7 +270,7 @@ def fit_idp(loaded, config: IDPConfig, data=None) -> tuple[IDPPool, TrainResult]
     gives (batch_size, seqlen) windows with next-token loss, each window selecting on itself; a task gives
     padded batches of context + gold continuation, loss on the continuation, selection on the context.
     """
-    from recoup.recover.task_data import context_part, mean_loss, pad_id_of, prefixed_loss, training_data
+    from recoup.recover.task_data import context_part, mean_loss, pad_id_of, training_data
 
     model, tok = loaded.model, loaded.tokenizer
     data = training_data(tok, config) if data is None else data
@@ -279,6 +279,7 @@ def fit_idp(loaded, config: IDPConfig, data=None) -> tuple[IDPPool, TrainResult]
     pool = IDPPool(rows.view(config.pool, config.tokens, -1), model_meta(loaded), select_layers=config.select_layers)
     device = next(model.parameters()).device
     picks: list[int] = []
+    objective = config.objective_loss(loaded)
 
     def chosen(x: torch.Tensor, mask: torch.Tensor | None = None, observe: bool = False) -> torch.Tensor:
         raw = pool.scores(model, x, mask)
@@ -297,7 +298,7 @@ def fit_idp(loaded, config: IDPConfig, data=None) -> tuple[IDPPool, TrainResult]
         base_val = mean_loss(model, data.valid, pad, config.batch_size)
         log.info("idp: validation loss without a prompt %.4f", base_val)
         result = train([pool.pool], data.batches(config.batch_size, pad, config.seed),
-                       lambda b: prefixed_loss(model, b, device, select(b, observe=True)), config.train_config(),
+                       lambda b: objective(model, b, device, select(b, observe=True)), config.train_config(),
                        lambda: mean_loss(model, data.valid, pad, config.batch_size, select),
                        tokens_in=lambda b: b.tokens, desc="idp")
     counts = collections.Counter(picks)

@@ -205,6 +205,13 @@ class LoraRecovery(Recovery):
         return cls(cfg, sorted(targets), load_file(str(weights)), info.get("hidden_size"), meta)
 
 
+def inherited_state(init: LoraRecovery, cfg: LoraConfig) -> dict[str, torch.Tensor]:
+    """A copy of ``init``'s adapter tensors for an adapter of config ``cfg``, ``lora_B`` rescaled so the update
+    (alpha / r) B A stays what ``init`` computed whatever the two alphas (e.g. an EoRA saved at scaling 1)."""
+    factor = (init.cfg.alpha / init.cfg.rank) / (cfg.alpha / cfg.rank)
+    return {k: v.clone() * factor if ".lora_B." in k else v.clone() for k, v in init.state.items()}
+
+
 def lora_parameters(wrapped: nn.Module) -> list[nn.Parameter]:
     """The adapter's trainable tensors (lora_A / lora_B) of a wrapped model."""
     params = [p for n, p in wrapped.named_parameters() if "lora_" in n]
@@ -220,11 +227,13 @@ def frozen_base(wrapped: nn.Module) -> Iterator[nn.Parameter]:
 
 
 def fit_lora(model: nn.Module, tokenizer, data, cfg: LoraConfig, train_cfg, batch_size: int = 8,
-             init: LoraRecovery | None = None):
+             init: LoraRecovery | None = None, loss=None):
     """Train a LoRA on a frozen (possibly compressed) model; returns (LoraRecovery, TrainResult, wrapped).
 
     ``data`` is a :class:`~recoup.recover.task_data.TuningData`; ``init`` (a LoRA of the same rank and
-    targets, e.g. one trained on the dense model) replaces PEFT's random init. The base weights are
+    targets, e.g. one trained on the dense model) replaces PEFT's random init; ``loss`` (default
+    :func:`~recoup.recover.task_data.prefixed_loss`) is called as ``loss(model, batch, device)``, e.g. an
+    :class:`~recoup.recover.task_data.Objective`. The base weights are
     checked bit-identical after training (RecoupError otherwise). ``model`` is wrapped in place.
     """
     from recoup.recover.task_data import mean_loss, pad_id_of, prefixed_loss
@@ -232,7 +241,8 @@ def fit_lora(model: nn.Module, tokenizer, data, cfg: LoraConfig, train_cfg, batc
 
     device = next(model.parameters()).device
     before = linear_digests(model)
-    rec = LoraRecovery.for_model(model, cfg) if init is None else LoraRecovery(cfg, init.target_modules, init.state,
+    rec = LoraRecovery.for_model(model, cfg) if init is None else LoraRecovery(cfg, init.target_modules,
+                                                                              inherited_state(init, cfg),
                                                                               init.hidden_size)
     if init is not None and (init.cfg.rank != cfg.rank or init.target_modules != LoraRecovery.for_model(model, cfg).target_modules):
         raise RecoupError(f"the LoRA to inherit has rank {init.cfg.rank} on {init.target_modules}; "
@@ -242,7 +252,8 @@ def fit_lora(model: nn.Module, tokenizer, data, cfg: LoraConfig, train_cfg, batc
     pad = pad_id_of(tokenizer)
     batches = data.batches(batch_size, pad, train_cfg.seed)
     validate = (lambda: mean_loss(wrapped, data.valid, pad, batch_size)) if data.valid else None
-    result = train(params, batches, lambda b: prefixed_loss(wrapped, b, device), train_cfg, validate,
+    loss = prefixed_loss if loss is None else loss
+    result = train(params, batches, lambda b: loss(wrapped, b, device), train_cfg, validate,
                    tokens_in=lambda b: b.tokens, desc="lora")
     if linear_digests(wrapped) != before:
         raise RecoupError("internal error: training changed the frozen base weights")
@@ -267,7 +278,7 @@ class LoraMethodConfig(FitConfig):
     alpha: float = 16.0
     dropout: float = 0.0
     targets: str = "all"  # attention | mlp | all, from the anatomy map
-    inherit: str | None = None  # a saved LoRA (same rank and targets) to start from instead of PEFT's init
+    inherit: str | None = None  # a saved LoRA or EoRA (same rank and targets) to start from instead of PEFT's init
     batch_size: int = 8
     steps: int = 150
     lr: float = 1e-3
@@ -309,7 +320,7 @@ def fit(loaded, config: LoraMethodConfig, data) -> tuple[LoraRecovery, TrainResu
     init = LoraRecovery.load(config.inherit) if config.inherit else None
     before = compression_digest(loaded.model, loaded.manifest)
     rec, result, wrapped = fit_lora(loaded.model, loaded.tokenizer, data, config.lora(), config.train_config(),
-                                    config.batch_size, init=init)
+                                    config.batch_size, init=init, loss=config.objective_loss(loaded))
     record_intact(rec, loaded, wrapped, before)
     return rec, result
 

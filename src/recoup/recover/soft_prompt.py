@@ -193,13 +193,14 @@ def fit_soft_prompt(loaded, config: SoftPromptConfig, data=None) -> tuple[SoftPr
     token-weighted mean loss on ``data.valid``; the best prompt is kept. A task's split protocol is
     recorded in ``meta["data"]``.
     """
-    from recoup.recover.task_data import mean_loss, pad_id_of, prefixed_loss, training_data
+    from recoup.recover.task_data import mean_loss, pad_id_of, training_data
 
     model, tok = loaded.model, loaded.tokenizer
     data = training_data(tok, config) if data is None else data
     pad = pad_id_of(tok)
     prompt = SoftPrompt(init_embeddings(model, tok, config, data.token_ids(), config.tokens), model_meta(loaded))
     device = next(model.parameters()).device
+    objective = config.objective_loss(loaded)
 
     def prefix(b):
         return prompt.prefix(model, b.input_ids, b.attention_mask)
@@ -211,7 +212,7 @@ def fit_soft_prompt(loaded, config: SoftPromptConfig, data=None) -> tuple[SoftPr
         base_val = validate(with_prompt=False)
         log.info("soft-prompt: validation loss without a prompt %.4f (ppl %.2f)", base_val, math.exp(base_val))
         result = train([prompt.embeddings], data.batches(config.batch_size, pad, config.seed),
-                       lambda b: prefixed_loss(model, b, device, prefix(b)),
+                       lambda b: objective(model, b, device, prefix(b)),
                        config.train_config(), validate, tokens_in=lambda b: b.tokens, desc="soft-prompt")
     prompt.meta["data"] = data.protocol
     prompt.meta["train"] = {"config": config.to_dict(), "result": result.to_dict(), "val_loss_without_prompt": base_val}

@@ -414,3 +414,57 @@ def context_part(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
 def pad_id_of(tokenizer) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return int(pad if pad is not None else 0)
+
+
+# ---------------------------------------------------------------- training objectives (lm | kd | lm+kd)
+
+OBJECTIVES = ("lm", "kd", "lm+kd")
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, keep: torch.Tensor, labels: torch.Tensor,
+            temperature: float = 2.0) -> torch.Tensor:
+    """Knowledge distillation (Hinton et al. 2015): T^2 x KL(teacher || student) of the next-token
+    distributions at temperature T, averaged over the scored positions.
+
+    student, teacher: logits (B, K, V) at the input positions ``keep`` (K,); labels (B, T) with -100 where a
+    token is not scored (a position counts when its next token ``labels[:, keep + 1]`` is scored).
+    """
+    scored = labels.to(student.device)[:, keep + 1] != -100
+    s = F.log_softmax(student[scored].float() / temperature, -1)
+    t = F.log_softmax(teacher[scored].float().to(student.device) / temperature, -1)
+    return temperature ** 2 * F.kl_div(s, t, log_target=True, reduction="batchmean")
+
+
+@dataclasses.dataclass
+class Objective:
+    """The one training loss of every trained recovery: ``lm`` (next-token cross-entropy on the scored
+    tokens), ``kd`` (:func:`kd_loss` against ``teacher``), or ``lm+kd`` (lm + ``weight`` x kd).
+
+    The teacher (the dense model) sees the batch without any prefix; its logits are computed once per
+    batch under ``no_grad``. Call it like :func:`prefixed_loss`: ``objective(model, batch, device, prefix)``;
+    :meth:`of_logits` scores logits a method already computed (e.g. CPET's forward with hidden states).
+    """
+
+    kind: str = "lm"
+    teacher: torch.nn.Module | None = None
+    temperature: float = 2.0
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in OBJECTIVES:
+            raise RecoupError(unknown_name_message("objective", self.kind, OBJECTIVES))
+        if self.kind != "lm" and self.teacher is None:
+            raise RecoupError(f"objective {self.kind} needs a teacher (the dense model)")
+
+    def of_logits(self, logits: torch.Tensor, keep: torch.Tensor, batch: Batch, device) -> torch.Tensor:
+        """The loss of student logits (B, K, V) at ``keep`` (as :func:`model_outputs` returns them)."""
+        if self.kind == "lm":
+            return kept_loss(logits, keep, batch.labels)
+        with torch.no_grad():
+            tout, _ = model_outputs(self.teacher, batch, device)
+        kd = kd_loss(logits, tout.logits, keep, batch.labels, self.temperature)
+        return kd if self.kind == "kd" else kept_loss(logits, keep, batch.labels) + self.weight * kd
+
+    def __call__(self, model, batch: Batch, device, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        out, keep = model_outputs(model, batch, device, prefix=prefix)
+        return self.of_logits(out.logits, keep, batch, device)

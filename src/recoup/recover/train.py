@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from recoup.config import Config, check
 from recoup.data.bos import check_policy
 from recoup.model import parallel
+from recoup.errors import RecoupError
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,10 @@ class FitConfig(Config):
     time_budget: float | None = None  # seconds; stop early (best state kept) once spent
     bos: str = "auto"  # BOS policy of every training window / sequence (recoup.data.bos): auto | always | never
     gradient_checkpointing: bool = False  # recompute decoder layers in the backward: less memory, ~30% more time
+    objective: str = "lm"  # lm (next-token loss) | kd (distil the teacher's next-token distribution) | lm+kd
+    kd_temperature: float = 2.0
+    kd_weight: float = 1.0  # lm+kd: weight of the kd term
+    teacher: str | None = None  # kd: the teacher model (default: the artifact's recorded dense source)
 
     default_data: ClassVar[str | None] = "ptb"
 
@@ -97,13 +102,53 @@ class FitConfig(Config):
             self.val_windows = 4 if self.val_windows is None else self.val_windows
             check(self.val_windows >= 1, f"val_windows must be >= 1 (got {self.val_windows})")
         check(self.time_budget is None or self.time_budget > 0, f"time_budget must be > 0 seconds (got {self.time_budget})")
+        check(self.objective in ("lm", "kd", "lm+kd"), f"unknown objective '{self.objective}'; use lm, kd or lm+kd")
+        check(self.kd_temperature > 0, f"kd_temperature must be > 0 (got {self.kd_temperature})")
+        check(self.kd_weight >= 0, f"kd_weight must be >= 0 (got {self.kd_weight})")
         self.train_config()  # validates steps, lr, warmup, eval_every
+
+    def objective_loss(self, loaded):
+        """The :class:`~recoup.recover.task_data.Objective` of this config for ``loaded`` (the student): for kd,
+        the teacher (``teacher`` or the artifact's dense source) is loaded once, frozen, in the student's
+        dtype and on its device."""
+        from recoup.recover.task_data import Objective
+
+        if self.objective == "lm":
+            return Objective("lm")
+        param = next(loaded.model.parameters())
+        teacher = load_teacher(loaded, self.teacher, dtype=param.dtype, device=str(param.device)).model
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        return Objective(self.objective, teacher.eval(), self.kd_temperature, self.kd_weight)
 
     def train_config(self) -> "TrainConfig":
         every = self.eval_every if self.eval_every is not None else max(1, self.steps // 5)
         return TrainConfig(steps=self.steps, lr=self.lr, weight_decay=self.weight_decay, warmup=self.warmup,
                            max_grad_norm=self.max_grad_norm, eval_every=every, seed=self.seed,
                            time_budget_s=self.time_budget)
+
+
+def teacher_source(loaded, teacher: str | None) -> str:
+    """The dense model a compressed ``loaded`` came from: ``teacher`` or the manifest's recorded source."""
+    if teacher:
+        return teacher
+    src = (loaded.manifest or {}).get("source") or {}
+    if not src:
+        raise RecoupError(f"'{loaded.source}' is not a compressed artifact (no manifest source); give the dense "
+                          f"model with --teacher SOURCE")
+    return str(src.get("path") or src.get("model"))
+
+
+def load_teacher(loaded, teacher: str | None, dtype: str | torch.dtype = "float32", device: str = "cpu"):
+    """Load the dense source of ``loaded`` (or ``teacher``); one clear line when it cannot be loaded."""
+    from recoup.artifact import load_model
+
+    src = teacher_source(loaded, teacher)
+    try:
+        return load_model(src, dtype=dtype, device=device)
+    except (RecoupError, OSError, ValueError) as exc:
+        raise RecoupError(f"cannot load the dense source '{src}' of '{loaded.source}' ({exc}); "
+                          f"give it with --teacher SOURCE") from None
 
 
 @dataclasses.dataclass

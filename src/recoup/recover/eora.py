@@ -1,0 +1,228 @@
+"""EoRA: training-free low-rank compensation of a compressed model in the eigenspace of its inputs.
+
+EoRA (Liu et al. 2024, arXiv 2410.21271). For each compressed linear with dense weight W and compressed
+weight W_c (both (out, in)), the error dW = W - W_c is compensated by B A (B: (out, r), A: (r, in))
+minimising ||(dW - B A) X^T||_F over the layer's calibration inputs X (N, in). With
+X^T X = Q diag(l) Q^T (damped), the rank-r SVD of dW Q diag(sqrt(l)) = U S V^T gives
+B = U_r sqrt(S_r) and A = sqrt(S_r) V_r^T diag(1/sqrt(l)) Q^T; at full rank B A = dW exactly.
+
+Layers are streamed as in GPTQ: the first decoder layer's inputs are captured once, then for each
+layer X^T X is accumulated (once per distinct linear input: the linears of one sequential group
+read the same tensor), the compensation computed, and the layer's outputs *with* its compensation
+propagated to the next layer. Memory: one layer's activations (nsamples, seqlen, hidden) plus its
+statistics; only the dense source's weights are read (the dense model is never run).
+
+The result is an unmerged PEFT LoRA (scaling 1: ``lora_alpha = r``), so the compressed base stays
+bit-identical (its compression fingerprint is checked) and ``peft.PeftModel.from_pretrained`` loads it.
+Per-layer rank by an energy threshold is not implemented (every targeted linear gets ``rank``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from recoup.config import Config, check
+from recoup.errors import RecoupError
+from recoup.model.anatomy import Anatomy, _get, anatomy
+from recoup.recover.base import RecoveryMethod
+from recoup.recover.lora import LoraConfig, LoraRecovery, base_of, compression_digest, record_intact
+from recoup.recover.train import load_teacher, teacher_source
+
+log = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    """Ends a forward once the first decoder layer's inputs are captured."""
+
+
+@contextlib.contextmanager
+def _hooks(*handles: Any) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _call(layer: nn.Module, h: torch.Tensor, rec: tuple[tuple, dict, bool]) -> torch.Tensor:
+    args, kwargs, as_kw = rec
+    out = layer(*args, hidden_states=h, **kwargs) if as_kw else layer(h, *args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def layer_inputs(model: nn.Module, anat: Anatomy, ids: torch.Tensor, batch_size: int
+                 ) -> tuple[torch.Tensor, list[tuple[tuple, dict, bool]]]:
+    """(first decoder layer's inputs (N, T, H), per-layer (other args, kwargs, hidden-as-kwarg)) for ids (N, T).
+
+    The per-layer arguments (rotary embeddings, masks) are recorded from one full forward of ``ids[:1]``;
+    they broadcast over the batch."""
+    device = next(model.parameters()).device
+    layers = anat.layers
+    records: list[Any] = [None] * len(layers)
+
+    def recorder(i: int):
+        def hook(_mod, args, kwargs):
+            records[i] = (tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"}, not args)
+        return hook
+
+    with torch.no_grad(), _hooks(*[l.register_forward_pre_hook(recorder(i), with_kwargs=True)
+                                   for i, l in enumerate(layers)]):
+        model(input_ids=ids[:1].to(device), use_cache=False)
+    inps: list[torch.Tensor] = []
+
+    def grab(_mod, args, kwargs):
+        inps.append((args[0] if args else kwargs["hidden_states"]).detach())
+        raise _Stop
+
+    with torch.no_grad(), _hooks(layers[0].register_forward_pre_hook(grab, with_kwargs=True)):
+        for start in range(0, ids.shape[0], batch_size):
+            with contextlib.suppress(_Stop):
+                model(input_ids=ids[start:start + batch_size].to(device), use_cache=False)
+    return torch.cat(inps, 0), records
+
+
+def eigen_compensation(dw: torch.Tensor, xtx: torch.Tensor, rank: int, damp: float = 0.01
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """EoRA's factors of one linear: (B (out, rank), A (rank, in)) with B A ~ dW in the input eigenspace.
+
+    dw: W_dense - W_compressed, (out, in); xtx: sum of x^T x over the calibration inputs, (in, in);
+    damp: added to the eigenvalues as a fraction of their mean (keeps 1/sqrt(l) finite). Ranks above
+    min(out, in) are zero-padded. Computed in float64, returned in float32.
+    """
+    out_f, in_f = dw.shape
+    h = xtx.double()
+    h = h + damp * h.diagonal().mean().clamp(min=1e-12) * torch.eye(in_f, dtype=h.dtype, device=h.device)
+    lam, q = torch.linalg.eigh(h)
+    sq = lam.clamp(min=1e-12).sqrt()
+    u, s, vh = torch.linalg.svd(dw.double() @ q * sq, full_matrices=False)
+    k = min(rank, s.numel())
+    root = s[:k].sqrt()
+    b = torch.zeros(out_f, rank, dtype=torch.float64, device=dw.device)
+    a = torch.zeros(rank, in_f, dtype=torch.float64, device=dw.device)
+    b[:, :k] = u[:, :k] * root
+    a[:k] = (root[:, None] * vh[:k] / sq) @ q.T
+    return b.float(), a.float()
+
+
+def _peft_key(name: str, part: str) -> str:
+    return f"base_model.model.{name}.{part}.weight"
+
+
+def compensate(model: nn.Module, dense: nn.Module, ids: torch.Tensor, rank: int, targets: list[str],
+               batch_size: int = 8, damp: float = 0.01) -> dict[str, torch.Tensor]:
+    """Stream ``model`` (compressed, left unchanged) layer by layer on calibration ids (N, T) and return the
+    EoRA compensation of every linear whose leaf name is in ``targets`` as a PEFT LoRA state dict
+    (``lora_A`` (rank, in), ``lora_B`` (out, rank), scaling 1). ``dense``: the same architecture with the
+    dense weights (only its weights are read)."""
+    anat, dense_anat = anatomy(model), anatomy(dense)
+    if len(dense_anat.layers) != len(anat.layers) or dense_anat.hidden_size != anat.hidden_size:
+        raise RecoupError("the dense source does not have the compressed model's shape (another model?)")
+    device = next(model.parameters()).device
+    names = [n for n in anat.linear_names() if n.split(".")[-1] in targets]
+    groups = [tuple(n for n in g if n in names) for g in anat.spec.sequential]
+    groups = [g for g in groups if g]
+    inps, records = layer_inputs(model, anat, ids, batch_size)
+    state: dict[str, torch.Tensor] = {}
+    for i in tqdm(range(len(anat.layers)), desc="eora", unit="layer"):
+        layer, dense_layer = anat.layers[i], dense_anat.layers[i]
+        stats = {g[0]: torch.zeros(0) for g in groups}
+
+        def observer(key: str):
+            def hook(_mod, args):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # float32 sums, as GPTQ's
+                stats[key] = x.T @ x if stats[key].numel() == 0 else stats[key] + x.T @ x
+            return hook
+
+        with torch.no_grad(), _hooks(*[_get(layer, g[0]).register_forward_pre_hook(observer(g[0])) for g in groups]):
+            for start in range(0, inps.shape[0], batch_size):
+                _call(layer, inps[start:start + batch_size], records[i])
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for g in groups:
+            for name in g:
+                w_c = anat.weight_matrix(_get(layer, name)).detach().double()
+                w_d = dense_anat.weight_matrix(_get(dense_layer, name)).detach().to(device).double()
+                if w_d.shape != w_c.shape:
+                    raise RecoupError(f"layer {i} {name}: dense weight {tuple(w_d.shape)} vs compressed "
+                                      f"{tuple(w_c.shape)}; the dense source is another model")
+                factors[name] = eigen_compensation(w_d - w_c, stats[g[0]], rank, damp)
+        del stats
+
+        def adder(b: torch.Tensor, a: torch.Tensor):
+            def hook(_mod, args, out):
+                return out + (args[0] @ a.T.to(out.dtype)) @ b.T.to(out.dtype)
+            return hook
+
+        with torch.no_grad(), _hooks(*[_get(layer, n).register_forward_hook(adder(*factors[n])) for n in factors]):
+            for start in range(0, inps.shape[0], batch_size):
+                inps[start:start + batch_size] = _call(layer, inps[start:start + batch_size], records[i])
+        for name, (b, a) in factors.items():
+            full = f"{anat.spec.layers}.{i}.{name}"
+            state[_peft_key(full, "lora_A")] = a.cpu()
+            state[_peft_key(full, "lora_B")] = b.cpu()
+    return state
+
+
+class EoraRecovery(LoraRecovery):
+    """An EoRA compensation, saved and attached exactly as an unmerged PEFT LoRA."""
+
+    method = "eora"
+
+
+# ---------------------------------------------------------------------------- the method (registry entry)
+
+
+@dataclasses.dataclass
+class EoraConfig(Config):
+    """``recoup recover ARTIFACT --method eora --rank R``: training-free; needs the artifact's dense source
+    (its manifest's ``source``, or ``teacher``) and calibration windows (``calib``, ``nsamples`` x ``seqlen``)."""
+
+    rank: int = 32
+    calib: str = "ptb"  # calibration corpus: ptb, wiki, a .txt/.jsonl file
+    nsamples: int = 32
+    seqlen: int = 512
+    seed: int = 0  # calibration offsets
+    batch_size: int = 8  # calibration windows per layer call
+    damp: float = 0.01  # eigenvalue damping, a fraction of their mean
+    teacher: str | None = None  # the dense model (default: the artifact's recorded source)
+
+    def __post_init__(self) -> None:
+        check(self.rank >= 1, f"--rank must be >= 1 (got {self.rank})")
+        check(self.nsamples >= 1, f"nsamples must be >= 1 (got {self.nsamples})")
+        check(self.seqlen >= 2, f"seqlen must be >= 2 (got {self.seqlen})")
+        check(self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})")
+        check(0 < self.damp < 1, f"damp must be in (0, 1) (got {self.damp})")
+        check(bool(str(self.calib).strip()), "calib is empty; name a corpus (ptb, wiki) or a text file")
+
+
+def fit(loaded, config: EoraConfig, data=None) -> tuple[EoraRecovery, None]:
+    """The registry's fit: EoRA on the compressed ``loaded`` (unchanged; its fingerprint checked)."""
+    from recoup.data.calibration import calibration_windows
+
+    dense = load_teacher(loaded, config.teacher)
+    calib = calibration_windows(loaded.tokenizer, config.calib, config.nsamples, config.seqlen, config.seed)
+    model = base_of(loaded.model)
+    before = compression_digest(model, loaded.manifest)
+    ana = anatomy(model)
+    targets = ana.peft_target_modules("all")
+    started = time.time()
+    state = compensate(model, dense.model, calib.input_ids, config.rank, targets, config.batch_size, config.damp)
+    seconds = time.time() - started
+    del dense
+    rec = EoraRecovery(LoraConfig(rank=config.rank, alpha=float(config.rank)), targets, state, ana.hidden_size)
+    record_intact(rec, loaded, model, before)
+    rec.meta.update({"init": "eora", "teacher": teacher_source(loaded, config.teacher), "calibration": calib.protocol,
+                     "damp": config.damp, "seconds": round(seconds, 1)})
+    log.info("eora rank %d: %d parameters in %.1fs", config.rank, rec.num_parameters(), seconds)
+    return rec, None
+
+
+METHOD = RecoveryMethod("eora", "EoRA: training-free low-rank compensation in the input eigenspace "
+                                "(Liu et al. 2024)", EoraConfig, fit, EoraRecovery.load, peft_type="LORA")

@@ -1,0 +1,165 @@
+"""EoRA (training-free low-rank compensation) on tiny random models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import save_tiny, tiny_model
+
+from recoup.errors import RecoupError
+from recoup.model.anatomy import _get, anatomy
+from recoup.model.forward import forward_logits
+from recoup.recover.eora import EoraConfig, EoraRecovery, compensate, eigen_compensation, fit, layer_inputs
+from recoup.recover.lora import LoraConfig
+
+IDS = torch.randint(4, 100, (6, 24), generator=torch.Generator().manual_seed(1))
+
+
+def pruned(model, fraction=0.6):
+    """A copy of ``model`` with the smallest-magnitude ``fraction`` of every linear's weights zeroed."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for _, mod in anatomy(out).iter_linears():
+            w = mod.weight
+            k = int(w.numel() * fraction)
+            w[w.abs() <= w.abs().flatten().kthvalue(k).values] = 0
+    return out
+
+
+def attach(compressed, state, rank):
+    targets = anatomy(compressed).peft_target_modules("all")
+    return EoraRecovery(LoraConfig(rank=rank, alpha=float(rank)), targets, state).apply(compressed)
+
+
+def test_full_rank_reproduces_the_dense_model_and_leaves_the_base_unchanged():
+    dense = tiny_model("llama")
+    comp = pruned(dense)
+    before = {n: m.weight.clone() for n, m in anatomy(comp).iter_linears()}
+    targets = anatomy(comp).peft_target_modules("all")
+    state = compensate(comp, dense, IDS, rank=32, targets=targets, batch_size=4)  # 32 = min(out, in) everywhere
+    assert all(torch.equal(m.weight, before[n]) for n, m in anatomy(comp).iter_linears())
+    with torch.no_grad():
+        want = forward_logits(dense, IDS)
+        assert (forward_logits(comp, IDS) - want).abs().max() > 1e-2  # the pruning did change the model
+        # every layer's linears reproduce the dense ones on the calibration inputs
+        inps, _ = layer_inputs(dense, anatomy(dense), IDS, 4)
+        for name in ("self_attn.q_proj", "mlp.gate_proj"):
+            full = f"model.layers.0.{name}"
+            a, b = state[f"base_model.model.{full}.lora_A.weight"], state[f"base_model.model.{full}.lora_B.weight"]
+            d_lin, c_lin = _get(anatomy(dense).layers[0], name), _get(anatomy(comp).layers[0], name)
+            x = _get(anatomy(dense).layers[0], "input_layernorm")(inps)
+            torch.testing.assert_close(c_lin(x) + x @ a.T @ b.T, d_lin(x), rtol=1e-4, atol=1e-5)
+        got = forward_logits(attach(comp, state, 32), IDS)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def weighted_error(dw, x, b, a):
+    return float(((dw - b @ a) @ x.T).pow(2).sum())
+
+
+def test_layer_error_falls_monotonically_with_rank_and_beats_plain_svd():
+    g = torch.Generator().manual_seed(0)
+    dw = torch.randn(24, 16, generator=g)
+    x = torch.randn(300, 16, generator=g) * torch.logspace(0, 2, 16)  # strongly anisotropic inputs
+    xtx = x.T @ x
+    errors = []
+    for r in (1, 2, 4, 8, 12, 16):
+        b, a = eigen_compensation(dw, xtx, r, damp=1e-8)
+        assert b.shape == (24, r) and a.shape == (r, 16)
+        errors.append(weighted_error(dw, x, b, a))
+        u, s, vh = torch.linalg.svd(dw, full_matrices=False)  # plain SVD: best in the unweighted norm only
+        plain = weighted_error(dw, x, u[:, :r] * s[:r], vh[:r])
+        assert errors[-1] <= plain * (1 + 1e-6)
+    assert all(e1 >= e2 for e1, e2 in zip(errors, errors[1:]))
+    assert errors[-1] < 1e-6 * errors[0]
+    # ranks above min(out, in) are zero-padded, still exact
+    b, a = eigen_compensation(dw, xtx, 20)
+    torch.testing.assert_close(b @ a, dw, rtol=1e-4, atol=1e-4)
+
+
+def test_model_error_falls_with_rank():
+    dense = tiny_model("llama")
+    comp = pruned(dense)
+    targets = anatomy(comp).peft_target_modules("all")
+    with torch.no_grad():
+        want = forward_logits(dense, IDS)
+        errs = [float((forward_logits(comp, IDS) - want).pow(2).mean())]
+        for r in (2, 8, 32):
+            state = compensate(comp, dense, IDS, rank=r, targets=targets, batch_size=6)
+            errs.append(float((forward_logits(attach(copy.deepcopy(comp), state, r), IDS) - want).pow(2).mean()))
+    assert all(e1 > e2 for e1, e2 in zip(errs, errs[1:])), errs
+
+
+@pytest.fixture()
+def artifact(tmp_path):
+    from recoup.artifact.store import save_artifact
+    from recoup.compress import CompressConfig, compress
+    from recoup.data.calibration import Calibration
+
+    lm = save_tiny(tmp_path / "dense")
+    rep = compress(lm, CompressConfig(method="sparsegpt", sparsity=0.5, bits=4, group_size=16),
+                   Calibration(input_ids=IDS, corpus="random", split="train", seqlen=24, seed=0))
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"the number {i} is {'even' if i % 2 == 0 else 'odd'}." for i in range(400)))
+    return save_artifact(lm, rep, tmp_path / "art"), text
+
+
+def test_eora_artifact_keeps_fingerprint_and_loads_in_peft_with_identical_logits(artifact, tmp_path):
+    from peft import PeftModel
+
+    from recoup.artifact import load_model
+    from recoup.artifact.store import compression_fingerprint
+    from recoup.recover.methods import RECOVERIES, load_recovery
+
+    art, text = artifact
+    loaded = load_model(str(art))
+    digest = compression_fingerprint(loaded.model, loaded.manifest)["digest"]
+    cfg = RECOVERIES.get("eora").config.from_dict({"rank": 4, "calib": str(text), "nsamples": 4, "seqlen": 32})
+    rec, result = fit(loaded, cfg, None)
+    assert result is None and rec.meta["compression_fingerprint"] == {**rec.meta["compression_fingerprint"],
+                                                                       "digest": digest, "unchanged": True}
+    assert compression_fingerprint(loaded.model, loaded.manifest)["digest"] == digest
+    rec.save(tmp_path / "eora")
+    assert load_recovery(tmp_path / "eora").method == "eora"
+    with torch.no_grad():
+        plain = forward_logits(load_model(str(art)).model, IDS)
+        peft_logits = forward_logits(PeftModel.from_pretrained(load_model(str(art)).model, str(tmp_path / "eora")), IDS)
+        ours = forward_logits(load_recovery(tmp_path / "eora").apply(load_model(str(art)).model), IDS)
+        dense = forward_logits(load_model(str(tmp_path / "dense")).model, IDS)
+    assert torch.equal(peft_logits, ours)
+    assert (ours - dense).pow(2).mean() < (plain - dense).pow(2).mean()  # moved toward the dense model
+    assert rec.num_parameters() == sum(v.numel() for v in rec.state.values())
+
+
+def test_missing_dense_source_is_one_clear_line(artifact, tmp_path):
+    import shutil
+
+    from recoup.artifact import load_model
+
+    art, text = artifact
+    shutil.rmtree(tmp_path / "dense")
+    with pytest.raises(RecoupError, match="cannot load the dense source"):
+        fit(load_model(str(art)), EoraConfig(rank=2, calib=str(text), nsamples=2, seqlen=16), None)
+    with pytest.raises(RecoupError, match="not a compressed artifact"):
+        from helpers import tiny_loaded
+
+        fit(tiny_loaded("llama"), EoraConfig(rank=2, calib=str(text)), None)
+    with pytest.raises(RecoupError, match="rank"):
+        EoraConfig(rank=0)
+
+
+def test_lora_inherits_the_compensation_whatever_its_alpha(artifact, tmp_path):
+    """``--inherit EORA_DIR`` for LoRA / CPET: fine-tuning starts from the compensation (LoftQ-style init)."""
+    from recoup.artifact import load_model
+    from recoup.recover.lora import inherited_state
+
+    art, text = artifact
+    rec, _ = fit(load_model(str(art)), EoraConfig(rank=4, calib=str(text), nsamples=4, seqlen=32), None)
+    cfg = LoraConfig(rank=4, alpha=16.0)
+    lora = EoraRecovery(cfg, rec.target_modules, inherited_state(rec, cfg), rec.hidden_size)
+    with torch.no_grad():
+        want = forward_logits(rec.apply(load_model(str(art)).model), IDS)
+        got = forward_logits(lora.apply(load_model(str(art)).model), IDS)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
