@@ -118,7 +118,19 @@ def _split_flat(data: Mapping[str, Any], own: list[str]) -> tuple[dict, dict]:
 
 
 @dataclasses.dataclass
-class CompressJob(Config):
+class _MethodJob(Config):
+    """A job whose ``config`` holds a method's keys: flat keys split between the two, and joined back."""
+
+    @classmethod
+    def own_keys(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls) if f.name != "config"]
+
+    def to_flat(self) -> dict:
+        return {**{k: getattr(self, k) for k in self.own_keys()}, **self.config.to_dict()}
+
+
+@dataclasses.dataclass
+class CompressJob(_MethodJob):
     """``recoup compress MODEL --out DIR`` / a recipe ``compress:`` step: the model, the calibration windows
     (``calib`` corpus, ``nsamples`` x ``seqlen`` at ``seed``), the storage, and ``config`` (the method's keys)."""
 
@@ -138,18 +150,11 @@ class CompressJob(Config):
     POSITIONAL: ClassVar[tuple[str, ...]] = ("model",)
 
     @classmethod
-    def own_keys(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls) if f.name != "config"]
-
-    @classmethod
     def from_flat(cls, data: Mapping[str, Any], where: str = "") -> "CompressJob":
         from recoup.compress import CompressConfig
 
         mine, rest = _split_flat(data, cls.own_keys())
         return cls(**mine, config=CompressConfig.from_dict(rest, where=where))
-
-    def to_flat(self) -> dict:
-        return {**{k: getattr(self, k) for k in self.own_keys()}, **self.config.to_dict()}
 
     def __post_init__(self) -> None:
         from recoup.evaluate.tasks.perplexity import check_corpus
@@ -244,7 +249,7 @@ class EvalJob(Config):
 
 
 @dataclasses.dataclass
-class RecoverJob(Config):
+class RecoverJob(_MethodJob):
     """``recoup recover MODEL --method M --out DIR`` / a recipe ``recover:`` step: ``config`` holds the
     method's keys (its typed config from the recovery registry)."""
 
@@ -258,10 +263,6 @@ class RecoverJob(Config):
     config: Any = None
 
     POSITIONAL: ClassVar[tuple[str, ...]] = ("model",)
-
-    @classmethod
-    def own_keys(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls) if f.name != "config"]
 
     @classmethod
     def from_flat(cls, data: Mapping[str, Any], where: str = "") -> "RecoverJob":
@@ -282,9 +283,6 @@ class RecoverJob(Config):
                 raise RecoupError(f"{where + ': ' if where else ''}unknown key '{key}' for method {method}{hint} "
                                   f"allowed: {', '.join(cls.own_keys() + allowed)}")
         return cls(**mine, config=spec.config.from_dict(rest, where=where or str(method)))
-
-    def to_flat(self) -> dict:
-        return {**{k: getattr(self, k) for k in self.own_keys()}, **self.config.to_dict()}
 
     def __post_init__(self) -> None:
         from recoup.recover.methods import RECOVERIES
