@@ -324,6 +324,19 @@ def recovery_key_owners() -> dict[str, list[str]]:
     return owners
 
 
+def _with_method_keys(own: list[Key], configs: list[type], owners: dict[str, list[str]],
+                      show_default: bool = True) -> list[Key]:
+    """``own`` keys, then each method config's keys not seen yet (first declaration wins), tagged with their methods."""
+    out, seen = list(own), {k.name for k in own}
+    for cls in configs:
+        for key in dataclass_keys(cls):
+            if key.name not in seen:
+                seen.add(key.name)
+                out.append(dataclasses.replace(key, methods=tuple(owners[key.name]),
+                                               default=key.default if show_default else None))
+    return out
+
+
 def keys(kind: str) -> list[Key]:
     """Every key of a stage kind (compress | evaluate | recover): its CLI flags and recipe keys, in order.
 
@@ -333,29 +346,16 @@ def keys(kind: str) -> list[Key]:
         from recoup.compress import CompressConfig, METHODS
         from recoup.compress.config import option_owners
 
-        out = dataclass_keys(CompressJob, skip=("config",)) + dataclass_keys(CompressConfig, skip=("options",))
-        owners = option_owners()
-        seen = {k.name for k in out}
-        for name in METHODS.names():
-            for key in dataclass_keys(METHODS.get(name).options):
-                if key.name not in seen:
-                    seen.add(key.name)
-                    out.append(dataclasses.replace(key, methods=tuple(owners[key.name])))
-        return out
+        own = dataclass_keys(CompressJob, skip=("config",)) + dataclass_keys(CompressConfig, skip=("options",))
+        return _with_method_keys(own, [METHODS.get(n).options for n in METHODS.names()], option_owners())
     if kind == "evaluate":
         return dataclass_keys(EvalJob)
     if kind == "recover":
         from recoup.recover.methods import RECOVERIES
 
-        out = dataclass_keys(RecoverJob, skip=("config",))
-        owners = recovery_key_owners()
-        seen = {k.name for k in out}
-        for name in RECOVERIES.names():
-            for key in dataclass_keys(RECOVERIES.get(name).config):
-                if key.name not in seen:
-                    seen.add(key.name)
-                    out.append(dataclasses.replace(key, default=None, methods=tuple(owners[key.name])))
-        return out
+        return _with_method_keys(dataclass_keys(RecoverJob, skip=("config",)),
+                                 [RECOVERIES.get(n).config for n in RECOVERIES.names()], recovery_key_owners(),
+                                 show_default=False)  # defaults differ per method: each config applies its own
     raise RecoupError(f"unknown stage kind '{kind}'")
 
 
