@@ -93,6 +93,10 @@ CASES = [
     ("compress-unknown-corpus", "compress smollm2-135m --method wanda --sparsity 0.5 --calib ptbb --out {d}/o",
      "did you mean 'ptb'"),
     ("compress-group-size-0", "compress smollm2-135m --method gptq --bits 4 --group-size 0 --out {d}/o", "group"),
+    ("compress-scale-search-bad", "compress smollm2-135m --method gptq --bits 4 --scale-search l1 --out {d}/o",
+     "scale_search"),
+    ("compress-scale-search-no-bits", "compress smollm2-135m --method wanda --sparsity 0.5 --scale-search mse "
+     "--out {d}/o", "scale_search"),
     ("compress-group-size-neg", "compress smollm2-135m --method gptq --bits 4 --group-size -2 --out {d}/o", "group"),
     ("compress-bits-3.5", "compress smollm2-135m --method gptq --bits 3.5 --out {d}/o", "invalid int"),
     ("compress-sparsity-1.5", "compress smollm2-135m --method magnitude --sparsity 1.5 --out {d}/o", "sparsity"),

@@ -69,6 +69,27 @@ def test_zero_is_on_every_grid_and_keep_nonzero_avoids_it():
     assert (q2 != 0).all() and q2[0, 0] > 0 and q2[0, 1] < 0
 
 
+@pytest.mark.parametrize("sym", [True, False])
+def test_mse_range_search_never_worse_than_minmax_and_keeps_zero(sym):
+    torch.manual_seed(0)
+    w = torch.randn(32, 64)
+    w[:, 3] *= 8  # an outlier column: min/max wastes levels on it, a shrunk range helps most rows
+    for bits in (3, 4):
+        plain, mse = QuantGrid(bits, sym, 32), QuantGrid(bits, sym, 32, search="mse")
+        for g in range(2):
+            block = w[:, g * 32:(g + 1) * 32]
+            e_plain = (plain.quantize(block, *plain.fit(block)) - block).abs().pow(2.4).sum(1)
+            s, z = mse.fit(block)
+            e_mse = (mse.quantize(block, s, z) - block).abs().pow(2.4).sum(1)
+            assert (e_mse <= e_plain + 1e-6).all()
+            assert mse.quantize(torch.zeros(32, 1), s, z).abs().max() == 0  # exact zero stays on the grid
+        res_plain, res_mse = rtn(w, plain), rtn(w, mse)
+        assert grid_deviation(res_mse.weight, res_mse.scale, res_mse.zero, res_mse.g_idx, mse.maxq) < 1e-4
+        assert (res_mse.weight - w).pow(2).sum() < (res_plain.weight - w).pow(2).sum()
+    with pytest.raises(ValueError, match="search must be one of"):
+        QuantGrid(4, True, 32, search="l1")
+
+
 def test_masks_are_exact():
     score = torch.randn(8, 16)
     m = unstructured_mask(score, 0.5)

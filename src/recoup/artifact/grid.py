@@ -5,6 +5,8 @@ input columns of one row (GPTQ's grouping). The grid of a group is ``scale * (q 
 integer codes ``q`` in ``[0, 2**bits - 1]``. Parameters are fitted as in GPTQ's ``Quantizer``
 (min/max with zero forced into the range; symmetric uses ``zero = (maxq + 1) / 2``), so exact 0 is
 always a grid point, which is what lets pruned weights stay on the grid in joint compression.
+``search="mse"`` shrinks each group's range to the one of least quantization error (GPTQ's
+``Quantizer(mse=True)``, llm-compressor's MSE observer) instead of taking min/max as is.
 
 ``scale_dtype="float16"`` rounds every fitted scale to a float16 value (before the zero point is
 fitted), so a symmetric 4-bit grid of groups that are a multiple of 32 is exactly a GGUF Q4_0 grid
@@ -19,6 +21,10 @@ import dataclasses
 import torch
 
 SCALE_DTYPES = ("float32", "float16")
+SEARCHES = ("minmax", "mse")
+# The MSE range search (GPTQ's ``Quantizer(mse=True)``, llm-compressor's MSE observer): candidate ranges
+# shrink the min/max range by 1%, 2%, ... up to MSE_MAXSHRINK; the one of least sum |q(w) - w|^MSE_NORM wins.
+MSE_GRID, MSE_MAXSHRINK, MSE_NORM = 100, 0.2, 2.4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,10 +33,13 @@ class QuantGrid:
     sym: bool = True
     group_size: int | None = None  # None: one group per row
     scale_dtype: str = "float32"  # float16: scales rounded to fp16 (GGUF Q4_0 / Q8_0 hold them exactly)
+    search: str = "minmax"  # minmax: the group's range; mse: the shrunk range of least error (module doc)
 
     def __post_init__(self) -> None:
         if self.scale_dtype not in SCALE_DTYPES:
             raise ValueError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}, got {self.scale_dtype!r}")
+        if self.search not in SEARCHES:
+            raise ValueError(f"search must be one of {', '.join(SEARCHES)}, got {self.search!r}")
 
     @property
     def maxq(self) -> int:
@@ -46,7 +55,12 @@ class QuantGrid:
         return (torch.arange(cols) // g).to(torch.int32)
 
     def fit(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row (scale, zero), each (rows,), for the columns of ``w`` (rows, g)."""
+        """Per-row (scale, zero), each (rows,), for the columns of ``w`` (rows, g).
+
+        ``search="minmax"``: the range is the row's min/max (zero included). ``search="mse"``: the range
+        is shrunk by p in {1, 0.99, ..., 1 - MSE_MAXSHRINK} and each row keeps the p of least
+        ``sum |q(w) - w|^2.4`` (GPTQ's ``Quantizer(mse=True)`` criterion; the grid still holds exact 0).
+        """
         w = w.float()
         zeros = torch.zeros(w.shape[0], device=w.device)
         xmin = torch.minimum(w.min(dim=1).values, zeros)
@@ -57,6 +71,20 @@ class QuantGrid:
         empty = (xmin == 0) & (xmax == 0)
         xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
         xmax = torch.where(empty, torch.ones_like(xmax), xmax)
+        scale, zero = self._params(xmin, xmax)
+        if self.search == "mse":
+            best = (self.quantize(w, scale, zero) - w).abs().pow(MSE_NORM).sum(1)
+            for i in range(1, int(MSE_MAXSHRINK * MSE_GRID) + 1):
+                p = 1 - i / MSE_GRID
+                s1, z1 = self._params(p * xmin, p * xmax)
+                err = (self.quantize(w, s1, z1) - w).abs().pow(MSE_NORM).sum(1)
+                better = err < best
+                best = torch.where(better, err, best)
+                scale, zero = torch.where(better, s1, scale), torch.where(better, z1, zero)
+        return scale, zero
+
+    def _params(self, xmin: torch.Tensor, xmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero) of the grid spanning [xmin, xmax] per row (xmin <= 0 <= xmax, not both 0)."""
         scale = (xmax - xmin) / self.maxq
         if self.scale_dtype == "float16":  # smallest fp16 subnormal keeps tiny groups off a zero scale
             scale = scale.to(torch.float16).float().clamp_min(2.0 ** -24)

@@ -38,6 +38,8 @@ HELP: dict[str, str] = {
     "sym": "symmetric grid (--no-sym: asymmetric min/max)",
     "scale_dtype": "float32 | float16: float16 rounds grid scales to fp16, so `recoup export --format gguf` writes "
                    "Q4_0/Q4_1/Q8_0 exactly (e.g. GPTQ quality in a Q4_0 file)",
+    "scale_search": "minmax | mse: each quantization group's range as is (min/max), or shrunk to the range of least "
+                    "error (GPTQ's mse quantizer, llm-compressor's MSE observer)",
     "targets": "which linears: all, attention, mlp",
     "batch_size": "compress: calibration windows per forward; eval: scoring batch; recover: windows or examples "
                   "per step",

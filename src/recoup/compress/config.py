@@ -73,6 +73,7 @@ class CompressConfig(Config):
     group_size: int | None = None  # columns per quantization group; None (or -1) = one group per row
     sym: bool = True  # symmetric grid (zero point in the middle) or asymmetric (min/max)
     scale_dtype: str = "float32"  # float16: grid scales rounded to fp16, so a GGUF Q4_0/Q4_1/Q8_0 export is exact
+    scale_search: str = "minmax"  # minmax | mse: each group's range as is, or shrunk to the least-error one
     targets: str = "all"  # all | attention | mlp
     batch_size: int = 8  # calibration windows per forward in the engine
     activation_budget_mb: int | None = None  # memory for the one-forward-per-layer engine's parked forwards; None: half the device's free memory; 0: re-run each layer per group
@@ -158,8 +159,11 @@ class CompressConfig(Config):
                               f"--method sparsegpt --sparsity S --bits B")
         check(self.scale_dtype in ("float32", "float16"),
               f"scale_dtype must be float32 or float16 (got {self.scale_dtype!r})")
+        check(self.scale_search in ("minmax", "mse"),
+              f"scale_search must be minmax or mse (got {self.scale_search!r})")
         if self.bits is None:
             check(self.group_size is None, "group_size only applies when quantizing (give bits)")
+            check(self.scale_search == "minmax", "scale_search only applies when quantizing (give bits)")
         self.options.check(self)
 
     # convenience ----------------------------------------------------------------------------------
@@ -179,7 +183,7 @@ class CompressConfig(Config):
         """The quantization grid these keys describe (:class:`recoup.artifact.grid.QuantGrid`)."""
         from recoup.artifact.grid import QuantGrid
 
-        return QuantGrid(self.bits, self.sym, self.group_size, scale_dtype=self.scale_dtype)
+        return QuantGrid(self.bits, self.sym, self.group_size, scale_dtype=self.scale_dtype, search=self.scale_search)
 
     def describe(self) -> str:
         parts = [self.method]
