@@ -16,8 +16,9 @@ import json
 import time
 
 
-def weights_args(bits: int, group_size: int, sym: bool) -> dict:
-    return {"num_bits": bits, "type": "int", "symmetric": sym, "strategy": "group", "group_size": group_size}
+def weights_args(bits: int, group_size: int, sym: bool, observer: str | None = None) -> dict:
+    args = {"num_bits": bits, "type": "int", "symmetric": sym, "strategy": "group", "group_size": group_size}
+    return {**args, "observer": observer} if observer else args
 
 
 def recipe(name: str, sym: bool):
@@ -26,14 +27,16 @@ def recipe(name: str, sym: bool):
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from llmcompressor.modifiers.transform import AWQModifier
 
-    def groups(bits: int, gs: int) -> dict:
-        return {"group_0": {"targets": ["Linear"], "weights": weights_args(bits, gs, sym)}}
+    def groups(bits: int, gs: int, observer: str | None = None) -> dict:
+        return {"group_0": {"targets": ["Linear"], "weights": weights_args(bits, gs, sym, observer)}}
 
     ignore = ["lm_head"]
     if name == "gptq-w4g64":
         return [GPTQModifier(config_groups=groups(4, 64), ignore=ignore)]
     if name == "gptq-w3g64":
         return [GPTQModifier(config_groups=groups(3, 64), ignore=ignore)]
+    if name in ("gptq-w4g64-mse", "gptq-w3g64-mse"):  # the weight observer searching the range by MSE
+        return [GPTQModifier(config_groups=groups(4 if "w4" in name else 3, 64, "memoryless_mse"), ignore=ignore)]
     if name == "sparsegpt-50":
         return [SparseGPTModifier(sparsity=0.5, mask_structure="0:0", ignore=ignore)]
     if name == "sparsegpt-2:4":

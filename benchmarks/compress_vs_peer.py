@@ -33,6 +33,8 @@ HERE = Path(__file__).resolve().parent
 RECIPES: dict[str, dict] = {
     "gptq-w4g64": {"method": "gptq", "bits": 4, "group_size": 64},
     "gptq-w3g64": {"method": "gptq", "bits": 3, "group_size": 64},
+    "gptq-w4g64-mse": {"method": "gptq", "bits": 4, "group_size": 64, "scale_search": "mse"},
+    "gptq-w3g64-mse": {"method": "gptq", "bits": 3, "group_size": 64, "scale_search": "mse"},
     "sparsegpt-50": {"method": "sparsegpt", "sparsity": 0.5},
     "sparsegpt-2:4": {"method": "sparsegpt", "pattern": "2:4"},
     "wanda-50": {"method": "wanda", "sparsity": 0.5},
