@@ -20,7 +20,7 @@ def _eval(store: Store, run_id: str, pos: int, stage: str, labels: dict, results
     store.stage_finished(run_id, stage, {"evaluation": evaluation}, False, 1.0, metric_rows(evaluation), {})
 
 
-def recovery_store(path) -> tuple[Store, str]:
+def recovery_store(path, second: bool = False) -> tuple[Store, str]:
     store = Store(path)
     run_id = "demo-1"
     store.start_run(run_id, "demo", {"name": "demo", "model": "m", "report": {"matching": 0.05},
@@ -40,6 +40,9 @@ def recovery_store(path) -> tuple[Store, str]:
     _eval(store, run_id, 4, "eval:s60+p", {"role": "transfer", "compression": "s60", "recovery": "p",
                                            "trained_on": "8x"},
           {"ppl:ptb": {"ppl": 35.0, "nll": 3.55, "windows": 16}, "arc_easy": mc(0.47)})
+    if second:
+        _eval(store, run_id, 5, "eval:8x+e", {"role": "recovered", "compression": "8x", "recovery": "e"},
+              {"ppl:ptb": {"ppl": 25.0, "nll": 3.2, "windows": 16}, "arc_easy": mc(0.58)})
     store.finish_run(run_id, "done")
     return store, run_id
 
@@ -83,6 +86,16 @@ def test_report_tables_marks_and_gap(tmp_path):
     stored = {round(m["value"], 3) for m in store.metrics(run_id)}
     for x in re.findall(r"(?<![\w.])(\d+\.\d+)(?![\d%])", summary):
         assert round(float(x), 3) in stored, x
+    store.close()
+
+
+def test_summary_names_the_best_recovery_per_task(tmp_path):
+    store, run_id = recovery_store(tmp_path / "s.sqlite", second=True)
+    summary = summary_paragraph(load_view(store, run_id))
+    # ppl: p closes (30-20.8)/10 = 92%, e 50%; arc: p 50%, e (0.58-0.5)/0.1 = 80%
+    assert "Most of the gap closed on 8x, per task: ppl:ptb by p (92%); arc_easy by e (80%)." in summary
+    single = summary_paragraph(load_view(*recovery_store(tmp_path / "t.sqlite")))
+    assert "Most of the gap closed" not in single  # one recovery per compressed model: nothing to rank
     store.close()
 
 

@@ -239,9 +239,28 @@ def summary_paragraph(view: RunView) -> str:
         rec = [e for _, e in pairs]
         n_match = sum(1 for e in rec for t in view.tasks if _mark(view, e, t) == " ✓")
         total = sum(1 for e in rec for t in view.tasks if e.values.get(t))
+        parts += _best_sentences(view, pairs)
         parts.append(f"With recovery, {n_match} of {total} (model, task) results match dense within "
                      f"{view.matching:.0%} (LLM-KICK's definition).")
     return " ".join(parts)
+
+
+def _best_sentences(view: RunView, pairs: list[tuple[EvalRow, EvalRow]]) -> list[str]:
+    """Where two or more recoveries were learned on one compressed model: which won back most, per task."""
+    out = []
+    for comp in dict.fromkeys(b.labels.get("compression") for b, a in pairs if a.role == "recovered"):
+        mine = [(b, a) for b, a in pairs if a.role == "recovered" and b.labels.get("compression") == comp]
+        if len(mine) < 2:
+            continue
+        best = []
+        for t in view.tasks:
+            gaps = [(g, a.labels.get("recovery")) for b, a in mine if (g := _gap(view, t, b, a)) is not None]
+            if gaps:
+                g, name = max(gaps, key=lambda x: x[0])
+                best.append(f"{t} by {name} ({_pct(g)})" if g > 0 else f"{t} by none (best {name}, {_pct(g)})")
+        if best:
+            out.append(f"Most of the gap closed on {comp}, per task: " + "; ".join(best) + ".")
+    return out
 
 
 def _describe(labels: dict) -> str:
