@@ -27,14 +27,20 @@ of the compressed -> dense gap; a value within 5% of dense matches (``recoup.eva
 ``--artifacts`` names one or more artifacts (``LABEL=PATH`` or a path, labelled by its folder name); the tables
 group by artifact. Each row is written to ``<out>/rows/<label>--<row>.json`` as soon as it is measured (the dense
 row once per dense source, ``dense--<source>.json``); a rerun skips finished rows, ``--report-only`` just rebuilds
-``<out>/recover_knowledge.{json,md,png}``. The full study (each artifact made with ``recoup compress``):
+``<out>/recover_knowledge.{json,md,png}``. The full study (``A=/work/wt/eora-art``; 8x exists already):
 
+    recoup compress smollm2-135m --method sparsegpt --sparsity 0.5 --bits 4 --group-size 64 --calib ptb \\
+        --nsamples 32 --seqlen 512 --out $A/8x
+    recoup compress smollm2-135m --method gptq --bits 3 --group-size 64 --calib ptb --nsamples 32 --seqlen 512 \\
+        --out $A/gptq-w3g64
+    recoup compress smollm2-135m --method sparsegpt --pattern 2:4 --calib ptb --nsamples 32 --seqlen 512 \\
+        --out $A/sparsegpt-2of4
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/recover_knowledge.py \\
-        --artifacts 8x=/work/wt/eora-art/8x,gptq-w3g64=ART_GPTQ,sparsegpt-2:4=ART_24 \\
+        --artifacts 8x=$A/8x,gptq-w3g64=$A/gptq-w3g64,sparsegpt-2of4=$A/sparsegpt-2of4 \\
         --rows dense,compressed,soft-prompt:lm,soft-prompt:kd,idp:kd,eora:8,eora:32,eora:128,eora:128@0.5,\\
 lora:kd,lora:kd+eora,lora:task=sciq,cpet:task=sciq \\
         --lora-rank 32 --ppl-windows 8 --arc 0 --piqa 500 --sciq 0 --mmlu 500 \\
-        --out benchmarks/results/recover_knowledge --workdir /work/wt/eora-art/recoveries
+        --out benchmarks/results/recover_knowledge --workdir $A/recoveries
 
 Smoke (bundled model, minutes): ``recoup compress smollm2-135m --method sparsegpt --sparsity 0.5 --bits 4
 --group-size 64 --nsamples 4 --seqlen 128 --out /tmp/study-art``, then ``--artifacts /tmp/study-art --rows
