@@ -1,176 +1,341 @@
-"""The knowledge-recovery study: what each recovery without task data wins back on a compressed model.
+"""The knowledge-recovery study: what each recovery without task data wins back on compressed models.
 
-Rows (``--rows``): ``dense`` (the artifact's source), ``compressed`` (the artifact alone), ``eora:R`` (EoRA
-rank R, training-free), ``soft-prompt:OBJ`` (a soft prompt trained on generic PTB text with objective
-lm | kd | lm+kd; the objective key must exist in the soft prompt's config). Columns: PTB-test perplexity
-(``--ppl-windows`` x 2048), ARC-Easy acc / acc_norm (``--arc`` seeded examples, 0 = all 570), SciQ acc / acc_norm
-on the held-out part of its seeded hash split (``--sciq`` first held-out examples; the same split the
-task-trained recoveries hold out), extra parameters, fit seconds; the gap closed vs compressed -> dense.
+Row grammar (``--rows``, comma-separated; the same rows are measured on every artifact):
 
-    python benchmarks/recover_knowledge.py --artifact /work/wt/eora-art/8x --rows dense,compressed,eora:8,eora:32 \\
-        --out benchmarks/results/recover_knowledge
+    dense | compressed            the artifact's dense source / the artifact alone
+    eora:R                        EoRA, rank R (training-free; --calib, --nsamples x --calib-seqlen)
+    eora:R@E                      EoRA, per-layer rank: the smallest keeping share E of each layer's error energy, <= R
+    soft-prompt:OBJ | idp:OBJ     a soft prompt / IDP pool trained on --data (generic text, default ptb,wiki)
+    lora:OBJ                      LoRA rank --lora-rank from PEFT's init, trained on --data
+    lora:OBJ+eora                 the same LoRA started from EoRA rank --lora-rank (`--inherit`; row eora:<rank>'s
+                                  directory is reused, or fitted; the fit seconds include EoRA's)
+    lora:task=T | cpet:task=T     references trained on task T's train part (held-out split as the SciQ column;
+                                  CPET with its recovery modules); LoRA rank --lora-rank
 
-Each row is written to ``<out>/rows/<row>.json`` as soon as it is measured (a rerun skips finished rows),
-then ``<out>/recover_knowledge.json``, ``recover_knowledge.md`` and ``recover_knowledge.png``.
+OBJ is an objective: lm (next-token loss), kd (distil the dense source) or lm+kd. ``--steps`` overrides every
+trained row's steps (default: each method's own).
+
+Columns: PTB and wiki test perplexity (``--ppl-windows`` x ``--ppl-seqlen``); accuracy (acc, lm-eval definitions,
+through the evaluation Scorer, per example kept) on ARC-Easy (``--arc`` seeded examples, 0 = all 570), PIQA
+(``--piqa``), the SciQ held-out part (seeded hash split, fraction 0.3: the part the task rows never see; ``--sciq``
+first), MMLU (``--mmlu`` seeded examples, ``--mmlu-shots``; the registered task's seeded sample); extra parameters
+(and % of the base); fit seconds; prefill and per-token decode latency (batch 1, the first ``--prompt-len`` PTB-test
+tokens, ``--new-tokens`` greedy steps, median of ``--repeats`` after a warm-up, on torch's threads: recorded).
+Every accuracy delta is against the compressed row with a paired bootstrap 95% interval; gap closed is the share
+of the compressed -> dense gap; a value within 5% of dense matches (``recoup.evaluate.metrics.matching``).
+
+``--artifacts`` names one or more artifacts (``LABEL=PATH`` or a path, labelled by its folder name); the tables
+group by artifact. Each row is written to ``<out>/rows/<label>--<row>.json`` as soon as it is measured (the dense
+row once per dense source, ``dense--<source>.json``); a rerun skips finished rows, ``--report-only`` just rebuilds
+``<out>/recover_knowledge.{json,md,png}``. The full study (``A=/work/wt/eora-art``; 8x exists already):
+
+    recoup compress smollm2-135m --method sparsegpt --sparsity 0.5 --bits 4 --group-size 64 --calib ptb \\
+        --nsamples 32 --seqlen 512 --out $A/8x
+    recoup compress smollm2-135m --method gptq --bits 3 --group-size 64 --calib ptb --nsamples 32 --seqlen 512 \\
+        --out $A/gptq-w3g64
+    recoup compress smollm2-135m --method sparsegpt --pattern 2:4 --calib ptb --nsamples 32 --seqlen 512 \\
+        --out $A/sparsegpt-2of4
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/recover_knowledge.py \\
+        --artifacts 8x=$A/8x,gptq-w3g64=$A/gptq-w3g64,sparsegpt-2of4=$A/sparsegpt-2of4 \\
+        --rows dense,compressed,soft-prompt:lm,soft-prompt:kd,idp:kd,eora:8,eora:32,eora:128,eora:128@0.5,\\
+lora:kd,lora:kd+eora,lora:task=sciq,cpet:task=sciq \\
+        --lora-rank 32 --ppl-windows 8 --arc 0 --piqa 500 --sciq 0 --mmlu 500 \\
+        --out benchmarks/results/recover_knowledge --workdir $A/recoveries
+
+Smoke (bundled model, minutes): ``recoup compress smollm2-135m --method sparsegpt --sparsity 0.5 --bits 4
+--group-size 64 --nsamples 4 --seqlen 128 --out /tmp/study-art``, then ``--artifacts /tmp/study-art --rows
+dense,compressed,eora:8 --examples 20 --ppl-windows 1 --ppl-seqlen 256 --steps 2 --nsamples 4 --calib-seqlen 128
+--out /tmp/study-smoke --workdir /tmp/study-work``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import logging
 import os
 import platform
+import re
 import time
 from pathlib import Path
 
 import torch
 
+from recover_knowledge_report import TASKS, analyse, markdown, plot
 
-def fit_row(row: str, args, workdir: Path) -> tuple[str | None, dict]:
-    """Fit the recovery of ``row`` on the artifact; returns (its directory or None, fit record)."""
+log = logging.getLogger("recover_knowledge")
+OBJECTIVES = ("lm", "kd", "lm+kd")
+ROW = re.compile(r"^(?:(dense|compressed)|eora:(\d+)(?:@([0-9.]+))?|(soft-prompt|idp):([a-z+]+)|"
+                 r"lora:([a-z+]+?)(\+eora)?|(lora|cpet):task=([a-z_]+))$")
+
+
+@dataclasses.dataclass
+class Row:
+    spec: str
+    method: str  # dense | compressed | eora | soft-prompt | idp | lora | cpet
+    rank: int | None = None
+    energy: float | None = None
+    objective: str | None = None
+    from_eora: bool = False
+    task: str | None = None
+
+
+def parse_row(spec: str) -> Row:
+    """A row spec of the module docstring's grammar; SystemExit with the grammar otherwise."""
+    m = ROW.match(spec)
+    obj = m and (m.group(5) or m.group(6))
+    if not m or (obj and obj not in OBJECTIVES):
+        raise SystemExit(f"bad row '{spec}': use dense, compressed, eora:R[@E], soft-prompt:OBJ, idp:OBJ, lora:OBJ, "
+                         f"lora:OBJ+eora, lora:task=T, cpet:task=T (OBJ: {', '.join(OBJECTIVES)})")
+    if m.group(1):
+        return Row(spec, m.group(1))
+    if m.group(2):
+        energy = float(m.group(3)) if m.group(3) else None
+        if energy is not None and not 0 < energy <= 1:
+            raise SystemExit(f"bad row '{spec}': the energy share must be in (0, 1]")
+        return Row(spec, "eora", rank=int(m.group(2)), energy=energy)
+    if m.group(4):
+        return Row(spec, m.group(4), objective=obj)
+    if m.group(6):
+        return Row(spec, "lora", objective=obj, from_eora=bool(m.group(7)))
+    return Row(spec, m.group(8), task=m.group(9))
+
+
+def safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+=@-]+", "-", name).strip("-")
+
+
+def recover_flat(row: Row, args, inherit: str | None = None) -> dict:
+    """The ``recoup recover`` keys of a fitted row."""
+    if row.method == "eora":
+        flat = {"method": "eora", "rank": row.rank, "calib": args.calib, "nsamples": args.nsamples,
+                "seqlen": args.calib_seqlen, "seed": args.seed}
+        return {**flat, "energy": row.energy} if row.energy is not None else flat
+    flat = {"method": row.method, "seed": args.seed}
+    if row.task:
+        flat.update({"task": row.task, "heldout_fraction": 0.3})
+    else:
+        flat.update({"data": args.data, "objective": row.objective})
+    if row.method in ("lora", "cpet"):
+        flat["rank"] = args.lora_rank
+    if row.method == "cpet":
+        flat["recovery_modules"] = True
+    if inherit:
+        flat["inherit"] = inherit
+    if args.steps:
+        flat["steps"] = args.steps
+    return flat
+
+
+def fit_row(row: Row, artifact: str, args, workdir: Path) -> tuple[str | None, dict]:
+    """Fit ``row`` on ``artifact``; (its recovery directory or None, {parameters, fit_seconds, config})."""
     from recoup.recipe.jobs import RecoverJob
+    from recoup.recover.methods import load_recovery
     from recoup.runs.stages import recover
 
-    if row in ("dense", "compressed"):
-        return None, {"parameters": 0, "fit_seconds": 0.0}
-    method, _, arg = row.partition(":")
-    out = workdir / row.replace(":", "-")
-    if method == "eora":
-        flat = {"method": "eora", "rank": int(arg), "calib": args.calib, "nsamples": args.nsamples,
-                "seqlen": args.calib_seqlen}
-    elif method == "soft-prompt":
-        flat = {"method": "soft-prompt", "data": "ptb", "steps": args.prompt_steps}
-        if arg:
-            flat["objective"] = arg
-    else:
-        raise SystemExit(f"unknown row '{row}'")
+    if row.method in ("dense", "compressed"):
+        return None, {"parameters": 0, "fit_seconds": 0.0, "config": None}
+    extra_seconds, inherit = 0.0, None
+    if row.from_eora:
+        inherit = workdir / f"eora-{args.lora_rank}"
+        if not (inherit / "adapter_config.json").is_file():
+            fit_row(Row(f"eora:{args.lora_rank}", "eora", rank=args.lora_rank), artifact, args, workdir)
+        extra_seconds = float(load_recovery(inherit).meta["seconds"])
+    out = workdir / safe(row.spec.replace(":", "-"))
+    flat = recover_flat(row, args, str(inherit) if inherit else None)
     started = time.time()
-    summary = recover(RecoverJob.from_flat({**flat, "model": args.artifact, "out": str(out), "force": True}))
-    return str(out), {"parameters": summary["parameters"], "fit_seconds": round(time.time() - started, 1),
-                      "config": summary["config"]}
+    summary = recover(RecoverJob.from_flat({**flat, "model": artifact, "out": str(out), "force": True}))
+    return str(out), {"parameters": summary["parameters"],
+                      "fit_seconds": round(time.time() - started + extra_seconds, 1), "config": summary["config"]}
 
 
-def evaluate_row(row: str, recovery: str | None, args) -> dict:
+def task_examples(args) -> tuple[dict[str, list[dict]], dict]:
+    """The scored examples of every accuracy column (the same for every row) and how they were drawn."""
+    from recoup.evaluate.tasks import load_examples
+    from recoup.evaluate.tasks.common import sample_indices
+    from recoup.recover.task_data import split_task
+
+    out: dict[str, list[dict]] = {}
+    proto: dict[str, str] = {}
+    for task, limit, opts in (("arc_easy", args.arc, {}), ("piqa", args.piqa, {}),
+                              ("mmlu", args.mmlu, {"shots": args.mmlu_shots})):
+        every = load_examples(task, opts)
+        out[task] = [every[i] for i in sample_indices(len(every), limit or None, args.seed)]
+        proto[task] = f"{len(out[task])} of {len(every)} (seed {args.seed}{', %d-shot' % args.mmlu_shots if opts else ''})"
+    split = split_task("sciq", 0.3, args.seed)
+    held = split.heldout[:args.sciq] if args.sciq else split.heldout
+    out["sciq"] = [ex.as_suite() for ex in held]
+    proto["sciq"] = f"first {len(held)} of the {len(split.heldout)}-example held-out part (fraction 0.3, seed {args.seed})"
+    return out, {**proto, "sciq_split": split}
+
+
+def score_examples(model, tokenizer, examples: list[dict], recovery, batch_size: int) -> dict[str, list[float]]:
+    """Per-example acc and acc_norm (lm-eval definitions) of multiple-choice examples through the Scorer;
+    ``model`` has the recovery attached."""
+    from recoup.evaluate.scorer import Scorer
+    from recoup.evaluate.tasks.multiple_choice import requests_for, score_example
+
+    scorer = Scorer(model, tokenizer, recovery, batch_size=batch_size, attached=True)
+    scores = scorer.loglikelihood([r for ex in examples for r in requests_for(ex)], desc="score")
+    per: dict[str, list[float]] = {"acc": [], "acc_norm": []}
+    pos = 0
+    for ex in examples:
+        k = len(ex["choices"])
+        for key, value in score_example(ex, [s for s, _ in scores[pos:pos + k]]).items():
+            per[key].append(value)
+        pos += k
+    return per
+
+
+def evaluate_row(row: Row, source: str, recovery: str | None, args, examples: dict) -> dict:
+    """Every column of one row (``source`` with ``recovery`` attached)."""
     from recoup.artifact import load_model
+    from recoup.data.windows import corpus_ids
     from recoup.recipe.jobs import EvalJob
     from recoup.recover.methods import load_recovery
-    from recoup.recover.task_data import split_task
-    from recoup.runs.compare_recovery import score_heldout
+    from recoup.runs.compare_recovery import LatencyConfig, check_tuning_split, measure_latency
     from recoup.runs.stages import evaluate
 
-    model = args.dense if row == "dense" else args.artifact
     started = time.time()
-    limits = {"ppl:ptb": args.ppl_windows, "arc_easy": args.arc or None}
-    res = evaluate(EvalJob.from_flat({"model": model, "tasks": ["ppl:ptb", "arc_easy"], "limits": limits,
-                                      "seqlen": 2048, "seed": args.seed, "recovery": recovery}))["results"]
-    split = split_task("sciq", 0.3, args.seed)
-    loaded = load_model(model)
+    tasks = ["ppl:ptb", "ppl:wiki"]
+    res = evaluate(EvalJob.from_flat({"model": source, "tasks": tasks, "limits": {t: args.ppl_windows for t in tasks},
+                                      "seqlen": args.ppl_seqlen, "seed": args.seed, "recovery": recovery}))["results"]
+    loaded = load_model(source)
+    base = sum(p.numel() for p in loaded.model.parameters())
     rec = load_recovery(recovery) if recovery else None
+    if rec is not None:
+        check_tuning_split(row.spec, rec.describe(), examples["split"])  # a SciQ-tuned row never saw what we score
     net = rec.apply(loaded.model) if rec is not None else loaded.model
-    sciq = score_heldout(net, loaded.tokenizer, split.heldout[:args.sciq] if args.sciq else split.heldout, rec)
-    return {"ppl_ptb": res["ppl:ptb"]["ppl"], "ppl_windows": res["ppl:ptb"]["windows"],
-            "arc_easy_acc": res["arc_easy"]["acc"], "arc_easy_acc_norm": res["arc_easy"]["acc_norm"],
-            "arc_easy_n": res["arc_easy"]["n"], "sciq_heldout_acc": sciq["acc"], "sciq_heldout_acc_norm": sciq["acc_norm"],
-            "sciq_heldout_n": sciq["n"], "eval_seconds": round(time.time() - started, 1)}
+    out = {"ppl_ptb": res["ppl:ptb"]["ppl"], "ppl_wiki": res["ppl:wiki"]["ppl"], "ppl_windows": args.ppl_windows,
+           "base_parameters": base, "per_example": {}}
+    with torch.no_grad():
+        for task, _ in TASKS:
+            per = score_examples(net, loaded.tokenizer, examples[task], rec, args.batch_size)
+            out[task] = sum(per["acc"]) / len(per["acc"])
+            if task != "mmlu":  # MMLU scores answer letters: length normalisation is meaningless (as the task)
+                out[f"{task}_acc_norm"] = sum(per["acc_norm"]) / len(per["acc_norm"])
+            out[f"{task}_n"] = len(per["acc"])
+            out["per_example"][task] = per["acc"]
+    out["examples_digest"] = {t: digest(examples[t]) for t, _ in TASKS}
+    prompt = corpus_ids(loaded.tokenizer, "ptb", "test")[:args.prompt_len][None]  # the same tokens for every row
+    lat = measure_latency(net, prompt, rec, LatencyConfig(args.prompt_len, args.new_tokens, args.repeats))
+    lat.pop("generated")
+    out.update({"prefill_ms": lat["prefill_ms"], "decode_ms_per_token": lat["decode_ms_per_token"], "latency": lat,
+                "eval_seconds": round(time.time() - started, 1)})
+    return out
 
 
-COLUMNS = [("ppl_ptb", "PTB ppl", True), ("arc_easy_acc", "ARC-E acc", False),
-           ("arc_easy_acc_norm", "ARC-E acc_norm", False), ("sciq_heldout_acc", "SciQ acc", False),
-           ("sciq_heldout_acc_norm", "SciQ acc_norm", False)]
+def digest(examples: list[dict]) -> str:
+    """Which examples were scored, in order (sha256 of their ids): paired rows must share it."""
+    return hashlib.sha256("\n".join(str(ex["id"]) for ex in examples).encode()).hexdigest()[:16]
 
 
-def gap_closed(value: float, comp: float, dense: float, lower_better: bool) -> float | None:
-    gap = (comp - dense) if lower_better else (dense - comp)
-    if abs(gap) < 1e-9:
-        return None
-    return ((comp - value) if lower_better else (value - comp)) / gap
+def parse_artifacts(text: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in [s.strip() for s in text.split(",") if s.strip()]:
+        label, sep, path = item.partition("=")
+        label, path = (label, path) if sep else (Path(item).name, item)
+        if label in out:
+            raise SystemExit(f"two artifacts labelled '{label}': name them LABEL=PATH")
+        out[label] = path
+    return out
 
 
-def markdown(rows: dict[str, dict], header: str) -> str:
-    lines = [header, "", "| row | extra params | fit s | " + " | ".join(c[1] for c in COLUMNS) + " |",
-             "|---" * (3 + len(COLUMNS)) + "|"]
-    dense, comp = rows.get("dense"), rows.get("compressed")
-    for name, r in rows.items():
-        cells = []
-        for key, _, lower in COLUMNS:
-            cell = f"{r[key]:.2f}" if key == "ppl_ptb" else f"{r[key]:.3f}"
-            if dense and comp and name not in ("dense", "compressed"):
-                g = gap_closed(r[key], comp[key], dense[key], lower)
-                cell += f" ({100 * g:+.0f}% gap)" if g is not None else ""
-            cells.append(cell)
-        lines.append(f"| {name} | {r['parameters']:,} | {r['fit_seconds']:.0f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(rows: dict[str, dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, (key, label, _) in zip(axes, [COLUMNS[0], COLUMNS[1], COLUMNS[3]]):
-        names = list(rows)
-        ax.bar(range(len(names)), [rows[n][key] for n in names], color="tab:blue")
-        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-        ax.set_title(label)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def main() -> None:
+def arguments() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--artifact", required=True)
-    ap.add_argument("--dense", default=None, help="dense model (default: the artifact's recorded source)")
-    ap.add_argument("--rows", default="dense,compressed,eora:8,eora:32,eora:128")
-    ap.add_argument("--calib", default="ptb")
+    ap.add_argument("--artifacts", required=True, help="comma-separated artifacts, each PATH or LABEL=PATH")
+    ap.add_argument("--rows", default="dense,compressed,eora:8,eora:32")
+    ap.add_argument("--data", default="ptb,wiki", help="generic training text of the trained rows")
+    ap.add_argument("--steps", type=int, default=None, help="steps of every trained row (default: each method's)")
+    ap.add_argument("--lora-rank", type=int, default=32)
+    ap.add_argument("--calib", default="ptb", help="EoRA calibration corpus")
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--calib-seqlen", type=int, default=512)
-    ap.add_argument("--prompt-steps", type=int, default=80)
     ap.add_argument("--ppl-windows", type=int, default=8)
-    ap.add_argument("--arc", type=int, default=250, help="seeded ARC-Easy examples (0: all 570)")
-    ap.add_argument("--sciq", type=int, default=200, help="first SciQ held-out examples (0: all)")
+    ap.add_argument("--ppl-seqlen", type=int, default=2048)
+    ap.add_argument("--arc", type=int, default=0, help="seeded ARC-Easy examples (0: all 570)")
+    ap.add_argument("--piqa", type=int, default=500, help="seeded PIQA examples (0: all 1838)")
+    ap.add_argument("--sciq", type=int, default=0, help="first SciQ held-out examples (0: all)")
+    ap.add_argument("--mmlu", type=int, default=500, help="seeded MMLU test examples (0: all)")
+    ap.add_argument("--mmlu-shots", type=int, default=5)
+    ap.add_argument("--examples", type=int, default=None, help="set --arc, --piqa, --sciq and --mmlu at once")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--bootstrap", type=int, default=2000, help="paired bootstrap resamples")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--report-only", action="store_true", help="table and plot from the rows already measured")
     ap.add_argument("--out", default="benchmarks/results/recover_knowledge")
     ap.add_argument("--workdir", default="/tmp/recover_knowledge", help="where the fitted recoveries go (large)")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from recoup.artifact import load_model
+    if args.examples is not None:
+        args.arc = args.piqa = args.sciq = args.mmlu = args.examples
+    return args
 
-    if args.dense is None:
-        src = load_model(args.artifact).manifest["source"]
-        args.dense = src.get("path") or src["model"]
+
+def main() -> None:
+    args = arguments()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from recoup.artifact.store import read_manifest
+
+    rows = [parse_row(r.strip()) for r in args.rows.split(",") if r.strip()]
+    artifacts = parse_artifacts(args.artifacts)
     out = Path(args.out)
     (out / "rows").mkdir(parents=True, exist_ok=True)
-    workdir = Path(args.workdir)
-    rows: dict[str, dict] = {}
-    for row in [r.strip() for r in args.rows.split(",") if r.strip()]:
-        done = out / "rows" / f"{row.replace(':', '-')}.json"
-        if done.is_file():
-            rows[row] = json.loads(done.read_text())
-            print(f"{row}: cached {done}", flush=True)
-            continue
-        if args.report_only:
-            print(f"{row}: not measured", flush=True)
-            continue
-        recovery, fitted = fit_row(row, args, workdir)
-        rows[row] = {**fitted, **evaluate_row(row, recovery, args)}
-        done.write_text(json.dumps(rows[row], indent=1))
-        print(f"{row}: {json.dumps(rows[row])}", flush=True)
-    setup = {"artifact": args.artifact, "dense": args.dense, "eora_calibration": f"{args.calib} {args.nsamples} x "
-             f"{args.calib_seqlen}", "ppl": f"PTB test, {args.ppl_windows} x 2048", "arc_easy": args.arc or "all",
-             "sciq": f"held-out part (fraction 0.3, seed {args.seed}), first {args.sciq or 'all'}",
+    load_start = os.getloadavg()
+    examples, drawn = None, {}
+    if not args.report_only:  # drawn once, the same for every row; the row files record which (examples_digest)
+        examples, drawn = task_examples(args)
+        examples["split"] = drawn.pop("sciq_split")
+        (out / "examples.json").write_text(json.dumps(drawn, indent=1))
+    elif (out / "examples.json").is_file():
+        drawn = json.loads((out / "examples.json").read_text())
+    groups: dict[str, dict] = {}
+    for label, artifact in artifacts.items():
+        src = read_manifest(artifact)["source"]
+        dense = src.get("path") or src["model"]
+        measured: dict[str, dict] = {}
+        for row in rows:
+            done = out / "rows" / (f"dense--{safe(dense)}.json" if row.method == "dense"
+                                   else f"{safe(label)}--{safe(row.spec.replace(':', '-'))}.json")
+            if done.is_file():
+                measured[row.spec] = json.loads(done.read_text())
+                log.info("%s %s: cached %s", label, row.spec, done)
+                if examples is not None and measured[row.spec]["examples_digest"] != {t: digest(examples[t])
+                                                                                       for t, _ in TASKS}:
+                    raise SystemExit(f"{done} scored other examples than these settings draw; remove it or rerun "
+                                     f"with its settings")
+                continue
+            if args.report_only:
+                log.info("%s %s: not measured", label, row.spec)
+                continue
+            recovery, fitted = fit_row(row, artifact, args, Path(args.workdir) / safe(label))
+            source = dense if row.method == "dense" else artifact
+            measured[row.spec] = {**fitted, **evaluate_row(row, source, recovery, args, examples)}
+            r = measured[row.spec]
+            r["parameters_pct"] = 100.0 * r["parameters"] / r["base_parameters"]
+            done.write_text(json.dumps(r, indent=1))
+            log.info("%s %s: %s", label, row.spec, json.dumps({k: v for k, v in r.items() if k != "per_example"}))
+        groups[label] = {"artifact": artifact, "dense": dense, "rows": measured,
+                         "analysis": analyse(measured, args.bootstrap, args.seed)}
+    protocol = (f"Perplexity: PTB / wiki test, {args.ppl_windows} x {args.ppl_seqlen}. Accuracy (acc): ARC-Easy, PIQA, "
+                f"MMLU seeded samples, SciQ held-out part (seed {args.seed}); " + "; ".join(f"{k}: {v}" for k, v in
+                drawn.items()) + f". Latency: batch 1, {args.prompt_len}-token PTB prompt, {args.new_tokens} decode "
+                f"steps, median of {args.repeats}, {torch.get_num_threads()} torch thread(s).")
+    setup = {"artifacts": artifacts, "rows": [r.spec for r in rows], "data": args.data, "steps": args.steps,
+             "lora_rank": args.lora_rank, "eora_calibration": f"{args.calib} {args.nsamples} x {args.calib_seqlen}",
+             "examples": drawn, "bootstrap": args.bootstrap, "seed": args.seed, "protocol": protocol,
              "threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-             "host": platform.node(), "torch": torch.__version__, "load_avg_at_end": os.getloadavg()}
-    (out / "recover_knowledge.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))
-    header = (f"Recovery without task data on `{args.artifact}` ({setup['ppl']}; ARC-Easy {setup['arc_easy']} "
-              f"seeded examples; SciQ {setup['sciq']}). Gap closed = share of the compressed -> dense gap won back.")
-    table = markdown(rows, header)
+             "host": platform.node(), "torch": torch.__version__, "load_avg_at_start": load_start,
+             "load_avg_at_end": os.getloadavg()}
+    (out / "recover_knowledge.json").write_text(json.dumps({"setup": setup, "artifacts": groups}, indent=1))
+    table = markdown(groups, setup)
     (out / "recover_knowledge.md").write_text(table)
-    plot(rows, out / "recover_knowledge.png")
+    if plot(groups, out / "recover_knowledge.png"):
+        log.info("plot: %s", out / "recover_knowledge.png")
     print(table)
 
 

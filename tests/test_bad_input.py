@@ -165,6 +165,7 @@ CASES = [
     ("recover-out-nonempty", "recover smollm2-135m --method soft-prompt --data ptb --out {d}/full", "not empty"),
     ("recover-cuda", "recover smollm2-135m --method soft-prompt --data ptb --device cuda --out {d}/r", "cuda"),
     ("recover-typo-model", "recover smollm2-135 --method soft-prompt --data ptb --out {d}/r", "did you mean"),
+    ("recover-eora-energy", "recover smollm2-135m --method eora --energy 1.5 --out {d}/r", "--energy must be in"),
     # run (recipes) and sweep
     ("run-empty-recipe", "run {d}/empty.yaml", "empty"),
     ("run-comment-recipe", "run {d}/comments.yaml", "empty"),

@@ -66,7 +66,7 @@ def test_layer_error_falls_monotonically_with_rank_and_beats_plain_svd():
     xtx = x.T @ x
     errors = []
     for r in (1, 2, 4, 8, 12, 16):
-        b, a = eigen_compensation(dw, xtx, r, damp=1e-8)
+        b, a, _ = eigen_compensation(dw, xtx, r, damp=1e-8)
         assert b.shape == (24, r) and a.shape == (r, 16)
         errors.append(weighted_error(dw, x, b, a))
         u, s, vh = torch.linalg.svd(dw, full_matrices=False)  # plain SVD: best in the unweighted norm only
@@ -75,7 +75,8 @@ def test_layer_error_falls_monotonically_with_rank_and_beats_plain_svd():
     assert all(e1 >= e2 for e1, e2 in zip(errors, errors[1:]))
     assert errors[-1] < 1e-6 * errors[0]
     # ranks above min(out, in) are zero-padded, still exact
-    b, a = eigen_compensation(dw, xtx, 20)
+    b, a, kept = eigen_compensation(dw, xtx, 20)
+    assert kept == pytest.approx(1.0)
     torch.testing.assert_close(b @ a, dw, rtol=1e-4, atol=1e-4)
 
 
@@ -163,3 +164,89 @@ def test_lora_inherits_the_compensation_whatever_its_alpha(artifact, tmp_path):
         want = forward_logits(rec.apply(load_model(str(art)).model), IDS)
         got = forward_logits(lora.apply(load_model(str(art)).model), IDS)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- per-layer rank by energy
+
+
+def test_kept_rank_is_the_smallest_rank_reaching_the_energy_capped_by_rank():
+    from recoup.recover.eora import kept_rank
+
+    s = torch.tensor([3.0, 2.0, 1.0, 0.0])  # energies 9, 4, 1 of 14
+    assert kept_rank(s, 8, 9 / 14) == 1 and kept_rank(s, 8, 9 / 14 + 1e-6) == 2
+    assert kept_rank(s, 8, 0.99) == 3 and kept_rank(s, 2, 0.99) == 2  # capped by rank
+    assert kept_rank(s, 8, 1.0) == 4 and kept_rank(s, 8, None) == 4 and kept_rank(s, 3, None) == 3
+    assert kept_rank(torch.zeros(4), 8, 0.5) == 1  # nothing to compensate: one (zero) component
+
+
+def test_energy_one_with_a_full_cap_gives_full_rank_everywhere_and_the_dense_model():
+    dense = tiny_model("llama")
+    comp = pruned(dense)
+    targets = anatomy(comp).peft_target_modules("all")
+    kept: dict[str, float] = {}
+    state = compensate(comp, dense, IDS, rank=64, targets=targets, batch_size=4, energy=1.0, kept=kept)
+    rec = EoraRecovery(LoraConfig(rank=32, alpha=32.0), targets, state)
+    ranks = rec.ranks()
+    assert set(ranks) == set(kept) and len(ranks) == len(list(anatomy(comp).iter_linears())) == 14
+    for name, r in ranks.items():
+        assert r == min(_get(comp, name).weight.shape) and kept[name] == pytest.approx(1.0)
+    assert set(rec.peft_config().rank_pattern.values()) == {16}  # k_proj / v_proj: (16, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(forward_logits(rec.apply(comp), IDS), forward_logits(dense, IDS),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def eora_forward(model, state, ids):
+    """Logits of ``model`` with every compensation added beside its linear by hooks (no PEFT involved)."""
+    handles = []
+    for key, a in state.items():
+        if key.endswith(".lora_A.weight"):
+            name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            b = state[key.replace(".lora_A.", ".lora_B.")]
+            handles.append(_get(model, name).register_forward_hook(
+                lambda _m, args, out, a=a, b=b: out + args[0] @ a.T @ b.T))
+    try:
+        return forward_logits(model, ids)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_lower_energy_keeps_fewer_parameters_and_loads_in_peft_with_per_layer_ranks(artifact, tmp_path):
+    import json
+
+    from peft import PeftModel
+
+    from recoup.artifact import load_model
+    from recoup.recover.methods import load_recovery
+
+    art, text = artifact
+    common = {"calib": str(text), "nsamples": 4, "seqlen": 32}
+    full, _ = fit(load_model(str(art)), EoraConfig(rank=64, energy=1.0, **common), None)
+    part, _ = fit(load_model(str(art)), EoraConfig(rank=64, energy=0.6, **common), None)
+    assert part.num_parameters() < full.num_parameters()
+    assert all(v >= 0.6 for v in part.meta["kept_energy"].values())
+    assert set(part.meta["ranks"]) == set(part.meta["kept_energy"]) and len(part.meta["ranks"]) == 14
+    assert len(set(part.meta["ranks"].values())) > 1  # the threshold did pick different ranks
+    assert part.cfg.rank == max(part.meta["ranks"].values()) == part.meta["rank_range"][1]
+    part.save(tmp_path / "eora")
+    saved = json.loads((tmp_path / "eora" / "adapter_config.json").read_text())
+    assert saved["rank_pattern"] and all(saved["alpha_pattern"][k] == r for k, r in saved["rank_pattern"].items())
+    assert json.loads((tmp_path / "eora" / "recoup_recovery.json").read_text())["ranks"] == part.meta["ranks"]
+    back = load_recovery(tmp_path / "eora")
+    assert back.ranks() == part.meta["ranks"] and back.num_parameters() == part.num_parameters()
+    with torch.no_grad():
+        want = eora_forward(load_model(str(art)).model, part.state, IDS)
+        peft_logits = forward_logits(PeftModel.from_pretrained(load_model(str(art)).model, str(tmp_path / "eora")), IDS)
+        ours = forward_logits(back.apply(load_model(str(art)).model), IDS)
+    assert torch.equal(peft_logits, ours)
+    torch.testing.assert_close(peft_logits, want, rtol=1e-5, atol=1e-5)
+    # a rank cap binds: no layer above it, and the kept share may then fall short of the threshold
+    capped, _ = fit(load_model(str(art)), EoraConfig(rank=2, energy=0.99, **common), None)
+    assert max(capped.meta["ranks"].values()) <= 2
+
+
+@pytest.mark.parametrize("energy", [0.0, -0.5, 1.5, float("nan")])
+def test_bad_energy_is_refused_in_one_line(energy):
+    with pytest.raises(RecoupError, match=r"--energy must be in \(0, 1\]"):
+        EoraConfig(energy=energy)

@@ -70,7 +70,9 @@ HELP: dict[str, str] = {
     "tokens": "prompt length in virtual tokens", "init": "prompt init: vocab, text, random",
     "init_text": "text whose token embeddings initialise the prompt (with --init text)",
     "pool": "prompts in the IDP pool", "select_layers": "score the IDP pool on the first K decoder layers only",
-    "text": "the hard prompt's text", "rank": "LoRA rank", "alpha": "LoRA alpha",
+    "text": "the hard prompt's text", "rank": "LoRA rank (EoRA with --energy: the largest per-layer rank)",
+    "alpha": "LoRA alpha",
+    "energy": "EoRA per-layer rank: the smallest keeping this share (0, 1] of each layer's projected error energy",
     "inherit": "start from this saved LoRA (same rank and targets); CPET: the dense model's LoRA (also the teacher's)",
     "teacher": "dense model source for CPET distillation (default: the artifact's source model)",
 }

@@ -14,7 +14,9 @@ statistics; only the dense source's weights are read (the dense model is never r
 
 The result is an unmerged PEFT LoRA (scaling 1: ``lora_alpha = r``), so the compressed base stays
 bit-identical (its compression fingerprint is checked) and ``peft.PeftModel.from_pretrained`` loads it.
-Per-layer rank by an energy threshold is not implemented (every targeted linear gets ``rank``).
+With ``energy`` set, each linear gets the smallest rank whose singular values S keep at least that share of
+||dW Q diag(sqrt(l))||_F^2 (sum of S^2), capped by ``rank``; the per-layer ranks are saved as PEFT's
+``rank_pattern`` (with ``alpha_pattern`` = the rank, so every layer keeps scaling 1).
 """
 
 from __future__ import annotations
@@ -89,13 +91,27 @@ def layer_inputs(model: nn.Module, anat: Anatomy, ids: torch.Tensor, batch_size:
     return torch.cat(inps, 0), records
 
 
-def eigen_compensation(dw: torch.Tensor, xtx: torch.Tensor, rank: int, damp: float = 0.01
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """EoRA's factors of one linear: (B (out, rank), A (rank, in)) with B A ~ dW in the input eigenspace.
+def kept_rank(s: torch.Tensor, rank: int, energy: float | None) -> int:
+    """The rank EoRA keeps for singular values ``s`` (descending, (k,)): ``min(rank, k)`` without ``energy``;
+    with it, the smallest r whose ``sum(s[:r]^2)`` is >= ``energy`` of ``sum(s^2)`` (all of them at 1.0),
+    capped by ``rank``; at least 1."""
+    n = s.numel()
+    if energy is None or energy >= 1.0:
+        return max(1, min(rank, n))
+    cum = (s.double() ** 2).cumsum(0)
+    need = int((cum < energy * cum[-1]).sum()) + 1 if float(cum[-1]) > 0 else 1
+    return max(1, min(rank, n, need))
+
+
+def eigen_compensation(dw: torch.Tensor, xtx: torch.Tensor, rank: int, damp: float = 0.01,
+                       energy: float | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """EoRA's factors of one linear: (B (out, r), A (r, in), kept) with B A ~ dW in the input eigenspace.
 
     dw: W_dense - W_compressed, (out, in); xtx: sum of x^T x over the calibration inputs, (in, in);
-    damp: added to the eigenvalues as a fraction of their mean (keeps 1/sqrt(l) finite). Ranks above
-    min(out, in) are zero-padded. Computed in float64, returned in float32.
+    damp: added to the eigenvalues as a fraction of their mean (keeps 1/sqrt(l) finite). Without ``energy``,
+    r = ``rank`` and ranks above min(out, in) are zero-padded; with it, r = :func:`kept_rank` (no padding).
+    kept: the share of the projected error's squared Frobenius norm the r components hold (1.0 for dW = 0).
+    Computed in float64, returned in float32.
     """
     out_f, in_f = dw.shape
     h = xtx.double()
@@ -103,13 +119,16 @@ def eigen_compensation(dw: torch.Tensor, xtx: torch.Tensor, rank: int, damp: flo
     lam, q = torch.linalg.eigh(h)
     sq = lam.clamp(min=1e-12).sqrt()
     u, s, vh = torch.linalg.svd(dw.double() @ q * sq, full_matrices=False)
-    k = min(rank, s.numel())
+    k = kept_rank(s, rank, energy)
+    width = rank if energy is None else k
+    total = float(s.pow(2).sum())
+    kept = float(s[:k].pow(2).sum()) / total if total > 0 else 1.0
     root = s[:k].sqrt()
-    b = torch.zeros(out_f, rank, dtype=torch.float64, device=dw.device)
-    a = torch.zeros(rank, in_f, dtype=torch.float64, device=dw.device)
+    b = torch.zeros(out_f, width, dtype=torch.float64, device=dw.device)
+    a = torch.zeros(width, in_f, dtype=torch.float64, device=dw.device)
     b[:, :k] = u[:, :k] * root
     a[:k] = (root[:, None] * vh[:k] / sq) @ q.T
-    return b.float(), a.float()
+    return b.float(), a.float(), kept
 
 
 def _peft_key(name: str, part: str) -> str:
@@ -117,11 +136,13 @@ def _peft_key(name: str, part: str) -> str:
 
 
 def compensate(model: nn.Module, dense: nn.Module, ids: torch.Tensor, rank: int, targets: list[str],
-               batch_size: int = 8, damp: float = 0.01) -> dict[str, torch.Tensor]:
+               batch_size: int = 8, damp: float = 0.01, energy: float | None = None,
+               kept: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
     """Stream ``model`` (compressed, left unchanged) layer by layer on calibration ids (N, T) and return the
     EoRA compensation of every linear whose leaf name is in ``targets`` as a PEFT LoRA state dict
-    (``lora_A`` (rank, in), ``lora_B`` (out, rank), scaling 1). ``dense``: the same architecture with the
-    dense weights (only its weights are read)."""
+    (``lora_A`` (r, in), ``lora_B`` (out, r), scaling 1; r = ``rank``, or per linear by ``energy``, see
+    :func:`eigen_compensation`). ``dense``: the same architecture with the dense weights (only its weights
+    are read). ``kept``, if given, is filled with each linear's kept energy share, keyed by module name."""
     anat, dense_anat = anatomy(model), anatomy(dense)
     if len(dense_anat.layers) != len(anat.layers) or dense_anat.hidden_size != anat.hidden_size:
         raise RecoupError("the dense source does not have the compressed model's shape (another model?)")
@@ -152,7 +173,10 @@ def compensate(model: nn.Module, dense: nn.Module, ids: torch.Tensor, rank: int,
                 if w_d.shape != w_c.shape:
                     raise RecoupError(f"layer {i} {name}: dense weight {tuple(w_d.shape)} vs compressed "
                                       f"{tuple(w_c.shape)}; the dense source is another model")
-                factors[name] = eigen_compensation(w_d - w_c, stats[g[0]], rank, damp)
+                b, a, share = eigen_compensation(w_d - w_c, stats[g[0]], rank, damp, energy)
+                factors[name] = (b, a)
+                if kept is not None:
+                    kept[f"{anat.spec.layers}.{i}.{name}"] = share
         del stats
 
         def adder(b: torch.Tensor, a: torch.Tensor):
@@ -171,9 +195,25 @@ def compensate(model: nn.Module, dense: nn.Module, ids: torch.Tensor, rank: int,
 
 
 class EoraRecovery(LoraRecovery):
-    """An EoRA compensation, saved and attached exactly as an unmerged PEFT LoRA."""
+    """An EoRA compensation, saved and attached exactly as an unmerged PEFT LoRA; per-layer ranks (read from
+    the tensors' shapes) become PEFT's ``rank_pattern`` / ``alpha_pattern`` (alpha = rank: scaling 1)."""
 
     method = "eora"
+
+    def ranks(self) -> dict[str, int]:
+        """Each adapted module's rank (``lora_A``'s rows), keyed by module name (as PEFT matches it)."""
+        prefix, suffix = "base_model.model.", ".lora_A.weight"
+        return {k[len(prefix):-len(suffix)]: int(v.shape[0]) for k, v in (self.state or {}).items()
+                if k.startswith(prefix) and k.endswith(suffix)}
+
+    def peft_config(self):
+        pcfg = super().peft_config()
+        pattern = {name: r for name, r in self.ranks().items() if r != self.cfg.rank}
+        if pattern:
+            scale = self.cfg.alpha / self.cfg.rank
+            pcfg.rank_pattern = pattern
+            pcfg.alpha_pattern = {name: scale * r for name, r in pattern.items()}
+        return pcfg
 
 
 # ---------------------------------------------------------------------------- the method (registry entry)
@@ -192,6 +232,7 @@ class EoraConfig(Config):
     batch_size: int = 8  # calibration windows per layer call
     damp: float = 0.01  # eigenvalue damping, a fraction of their mean
     teacher: str | None = None  # the dense model (default: the artifact's recorded source)
+    energy: float | None = None  # per-layer rank: smallest keeping this share of the error's energy (<= rank)
 
     def __post_init__(self) -> None:
         check(self.rank >= 1, f"--rank must be >= 1 (got {self.rank})")
@@ -200,6 +241,8 @@ class EoraConfig(Config):
         check(self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})")
         check(0 < self.damp < 1, f"damp must be in (0, 1) (got {self.damp})")
         check(bool(str(self.calib).strip()), "calib is empty; name a corpus (ptb, wiki) or a text file")
+        check(self.energy is None or 0 < self.energy <= 1,
+              f"--energy must be in (0, 1] (a share of the error's energy; got {self.energy})")
 
 
 def fit(loaded, config: EoraConfig, data=None) -> tuple[EoraRecovery, None]:
@@ -213,14 +256,24 @@ def fit(loaded, config: EoraConfig, data=None) -> tuple[EoraRecovery, None]:
     ana = anatomy(model)
     targets = ana.peft_target_modules("all")
     started = time.time()
-    state = compensate(model, dense.model, calib.input_ids, config.rank, targets, config.batch_size, config.damp)
+    kept: dict[str, float] = {}
+    state = compensate(model, dense.model, calib.input_ids, config.rank, targets, config.batch_size, config.damp,
+                       config.energy, kept)
     seconds = time.time() - started
     del dense
-    rec = EoraRecovery(LoraConfig(rank=config.rank, alpha=float(config.rank)), targets, state, ana.hidden_size)
+    top = config.rank if config.energy is None else max(v.shape[0] for k, v in state.items() if ".lora_A." in k)
+    rec = EoraRecovery(LoraConfig(rank=top, alpha=float(top)), targets, state, ana.hidden_size)
+    ranks = rec.ranks()
     record_intact(rec, loaded, model, before)
     rec.meta.update({"init": "eora", "teacher": teacher_source(loaded, config.teacher), "calibration": calib.protocol,
                      "damp": config.damp, "seconds": round(seconds, 1)})
-    log.info("eora rank %d: %d parameters in %.1fs", config.rank, rec.num_parameters(), seconds)
+    if config.energy is not None:
+        rec.meta.update({"energy": config.energy, "rank_cap": config.rank, "ranks": ranks, "kept_energy": kept,
+                         "rank_range": [min(ranks.values()), max(ranks.values())]})
+        log.info("eora energy %g (rank <= %d): ranks %d..%d, mean %.1f; %d parameters in %.1fs", config.energy,
+                 config.rank, min(ranks.values()), top, sum(ranks.values()) / len(ranks), rec.num_parameters(), seconds)
+    else:
+        log.info("eora rank %d: %d parameters in %.1fs", config.rank, rec.num_parameters(), seconds)
     return rec, None
 
 

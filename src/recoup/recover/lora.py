@@ -114,6 +114,10 @@ class LoraRecovery(Recovery):
         ana = anatomy(base_of(model))
         return cls(cfg, ana.peft_target_modules(cfg.targets), hidden_size=ana.hidden_size)
 
+    def peft_config(self):
+        """The ``peft.LoraConfig`` this adapter is built and saved with (a subclass may add per-layer patterns)."""
+        return _peft_config(self.cfg, self.target_modules)
+
     # ------------------------------------------------------------------ attach
     def apply(self, model: nn.Module, seed: int | None = None) -> nn.Module:
         """Wrap ``model`` with the adapter (unmerged) and load the saved weights; returns the PeftModel.
@@ -129,7 +133,7 @@ class LoraRecovery(Recovery):
                               f"{ana.hidden_size}; a LoRA attaches only to the same architecture")
         if seed is not None:
             torch.manual_seed(seed)
-        wrapped = peft.get_peft_model(model, _peft_config(self.cfg, self.target_modules))
+        wrapped = peft.get_peft_model(model, self.peft_config())
         if self.state is not None:
             self.load_into(wrapped, self.state)
         return wrapped
@@ -175,7 +179,7 @@ class LoraRecovery(Recovery):
             raise RecoupError("nothing to save: the LoRA has no weights")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        pcfg = _peft_config(self.cfg, self.target_modules)
+        pcfg = self.peft_config()
         pcfg.base_model_name_or_path = peft_base_path(self.meta.get("base_model") or self.meta.get("source"))
         pcfg.save_pretrained(str(path))
         save_file({k: v.contiguous() for k, v in self.state.items()}, str(path / PEFT_WEIGHTS))
