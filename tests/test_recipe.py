@@ -33,6 +33,7 @@ def test_shipped_recipes_validate_and_plan():
     names = [s.name for s in build_plan(default, "fp")]
     assert names.index("eval:dense") < names.index("compress:8x") < names.index("eval:8x") \
         < names.index("recover:soft-prompt") < names.index("eval:8x+soft-prompt")
+    assert names.index("compress:8x") < names.index("recover:eora") < names.index("eval:8x+eora")
     roles = {s.name: s.labels["role"] for s in build_plan(default, "fp")}
     assert "transfer" in roles.values() and "recovered" in roles.values()
     sweep = load_recipe("sweep")
