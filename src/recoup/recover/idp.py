@@ -51,6 +51,8 @@ from torch import nn
 from recoup.config import check
 from recoup.errors import RecoupError
 from recoup.model.anatomy import anatomy
+from recoup.model.forward import build_inputs
+from recoup.model.prompt_pool import pool_prefill
 from recoup.model.recovery import RECOVERY_RECORD as RECORD, Recovery
 from recoup.recover.soft_prompt import SoftPromptConfig, frozen, init_embeddings, model_meta
 from recoup.recover.base import RecoveryMethod
@@ -59,6 +61,9 @@ from recoup.recover.train import TrainResult, train
 log = logging.getLogger(__name__)
 
 WEIGHTS = "idp_pool.safetensors"
+ONE_PREFILL, TWO_PASS = "one-prefill", "two-pass"
+MODES = (ONE_PREFILL, TWO_PASS)
+DEFAULT_SELECT_LAYERS = 2
 
 
 @dataclasses.dataclass
@@ -66,12 +71,14 @@ class IDPConfig(SoftPromptConfig):
     """A pool of ``pool`` prompts of ``tokens`` each; the rest as :class:`SoftPromptConfig`."""
 
     pool: int = 4
-    select_layers: int = 0  # selection pass through the first K decoder layers only (0: all)
+    select_layers: int = DEFAULT_SELECT_LAYERS  # the choice is scored on the first K decoder layers (0: all)
+    mode: str = ONE_PREFILL  # one-prefill (the choice inside the real prefill) or two-pass (a selection prefill)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.pool >= 2, f"an IDP pool needs at least 2 prompts (got {self.pool})")
         check(self.select_layers >= 0, f"select_layers must be >= 0, 0 meaning all layers (got {self.select_layers})")
+        check(self.mode in MODES, f"unknown IDP mode '{self.mode}'; known: {', '.join(MODES)}")
 
 
 class _SelectionDone(Exception):
@@ -126,11 +133,15 @@ class IDPPool(Recovery):
     method = "idp"
 
     def __init__(self, pool: torch.Tensor, meta: dict | None = None, score_mean: torch.Tensor | None = None,
-                 score_std: torch.Tensor | None = None, standardize: bool = True, select_layers: int = 0) -> None:
+                 score_std: torch.Tensor | None = None, standardize: bool = True,
+                 select_layers: int = DEFAULT_SELECT_LAYERS, mode: str = ONE_PREFILL) -> None:
         if pool.dim() != 3 or pool.shape[0] < 2:
             raise RecoupError(f"an IDP pool is (prompts >= 2, tokens, hidden); got shape {tuple(pool.shape)}")
         if select_layers < 0:
             raise RecoupError(f"select_layers must be >= 0, 0 meaning all layers (got {select_layers})")
+        if mode not in MODES:
+            raise RecoupError(f"unknown IDP mode '{mode}'; known: {', '.join(MODES)}")
+        self.mode = mode
         self.select_layers = int(select_layers)  # the selection pass scores the first K layers (0: all)
         self.pool = nn.Parameter(pool.detach().float().clone())
         m = pool.shape[0]
@@ -167,16 +178,49 @@ class IDPPool(Recovery):
             self._kv = (key, cache)
         return self._kv[1]
 
+    def apply(self, model: nn.Module) -> nn.Module:
+        """One-prefill mode: attach the pooled-prefill hooks (:mod:`recoup.model.prompt_pool`, inert until
+        :meth:`prefix` arms them); the model is otherwise unchanged."""
+        if self.mode == ONE_PREFILL:
+            pool_prefill(model)
+        return model
+
+    def arm(self, model: nn.Module, attention_mask: torch.Tensor, choose=None,
+            score_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One-prefill: arm the model's next forward and return the whole pool as its prefix (B, m*n, H).
+
+        ``choose`` maps the raw scores (B, m) to the choice (B,) (default: :meth:`choose`, recorded in
+        ``choices``); ``score_mask`` (B, T): the input tokens that score (default: all real ones).
+        """
+        w = model.get_input_embeddings().weight
+        if w.shape[1] != self.hidden_size:
+            raise RecoupError(f"the recovery's hidden size {self.hidden_size} does not match the model's "
+                              f"{w.shape[1]}; a prompt attaches only to models of the same hidden size")
+        pool_prefill(model).arm(self.size, self.tokens, attention_mask, self.select_layers,
+                                choose or self._record, score_mask)
+        flat = self.pool.reshape(1, -1, self.hidden_size).to(device=w.device, dtype=w.dtype)
+        return flat.expand(attention_mask.shape[0], -1, -1)
+
+    def _record(self, raw: torch.Tensor) -> torch.Tensor:
+        choice = self.choose(raw)
+        self.choices.extend(choice.tolist())
+        return choice
+
     @torch.no_grad()
     def scores(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
                ) -> torch.Tensor:
-        """(B, m) attention each prompt draws per input token (the selection pass).
+        """(B, m) attention each prompt draws per input token (the selection scores).
 
-        Summed over layers and heads, mean over the prompt's positions (the sink left out) and over the
-        input's real tokens, so inputs of different lengths give comparable scores.
+        Summed over the scored layers and heads, mean over the prompt's positions (the sink left out) and
+        over the input's real tokens, so inputs of different lengths give comparable scores. One-prefill
+        mode runs the pooled prefill (:mod:`recoup.model.prompt_pool`); two-pass mode the selection pass.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if self.mode == ONE_PREFILL:
+            prefix = self.arm(model, attention_mask, self.choose)
+            model(**build_inputs(model, input_ids, attention_mask, prefix), use_cache=False)
+            return pool_prefill(model).last.scores
         b = input_ids.shape[0]
         n_prefix = self.size * self.tokens
         cache = copy.deepcopy(self._pool_cache(model))
@@ -218,7 +262,10 @@ class IDPPool(Recovery):
             self.score_std = momentum * self.score_std + (1 - momentum) * std.clamp(min=1e-6)
 
     def prefix(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, n, H): each example's selected prompt (recorded in ``choices``)."""
+        """One-prefill: the whole pool (B, m*n, H), the model's next forward armed to choose inside it
+        (:meth:`arm`); two-pass: (B, n, H) each example's selected prompt. Choices go to ``choices``."""
+        if self.mode == ONE_PREFILL:
+            return self.arm(model, attention_mask)
         choice = self.select(model, input_ids, attention_mask)
         self.choices.extend(choice.tolist())
         w = model.get_input_embeddings().weight
@@ -231,7 +278,7 @@ class IDPPool(Recovery):
         counts = collections.Counter(self.choices)
         return {"method": self.method, "parameters": self.num_parameters(), "pool": self.size, "tokens": self.tokens,
                 "hidden_size": self.hidden_size, "standardize": self.standardize, "select_layers": self.select_layers,
-                "selected": {str(k): counts.get(k, 0) for k in range(self.size)},
+                "mode": self.mode, "selected": {str(k): counts.get(k, 0) for k in range(self.size)},
                 "choices": self.choices[:2000], **{k: v for k, v in self.meta.items() if k != "train"}}
 
     def save(self, path: str | Path) -> None:
@@ -243,7 +290,7 @@ class IDPPool(Recovery):
                    "score_std": self.score_std.contiguous()}, str(out / WEIGHTS))
         record = {"method": self.method, "pool": self.size, "tokens": self.tokens, "hidden_size": self.hidden_size,
                   "weights": WEIGHTS, "standardize": self.standardize, "select_layers": self.select_layers,
-                  **self.meta}
+                  "mode": self.mode, **self.meta}
         (out / RECORD).write_text(json.dumps(record, indent=2, default=str))
 
     @classmethod
@@ -258,9 +305,10 @@ class IDPPool(Recovery):
         except (OSError, ValueError, KeyError) as exc:
             raise RecoupError(f"'{folder}' is not a saved IDP pool ({type(exc).__name__}: {exc})") from None
         meta = {k: v for k, v in record.items()
-                if k not in ("method", "pool", "tokens", "hidden_size", "weights", "standardize", "select_layers")}
+                if k not in ("method", "pool", "tokens", "hidden_size", "weights", "standardize", "select_layers", "mode")}
+        # a pool saved before the modes existed was trained and used with the two-pass selection: it stays so
         return cls(pool, meta, tensors.get("score_mean"), tensors.get("score_std"), record.get("standardize", True),
-                   record.get("select_layers", 0))
+                   record.get("select_layers", 0), record.get("mode", TWO_PASS))
 
 
 def fit_idp(loaded, config: IDPConfig, data=None) -> tuple[IDPPool, TrainResult]:
@@ -276,24 +324,34 @@ def fit_idp(loaded, config: IDPConfig, data=None) -> tuple[IDPPool, TrainResult]
     data = training_data(tok, config) if data is None else data
     pad = pad_id_of(tok)
     rows = init_embeddings(model, tok, config, data.token_ids(), config.pool * config.tokens)
-    pool = IDPPool(rows.view(config.pool, config.tokens, -1), model_meta(loaded), select_layers=config.select_layers)
+    pool = IDPPool(rows.view(config.pool, config.tokens, -1), model_meta(loaded), select_layers=config.select_layers,
+                   mode=config.mode)
     device = next(model.parameters()).device
     picks: list[int] = []
     objective = config.objective_loss(loaded)
 
-    def chosen(x: torch.Tensor, mask: torch.Tensor | None = None, observe: bool = False) -> torch.Tensor:
-        raw = pool.scores(model, x, mask)
+    def pick(raw: torch.Tensor, observe: bool) -> torch.Tensor:
         if observe:  # training batches update the running score statistics, then select with them
             pool.observe_scores(raw, first=not picks)
         choice = pool.choose(raw)
         picks.extend(choice.tolist())
+        return choice
+
+    def one_prefill(b, observe: bool = False) -> torch.Tensor:
+        """The whole pool; the choice is made inside the loss's forward, scored on the context's tokens."""
+        ctx = b.attention_mask if data.lm else context_part(b)[1]
+        score = torch.zeros_like(b.attention_mask)
+        score[:, : ctx.shape[1]] = ctx
+        return pool.arm(model, b.attention_mask.to(device), lambda raw: pick(raw, observe), score.to(device))
+
+    def two_pass(b, observe: bool = False) -> torch.Tensor:
+        """The chosen prompts (B, n, H), chosen by a selection pass over the context."""
+        ids, mask = (b.input_ids, b.attention_mask) if data.lm else context_part(b)
+        choice = pick(pool.scores(model, ids.to(device), mask.to(device)), observe)
         w = model.get_input_embeddings().weight
         return pool.pool[choice].to(device=w.device, dtype=w.dtype)
 
-    def select(b, observe: bool = False) -> torch.Tensor:
-        ids, mask = (b.input_ids, b.attention_mask) if data.lm else context_part(b)
-        return chosen(ids.to(device), mask.to(device), observe)
-
+    select = one_prefill if config.mode == ONE_PREFILL else two_pass
     with frozen(model):
         base_val = mean_loss(model, data.valid, pad, config.batch_size)
         log.info("idp: validation loss without a prompt %.4f", base_val)

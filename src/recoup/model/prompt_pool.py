@@ -1,0 +1,223 @@
+"""One prefill over a pool of prompts with a per-layer mask switch (IDP's one-prefill mode).
+
+Hoang et al. 2023 ("Do Compressed LLMs Forget Knowledge?"), Inference-time Dynamic Prompting: a pool
+of ``m`` prompts of ``n`` tokens, one chosen per input from the attention the input pays it. Here the
+choice costs no extra pass: the real prefill runs once over ``[prompt_0 .. prompt_{m-1}; input]``
+(``P = m*n`` prefix positions, the prefix given as input embeddings (B, P, H) by the caller) and
+
+- every prompt gets the positions ``0..n-1`` and attends only to itself (block-diagonal causal mask),
+  so its keys/values in every layer are those of the prompt run alone; the input gets the positions
+  ``n, n+1, ...`` exactly as behind a single prompt (left padding as in
+  :func:`recoup.model.forward.build_inputs`);
+- the first ``K`` decoder layers run eager attention and their input->prompt attention is reduced
+  to a score per prompt, (B, m): summed over layers and heads, each prompt's first position (where
+  it starts, an attention sink) left out unless ``n == 1``, mean over the prompt's other positions,
+  summed over the scored input tokens; the caller's ``choose`` turns the scores into a choice (B,);
+- from decoder layer K+1 on, an input token sees only its chosen prompt's columns (per example), and
+  the forward's 2D attention mask (the caller's tensor) is updated **in place**: the unchosen prompts'
+  columns become 0. A caller that continues from the KV cache with that mask (the Scorer's
+  continuations and decoding) therefore never attends to the unchosen prompts and numbers positions
+  as behind one prompt (a row's count of attended past positions).
+
+So layers K+1..L compute exactly what they compute behind the chosen prompt alone, given the input's
+hidden states entering layer K+1 (which did see the whole pool in layers 1..K); each decoder layer
+runs once. The mask of each layer is the model's own (padding, causal, sliding window: transformers
+builds it, per layer type) intersected with this structure, so nothing here is per architecture; a
+sliding window counts cache indices, which include the other prompts' columns (exact while an input
+is shorter than the window minus ``(m-1)*n``). Eager and sdpa attention only (4D masks).
+
+The hooks are attached once per model (:func:`pool_prefill`) and stay inert until :meth:`PoolPrefill.arm`
+names the next forward; that forward must be the prefill of the armed inputs with no earlier cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Callable
+
+import torch
+from torch import nn
+
+from recoup.errors import RecoupError
+from recoup.model.anatomy import anatomy
+
+ATTRIBUTE = "_recoup_pool_prefill"
+
+
+@dataclasses.dataclass
+class _Job:
+    prompts: int
+    tokens: int
+    input_mask: torch.Tensor  # (B, T) real input tokens
+    score_mask: torch.Tensor  # (B, T) input tokens whose attention scores the prompts
+    select_after: int  # K: layers 0..K-1 score, layers >= K see the chosen prompt only
+    choose: Callable[[torch.Tensor], torch.Tensor]  # raw scores (B, m) -> choice (B,)
+    scores: torch.Tensor | None = None
+    choice: torch.Tensor | None = None
+    mask2d: torch.Tensor | None = None
+    previous: str | None = None
+    layers_run: int = 0
+    structure: torch.Tensor | None = None  # (B or 1, 1, S, S) bool
+    block: torch.Tensor | None = None  # (P,) the prompt each prefix position belongs to
+    masks: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def width(self) -> int:
+        return self.prompts * self.tokens
+
+
+class PoolPrefill:
+    """Hooks on one model's base, decoder layers and attention modules (located by the anatomy map)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        an = anatomy(model)
+        self.base = model.get_submodule(an.spec.layers.rsplit(".", 1)[0])
+        self.layers = list(an.layers)
+        attn_path = an.spec.attention[0].rsplit(".", 1)[0]
+        self.attention = [layer.get_submodule(attn_path) for layer in self.layers]
+        self.config = getattr(self.attention[0], "config", None) or model.config
+        self.job: _Job | None = None
+        self.last: _Job | None = None
+        self._mask_index = [list(inspect.signature(layer.forward).parameters).index("attention_mask")
+                            for layer in self.layers]
+        self.handles = [self.base.register_forward_pre_hook(self._base_pre, with_kwargs=True),
+                        self.base.register_forward_hook(self._base_post, always_call=True)]
+        for i, layer in enumerate(self.layers):
+            self.handles.append(layer.register_forward_pre_hook(
+                lambda mod, args, kwargs, i=i: self._layer_pre(i, args, kwargs), with_kwargs=True))
+            self.handles.append(self.attention[i].register_forward_hook(
+                lambda mod, args, out, i=i: self._attention_out(i, out)))
+
+    def arm(self, prompts: int, tokens: int, input_mask: torch.Tensor, select_after: int,
+            choose: Callable[[torch.Tensor], torch.Tensor], score_mask: torch.Tensor | None = None) -> None:
+        """Make the next forward the pooled prefill of inputs with mask ``input_mask`` (B, T).
+
+        ``select_after`` K in 1..L (0 or more than L: after the last layer, the choice then only masks the
+        cache for what follows); ``score_mask`` (B, T): the tokens whose attention scores (default: all real).
+        """
+        k = len(self.layers) if select_after <= 0 else min(select_after, len(self.layers))
+        mask = input_mask.long()
+        self.job = _Job(prompts, tokens, mask, (mask if score_mask is None else score_mask.long() * mask).float(), k,
+                        choose)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    # ----------------------------------------------------------------- hooks
+    def _base_pre(self, _mod, args, kwargs):
+        job = self.job
+        if job is None:
+            return None
+        b, t = job.input_mask.shape
+        embeds, mask = kwargs.get("inputs_embeds"), kwargs.get("attention_mask")
+        cache = kwargs.get("cache") if kwargs.get("cache") is not None else kwargs.get("past_key_values")
+        if (embeds is None or tuple(embeds.shape[:2]) != (b, job.width + t) or mask is None or mask.dim() != 2
+                or (cache is not None and cache.get_seq_length() > 0)):
+            self.job = None
+            raise RecoupError("an IDP pool's prefix must go to the model's next forward, the prefill of the same "
+                              "inputs, with its 2D attention mask and no earlier cache")
+        impl = self.config._attn_implementation
+        if impl not in ("eager", "sdpa"):
+            self.job = None
+            raise RecoupError(f"IDP's one-prefill selection needs eager or sdpa attention; this model uses '{impl}'")
+        n, device = job.tokens, embeds.device
+        job.input_mask, job.score_mask = job.input_mask.to(device), job.score_mask.to(device)
+        inputs = (n + job.input_mask.cumsum(-1) - 1).clamp(min=0)  # as build_inputs numbers them
+        prompts = torch.arange(n, device=device).repeat(job.prompts).expand(b, -1)
+        kwargs["position_ids"] = torch.cat([prompts, inputs], 1)
+        job.mask2d, job.previous = mask, impl
+        job.scores = torch.zeros(b, job.prompts, device=device)
+        block = torch.arange(job.width, device=device) // n
+        s = job.width + t
+        structure = torch.ones(1, 1, s, s, dtype=torch.bool, device=device)
+        structure[0, 0, : job.width, : job.width] = block[:, None] == block[None, :]
+        job.structure, job.block = structure, block
+        if job.select_after > 0:
+            self.config._attn_implementation = "eager"
+        return args, kwargs
+
+    def _base_post(self, _mod, _args, _out):
+        job, self.job = self.job, None
+        if job is None or job.previous is None:
+            return None
+        self.config._attn_implementation = job.previous
+        if job.choice is None and job.layers_run == len(self.layers):
+            self._decide(job)
+        self.last = job
+        return None
+
+    def _decide(self, job: _Job) -> None:
+        self.config._attn_implementation = job.previous
+        raw = job.scores / job.score_mask.sum(-1, keepdim=True).clamp(min=1)
+        job.scores = raw
+        job.choice = job.choose(raw).to(job.block.device).long()
+        keep = job.block[None, :] == job.choice[:, None]  # (B, P) the chosen prompt's columns
+        job.mask2d[:, : job.width] = keep.to(job.mask2d.dtype)
+        after = job.structure.expand(len(keep), -1, -1, -1).clone()
+        after[:, 0, job.width:, : job.width] = keep[:, None, :]
+        job.structure = after
+        job.masks = {}
+
+    def _layer_pre(self, i: int, args, kwargs):
+        job = self.job
+        if job is None or job.structure is None:
+            return None
+        job.layers_run += 1
+        if i == job.select_after:
+            self._decide(job)
+        hidden = args[0] if args else kwargs["hidden_states"]
+        pos = self._mask_index[i]
+        positional = "attention_mask" not in kwargs and len(args) > pos
+        given = args[pos] if positional else kwargs.get("attention_mask")
+        eager = self.config._attn_implementation == "eager"
+        key = (id(given), eager)
+        if key not in job.masks:
+            job.masks[key] = self._mask(job, given, hidden.dtype, eager)
+        if positional:
+            args = (*args[:pos], job.masks[key], *args[pos + 1:])
+        else:
+            kwargs["attention_mask"] = job.masks[key]
+        return args, kwargs
+
+    def _mask(self, job: _Job, given: torch.Tensor | None, dtype: torch.dtype, eager: bool) -> torch.Tensor:
+        """The layer's own mask (B|1, 1, S, S) intersected with the pool structure, in the layer's format."""
+        s = job.structure.shape[-1]
+        if given is None:  # the model skipped its mask: plain causal, no padding
+            allowed = torch.ones(s, s, dtype=torch.bool, device=job.structure.device).tril()[None, None]
+        elif given.dtype == torch.bool:
+            allowed = given
+        else:
+            allowed = given > torch.finfo(given.dtype).min / 2
+        if allowed.shape[-2:] != (s, s):
+            raise RecoupError(f"IDP's one-prefill mask: a layer's attention mask is {tuple(allowed.shape)}, "
+                              f"expected (..., {s}, {s})")
+        allowed = allowed & job.structure
+        if not eager:
+            return allowed
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)
+
+    def _attention_out(self, i: int, out) -> None:
+        job = self.job
+        if job is None or job.choice is not None or i >= job.select_after:
+            return
+        weights = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+        if weights is None:
+            raise RecoupError("IDP needs attention weights, and this model's attention did not return them")
+        p, n = job.width, job.tokens
+        w = weights.detach()[:, :, p:, :p].float().sum(1)  # (B, T, P): heads summed
+        per_pos = (w * job.score_mask[..., None]).sum(1).view(-1, job.prompts, n)  # (B, m, n)
+        if n > 1:
+            per_pos = per_pos[..., 1:]  # each prompt's first position left out (its attention sink)
+        job.scores = job.scores + per_pos.mean(-1)
+
+
+def pool_prefill(model: nn.Module) -> PoolPrefill:
+    """The model's :class:`PoolPrefill` hooks, attached on first use (inert until armed)."""
+    found = model.__dict__.get(ATTRIBUTE)
+    if found is None:
+        found = PoolPrefill(model)
+        model.__dict__[ATTRIBUTE] = found
+    return found
