@@ -50,7 +50,7 @@ def reference_scores(model, pool: torch.Tensor, ids: torch.Tensor, layers: int |
 def test_cached_selection_equals_full_forward(arch):
     lm = tiny_loaded(arch)
     torch.manual_seed(0)
-    pool = IDPPool(torch.randn(3, 4, 32), select_layers=0, mode="two-pass")
+    pool = IDPPool(torch.randn(3, 4, 32), select_layers=0, selection="two-pass")
     ids = torch.randint(4, 100, (2, 9))
     hooks = [len(m._forward_hooks) for m in lm.model.modules()]
     with torch.no_grad():
@@ -72,7 +72,7 @@ def test_cached_selection_equals_full_forward(arch):
 def test_selection_on_the_first_layers_scores_them_and_stops_there(arch, tmp_path):
     lm = tiny_loaded(arch, layers=3)
     torch.manual_seed(0)
-    pool = IDPPool(torch.randn(3, 4, 32), select_layers=1, mode="two-pass")
+    pool = IDPPool(torch.randn(3, 4, 32), select_layers=1, selection="two-pass")
     ids = torch.randint(4, 100, (2, 9))
     with torch.no_grad():
         pool.scores(lm.model, ids)  # the pool's key/values: one full pass, once per model
@@ -83,8 +83,8 @@ def test_selection_on_the_first_layers_scores_them_and_stops_there(arch, tmp_pat
         got = pool.scores(lm.model, ids)
         ran_selection = list(ran)
         want = reference_scores(lm.model, pool.pool.detach(), ids, layers=1)
-        full = IDPPool(pool.pool.detach(), select_layers=0, mode="two-pass").scores(lm.model, ids)
-        every = IDPPool(pool.pool.detach(), select_layers=5, mode="two-pass").scores(lm.model, ids)  # > the model's
+        full = IDPPool(pool.pool.detach(), select_layers=0, selection="two-pass").scores(lm.model, ids)
+        every = IDPPool(pool.pool.detach(), select_layers=5, selection="two-pass").scores(lm.model, ids)  # > the model's
     for h in handles:
         h.remove()
     assert ran_selection == [0]  # the pass stopped after the first layer
@@ -115,7 +115,7 @@ def test_left_padding_does_not_change_an_examples_scores():
 def test_prefix_is_the_selected_prompt_and_choices_are_reported():
     lm = tiny_loaded()
     torch.manual_seed(2)
-    pool = IDPPool(torch.randn(3, 4, 32), mode="two-pass")
+    pool = IDPPool(torch.randn(3, 4, 32), selection="two-pass")
     ids = torch.randint(4, 100, (5, 7))
     choice = pool.select(lm.model, ids)
     pre = pool.prefix(lm.model, ids, torch.ones_like(ids))
@@ -131,7 +131,7 @@ def test_prefix_is_the_selected_prompt_and_choices_are_reported():
     assert pre.shape == (5, 12, 32) and torch.equal(pre[0], one.pool.reshape(12, 32)) and one.choices == []
     with torch.no_grad():
         lm.model(**build_inputs(lm.model, ids, None, pre))
-    assert one.choices == one.select(lm.model, ids).tolist() and one.describe()["mode"] == "one-prefill"
+    assert one.choices == one.select(lm.model, ids).tolist() and one.describe()["selection"] == "one-prefill"
 
 
 def test_fit_idp_keeps_backbone_lowers_loss_and_round_trips(corpus, tmp_path):

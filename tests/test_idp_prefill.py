@@ -184,7 +184,7 @@ def test_the_prefill_runs_each_decoder_layer_once(arch):
     handles = [layer.register_forward_pre_hook(lambda m, a, i=i: calls.append(i)) for i, layer in enumerate(an.layers)]
     with torch.no_grad():
         lm.model(**build_inputs(lm.model, ids, mask, pool.prefix(lm.model, ids, mask)), use_cache=True)
-    two_pass = IDPPool(pool.pool.detach(), select_layers=2, mode="two-pass")
+    two_pass = IDPPool(pool.pool.detach(), select_layers=2, selection="two-pass")
     ran_once = list(calls)
     two_pass.scores(lm.model, ids, mask)  # its pool key/values: once per model
     calls.clear()
@@ -209,9 +209,9 @@ def test_a_prefix_not_followed_by_its_prefill_is_refused_and_modes_round_trip(tm
 
     from recoup.recover.methods import load_recovery
     record = json.loads((tmp_path / "p" / "recoup_recovery.json").read_text())
-    assert record["mode"] == "one-prefill" and record["select_layers"] == 1
-    assert load_recovery(tmp_path / "p").mode == "one-prefill"
-    del record["mode"]  # a pool saved before the modes: two-pass, as it was trained
+    assert record["selection"] == "one-prefill" and record["select_layers"] == 1
+    assert load_recovery(tmp_path / "p").selection == "one-prefill"
+    del record["selection"]  # a pool saved before the modes: two-pass, as it was trained
     (tmp_path / "p" / "recoup_recovery.json").write_text(json.dumps(record))
     old = load_recovery(tmp_path / "p")
-    assert old.mode == "two-pass" and old.prefix(lm.model, ids, mask).shape == (4, N, 32)
+    assert old.selection == "two-pass" and old.prefix(lm.model, ids, mask).shape == (4, N, 32)

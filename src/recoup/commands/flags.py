@@ -68,6 +68,7 @@ HELP: dict[str, str] = {
     "tokens": "prompt length in virtual tokens", "init": "prompt init: vocab, text, random",
     "init_text": "text whose token embeddings initialise the prompt (with --init text)",
     "pool": "prompts in the IDP pool", "select_layers": "score the IDP pool on the first K decoder layers only",
+    "selection": "IDP: one-prefill (the choice made inside the prefill) or two-pass (an extra selection prefill)",
     "text": "the hard prompt's text", "rank": "LoRA rank", "alpha": "LoRA alpha",
     "inherit": "start from this saved LoRA (same rank and targets); CPET: the dense model's LoRA (also the teacher's)",
     "teacher": "dense model source for CPET distillation (default: the artifact's source model)",

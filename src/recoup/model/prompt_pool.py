@@ -61,6 +61,7 @@ class _Job:
     structure: torch.Tensor | None = None  # (B or 1, 1, S, S) bool
     block: torch.Tensor | None = None  # (P,) the prompt each prefix position belongs to
     masks: dict = dataclasses.field(default_factory=dict)
+    layer_scores: list = dataclasses.field(default_factory=list)  # per scored layer: (B, m), before the token mean
 
     @property
     def width(self) -> int:
@@ -211,7 +212,8 @@ class PoolPrefill:
         per_pos = (w * job.score_mask[..., None]).sum(1).view(-1, job.prompts, n)  # (B, m, n)
         if n > 1:
             per_pos = per_pos[..., 1:]  # each prompt's first position left out (its attention sink)
-        job.scores = job.scores + per_pos.mean(-1)
+        job.layer_scores.append(per_pos.mean(-1))
+        job.scores = job.scores + job.layer_scores[-1]
 
 
 def pool_prefill(model: nn.Module) -> PoolPrefill:
