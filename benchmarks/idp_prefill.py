@@ -3,8 +3,8 @@
 1. ``--part latency``: prefill milliseconds (``prefix`` + one forward filling the KV cache, logits of the last
    position only, as the Scorer runs it) of ``--batch`` PTB-test inputs of ``--seqlen`` tokens, median of
    ``--repeats`` runs after one warm-up, for: the model alone, a single soft prompt of ``--tokens``, an IDP pool
-   of ``--pool`` x ``--tokens`` in one-prefill mode (K = ``--select-layers``), and the old two-pass mode with the
-   same K and with all layers. Prompts are vocabulary rows: latency does not depend on their values.
+   of ``--pool`` x ``--tokens`` in one-prefill mode (K = 1 and ``--select-layers``), and the old two-pass mode
+   with K = ``--select-layers`` and with all layers. Prompts are vocabulary rows: latency does not depend on their values.
 2. ``--part select``: which K. An untrained pool (vocabulary rows of frequent PTB-train tokens, as ``fit_idp``
    initialises it) and PTB-test windows; one eager pass scoring every layer gives the first-K-layer scores for
    every K at once (layers 1..K compute the same whatever K is); per-prompt statistics from ``--windows``
@@ -60,9 +60,9 @@ def latency(args, loaded) -> dict:
     ids = calibration_windows(loaded.tokenizer, "ptb", args.batch, args.seqlen, seed=1, split="test").input_ids
     k = args.select_layers
     size = f"{args.pool}x{args.tokens}"
-    cases = [("model alone", None), (f"soft prompt ({args.tokens} tokens)", SoftPrompt(pool[0])),
-             (f"IDP one-prefill {size}, K={k}", IDPPool(pool, select_layers=k)),
-             (f"IDP two-pass {size}, K={k}", IDPPool(pool, select_layers=k, selection="two-pass")),
+    cases = [("model alone", None), (f"soft prompt ({args.tokens} tokens)", SoftPrompt(pool[0]))]
+    cases += [(f"IDP one-prefill {size}, K={j}", IDPPool(pool, select_layers=j)) for j in sorted({1, k})]
+    cases += [(f"IDP two-pass {size}, K={k}", IDPPool(pool, select_layers=k, selection="two-pass")),
              (f"IDP two-pass {size}, all layers", IDPPool(pool, select_layers=0, selection="two-pass"))]
     rows = []
     for name, rec in cases:

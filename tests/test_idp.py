@@ -134,12 +134,14 @@ def test_prefix_is_the_selected_prompt_and_choices_are_reported():
     assert one.choices == one.select(lm.model, ids).tolist() and one.describe()["selection"] == "one-prefill"
 
 
-def test_fit_idp_keeps_backbone_lowers_loss_and_round_trips(corpus, tmp_path):
+@pytest.mark.parametrize("selection", ["one-prefill", "two-pass"])
+def test_fit_idp_keeps_backbone_lowers_loss_and_round_trips(corpus, tmp_path, selection):
     lm = tiny_loaded(seed=4)
     before = [p.detach().clone() for p in lm.model.parameters()]
     cfg = IDPConfig(data=corpus, pool=3, tokens=4, seqlen=32, batch_size=4, steps=30, lr=0.05, eval_every=10,
-                    val_windows=4)
+                    val_windows=4, selection=selection)
     pool, result = fit_idp(lm, cfg)
+    assert pool.selection == selection and result.best_val_loss < pool.meta["train"]["val_loss_without_prompt"]
     assert all(torch.equal(a, b) for a, b in zip(before, lm.model.parameters(), strict=True))
     assert all(p.requires_grad for p in lm.model.parameters())  # flags restored
     assert sum(pool.meta["training_selections"].values()) == 30 * 4 + 4 * 3  # train picks + validation picks
@@ -165,6 +167,8 @@ def test_config_validation():
         IDPPool(torch.randn(1, 3, 8))
     with pytest.raises(RecoupError, match="select_layers must be >= 0"):
         IDPConfig(select_layers=-1)
+    with pytest.raises(RecoupError, match="unknown IDP selection 'one-pass'; known: one-prefill, two-pass"):
+        IDPConfig(selection="one-pass")
 
 
 def test_anatomy_attention_modules_exist_for_every_architecture():

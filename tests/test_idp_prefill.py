@@ -196,6 +196,20 @@ def test_the_prefill_runs_each_decoder_layer_once(arch):
     assert sorted(calls) == [0, 0, 1, 1, 2, 3]  # the two-pass mode reruns the scored layers
 
 
+def test_all_layers_scored_choose_after_the_prefill_and_mask_only_what_follows():
+    lm = tiny_loaded(layers=2)
+    torch.manual_seed(6)
+    pool = IDPPool(torch.randn(M, N, 32), select_layers=0)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        kwargs = build_inputs(lm.model, ids, mask, pool.prefix(lm.model, ids, mask))
+        lm.model(**kwargs)
+        want = reference_scores(lm.model, pool.pool.detach(), ids, mask, 2)
+    assert pool.choices == pool.choose(want).tolist()
+    choice = torch.tensor(pool.choices)
+    assert torch.equal(kwargs["attention_mask"][:, :M * N], (torch.arange(M * N)[None] // N == choice[:, None]).long())
+
+
 def test_a_prefix_not_followed_by_its_prefill_is_refused_and_modes_round_trip(tmp_path):
     lm = tiny_loaded()
     pool = IDPPool(torch.randn(M, N, 32), select_layers=1)
