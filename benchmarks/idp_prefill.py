@@ -2,9 +2,10 @@
 
 1. ``--part latency``: prefill milliseconds (``prefix`` + one forward filling the KV cache, logits of the last
    position only, as the Scorer runs it) of ``--batch`` PTB-test inputs of ``--seqlen`` tokens, median of
-   ``--repeats`` runs after one warm-up, for: the model alone, a single soft prompt of ``--tokens``, an IDP pool
-   of ``--pool`` x ``--tokens`` in one-prefill mode (K = 1 and ``--select-layers``), and the old two-pass mode
-   with K = ``--select-layers`` and with all layers. Prompts are vocabulary rows: latency does not depend on their values.
+   ``--repeats`` rounds (each round times every case once; one warm-up round first), for: the model alone, a
+   single soft prompt of ``--tokens``, an IDP pool of ``--pool`` x ``--tokens`` in one-prefill mode (K = 1 and
+   ``--select-layers``), and the old two-pass mode with K = ``--select-layers`` and with all layers. Prompts are
+   vocabulary rows: latency does not depend on their values.
 2. ``--part select``: which K. An untrained pool (vocabulary rows of frequent PTB-train tokens, as ``fit_idp``
    initialises it) and PTB-test windows; one eager pass scoring every layer gives the first-K-layer scores for
    every K at once (layers 1..K compute the same whatever K is); per-prompt statistics from ``--windows``
@@ -31,20 +32,16 @@ import torch
 import torch.nn.functional as F
 
 
-def prefill_ms(model, ids: torch.Tensor, recovery, repeats: int) -> float:
-    """Median ms of prefix + the prefill forward (KV cache filled, last position's logits)."""
+def prefill_s(model, ids: torch.Tensor, recovery) -> float:
+    """Seconds of prefix + the prefill forward (KV cache filled, last position's logits)."""
     from recoup.model.forward import build_inputs
 
     mask = torch.ones_like(ids)
-    times = []
     with torch.no_grad():
-        for rep in range(repeats + 1):
-            t0 = time.perf_counter()
-            prefix = recovery.prefix(model, ids, mask) if recovery is not None else None
-            model(**build_inputs(model, ids, mask, prefix), use_cache=True, logits_to_keep=1)
-            if rep:
-                times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+        t0 = time.perf_counter()
+        prefix = recovery.prefix(model, ids, mask) if recovery is not None else None
+        model(**build_inputs(model, ids, mask, prefix), use_cache=True, logits_to_keep=1)
+        return time.perf_counter() - t0
 
 
 def latency(args, loaded) -> dict:
@@ -64,10 +61,15 @@ def latency(args, loaded) -> dict:
     cases += [(f"IDP one-prefill {size}, K={j}", IDPPool(pool, select_layers=j)) for j in sorted({1, k})]
     cases += [(f"IDP two-pass {size}, K={k}", IDPPool(pool, select_layers=k, selection="two-pass")),
              (f"IDP two-pass {size}, all layers", IDPPool(pool, select_layers=0, selection="two-pass"))]
-    rows = []
-    for name, rec in cases:
-        rows.append({"name": name, "prefill_ms": prefill_ms(model, ids, rec, args.repeats)})
-        logging.warning("%s: %.0f ms", name, rows[-1]["prefill_ms"])
+    times: list[list[float]] = [[] for _ in cases]
+    for rnd in range(args.repeats + 1):  # rounds over all cases (round 0 warms up): drift in load hits all alike
+        for i, (_, rec) in enumerate(cases):
+            t = prefill_s(model, ids, rec)
+            if rnd:
+                times[i].append(t)
+        logging.warning("round %d done", rnd)
+    rows = [{"name": name, "prefill_ms": 1000 * statistics.median(t), "runs_ms": [1000 * x for x in t]}
+            for (name, _), t in zip(cases, times)]
     single = rows[1]["prefill_ms"]
     print(f"prefill, batch {args.batch} x {args.seqlen} tokens, median of {args.repeats}; "
           f"torch threads {torch.get_num_threads()}")
