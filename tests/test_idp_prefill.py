@@ -12,6 +12,7 @@ from recoup.errors import RecoupError
 from recoup.evaluate.scorer import Scorer
 from recoup.model.anatomy import anatomy
 from recoup.model.forward import build_inputs
+from recoup.model.prompt_pool import pool_prefill
 from recoup.recover.idp import IDPPool
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "opt", "gpt2"]
@@ -77,7 +78,7 @@ def test_one_prefill_equals_the_chosen_prompt_alone_from_layer_k_on(arch):
 
     - the scores equal (to 1e-4) the first-K-layer scores of a plain eager forward with an explicit 4D mask
       and positions (no hooks), and the choice is their (standardised) argmax;
-    - the prefix positions of prompt c entering layer K+1 equal those of a forward over [prompt c; input]
+    - prompt c's cached keys/values in every layer equal those of a forward over [prompt c; input]
       (each prompt's key/values are those of the prompt alone);
     - the logits at the input's real positions equal those of a forward over [prompt c; input] whose input
       hidden states entering layer K+1 are replaced by the one-prefill run's (to 1e-4): from layer K+1 on,
@@ -97,23 +98,23 @@ def test_one_prefill_equals_the_chosen_prompt_alone_from_layer_k_on(arch):
     handle = capture_entering(layers[K], seen)
     with torch.no_grad():
         kwargs = build_inputs(model, ids, mask, pool.prefix(model, ids, mask))
-        logits = model(**kwargs, use_cache=False).logits
+        out = model(**kwargs, use_cache=True)
     handle.remove()
+    logits = out.logits  # the input's positions only: the pool is the cache in front
     choice = torch.tensor(pool.choices)
     assert torch.equal(choice, pool.choose(want)) and len(set(choice.tolist())) > 1
     p = M * N
     for b in range(len(ids)):
         c = int(choice[b])
         real = mask[b].bool()
-        single: list = []
-        hooks = [capture_entering(layers[K], single),
-                 replace_entering(layers[K], seen[0][b: b + 1, p:][:, real], N)]
+        hook = replace_entering(layers[K], seen[0][b: b + 1][:, real], N)
         with torch.no_grad():
-            ref = model(**build_inputs(model, ids[b: b + 1, real], None, pool.pool[c].detach()), use_cache=False).logits
-        for h in hooks:
-            h.remove()
-        assert torch.allclose(single[0][0, :N], seen[0][b, c * N:(c + 1) * N], atol=1e-5)
-        assert torch.allclose(ref[0, N:], logits[b, p:][real], atol=1e-4, rtol=1e-4), arch
+            ref = model(**build_inputs(model, ids[b: b + 1, real], None, pool.pool[c].detach()), use_cache=True)
+        hook.remove()
+        for mine, alone in zip(out.past_key_values.layers, ref.past_key_values.layers):  # prompt c as if alone
+            assert torch.allclose(mine.keys[b, :, c * N:(c + 1) * N], alone.keys[0, :, :N], atol=1e-5)
+            assert torch.allclose(mine.values[b, :, c * N:(c + 1) * N], alone.values[0, :, :N], atol=1e-5)
+        assert torch.allclose(ref.logits[0, N:], logits[b][real], atol=1e-4, rtol=1e-4), arch
     # the forward's 2D mask now shows the chosen prompt only, and the model is as it was
     assert torch.equal(kwargs["attention_mask"][:, :p], (torch.arange(p)[None] // N == choice[:, None]).long())
     assert model.config._attn_implementation == "sdpa"
@@ -163,37 +164,55 @@ def test_left_padded_batch_gives_each_example_its_choice_and_logits_alone(arch):
     ids, mask = padded_batch(seed=2)
     p = M * N
     with torch.no_grad():
-        together = lm.model(**build_inputs(lm.model, ids, mask, pool.prefix(lm.model, ids, mask))).logits[:, p:]
+        together = lm.model(**build_inputs(lm.model, ids, mask, pool.prefix(lm.model, ids, mask))).logits
         both = list(pool.choices)
         for b in range(len(ids)):
             real = mask[b].bool()
             x = ids[b: b + 1, real]
             alone = lm.model(**build_inputs(lm.model, x, None, pool.prefix(lm.model, x, torch.ones_like(x)))).logits
             assert pool.choices[-1] == both[b]
-            assert torch.allclose(alone[0, p:], together[b][real], atol=1e-4, rtol=1e-4)
+            assert torch.allclose(alone[0], together[b][real], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2"])
 def test_the_prefill_runs_each_decoder_layer_once(arch):
+    """Inference: the pool's key/values are computed once per model and pool state (one pass over the m
+    prompts, as a batch of m); then every prefill runs each decoder layer exactly once, over the input only.
+    Training (gradients on): the pool pass runs once per forward, then each layer once over the input."""
     lm = tiny_loaded(arch, layers=4)
     an = anatomy(lm.model)
     pool = IDPPool(torch.randn(M, N, 32), select_layers=2)
     ids, mask = padded_batch()
-    calls: list[int] = []
-    pool.apply(lm.model)
-    handles = [layer.register_forward_pre_hook(lambda m, a, i=i: calls.append(i)) for i, layer in enumerate(an.layers)]
+    sizes: list[tuple[int, int]] = []  # (layer, tokens per row) of every decoder-layer call
+
+    def record(m, args, kwargs, i):
+        sizes.append((i, (args[0] if args else kwargs["hidden_states"]).shape[1]))
+
+    handles = [layer.register_forward_pre_hook(lambda m, a, k, i=i: record(m, a, k, i), with_kwargs=True)
+               for i, layer in enumerate(an.layers)]
+    run = lambda rec: lm.model(**build_inputs(lm.model, ids, mask, rec.prefix(lm.model, ids, mask)), use_cache=True)
     with torch.no_grad():
-        lm.model(**build_inputs(lm.model, ids, mask, pool.prefix(lm.model, ids, mask)), use_cache=True)
+        run(pool)
+        first, cached = list(sizes), pool_prefill(lm.model)._kv
+        sizes.clear()
+        run(pool)
+        again = list(sizes)
+        assert pool_prefill(lm.model)._kv is cached
+    sizes.clear()
+    run(pool).logits.sum().backward()  # training: the pool pass is redone with gradients
+    trained = list(sizes)
+    assert pool.pool.grad is not None and pool.pool.grad.abs().sum() > 0
     two_pass = IDPPool(pool.pool.detach(), select_layers=2, selection="two-pass")
-    ran_once = list(calls)
-    two_pass.scores(lm.model, ids, mask)  # its pool key/values: once per model
-    calls.clear()
     with torch.no_grad():
-        lm.model(**build_inputs(lm.model, ids, mask, two_pass.prefix(lm.model, ids, mask)), use_cache=True)
+        two_pass.scores(lm.model, ids, mask)  # its pool key/values: once per model
+        sizes.clear()
+        run(two_pass)
     for h in handles:
         h.remove()
-    assert ran_once == [0, 1, 2, 3]
-    assert sorted(calls) == [0, 0, 1, 1, 2, 3]  # the two-pass mode reruns the scored layers
+    assert first == [(i, N) for i in range(4)] + [(i, 9) for i in range(4)]
+    assert again == [(i, 9) for i in range(4)]
+    assert trained == first
+    assert sorted(i for i, _ in sizes) == [0, 0, 1, 1, 2, 3]  # the two-pass mode reruns the scored layers
 
 
 def test_all_layers_scored_choose_after_the_prefill_and_mask_only_what_follows():

@@ -39,6 +39,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from transformers import DynamicCache
+
 from recoup.errors import RecoupError
 from recoup.model.anatomy import anatomy
 
@@ -58,7 +60,8 @@ class _Job:
     mask2d: torch.Tensor | None = None
     previous: str | None = None
     layers_run: int = 0
-    structure: torch.Tensor | None = None  # (B or 1, 1, S, S) bool
+    structure: torch.Tensor | None = None  # (B or 1, 1, T or 1, P+T or 1) bool, None outside the prefill's layers
+    pool_key: object = None
     block: torch.Tensor | None = None  # (P,) the prompt each prefix position belongs to
     masks: dict = dataclasses.field(default_factory=dict)
     layer_scores: list = dataclasses.field(default_factory=list)  # per scored layer: (B, m), before the token mean
@@ -69,10 +72,11 @@ class _Job:
 
 
 class PoolPrefill:
-    """Hooks on one model's base, decoder layers and attention modules (located by the anatomy map)."""
+    """Hooks on one model, its decoder layers and their attention modules (located by the anatomy map)."""
 
     def __init__(self, model: nn.Module) -> None:
         an = anatomy(model)
+        self.model = model
         self.base = model.get_submodule(an.spec.layers.rsplit(".", 1)[0])
         self.layers = list(an.layers)
         attn_path = an.spec.attention[0].rsplit(".", 1)[0]
@@ -80,10 +84,11 @@ class PoolPrefill:
         self.config = getattr(self.attention[0], "config", None) or model.config
         self.job: _Job | None = None
         self.last: _Job | None = None
+        self._kv: tuple | None = None  # (key, per-layer (keys, values) of the pool, (m, heads, n, d))
         self._mask_index = [list(inspect.signature(layer.forward).parameters).index("attention_mask")
                             for layer in self.layers]
-        self.handles = [self.base.register_forward_pre_hook(self._base_pre, with_kwargs=True),
-                        self.base.register_forward_hook(self._base_post, always_call=True)]
+        self.handles = [model.register_forward_pre_hook(self._pre, with_kwargs=True),
+                        model.register_forward_hook(self._post, always_call=True)]
         for i, layer in enumerate(self.layers):
             self.handles.append(layer.register_forward_pre_hook(
                 lambda mod, args, kwargs, i=i: self._layer_pre(i, args, kwargs), with_kwargs=True))
@@ -91,31 +96,50 @@ class PoolPrefill:
                 lambda mod, args, out, i=i: self._attention_out(i, out)))
 
     def arm(self, prompts: int, tokens: int, input_mask: torch.Tensor, select_after: int,
-            choose: Callable[[torch.Tensor], torch.Tensor], score_mask: torch.Tensor | None = None) -> None:
+            choose: Callable[[torch.Tensor], torch.Tensor], score_mask: torch.Tensor | None = None,
+            pool_key: object = None) -> None:
         """Make the next forward the pooled prefill of inputs with mask ``input_mask`` (B, T).
 
         ``select_after`` K in 1..L (0 or more than L: after the last layer, the choice then only masks the
-        cache for what follows); ``score_mask`` (B, T): the tokens whose attention scores (default: all real).
+        cache for what follows); ``score_mask`` (B, T): the tokens whose attention scores (default: all real);
+        ``pool_key``: when not None, the pool's key/values are reused while the key is the same (inference).
         """
         k = len(self.layers) if select_after <= 0 else min(select_after, len(self.layers))
         mask = input_mask.long()
         self.job = _Job(prompts, tokens, mask, (mask if score_mask is None else score_mask.long() * mask).float(), k,
-                        choose)
+                        choose, pool_key=pool_key)
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
 
+    def _pool_cache(self, job: _Job, prefix: torch.Tensor) -> DynamicCache:
+        """The pool's key/values, each prompt run alone at the positions 0..n-1, laid out as (B, heads, m*n, d)."""
+        m, n, b = job.prompts, job.tokens, prefix.shape[0]
+        if job.pool_key is not None and self._kv is not None and self._kv[0] == job.pool_key:
+            kv = self._kv[1]
+        else:
+            job.structure = None  # the layer hooks stay out of this forward
+            out = self.base(inputs_embeds=prefix[0].reshape(m, n, -1), use_cache=True)
+            kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+            if job.pool_key is not None:
+                self._kv = (job.pool_key, kv)
+        cache = DynamicCache(config=self.model.config)
+        for i, (keys, values) in enumerate(kv):
+            cache.update(*(x.transpose(0, 1).reshape(1, x.shape[1], m * n, x.shape[3]).expand(b, -1, -1, -1)
+                           for x in (keys, values)), i)
+        return cache
+
     # ----------------------------------------------------------------- hooks
-    def _base_pre(self, _mod, args, kwargs):
+    def _pre(self, _mod, args, kwargs):
         job = self.job
         if job is None:
             return None
         b, t = job.input_mask.shape
         embeds, mask = kwargs.get("inputs_embeds"), kwargs.get("attention_mask")
         cache = kwargs.get("cache") if kwargs.get("cache") is not None else kwargs.get("past_key_values")
-        if (embeds is None or tuple(embeds.shape[:2]) != (b, job.width + t) or mask is None or mask.dim() != 2
-                or (cache is not None and cache.get_seq_length() > 0)):
+        if (args or embeds is None or tuple(embeds.shape[:2]) != (b, job.width + t) or mask is None
+                or mask.dim() != 2 or (cache is not None and cache.get_seq_length() > 0)):
             self.job = None
             raise RecoupError("an IDP pool's prefix must go to the model's next forward, the prefill of the same "
                               "inputs, with its 2D attention mask and no earlier cache")
@@ -123,23 +147,27 @@ class PoolPrefill:
         if impl not in ("eager", "sdpa"):
             self.job = None
             raise RecoupError(f"IDP's one-prefill selection needs eager or sdpa attention; this model uses '{impl}'")
-        n, device = job.tokens, embeds.device
+        p, device = job.width, embeds.device
+        kwargs.pop("past_key_values", None)
+        kwargs["cache"] = self._pool_cache(job, embeds[:, :p])
+        kwargs["inputs_embeds"] = embeds[:, p:]
         job.input_mask, job.score_mask = job.input_mask.to(device), job.score_mask.to(device)
-        inputs = (n + job.input_mask.cumsum(-1) - 1).clamp(min=0)  # as build_inputs numbers them
-        prompts = torch.arange(n, device=device).repeat(job.prompts).expand(b, -1)
-        kwargs["position_ids"] = torch.cat([prompts, inputs], 1)
+        kwargs["position_ids"] = (job.tokens + job.input_mask.cumsum(-1) - 1).clamp(min=0)  # as behind one prompt
+        keep = kwargs.get("logits_to_keep")
+        if isinstance(keep, torch.Tensor):  # positions over [prefix; input]: the forward now holds the input only
+            if bool((keep < p).any()):
+                self.job = None
+                raise RecoupError("an IDP pool's prefix positions have no logits")
+            kwargs["logits_to_keep"] = keep - p
         job.mask2d, job.previous = mask, impl
         job.scores = torch.zeros(b, job.prompts, device=device)
-        block = torch.arange(job.width, device=device) // n
-        s = job.width + t
-        structure = torch.ones(1, 1, s, s, dtype=torch.bool, device=device)
-        structure[0, 0, : job.width, : job.width] = block[:, None] == block[None, :]
-        job.structure, job.block = structure, block
+        job.block = torch.arange(p, device=device) // job.tokens
+        job.structure = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
         if job.select_after > 0:
             self.config._attn_implementation = "eager"
         return args, kwargs
 
-    def _base_post(self, _mod, _args, _out):
+    def _post(self, _mod, _args, _out):
         job, self.job = self.job, None
         if job is None or job.previous is None:
             return None
@@ -156,9 +184,10 @@ class PoolPrefill:
         job.choice = job.choose(raw).to(job.block.device).long()
         keep = job.block[None, :] == job.choice[:, None]  # (B, P) the chosen prompt's columns
         job.mask2d[:, : job.width] = keep.to(job.mask2d.dtype)
-        after = job.structure.expand(len(keep), -1, -1, -1).clone()
-        after[:, 0, job.width:, : job.width] = keep[:, None, :]
-        job.structure = after
+        t = job.input_mask.shape[1]
+        structure = torch.ones(len(keep), 1, t, job.width + t, dtype=torch.bool, device=keep.device)
+        structure[:, 0, :, : job.width] = keep[:, None, :]
+        job.structure = structure
         job.masks = {}
 
     def _layer_pre(self, i: int, args, kwargs):
@@ -183,17 +212,17 @@ class PoolPrefill:
         return args, kwargs
 
     def _mask(self, job: _Job, given: torch.Tensor | None, dtype: torch.dtype, eager: bool) -> torch.Tensor:
-        """The layer's own mask (B|1, 1, S, S) intersected with the pool structure, in the layer's format."""
-        s = job.structure.shape[-1]
-        if given is None:  # the model skipped its mask: plain causal, no padding
-            allowed = torch.ones(s, s, dtype=torch.bool, device=job.structure.device).tril()[None, None]
+        """The layer's own mask (B|1, 1, T, P+T) intersected with the pool structure, in the layer's format."""
+        t, p = job.input_mask.shape[1], job.width
+        if given is None:  # the model skipped its mask: plain causal after the cached prefix, no padding
+            allowed = torch.ones(t, p + t, dtype=torch.bool, device=job.structure.device).tril(p)[None, None]
         elif given.dtype == torch.bool:
             allowed = given
         else:
             allowed = given > torch.finfo(given.dtype).min / 2
-        if allowed.shape[-2:] != (s, s):
+        if allowed.shape[-2:] != (t, p + t):
             raise RecoupError(f"IDP's one-prefill mask: a layer's attention mask is {tuple(allowed.shape)}, "
-                              f"expected (..., {s}, {s})")
+                              f"expected (..., {t}, {p + t})")
         allowed = allowed & job.structure
         if not eager:
             return allowed
@@ -202,13 +231,13 @@ class PoolPrefill:
 
     def _attention_out(self, i: int, out) -> None:
         job = self.job
-        if job is None or job.choice is not None or i >= job.select_after:
+        if job is None or job.structure is None or job.choice is not None or i >= job.select_after:
             return
         weights = out[1] if isinstance(out, tuple) and len(out) > 1 else None
         if weights is None:
             raise RecoupError("IDP needs attention weights, and this model's attention did not return them")
         p, n = job.width, job.tokens
-        w = weights.detach()[:, :, p:, :p].float().sum(1)  # (B, T, P): heads summed
+        w = weights.detach()[..., :p].float().sum(1)  # (B, T, P): heads summed
         per_pos = (w * job.score_mask[..., None]).sum(1).view(-1, job.prompts, n)  # (B, m, n)
         if n > 1:
             per_pos = per_pos[..., 1:]  # each prompt's first position left out (its attention sink)

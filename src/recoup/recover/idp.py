@@ -212,8 +212,10 @@ class IDPPool(Recovery):
         if w.shape[1] != self.hidden_size:
             raise RecoupError(f"the recovery's hidden size {self.hidden_size} does not match the model's "
                               f"{w.shape[1]}; a prompt attaches only to models of the same hidden size")
+        # without gradients the pool's key/values are computed once per model and pool state
+        key = None if torch.is_grad_enabled() else (id(self.pool), self.pool._version, w.device, w.dtype)
         pool_prefill(model).arm(self.size, self.tokens, attention_mask, self.select_layers,
-                                choose or self._record, score_mask)
+                                choose or self._record, score_mask, key)
         flat = self.pool.reshape(1, -1, self.hidden_size).to(device=w.device, dtype=w.dtype)
         return flat.expand(attention_mask.shape[0], -1, -1)
 
