@@ -169,6 +169,9 @@ def test_config_validation():
         IDPConfig(select_layers=-1)
     with pytest.raises(RecoupError, match="unknown IDP selection 'one-pass'; known: one-prefill, two-pass"):
         IDPConfig(selection="one-pass")
+    with pytest.raises(RecoupError, match="gradient checkpointing"):
+        IDPConfig(gradient_checkpointing=True)
+    assert IDPConfig(gradient_checkpointing=True, selection="two-pass").selection == "two-pass"
 
 
 def test_anatomy_attention_modules_exist_for_every_architecture():

@@ -237,6 +237,12 @@ def test_a_prefix_not_followed_by_its_prefill_is_refused_and_modes_round_trip(tm
     with pytest.raises(RecoupError, match="next forward"):
         lm.model(input_ids=ids[:, :4])
     lm.model(input_ids=ids[:, :4])  # disarmed: the model runs as before
+    lm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.model.train()
+    with pytest.raises(RecoupError, match="gradient checkpointing"):
+        lm.model(**build_inputs(lm.model, ids, mask, pool.prefix(lm.model, ids, mask)))
+    lm.model.gradient_checkpointing_disable()
+    lm.model.eval()
     pool.save(tmp_path / "p")
     import json
 

@@ -2,32 +2,36 @@
 
 Hoang et al. 2023 ("Do Compressed LLMs Forget Knowledge?"), Inference-time Dynamic Prompting: a pool
 of ``m`` prompts of ``n`` tokens, one chosen per input from the attention the input pays it. Here the
-choice costs no extra pass: the real prefill runs once over ``[prompt_0 .. prompt_{m-1}; input]``
-(``P = m*n`` prefix positions, the prefix given as input embeddings (B, P, H) by the caller) and
+choice costs no extra pass over the input. The caller hands the whole pool as the usual input-embedding
+prefix (B, P, H), ``P = m*n``, every row the same pool, to the model's next forward (armed with
+:meth:`PoolPrefill.arm`); the hooks turn that forward into:
 
-- every prompt gets the positions ``0..n-1`` and attends only to itself (block-diagonal causal mask),
-  so its keys/values in every layer are those of the prompt run alone; the input gets the positions
-  ``n, n+1, ...`` exactly as behind a single prompt (left padding as in
-  :func:`recoup.model.forward.build_inputs`);
-- the first ``K`` decoder layers run eager attention and their input->prompt attention is reduced
-  to a score per prompt, (B, m): summed over layers and heads, each prompt's first position (where
-  it starts, an attention sink) left out unless ``n == 1``, mean over the prompt's other positions,
-  summed over the scored input tokens; the caller's ``choose`` turns the scores into a choice (B,);
-- from decoder layer K+1 on, an input token sees only its chosen prompt's columns (per example), and
-  the forward's 2D attention mask (the caller's tensor) is updated **in place**: the unchosen prompts'
-  columns become 0. A caller that continues from the KV cache with that mask (the Scorer's
-  continuations and decoding) therefore never attends to the unchosen prompts and numbers positions
-  as behind one prompt (a row's count of attended past positions).
+- the pool's key/values: one pass over the ``m`` prompts as a batch of ``m`` sequences, so every prompt
+  has the positions ``0..n-1`` and attends only to itself (its key/values in every layer are those of
+  the prompt alone), laid out as a (B, heads, P, d) cache in front of the input. Without gradients it is
+  computed once per model and pool state (``pool_key``) and reused; with gradients once per forward;
+- the input's prefill after that cache, at the positions ``n, n+1, ...`` exactly as behind a single
+  prompt (left padding as in :func:`recoup.model.forward.build_inputs`). The first ``K`` decoder layers
+  run eager attention and their input->prompt attention is reduced to a score per prompt, (B, m):
+  summed over layers and heads, each prompt's first position (where it starts, an attention sink) left
+  out unless ``n == 1``, mean over the prompt's other positions, summed over the scored input tokens; the
+  caller's ``choose`` turns the scores into a choice (B,);
+- from decoder layer K+1 on, an input token sees only its chosen prompt's columns (per example), and the
+  forward's 2D attention mask (the caller's tensor) is updated **in place**: the unchosen prompts'
+  columns become 0. A caller that continues from the returned KV cache with that mask (the Scorer's
+  continuations and decoding) never attends to the unchosen prompts and numbers positions as behind
+  one prompt (a row's count of attended past positions).
 
-So layers K+1..L compute exactly what they compute behind the chosen prompt alone, given the input's
-hidden states entering layer K+1 (which did see the whole pool in layers 1..K); each decoder layer
-runs once. The mask of each layer is the model's own (padding, causal, sliding window: transformers
-builds it, per layer type) intersected with this structure, so nothing here is per architecture; a
-sliding window counts cache indices, which include the other prompts' columns (exact while an input
-is shorter than the window minus ``(m-1)*n``). Eager and sdpa attention only (4D masks).
-
-The hooks are attached once per model (:func:`pool_prefill`) and stay inert until :meth:`PoolPrefill.arm`
-names the next forward; that forward must be the prefill of the armed inputs with no earlier cache.
+The forward's outputs cover the input's positions only (a ``logits_to_keep`` tensor of positions over
+``[prefix; input]`` is shifted; prefix positions have no logits), as callers that drop the prefix's
+positions from the end expect. Layers K+1..L compute exactly what they compute behind the chosen prompt
+alone, given the input's hidden states entering layer K+1 (which did see the whole pool in layers
+1..K); each decoder layer runs once over the input. The mask of each layer is the model's own (padding,
+causal, sliding window: transformers builds it, per layer type) intersected with this structure, so
+nothing here is per architecture; a sliding window counts cache indices, which include the other
+prompts' columns (exact while an input is shorter than the window minus ``(m-1)*n``). Eager and sdpa
+attention only (4D masks). The hooks are attached once per model (:func:`pool_prefill`) and stay inert
+until armed; the armed forward must take ``inputs_embeds`` and a 2D mask, with no earlier cache.
 """
 
 from __future__ import annotations
@@ -143,6 +147,11 @@ class PoolPrefill:
             self.job = None
             raise RecoupError("an IDP pool's prefix must go to the model's next forward, the prefill of the same "
                               "inputs, with its 2D attention mask and no earlier cache")
+        if torch.is_grad_enabled() and any(getattr(layer, "gradient_checkpointing", False) and layer.training
+                                           for layer in self.layers):
+            self.job = None
+            raise RecoupError("IDP's one-prefill selection does not run under gradient checkpointing (the recomputed "
+                              "layers would miss the per-layer masks)")
         impl = self.config._attn_implementation
         if impl not in ("eager", "sdpa"):
             self.job = None

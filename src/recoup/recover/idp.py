@@ -4,18 +4,18 @@ Hoang et al. 2023, "Do Compressed LLMs Forget Knowledge? An Experimental Study w
 Implications". A pool of ``m`` prompts of ``n`` tokens, (m, n, H); the prompt whose positions draw the
 most attention from the input's tokens is chosen per input. Two modes (``selection``, saved with the pool):
 
-- ``one-prefill`` (the default): the real prefill runs **once** over ``[whole pool; input]``
-  (:mod:`recoup.model.prompt_pool`): every prompt at the positions ``0..n-1`` attending only to itself
-  (its key/values are those of the prompt alone), the input at ``n, n+1, ...`` as behind one prompt. The
-  first ``K = select_layers`` decoder layers score the prompts; from layer K+1 on, and in every later
-  decoding step (the forward's 2D mask is updated in place), an input token sees only its chosen
-  prompt. What is equal: given the input's hidden states entering layer K+1, layers K+1..L compute
-  exactly what they compute behind the chosen prompt alone (tests/test_idp_prefill.py); the input's
-  first K layers did see the whole pool. Each decoder layer runs once; the prefill holds ``m*n``
-  prefix positions instead of ``n``. ``prefix`` returns the whole pool (B, m*n, H) and arms the model's
-  next forward, which makes the choice (recorded in ``choices``); ``apply`` attaches the hooks (inert
-  until armed). Eager or sdpa attention. ``select_layers=0`` scores all layers (the choice then only
-  masks the cache for what follows the prefill);
+- ``one-prefill`` (the default): the input is prefilled **once**, after the pool's key/values
+  (:mod:`recoup.model.prompt_pool`): every prompt computed alone at the positions ``0..n-1`` (once per
+  model and pool state at inference), the input at ``n, n+1, ...`` as behind one prompt. The first
+  ``K = select_layers`` decoder layers score the prompts; from layer K+1 on, and in every later decoding
+  step (the forward's 2D mask is updated in place), an input token sees only its chosen prompt. What is
+  equal: given the input's hidden states entering layer K+1, layers K+1..L compute exactly what they
+  compute behind the chosen prompt alone, and the chosen prompt's cached keys/values are those of the
+  prompt alone (tests/test_idp_prefill.py); the input's first K layers did see the whole pool. Each
+  decoder layer runs once over the input. ``prefix`` returns the whole pool (B, m*n, H) and arms the
+  model's next forward, which makes the choice (recorded in ``choices``) and returns the input's
+  positions only; ``apply`` attaches the hooks (inert until armed). Eager or sdpa attention.
+  ``select_layers=0`` scores all layers (the choice then only masks the cache for what follows);
 - ``two-pass`` (pools saved before the modes existed load in it and behave as before): a selection
   prefill of the input after the pool's cached key/values (the whole pool at consecutive positions,
   prompts attending to each other), stopped after K layers (0: all), then the input is run again behind
@@ -95,6 +95,9 @@ class IDPConfig(SoftPromptConfig):
         check(self.pool >= 2, f"an IDP pool needs at least 2 prompts (got {self.pool})")
         check(self.select_layers >= 0, f"select_layers must be >= 0, 0 meaning all layers (got {self.select_layers})")
         check(self.selection in MODES, f"unknown IDP selection '{self.selection}'; known: {', '.join(MODES)}")
+        check(not (self.gradient_checkpointing and self.selection == ONE_PREFILL),
+              "IDP's one-prefill selection does not run under gradient checkpointing (the recomputed layers would "
+              "miss the per-layer masks); turn gradient_checkpointing off or use selection two-pass")
 
 
 class _SelectionDone(Exception):
