@@ -160,10 +160,10 @@ def test_decoding_never_attends_to_the_unchosen_prompts(arch):
 def test_left_padded_batch_gives_each_example_its_choice_and_logits_alone(arch):
     lm = tiny_loaded(arch, layers=3)
     torch.manual_seed(4)
-    pool = IDPPool(torch.randn(M, N, 32), select_layers=K, standardize=False)
+    pool = IDPPool(torch.randn(M, N, 32), select_layers=K)
     ids, mask = padded_batch(seed=2)
-    p = M * N
     with torch.no_grad():
+        pool.observe_scores(pool.scores(lm.model, ids, mask), first=True)  # the rows choose different prompts
         together = lm.model(**build_inputs(lm.model, ids, mask, pool.prefix(lm.model, ids, mask))).logits
         both = list(pool.choices)
         for b in range(len(ids)):
@@ -172,6 +172,7 @@ def test_left_padded_batch_gives_each_example_its_choice_and_logits_alone(arch):
             alone = lm.model(**build_inputs(lm.model, x, None, pool.prefix(lm.model, x, torch.ones_like(x)))).logits
             assert pool.choices[-1] == both[b]
             assert torch.allclose(alone[0], together[b][real], atol=1e-4, rtol=1e-4)
+    assert len(set(both)) > 1
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2"])
