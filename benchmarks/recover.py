@@ -7,7 +7,8 @@
    same T-1 tokens). The first step of each is a warm-up and is not timed.
 2. Latency, batch 1 (:func:`recoup.runs.compare_recovery.measure_latency`): prefill of a ``--prompt-len``
    token input and per-token greedy decode with the KV cache, for the model alone, + a soft prompt
-   of ``--tokens``, + an IDP pool of ``--pool`` x ``--tokens`` (prefill includes IDP's selection pass).
+   of ``--tokens``, + an IDP pool of ``--pool`` x ``--tokens`` (one-prefill: the choice is made inside the
+   prefill; a saved two-pass pool's prefill includes its selection pass; see benchmarks/idp_prefill.py).
 
     python benchmarks/recover.py --model /work/artifacts/smollm2-8x --steps 4 --json benchmarks/results/recover.json
 

@@ -1,4 +1,5 @@
-"""IDP prompt pools on tiny models: the cached selection equals the full computation, padding, training, save/load."""
+"""IDP prompt pools on tiny models: the two-pass selection equals the full computation, padding, training,
+save/load (the one-prefill mode's own properties: tests/test_idp_prefill.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from helpers import tiny_loaded
 from recoup.errors import RecoupError
 from recoup.model.anatomy import anatomy
+from recoup.model.forward import build_inputs
 from recoup.recover.idp import IDPConfig, IDPPool, fit_idp
 from recoup.recover.methods import load_recovery
 from recoup.recover.task_data import lm_loss
@@ -48,7 +50,7 @@ def reference_scores(model, pool: torch.Tensor, ids: torch.Tensor, layers: int |
 def test_cached_selection_equals_full_forward(arch):
     lm = tiny_loaded(arch)
     torch.manual_seed(0)
-    pool = IDPPool(torch.randn(3, 4, 32))
+    pool = IDPPool(torch.randn(3, 4, 32), select_layers=0, selection="two-pass")
     ids = torch.randint(4, 100, (2, 9))
     hooks = [len(m._forward_hooks) for m in lm.model.modules()]
     with torch.no_grad():
@@ -70,7 +72,7 @@ def test_cached_selection_equals_full_forward(arch):
 def test_selection_on_the_first_layers_scores_them_and_stops_there(arch, tmp_path):
     lm = tiny_loaded(arch, layers=3)
     torch.manual_seed(0)
-    pool = IDPPool(torch.randn(3, 4, 32), select_layers=1)
+    pool = IDPPool(torch.randn(3, 4, 32), select_layers=1, selection="two-pass")
     ids = torch.randint(4, 100, (2, 9))
     with torch.no_grad():
         pool.scores(lm.model, ids)  # the pool's key/values: one full pass, once per model
@@ -81,8 +83,8 @@ def test_selection_on_the_first_layers_scores_them_and_stops_there(arch, tmp_pat
         got = pool.scores(lm.model, ids)
         ran_selection = list(ran)
         want = reference_scores(lm.model, pool.pool.detach(), ids, layers=1)
-        full = IDPPool(pool.pool.detach(), select_layers=0).scores(lm.model, ids)
-        every = IDPPool(pool.pool.detach(), select_layers=5).scores(lm.model, ids)  # more than the model has
+        full = IDPPool(pool.pool.detach(), select_layers=0, selection="two-pass").scores(lm.model, ids)
+        every = IDPPool(pool.pool.detach(), select_layers=5, selection="two-pass").scores(lm.model, ids)  # > the model's
     for h in handles:
         h.remove()
     assert ran_selection == [0]  # the pass stopped after the first layer
@@ -113,7 +115,7 @@ def test_left_padding_does_not_change_an_examples_scores():
 def test_prefix_is_the_selected_prompt_and_choices_are_reported():
     lm = tiny_loaded()
     torch.manual_seed(2)
-    pool = IDPPool(torch.randn(3, 4, 32))
+    pool = IDPPool(torch.randn(3, 4, 32), selection="two-pass")
     ids = torch.randint(4, 100, (5, 7))
     choice = pool.select(lm.model, ids)
     pre = pool.prefix(lm.model, ids, torch.ones_like(ids))
@@ -123,14 +125,23 @@ def test_prefix_is_the_selected_prompt_and_choices_are_reported():
     desc = pool.describe()
     assert desc["choices"] == choice.tolist()
     assert sum(desc["selected"].values()) == 5 and desc["pool"] == 3 and desc["tokens"] == 4
+    # one-prefill: the prefix is the whole pool, the choice is made (and reported) by the forward it goes to
+    one = IDPPool(pool.pool.detach())
+    pre = one.prefix(lm.model, ids, torch.ones_like(ids))
+    assert pre.shape == (5, 12, 32) and torch.equal(pre[0], one.pool.reshape(12, 32)) and one.choices == []
+    with torch.no_grad():
+        lm.model(**build_inputs(lm.model, ids, None, pre))
+    assert one.choices == one.select(lm.model, ids).tolist() and one.describe()["selection"] == "one-prefill"
 
 
-def test_fit_idp_keeps_backbone_lowers_loss_and_round_trips(corpus, tmp_path):
+@pytest.mark.parametrize("selection", ["one-prefill", "two-pass"])
+def test_fit_idp_keeps_backbone_lowers_loss_and_round_trips(corpus, tmp_path, selection):
     lm = tiny_loaded(seed=4)
     before = [p.detach().clone() for p in lm.model.parameters()]
     cfg = IDPConfig(data=corpus, pool=3, tokens=4, seqlen=32, batch_size=4, steps=30, lr=0.05, eval_every=10,
-                    val_windows=4)
+                    val_windows=4, selection=selection)
     pool, result = fit_idp(lm, cfg)
+    assert pool.selection == selection and result.best_val_loss < pool.meta["train"]["val_loss_without_prompt"]
     assert all(torch.equal(a, b) for a, b in zip(before, lm.model.parameters(), strict=True))
     assert all(p.requires_grad for p in lm.model.parameters())  # flags restored
     assert sum(pool.meta["training_selections"].values()) == 30 * 4 + 4 * 3  # train picks + validation picks
@@ -156,6 +167,11 @@ def test_config_validation():
         IDPPool(torch.randn(1, 3, 8))
     with pytest.raises(RecoupError, match="select_layers must be >= 0"):
         IDPConfig(select_layers=-1)
+    with pytest.raises(RecoupError, match="unknown IDP selection 'one-pass'; known: one-prefill, two-pass"):
+        IDPConfig(selection="one-pass")
+    with pytest.raises(RecoupError, match="gradient checkpointing"):
+        IDPConfig(gradient_checkpointing=True)
+    assert IDPConfig(gradient_checkpointing=True, selection="two-pass").selection == "two-pass"
 
 
 def test_anatomy_attention_modules_exist_for_every_architecture():

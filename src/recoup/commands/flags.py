@@ -70,6 +70,7 @@ HELP: dict[str, str] = {
     "tokens": "prompt length in virtual tokens", "init": "prompt init: vocab, text, random",
     "init_text": "text whose token embeddings initialise the prompt (with --init text)",
     "pool": "prompts in the IDP pool", "select_layers": "score the IDP pool on the first K decoder layers only",
+    "selection": "IDP: one-prefill (the choice made inside the prefill) or two-pass (an extra selection prefill)",
     "text": "the hard prompt's text", "rank": "LoRA rank (EoRA with --energy: the largest per-layer rank)",
     "alpha": "LoRA alpha",
     "energy": "EoRA per-layer rank: the smallest keeping this share (0, 1] of each layer's projected error energy",

@@ -1,17 +1,31 @@
 """IDP, Inference-time Dynamic Prompting: a pool of soft prompts, one chosen per input.
 
 Hoang et al. 2023, "Do Compressed LLMs Forget Knowledge? An Experimental Study with Practical
-Implications". A pool of ``m`` prompts of ``n`` tokens, (m, n, H). At inference the input is
-prefilled after the whole pool, (m*n + T) positions; the prompt whose positions draw the most
-attention from the input tokens (summed over layers and heads, mean over the prompt's positions
-and the input's tokens) is selected, and the input is then run with that prompt only, so decoding costs the same as a
-single prompt. The pool does not depend on the input: its key/values are computed once per model
-(and per pool update) and reused for every input.
+Implications". A pool of ``m`` prompts of ``n`` tokens, (m, n, H); the prompt whose positions draw the
+most attention from the input's tokens is chosen per input. Two modes (``selection``, saved with the pool):
+
+- ``one-prefill`` (the default): the input is prefilled **once**, after the pool's key/values
+  (:mod:`recoup.model.prompt_pool`): every prompt computed alone at the positions ``0..n-1`` (once per
+  model and pool state at inference), the input at ``n, n+1, ...`` as behind one prompt. The first
+  ``K = select_layers`` decoder layers score the prompts; from layer K+1 on, and in every later decoding
+  step (the forward's 2D mask is updated in place), an input token sees only its chosen prompt. What is
+  equal: given the input's hidden states entering layer K+1, layers K+1..L compute exactly what they
+  compute behind the chosen prompt alone, and the chosen prompt's cached keys/values are those of the
+  prompt alone (tests/test_idp_prefill.py); the input's first K layers did see the whole pool. Each
+  decoder layer runs once over the input. ``prefix`` returns the whole pool (B, m*n, H) and arms the
+  model's next forward, which makes the choice (recorded in ``choices``) and returns the input's
+  positions only; ``apply`` attaches the hooks (inert until armed). Eager or sdpa attention.
+  ``select_layers=0`` scores all layers (the choice then only masks the cache for what follows);
+- ``two-pass`` (pools saved before the modes existed load in it and behave as before): a selection
+  prefill of the input after the pool's cached key/values (the whole pool at consecutive positions,
+  prompts attending to each other), stopped after K layers (0: all), then the input is run again behind
+  the chosen prompt only, (B, n, H): about K/L of an extra prefill.
 
 Choices the paper leaves open, made here:
 
 - the first pool position is left out of the scores: it is the attention sink (the first position
-  draws attention whatever it holds), which would otherwise make prompt 0 win every time;
+  draws attention whatever it holds), which would otherwise make prompt 0 win every time; in one-prefill
+  mode every prompt starts at position 0 alone, so each prompt's first position is left out;
 - scores are *standardised per prompt* before the argmax: ``(score - mean) / std`` with each
   prompt's mean and std of scores on the training data (running estimates during training, saved
   with the pool). Raw attention favours positions near the input (recency), so with raw scores the
@@ -30,9 +44,11 @@ Choices the paper leaves open, made here:
   :func:`recoup.recover.task_data.context_part`), as the Scorer selects at evaluation, where the shared
   context is prefilled before the choices. The selection pass takes the batch's attention mask, so an
   example gets the same prompt padded in a batch or alone; the score statistics come from task contexts;
-- the selection pass is an extra prefill of the input after the pool. ``select_layers=K`` scores the
-  attention of the first K decoder layers only and stops the pass there, so it costs about K/L of a
-  prefill instead of a whole one. The pool is trained with the same K it is used with (saved with it).
+- the pool is trained with the mode and the K it is used with (both saved with it): in one-prefill mode
+  the loss's own forward makes the choice, scored on the corpus window or on the task's context tokens
+  only (the continuation's attention is left out, as at evaluation where a shared context is prefilled
+  alone); gradients reach every prompt through the first K layers and the chosen one after them.
+  The default ``select_layers`` (``DEFAULT_SELECT_LAYERS``) comes from ``benchmarks/idp_prefill.py --part select``.
 """
 
 from __future__ import annotations
@@ -51,6 +67,8 @@ from torch import nn
 from recoup.config import check
 from recoup.errors import RecoupError
 from recoup.model.anatomy import anatomy
+from recoup.model.forward import build_inputs
+from recoup.model.prompt_pool import pool_prefill
 from recoup.model.recovery import RECOVERY_RECORD as RECORD, Recovery
 from recoup.recover.soft_prompt import SoftPromptConfig, frozen, init_embeddings, model_meta
 from recoup.recover.base import RecoveryMethod
@@ -59,6 +77,11 @@ from recoup.recover.train import TrainResult, train
 log = logging.getLogger(__name__)
 
 WEIGHTS = "idp_pool.safetensors"
+ONE_PREFILL, TWO_PASS = "one-prefill", "two-pass"
+MODES = (ONE_PREFILL, TWO_PASS)
+# K: on smollm2-135m (benchmarks/idp_prefill.py --part select, benchmarks/results/idp_k_train) small K differ
+# little in PTB loss; K=1 let one prompt take 78 of 80 training choices, K=2 kept the choice spread
+DEFAULT_SELECT_LAYERS = 2
 
 
 @dataclasses.dataclass
@@ -66,12 +89,17 @@ class IDPConfig(SoftPromptConfig):
     """A pool of ``pool`` prompts of ``tokens`` each; the rest as :class:`SoftPromptConfig`."""
 
     pool: int = 4
-    select_layers: int = 0  # selection pass through the first K decoder layers only (0: all)
+    select_layers: int = DEFAULT_SELECT_LAYERS  # the choice is scored on the first K decoder layers (0: all)
+    selection: str = ONE_PREFILL  # one-prefill (the choice inside the real prefill) or two-pass (a selection prefill)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.pool >= 2, f"an IDP pool needs at least 2 prompts (got {self.pool})")
         check(self.select_layers >= 0, f"select_layers must be >= 0, 0 meaning all layers (got {self.select_layers})")
+        check(self.selection in MODES, f"unknown IDP selection '{self.selection}'; known: {', '.join(MODES)}")
+        check(not (self.gradient_checkpointing and self.selection == ONE_PREFILL),
+              "IDP's one-prefill selection does not run under gradient checkpointing (the recomputed layers would "
+              "miss the per-layer masks); turn gradient_checkpointing off or use selection two-pass")
 
 
 class _SelectionDone(Exception):
@@ -126,11 +154,15 @@ class IDPPool(Recovery):
     method = "idp"
 
     def __init__(self, pool: torch.Tensor, meta: dict | None = None, score_mean: torch.Tensor | None = None,
-                 score_std: torch.Tensor | None = None, standardize: bool = True, select_layers: int = 0) -> None:
+                 score_std: torch.Tensor | None = None, standardize: bool = True,
+                 select_layers: int = DEFAULT_SELECT_LAYERS, selection: str = ONE_PREFILL) -> None:
         if pool.dim() != 3 or pool.shape[0] < 2:
             raise RecoupError(f"an IDP pool is (prompts >= 2, tokens, hidden); got shape {tuple(pool.shape)}")
         if select_layers < 0:
             raise RecoupError(f"select_layers must be >= 0, 0 meaning all layers (got {select_layers})")
+        if selection not in MODES:
+            raise RecoupError(f"unknown IDP selection '{selection}'; known: {', '.join(MODES)}")
+        self.selection = selection
         self.select_layers = int(select_layers)  # the selection pass scores the first K layers (0: all)
         self.pool = nn.Parameter(pool.detach().float().clone())
         m = pool.shape[0]
@@ -167,16 +199,51 @@ class IDPPool(Recovery):
             self._kv = (key, cache)
         return self._kv[1]
 
+    def apply(self, model: nn.Module) -> nn.Module:
+        """One-prefill mode: attach the pooled-prefill hooks (:mod:`recoup.model.prompt_pool`, inert until
+        :meth:`prefix` arms them); the model is otherwise unchanged."""
+        if self.selection == ONE_PREFILL:
+            pool_prefill(model)
+        return model
+
+    def arm(self, model: nn.Module, attention_mask: torch.Tensor, choose=None,
+            score_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One-prefill: arm the model's next forward and return the whole pool as its prefix (B, m*n, H).
+
+        ``choose`` maps the raw scores (B, m) to the choice (B,) (default: :meth:`choose`, recorded in
+        ``choices``); ``score_mask`` (B, T): the input tokens that score (default: all real ones).
+        """
+        w = model.get_input_embeddings().weight
+        if w.shape[1] != self.hidden_size:
+            raise RecoupError(f"the recovery's hidden size {self.hidden_size} does not match the model's "
+                              f"{w.shape[1]}; a prompt attaches only to models of the same hidden size")
+        # without gradients the pool's key/values are computed once per model and pool state
+        key = None if torch.is_grad_enabled() else (id(self.pool), self.pool._version, w.device, w.dtype)
+        pool_prefill(model).arm(self.size, self.tokens, attention_mask, self.select_layers,
+                                choose or self._record, score_mask, key)
+        flat = self.pool.reshape(1, -1, self.hidden_size).to(device=w.device, dtype=w.dtype)
+        return flat.expand(attention_mask.shape[0], -1, -1)
+
+    def _record(self, raw: torch.Tensor) -> torch.Tensor:
+        choice = self.choose(raw)
+        self.choices.extend(choice.tolist())
+        return choice
+
     @torch.no_grad()
     def scores(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
                ) -> torch.Tensor:
-        """(B, m) attention each prompt draws per input token (the selection pass).
+        """(B, m) attention each prompt draws per input token (the selection scores).
 
-        Summed over layers and heads, mean over the prompt's positions (the sink left out) and over the
-        input's real tokens, so inputs of different lengths give comparable scores.
+        Summed over the scored layers and heads, mean over the prompt's positions (the sink left out) and
+        over the input's real tokens, so inputs of different lengths give comparable scores. One-prefill
+        mode runs the pooled prefill (:mod:`recoup.model.prompt_pool`); two-pass mode the selection pass.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if self.selection == ONE_PREFILL:
+            prefix = self.arm(model, attention_mask, self.choose)
+            model(**build_inputs(model, input_ids, attention_mask, prefix), use_cache=False)
+            return pool_prefill(model).last.scores
         b = input_ids.shape[0]
         n_prefix = self.size * self.tokens
         cache = copy.deepcopy(self._pool_cache(model))
@@ -218,7 +285,10 @@ class IDPPool(Recovery):
             self.score_std = momentum * self.score_std + (1 - momentum) * std.clamp(min=1e-6)
 
     def prefix(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, n, H): each example's selected prompt (recorded in ``choices``)."""
+        """One-prefill: the whole pool (B, m*n, H), the model's next forward armed to choose inside it
+        (:meth:`arm`); two-pass: (B, n, H) each example's selected prompt. Choices go to ``choices``."""
+        if self.selection == ONE_PREFILL:
+            return self.arm(model, attention_mask)
         choice = self.select(model, input_ids, attention_mask)
         self.choices.extend(choice.tolist())
         w = model.get_input_embeddings().weight
@@ -231,7 +301,7 @@ class IDPPool(Recovery):
         counts = collections.Counter(self.choices)
         return {"method": self.method, "parameters": self.num_parameters(), "pool": self.size, "tokens": self.tokens,
                 "hidden_size": self.hidden_size, "standardize": self.standardize, "select_layers": self.select_layers,
-                "selected": {str(k): counts.get(k, 0) for k in range(self.size)},
+                "selection": self.selection, "selected": {str(k): counts.get(k, 0) for k in range(self.size)},
                 "choices": self.choices[:2000], **{k: v for k, v in self.meta.items() if k != "train"}}
 
     def save(self, path: str | Path) -> None:
@@ -243,7 +313,7 @@ class IDPPool(Recovery):
                    "score_std": self.score_std.contiguous()}, str(out / WEIGHTS))
         record = {"method": self.method, "pool": self.size, "tokens": self.tokens, "hidden_size": self.hidden_size,
                   "weights": WEIGHTS, "standardize": self.standardize, "select_layers": self.select_layers,
-                  **self.meta}
+                  "selection": self.selection, **self.meta}
         (out / RECORD).write_text(json.dumps(record, indent=2, default=str))
 
     @classmethod
@@ -258,9 +328,11 @@ class IDPPool(Recovery):
         except (OSError, ValueError, KeyError) as exc:
             raise RecoupError(f"'{folder}' is not a saved IDP pool ({type(exc).__name__}: {exc})") from None
         meta = {k: v for k, v in record.items()
-                if k not in ("method", "pool", "tokens", "hidden_size", "weights", "standardize", "select_layers")}
+                if k not in ("method", "pool", "tokens", "hidden_size", "weights", "standardize", "select_layers",
+                             "selection")}
+        # a pool saved before the modes existed was trained and used with the two-pass selection: it stays so
         return cls(pool, meta, tensors.get("score_mean"), tensors.get("score_std"), record.get("standardize", True),
-                   record.get("select_layers", 0))
+                   record.get("select_layers", 0), record.get("selection", TWO_PASS))
 
 
 def fit_idp(loaded, config: IDPConfig, data=None) -> tuple[IDPPool, TrainResult]:
@@ -276,24 +348,34 @@ def fit_idp(loaded, config: IDPConfig, data=None) -> tuple[IDPPool, TrainResult]
     data = training_data(tok, config) if data is None else data
     pad = pad_id_of(tok)
     rows = init_embeddings(model, tok, config, data.token_ids(), config.pool * config.tokens)
-    pool = IDPPool(rows.view(config.pool, config.tokens, -1), model_meta(loaded), select_layers=config.select_layers)
+    pool = IDPPool(rows.view(config.pool, config.tokens, -1), model_meta(loaded), select_layers=config.select_layers,
+                   selection=config.selection)
     device = next(model.parameters()).device
     picks: list[int] = []
     objective = config.objective_loss(loaded)
 
-    def chosen(x: torch.Tensor, mask: torch.Tensor | None = None, observe: bool = False) -> torch.Tensor:
-        raw = pool.scores(model, x, mask)
+    def pick(raw: torch.Tensor, observe: bool) -> torch.Tensor:
         if observe:  # training batches update the running score statistics, then select with them
             pool.observe_scores(raw, first=not picks)
         choice = pool.choose(raw)
         picks.extend(choice.tolist())
+        return choice
+
+    def one_prefill(b, observe: bool = False) -> torch.Tensor:
+        """The whole pool; the choice is made inside the loss's forward, scored on the context's tokens."""
+        ctx = b.attention_mask if data.lm else context_part(b)[1]
+        score = torch.zeros_like(b.attention_mask)
+        score[:, : ctx.shape[1]] = ctx
+        return pool.arm(model, b.attention_mask.to(device), lambda raw: pick(raw, observe), score.to(device))
+
+    def two_pass(b, observe: bool = False) -> torch.Tensor:
+        """The chosen prompts (B, n, H), chosen by a selection pass over the context."""
+        ids, mask = (b.input_ids, b.attention_mask) if data.lm else context_part(b)
+        choice = pick(pool.scores(model, ids.to(device), mask.to(device)), observe)
         w = model.get_input_embeddings().weight
         return pool.pool[choice].to(device=w.device, dtype=w.dtype)
 
-    def select(b, observe: bool = False) -> torch.Tensor:
-        ids, mask = (b.input_ids, b.attention_mask) if data.lm else context_part(b)
-        return chosen(ids.to(device), mask.to(device), observe)
-
+    select = one_prefill if config.selection == ONE_PREFILL else two_pass
     with frozen(model):
         base_val = mean_loss(model, data.valid, pad, config.batch_size)
         log.info("idp: validation loss without a prompt %.4f", base_val)
