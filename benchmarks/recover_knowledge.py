@@ -161,6 +161,8 @@ def task_examples(args) -> tuple[dict[str, list[dict]], dict]:
     proto: dict[str, str] = {}
     for task, limit, opts in (("arc_easy", args.arc, {}), ("piqa", args.piqa, {}),
                               ("mmlu", args.mmlu, {"shots": args.mmlu_shots})):
+        if task not in args.tasks:
+            continue
         every = load_examples(task, opts)
         out[task] = [every[i] for i in sample_indices(len(every), limit or None, args.seed)]
         proto[task] = f"{len(out[task])} of {len(every)} (seed {args.seed}{', %d-shot' % args.mmlu_shots if opts else ''})"
@@ -270,7 +272,14 @@ def arguments() -> argparse.Namespace:
     ap.add_argument("--report-only", action="store_true", help="table and plot from the rows already measured")
     ap.add_argument("--out", default="benchmarks/results/recover_knowledge")
     ap.add_argument("--workdir", default="/tmp/recover_knowledge", help="where the fitted recoveries go (large)")
+    ap.add_argument("--tasks", default=",".join(t for t, _ in TASKS),
+                    help="accuracy columns to measure (default all: arc_easy,piqa,sciq,mmlu)")
     args = ap.parse_args()
+    args.tasks = [t for t in args.tasks.split(",") if t]
+    known = [t for t, _ in TASKS]
+    if not args.tasks or any(t not in known for t in args.tasks):
+        ap.error(f"--tasks: choose from {','.join(known)} (got {','.join(args.tasks) or 'none'})")
+    TASKS[:] = [t for t in TASKS if t[0] in args.tasks]  # the columns every row and the report use
     if args.examples is not None:
         args.arc = args.piqa = args.sciq = args.mmlu = args.examples
     return args
