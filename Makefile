@@ -3,17 +3,24 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RECOUP := $(VENV)/bin/recoup
 
-.PHONY: install setup demo test test-fast bench
+.PHONY: install install-extras setup demo test test-fast bench
 
+# the core install (what `make demo` needs); the test target adds the extras CI tests (export, lm-eval, ray)
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# the CPU build of torch first, so nothing pulls CUDA packages
 	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-extras: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[test,export,lm-eval,ray]'
 	touch $@
 
 install: $(VENV)/.installed
+
+install-extras: $(VENV)/.installed-extras
 
 setup: install
 	$(RECOUP) setup
@@ -21,8 +28,8 @@ setup: install
 demo: setup
 	$(RECOUP) run --out runs/default
 
-test-fast: install
+test-fast: install-extras
 	$(PY) -m pytest -q
 
-test: setup
+test: setup install-extras
 	$(PY) -m pytest -q -m "slow or not slow"

@@ -34,6 +34,12 @@ def test_shipped_recipes_validate_and_plan():
     assert names.index("eval:dense") < names.index("compress:8x") < names.index("eval:8x") \
         < names.index("recover:soft-prompt") < names.index("eval:8x+soft-prompt")
     assert names.index("compress:8x") < names.index("recover:eora") < names.index("eval:8x+eora")
+    params = {s.name: s.params for s in build_plan(default, "fp")}
+    cal = default.calibration
+    for step in ("compress:8x", "recover:eora"):  # the calibration section is the default of every calibrating step
+        assert (params[step]["calib"], params[step]["nsamples"], params[step]["seqlen"]) == \
+            (cal.corpus, cal.nsamples, cal.seqlen)
+    assert params["recover:soft-prompt"]["seqlen"] == 256  # a prompt's training window is its own key
     roles = {s.name: s.labels["role"] for s in build_plan(default, "fp")}
     assert "transfer" in roles.values() and "recovered" in roles.values()
     sweep = load_recipe("sweep")

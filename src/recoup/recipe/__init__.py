@@ -4,7 +4,8 @@ A recipe names a model, compression steps, recovery steps, what to evaluate and 
 ``recoup/recipes/default.yaml``, shipped with the package). Each step is the typed job of its stage
 (:mod:`recoup.recipe.jobs`) built from the step's keys, which are the CLI flags of ``recoup compress`` /
 ``recoup recover`` / ``recoup eval`` without the dashes; recipe-level ``dtype``, ``device``, ``seed`` and
-the ``calibration`` section (``corpus`` -> ``calib``, ``nsamples``, ``seqlen``) are their defaults. What
+the ``calibration`` section (``corpus`` -> ``calib``, ``nsamples``, ``seqlen``) are their defaults (for a
+recovery step, of a method that calibrates: EoRA; a soft prompt's ``seqlen`` is its own training window). What
 the run itself decides is not a key: the model a step reads (``model``, ``base``), where it writes
 (``out``, ``force``), a recovery to attach (``recovery``: a recover step), results files (``json``: the
 store). Validation collects every mistake and reports each on one line (``where: what is wrong; what is
@@ -315,8 +316,11 @@ def _recover_step(step: dict, recipe: Recipe, names: list[str], errors: list[str
     try:
         from recoup.recover.methods import RECOVERIES
 
-        takes_seed = "seed" in RECOVERIES.get(keys["method"]).config.field_names()
-        defaults = {"dtype": recipe.dtype, "device": recipe.device, **({"seed": recipe.seed} if takes_seed else {})}
+        fields = RECOVERIES.get(keys["method"]).config.field_names()
+        defaults = {"dtype": recipe.dtype, "device": recipe.device, **({"seed": recipe.seed} if "seed" in fields else {})}
+        if "calib" in fields:  # a method that calibrates (EoRA): the calibration section is its default
+            cal = recipe.calibration if not recipe.calibration.problems() else Calibration()
+            defaults.update({"calib": cal.corpus, "nsamples": cal.nsamples, "seqlen": cal.seqlen})
         job = RecoverJob.from_flat({"model": recipe.model, **defaults, **keys}, where=where)
     except RecoupError as exc:
         errors.append(_where(exc, where))
