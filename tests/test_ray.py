@@ -107,7 +107,8 @@ def test_a_killed_worker_is_retried_and_the_run_matches_local(cluster, tmp_path)
     with Store(tmp_path / "store.sqlite") as store:
         retried = run_with_a_kill(recipe, tmp_path / "ray", store, RayExecutor(max_retries=2))
         local = run_recipe(recipe, tmp_path / "local", store, report=False)
-        assert sorted(retried.ran) == sorted(local.ran)
+        # every stage ran or (killed just after its result was written, so its retry found it) was reused
+        assert sorted(retried.ran + retried.cached) == sorted(local.ran)
         assert values(store, retried.run_id) == values(store, local.run_id)
     assert not list((tmp_path / "ray" / "stages").glob("*.partial-*"))  # the killed attempt's leftovers are gone
 
