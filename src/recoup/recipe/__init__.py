@@ -264,6 +264,11 @@ def _where(err: RecoupError, where: str) -> str:
     return text if text.startswith(where) else f"{where}: {text}"
 
 
+def _calibration_keys(recipe: Recipe) -> dict:
+    cal = recipe.calibration if not recipe.calibration.problems() else Calibration()  # its own lines say why
+    return {"calib": cal.corpus, "nsamples": cal.nsamples, "seqlen": cal.seqlen}
+
+
 def _compress_step(step: dict, recipe: Recipe, errors: list[str]) -> dict | None:
     """A compress step (or sweep cell) -> its validated flat CompressJob keys (+ name), or None."""
     where = step.pop("_where")
@@ -273,10 +278,8 @@ def _compress_step(step: dict, recipe: Recipe, errors: list[str]) -> dict | None
                 "the calibration keys of a step are calib, nsamples, seqlen" if key == "calibration"
                 else "the run decides it") + ")")
             return None
-    cal = recipe.calibration if not recipe.calibration.problems() else Calibration()  # its own lines say why
     flat = {"model": recipe.model, "dtype": recipe.dtype, "device": recipe.device, "seed": recipe.seed,
-            "calib": cal.corpus, "nsamples": cal.nsamples, "seqlen": cal.seqlen,
-            **{k: v for k, v in step.items() if k != "name"}}
+            **_calibration_keys(recipe), **{k: v for k, v in step.items() if k != "name"}}
     try:
         job = CompressJob.from_flat(flat, where=where)
     except RecoupError as exc:
@@ -319,8 +322,7 @@ def _recover_step(step: dict, recipe: Recipe, names: list[str], errors: list[str
         fields = RECOVERIES.get(keys["method"]).config.field_names()
         defaults = {"dtype": recipe.dtype, "device": recipe.device, **({"seed": recipe.seed} if "seed" in fields else {})}
         if "calib" in fields:  # a method that calibrates (EoRA): the calibration section is its default
-            cal = recipe.calibration if not recipe.calibration.problems() else Calibration()
-            defaults.update({"calib": cal.corpus, "nsamples": cal.nsamples, "seqlen": cal.seqlen})
+            defaults.update(_calibration_keys(recipe))
         job = RecoverJob.from_flat({"model": recipe.model, **defaults, **keys}, where=where)
     except RecoupError as exc:
         errors.append(_where(exc, where))
