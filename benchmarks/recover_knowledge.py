@@ -330,8 +330,8 @@ def main() -> None:
             log.info("%s %s: %s", label, row.spec, json.dumps({k: v for k, v in r.items() if k != "per_example"}))
         groups[label] = {"artifact": artifact, "dense": dense, "rows": measured,
                          "analysis": analyse(measured, args.bootstrap, args.seed)}
-    protocol = (f"Perplexity: PTB / wiki test, {args.ppl_windows} x {args.ppl_seqlen}. Accuracy (acc): ARC-Easy, PIQA, "
-                f"MMLU seeded samples, SciQ held-out part (seed {args.seed}); " + "; ".join(f"{k}: {v}" for k, v in
+    protocol = (f"Perplexity: PTB / wiki test, {args.ppl_windows} x {args.ppl_seqlen}. Accuracy (acc, "
+                f"seed {args.seed}) on {', '.join(lab for _, lab in TASKS)}; " + "; ".join(f"{k}: {v}" for k, v in
                 drawn.items()) + f". Latency: batch 1, {args.prompt_len}-token PTB prompt, {args.new_tokens} decode "
                 f"steps, median of {args.repeats}, {torch.get_num_threads()} torch thread(s).")
     setup = {"artifacts": artifacts, "rows": [r.spec for r in rows], "data": args.data, "steps": args.steps,
