@@ -174,21 +174,10 @@ def task_examples(args) -> tuple[dict[str, list[dict]], dict]:
 
 
 def score_examples(model, tokenizer, examples: list[dict], recovery, batch_size: int) -> dict[str, list[float]]:
-    """Per-example acc and acc_norm (lm-eval definitions) of multiple-choice examples through the Scorer;
-    ``model`` has the recovery attached."""
-    from recoup.evaluate.scorer import Scorer
-    from recoup.evaluate.tasks.multiple_choice import requests_for, score_example
+    """Per-example acc and acc_norm through the Scorer (compare-recovery's scoring); ``model`` has the recovery attached."""
+    from recoup.runs.compare_recovery import per_example_scores
 
-    scorer = Scorer(model, tokenizer, recovery, batch_size=batch_size, attached=True)
-    scores = scorer.loglikelihood([r for ex in examples for r in requests_for(ex)], desc="score")
-    per: dict[str, list[float]] = {"acc": [], "acc_norm": []}
-    pos = 0
-    for ex in examples:
-        k = len(ex["choices"])
-        for key, value in score_example(ex, [s for s, _ in scores[pos:pos + k]]).items():
-            per[key].append(value)
-        pos += k
-    return per
+    return per_example_scores(model, tokenizer, examples, recovery, batch_size)
 
 
 def evaluate_row(row: Row, source: str, recovery: str | None, args, examples: dict) -> dict:

@@ -95,19 +95,15 @@ def measure_latency(model: nn.Module, input_ids: torch.Tensor, recovery=None,
             "threads": torch.get_num_threads(), "generated": generated[:-1]}
 
 
-def score_heldout(model: nn.Module, tokenizer, examples: list, recovery=None, batch_size: int = 8,
-                  max_length: int = 2048) -> dict:
-    """acc / acc_norm (lm-evaluation-harness definitions) of ``examples`` (MCExample) through the Scorer.
-
-    ``model`` already has the recovery's adapters attached (``recovery.apply``); prefixes are asked per batch.
-    """
-    from recoup.evaluate.metrics import summarize
+def per_example_scores(model: nn.Module, tokenizer, suite: list[dict], recovery=None, batch_size: int = 8,
+                       max_length: int = 2048, desc: str = "score") -> dict[str, list[float]]:
+    """Per-example acc and acc_norm (lm-evaluation-harness definitions) of multiple-choice ``suite`` examples
+    (task dicts) through the Scorer; ``model`` already has the recovery's adapters attached."""
     from recoup.evaluate.scorer import Scorer
     from recoup.evaluate.tasks.multiple_choice import requests_for, score_example
 
     scorer = Scorer(model, tokenizer, recovery, batch_size=batch_size, max_length=max_length, attached=True)
-    suite = [ex.as_suite() for ex in examples]
-    scores = scorer.loglikelihood([r for ex in suite for r in requests_for(ex)], desc="held-out")
+    scores = scorer.loglikelihood([r for ex in suite for r in requests_for(ex)], desc=desc)
     per: dict[str, list[float]] = {"acc": [], "acc_norm": []}
     pos = 0
     for ex in suite:
@@ -115,6 +111,19 @@ def score_heldout(model: nn.Module, tokenizer, examples: list, recovery=None, ba
         for key, value in score_example(ex, [s for s, _ in scores[pos:pos + k]]).items():
             per[key].append(value)
         pos += k
+    return per
+
+
+def score_heldout(model: nn.Module, tokenizer, examples: list, recovery=None, batch_size: int = 8,
+                  max_length: int = 2048) -> dict:
+    """acc / acc_norm (lm-evaluation-harness definitions) of ``examples`` (MCExample) through the Scorer.
+
+    ``model`` already has the recovery's adapters attached (``recovery.apply``); prefixes are asked per batch.
+    """
+    from recoup.evaluate.metrics import summarize
+
+    suite = [ex.as_suite() for ex in examples]
+    per = per_example_scores(model, tokenizer, suite, recovery, batch_size, max_length, desc="held-out")
     return {**summarize(per), "n": len(suite)}
 
 
