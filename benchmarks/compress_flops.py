@@ -41,9 +41,9 @@ class FlopCounter:
         counter = self
 
         def add(self_, x: torch.Tensor) -> None:
-            tokens, cols = x.numel() // x.shape[-1], x.shape[-1]
-            counter.stats += 2.0 * tokens * cols * cols
-            counter.mm_shapes[(cols, tokens, cols)] += 1
+            for m, k, n in self_.products(x.numel() // x.shape[-1]):
+                counter.stats += 2.0 * m * k * n
+                counter.mm_shapes[(m, k, n)] += 1
             orig(self_, x)
 
         stats_mod.HessianStats.add = add

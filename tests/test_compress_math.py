@@ -39,6 +39,23 @@ def test_incremental_hessian_equals_batch():
     torch.testing.assert_close(batch.hessian(), 2 / 60 * flat.t() @ flat, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("cols", [24, 256, 301])
+def test_blocked_hessian_is_the_symmetric_full_product(cols):
+    """At >= BLOCKED_FROM columns only the lower block triangle is multiplied; xtx must still be the full
+    X^T X (float rounding apart), exactly symmetric, and its products must cover the triangle."""
+    x = torch.randn(5, 40, cols)
+    h = HessianStats(cols)
+    for chunk in x.split(2):
+        h.add(chunk)
+    flat = x.reshape(-1, cols).double()
+    torch.testing.assert_close(h.xtx.double(), flat.t() @ flat, rtol=1e-5, atol=1e-3)
+    assert torch.equal(h.xtx, h.xtx.t())
+    products = h.products(200)
+    assert sum(m for m, _, _ in products) == cols and all(k == 200 for _, k, _ in products)
+    work = sum(m * n for m, _, n in products)
+    assert work == cols * cols if cols < HessianStats.BLOCKED_FROM else work < 0.7 * cols * cols
+
+
 def test_act_norms_are_column_l2_norms():
     x = torch.randn(3, 7, 5)
     s = ActNormStats(5)

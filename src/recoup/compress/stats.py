@@ -1,6 +1,6 @@
 """Calibration statistics fed by the engine's hooks; each consumes inputs x of shape (..., cols).
 
-- :class:`HessianStats`: float32 running sum of X^T X and the token count; ``hessian()`` is
+- :class:`HessianStats`: float32 running sum of X^T X (lower block triangle, mirrored) and the token count; ``hessian()`` is
   ``2/n * X^T X`` as in GPTQ/SparseGPT. Adding batches one at a time equals adding them at once.
 - :class:`ActNormStats`: per-input-column sum of squares (Wanda's ||X_j||_2^2).
 - :class:`ActSampleStats`: mean |x| per column plus a strided sample of input rows (AWQ's search).
@@ -14,14 +14,47 @@ import torch
 
 
 class HessianStats:
+    """Running X^T X. X^T X is symmetric, so for ``cols >= BLOCKED_FROM`` only the column blocks on and
+    below the diagonal are multiplied (``BLOCKS`` blocks: 10 of 16 block products, about a third less
+    work than one full matmul, measured 0.66-0.69x at 576 and 1536 columns on 65536 tokens) and ``xtx``
+    mirrors the lower triangle. Each entry is still one dot product over the tokens; the sums differ from
+    a full matmul's only in rounding order (relative 1e-7), and the result is exactly symmetric."""
+
+    BLOCKS = 4
+    BLOCKED_FROM = 256
+
     def __init__(self, cols: int, device: torch.device | str = "cpu") -> None:
-        self.xtx = torch.zeros(cols, cols, dtype=torch.float32, device=device)
+        self._acc = torch.zeros(cols, cols, dtype=torch.float32, device=device)
+        self._block = -(-cols // self.BLOCKS) if cols >= self.BLOCKED_FROM else 0
+        self._full: torch.Tensor | None = None
         self.count = 0
+
+    def products(self, tokens: int) -> list[tuple[int, int, int]]:
+        """The (m, k, n) matmuls one ``add`` of ``tokens`` rows runs (for FLOP counting)."""
+        cols = self._acc.shape[0]
+        if not self._block:
+            return [(cols, tokens, cols)]
+        return [(min(self._block, cols - i), tokens, min(i + self._block, cols)) for i in range(0, cols, self._block)]
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
-        self.xtx.addmm_(x.t(), x)
+        if self._block:
+            xt, b = x.t(), self._block
+            for i in range(0, x.shape[1], b):
+                self._acc[i:i + b, :i + b].addmm_(xt[i:i + b], x[:, :i + b])
+        else:
+            self._acc.addmm_(x.t(), x)
+        self._full = None
         self.count += x.shape[0]
+
+    @property
+    def xtx(self) -> torch.Tensor:
+        """(cols, cols) sum of x^T x over every token added."""
+        if not self._block:
+            return self._acc
+        if self._full is None:
+            self._full = torch.tril(self._acc) + torch.tril(self._acc, -1).t()
+        return self._full
 
     def hessian(self) -> torch.Tensor:
         """(cols, cols) = 2/n * sum x x^T."""
