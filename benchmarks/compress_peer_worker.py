@@ -31,6 +31,10 @@ def recipe(name: str, sym: bool):
         return {"group_0": {"targets": ["Linear"], "weights": weights_args(bits, gs, sym, observer)}}
 
     ignore = ["lm_head"]
+    # The pruning modifiers match the ignore list against "<target>.<name>" ("lm_head." for the head itself),
+    # so a plain "lm_head" does not exclude it: llm-compressor 0.14 then prunes lm_head ("Sparsifying lm_head")
+    # and, on a model with tied embeddings, the input embedding with it. Its own warning's advice:
+    prune_ignore = ["lm_head", "re:.*lm_head"]
     if name == "gptq-w4g64":
         return [GPTQModifier(config_groups=groups(4, 64), ignore=ignore)]
     if name == "gptq-w3g64":
@@ -38,16 +42,16 @@ def recipe(name: str, sym: bool):
     if name in ("gptq-w4g64-mse", "gptq-w3g64-mse"):  # the weight observer searching the range by MSE
         return [GPTQModifier(config_groups=groups(4 if "w4" in name else 3, 64, "memoryless_mse"), ignore=ignore)]
     if name == "sparsegpt-50":
-        return [SparseGPTModifier(sparsity=0.5, mask_structure="0:0", ignore=ignore)]
+        return [SparseGPTModifier(sparsity=0.5, mask_structure="0:0", ignore=prune_ignore)]
     if name == "sparsegpt-2:4":
-        return [SparseGPTModifier(sparsity=0.5, mask_structure="2:4", ignore=ignore)]
+        return [SparseGPTModifier(sparsity=0.5, mask_structure="2:4", ignore=prune_ignore)]
     if name == "wanda-50":
-        return [WandaPruningModifier(sparsity=0.5, mask_structure="0:0", ignore=ignore)]
+        return [WandaPruningModifier(sparsity=0.5, mask_structure="0:0", ignore=prune_ignore)]
     if name in ("awq-w4g64", "awq-w3g64"):
         bits = 4 if name == "awq-w4g64" else 3
         return [AWQModifier(), QuantizationModifier(config_groups=groups(bits, 64), ignore=ignore)]
     if name == "sparsegpt-50+w4g64":  # llm-compressor's sparse-then-quantize recipe
-        return [SparseGPTModifier(sparsity=0.5, mask_structure="0:0", ignore=ignore),
+        return [SparseGPTModifier(sparsity=0.5, mask_structure="0:0", ignore=prune_ignore),
                 GPTQModifier(config_groups=groups(4, 64), ignore=ignore)]
     raise SystemExit(f"unknown recipe {name}")
 
@@ -82,6 +86,14 @@ def main() -> int:
     from datasets import Dataset
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not torch.accelerator.is_available():
+        # llm-compressor 0.14.0.1's AWQ pins its cached activations unconditionally (for faster host-to-device
+        # copies), which raises "Cannot access accelerator device" on a CPU-only machine. Pinning changes no
+        # value; without an accelerator it is skipped.
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
 
     ids = torch.load(args.calib)
     n, t = ids.shape

@@ -82,6 +82,12 @@ def side(args: argparse.Namespace) -> dict:
         state = torch.load(args.peer_weights)
         own = loaded.model.state_dict()
         missing = [k for k in own if k not in state]
+        # Only the compressed linears may differ from the dense model: anything else the peer changed (an
+        # embedding, a tied head, a norm) would be measured as part of its method. Listed, and flagged below.
+        targets = {id(m) for _, m in anatomy(loaded.model).iter_linears()}
+        target_keys = {f"{n}.weight" for n, m in loaded.model.named_modules() if id(m) in targets}
+        row["peer_changed_outside_targets"] = [
+            k for k, v in state.items() if k in own and k not in target_keys and not torch.equal(v.to(own[k].dtype), own[k])]
         loaded.model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
         row["peer_missing_keys"] = missing
     else:
@@ -151,22 +157,31 @@ def main() -> int:
     rows = []
     for name in names:
         row: dict = {"recipe": name, "load_avg_start": os.getloadavg()}
+        # A side that fails is recorded with its error and the run goes on: the other recipes' results stand.
         if args.only != "peer":
             proc = subprocess.run([sys.executable, __file__, "--side-recipe", name, "--calib-ids", str(work / "calib.pt"),
                                    *common], capture_output=True, text=True, env=env)
-            row["recoup"] = _result(proc, f"recoup {name}")
+            try:
+                row["recoup"] = _result(proc, f"recoup {name}")
+            except RuntimeError as exc:
+                row["recoup"] = {"error": str(exc)}
+                print(exc, file=sys.stderr, flush=True)
         if peer_py is not None:
             cmd = [str(peer_py), str(HERE / "compress_peer_worker.py"), "--model-dir", str(loaded.path), "--calib",
                    str(work / "calib.pt"), "--recipe", name, "--out", str(work / f"{name}.pt"),
                    "--batch-size", str(args.peer_batch_size)]
             if RECIPES[name].get("sym") is False:
                 cmd.append("--asym")
-            peer = _result(subprocess.run(cmd, capture_output=True, text=True, env=env), f"llm-compressor {name}")
-            proc = subprocess.run([sys.executable, __file__, "--peer-weights", str(work / f"{name}.pt"), *common],
-                                  capture_output=True, text=True, env=env)
-            row["peer"] = {**peer, **_result(proc, f"scoring llm-compressor's {name}")}
-            (work / f"{name}.pt").unlink()
-        if "recoup" in row and "peer" in row:
+            try:
+                peer = _result(subprocess.run(cmd, capture_output=True, text=True, env=env), f"llm-compressor {name}")
+                proc = subprocess.run([sys.executable, __file__, "--peer-weights", str(work / f"{name}.pt"), *common],
+                                      capture_output=True, text=True, env=env)
+                row["peer"] = {**peer, **_result(proc, f"scoring llm-compressor's {name}")}
+            except RuntimeError as exc:
+                row["peer"] = {"error": str(exc)}
+                print(exc, file=sys.stderr, flush=True)
+            (work / f"{name}.pt").unlink(missing_ok=True)
+        if "ppl" in row.get("recoup", {}) and "ppl" in row.get("peer", {}):
             row["ppl_ratio"] = row["recoup"]["ppl"] / row["peer"]["ppl"]
             row["time_ratio"] = row["recoup"]["compress_s"] / row["peer"]["compress_s"]
             row["cpu_ratio"] = row["recoup"]["compress_cpu_s"] / row["peer"]["compress_cpu_s"]
@@ -185,6 +200,10 @@ def main() -> int:
         print(f"| {r['recipe']} | {f(a, 'ppl', '.2f')} / {f(b, 'ppl', '.2f')} | {f(r, 'ppl_ratio', '.3f')} | "
               f"{f(a, 'compress_s', '.0f')} / {f(b, 'compress_s', '.0f')} | {f(r, 'time_ratio', '.2f')} | "
               f"{f(r, 'cpu_ratio', '.2f')} | {f(a, 'zero_fraction', '.3f')} / {f(b, 'zero_fraction', '.3f')} |")
+    for r in rows:
+        if r.get("peer", {}).get("peer_changed_outside_targets"):
+            print(f"WARNING {r['recipe']}: the peer changed tensors outside the compressed linears "
+                  f"({', '.join(r['peer']['peer_changed_outside_targets'][:4])}); its numbers are not comparable")
     print(f"wrote {out_path}")
     return 0
 
