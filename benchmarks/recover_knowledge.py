@@ -26,7 +26,8 @@ of the compressed -> dense gap; a value within 5% of dense matches (``recoup.eva
 
 ``--artifacts`` names one or more artifacts (``LABEL=PATH`` or a path, labelled by its folder name); the tables
 group by artifact. Each row is written to ``<out>/rows/<label>--<row>.json`` as soon as it is measured (the dense
-row once per dense source, ``dense--<source>.json``); a rerun skips finished rows, ``--report-only`` just rebuilds
+row once per dense source, ``dense--<source>.json``); a rerun skips finished rows (a column a finished row
+lacks, such as a newly asked ``--tasks`` entry, is scored on the row's saved recovery in ``--workdir``), ``--report-only`` just rebuilds
 ``<out>/recover_knowledge.{json,md,png}``. The full study (``A=/work/wt/eora-art``; 8x exists already):
 
     recoup compress smollm2-135m --method sparsegpt --sparsity 0.5 --bits 4 --group-size 64 --calib ptb \\
@@ -200,22 +201,46 @@ def evaluate_row(row: Row, source: str, recovery: str | None, args, examples: di
         check_tuning_split(row.spec, rec.describe(), examples["split"])  # a SciQ-tuned row never saw what we score
     net = rec.apply(loaded.model) if rec is not None else loaded.model
     out = {"ppl_ptb": res["ppl:ptb"]["ppl"], "ppl_wiki": res["ppl:wiki"]["ppl"], "ppl_windows": args.ppl_windows,
-           "base_parameters": base, "per_example": {}}
-    with torch.no_grad():
-        for task, _ in TASKS:
-            per = score_examples(net, loaded.tokenizer, examples[task], rec, args.batch_size)
-            out[task] = sum(per["acc"]) / len(per["acc"])
-            if task != "mmlu":  # MMLU scores answer letters: length normalisation is meaningless (as the task)
-                out[f"{task}_acc_norm"] = sum(per["acc_norm"]) / len(per["acc_norm"])
-            out[f"{task}_n"] = len(per["acc"])
-            out["per_example"][task] = per["acc"]
-    out["examples_digest"] = {t: digest(examples[t]) for t, _ in TASKS}
+           "base_parameters": base, "per_example": {}, "examples_digest": {}}
+    score_tasks(out, net, loaded.tokenizer, rec, [t for t, _ in TASKS], args, examples)
     prompt = corpus_ids(loaded.tokenizer, "ptb", "test")[:args.prompt_len][None]  # the same tokens for every row
     lat = measure_latency(net, prompt, rec, LatencyConfig(args.prompt_len, args.new_tokens, args.repeats))
     lat.pop("generated")
     out.update({"prefill_ms": lat["prefill_ms"], "decode_ms_per_token": lat["decode_ms_per_token"], "latency": lat,
                 "eval_seconds": round(time.time() - started, 1)})
     return out
+
+
+def score_tasks(out: dict, net, tokenizer, rec, tasks: list[str], args, examples: dict) -> None:
+    """Score ``tasks`` into the row ``out``: acc (and acc_norm), example count, per-example acc, digest."""
+    with torch.no_grad():
+        for task in tasks:
+            per = score_examples(net, tokenizer, examples[task], rec, args.batch_size)
+            out[task] = sum(per["acc"]) / len(per["acc"])
+            if task != "mmlu":  # MMLU scores answer letters: length normalisation is meaningless (as the task)
+                out[f"{task}_acc_norm"] = sum(per["acc_norm"]) / len(per["acc_norm"])
+            out[f"{task}_n"] = len(per["acc"])
+            out["per_example"][task] = per["acc"]
+            out["examples_digest"][task] = digest(examples[task])
+
+
+def add_columns(row: Row, measured: dict, source: str, recovery: str | None, tasks: list[str], args,
+                examples: dict) -> dict:
+    """A cached row with the accuracy columns ``tasks`` it lacks scored now, on the row's saved recovery
+    (the same model, recovery and Scorer as its other columns); the seconds go in ``columns_added``."""
+    from recoup.artifact import load_model
+    from recoup.recover.methods import load_recovery
+    from recoup.runs.compare_recovery import check_tuning_split
+
+    started = time.time()
+    loaded = load_model(source)
+    rec = load_recovery(recovery) if recovery else None
+    if rec is not None:
+        check_tuning_split(row.spec, rec.describe(), examples["split"])
+    net = rec.apply(loaded.model) if rec is not None else loaded.model
+    score_tasks(measured, net, loaded.tokenizer, rec, tasks, args, examples)
+    measured.setdefault("columns_added", {}).update({t: round(time.time() - started, 1) for t in tasks})
+    return measured
 
 
 def digest(examples: list[dict]) -> str:
@@ -300,12 +325,26 @@ def main() -> None:
             done = out / "rows" / (f"dense--{safe(dense)}.json" if row.method == "dense"
                                    else f"{safe(label)}--{safe(row.spec.replace(':', '-'))}.json")
             if done.is_file():
-                measured[row.spec] = json.loads(done.read_text())
+                cached = measured[row.spec] = json.loads(done.read_text())
                 log.info("%s %s: cached %s", label, row.spec, done)
-                if examples is not None and measured[row.spec]["examples_digest"] != {t: digest(examples[t])
-                                                                                       for t, _ in TASKS}:
+                if examples is None:
+                    continue
+                if any(cached["examples_digest"][t] != digest(examples[t]) for t, _ in TASKS
+                       if t in cached["examples_digest"]):
                     raise SystemExit(f"{done} scored other examples than these settings draw; remove it or rerun "
                                      f"with its settings")
+                missing = [t for t, _ in TASKS if t not in cached["examples_digest"]]
+                if missing:  # a new column: score it on the row's saved recovery, keep the rest
+                    recovery = None
+                    if row.method not in ("dense", "compressed"):
+                        recovery = str(Path(args.workdir) / safe(label) / safe(row.spec.replace(":", "-")))
+                        if not Path(recovery).is_dir():
+                            raise SystemExit(f"{done} lacks {', '.join(missing)} and its recovery {recovery} is "
+                                             f"gone; remove the row file to refit it")
+                    log.info("%s %s: adding %s", label, row.spec, ", ".join(missing))
+                    add_columns(row, cached, dense if row.method == "dense" else artifact, recovery, missing,
+                                args, examples)
+                    done.write_text(json.dumps(cached, indent=1))
                 continue
             if args.report_only:
                 log.info("%s %s: not measured", label, row.spec)
