@@ -166,6 +166,8 @@ def main() -> int:
             except RuntimeError as exc:
                 row["recoup"] = {"error": str(exc)}
                 print(exc, file=sys.stderr, flush=True)
+            print(json.dumps({"recipe": name, "recoup": row["recoup"]}), flush=True)  # kept if the peer never ends
+            out_path.write_text(json.dumps({"settings": vars(args), "results": [*rows, row]}, indent=1))
         if peer_py is not None:
             cmd = [str(peer_py), str(HERE / "compress_peer_worker.py"), "--model-dir", str(loaded.path), "--calib",
                    str(work / "calib.pt"), "--recipe", name, "--out", str(work / f"{name}.pt"),
