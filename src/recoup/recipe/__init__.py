@@ -20,16 +20,16 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import types
 from importlib import resources
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, Union, get_type_hints
 
 import yaml
 
 from recoup.errors import RecoupError
 from recoup.overrides import apply_override, parse_override
 from recoup.recipe.jobs import CompressJob, EvalJob, RecoverJob
+from recoup.recipe.typecheck import type_name, type_ok, unknown_key
 
 SHIPPED = ("default", "sweep")
 
@@ -159,46 +159,6 @@ def corpus_problems(corpus: str, what: str) -> list[str]:
     return []
 
 
-def _type_name(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin in (Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _type_name(a) for a in get_args(tp))
-    if origin is list:
-        return f"a list of {_type_name(get_args(tp)[0])}"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true/false", dict: "a mapping"}.get(
-        tp, getattr(tp, "__name__", str(tp)))
-
-
-def _type_ok(value: Any, tp: Any) -> bool:
-    origin = get_origin(tp)
-    if tp is Any:
-        return True
-    if origin in (Union, types.UnionType):
-        return any(_type_ok(value, a) for a in get_args(tp))
-    if tp is type(None):
-        return value is None
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if origin is list or tp is list:
-        args = get_args(tp)
-        return isinstance(value, list) and (not args or all(_type_ok(v, args[0]) for v in value))
-    if origin is dict or tp is dict:
-        return isinstance(value, dict)
-    if isinstance(tp, type):
-        return isinstance(value, tp)
-    return True
-
-
-def _unknown_key(key: str, allowed: list[str], where: str) -> str:
-    close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    return f"{where}: unknown key '{key}'{hint} allowed: {', '.join(allowed)}"
-
-
 def _build(cls: type, data: Any, where: str, errors: list[str]) -> Any:
     """Instantiate a section dataclass from ``data``, appending one line per mistake to ``errors``."""
     if data is None:
@@ -211,15 +171,15 @@ def _build(cls: type, data: Any, where: str, errors: list[str]) -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in allowed:
-            errors.append(_unknown_key(key, allowed, where))
+            errors.append(unknown_key(key, allowed, where))
             continue
         if key in _SECTIONS or key in ("compress", "recover", "export"):
             kwargs[key] = value  # sections are built by the caller
             continue
         if key == "tasks" and isinstance(value, str):
             value = [t.strip() for t in value.split(",") if t.strip()]
-        if not _type_ok(value, hints[key]):
-            errors.append(f"{where}.{key}: expected {_type_name(hints[key])}, got {type(value).__name__} {value!r}")
+        if not type_ok(value, hints[key]):
+            errors.append(f"{where}.{key}: expected {type_name(hints[key])}, got {type(value).__name__} {value!r}")
             continue
         if hints[key] is float and isinstance(value, int):
             value = float(value)
