@@ -183,23 +183,17 @@ def score_examples(model, tokenizer, examples: list[dict], recovery, batch_size:
 
 def evaluate_row(row: Row, source: str, recovery: str | None, args, examples: dict) -> dict:
     """Every column of one row (``source`` with ``recovery`` attached)."""
-    from recoup.artifact import load_model
     from recoup.data.windows import corpus_ids
     from recoup.recipe.jobs import EvalJob
-    from recoup.recover.methods import load_recovery
-    from recoup.runs.compare_recovery import LatencyConfig, check_tuning_split, measure_latency
+    from recoup.runs.compare_recovery import LatencyConfig, measure_latency
     from recoup.runs.stages import evaluate
 
     started = time.time()
     tasks = ["ppl:ptb", "ppl:wiki"]
     res = evaluate(EvalJob.from_flat({"model": source, "tasks": tasks, "limits": {t: args.ppl_windows for t in tasks},
                                       "seqlen": args.ppl_seqlen, "seed": args.seed, "recovery": recovery}))["results"]
-    loaded = load_model(source)
+    loaded, rec, net = attached(row, source, recovery, examples)
     base = sum(p.numel() for p in loaded.model.parameters())
-    rec = load_recovery(recovery) if recovery else None
-    if rec is not None:
-        check_tuning_split(row.spec, rec.describe(), examples["split"])  # a SciQ-tuned row never saw what we score
-    net = rec.apply(loaded.model) if rec is not None else loaded.model
     out = {"ppl_ptb": res["ppl:ptb"]["ppl"], "ppl_wiki": res["ppl:wiki"]["ppl"], "ppl_windows": args.ppl_windows,
            "base_parameters": base, "per_example": {}, "examples_digest": {}}
     score_tasks(out, net, loaded.tokenizer, rec, [t for t, _ in TASKS], args, examples)
@@ -209,6 +203,20 @@ def evaluate_row(row: Row, source: str, recovery: str | None, args, examples: di
     out.update({"prefill_ms": lat["prefill_ms"], "decode_ms_per_token": lat["decode_ms_per_token"], "latency": lat,
                 "eval_seconds": round(time.time() - started, 1)})
     return out
+
+
+def attached(row: Row, source: str, recovery: str | None, examples: dict):
+    """(loaded model, recovery or None, the model with it attached) for one row; a SciQ-tuned recovery is
+    checked never to have seen the held-out examples scored."""
+    from recoup.artifact import load_model
+    from recoup.recover.methods import load_recovery
+    from recoup.runs.compare_recovery import check_tuning_split
+
+    loaded = load_model(source)
+    rec = load_recovery(recovery) if recovery else None
+    if rec is not None:
+        check_tuning_split(row.spec, rec.describe(), examples["split"])
+    return loaded, rec, (rec.apply(loaded.model) if rec is not None else loaded.model)
 
 
 def score_tasks(out: dict, net, tokenizer, rec, tasks: list[str], args, examples: dict) -> None:
@@ -228,16 +236,8 @@ def add_columns(row: Row, measured: dict, source: str, recovery: str | None, tas
                 examples: dict) -> dict:
     """A cached row with the accuracy columns ``tasks`` it lacks scored now, on the row's saved recovery
     (the same model, recovery and Scorer as its other columns); the seconds go in ``columns_added``."""
-    from recoup.artifact import load_model
-    from recoup.recover.methods import load_recovery
-    from recoup.runs.compare_recovery import check_tuning_split
-
     started = time.time()
-    loaded = load_model(source)
-    rec = load_recovery(recovery) if recovery else None
-    if rec is not None:
-        check_tuning_split(row.spec, rec.describe(), examples["split"])
-    net = rec.apply(loaded.model) if rec is not None else loaded.model
+    loaded, rec, net = attached(row, source, recovery, examples)
     score_tasks(measured, net, loaded.tokenizer, rec, tasks, args, examples)
     measured.setdefault("columns_added", {}).update({t: round(time.time() - started, 1) for t in tasks})
     return measured
