@@ -37,8 +37,9 @@ def run(arch: str, cfg: dict, budget: int | None):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("cfg", [dict(method="sparsegpt", sparsity=0.5, bits=4, group_size=16),
-                                 dict(method="gptq", bits=3, group_size=16), dict(method="wanda", pattern="2:4")],
+@pytest.mark.parametrize("cfg", [dict(method="sparsegpt", sparsity=0.5, bits=4, group_size=16, true_sequential=True),
+                                 dict(method="gptq", bits=3, group_size=16),
+                                 dict(method="wanda", pattern="2:4", true_sequential=True)],
                          ids=["joint", "gptq", "wanda"])
 def test_one_forward_per_layer_is_bitwise_the_rerun_path(arch, cfg):
     once, rep_once, lm_once = run(arch, cfg, None)  # tiny: always fits the default budget
@@ -58,7 +59,7 @@ def test_parked_bytes_counts_every_group_input():
 
 @pytest.mark.parametrize("targets", ["mlp", "attention"])
 def test_one_forward_per_layer_with_a_subset_of_groups(targets):
-    cfg = dict(method="sparsegpt", sparsity=0.5, targets=targets)
+    cfg = dict(method="sparsegpt", sparsity=0.5, targets=targets, true_sequential=True)
     lm_a, lm_b = tiny_loaded("qwen3", hidden=32, layers=2), tiny_loaded("qwen3", hidden=32, layers=2)
     compress(lm_a, CompressConfig.from_dict({**cfg, "batch_size": 4}), calib())
     compress(lm_b, CompressConfig.from_dict({**cfg, "batch_size": 4, "activation_budget_mb": 0}), calib())

@@ -6,7 +6,9 @@ rotary embeddings, which can differ per layer, e.g. Gemma 3's local/global layer
 single-window forward. Then per layer, per linear group in true-sequential order (attention
 before MLP): a pre-hook on the group's first linear feeds one shared statistics object; the method
 compresses each linear of the group; the layer's *compressed* outputs become the next layer's inputs,
-overwriting the activations in place. By default each calibration batch's forward of the layer runs
+overwriting the activations in place (with a method's ``true_sequential`` off, as the SparseGPT and
+Wanda reference code do, every group's statistics come from one forward of the dense layer instead, and
+a second forward propagates). Otherwise each calibration batch's forward of the layer runs
 once, parked at each group's hook until the group is compressed (:mod:`recoup.compress.onepass`:
 one forward plus the statistics per layer, bitwise the result of re-running). A method that rescales
 an op which already ran (AWQ), or a run whose parked forwards would exceed ``activation_budget_mb``,
@@ -214,6 +216,33 @@ def _observe(layer: nn.Module, first: nn.Module, stats, inps: torch.Tensor, rec,
                 pass
 
 
+def _observe_dense(layer: nn.Module, firsts: list[nn.Module], stats: list, inps: torch.Tensor, rec,
+                   batch_size: int) -> None:
+    """Every group's statistics from one forward of the still-dense layer (no group compressed yet): the
+    order of the SparseGPT and Wanda reference code (``true_sequential`` off). Stops at the last group."""
+    def adder(k: int):
+        def hook(_mod, args):
+            stats[k].add(args[0].detach())
+            if k == len(firsts) - 1:
+                raise StopForward
+        return hook
+
+    def recorder(k: int):
+        def hook(_mod, args, kwargs):
+            stats[k].add_call(args, kwargs)
+        return hook
+
+    handles = [getattr(s, "parent", None).register_forward_pre_hook(recorder(k), with_kwargs=True)
+               for k, s in enumerate(stats) if getattr(s, "parent", None) is not None]
+    handles += [first.register_forward_pre_hook(adder(k)) for k, first in enumerate(firsts)]
+    with hooked(*handles):
+        for start in range(0, inps.shape[0], batch_size):
+            try:
+                _call_layer(layer, inps[start:start + batch_size], rec)
+            except StopForward:
+                pass
+
+
 def _propagate(layer: nn.Module, inps: torch.Tensor, rec, batch_size: int) -> None:
     for start in range(0, inps.shape[0], batch_size):
         inps[start:start + batch_size] = _call_layer(layer, inps[start:start + batch_size], rec)
@@ -323,8 +352,10 @@ def _compress_layer(i: int, layer: nn.Module, anat: Anatomy, method, groups: lis
                     linears: list[LinearRecord], qparams: dict[str, dict[str, torch.Tensor]], once: bool) -> None:
     """Observe, compress and propagate one decoder layer on ``device`` (where it and ``inps`` are).
 
-    once: one forward per calibration batch, parked at each group (:mod:`recoup.compress.onepass`);
-    otherwise the layer re-runs from its start for each group's statistics and once more to propagate."""
+    A method option ``true_sequential`` that is off: every group's statistics from one forward of the dense
+    layer, then the groups compressed in order and the layer run once more to propagate. Otherwise, once:
+    one forward per calibration batch, parked at each group (:mod:`recoup.compress.onepass`); not once: the
+    layer re-runs from its start for each group's statistics and once more to propagate."""
     view = LayerView(layer, anat, tuple(n for g in groups for n in g))
 
     def stats_for(names: tuple[str, ...]):
@@ -332,7 +363,14 @@ def _compress_layer(i: int, layer: nn.Module, anat: Anatomy, method, groups: lis
         return _new_stats(method.stats, view.get_weight(names[0]).shape[1], config, calls, device,
                           view.module(block) if block else None)
 
-    if inps is not None and once:
+    if inps is not None and not getattr(config.options, "true_sequential", True):
+        stats = [stats_for(names) for names in groups]
+        _observe_dense(layer, [view.module(g[0]) for g in groups], stats, inps, rec, config.batch_size)
+        for names, st in zip(groups, stats):
+            _compress_group(i, view, method, names, st, config, linears)
+        del stats
+        _propagate(layer, inps, rec, config.batch_size)
+    elif inps is not None and once:
         run_parked(lambda h: _call_layer(layer, h, rec), [view.module(g[0]) for g in groups], inps,
                    config.batch_size, lambda k: stats_for(groups[k]),
                    lambda k, stats: _compress_group(i, view, method, groups[k], stats, config, linears), device)
@@ -399,6 +437,8 @@ def compress(loaded: LoadedModel, config: CompressConfig, calibration: Calibrati
             once, need = single_pass(method, config, inps, cols, device)
             log.info("captured layer inputs %s on %s in %.1fs (%.0f MiB); %s", tuple(inps.shape), inps.device,
                      time.time() - started, inps.numel() * inps.element_size() / 2 ** 20,
+                     "every group's statistics from the dense layer, then one forward to propagate (true_sequential "
+                     "off)" if not getattr(config.options, "true_sequential", True) else
                      f"one forward per layer, parked forwards <= {need / 2 ** 20:.0f} MiB" if once else
                      f"re-running each layer per group ({'the method rescales earlier ops' if method.prepare_group else f'parked forwards would need {need / 2 ** 20:.0f} MiB, over the budget'})")
         for i, layer in enumerate(tqdm(anat.layers, desc=f"compress {config.describe()}", unit="layer")):

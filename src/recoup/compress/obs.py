@@ -79,6 +79,7 @@ class OBSOptions(MethodOptions):
 
     blocksize: int = 128  # columns per OBS block (lazy batch update); N:M needs a multiple of M
     percdamp: float = 0.01  # Hessian dampening added to the diagonal, as a fraction of its mean (x10 per retry if singular)
+    true_sequential: bool = True  # each group's Hessian from the layer with the groups before it compressed; off: every group's from the dense layer
 
     def check(self, config) -> None:
         check(isinstance(self.blocksize, int) and self.blocksize >= 1, f"blocksize must be >= 1 (got {self.blocksize})")
