@@ -36,6 +36,8 @@ RECIPES: dict[str, dict] = {
     "gptq-w4g64-mse": {"method": "gptq", "bits": 4, "group_size": 64, "scale_search": "mse"},
     "gptq-w3g64-mse": {"method": "gptq", "bits": 3, "group_size": 64, "scale_search": "mse"},
     "sparsegpt-50": {"method": "sparsegpt", "sparsity": 0.5},
+    # recoup's other order (GPTQ's; one forward per layer); the peer has only its reference order: --only recoup
+    "sparsegpt-50-true-seq": {"method": "sparsegpt", "sparsity": 0.5, "true_sequential": True},
     "sparsegpt-2:4": {"method": "sparsegpt", "pattern": "2:4"},
     "wanda-50": {"method": "wanda", "sparsity": 0.5},
     "awq-w4g64": {"method": "awq", "bits": 4, "group_size": 64},
