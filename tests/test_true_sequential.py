@@ -1,4 +1,4 @@
-"""``true_sequential`` off (the SparseGPT / Wanda reference code's order, SparseGPT's default): every group of a decoder layer is
+"""``true_sequential`` off (the SparseGPT / Wanda reference code's order; SparseGPT's default when it only prunes): every group of a decoder layer is
 compressed from statistics of the *dense* layer's inputs; on (GPTQ's order) from the layer with the groups
 before it already compressed."""
 
@@ -82,5 +82,9 @@ def test_true_sequential_off_takes_every_group_from_the_dense_layer(arch, cfg, k
 
 def test_true_sequential_defaults():
     assert CompressConfig.from_dict(dict(method="sparsegpt", sparsity=0.5)).options.true_sequential is False
+    joint = CompressConfig.from_dict(dict(method="sparsegpt", sparsity=0.5, bits=4, group_size=16))
+    assert joint.options.true_sequential is True and joint.to_dict()["true_sequential"] is True  # recorded resolved
+    forced = dict(method="sparsegpt", sparsity=0.5, bits=4, true_sequential=False)
+    assert CompressConfig.from_dict(forced).options.true_sequential is False
     assert CompressConfig.from_dict(dict(method="wanda", sparsity=0.5)).options.true_sequential is True
     assert CompressConfig.from_dict(dict(method="gptq", bits=4)).options.true_sequential is True

@@ -15,12 +15,22 @@ from recoup.compress.stats import HessianStats
 
 @dataclasses.dataclass
 class SparseGPTOptions(OBSOptions):
-    """The OBS keys with the SparseGPT reference code's order: every linear of a decoder layer is pruned from
-    the Hessian of the *dense* layer's inputs (IST-DASLab/sparsegpt ``llama.py``, llm-compressor's
-    SparseGPTModifier), not true-sequentially (measured on the bundled model, 50%, 128 x 512 PTB: PTB 69.74
-    against 70.99 true-sequential). ``--true-sequential`` takes GPTQ's order."""
+    """The OBS keys plus the order of a layer's groups, by default what measured best for the pass:
 
-    true_sequential: bool = False  # off (the reference's order): every group's Hessian from the dense layer's inputs
+    - a pass that only prunes takes every linear's Hessian from the *dense* layer's inputs, the SparseGPT
+      reference code's order (IST-DASLab/sparsegpt ``llama.py``; llm-compressor's SparseGPTModifier). Bundled
+      model, 50%, 128 x 512 PTB, PTB-test 16 x 2048: 69.74, against 70.99 true-sequential;
+    - a pass that also quantizes (the joint 8x) is true-sequential, GPTQ's order: 50% + w4 g64 at 32 x 512,
+      PTB-test 8 x 2048: 130.03 true-sequential, 136.17 in the reference order.
+
+    ``--true-sequential`` / ``--no-true-sequential`` force either; the manifest records the order used."""
+
+    true_sequential: bool | None = None  # None: on when the pass quantizes (GPTQ's order), off when it only prunes (the reference's)
+
+    def check(self, config) -> None:
+        super().check(config)
+        if self.true_sequential is None:
+            self.true_sequential = config.bits is not None
 
 
 def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, config: CompressConfig) -> LinearResult:
