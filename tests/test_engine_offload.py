@@ -2,7 +2,7 @@
 
 On a CPU-only machine the offload path runs with execution device cpu (``offload=True``): every
 layer still goes through the move-to / compress / move-back cycle, the prefix modules through
-``_prefix_on`` and the argument record pass through the pass-through layers, so the compressed
+``prefix_on`` (recoup.compress.devices) and the argument record pass through the pass-through layers, so the compressed
 weights must equal the in-place path's bit for bit. The real CUDA path is tested where a GPU exists.
 """
 

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from recoup.compress.config import CompressConfig
 from recoup.compress.methods import METHODS, LinearResult
 from recoup.artifact.report import CompressReport, LinearRecord, peak_rss_mb
+from recoup.compress.devices import prefix_on, resolve_device, to_device
 from recoup.compress.onepass import available_bytes, parked_bytes, run_parked
 from recoup.compress.stats import ActNormStats, ActSampleStats, BlockIOStats, HessianStats
 from recoup.data.calibration import Calibration
@@ -128,17 +129,6 @@ def _layers_passthrough(layers: nn.ModuleList) -> Iterator[None]:
                 layer.forward = fwd
 
 
-def _to(obj: Any, device: torch.device) -> Any:
-    """``obj`` with every tensor inside (tuples, lists, dicts) moved to ``device``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
-
-
 def capture_inputs(model: nn.Module, anat: Anatomy, ids: torch.Tensor, batch_size: int,
                    device: torch.device | None = None, passthrough: bool = False
                    ) -> tuple[torch.Tensor, list[tuple[tuple, dict, bool]]]:
@@ -168,7 +158,7 @@ def capture_inputs(model: nn.Module, anat: Anatomy, ids: torch.Tensor, batch_siz
     if any(r is None for r in records):
         raise RecoupError("could not record the decoder layers' arguments (a layer was never called)")
     if passthrough:
-        records = [_to(r, device) for r in records]
+        records = [to_device(r, device) for r in records]
 
     inps: list[torch.Tensor] = []
 
@@ -262,56 +252,6 @@ def relative_error(w0: torch.Tensor, w1: torch.Tensor, stats) -> tuple[float, st
             x = x / stats.input_scale[None, :]
         return float(((x @ d.t()) ** 2).sum() / ((x @ w0.t()) ** 2).sum().clamp(min=1e-30)), "sample"
     return float((d * d).sum() / (w0 * w0).sum().clamp(min=1e-30)), "weight"
-
-
-def resolve_device(device: str | torch.device | None, model_device: torch.device) -> torch.device:
-    """The execution device: None -> the model's; "auto" -> cuda when available, else cpu; "cuda" -> cuda:current."""
-    if device is None:
-        return model_device
-    if isinstance(device, str) and device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise RecoupError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RecoupError(f"device '{device}' asked for but CUDA is not available; use --device cpu or auto")
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-        if dev.index >= torch.cuda.device_count():
-            raise RecoupError(f"device '{device}' asked for but only {torch.cuda.device_count()} CUDA device(s) exist")
-    elif dev.type != "cpu":
-        raise RecoupError(f"unsupported device '{device}'; use auto, cpu, cuda or cuda:N")
-    return dev
-
-
-@contextlib.contextmanager
-def _prefix_on(model: nn.Module, anat: Anatomy, device: torch.device) -> Iterator[None]:
-    """Move every parameter and buffer outside the decoder layers, the final norm and lm_head (embeddings,
-    positional / rotary embeddings: what runs before the first layer) to ``device``; move them back on exit.
-    A tied weight (embedding = lm_head) moves once, as the one tensor it is."""
-    skip = (anat.spec.layers, anat.spec.final_norm, anat.spec.lm_head)
-    params: dict[int, tuple[nn.Parameter, torch.device]] = {}
-    buffers: list[tuple[nn.Module, str, torch.device]] = []
-    try:
-        for name, mod in model.named_modules():
-            if any(name == k or name.startswith(k + ".") for k in skip):
-                continue
-            for p in mod.parameters(recurse=False):
-                if id(p) not in params:
-                    params[id(p)] = (p, p.device)
-                    p.data = p.data.to(device)
-            for bname, b in list(mod._buffers.items()):
-                if b is not None:
-                    buffers.append((mod, bname, b.device))
-                    mod._buffers[bname] = b.to(device)
-        yield
-    finally:
-        for p, dev in params.values():
-            p.data = p.data.to(dev)
-        for mod, bname, dev in buffers:
-            mod._buffers[bname] = mod._buffers[bname].to(dev)
 
 
 def _compress_group(i: int, view: LayerView, method, names: tuple[str, ...], stats, config: CompressConfig,
@@ -430,7 +370,7 @@ def compress(loaded: LoadedModel, config: CompressConfig, calibration: Calibrati
     try:
         if needs_data:
             ids = calibration.input_ids
-            with _prefix_on(model, anat, device) if offload else contextlib.nullcontext():
+            with prefix_on(model, anat, device) if offload else contextlib.nullcontext():
                 inps, records = capture_inputs(model, anat, ids, config.batch_size, device, passthrough=offload)
             calls = -(-ids.shape[0] // config.batch_size)
             cols = [anat.weight_matrix(_get(anat.layers[0], g[0])).shape[1] for g in groups]
