@@ -188,28 +188,12 @@ def _new_stats(kind: str, cols: int, config: CompressConfig, calls: int, device:
     return None
 
 
-def _observe(layer: nn.Module, first: nn.Module, stats, inps: torch.Tensor, rec, batch_size: int) -> None:
-    def hook(_mod, args):
-        stats.add(args[0].detach())
-        raise StopForward
-
-    def record(_mod, args, kwargs):
-        stats.add_call(args, kwargs)
-
-    parent = getattr(stats, "parent", None)  # block_io: the block's calls too (registered first: fires first)
-    handles = [parent.register_forward_pre_hook(record, with_kwargs=True)] if parent is not None else []
-    with hooked(*handles, first.register_forward_pre_hook(hook)):
-        for start in range(0, inps.shape[0], batch_size):
-            try:
-                _call_layer(layer, inps[start:start + batch_size], rec)
-            except StopForward:
-                pass
-
-
-def _observe_dense(layer: nn.Module, firsts: list[nn.Module], stats: list, inps: torch.Tensor, rec,
-                   batch_size: int) -> None:
-    """Every group's statistics from one forward of the still-dense layer (no group compressed yet): the
-    order of the SparseGPT and Wanda reference code (``true_sequential`` off). Stops at the last group."""
+def _observe(layer: nn.Module, firsts: list[nn.Module], stats: list, inps: torch.Tensor, rec,
+             batch_size: int) -> None:
+    """Feed ``stats[k]`` the inputs of ``firsts[k]`` (and, for block_io statistics, the calls of their parent
+    block, hooked first so it fires first) over every calibration batch of one forward of ``layer``, stopping
+    at the last of them. One group: its statistics on the layer as it now is; every group of a still-dense
+    layer: the order of the SparseGPT and Wanda reference code (``true_sequential`` off)."""
     def adder(k: int):
         def hook(_mod, args):
             stats[k].add(args[0].detach())
@@ -222,7 +206,7 @@ def _observe_dense(layer: nn.Module, firsts: list[nn.Module], stats: list, inps:
             stats[k].add_call(args, kwargs)
         return hook
 
-    handles = [getattr(s, "parent", None).register_forward_pre_hook(recorder(k), with_kwargs=True)
+    handles = [s.parent.register_forward_pre_hook(recorder(k), with_kwargs=True)
                for k, s in enumerate(stats) if getattr(s, "parent", None) is not None]
     handles += [first.register_forward_pre_hook(adder(k)) for k, first in enumerate(firsts)]
     with hooked(*handles):
@@ -231,6 +215,11 @@ def _observe_dense(layer: nn.Module, firsts: list[nn.Module], stats: list, inps:
                 _call_layer(layer, inps[start:start + batch_size], rec)
             except StopForward:
                 pass
+
+
+def _dense_order(config: CompressConfig) -> bool:
+    """Whether every group takes its statistics from the dense layer (a method's ``true_sequential`` off)."""
+    return not getattr(config.options, "true_sequential", True)
 
 
 def _propagate(layer: nn.Module, inps: torch.Tensor, rec, batch_size: int) -> None:
@@ -303,9 +292,9 @@ def _compress_layer(i: int, layer: nn.Module, anat: Anatomy, method, groups: lis
         return _new_stats(method.stats, view.get_weight(names[0]).shape[1], config, calls, device,
                           view.module(block) if block else None)
 
-    if inps is not None and not getattr(config.options, "true_sequential", True):
+    if inps is not None and _dense_order(config):
         stats = [stats_for(names) for names in groups]
-        _observe_dense(layer, [view.module(g[0]) for g in groups], stats, inps, rec, config.batch_size)
+        _observe(layer, [view.module(g[0]) for g in groups], stats, inps, rec, config.batch_size)
         for names, st in zip(groups, stats):
             _compress_group(i, view, method, names, st, config, linears)
         del stats
@@ -319,7 +308,7 @@ def _compress_layer(i: int, layer: nn.Module, anat: Anatomy, method, groups: lis
             stats = None
             if inps is not None:
                 stats = stats_for(names)
-                _observe(layer, view.module(names[0]), stats, inps, rec, config.batch_size)
+                _observe(layer, [view.module(names[0])], [stats], inps, rec, config.batch_size)
             _compress_group(i, view, method, names, stats, config, linears)
             del stats
         if inps is not None:
@@ -378,7 +367,7 @@ def compress(loaded: LoadedModel, config: CompressConfig, calibration: Calibrati
             log.info("captured layer inputs %s on %s in %.1fs (%.0f MiB); %s", tuple(inps.shape), inps.device,
                      time.time() - started, inps.numel() * inps.element_size() / 2 ** 20,
                      "every group's statistics from the dense layer, then one forward to propagate (true_sequential "
-                     "off)" if not getattr(config.options, "true_sequential", True) else
+                     "off)" if _dense_order(config) else
                      f"one forward per layer, parked forwards <= {need / 2 ** 20:.0f} MiB" if once else
                      f"re-running each layer per group ({'the method rescales earlier ops' if method.prepare_group else f'parked forwards would need {need / 2 ** 20:.0f} MiB, over the budget'})")
         for i, layer in enumerate(tqdm(anat.layers, desc=f"compress {config.describe()}", unit="layer")):
