@@ -91,31 +91,53 @@ class OBSOptions(MethodOptions):
 
 def obs_compress(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float = 0.0,
                  nm: tuple[int, int] | None = None, grid: QuantGrid | None = None, blocksize: int = 128,
-                 percdamp: float = 0.01, act_order: bool = False, static_groups: bool = False) -> ObsResult:
+                 percdamp: float = 0.01, act_order: bool = False, static_groups: bool = False,
+                 factors: dict | None = None) -> ObsResult:
     """Prune and/or quantize ``weight`` (rows, cols) with Hessian ``hessian`` (cols, cols).
 
     Unstructured pruning picks, per block of ``blocksize`` columns, exactly ``floor(sparsity * rows *
     blocksize)`` weights of lowest ``w^2 / [H^-1]_jj^2`` (SparseGPT's adaptive mask selection); N:M
     picks per row and group of M columns. With a grid every kept weight lands on its group's grid; in
     joint mode kept weights never round to exact zero, so the zeros are exactly the pruned ones.
+
+    factors: a dict kept with the Hessian (``HessianStats.factors``) where the damped inverse Cholesky
+    factor is stored and reused by the next linear with the same Hessian and settings (q, k, v share one).
     """
     # The whole update on one thread: with torch's threads the factorisations and block updates sum in an order
     # that depends on the core count, and the compressed weights with them (measured on the bundled model's 8x
     # recipe: PTB 204.34 with 2 threads against 212.23 on one). One thread keeps every result machine-independent.
     with single_thread():
         return _obs_compress(weight, hessian, sparsity=sparsity, nm=nm, grid=grid, blocksize=blocksize,
-                             percdamp=percdamp, act_order=act_order, static_groups=static_groups)
+                             percdamp=percdamp, act_order=act_order, static_groups=static_groups,
+                             factors=factors)
+
+
+def _factor(hessian: torch.Tensor, percdamp: float, act_order: bool, device: torch.device
+            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, float]:
+    """(dead columns, act-order permutation or None, upper Cholesky factor of the damped inverse, damp)."""
+    h = hessian.detach().float().contiguous().clone().to(device)
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else None
+    if perm is not None:
+        h = h[perm][:, perm]
+    hinv, damp = damped_inverse_cholesky(h, percdamp)
+    return dead, perm, hinv, damp
 
 
 def _obs_compress(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float, nm: tuple[int, int] | None,
                   grid: QuantGrid | None, blocksize: int, percdamp: float, act_order: bool,
-                  static_groups: bool) -> ObsResult:
+                  static_groups: bool, factors: dict | None) -> ObsResult:
     w = weight.detach().float().contiguous().clone()
-    h = hessian.detach().float().contiguous().clone().to(w.device)
     rows, cols = w.shape
     prune = nm is not None or sparsity > 0
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
+    key = (float(percdamp), bool(act_order), str(w.device))
+    if factors is not None and key in factors:
+        dead, perm, hinv, damp = factors[key]
+    else:
+        dead, perm, hinv, damp = _factor(hessian, percdamp, act_order, w.device)
+        if factors is not None:
+            factors[key] = (dead, perm, hinv, damp)
     w[:, dead] = 0
 
     gsize = (grid.group_size or cols) if grid else cols
@@ -126,23 +148,22 @@ def _obs_compress(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: floa
         for g in range(ngroups):
             scale[:, g], zero[:, g] = grid.fit(w[:, g * gsize:(g + 1) * gsize])
 
-    perm = None
-    if act_order:
-        perm = torch.argsort(torch.diag(h), descending=True)
-        w, h = w[:, perm], h[perm][:, perm]
+    if perm is not None:
+        w = w[:, perm]
     # group of each processed column: by original index if static, by processing position otherwise
     orig_cols = perm if perm is not None else torch.arange(cols, device=w.device)
     col_group = (orig_cols // gsize) if static_groups or perm is None else (torch.arange(cols, device=w.device) // gsize)
 
-    hinv, damp = damped_inverse_cholesky(h, percdamp)
     mask = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
     losses = torch.zeros(rows, device=w.device)
 
+    groups_of = col_group.tolist()
+    nought = w.new_zeros(())
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
         w1 = w[:, i1:i2].clone(memory_format=torch.contiguous_format)
-        q1 = torch.zeros_like(w1)
+        q1 = torch.zeros_like(w1) if grid is not None else None
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         d1 = torch.diag(hinv1)
@@ -152,32 +173,40 @@ def _obs_compress(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: floa
             k = int(score.numel() * sparsity)
             if k > 0:
                 mask1.view(-1)[torch.topk(score.flatten(), k, largest=False).indices] = True
+        # Step i spreads column i's error over the columns after it only, so column i keeps the value step i
+        # compressed and the block's compressed values (pruning only) and losses are read off w1 at the end.
+        # Every later column gets the same products and subtractions in the same order as the reference loop's
+        # update of columns i: (tests/test_obs_loop.py: bitwise equal).
         with single_thread():
             for i in range(count):
                 col = i1 + i
-                wc = w1[:, i]
-                d = hinv1[i, i]
                 if nm is not None and i % nm[1] == 0:
                     n, m = nm
                     score = w1[:, i:i + m] ** 2 / d1[i:i + m][None, :] ** 2
                     mask1[:, i:i + m].scatter_(1, torch.topk(score, m - n, dim=1, largest=False).indices, True)
-                q = wc.clone()
-                q[mask1[:, i]] = 0
-                if grid is not None:
-                    g = int(col_group[col])
+                wc = w1[:, i]
+                if grid is None:  # pruning only: the error is the pruned weights themselves
+                    err = torch.where(mask1[:, i], wc, nought)
+                else:
+                    g = groups_of[col]
                     if not static_groups and col % gsize == 0:
                         ahead = torch.cat([w1[:, i:].masked_fill(mask1[:, i:], 0), w[:, i2:]], dim=1)[:, :gsize]
                         scale[:, g], zero[:, g] = grid.fit(ahead)
+                    q = wc.masked_fill(mask1[:, i], 0) if prune else wc
                     keep = ~mask1[:, i] if prune else None
                     q = grid.quantize(q[:, None], scale[:, g], zero[:, g],
                                       keep_nonzero=None if keep is None else keep[:, None])[:, 0]
                     if prune:
-                        q[mask1[:, i]] = 0
-                q1[:, i] = q
-                losses += (wc - q) ** 2 / d ** 2 / 2
-                err = (wc - q) / d
-                w1[:, i:] -= err[:, None] @ hinv1[i, i:][None, :]
+                        q = q.masked_fill(mask1[:, i], 0)
+                    q1[:, i] = q
+                    err = wc - q
+                err.div_(hinv1[i, i])
+                if i + 1 < count:
+                    w1[:, i + 1:] -= err[:, None] @ hinv1[i, i + 1:][None, :]
                 err1[:, i] = err
+        if q1 is None:
+            q1 = w1.masked_fill(mask1, 0)
+        losses += ((w1 - q1) ** 2 / d1[None, :] ** 2 / 2).sum(1)
         w[:, i1:i2] = q1
         mask[:, i1:i2] = mask1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]

@@ -28,6 +28,7 @@ class HessianStats:
         self._block = -(-cols // self.BLOCKS) if cols >= self.BLOCKED_FROM else 0
         self._full: torch.Tensor | None = None
         self.count = 0
+        self.factors: dict = {}  # what the OBS update derives from this Hessian, shared by the group's linears
 
     def products(self, tokens: int) -> list[tuple[int, int, int]]:
         """The (m, k, n) matmuls one ``add`` of ``tokens`` rows runs (for FLOP counting)."""
@@ -45,6 +46,7 @@ class HessianStats:
         else:
             self._acc.addmm_(x.t(), x)
         self._full = None
+        self.factors = {}
         self.count += x.shape[0]
 
     @property

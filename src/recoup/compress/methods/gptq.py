@@ -29,18 +29,19 @@ class GPTQOptions(OBSOptions):
         super().check(config)
 
 
-def gptq(weight: torch.Tensor, hessian: torch.Tensor, config: CompressConfig) -> LinearResult:
-    """weight (rows, cols), hessian (cols, cols) = 2/n X^T X."""
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, config: CompressConfig,
+         factors: dict | None = None) -> LinearResult:
+    """weight (rows, cols), hessian (cols, cols) = 2/n X^T X; factors: see :func:`obs_compress`."""
     grid = config.grid()
     res = obs_compress(weight, hessian, grid=grid, blocksize=config.options.blocksize,
                        percdamp=config.options.percdamp, act_order=config.options.act_order,
-                       static_groups=config.options.static_groups)
+                       static_groups=config.options.static_groups, factors=factors)
     return LinearResult(weight=res.weight, scale=res.scale, zero=res.zero, g_idx=res.g_idx,
                         info={"obs_loss": res.loss, "damp": res.damp})
 
 
 def _compress(weight: torch.Tensor, stats: HessianStats, config: CompressConfig) -> LinearResult:
-    return gptq(weight, stats.hessian(), config)
+    return gptq(weight, stats.hessian(), config, stats.factors)
 
 
 METHOD = Method("gptq", "hessian", _compress, paper="Frantar et al. 2022 (GPTQ)", quantize="required",
