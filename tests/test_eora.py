@@ -250,3 +250,57 @@ def test_lower_energy_keeps_fewer_parameters_and_loads_in_peft_with_per_layer_ra
 def test_bad_energy_is_refused_in_one_line(energy):
     with pytest.raises(RecoupError, match=r"--energy must be in \(0, 1\]"):
         EoraConfig(energy=energy)
+
+
+def test_lora_inherits_an_energy_ranked_compensation_and_peft_loads_the_result(artifact, tmp_path):
+    """``recover --method lora --inherit EORA_DIR`` from an EoRA with per-layer ranks: the LoRA keeps those ranks
+    (PEFT's rank_pattern), starts from exactly the compensation's output, trains, and PEFT loads what it saved."""
+    import json
+
+    from peft import PeftModel
+
+    from recoup.artifact import load_model
+    from recoup.cli import main
+    from recoup.recover.lora import LoraRecovery, inherited_state
+    from recoup.recover.methods import load_recovery
+
+    art, text = artifact
+    part, _ = fit(load_model(str(art)), EoraConfig(rank=64, energy=0.6, calib=str(text), nsamples=4, seqlen=32), None)
+    assert len(set(part.ranks().values())) > 1
+    part.save(tmp_path / "eora")
+    init = LoraRecovery.load(tmp_path / "eora")
+    cfg = LoraConfig(rank=part.cfg.rank, alpha=16.0)
+    start = LoraRecovery(cfg, init.target_modules, inherited_state(init, cfg), init.hidden_size)
+    assert start.ranks() == part.ranks()
+    with torch.no_grad():
+        torch.testing.assert_close(forward_logits(start.apply(load_model(str(art)).model), IDS),
+                                   forward_logits(part.apply(load_model(str(art)).model), IDS), rtol=1e-5, atol=1e-5)
+    assert main(["recover", str(art), "--method", "lora", "--inherit", str(tmp_path / "eora"), "--rank",
+                 str(part.cfg.rank), "--data", str(text), "--steps", "2", "--seqlen", "24", "--batch-size", "2",
+                 "--out", str(tmp_path / "lora")]) == 0
+    lora = load_recovery(tmp_path / "lora")
+    assert lora.meta["init"] == "inherited" and lora.ranks() == part.ranks()
+    assert any(not torch.equal(lora.state[k], v) for k, v in start.state.items())  # it trained
+    saved = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert saved["rank_pattern"] and saved["lora_alpha"] == 16.0
+    with torch.no_grad():
+        theirs = forward_logits(PeftModel.from_pretrained(load_model(str(art)).model, str(tmp_path / "lora")), IDS)
+        ours = forward_logits(lora.apply(load_model(str(art)).model), IDS)
+    assert torch.equal(theirs, ours)
+
+
+def test_a_lora_with_per_module_alphas_at_other_scalings_is_refused_in_one_line(artifact, tmp_path):
+    import json
+
+    from recoup.artifact import load_model
+    from recoup.recover.lora import LoraRecovery
+
+    art, text = artifact
+    part, _ = fit(load_model(str(art)), EoraConfig(rank=64, energy=0.6, calib=str(text), nsamples=4, seqlen=32), None)
+    part.save(tmp_path / "eora")
+    cfg_file = tmp_path / "eora" / "adapter_config.json"
+    raw = json.loads(cfg_file.read_text())
+    raw["alpha_pattern"] = {k: 2.0 * v for k, v in raw["alpha_pattern"].items()}
+    cfg_file.write_text(json.dumps(raw))
+    with pytest.raises(RecoupError, match="alpha_pattern"):
+        LoraRecovery.load(tmp_path / "eora")

@@ -76,7 +76,7 @@ HELP: dict[str, str] = {
     "text": "the hard prompt's text", "rank": "LoRA rank (EoRA with --energy: the largest per-layer rank)",
     "alpha": "LoRA alpha",
     "energy": "EoRA per-layer rank: the smallest keeping this share (0, 1] of each layer's projected error energy",
-    "inherit": "start from this saved LoRA (same rank and targets); CPET: the dense model's LoRA (also the teacher's)",
+    "inherit": "start from this saved LoRA or EoRA (same targets, --rank its largest rank; per-layer ranks are kept); CPET: the dense model's LoRA (also the teacher's)",
     "teacher": "dense model source for CPET distillation (default: the artifact's source model)",
 }
 ALIASES: dict[str, tuple[str, ...]] = {"options": ("--option",), "alpha": ("--lora-alpha",)}

@@ -195,25 +195,10 @@ def compensate(model: nn.Module, dense: nn.Module, ids: torch.Tensor, rank: int,
 
 
 class EoraRecovery(LoraRecovery):
-    """An EoRA compensation, saved and attached exactly as an unmerged PEFT LoRA; per-layer ranks (read from
-    the tensors' shapes) become PEFT's ``rank_pattern`` / ``alpha_pattern`` (alpha = rank: scaling 1)."""
+    """An EoRA compensation, saved and attached exactly as an unmerged PEFT LoRA (alpha = rank: scaling 1); per-layer
+    ranks become PEFT's ``rank_pattern`` / ``alpha_pattern`` (:meth:`LoraRecovery.peft_config`)."""
 
     method = "eora"
-
-    def ranks(self) -> dict[str, int]:
-        """Each adapted module's rank (``lora_A``'s rows), keyed by module name (as PEFT matches it)."""
-        prefix, suffix = "base_model.model.", ".lora_A.weight"
-        return {k[len(prefix):-len(suffix)]: int(v.shape[0]) for k, v in (self.state or {}).items()
-                if k.startswith(prefix) and k.endswith(suffix)}
-
-    def peft_config(self):
-        pcfg = super().peft_config()
-        pattern = {name: r for name, r in self.ranks().items() if r != self.cfg.rank}
-        if pattern:
-            scale = self.cfg.alpha / self.cfg.rank
-            pcfg.rank_pattern = pattern
-            pcfg.alpha_pattern = {name: scale * r for name, r in pattern.items()}
-        return pcfg
 
 
 # ---------------------------------------------------------------------------- the method (registry entry)

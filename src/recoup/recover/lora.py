@@ -114,9 +114,26 @@ class LoraRecovery(Recovery):
         ana = anatomy(base_of(model))
         return cls(cfg, ana.peft_target_modules(cfg.targets), hidden_size=ana.hidden_size)
 
+    def ranks(self) -> dict[str, int]:
+        """Each adapted module's rank (``lora_A``'s rows), keyed by module name (as PEFT matches it)."""
+        prefix, suffix = "base_model.model.", ".lora_A.weight"
+        return {k[len(prefix):-len(suffix)]: int(v.shape[0]) for k, v in (self.state or {}).items()
+                if k.startswith(prefix) and k.endswith(suffix)}
+
     def peft_config(self):
-        """The ``peft.LoraConfig`` this adapter is built and saved with (a subclass may add per-layer patterns)."""
-        return _peft_config(self.cfg, self.target_modules)
+        """The ``peft.LoraConfig`` this adapter is built and saved with. Modules whose rank (read from the
+        tensors) differs from ``cfg.rank`` (an energy-ranked EoRA, a LoRA inheriting one) become PEFT's
+        ``rank_pattern``, with ``alpha_pattern`` keeping every module's scaling at ``alpha / rank``. ``cfg.rank``
+        is the largest: tensors that do not fit that (a config of another rank) get no pattern and are refused
+        by :meth:`load_into`."""
+        pcfg = _peft_config(self.cfg, self.target_modules)
+        ranks = self.ranks()
+        pattern = {name: r for name, r in ranks.items() if r != self.cfg.rank}
+        if pattern and max(ranks.values()) == self.cfg.rank:
+            scale = self.cfg.alpha / self.cfg.rank
+            pcfg.rank_pattern = pattern
+            pcfg.alpha_pattern = {name: scale * r for name, r in pattern.items()}
+        return pcfg
 
     # ------------------------------------------------------------------ attach
     def apply(self, model: nn.Module, seed: int | None = None) -> nn.Module:
@@ -204,6 +221,12 @@ class LoraRecovery(Recovery):
         if isinstance(targets, str) or not targets:
             raise RecoupError(f"'{path}': adapter_config.json must list target_modules explicitly")
         cfg = LoraConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout", 0.0)))
+        ranks, alphas = raw.get("rank_pattern") or {}, raw.get("alpha_pattern") or {}
+        scale = cfg.alpha / cfg.rank
+        odd = [k for k, a in alphas.items() if abs(float(a) - scale * int(ranks.get(k, cfg.rank))) > 1e-6 * abs(float(a))]
+        if odd:
+            raise RecoupError(f"'{path}': alpha_pattern gives {odd[0]} a scaling other than lora_alpha / r = {scale:g}; "
+                              f"only per-module ranks at one scaling are supported")
         info = json.loads((path / RECOVERY_JSON).read_text()) if (path / RECOVERY_JSON).is_file() else {}
         meta = {k: v for k, v in info.items() if k not in ("method", "config", "target_modules", "hidden_size", "merged")}
         return cls(cfg, sorted(targets), load_file(str(weights)), info.get("hidden_size"), meta)
