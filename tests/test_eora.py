@@ -304,3 +304,24 @@ def test_a_lora_with_per_module_alphas_at_other_scalings_is_refused_in_one_line(
     cfg_file.write_text(json.dumps(raw))
     with pytest.raises(RecoupError, match="alpha_pattern"):
         LoraRecovery.load(tmp_path / "eora")
+
+
+def test_init_eora_starts_lora_and_cpet_from_the_compensation_in_one_command(artifact, tmp_path):
+    from recoup.artifact import load_model
+    from recoup.cli import main
+    from recoup.recover.lora import LoraMethodConfig
+    from recoup.recover.methods import load_recovery
+
+    art, text = artifact
+    alone, _ = fit(load_model(str(art)), EoraConfig(rank=4, calib=str(text), nsamples=4), None)
+    start = LoraMethodConfig(rank=4, init="eora", calib=str(text), nsamples=4, data=str(text)).initial(load_model(str(art)))
+    assert start.state.keys() == alone.state.keys() and all(torch.equal(start.state[k], v) for k, v in alone.state.items())
+    common = ["--rank", "4", "--init", "eora", "--calib", str(text), "--nsamples", "4", "--data", str(text),
+              "--steps", "2", "--seqlen", "24", "--batch-size", "2"]
+    for method in ("lora", "cpet"):
+        assert main(["recover", str(art), "--method", method, "--out", str(tmp_path / method)] + common) == 0
+        assert load_recovery(tmp_path / method).meta["init"] == "eora"
+    assert main(["recover", str(art), "--method", "lora", "--out", str(tmp_path / "bad"), "--inherit",
+                 str(tmp_path / "lora")] + common) == 2
+    assert main(["recover", str(art), "--method", "lora", "--out", str(tmp_path / "bad"), "--init", "loftq",
+                 "--data", str(text)]) == 2

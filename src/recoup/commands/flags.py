@@ -69,7 +69,7 @@ HELP: dict[str, str] = {
     "time_budget": "stop after this many seconds (best state kept)",
     "eval_every": "validate every N steps (best state kept)",
     "val_windows": "corpus valid-split windows scored at each validation",
-    "tokens": "prompt length in virtual tokens", "init": "prompt init: vocab, text, random",
+    "tokens": "prompt length in virtual tokens", "init": "where training starts: prompts vocab | text | random; lora, cpet zero (PEFT's init) | eora (EoRA's compensation at --rank, computed first on --calib, --nsamples windows of 512)",
     "init_text": "text whose token embeddings initialise the prompt (with --init text)",
     "pool": "prompts in the IDP pool", "select_layers": "score the IDP pool on the first K decoder layers only",
     "selection": "IDP: one-prefill (the choice made inside the prefill) or two-pass (an extra selection prefill)",

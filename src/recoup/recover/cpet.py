@@ -320,7 +320,8 @@ def fit_cpet(model: nn.Module, tokenizer, data, cfg: CpetConfig, train_cfg, inhe
     if linear_digests(wrapped) != before:
         raise RecoupError("internal error: training changed the frozen base weights")
     lora.capture(wrapped)
-    rec.meta.update({"init": "inherited" if inherit is not None else "random", "base_intact": True,
+    rec.meta.update({"init": ("eora" if inherit.method == "eora" else "inherited") if inherit is not None else "random",
+                     "base_intact": True,
                      "inherited_from": inherit.meta.get("source") if inherit is not None else None,
                      "distill_hidden_indices": idx,
                      "mean_task_loss": parts["task"] / parts["n"] if parts["n"] else None,
@@ -368,7 +369,7 @@ def fit(loaded, config: CpetMethodConfig, data) -> tuple[CpetRecovery, Any]:
     """The registry's fit: CPET on a compressed ``loaded`` (its compression checked unchanged)."""
     from recoup.artifact import load_model
 
-    inherit = LoraRecovery.load(config.inherit) if config.inherit else None
+    inherit = config.initial(loaded)
     teacher, source = None, None
     if config.distill:
         source = config.teacher or ((loaded.manifest or {}).get("source") or {}).get("model")

@@ -285,7 +285,8 @@ def fit_lora(model: nn.Module, tokenizer, data, cfg: LoraConfig, train_cfg, batc
     if linear_digests(wrapped) != before:
         raise RecoupError("internal error: training changed the frozen base weights")
     rec.capture(wrapped)
-    rec.meta.update({"init": "inherited" if init is not None else "random", "base_intact": True,
+    rec.meta.update({"init": ("eora" if init.method == "eora" else "inherited") if init is not None else "random",
+                     "base_intact": True,
                      "train": {"steps": result.steps, "seconds": round(result.seconds, 1),
                                "best_val_loss": result.best_val_loss, "best_step": result.best_step},
                      "data": data.protocol})
@@ -293,6 +294,8 @@ def fit_lora(model: nn.Module, tokenizer, data, cfg: LoraConfig, train_cfg, batc
 
 
 # ---------------------------------------------------------------------------- the method (registry entry)
+
+LORA_INITS = ("zero", "eora")
 
 
 @dataclasses.dataclass
@@ -306,6 +309,9 @@ class LoraMethodConfig(FitConfig):
     dropout: float = 0.0
     targets: str = "all"  # attention | mlp | all, from the anatomy map
     inherit: str | None = None  # a saved LoRA or EoRA (same rank and targets) to start from instead of PEFT's init
+    init: str = "zero"  # zero: PEFT's init (B = 0) | eora: start from EoRA's compensation at --rank, computed first
+    calib: str = "ptb"  # init=eora: calibration corpus of the compensation
+    nsamples: int = 32  # init=eora: calibration windows (of 512 tokens, EoRA's default)
     batch_size: int = 8
     steps: int = 150
     lr: float = 1e-3
@@ -316,6 +322,23 @@ class LoraMethodConfig(FitConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.lora()
+        check(self.init in LORA_INITS, f"init must be one of {', '.join(LORA_INITS)} for a LoRA (got '{self.init}')")
+        check(self.init == "zero" or self.inherit is None,
+              f"init={self.init} and inherit both say where the LoRA starts; give one")
+        check(self.nsamples >= 1, f"nsamples must be >= 1 (got {self.nsamples})")
+
+    def initial(self, loaded) -> "LoraRecovery | None":
+        """The adapter training starts from: the inherited one, EoRA's compensation of ``loaded`` (init=eora), or
+        None (PEFT's init)."""
+        if self.inherit:
+            return LoraRecovery.load(self.inherit)
+        if self.init == "eora":
+            from recoup.recover.eora import EoraConfig, fit as fit_eora
+
+            rec, _ = fit_eora(loaded, EoraConfig(rank=self.rank, calib=self.calib, nsamples=self.nsamples,
+                                                 seed=self.seed, teacher=self.teacher))
+            return rec
+        return None
 
     def lora(self) -> LoraConfig:
         return LoraConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.targets)
@@ -344,7 +367,7 @@ def record_intact(rec: Recovery, loaded, wrapped: nn.Module, before: dict | None
 
 def fit(loaded, config: LoraMethodConfig, data) -> tuple[LoraRecovery, TrainResult]:
     """The registry's fit: LoRA on ``loaded`` (kept unmerged; its compression checked unchanged)."""
-    init = LoraRecovery.load(config.inherit) if config.inherit else None
+    init = config.initial(loaded)
     before = compression_digest(loaded.model, loaded.manifest)
     rec, result, wrapped = fit_lora(loaded.model, loaded.tokenizer, data, config.lora(), config.train_config(),
                                     config.batch_size, init=init, loss=config.objective_loss(loaded))
