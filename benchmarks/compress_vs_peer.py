@@ -38,6 +38,8 @@ RECIPES: dict[str, dict] = {
     "sparsegpt-50": {"method": "sparsegpt", "sparsity": 0.5},
     # recoup's other order (GPTQ's; one forward per layer); the peer has only its reference order: --only recoup
     "sparsegpt-50-true-seq": {"method": "sparsegpt", "sparsity": 0.5, "true_sequential": True},
+    # GPTQ in the SparseGPT reference's order (every group's Hessian from the dense layer): --only recoup
+    "gptq-w4g64-dense-order": {"method": "gptq", "bits": 4, "group_size": 64, "true_sequential": False},
     "sparsegpt-2:4": {"method": "sparsegpt", "pattern": "2:4"},
     "wanda-50": {"method": "wanda", "sparsity": 0.5},
     "awq-w4g64": {"method": "awq", "bits": 4, "group_size": 64},
