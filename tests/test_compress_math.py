@@ -194,3 +194,16 @@ def test_awq_scale_candidates_start_at_identity():
         cands = scale_candidates(x_mean, w, 20)
         assert len(cands) == 20 and cands[0][0] == 0.0 and torch.allclose(cands[0][1], torch.ones(32))
         assert cands[-1][0] == 1.0
+
+
+@pytest.mark.parametrize("block_tokens, kept", [(None, 8), (64, 2), (1, 1), (10_000, 8)])
+def test_awq_block_calls_kept_all_by_default_or_spread_up_to_the_cap(block_tokens, kept):
+    from recoup.compress.stats import BlockIOStats
+
+    stats = BlockIOStats(6, 16, calls=8, block_tokens=block_tokens)
+    xs = [torch.full((2, 16, 6), float(i)) for i in range(8)]  # 8 calls of 32 tokens
+    for x in xs:
+        stats.add_call((x,), {})
+    assert len(stats.inputs) == kept
+    seen = [int(a[0][0, 0, 0]) for a, _ in stats.inputs]
+    assert seen == sorted(set(seen)) and (kept == 1 or seen[-1] >= 4)  # spread over the set, not the first calls

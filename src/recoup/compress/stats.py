@@ -5,7 +5,7 @@
 - :class:`ActNormStats`: per-input-column sum of squares (Wanda's ||X_j||_2^2).
 - :class:`ActSampleStats`: mean |x| per column plus a strided sample of input rows (AWQ's search).
 - :class:`BlockIOStats`: those, plus the inputs (args, kwargs) of whole calls of the block whose output
-  AWQ's loss is measured on (the attention or MLP module), on up to ``block_tokens`` tokens.
+  AWQ's loss is measured on (the attention or MLP module), on up to ``block_tokens`` tokens (None: every call).
 """
 
 from __future__ import annotations
@@ -103,11 +103,11 @@ class ActSampleStats:
 
 class BlockIOStats(ActSampleStats):
     """ActSampleStats plus the recorded calls of ``parent`` (the engine hooks it): calls spread over the
-    ``calls`` calibration batches until ``block_tokens`` tokens are kept. Tensors are kept by reference
+    ``calls`` calibration batches until ``block_tokens`` tokens are kept (None: every call). Tensors are kept by reference
     (the engine does not reuse them while the group is processed)."""
 
     def __init__(self, cols: int, max_rows: int, calls: int, device: torch.device | str = "cpu",
-                 parent: torch.nn.Module | None = None, block_tokens: int = 4096) -> None:
+                 parent: torch.nn.Module | None = None, block_tokens: int | None = None) -> None:
         super().__init__(cols, max_rows, calls, device)
         self.parent, self.block_tokens, self.calls = parent, block_tokens, max(calls, 1)
         self.inputs: list[tuple[tuple, dict]] = []
@@ -118,9 +118,9 @@ class BlockIOStats(ActSampleStats):
         x = args[0] if args else kwargs["hidden_states"]
         tokens = x.numel() // x.shape[-1]
         if not self._stride:
-            needed = -(-self.block_tokens // max(tokens, 1))
+            needed = self.calls if self.block_tokens is None else -(-self.block_tokens // max(tokens, 1))
             self._stride = max(1, self.calls // needed)
-        if self._seen % self._stride == 0 and self._kept < self.block_tokens:
+        if self._seen % self._stride == 0 and (self.block_tokens is None or self._kept < self.block_tokens):
             self.inputs.append((tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), dict(kwargs)))
             self._kept += tokens
         self._seen += 1

@@ -238,14 +238,14 @@ class AWQOptions(MethodOptions):
     grid: int = 20  # candidate scale exponents, evenly in [0, 1]
     duo_scaling: bool = True  # candidates divide by the normalised weight magnitude too (AutoAWQ / llm-compressor)
     clip: bool = True  # the paper's per-group weight-clipping search after scaling (llm-awq auto_clip)
-    block_tokens: int = 4096  # calibration tokens (whole batches, spread over the set) on which the block loss is measured
+    block_tokens: int | None = None  # calibration tokens (whole batches, spread over the set) the block loss is measured on; None: all (the reference's)
     samples: int = 4096  # input rows kept per group for the clipping search and the reported error
     clip_tokens: int = 512  # of those, rows the clipping search uses (llm-awq: 512)
 
     def check(self, config) -> None:
         check(isinstance(self.grid, int) and self.grid >= 2, f"grid must be >= 2 (got {self.grid})")
         check(isinstance(self.samples, int) and self.samples >= 16, f"samples must be >= 16 (got {self.samples})")
-        check(isinstance(self.block_tokens, int) and self.block_tokens >= 1,
+        check(self.block_tokens is None or (isinstance(self.block_tokens, int) and self.block_tokens >= 1),
               f"block_tokens must be >= 1 (got {self.block_tokens})")
         check(isinstance(self.clip_tokens, int) and self.clip_tokens >= 16,
               f"clip_tokens must be >= 16 (got {self.clip_tokens})")
