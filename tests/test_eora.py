@@ -320,7 +320,8 @@ def test_init_eora_starts_lora_and_cpet_from_the_compensation_in_one_command(art
               "--steps", "2", "--seqlen", "24", "--batch-size", "2"]
     for method in ("lora", "cpet"):
         assert main(["recover", str(art), "--method", method, "--out", str(tmp_path / method)] + common) == 0
-        assert load_recovery(tmp_path / method).meta["init"] == "eora"
+        meta = load_recovery(tmp_path / method).meta
+        assert meta["init"] == "eora" and meta["eora"]["calibration"]["nsamples"] == 4
     assert main(["recover", str(art), "--method", "lora", "--out", str(tmp_path / "bad"), "--inherit",
                  str(tmp_path / "lora")] + common) == 2
     assert main(["recover", str(art), "--method", "lora", "--out", str(tmp_path / "bad"), "--init", "loftq",

@@ -329,6 +329,8 @@ def fit_cpet(model: nn.Module, tokenizer, data, cfg: CpetConfig, train_cfg, inhe
                      "train": {"steps": result.steps, "seconds": round(result.seconds, 1),
                                "best_val_loss": result.best_val_loss, "best_step": result.best_step},
                      "data": data.protocol})
+    if inherit is not None and inherit.method == "eora":  # the compensation's protocol, with the result
+        rec.meta["eora"] = {k: inherit.meta.get(k) for k in ("teacher", "calibration", "damp", "seconds")}
     return rec, result, wrapped
 
 

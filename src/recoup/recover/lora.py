@@ -290,6 +290,8 @@ def fit_lora(model: nn.Module, tokenizer, data, cfg: LoraConfig, train_cfg, batc
                      "train": {"steps": result.steps, "seconds": round(result.seconds, 1),
                                "best_val_loss": result.best_val_loss, "best_step": result.best_step},
                      "data": data.protocol})
+    if init is not None and init.method == "eora":  # the compensation's protocol, with the result
+        rec.meta["eora"] = {k: init.meta.get(k) for k in ("teacher", "calibration", "damp", "seconds")}
     return rec, result, wrapped
 
 
