@@ -1,4 +1,9 @@
-"""AWQ w3 g64 variants at calibration 32 x 512 PTB-train seed 0, PTB-test 8 x 2048 (issue 13's AWQ settings)."""
+"""AWQ w3 g64 variants at calibration 32 x 512 PTB-train seed 0, PTB-test 8 x 2048 (issue 13's AWQ settings).
+
+    python awq_variants.py VARIANT BLOCK_TOKENS [RECIPE_JSON]
+VARIANT: seq (the engine as it is) | dense (every group's statistics from the unquantized layer) | fp (dense, and
+the next layer's inputs from the unquantized layer: llm-awq's run_awq); the last two patch the engine here.
+BLOCK_TOKENS: 0 for the method's default. RECIPE_JSON overrides keys, e.g. '{"sym": false}' or '{"method": "gptq"}'."""
 import json, sys, time, torch
 from recoup.artifact import load_model
 from recoup.compress import CompressConfig, compress
@@ -6,7 +11,9 @@ import recoup.compress.engine as E
 from recoup.data.calibration import calibration_windows
 from recoup.evaluate.perplexity import perplexity
 variant, block_tokens = sys.argv[1], int(sys.argv[2])
-recipe = {"method": "awq", "bits": 3, "group_size": 64, "batch_size": 8, "block_tokens": block_tokens}
+recipe = {"method": "awq", "bits": 3, "group_size": 64, "batch_size": 8}
+if block_tokens > 0:  # 0: the method's default (and a method without the key, e.g. '{"method": "gptq"}')
+    recipe["block_tokens"] = block_tokens
 if len(sys.argv) > 3:
     recipe = {**recipe, **json.loads(sys.argv[3])}
 if variant == "fp":  # llm-awq / AutoAWQ: the next layer's inputs are the unquantized layer's outputs
