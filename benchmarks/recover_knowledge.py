@@ -193,7 +193,7 @@ def evaluate_row(row: Row, source: str, recovery: str | None, args, examples: di
     res = evaluate(EvalJob.from_flat({"model": source, "tasks": tasks, "limits": {t: args.ppl_windows for t in tasks},
                                       "seqlen": args.ppl_seqlen, "seed": args.seed, "recovery": recovery}))["results"]
     loaded, rec, net = attached(row, source, recovery, examples)
-    base = sum(p.numel() for p in loaded.model.parameters())
+    base = sum(p.numel() for n, p in loaded.model.named_parameters() if "lora_" not in n)  # without an attached LoRA
     out = {"ppl_ptb": res["ppl:ptb"]["ppl"], "ppl_wiki": res["ppl:wiki"]["ppl"], "ppl_windows": args.ppl_windows,
            "base_parameters": base, "per_example": {}, "examples_digest": {}}
     score_tasks(out, net, loaded.tokenizer, rec, [t for t, _ in TASKS], args, examples)
@@ -356,6 +356,10 @@ def main() -> None:
             r["parameters_pct"] = 100.0 * r["parameters"] / r["base_parameters"]
             done.write_text(json.dumps(r, indent=1))
             log.info("%s %s: %s", label, row.spec, json.dumps({k: v for k, v in r.items() if k != "per_example"}))
+        base = measured.get("compressed", {}).get("base_parameters")
+        for r in measured.values():  # against the model with nothing attached (rows measured before the count
+            if base:                 # above left out LoRA tensors counted an attached adapter in their base)
+                r["parameters_pct"] = 100.0 * r["parameters"] / base
         groups[label] = {"artifact": artifact, "dense": dense, "rows": measured,
                          "analysis": analyse(measured, args.bootstrap, args.seed)}
     protocol = (f"Perplexity: PTB / wiki test, {args.ppl_windows} x {args.ppl_seqlen}. Accuracy (acc, "
