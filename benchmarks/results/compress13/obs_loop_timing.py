@@ -13,6 +13,7 @@ path.write(src)
 path.close()
 spec = importlib.util.spec_from_file_location("obs_old", path.name)
 obs_old = importlib.util.module_from_spec(spec)
+sys.modules["obs_old"] = obs_old  # its dataclasses look their module up
 spec.loader.exec_module(obs_old)
 
 torch.manual_seed(0)
