@@ -177,33 +177,32 @@ def _obs_compress(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: floa
         # compressed and the block's compressed values (pruning only) and losses are read off w1 at the end.
         # Every later column gets the same products and subtractions in the same order as the reference loop's
         # update of columns i: (tests/test_obs_loop.py: bitwise equal).
-        with single_thread():
-            for i in range(count):
-                col = i1 + i
-                if nm is not None and i % nm[1] == 0:
-                    n, m = nm
-                    score = w1[:, i:i + m] ** 2 / d1[i:i + m][None, :] ** 2
-                    mask1[:, i:i + m].scatter_(1, torch.topk(score, m - n, dim=1, largest=False).indices, True)
-                wc = w1[:, i]
-                if grid is None:  # pruning only: the error is the pruned weights themselves
-                    err = torch.where(mask1[:, i], wc, nought)
-                else:
-                    g = groups_of[col]
-                    if not static_groups and col % gsize == 0:
-                        ahead = torch.cat([w1[:, i:].masked_fill(mask1[:, i:], 0), w[:, i2:]], dim=1)[:, :gsize]
-                        scale[:, g], zero[:, g] = grid.fit(ahead)
-                    q = wc.masked_fill(mask1[:, i], 0) if prune else wc
-                    keep = ~mask1[:, i] if prune else None
-                    q = grid.quantize(q[:, None], scale[:, g], zero[:, g],
-                                      keep_nonzero=None if keep is None else keep[:, None])[:, 0]
-                    if prune:
-                        q = q.masked_fill(mask1[:, i], 0)
-                    q1[:, i] = q
-                    err = wc - q
-                err.div_(hinv1[i, i])
-                if i + 1 < count:
-                    w1[:, i + 1:] -= err[:, None] @ hinv1[i, i + 1:][None, :]
-                err1[:, i] = err
+        for i in range(count):
+            col = i1 + i
+            if nm is not None and i % nm[1] == 0:
+                n, m = nm
+                score = w1[:, i:i + m] ** 2 / d1[i:i + m][None, :] ** 2
+                mask1[:, i:i + m].scatter_(1, torch.topk(score, m - n, dim=1, largest=False).indices, True)
+            wc = w1[:, i]
+            if grid is None:  # pruning only: the error is the pruned weights themselves
+                err = torch.where(mask1[:, i], wc, nought)
+            else:
+                g = groups_of[col]
+                if not static_groups and col % gsize == 0:
+                    ahead = torch.cat([w1[:, i:].masked_fill(mask1[:, i:], 0), w[:, i2:]], dim=1)[:, :gsize]
+                    scale[:, g], zero[:, g] = grid.fit(ahead)
+                q = wc.masked_fill(mask1[:, i], 0) if prune else wc
+                keep = ~mask1[:, i] if prune else None
+                q = grid.quantize(q[:, None], scale[:, g], zero[:, g],
+                                  keep_nonzero=None if keep is None else keep[:, None])[:, 0]
+                if prune:
+                    q = q.masked_fill(mask1[:, i], 0)
+                q1[:, i] = q
+                err = wc - q
+            err.div_(hinv1[i, i])
+            if i + 1 < count:
+                w1[:, i + 1:] -= err[:, None] @ hinv1[i, i + 1:][None, :]
+            err1[:, i] = err
         if q1 is None:
             q1 = w1.masked_fill(mask1, 0)
         losses += ((w1 - q1) ** 2 / d1[None, :] ** 2 / 2).sum(1)
