@@ -38,7 +38,8 @@ from recoup.model.anatomy import anatomy
 from recoup.model.recovery import Recovery
 from recoup.recover.base import RecoveryMethod
 from recoup.recover.lora import (RECOVERY_JSON, TARGETS, LoraConfig, LoraMethodConfig, LoraRecovery, base_of,
-                                 compression_digest, inherited_state, record_intact)
+                                 compression_digest, inherited_state, record_intact,
+                                 start_meta)
 
 log = logging.getLogger(__name__)
 
@@ -320,8 +321,7 @@ def fit_cpet(model: nn.Module, tokenizer, data, cfg: CpetConfig, train_cfg, inhe
     if linear_digests(wrapped) != before:
         raise RecoupError("internal error: training changed the frozen base weights")
     lora.capture(wrapped)
-    rec.meta.update({"init": ("eora" if inherit.method == "eora" else "inherited") if inherit is not None else "random",
-                     "base_intact": True,
+    rec.meta.update({**start_meta(inherit), "base_intact": True,
                      "inherited_from": inherit.meta.get("source") if inherit is not None else None,
                      "distill_hidden_indices": idx,
                      "mean_task_loss": parts["task"] / parts["n"] if parts["n"] else None,
@@ -329,8 +329,6 @@ def fit_cpet(model: nn.Module, tokenizer, data, cfg: CpetConfig, train_cfg, inhe
                      "train": {"steps": result.steps, "seconds": round(result.seconds, 1),
                                "best_val_loss": result.best_val_loss, "best_step": result.best_step},
                      "data": data.protocol})
-    if inherit is not None and inherit.method == "eora":  # the compensation's protocol, with the result
-        rec.meta["eora"] = {k: inherit.meta.get(k) for k in ("teacher", "calibration", "damp", "seconds")}
     return rec, result, wrapped
 
 

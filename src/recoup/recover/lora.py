@@ -232,6 +232,16 @@ class LoraRecovery(Recovery):
         return cls(cfg, sorted(targets), load_file(str(weights)), info.get("hidden_size"), meta)
 
 
+def start_meta(init: LoraRecovery | None) -> dict:
+    """Where a trained adapter started, for its manifest: ``init`` random | inherited | eora (with the compensation's
+    protocol: teacher, calibration, damping, seconds)."""
+    if init is None:
+        return {"init": "random"}
+    if init.method != "eora":
+        return {"init": "inherited"}
+    return {"init": "eora", "eora": {k: init.meta.get(k) for k in ("teacher", "calibration", "damp", "seconds")}}
+
+
 def inherited_state(init: LoraRecovery, cfg: LoraConfig) -> dict[str, torch.Tensor]:
     """A copy of ``init``'s adapter tensors for an adapter of config ``cfg``, ``lora_B`` rescaled so the update
     (alpha / r) B A stays what ``init`` computed whatever the two alphas (e.g. an EoRA saved at scaling 1)."""
@@ -285,13 +295,10 @@ def fit_lora(model: nn.Module, tokenizer, data, cfg: LoraConfig, train_cfg, batc
     if linear_digests(wrapped) != before:
         raise RecoupError("internal error: training changed the frozen base weights")
     rec.capture(wrapped)
-    rec.meta.update({"init": ("eora" if init.method == "eora" else "inherited") if init is not None else "random",
-                     "base_intact": True,
+    rec.meta.update({**start_meta(init), "base_intact": True,
                      "train": {"steps": result.steps, "seconds": round(result.seconds, 1),
                                "best_val_loss": result.best_val_loss, "best_step": result.best_step},
                      "data": data.protocol})
-    if init is not None and init.method == "eora":  # the compensation's protocol, with the result
-        rec.meta["eora"] = {k: init.meta.get(k) for k in ("teacher", "calibration", "damp", "seconds")}
     return rec, result, wrapped
 
 
