@@ -28,7 +28,8 @@ of the compressed -> dense gap; a value within 5% of dense matches (``recoup.eva
 group by artifact. Each row is written to ``<out>/rows/<label>--<row>.json`` as soon as it is measured (the dense
 row once per dense source, ``dense--<source>.json``); a rerun skips finished rows (a column a finished row
 lacks, such as a newly asked ``--tasks`` entry, is scored on the row's saved recovery in ``--workdir``), ``--report-only`` just rebuilds
-``<out>/recover_knowledge.{json,md,png}``. The full study (``A=/work/wt/eora-art``; 8x exists already):
+``<out>/recover_knowledge.{json,md,png}``. ``--fitted-from DIR`` measures the recoveries a study with ``--out DIR``
+fitted into the same ``--workdir`` at this run's evaluation settings (a larger protocol) without refitting. The full study (``A=/work/wt/eora-art``; 8x exists already):
 
     recoup compress smollm2-135m --method sparsegpt --sparsity 0.5 --bits 4 --group-size 64 --calib ptb \\
         --nsamples 32 --seqlen 512 --out $A/8x
@@ -150,6 +151,24 @@ def fit_row(row: Row, artifact: str, args, workdir: Path) -> tuple[str | None, d
     summary = recover(RecoverJob.from_flat({**flat, "model": artifact, "out": str(out), "force": True}))
     return str(out), {"parameters": summary["parameters"],
                       "fit_seconds": round(time.time() - started + extra_seconds, 1), "config": summary["config"]}
+
+
+def fitted_before(row: Row, label: str, name: str, args) -> tuple[str | None, dict | None]:
+    """(the recovery, its fit record) of a row another study (``--fitted-from``) fitted into this ``--workdir``,
+    to measure it at other evaluation settings without refitting; (None, None) for an untrained row or one that
+    study lacks. Its recovery must still be there: the row is refitted only when asked (remove it there)."""
+    if row.method in ("dense", "compressed"):
+        return None, None
+    old = Path(args.fitted_from) / "rows" / name
+    if not old.is_file():
+        log.info("%s %s: not in %s, fitting it", label, row.spec, args.fitted_from)
+        return None, None
+    recovery = Path(args.workdir) / safe(label) / safe(row.spec.replace(":", "-"))
+    if not recovery.is_dir():
+        raise SystemExit(f"{old} was fitted but its recovery {recovery} is gone; drop --fitted-from to refit it")
+    before = json.loads(old.read_text())
+    return str(recovery), {"parameters": before["parameters"], "fit_seconds": before["fit_seconds"],
+                           "config": before["config"], "fitted_in": str(args.fitted_from)}
 
 
 def task_examples(args) -> tuple[dict[str, list[dict]], dict]:
@@ -283,6 +302,9 @@ def arguments() -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--bootstrap", type=int, default=2000, help="paired bootstrap resamples")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fitted-from", default=None, metavar="DIR",
+                    help="another study's --out whose rows were fitted into this --workdir: measure those recoveries "
+                         "at this run's evaluation settings instead of refitting them (fit seconds are theirs)")
     ap.add_argument("--report-only", action="store_true", help="table and plot from the rows already measured")
     ap.add_argument("--out", default="benchmarks/results/recover_knowledge")
     ap.add_argument("--workdir", default="/tmp/recover_knowledge", help="where the fitted recoveries go (large)")
@@ -349,7 +371,9 @@ def main() -> None:
             if args.report_only:
                 log.info("%s %s: not measured", label, row.spec)
                 continue
-            recovery, fitted = fit_row(row, artifact, args, Path(args.workdir) / safe(label))
+            recovery, fitted = fitted_before(row, label, done.name, args) if args.fitted_from else (None, None)
+            if fitted is None:
+                recovery, fitted = fit_row(row, artifact, args, Path(args.workdir) / safe(label))
             source = dense if row.method == "dense" else artifact
             measured[row.spec] = {**fitted, **evaluate_row(row, source, recovery, args, examples)}
             r = measured[row.spec]
