@@ -90,7 +90,7 @@ def test_offload_restores_model_when_a_layer_fails(monkeypatch):
         calls.append(1)
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("recoup.compress.engine._compress_group", boom)  # fails with the forwards parked
+    monkeypatch.setattr("recoup.compress.engine._compress_groups", boom)  # fails with the forwards parked
     with pytest.raises(RuntimeError, match="boom"):
         compress(lm, CompressConfig(method="wanda", sparsity=0.5), calib(), offload=True)
     assert calls == [1]

@@ -24,7 +24,7 @@ def calib(n=6, t=24, seed=0) -> Calibration:
     return Calibration(input_ids=ids, corpus="random", split="train", seqlen=t, seed=seed)
 
 
-ORIGINAL_COMPRESS_GROUP = engine._compress_group
+ORIGINAL_COMPRESS_GROUPS = engine._compress_groups
 
 
 def _stat(s) -> torch.Tensor:
@@ -34,14 +34,14 @@ def _stat(s) -> torch.Tensor:
 def compressed_stats(lm, cfg: dict, monkeypatch) -> dict[tuple[str, ...], torch.Tensor]:
     """Layer 0's statistics per group, as the engine handed them to the method."""
     seen = {}
-    orig = ORIGINAL_COMPRESS_GROUP
+    orig = ORIGINAL_COMPRESS_GROUPS
 
-    def spy(i, view, method, names, stats, config, linears):
+    def spy(i, view, method, pairs, config, linears):
         if i == 0:
-            seen[names] = _stat(stats)
-        return orig(i, view, method, names, stats, config, linears)
+            seen.update({names: _stat(stats) for names, stats in pairs})
+        return orig(i, view, method, pairs, config, linears)
 
-    monkeypatch.setattr(engine, "_compress_group", spy)
+    monkeypatch.setattr(engine, "_compress_groups", spy)
     compress(lm, CompressConfig.from_dict({**cfg, "batch_size": 4}), calib())
     return seen
 

@@ -44,6 +44,7 @@ from recoup.compress.methods import METHODS, LinearResult
 from recoup.artifact.report import CompressReport, LinearRecord, peak_rss_mb
 from recoup.compress.devices import prefix_on, resolve_device, to_device
 from recoup.compress.onepass import available_bytes, parked_bytes, run_parked
+from recoup.compress.parallel import side_by_side
 from recoup.compress.stats import ActNormStats, ActSampleStats, BlockIOStats, HessianStats
 from recoup.data.calibration import Calibration
 from recoup.errors import RecoupError
@@ -243,22 +244,47 @@ def relative_error(w0: torch.Tensor, w1: torch.Tensor, stats) -> tuple[float, st
     return float((d * d).sum() / (w0 * w0).sum().clamp(min=1e-30)), "weight"
 
 
-def _compress_group(i: int, view: LayerView, method, names: tuple[str, ...], stats, config: CompressConfig,
-                    linears: list[LinearRecord]) -> None:
-    """Compress the linears ``names`` (one true-sequential group) of layer ``i`` with their shared ``stats``."""
-    anat = view.anat
-    group_info = method.prepare_group(view, names, stats, config) if method.prepare_group else {}
-    for name in names:
-        t0 = time.time()
-        w0 = view.get_weight(name)
-        res = method.compress_linear(w0, stats, config)
-        view.set_weight(name, res.weight)
-        view.results[name] = res
-        err, kind = relative_error(w0, res.weight, stats)
-        linears.append(LinearRecord(
-            name=f"{anat.spec.layers}.{i}.{name}", layer=i, shape=tuple(w0.shape),
-            sparsity=float((res.weight == 0).float().mean()), bits=config.bits, group_size=config.group_size,
-            error=err, error_kind=kind, seconds=time.time() - t0, info={**group_info, **res.info}))
+def _compress_groups(i: int, view: LayerView, method, pairs: list[tuple[tuple[str, ...], Any]],
+                     config: CompressConfig, linears: list[LinearRecord]) -> None:
+    """Compress the groups ``pairs`` of layer ``i``: each is (the linears' names, their shared statistics),
+    in order. A method whose per-linear math runs on one thread (``Method.one_thread``) compresses all of
+    them side by side, one per torch thread (:mod:`recoup.compress.parallel`: bitwise the same weights);
+    otherwise one after the other (AWQ's ``prepare_group`` rescales a group before it is compressed)."""
+    jobs = [(names, stats, name) for names, stats in pairs for name in names]
+    w0s = [view.get_weight(name) for _, _, name in jobs]
+    shared = len({w.untyped_storage().data_ptr() for w in w0s}) < len(w0s)  # tied: each sees the last one's result
+    if method.one_thread and method.prepare_group is None and not shared:
+        for _, stats in pairs:
+            getattr(stats, "xtx", None)  # a blocked Hessian mirrors its triangle once, before the threads read it
+
+        def one(k: int) -> tuple[LinearResult, float, str, float]:
+            t0 = time.time()
+            res = method.compress_linear(w0s[k], jobs[k][1], config)
+            return (res, *relative_error(w0s[k], res.weight, jobs[k][1]), time.time() - t0)
+
+        done = side_by_side(one, range(len(jobs)), [w.numel() for w in w0s], torch.get_num_threads())
+        for (_, _, name), w0, (res, err, kind, seconds) in zip(jobs, w0s, done):
+            _record(i, view, name, w0, res, err, kind, seconds, {}, config, linears)
+        return
+    for names, stats in pairs:
+        group_info = method.prepare_group(view, names, stats, config) if method.prepare_group else {}
+        for name in names:
+            t0 = time.time()
+            w0 = view.get_weight(name)
+            res = method.compress_linear(w0, stats, config)
+            err, kind = relative_error(w0, res.weight, stats)
+            _record(i, view, name, w0, res, err, kind, time.time() - t0, group_info, config, linears)
+
+
+def _record(i: int, view: LayerView, name: str, w0: torch.Tensor, res: LinearResult, err: float, kind: str,
+            seconds: float, group_info: dict, config: CompressConfig, linears: list[LinearRecord]) -> None:
+    """Put the compressed weight in the layer and what was done in the report."""
+    view.set_weight(name, res.weight)
+    view.results[name] = res
+    linears.append(LinearRecord(
+        name=f"{view.anat.spec.layers}.{i}.{name}", layer=i, shape=tuple(w0.shape),
+        sparsity=float((res.weight == 0).float().mean()), bits=config.bits, group_size=config.group_size,
+        error=err, error_kind=kind, seconds=seconds, info={**group_info, **res.info}))
 
 
 def single_pass(method, config: CompressConfig, inps: torch.Tensor, group_cols: list[int],
@@ -295,21 +321,20 @@ def _compress_layer(i: int, layer: nn.Module, anat: Anatomy, method, groups: lis
     if inps is not None and _dense_order(config):
         stats = [stats_for(names) for names in groups]
         _observe(layer, [view.module(g[0]) for g in groups], stats, inps, rec, config.batch_size)
-        for names, st in zip(groups, stats):
-            _compress_group(i, view, method, names, st, config, linears)
+        _compress_groups(i, view, method, list(zip(groups, stats)), config, linears)
         del stats
         _propagate(layer, inps, rec, config.batch_size)
     elif inps is not None and once:
         run_parked(lambda h: _call_layer(layer, h, rec), [view.module(g[0]) for g in groups], inps,
                    config.batch_size, lambda k: stats_for(groups[k]),
-                   lambda k, stats: _compress_group(i, view, method, groups[k], stats, config, linears), device)
+                   lambda k, stats: _compress_groups(i, view, method, [(groups[k], stats)], config, linears), device)
     else:
         for names in groups:
             stats = None
             if inps is not None:
                 stats = stats_for(names)
                 _observe(layer, [view.module(names[0])], [stats], inps, rec, config.batch_size)
-            _compress_group(i, view, method, names, stats, config, linears)
+            _compress_groups(i, view, method, [(names, stats)], config, linears)
             del stats
         if inps is not None:
             _propagate(layer, inps, rec, config.batch_size)

@@ -132,12 +132,13 @@ def _obs_compress(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: floa
     rows, cols = w.shape
     prune = nm is not None or sparsity > 0
     key = (float(percdamp), bool(act_order), str(w.device))
-    if factors is not None and key in factors:
-        dead, perm, hinv, damp = factors[key]
-    else:
-        dead, perm, hinv, damp = _factor(hessian, percdamp, act_order, w.device)
-        if factors is not None:
-            factors[key] = (dead, perm, hinv, damp)
+    with getattr(factors, "lock", None) or contextlib.nullcontext():  # linears side by side: the first computes it
+        if factors is not None and key in factors:
+            dead, perm, hinv, damp = factors[key]
+        else:
+            dead, perm, hinv, damp = _factor(hessian, percdamp, act_order, w.device)
+            if factors is not None:
+                factors[key] = (dead, perm, hinv, damp)
     w[:, dead] = 0
 
     gsize = (grid.group_size or cols) if grid else cols

@@ -10,7 +10,18 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
+
+
+class FactorCache(dict):
+    """What the OBS update derives from one Hessian, keyed by its settings; ``lock``: held while an entry is
+    computed, so linears compressed side by side compute it once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
 
 
 class HessianStats:
@@ -28,7 +39,7 @@ class HessianStats:
         self._block = -(-cols // self.BLOCKS) if cols >= self.BLOCKED_FROM else 0
         self._full: torch.Tensor | None = None
         self.count = 0
-        self.factors: dict = {}  # what the OBS update derives from this Hessian, shared by the group's linears
+        self.factors = FactorCache()  # what the OBS update derives from this Hessian, shared by the group's linears
 
     def products(self, tokens: int) -> list[tuple[int, int, int]]:
         """The (m, k, n) matmuls one ``add`` of ``tokens`` rows runs (for FLOP counting)."""
@@ -46,7 +57,7 @@ class HessianStats:
         else:
             self._acc.addmm_(x.t(), x)
         self._full = None
-        self.factors = {}
+        self.factors = FactorCache()
         self.count += x.shape[0]
 
     @property

@@ -39,7 +39,9 @@ class Method:
     ``block(model_type, group)`` names the module (relative to the decoder layer) whose calls
     ``block_io`` statistics record for that group (AWQ's block-output loss), or None.
     ``prune`` / ``quantize``: required | optional | never (what the shared keys must say);
-    ``options``: the method's own config keys (a :class:`MethodOptions` subclass)."""
+    ``options``: the method's own config keys (a :class:`MethodOptions` subclass); ``one_thread``:
+    ``compress_linear`` runs on one thread and writes nothing shared, so the engine compresses a layer's
+    independent linears side by side (:mod:`recoup.compress.parallel`)."""
 
     name: str
     stats: str
@@ -50,3 +52,4 @@ class Method:
     quantize: str = "never"
     options: type[MethodOptions] = NoOptions
     block: Callable[[str, tuple[str, ...]], str | None] | None = None
+    one_thread: bool = False

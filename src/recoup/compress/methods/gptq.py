@@ -45,4 +45,4 @@ def _compress(weight: torch.Tensor, stats: HessianStats, config: CompressConfig)
 
 
 METHOD = Method("gptq", "hessian", _compress, paper="Frantar et al. 2022 (GPTQ)", quantize="required",
-                options=GPTQOptions)
+                options=GPTQOptions, one_thread=True)

@@ -48,4 +48,4 @@ def _compress(weight: torch.Tensor, stats: HessianStats, config: CompressConfig)
 
 
 METHOD = Method("sparsegpt", "hessian", _compress, paper="Frantar & Alistarh 2023 (SparseGPT)", prune="required",
-                quantize="optional", options=SparseGPTOptions)
+                quantize="optional", options=SparseGPTOptions, one_thread=True)
