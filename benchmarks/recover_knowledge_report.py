@@ -110,8 +110,35 @@ def markdown(groups: dict[str, dict], setup: dict) -> str:
             lines.append(f"| {name} | {r['parameters']:,} ({r['parameters_pct']:.2f}%) | {r['fit_seconds']:.0f} | "
                          + " | ".join(cells) + f" | {r['prefill_ms']:.1f} | {r['decode_ms_per_token']:.2f} | "
                          + (", ".join(matched) or "none") + " |")
-        lines.append("")
+        lines += ["", *budget_lines(rows, ana), ""]
     return "\n".join(lines)
+
+
+BUDGETS = [(0.1, "<= 0.1% (the seeds' claim: a prompt)"), (2.0, "<= 2%"), (10.0, "<= 10%"), (float("inf"), "any")]
+
+
+def budget_lines(rows: dict[str, dict], ana: dict[str, dict]) -> list[str]:
+    """Which recovery without task data does best within each extra-parameter budget: the highest mean accuracy
+    delta against the compressed row over the accuracy columns (points: a share of a gap of one or two points
+    is noise), with each column's delta and the share of the PTB gap closed."""
+    free = {n: r for n, r in rows.items() if n not in ("dense", "compressed") and ":task=" not in n}
+    tasks = [t for t, _ in TASKS if all("delta" in ana[n].get(t, {}) for n in free)]
+    if not free or not tasks:
+        return []
+    score = {n: sum(ana[n][t]["delta"] for t in tasks) / len(tasks) for n in free}
+    out = [f"Best without task data per extra-parameter budget (mean accuracy delta vs compressed over "
+           f"{', '.join(lab for t, lab in TASKS if t in tasks)}):", ""]
+    for cap, label in BUDGETS:
+        within = [n for n in free if free[n]["parameters_pct"] <= cap]
+        if not within:
+            out.append(f"- {label}: no row")
+            continue
+        n = max(within, key=lambda k: score[k])
+        each = ", ".join(f"{lab} {100 * ana[n][t]['delta']:+.1f}" for t, lab in TASKS if t in tasks)
+        ptb = ana[n]["ppl_ptb"].get("gap_closed")
+        out.append(f"- {label}: `{n}` ({free[n]['parameters_pct']:.2f}%): {100 * score[n]:+.1f} points ({each}); "
+                   f"PTB gap closed {'-' if ptb is None else f'{100 * ptb:+.0f}%'}")
+    return out
 
 
 def plot(groups: dict[str, dict], path: Path) -> bool:
