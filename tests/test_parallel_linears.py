@@ -2,7 +2,8 @@
 
 Each linear's OBS update runs on one thread either way (its own ``single_thread``), so running the independent
 linears of a group (and with the dense-layer order every linear of a layer) on several threads changes when
-each is computed, never how: the weights, errors and report order must be identical."""
+each is computed, never how: the weights, OBS losses and report order must be identical (the reported relative
+errors are sums over the whole matrix at the thread count of wherever they ran, so they may differ in rounding)."""
 
 from __future__ import annotations
 

@@ -251,9 +251,9 @@ def _compress_groups(i: int, view: LayerView, method, pairs: list[tuple[tuple[st
     them side by side, one per torch thread (:mod:`recoup.compress.parallel`: bitwise the same weights);
     otherwise one after the other (AWQ's ``prepare_group`` rescales a group before it is compressed)."""
     jobs = [(names, stats, name) for names, stats in pairs for name in names]
-    w0s = [view.get_weight(name) for _, _, name in jobs]
-    shared = len({w.untyped_storage().data_ptr() for w in w0s}) < len(w0s)  # tied: each sees the last one's result
-    if method.one_thread and method.prepare_group is None and not shared:
+    w0s = [view.get_weight(name) for _, _, name in jobs] if method.one_thread and not method.prepare_group else []
+    # tied weights (one storage) stay one at a time: each must see the one before it compressed
+    if w0s and len({w.untyped_storage().data_ptr() for w in w0s}) == len(w0s):
         for _, stats in pairs:
             getattr(stats, "xtx", None)  # a blocked Hessian mirrors its triangle once, before the threads read it
 
