@@ -29,7 +29,7 @@ def run(arch: str, cfg: dict):
     lm = tiny_loaded(arch, hidden=32, layers=2)
     anat = anatomy(lm.model)
     rep = compress(lm, CompressConfig.from_dict({**cfg, "batch_size": 4}), calib())
-    return {n: anat.weight_matrix(m).detach().clone() for n, m in anat.iter_linears()}, rep
+    return {n: anat.weight_matrix(m).detach().clone() for n, m in anat.iter_linears()}, rep, anat.spec.sequential
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "opt", "gpt2"])
@@ -51,15 +51,14 @@ def test_side_by_side_is_bitwise_one_at_a_time(arch, cfg, monkeypatch):
         with_threads = torch.get_num_threads()
         torch.set_num_threads(3)
         try:
-            side, rep_side = run(arch, cfg)
-            groups = anatomy(tiny_loaded(arch, hidden=32, layers=2).model).spec.sequential
+            side, rep_side, groups = run(arch, cfg)
             dense_order = not CompressConfig.from_dict(cfg).options.true_sequential
             # it did run side by side wherever two linears were independent (GPT-2's groups are single linears)
             assert any(n.startswith("recoup-linear") for n in threads_seen) == (dense_order or
                                                                                max(map(len, groups)) > 1)
             threads_seen.clear()
             monkeypatch.setattr(engine, "side_by_side", lambda fn, items, sizes, workers: [fn(x) for x in items])
-            one, rep_one = run(arch, cfg)
+            one, rep_one, _ = run(arch, cfg)
             assert not any(n.startswith("recoup-linear") for n in threads_seen)
         finally:
             torch.set_num_threads(with_threads)
