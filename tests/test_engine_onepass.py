@@ -65,3 +65,25 @@ def test_one_forward_per_layer_with_a_subset_of_groups(targets):
     compress(lm_b, CompressConfig.from_dict({**cfg, "batch_size": 4, "activation_budget_mb": 0}), calib())
     for (name, a), (_, b) in zip(anatomy(lm_a.model).iter_linears(), anatomy(lm_b.model).iter_linears()):
         assert torch.equal(a.weight, b.weight), name
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+@pytest.mark.parametrize("path", ["once", "rerun", "dense-order"])
+def test_the_last_layer_is_not_run_past_its_last_group(arch, path):
+    """Nothing reads the last layer's output, so no path runs it past its last group's first linear on the
+    calibration batches: there that linear runs only in the one-window pass that records the layers'
+    arguments, while every earlier layer also runs it to propagate. The weights are the ones the last
+    layer's statistics give, the same whether or not its forward finishes (the tests above)."""
+    cfg = dict(method="sparsegpt", sparsity=0.5, batch_size=4, true_sequential=path != "dense-order",
+               activation_budget_mb=0 if path == "rerun" else None)
+    lm = tiny_loaded(arch, hidden=32, layers=3)
+    anat = anatomy(lm.model)
+    last_first = anat.spec.sequential[-1][0]
+    counts = [0] * len(anat.layers)
+    handles = [anat.linears(layer)[last_first].register_forward_hook(lambda *a, i=i: counts.__setitem__(i, counts[i] + 1))
+               for i, layer in enumerate(anat.layers)]
+    compress(lm, CompressConfig.from_dict(cfg), calib())
+    for h in handles:
+        h.remove()
+    assert counts[-1] == 1  # the record pass
+    assert all(c >= 3 for c in counts[:-1])  # and 6 windows in batches of 4: the propagating forward's 2 calls

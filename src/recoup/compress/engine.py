@@ -304,8 +304,12 @@ def single_pass(method, config: CompressConfig, inps: torch.Tensor, group_cols: 
 
 def _compress_layer(i: int, layer: nn.Module, anat: Anatomy, method, groups: list[tuple[str, ...]],
                     config: CompressConfig, inps: torch.Tensor | None, rec, calls: int, device: torch.device,
-                    linears: list[LinearRecord], qparams: dict[str, dict[str, torch.Tensor]], once: bool) -> None:
+                    linears: list[LinearRecord], qparams: dict[str, dict[str, torch.Tensor]], once: bool,
+                    propagate: bool = True) -> None:
     """Observe, compress and propagate one decoder layer on ``device`` (where it and ``inps`` are).
+
+    ``propagate`` off (the last layer: nothing reads its output): the forwards stop at the last group's
+    statistics and ``inps`` is left as it was.
 
     A method option ``true_sequential`` that is off: every group's statistics from one forward of the dense
     layer, then the groups compressed in order and the layer run once more to propagate. Otherwise, once:
@@ -323,11 +327,13 @@ def _compress_layer(i: int, layer: nn.Module, anat: Anatomy, method, groups: lis
         _observe(layer, [view.module(g[0]) for g in groups], stats, inps, rec, config.batch_size)
         _compress_groups(i, view, method, list(zip(groups, stats)), config, linears)
         del stats
-        _propagate(layer, inps, rec, config.batch_size)
+        if propagate:
+            _propagate(layer, inps, rec, config.batch_size)
     elif inps is not None and once:
         run_parked(lambda h: _call_layer(layer, h, rec), [view.module(g[0]) for g in groups], inps,
                    config.batch_size, lambda k: stats_for(groups[k]),
-                   lambda k, stats: _compress_groups(i, view, method, [(groups[k], stats)], config, linears), device)
+                   lambda k, stats: _compress_groups(i, view, method, [(groups[k], stats)], config, linears), device,
+                   finish=propagate)
     else:
         for names in groups:
             stats = None
@@ -336,7 +342,7 @@ def _compress_layer(i: int, layer: nn.Module, anat: Anatomy, method, groups: lis
                 _observe(layer, [view.module(names[0])], [stats], inps, rec, config.batch_size)
             _compress_groups(i, view, method, [(names, stats)], config, linears)
             del stats
-        if inps is not None:
+        if inps is not None and propagate:
             _propagate(layer, inps, rec, config.batch_size)
     for name, res in view.results.items():
         if res.scale is not None:
@@ -402,7 +408,7 @@ def compress(loaded: LoadedModel, config: CompressConfig, calibration: Calibrati
                 layer.to(device)
             try:
                 _compress_layer(i, layer, anat, method, groups, config, inps, records[i] if needs_data else None,
-                                calls, device, linears, qparams, once)
+                                calls, device, linears, qparams, once, propagate=i < len(anat.layers) - 1)
             finally:
                 if offload:
                     layer.to(model_device)

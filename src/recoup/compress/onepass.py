@@ -104,12 +104,14 @@ def available_bytes(device: torch.device) -> int:
 
 def run_parked(layer_call: Callable[[torch.Tensor], torch.Tensor], firsts: list[nn.Module], inps: torch.Tensor,
                batch_size: int, new_stats: Callable[[int], Any], on_group: Callable[[int, Any], None],
-               device: torch.device) -> None:
+               device: torch.device, finish: bool = True) -> None:
     """Observe, compress (``on_group(k, stats)``, in order) and propagate one layer in one forward per batch.
 
     layer_call(h) -> the layer's output hidden states for inputs h (b, T, H); firsts: the first linear of
     each group, in true-sequential order; inps (N, T, H) is overwritten in place by the layer's outputs
-    after every group has been compressed; new_stats(k) makes the statistics object group k's hook feeds."""
+    after every group has been compressed; new_stats(k) makes the statistics object group k's hook feeds.
+    ``finish`` off: the forwards are unwound after the last group instead of run to the end (nothing reads
+    the last layer's output), and ``inps`` is left as it was."""
     local = threading.local()
     current: list[Any] = [None]
 
@@ -148,7 +150,7 @@ def run_parked(layer_call: Callable[[torch.Tensor], torch.Tensor], firsts: list[
                                       f"first linear; the anatomy map does not match this model")
             on_group(k, current[0])
             current[0] = None
-        for rows, w in zip(slices, workers):
+        for rows, w in zip(slices, workers if finish else []):
             w.resume()
             if w.at is not None:
                 raise RecoupError("a layer forward parked after its last group; the anatomy map does not match")
