@@ -119,7 +119,7 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ppl-seqlen", type=int, default=2048)
     p.add_argument("--limit", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=8, help="recoup's calibration windows per forward")
+    p.add_argument("--batch-size", type=int, default=1, help="recoup's calibration windows per forward (its default 1)")
     p.add_argument("--peer-batch-size", type=int, default=1, help="llm-compressor's oneshot batch_size (its default 1)")
     p.add_argument("--peer-venv", default="/work/wt/venvs/llmc")
     p.add_argument("--peer-version", default="0.14.0.1")

@@ -75,7 +75,7 @@ class CompressConfig(Config):
     scale_dtype: str = "float32"  # float16: grid scales rounded to fp16, so a GGUF Q4_0/Q4_1/Q8_0 export is exact
     scale_search: str = "minmax"  # minmax | mse: each group's range as is, or shrunk to the least-error one
     targets: str = "all"  # all | attention | mlp
-    batch_size: int = 8  # calibration windows per forward in the engine
+    batch_size: int = 1  # calibration windows per forward in the engine (the reference code's and llm-compressor's 1; on CPU also the fastest: the layer's intermediates stay in cache)
     activation_budget_mb: int | None = None  # memory for the one-forward-per-layer engine's parked forwards; None: half the device's free memory; 0: re-run each layer per group
     options: Any = None  # the method's MethodOptions (a mapping is validated into it)
 
