@@ -97,11 +97,11 @@ def side(args: argparse.Namespace) -> dict:
     else:
         ids = torch.load(args.calib_ids)
         cal = Calibration(input_ids=ids, corpus="ptb", split="train", seqlen=ids.shape[1], seed=args.seed)
-        config = CompressConfig.from_dict({**RECIPES[args.side_recipe], "batch_size": args.batch_size})
+        config = CompressConfig.from_dict({**RECIPES[args.side_recipe], "batch_size": args.batch_size})  # None: recoup's default
         t0, c0 = time.time(), time.process_time()
-        compress(loaded, config, cal)
+        rep = compress(loaded, config, cal)
         row.update({"compress_s": time.time() - t0, "compress_cpu_s": time.process_time() - c0,
-                    "peak_rss_mb": peak_rss_mb()})
+                    "peak_rss_mb": peak_rss_mb(), "batch_size": rep.config["batch_size"]})
     anat = anatomy(loaded.model)
     ws = [anat.weight_matrix(m) for _, m in anat.iter_linears()]
     row["zero_fraction"] = float(sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws))
@@ -119,7 +119,8 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ppl-seqlen", type=int, default=2048)
     p.add_argument("--limit", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=1, help="recoup's calibration windows per forward (its default 1)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="recoup's calibration windows per forward (default: recoup's own, 1 or 8 by its path)")
     p.add_argument("--peer-batch-size", type=int, default=1, help="llm-compressor's oneshot batch_size (its default 1)")
     p.add_argument("--peer-venv", default="/work/wt/venvs/llmc")
     p.add_argument("--peer-version", default="0.14.0.1")
@@ -154,7 +155,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="recoup-vs-peer-"))
     torch.save(cal.input_ids.clone(), work / "calib.pt")
     common = ["--model", args.model, "--seed", str(args.seed), "--ppl-seqlen", str(args.ppl_seqlen),
-              "--limit", str(args.limit), "--batch-size", str(args.batch_size)]
+              "--limit", str(args.limit)] + (["--batch-size", str(args.batch_size)] if args.batch_size else [])
     env = {**os.environ, "TQDM_DISABLE": "1"}
     out_path = Path(args.json)
     out_path.parent.mkdir(parents=True, exist_ok=True)

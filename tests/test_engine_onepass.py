@@ -87,3 +87,31 @@ def test_the_last_layer_is_not_run_past_its_last_group(arch, path):
         h.remove()
     assert counts[-1] == 1  # the record pass
     assert all(c >= 3 for c in counts[:-1])  # and 6 windows in batches of 4: the propagating forward's 2 calls
+
+
+@pytest.mark.parametrize("cfg, batch", [
+    (dict(method="sparsegpt", sparsity=0.5), 1),  # its reference order: each layer straight through
+    (dict(method="gptq", bits=4, group_size=16), 8),  # one forward per layer: each batch a parked thread
+    (dict(method="gptq", bits=4, group_size=16, activation_budget_mb=0), 1),  # re-run per group
+    (dict(method="gptq", bits=4, group_size=16, batch_size=3), 3),  # asked for
+])
+def test_default_batch_size_follows_the_path_and_is_recorded(cfg, batch):
+    lm = tiny_loaded("llama", hidden=32, layers=2)
+    anat = anatomy(lm.model)
+    first = anat.linears(anat.layers[1])[anat.spec.sequential[0][0]]
+    sizes = []
+    handle = first.register_forward_pre_hook(lambda _m, args: sizes.append(args[0].shape[0]))
+    config = CompressConfig.from_dict(cfg)
+    rep = compress(lm, config, calib(n=12))
+    handle.remove()
+    assert rep.config["batch_size"] == batch
+    assert config.batch_size == cfg.get("batch_size")  # the caller's config is left as it was
+    assert max(sizes) == batch  # the record pass runs one window; every calibration forward at most `batch`
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 2.0])
+def test_batch_size_must_be_a_positive_whole_number(bad):
+    from recoup.errors import RecoupError
+
+    with pytest.raises((RecoupError, ValueError), match="batch_size"):
+        CompressConfig.from_dict(dict(method="gptq", bits=4, batch_size=bad))

@@ -75,7 +75,10 @@ class CompressConfig(Config):
     scale_dtype: str = "float32"  # float16: grid scales rounded to fp16, so a GGUF Q4_0/Q4_1/Q8_0 export is exact
     scale_search: str = "minmax"  # minmax | mse: each group's range as is, or shrunk to the least-error one
     targets: str = "all"  # all | attention | mlp
-    batch_size: int = 1  # calibration windows per forward in the engine (the reference code's and llm-compressor's 1; on CPU also the fastest: the layer's intermediates stay in cache)
+    # calibration windows per forward in the engine; None: 1 where each layer runs straight through (the reference
+    # code's and llm-compressor's; on CPU its intermediates stay in cache), 8 on the one-forward-per-layer path,
+    # where every batch is a parked forward in its own thread (and, on CPU, its own pool of worker threads)
+    batch_size: int | None = None
     activation_budget_mb: int | None = None  # memory for the one-forward-per-layer engine's parked forwards; None: half the device's free memory; 0: re-run each layer per group
     options: Any = None  # the method's MethodOptions (a mapping is validated into it)
 
@@ -140,7 +143,8 @@ class CompressConfig(Config):
             else:
                 check(self.group_size >= 2, f"group_size must be >= 2, or -1 for one group per row (got {self.group_size})")
         check(self.targets in TARGETS, unknown_name_message("targets", str(self.targets), TARGETS))
-        check(isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})")
+        check(self.batch_size is None or (isinstance(self.batch_size, int) and not isinstance(self.batch_size, bool)
+                                          and self.batch_size >= 1), f"batch_size must be >= 1 (got {self.batch_size!r})")
         if self.activation_budget_mb is not None:
             check(isinstance(self.activation_budget_mb, int) and self.activation_budget_mb >= 0,
                   f"activation_budget_mb must be a whole number of MiB >= 0 (got {self.activation_budget_mb!r})")

@@ -31,6 +31,7 @@ layer + the activations + one group's statistics.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import time
 from typing import Any, Iterator
@@ -391,10 +392,13 @@ def compress(loaded: LoadedModel, config: CompressConfig, calibration: Calibrati
         if needs_data:
             ids = calibration.input_ids
             with prefix_on(model, anat, device) if offload else contextlib.nullcontext():
-                inps, records = capture_inputs(model, anat, ids, config.batch_size, device, passthrough=offload)
-            calls = -(-ids.shape[0] // config.batch_size)
+                inps, records = capture_inputs(model, anat, ids, config.batch_size or 1, device, passthrough=offload)
             cols = [anat.weight_matrix(_get(anat.layers[0], g[0])).shape[1] for g in groups]
             once, need = single_pass(method, config, inps, cols, device)
+            if config.batch_size is None:
+                config = copy.copy(config)  # the report records the batch size used
+                config.batch_size = 8 if once and not _dense_order(config) else 1
+            calls = -(-ids.shape[0] // config.batch_size)
             log.info("captured layer inputs %s on %s in %.1fs (%.0f MiB); %s", tuple(inps.shape), inps.device,
                      time.time() - started, inps.numel() * inps.element_size() / 2 ** 20,
                      "every group's statistics from the dense layer, then one forward to propagate (true_sequential "
