@@ -34,3 +34,27 @@ def test_prefix_of_wrong_hidden_size_is_one_clear_error():
     model = tiny_model("llama", hidden=32)
     with pytest.raises(RecoupError, match="hidden size 48 does not match the model's 32"):
         build_inputs(model, torch.tensor([[1, 2]]), None, torch.zeros(3, 48))
+
+
+def test_cached_paths_use_this_transformers_cache_name(monkeypatch):
+    """The scorer's continuation, IDP's one prefill and cached decoding pass and read the KV cache under the
+    installed transformers' own name: transformers logs no deprecated-name warning (5.x renamed
+    ``past_key_values`` to ``cache``; the old name is a shim that may go)."""
+    import transformers.utils.generic as generic
+
+    from helpers import tiny_loaded, tiny_tokenizer
+    from recoup.evaluate.scorer import Scorer
+    from recoup.recover.idp import IDPPool
+    from recoup.runs.compare_recovery import LatencyConfig, measure_latency
+
+    said: list[str] = []
+    monkeypatch.setattr(generic.logger, "warning_once", lambda msg, *a, **k: said.append(str(msg)), raising=False)
+    lm = tiny_loaded("llama", layers=2)
+    torch.manual_seed(0)
+    pool = IDPPool(torch.randn(2, 3, 32), select_layers=1)
+    for recovery in (None, pool):
+        scorer = Scorer(lm.model, tiny_tokenizer(), recovery=recovery, progress=False)
+        assert len(scorer.loglikelihood_tokens([((5, 6, 7), (8, 9)), ((10, 11), (12,))])) == 2
+        measure_latency(lm.model, torch.tensor([[5, 6, 7, 8]]), recovery, LatencyConfig(prompt_len=4, new_tokens=2,
+                                                                                          repeats=1))
+    assert not [m for m in said if "deprecated" in m], said

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from recoup.data.bos import bos_id, with_bos
 from recoup.errors import RecoupError
 from recoup.model import parallel
-from recoup.model.forward import build_inputs, keeps_logits
+from recoup.model.forward import CACHE_ARG, build_inputs, keeps_logits, output_cache
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class Scorer:
         if self._keep_arg:
             kwargs["logits_to_keep"] = keep
         out = self.model(**kwargs, use_cache=cache)
-        return F.log_softmax(out.logits[:, -keep:].float(), dim=-1), kwargs["attention_mask"], out.past_key_values
+        return F.log_softmax(out.logits[:, -keep:].float(), dim=-1), kwargs["attention_mask"], output_cache(out)
 
     def _extend(self, ids: torch.Tensor, mask: torch.Tensor, past_mask: torch.Tensor, cache: Any) -> torch.Tensor:
         """Run ``ids`` (R, L) after cached positions whose mask is ``past_mask`` (R, M); returns log-probs (R, L, V).
@@ -128,7 +128,7 @@ class Scorer:
         position_ids = past_mask.sum(-1, keepdim=True) + (mask.cumsum(-1) - 1).clamp(min=0)
         embeds = self.model.get_input_embeddings()(ids)
         out = self.model(inputs_embeds=embeds, attention_mask=full_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
+                         **{CACHE_ARG: cache}, use_cache=True)
         return F.log_softmax(out.logits.float(), dim=-1)
 
     # ----------------------------------------------------------------- loglikelihood

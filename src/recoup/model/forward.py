@@ -15,6 +15,18 @@ from torch import nn
 
 from recoup.errors import RecoupError
 
+try:  # transformers renamed the KV cache argument and output field from ``past_key_values`` to ``cache``
+    from transformers.modeling_outputs import CausalLMOutputWithPast as _Output
+
+    CACHE_ARG = "cache" if "cache" in getattr(_Output, "__dataclass_fields__", {}) else "past_key_values"
+except ImportError:  # pragma: no cover - transformers is a dependency
+    CACHE_ARG = "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache a forward returned, under this transformers version's name (no deprecation warning)."""
+    return getattr(out, CACHE_ARG)
+
 
 def keeps_logits(model: nn.Module) -> bool:
     """Whether ``model.forward`` takes ``logits_to_keep`` (the LM head only at chosen positions)."""

@@ -47,6 +47,7 @@ from transformers import DynamicCache
 
 from recoup.errors import RecoupError
 from recoup.model.anatomy import anatomy
+from recoup.model.forward import CACHE_ARG, output_cache
 
 ATTRIBUTE = "_recoup_pool_prefill"
 
@@ -125,7 +126,7 @@ class PoolPrefill:
         else:
             job.structure = None  # the layer hooks stay out of this forward
             out = self.base(inputs_embeds=prefix[0].reshape(m, n, -1), use_cache=True)
-            kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+            kv = [(layer.keys, layer.values) for layer in output_cache(out).layers]
             if job.pool_key is not None:
                 self._kv = (job.pool_key, kv)
         cache = DynamicCache(config=self.model.config)
@@ -158,7 +159,8 @@ class PoolPrefill:
             raise RecoupError(f"IDP's one-prefill selection needs eager or sdpa attention; this model uses '{impl}'")
         p, device = job.width, embeds.device
         kwargs.pop("past_key_values", None)
-        kwargs["cache"] = self._pool_cache(job, embeds[:, :p])
+        kwargs.pop("cache", None)
+        kwargs[CACHE_ARG] = self._pool_cache(job, embeds[:, :p])
         kwargs["inputs_embeds"] = embeds[:, p:]
         job.input_mask, job.score_mask = job.input_mask.to(device), job.score_mask.to(device)
         kwargs["position_ids"] = (job.tokens + job.input_mask.cumsum(-1) - 1).clamp(min=0)  # as behind one prompt

@@ -67,7 +67,7 @@ from torch import nn
 from recoup.config import check
 from recoup.errors import RecoupError
 from recoup.model.anatomy import anatomy
-from recoup.model.forward import build_inputs
+from recoup.model.forward import CACHE_ARG, build_inputs, output_cache
 from recoup.model.prompt_pool import pool_prefill
 from recoup.model.recovery import RECOVERY_RECORD as RECORD, Recovery
 from recoup.recover.soft_prompt import SoftPromptConfig, frozen, init_embeddings, model_meta
@@ -195,7 +195,7 @@ class IDPPool(Recovery):
         if self._kv is None or self._kv[0] != key:
             flat = self.pool.detach().to(device=w.device, dtype=w.dtype).reshape(1, -1, self.hidden_size)
             with torch.no_grad():
-                cache = model(inputs_embeds=flat, use_cache=True).past_key_values
+                cache = output_cache(model(inputs_embeds=flat, use_cache=True))
             self._kv = (key, cache)
         return self._kv[1]
 
@@ -255,7 +255,7 @@ class IDPPool(Recovery):
             acc["mask"] = attention_mask.float()
             acc["scores"] = torch.zeros(b, self.size, device=input_ids.device)
             try:
-                model(input_ids=input_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                model(input_ids=input_ids, attention_mask=mask, position_ids=pos, **{CACHE_ARG: cache},
                       use_cache=True)
             except _SelectionDone:
                 pass

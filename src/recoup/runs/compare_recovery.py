@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from recoup.errors import RecoupError
-from recoup.model.forward import build_inputs
+from recoup.model.forward import CACHE_ARG, build_inputs, output_cache
 
 log = logging.getLogger(__name__)
 
@@ -75,15 +75,15 @@ def measure_latency(model: nn.Module, input_ids: torch.Tensor, recovery=None,
         kw = build_inputs(model, input_ids, mask0, prefix)
         out = model(**kw, use_cache=True)
         t1 = time.perf_counter()
-        past_mask, cache = kw["attention_mask"], out.past_key_values
+        past_mask, cache = kw["attention_mask"], output_cache(out)
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
         generated = [int(tok)]
         for _ in range(cfg.new_tokens):
             mask = torch.cat([past_mask, past_mask.new_ones((1, 1))], dim=1)
             position_ids = past_mask.sum(-1, keepdim=True)
             out = model(inputs_embeds=embed(tok), attention_mask=mask, position_ids=position_ids,
-                        past_key_values=cache, use_cache=True)
-            cache, past_mask = out.past_key_values, mask
+                        **{CACHE_ARG: cache}, use_cache=True)
+            cache, past_mask = output_cache(out), mask
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
             generated.append(int(tok))
         t2 = time.perf_counter()
