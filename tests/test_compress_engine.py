@@ -13,7 +13,7 @@ from recoup.artifact.store import compression_fingerprint, load_artifact, save_a
 from recoup.compress.engine import LayerView, capture_inputs
 from recoup.compress.masks import is_nm
 from recoup.artifact.grid import QuantGrid
-from recoup.compress.methods.awq import PRECEDING_OP, _fold, gqa_tie
+from recoup.compress.methods.awq import PRECEDING_OP, _fold
 from recoup.data.calibration import Calibration
 from recoup.errors import RecoupError
 from recoup.model.anatomy import anatomy
@@ -88,22 +88,16 @@ def test_awq_scale_folding_preserves_the_function(arch):
 
     before = _call_layer(layer, inps, recs[0])
     view = LayerView(layer, anat, anat.linear_names())
-    folded = tied = 0
+    folded = 0
     for names in anat.spec.sequential:
         prev = PRECEDING_OP[anat.model_type].get(names)
         weights = [view.get_weight(n) for n in names]
-        if prev is None:
+        if prev is None or (prev in view.linear_names and view.get_weight(prev).shape[0] != weights[0].shape[1]):
             continue
-        cols, s_prev = weights[0].shape[1], None
-        s = torch.rand(cols, generator=torch.Generator().manual_seed(folded)) * 4 + 0.25
-        if prev in view.linear_names and view.get_weight(prev).shape[0] != cols:  # o_proj behind a GQA v_proj
-            index = gqa_tie(cols, view.get_weight(prev).shape[0], view.module(prev.rsplit(".", 1)[0]).head_dim)
-            s_prev = s[:view.get_weight(prev).shape[0]]
-            s = s_prev[index]
-            tied += 1
-        _fold(view, names, weights, prev, s, QuantGrid(3, True, 16), s_prev)
+        s = torch.rand(weights[0].shape[1], generator=torch.Generator().manual_seed(folded)) * 4 + 0.25
+        _fold(view, names, weights, prev, s, QuantGrid(3, True, 16))
         folded += 1
-    assert folded >= 2 and tied == (arch in ("llama", "gemma3_text"))  # their tiny configs: 4 query heads, 2 kv
+    assert folded >= 2
     after = _call_layer(layer, inps, recs[0])
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
 
@@ -188,25 +182,19 @@ def test_fingerprint_sees_through_peft_wrapped_linears():
     assert after["digest"] == before["digest"] and after["all_on_grid"] is True
 
 
-@pytest.mark.parametrize("arch,tie_gqa", [("llama", True), ("llama", False), ("opt", True), ("gpt2", True)])
-def test_awq_searches_every_foldable_group_on_its_block_output(arch, tie_gqa):
-    """Every group with a foldable preceding op records its block's calls and searches (o_proj behind a
-    grouped-query v_proj too, unless ``tie_gqa`` is off); the chosen scale's block loss is at most the unscaled
-    one (s = 1 is the first candidate); clipping ran on every linear but q/k."""
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
+def test_awq_searches_every_foldable_group_on_its_block_output(arch):
+    """Every group with a foldable preceding op records its block's calls and searches; the chosen scale's block
+    loss is at most the unscaled one (s = 1 is the first candidate); clipping ran on every linear but q/k."""
     lm = tiny_loaded(arch, hidden=32, layers=2)
-    rep = compress(lm, CompressConfig.from_dict(dict(method="awq", bits=3, group_size=16, grid=6, tie_gqa=tie_gqa)),
-                   calib())
+    rep = compress(lm, CompressConfig.from_dict(dict(method="awq", bits=3, group_size=16, grid=6)), calib())
     anat = anatomy(lm.model)
     rel = {r.name: r.name[len(f"{anat.spec.layers}.{r.layer}."):] for r in rep.linears}
     searched = {rel[r.name] for r in rep.linears if "awq_block_loss" in r.info}
     expected = {n for g, prev in PRECEDING_OP[arch].items() for n in g
-                if tie_gqa or not (prev in anat.linear_names()
-                                   and anat.weight_matrix(anat.linears(anat.layers[0])[prev]).shape[0]
-                                   != anat.weight_matrix(anat.linears(anat.layers[0])[g[0]]).shape[1])}
+                if not (prev in anat.linear_names() and anat.weight_matrix(anat.linears(anat.layers[0])[prev]).shape[0]
+                        != anat.weight_matrix(anat.linears(anat.layers[0])[g[0]]).shape[1])}
     assert searched == expected and expected
-    assert ("self_attn.o_proj" in searched) == (arch == "llama" and tie_gqa)
-    tied = [r for r in rep.linears if "awq_gqa_tied" in r.info]
-    assert len(tied) == (2 if arch == "llama" and tie_gqa else 0)  # one o_proj per layer
     for r in rep.linears:
         if "awq_block_loss" in r.info:
             assert r.info["awq_block_loss"] <= r.info["awq_block_loss_unscaled"]

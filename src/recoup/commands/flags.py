@@ -78,8 +78,6 @@ HELP: dict[str, str] = {
     "energy": "EoRA per-layer rank: the smallest keeping this share (0, 1] of each layer's projected error energy",
     "inherit": "start from this saved LoRA or EoRA (same targets, --rank its largest rank; per-layer ranks are kept); CPET: the dense model's LoRA (also the teacher's)",
     "teacher": "dense model source for CPET distillation (default: the artifact's source model)",
-    "tie_gqa": "AWQ: also scale o_proj behind a grouped-query v_proj, one scale per value channel (llm-awq, AutoAWQ "
-               "and llm-compressor skip that pair)",
 }
 ALIASES: dict[str, tuple[str, ...]] = {"options": ("--option",), "alpha": ("--lora-alpha",)}
 

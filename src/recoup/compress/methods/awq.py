@@ -12,14 +12,7 @@ exponents). Then the paper's weight-clipping search: per output row and quantiza
 clipping threshold ``max|w| * (1 - i/20)``, i < 10, that best reproduces the group's output on
 ``clip_tokens`` sampled inputs (q and k excepted, as in llm-awq: their error is reshaped by the
 softmax); then round to nearest. Groups with no foldable preceding op (GPT-2's projections behind a
-GELU / fused qkv) get the clipping search only.
-
-o_proj behind a grouped-query v_proj (fewer key/value heads than query heads: Llama 3, Qwen, Mistral,
-SmolLM2) is searched too (``tie_gqa``, on by default): every query head of a group reads the same value
-head, so o_proj's input channel (head h, dim d) is v_proj's output channel (h // rep, d), and one scale per
-v_proj output channel, repeated over the heads that read it, keeps the fold exact. Its candidates are the
-formula above on the channel statistics averaged over those heads. llm-awq, AutoAWQ and llm-compressor skip
-this pair (llm-awq PR 67); ``tie_gqa: false`` does too. Which op
+GELU / fused qkv; o_proj behind a grouped-query v_proj) get the clipping search only. Which op
 precedes a group and which block's output measures it are per-architecture data below.
 """
 
@@ -92,22 +85,6 @@ def scale_candidates(x_mean: torch.Tensor, w_mean: torch.Tensor | None, n_grid: 
     return out
 
 
-def gqa_tie(o_in: int, v_out: int, head_dim: int | None) -> torch.Tensor | None:
-    """For o_proj's input channels (heads x head_dim) the v_proj output channel (kv_heads x head_dim) each one
-    reads: query head h reads key/value head h // rep (transformers' ``repeat_kv``). None if the shapes do not
-    divide so."""
-    if not head_dim or o_in % head_dim or v_out % head_dim or o_in % v_out:
-        return None
-    c = torch.arange(o_in)
-    return (c // head_dim) // (o_in // v_out) * head_dim + c % head_dim
-
-
-def tied_mean(x: torch.Tensor, tie: torch.Tensor, n: int) -> torch.Tensor:
-    """(n,) the mean of ``x`` over the channels ``tie`` maps to each of the n tied channels."""
-    count = torch.zeros(n, dtype=x.dtype, device=x.device).index_add_(0, tie, torch.ones_like(x))
-    return torch.zeros(n, dtype=x.dtype, device=x.device).index_add_(0, tie, x) / count
-
-
 def weight_mean(weights: list[torch.Tensor], grid: QuantGrid) -> torch.Tensor:
     """(cols,) mean over the rows of every weight (rows_i, cols) of |w| normalised by its quantization group's max."""
     total = 0
@@ -128,10 +105,9 @@ def _call(block: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def awq_search_block(view, names: tuple[str, ...], stats: BlockIOStats, grid: QuantGrid, n_grid: int,
-                     duo: bool, tie: tuple[torch.Tensor, int] | None = None) -> tuple[torch.Tensor, float, float, float]:
+                     duo: bool) -> tuple[torch.Tensor, float, float, float]:
     """Try every candidate scale on the group ``names`` of ``view``, measuring the MSE of the recorded block
     calls' outputs (block output (b, T, H) per call) against the unquantized ones. Restores the weights.
-    ``tie`` (index (cols,), n): the candidates take one value per tied channel (:func:`gqa_tie`).
 
     Returns (best s (cols,), its exponent, its loss, the loss of s = 1)."""
     block = stats.parent
@@ -139,17 +115,10 @@ def awq_search_block(view, names: tuple[str, ...], stats: BlockIOStats, grid: Qu
     refs = [_call(block, a, k).float() for a, k in stats.inputs]
     numel = sum(r.numel() for r in refs)
     x_mean = stats.mean_abs()
-    w_mean = weight_mean(weights, grid) if duo else None
     best = (torch.ones_like(x_mean), 0.0, float("inf"))
     first = None
-    if tie is not None:
-        index, n = tie
-        index = index.to(x_mean.device)
-        x_mean = tied_mean(x_mean, index, n)
-        w_mean = tied_mean(w_mean.to(x_mean), index, n) if w_mean is not None else None
     try:
-        for a, s in scale_candidates(x_mean, w_mean, n_grid):
-            s = s[index] if tie is not None else s
+        for a, s in scale_candidates(x_mean, weight_mean(weights, grid) if duo else None, n_grid):
             for n, w in zip(names, weights):
                 view.set_weight(n, rtn(w * s[None, :], grid).weight / s[None, :])
             loss = sum(float(((_call(block, a_, k_).float() - r) ** 2).sum()) for (a_, k_), r in
@@ -203,29 +172,18 @@ def _prepare(view, names: tuple[str, ...], stats: BlockIOStats, config: Compress
     prev = PRECEDING_OP.get(view.model_type, {}).get(tuple(names))
     weights = [view.get_weight(n) for n in names]
     s = None
-    tie = None
-    if prev is not None and prev in view.linear_names and view.get_weight(prev).shape[0] != weights[0].shape[1]:
-        v_out, o_in = view.get_weight(prev).shape[0], weights[0].shape[1]
-        attn = view.module(prev.rsplit(".", 1)[0]) if "." in prev else None
-        index = gqa_tie(o_in, v_out, getattr(attn, "head_dim", None)) if opts.tie_gqa else None
-        if index is None:
-            info["awq"] = f"{prev} output {v_out} != input {o_in} (GQA); clipping only"
-            prev = None
-        else:
-            tie = (index, v_out)
     if prev is None:
-        info.setdefault("awq", "no foldable preceding op; clipping only")
+        info["awq"] = "no foldable preceding op; clipping only"
+    elif prev in view.linear_names and view.get_weight(prev).shape[0] != weights[0].shape[1]:
+        info["awq"] = f"{prev} output {view.get_weight(prev).shape[0]} != input {weights[0].shape[1]} (GQA); clipping only"
     elif not stats.inputs:
         info["awq"] = "no block calls recorded; clipping only"
     else:
-        s, ratio, err, err0 = awq_search_block(view, names, stats, grid, opts.grid, opts.duo_scaling, tie)
-        s_prev = s.new_zeros(tie[1]).index_copy_(0, tie[0].to(s.device), s) if tie is not None else s
-        _fold(view, names, weights, prev, s, grid, s_prev)
+        s, ratio, err, err0 = awq_search_block(view, names, stats, grid, opts.grid, opts.duo_scaling)
+        _fold(view, names, weights, prev, s, grid)
         stats.input_scale = s  # the group's inputs are now x / s
         info.update({"awq_ratio": ratio, "awq_block_loss": err, "awq_block_loss_unscaled": err0,
                      "awq_folded_into": prev, "awq_scale_spread": float(s.max() / s.min())})
-        if tie is not None:
-            info["awq_gqa_tied"] = f"{weights[0].shape[1] // tie[1]} query heads per value head"
     if opts.clip:
         x = stats.sample()
         x = x / s[None, :] if s is not None else x
@@ -238,16 +196,14 @@ def _prepare(view, names: tuple[str, ...], stats: BlockIOStats, config: Compress
 
 
 def _fold(view, names: tuple[str, ...], weights: list[torch.Tensor], prev: str, s: torch.Tensor,
-          grid: QuantGrid, s_prev: torch.Tensor | None = None) -> None:
-    """Multiply the group's columns by s and fold 1/s into ``prev`` (its output rows, or a norm's weight/bias).
-    ``s_prev``: the scale of each of ``prev``'s outputs where several group columns read one (GQA); default s."""
+          grid: QuantGrid) -> None:
+    """Multiply the group's columns by s and fold 1/s into ``prev`` (its output rows, or a norm's weight/bias)."""
     prev_mod = view.module(prev)
     is_linear = prev in view.linear_names
     prev_w = view.get_weight(prev) if is_linear else None
     for n, w in zip(names, weights):
         view.set_weight(n, w * s[None, :])
     if is_linear:
-        s = s if s_prev is None else s_prev
         folded = prev_w / s[:, None]
         done = view.results.get(prev)
         if done is not None and done.scale is not None:
@@ -285,7 +241,6 @@ class AWQOptions(MethodOptions):
     block_tokens: int | None = None  # calibration tokens (whole batches, spread over the set) the block loss is measured on; None: all (the reference's)
     samples: int = 4096  # input rows kept per group for the clipping search and the reported error
     clip_tokens: int = 512  # of those, rows the clipping search uses (llm-awq: 512)
-    tie_gqa: bool = True  # search o_proj behind a grouped-query v_proj with one scale per value channel (the references skip it)
 
     def check(self, config) -> None:
         check(isinstance(self.grid, int) and self.grid >= 2, f"grid must be >= 2 (got {self.grid})")
