@@ -12,7 +12,9 @@ exponents). Then the paper's weight-clipping search: per output row and quantiza
 clipping threshold ``max|w| * (1 - i/20)``, i < 10, that best reproduces the group's output on
 ``clip_tokens`` sampled inputs (q and k excepted, as in llm-awq: their error is reshaped by the
 softmax); then round to nearest. Groups with no foldable preceding op (GPT-2's projections behind a
-GELU / fused qkv; o_proj behind a grouped-query v_proj) get the clipping search only. Which op
+GELU / fused qkv; o_proj behind a grouped-query v_proj) get the clipping search only. (One scale per value
+channel, repeated over the query heads that read it, keeps that fold exact too; measured on the bundled model,
+w3 g64 at 32 x 512, it gave PTB 163.00 against 147.57 without, so it is not done: commit f34d353.) Which op
 precedes a group and which block's output measures it are per-architecture data below.
 """
 
