@@ -2,7 +2,8 @@
 
 - :func:`paired_bootstrap`: the 95% interval of a row's accuracy delta against the compressed row, resampling
   the *same* examples for both (paired), ``B`` seeded resamples, percentile interval;
-- :func:`gap_closed`: the share of the compressed -> dense gap a row wins back (1 = dense, 0 = compressed);
+- :func:`gap_closed`: the share of the compressed -> dense gap a row wins back (1 = dense, 0 = compressed; none
+  where compressed is within 1% of dense or better);
 - matching dense: :func:`recoup.evaluate.metrics.matching` (LLM-KICK's within-5% rule, the project's one
   definition), per column;
 - :func:`markdown` (one table per artifact) and :func:`plot` (matplotlib, grouped bars by artifact).
@@ -34,10 +35,11 @@ def paired_bootstrap(row: list[float], base: list[float], resamples: int = 2000,
 
 
 def gap_closed(value: float, comp: float, dense: float, lower_better: bool) -> float | None:
-    gap = (comp - dense) if lower_better else (dense - comp)
-    if gap < 1e-9:  # no gap to close: the compressed row is already as good as dense
-        return None
-    return ((comp - value) if lower_better else (value - comp)) / gap
+    """The project's one definition (:func:`recoup.runs.metrics.gap_closed`): None where the compressed row lost
+    nothing to win back (better than dense, or within 1% of it: a share of that is noise, e.g. +500%)."""
+    from recoup.runs.metrics import gap_closed as share
+
+    return share(dense, comp, value, "ppl" if lower_better else "acc")
 
 
 def analyse(rows: dict[str, dict], resamples: int, seed: int) -> dict[str, dict]:
