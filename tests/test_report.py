@@ -52,6 +52,7 @@ def test_metric_helpers():
     assert matching(0.60, 0.58, metric="acc") and not matching(0.60, 0.56, metric="acc")
     assert gap_closed(20.0, 30.0, 25.0) == pytest.approx(0.5)
     assert gap_closed(0.6, 0.5, 0.55) == pytest.approx(0.5)  # higher-is-better works the same way
+    assert f"{gap_closed(0.6, 0.5, 0.5):+.0%}" == "+0%"  # nothing won back prints as +0%, never -0%
     assert gap_closed(0.6, 0.6, 0.7) is None
     assert gap_closed(20.0, 20.1, 19.0, "ppl") is None  # a 0.5% "loss" is no gap to close
     assert gap_closed(20.0, 18.0, 17.0, "ppl") is None  # compressed better than dense: nothing lost

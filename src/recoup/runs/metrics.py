@@ -80,7 +80,7 @@ def gap_closed(dense: float, compressed: float, recovered: float, metric: str | 
         return None
     if metric is not None and (gap < 0 if lower_is_better(metric) else gap > 0):
         return None
-    return (compressed - recovered) / gap
+    return (compressed - recovered) / gap + 0.0  # + 0.0: no recovery reads 0%, not -0%
 
 
 # ----------------------------------------------------------------------------- two results files
