@@ -386,10 +386,13 @@ def main() -> None:
                 r["parameters_pct"] = 100.0 * r["parameters"] / base
         groups[label] = {"artifact": artifact, "dense": dense, "rows": measured,
                          "analysis": analyse(measured, args.bootstrap, args.seed)}
+    # the threads the rows' latencies were measured with (a --report-only run's own count says nothing of them)
+    threads = sorted({r["latency"]["threads"] for g in groups.values() for r in g["rows"].values()
+                      if isinstance(r.get("latency"), dict) and "threads" in r["latency"]}) or [torch.get_num_threads()]
     protocol = (f"Perplexity: PTB / wiki test, {args.ppl_windows} x {args.ppl_seqlen}. Accuracy (acc, "
                 f"seed {args.seed}) on {', '.join(lab for _, lab in TASKS)}; " + "; ".join(f"{k}: {v}" for k, v in
                 drawn.items()) + f". Latency: batch 1, {args.prompt_len}-token PTB prompt, {args.new_tokens} decode "
-                f"steps, median of {args.repeats}, {torch.get_num_threads()} torch thread(s).")
+                f"steps, median of {args.repeats}, {' or '.join(map(str, threads))} torch thread(s).")
     setup = {"artifacts": artifacts, "rows": [r.spec for r in rows], "data": args.data, "steps": args.steps,
              "lora_rank": args.lora_rank, "eora_calibration": f"{args.calib} {args.nsamples} x {args.calib_seqlen}",
              "examples": drawn, "bootstrap": args.bootstrap, "seed": args.seed, "protocol": protocol,
