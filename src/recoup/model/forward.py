@@ -12,15 +12,12 @@ import inspect
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from recoup.errors import RecoupError
 
-try:  # transformers renamed the KV cache argument and output field from ``past_key_values`` to ``cache``
-    from transformers.modeling_outputs import CausalLMOutputWithPast as _Output
-
-    CACHE_ARG = "cache" if "cache" in getattr(_Output, "__dataclass_fields__", {}) else "past_key_values"
-except ImportError:  # pragma: no cover - transformers is a dependency
-    CACHE_ARG = "past_key_values"
+# transformers 5 renamed the KV cache argument and output field from ``past_key_values`` to ``cache``
+CACHE_ARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def output_cache(out):
