@@ -114,3 +114,30 @@ def test_config_rejects_bad_values():
         LoraConfig.from_dict({"rnak": 4})
     with pytest.raises(RecoupError, match="targets"):
         LoraConfig(targets="ffn")
+
+
+def test_apply_and_capture_never_reload_the_base_config(monkeypatch, tmp_path):
+    """PEFT's default state-dict export reloads the base model's config to check for resized embeddings: for a
+    hub id that is a Hub request (offline: a stall and a warning), for a packed artifact a model-type warning.
+    The adapter never resizes embeddings, so neither may happen."""
+    import warnings
+
+    import peft.utils.save_and_load as sl
+
+    def no_hub(*a, **k):
+        raise AssertionError("PEFT asked the Hub for the base model's config")
+
+    monkeypatch.setattr(sl, "check_file_exists_on_hf_hub", no_hub)
+    model = tiny_model("llama")
+    for name_or_path in ("some-org/some-model", str(tmp_path)):
+        (tmp_path / "config.json").write_text('{"model_type": "not-llama", "vocab_size": 1}')
+        model.config._name_or_path = model.name_or_path = name_or_path
+        rec = LoraRecovery.for_model(model, LoraConfig(rank=4))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            wrapped = rec.apply(model, seed=0)
+            rec.capture(wrapped)
+            again = LoraRecovery.for_model(model, LoraConfig(rank=4))
+            again.state = rec.state
+            again.load_into(wrapped, rec.state)
+        model = wrapped.unload()

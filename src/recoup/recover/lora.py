@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import ClassVar, Iterator
 
@@ -150,7 +151,9 @@ class LoraRecovery(Recovery):
                               f"{ana.hidden_size}; a LoRA attaches only to the same architecture")
         if seed is not None:
             torch.manual_seed(seed)
-        wrapped = peft.get_peft_model(model, self.peft_config())
+        with warnings.catch_warnings():  # PEFT reads transformers 5's deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            wrapped = peft.get_peft_model(model, self.peft_config())
         if self.state is not None:
             self.load_into(wrapped, self.state)
         return wrapped
@@ -160,7 +163,9 @@ class LoraRecovery(Recovery):
         """Copy a PEFT LoRA state dict into a wrapped model; a shape or key mismatch is one clear line."""
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-        own = get_peft_model_state_dict(wrapped)
+        # save_embedding_layers=False: the adapter never resizes embeddings, and PEFT's "auto" would reload the
+        # base's config to check (a Hub request for a hub id offline; a model-type warning for a packed artifact)
+        own = get_peft_model_state_dict(wrapped, save_embedding_layers=False)
         missing = sorted(set(own) - set(state))
         extra = sorted(set(state) - set(own))
         if missing or extra:
@@ -176,7 +181,8 @@ class LoraRecovery(Recovery):
         """Keep a detached copy of the wrapped model's adapter weights."""
         from peft import get_peft_model_state_dict
 
-        self.state = {k: v.detach().to("cpu").clone() for k, v in get_peft_model_state_dict(wrapped).items()}
+        state = get_peft_model_state_dict(wrapped, save_embedding_layers=False)
+        self.state = {k: v.detach().to("cpu").clone() for k, v in state.items()}
 
     # ------------------------------------------------------------------ lifecycle
     def num_parameters(self) -> int:
