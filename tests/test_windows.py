@@ -37,7 +37,7 @@ def test_the_same_tokenizer_loaded_anew_reuses_the_ids_and_anything_else_does_no
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     other._tokenizer = tk
-    assert not torch.equal(tokenize_corpus(other, TEXT), ids)
+    assert not torch.equal(tokenize_corpus(other, TEXT)[1:], ids[1:])  # ([0] was changed above)
 
 
 def test_at_most_keep_texts_are_kept(monkeypatch):
