@@ -12,6 +12,7 @@ from recoup.compress.methods.rtn import rtn
 from recoup.compress.obs import damped_inverse_cholesky, obs_compress
 from recoup.artifact.grid import QuantGrid, grid_deviation
 from recoup.compress.stats import ActNormStats, HessianStats
+from recoup.errors import RecoupError
 
 
 def outlier_data(rows=16, cols=32, n=512, seed=0):
@@ -207,3 +208,31 @@ def test_awq_block_calls_kept_all_by_default_or_spread_up_to_the_cap(block_token
     assert len(stats.inputs) == kept
     seen = [int(a[0][0, 0, 0]) for a, _ in stats.inputs]
     assert seen == sorted(set(seen)) and (kept == 1 or seen[-1] >= 4)  # spread over the set, not the first calls
+
+
+def test_awq_gptq_rounding_uses_the_hessian_of_the_rescaled_inputs():
+    """AWQ's ``rounding="gptq"``: the group's weights read x / s after the fold, so GPTQ must run on the Hessian of
+    x / s; computed from x's Hessian, it equals GPTQ on a Hessian accumulated from x / s directly."""
+    from recoup.compress import CompressConfig
+    from recoup.compress.methods.awq import METHOD
+    from recoup.compress.methods.gptq import gptq
+    from recoup.compress.stats import BlockIOStats, HessianStats
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 64, 40, generator=g) * (torch.rand(40, generator=g) * 4 + 0.1)
+    s = torch.rand(40, generator=g) * 3 + 0.2
+    w = torch.randn(24, 40, generator=g)
+    stats, direct = BlockIOStats(40, 64, calls=4, hessian=True), HessianStats(40)
+    for xb in x:
+        stats.add(xb)
+        direct.add(xb / s)
+    stats.input_scale = s
+    cfg = CompressConfig.from_dict(dict(method="awq", bits=3, group_size=16, rounding="gptq"))
+    got = METHOD.compress_linear(w, stats, cfg)
+    want = gptq(w, direct.hessian(), CompressConfig(method="gptq", bits=3, group_size=16))
+    assert torch.allclose(got.weight, want.weight, atol=1e-5) and got.info["awq_rounding"] == "gptq"
+    rtn = METHOD.compress_linear(w, stats, CompressConfig.from_dict(dict(method="awq", bits=3, group_size=16)))
+    err = lambda v: float((((v - w) @ direct.xtx) * (v - w)).sum())  # noqa: E731  output error on x / s
+    assert err(got.weight) < err(rtn.weight)
+    with pytest.raises(RecoupError, match="rounding must be rtn or gptq"):
+        CompressConfig.from_dict(dict(method="awq", bits=3, rounding="nearest"))

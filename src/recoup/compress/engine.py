@@ -192,7 +192,8 @@ def _new_stats(kind: str, cols: int, config: CompressConfig, calls: int, device:
     if kind == "act_sample":
         return ActSampleStats(cols, config.options.samples, calls, device)
     if kind == "block_io":
-        return BlockIOStats(cols, config.options.samples, calls, device, parent, config.options.block_tokens)
+        return BlockIOStats(cols, config.options.samples, calls, device, parent, config.options.block_tokens,
+                            hessian=config.options.rounding == "gptq")
     return None
 
 

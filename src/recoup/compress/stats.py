@@ -5,7 +5,8 @@
 - :class:`ActNormStats`: per-input-column sum of squares (Wanda's ||X_j||_2^2).
 - :class:`ActSampleStats`: mean |x| per column plus a strided sample of input rows (AWQ's search).
 - :class:`BlockIOStats`: those, plus the inputs (args, kwargs) of whole calls of the block whose output
-  AWQ's loss is measured on (the attention or MLP module), on up to ``block_tokens`` tokens (None: every call).
+  AWQ's loss is measured on (the attention or MLP module), on up to ``block_tokens`` tokens (None: every call),
+  and optionally a :class:`HessianStats` of every input (AWQ rounded by GPTQ).
 """
 
 from __future__ import annotations
@@ -115,14 +116,21 @@ class ActSampleStats:
 class BlockIOStats(ActSampleStats):
     """ActSampleStats plus the recorded calls of ``parent`` (the engine hooks it): calls spread over the
     ``calls`` calibration batches until ``block_tokens`` tokens are kept (None: every call). Tensors are kept by reference
-    (the engine does not reuse them while the group is processed)."""
+    (the engine does not reuse them while the group is processed). ``hessian``: also keep X^T X of every input
+    (``self.hessian``, a :class:`HessianStats`)."""
 
     def __init__(self, cols: int, max_rows: int, calls: int, device: torch.device | str = "cpu",
-                 parent: torch.nn.Module | None = None, block_tokens: int | None = None) -> None:
+                 parent: torch.nn.Module | None = None, block_tokens: int | None = None, hessian: bool = False) -> None:
         super().__init__(cols, max_rows, calls, device)
         self.parent, self.block_tokens, self.calls = parent, block_tokens, max(calls, 1)
+        self.hessian = HessianStats(cols, device) if hessian else None
         self.inputs: list[tuple[tuple, dict]] = []
         self._seen, self._kept, self._stride = 0, 0, 0
+
+    def add(self, x: torch.Tensor) -> None:
+        super().add(x)
+        if self.hessian is not None:
+            self.hessian.add(x)
 
     def add_call(self, args: tuple, kwargs: dict) -> None:
         """Record one call of ``parent`` (args, kwargs), if it is one of the spread-out calls to keep."""

@@ -11,7 +11,10 @@ exponents evenly in [0, 1] (llm-compressor's grid: with duo scaling a plain a=0 
 exponents). Then the paper's weight-clipping search: per output row and quantization group, the
 clipping threshold ``max|w| * (1 - i/20)``, i < 10, that best reproduces the group's output on
 ``clip_tokens`` sampled inputs (q and k excepted, as in llm-awq: their error is reshaped by the
-softmax); then round to nearest. Groups with no foldable preceding op (GPT-2's projections behind a
+softmax); then round to nearest. ``rounding="gptq"`` rounds by GPTQ instead, at its defaults, on the Hessian of
+the group's rescaled inputs (AWQ + GPTQ, which the paper finds complementary at 2-3 bits), without the clipping
+search, whose thresholds are chosen for round-to-nearest (on tiny random models of five architectures, clipping
+before GPTQ gave held-out logits further from dense than no clipping on every one). Groups with no foldable preceding op (GPT-2's projections behind a
 GELU / fused qkv; o_proj behind a grouped-query v_proj) get the clipping search only. (One scale per value
 channel, repeated over the query heads that read it, keeps that fold exact too; measured on the bundled model,
 w3 g64 at 32 x 512, it gave PTB 163.00 against 147.57 without, so it is not done: commit f34d353.) Which op
@@ -28,6 +31,7 @@ import torch
 from recoup.artifact.grid import QuantGrid
 from recoup.compress.config import CompressConfig, MethodOptions
 from recoup.compress.methods.base import LinearResult, Method
+from recoup.compress.methods.gptq import gptq
 from recoup.compress.methods.rtn import rtn
 from recoup.compress.stats import BlockIOStats
 from recoup.config import check
@@ -186,7 +190,7 @@ def _prepare(view, names: tuple[str, ...], stats: BlockIOStats, config: Compress
         stats.input_scale = s  # the group's inputs are now x / s
         info.update({"awq_ratio": ratio, "awq_block_loss": err, "awq_block_loss_unscaled": err0,
                      "awq_folded_into": prev, "awq_scale_spread": float(s.max() / s.min())})
-    if opts.clip:
+    if opts.clip and opts.rounding == "rtn":  # thresholds chosen for round-to-nearest; GPTQ fits its own grids
         x = stats.sample()
         x = x / s[None, :] if s is not None else x
         x = x[torch.linspace(0, x.shape[0] - 1, min(opts.clip_tokens, x.shape[0]), device=x.device).long()]
@@ -229,7 +233,16 @@ def _fold(view, names: tuple[str, ...], weights: list[torch.Tensor], prev: str, 
 
 
 def _compress(weight: torch.Tensor, stats, config: CompressConfig) -> LinearResult:
-    return rtn(weight, config.grid())
+    """Round the prepared (scaled, clipped) weight: to nearest, or by GPTQ on the Hessian of the inputs the
+    rescaled weight now reads (x / s: H / (s s^T))."""
+    if config.options.rounding == "rtn":
+        return rtn(weight, config.grid())
+    h = stats.hessian.hessian()
+    s = getattr(stats, "input_scale", None)
+    if s is not None:
+        h = h / (s[:, None] * s[None, :])
+    res = gptq(weight, h, dataclasses.replace(config, method="gptq", options=None), stats.hessian.factors)
+    return dataclasses.replace(res, info={**res.info, "awq_rounding": "gptq"})
 
 
 @dataclasses.dataclass
@@ -239,10 +252,11 @@ class AWQOptions(MethodOptions):
 
     grid: int = 20  # candidate scale exponents, evenly in [0, 1]
     duo_scaling: bool = True  # candidates divide by the normalised weight magnitude too (AutoAWQ / llm-compressor)
-    clip: bool = True  # the paper's per-group weight-clipping search after scaling (llm-awq auto_clip)
+    clip: bool = True  # the paper's per-group weight-clipping search after scaling (llm-awq auto_clip); with rounding="rtn" only
     block_tokens: int | None = None  # calibration tokens (whole batches, spread over the set) the block loss is measured on; None: all (the reference's)
     samples: int = 4096  # input rows kept per group for the clipping search and the reported error
     clip_tokens: int = 512  # of those, rows the clipping search uses (llm-awq: 512)
+    rounding: str = "rtn"  # rtn: round to nearest (the paper's AWQ) | gptq: GPTQ at its defaults on the rescaled inputs' Hessian (AWQ + GPTQ)
 
     def check(self, config) -> None:
         check(isinstance(self.grid, int) and self.grid >= 2, f"grid must be >= 2 (got {self.grid})")
@@ -251,6 +265,7 @@ class AWQOptions(MethodOptions):
               f"block_tokens must be >= 1 (got {self.block_tokens})")
         check(isinstance(self.clip_tokens, int) and self.clip_tokens >= 16,
               f"clip_tokens must be >= 16 (got {self.clip_tokens})")
+        check(self.rounding in ("rtn", "gptq"), f"rounding must be rtn or gptq (got {self.rounding!r})")
 
 
 METHOD = Method("awq", "block_io", _compress, prepare_group=_prepare, paper="Lin et al. 2023 (AWQ)",
