@@ -11,11 +11,12 @@ exponents evenly in [0, 1] (llm-compressor's grid: with duo scaling a plain a=0 
 exponents). Then the paper's weight-clipping search: per output row and quantization group, the
 clipping threshold ``max|w| * (1 - i/20)``, i < 10, that best reproduces the group's output on
 ``clip_tokens`` sampled inputs (q and k excepted, as in llm-awq: their error is reshaped by the
-softmax); then round to nearest. ``rounding="gptq"`` rounds by GPTQ instead, at its defaults, on the Hessian of
-the group's rescaled inputs (AWQ + GPTQ, which the paper finds complementary at 2-3 bits), without the clipping
-search, whose thresholds are chosen for round-to-nearest (on tiny random models of five architectures, clipping
-before GPTQ gave held-out logits further from dense than no clipping on every one). Groups with no foldable preceding op (GPT-2's projections behind a
-GELU / fused qkv; o_proj behind a grouped-query v_proj) get the clipping search only. (One scale per value
+softmax); then round to nearest. ``rounding="gptq"`` rounds by GPTQ instead, at its defaults, on the
+Hessian of the group's rescaled inputs (AWQ + GPTQ: the paper reports the two as orthogonal and combines
+them at very low bit widths), without the clipping search, whose thresholds are chosen for
+round-to-nearest (on tiny random models of five architectures, clipping before GPTQ left held-out logits
+further from dense than no clipping on every one). Groups with no foldable preceding op (GPT-2's projections behind a
+GELU / fused qkv; o_proj behind a grouped-query v_proj) are not rescaled, only clipped (or GPTQ-rounded). (One scale per value
 channel, repeated over the query heads that read it, keeps that fold exact too; measured on the bundled model,
 w3 g64 at 32 x 512, it gave PTB 163.00 against 147.57 without, so it is not done: commit f34d353.) Which op
 precedes a group and which block's output measures it are per-architecture data below.
