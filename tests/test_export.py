@@ -112,7 +112,8 @@ def test_pack_int32_matches_compressed_tensors():
 @pytest.mark.parametrize("cfg", [dict(method="sparsegpt", sparsity=0.5, bits=4, group_size=32),
                                  dict(method="rtn", bits=3, group_size=-1),
                                  dict(method="rtn", bits=8, group_size=32),
-                                 dict(method="awq", bits=4, group_size=32)])
+                                 dict(method="awq", bits=4, group_size=32),
+                                 dict(method="awq", bits=3, group_size=32, rounding="gptq")])
 def test_compressed_tensors_loads_in_transformers(tmp_path, cfg):
     pytest.importorskip("compressed_tensors")
     art = artifact(tmp_path, **cfg)

@@ -106,9 +106,11 @@ def test_magnitude_2_4_stores_mask_and_kept_values(tmp_path):
     assert not (packed.path / "quant_params.safetensors").exists()
 
 
-def test_awq_linears_rescaled_after_quantization_stay_on_their_grids_and_pack(tmp_path):
+@pytest.mark.parametrize("rounding", ["rtn", "gptq"])
+def test_awq_linears_rescaled_after_quantization_stay_on_their_grids_and_pack(tmp_path, rounding):
     lm = tiny_loaded("llama", hidden=32, layers=2)
-    rep = compress(lm, CompressConfig.from_dict(dict(method="awq", bits=4, group_size=16, grid=4, samples=256)), calib())
+    rep = compress(lm, CompressConfig.from_dict(dict(method="awq", bits=4, group_size=16, grid=4, samples=256,
+                                                     rounding=rounding)), calib())
     # down_proj's scales divide up_proj's rows after up_proj was quantized: its codes move to rescaled grids
     folded = sum(r.info.get("awq_folded_into") == "mlp.up_proj" and r.info["awq_scale_spread"] > 1 for r in rep.linears)
     assert folded >= 1
