@@ -50,6 +50,8 @@ def recipe(name: str, sym: bool):
     if name in ("awq-w4g64", "awq-w3g64"):
         bits = 4 if name == "awq-w4g64" else 3
         return [AWQModifier(), QuantizationModifier(config_groups=groups(bits, 64), ignore=ignore)]
+    if name == "awq-gptq-w3g64":  # AWQ's smoothing, then GPTQ quantizes (recoup: awq rounding=gptq)
+        return [AWQModifier(), GPTQModifier(config_groups=groups(3, 64), ignore=ignore)]
     if name == "sparsegpt-50+w4g64":  # llm-compressor's sparse-then-quantize recipe
         return [SparseGPTModifier(sparsity=0.5, mask_structure="0:0", ignore=prune_ignore),
                 GPTQModifier(config_groups=groups(4, 64), ignore=ignore)]

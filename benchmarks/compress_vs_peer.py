@@ -44,7 +44,7 @@ RECIPES: dict[str, dict] = {
     "wanda-50": {"method": "wanda", "sparsity": 0.5},
     "awq-w4g64": {"method": "awq", "bits": 4, "group_size": 64},
     "awq-w3g64": {"method": "awq", "bits": 3, "group_size": 64},
-    # AWQ's scales, then GPTQ's rounding (recoup's rounding=gptq): --only recoup (the worker has no peer recipe for it)
+    # AWQ's scales, then GPTQ's rounding (recoup's rounding=gptq; llm-compressor: AWQModifier then GPTQModifier)
     "awq-gptq-w3g64": {"method": "awq", "bits": 3, "group_size": 64, "rounding": "gptq"},
     "sparsegpt-50+w4g64": {"method": "sparsegpt", "sparsity": 0.5, "bits": 4, "group_size": 64},
 }
