@@ -15,7 +15,8 @@ softmax); then round to nearest. ``rounding="gptq"`` rounds by GPTQ instead, at 
 Hessian of the group's rescaled inputs (AWQ + GPTQ: the paper reports the two as orthogonal and combines
 them at very low bit widths), without the clipping search, whose thresholds are chosen for
 round-to-nearest (on tiny random models of five architectures, clipping before GPTQ left held-out logits
-further from dense than no clipping on every one). Groups with no foldable preceding op (GPT-2's projections behind a
+further from dense than no clipping on every one; on the bundled model, w3 g64 at 32 x 512, PTB 125.19 with
+it against 103.62 without). Groups with no foldable preceding op (GPT-2's projections behind a
 GELU / fused qkv; o_proj behind a grouped-query v_proj) are not rescaled, only clipped (or GPTQ-rounded). (One scale per value
 channel, repeated over the query heads that read it, keeps that fold exact too; measured on the bundled model,
 w3 g64 at 32 x 512, it gave PTB 163.00 against 147.57 without, so it is not done: commit f34d353.) Which op
