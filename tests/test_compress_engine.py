@@ -78,7 +78,7 @@ def test_awq_rounded_by_gptq_is_on_grid_every_arch_and_beats_rounding_to_nearest
         fp = compression_fingerprint(lm.model, rep.to_dict(), rep.qparams)
         assert fp["all_on_grid"] is True and set(fp["linears"]) == set(rep.qparams)
         assert all((r.info.get("awq_rounding") == "gptq") == (rounding == "gptq") for r in rep.linears)
-        assert all(bool(r.info.get("awq_clip")) == (rounding == "rtn") for r in rep.linears if "v_proj" in r.name)
+        assert all(("awq_clip" in r.info) == (rounding == "rtn") for r in rep.linears)  # no clipping search
         errs[rounding] = float(((lm.model(held.input_ids).logits - ref) ** 2).mean().detach())
     assert errs["gptq"] < errs["rtn"], errs
 
