@@ -1,4 +1,5 @@
-"""``true_sequential`` off (the SparseGPT / Wanda reference code's order; SparseGPT's default when it only prunes): every group of a decoder layer is
+"""``true_sequential`` off (the SparseGPT / Wanda reference code's order; SparseGPT's default when it only prunes, AWQ's
+with GPTQ rounding): every group of a decoder layer is
 compressed from statistics of the *dense* layer's inputs; on (GPTQ's order) from the layer with the groups
 before it already compressed."""
 
@@ -12,7 +13,7 @@ from helpers import tiny_loaded
 
 from recoup.compress import CompressConfig, compress
 from recoup.compress import engine
-from recoup.compress.stats import ActNormStats, HessianStats
+from recoup.compress.stats import ActNormStats, BlockIOStats, HessianStats
 from recoup.data.calibration import Calibration
 from recoup.model.anatomy import anatomy
 
@@ -28,6 +29,8 @@ ORIGINAL_COMPRESS_GROUPS = engine._compress_groups
 
 
 def _stat(s) -> torch.Tensor:
+    if isinstance(s, BlockIOStats):  # AWQ + GPTQ: the Hessian GPTQ rounds on
+        s = s.hessian
     return s.xtx.clone() if isinstance(s, HessianStats) else s.sq.clone()
 
 
@@ -65,7 +68,9 @@ def dense_stats(model, kind, batch_size: int = 4) -> dict[tuple[str, ...], torch
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("cfg,kind", [(dict(method="sparsegpt", sparsity=0.5), HessianStats),
-                                      (dict(method="wanda", sparsity=0.5), ActNormStats)], ids=["sparsegpt", "wanda"])
+                                      (dict(method="wanda", sparsity=0.5), ActNormStats),
+                                      (dict(method="awq", bits=3, group_size=16, grid=3, rounding="gptq"), HessianStats)],
+                         ids=["sparsegpt", "wanda", "awq-gptq"])
 def test_true_sequential_off_takes_every_group_from_the_dense_layer(arch, cfg, kind, monkeypatch):
     lm = tiny_loaded(arch, hidden=32, layers=2)
     ref = dense_stats(copy.deepcopy(lm.model), kind)
@@ -88,3 +93,8 @@ def test_true_sequential_defaults():
     assert CompressConfig.from_dict(forced).options.true_sequential is False
     assert CompressConfig.from_dict(dict(method="wanda", sparsity=0.5)).options.true_sequential is True
     assert CompressConfig.from_dict(dict(method="gptq", bits=4)).options.true_sequential is True
+    awq = dict(method="awq", bits=3, group_size=16)
+    assert CompressConfig.from_dict(awq).options.true_sequential is True  # AWQ alone: true-sequential (measured better)
+    gptq_rounded = CompressConfig.from_dict({**awq, "rounding": "gptq"})  # AWQ + GPTQ: llm-compressor's order
+    assert gptq_rounded.options.true_sequential is False and gptq_rounded.to_dict()["true_sequential"] is False
+    assert CompressConfig.from_dict({**awq, "rounding": "gptq", "true_sequential": True}).options.true_sequential is True

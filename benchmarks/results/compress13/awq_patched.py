@@ -5,7 +5,10 @@ and patches of the method module (session 13):
 RECIPE_JSON overrides recipe keys, e.g. '{"clip_tokens": 4096}' or '{"rounding": "gptq"}'. PATCH_JSON: {"no_clip": []}
 clips q and k too (llm-awq skips them); {"clip_grid": N, "max_shrink": F} another clipping grid; {"both": true}
 llm-compressor's duo_scaling="both" (the plain and the duo exponents, 2 x grid candidates); {"seed": N} another
-calibration seed."""
+calibration seed; {"gptq_h": "unscaled"} (with rounding gptq) GPTQ on the Hessian of the unscaled inputs X^T X, as
+llm-compressor's AWQModifier + GPTQModifier does (its Hessian hooks run in the calibration pass before the smoothing),
+in place of the rescaled inputs' H / (s s^T); {"dense": true} every group's statistics from the dense layer (the
+method option true_sequential off, as awq_variants.py's dense)."""
 import json, sys, time, functools, torch
 from recoup.artifact import load_model
 from recoup.compress import CompressConfig, compress
@@ -32,8 +35,16 @@ if patch.get("both"):  # llm-compressor's duo_scaling="both" at n_grid 2*grid: g
             out.append((a, torch.where(torch.isfinite(s), s, torch.ones_like(s))))
         return plain + out
     A.scale_candidates = both
+if patch.get("gptq_h") == "unscaled":
+    orig_compress = A.METHOD.compress_linear
+    class _Unscaled:  # the stats as _compress reads them, without the input scale
+        def __init__(self, st):
+            self.hessian = st.hessian
+    object.__setattr__(A.METHOD, "compress_linear", lambda w, st, c: orig_compress(w, _Unscaled(st), c))
 loaded = load_model("smollm2-135m")
 config = CompressConfig.from_dict(recipe)
+if patch.get("dense"):
+    config.options.true_sequential = False
 cal = calibration_windows(loaded.tokenizer, "ptb", 32, 512, patch.get("seed", 0))
 t = time.time(); compress(loaded, config, cal); dt = time.time() - t
 res = perplexity(loaded.model, loaded.tokenizer, "ptb", "test", seqlen=2048, limit=8)
