@@ -20,7 +20,8 @@ HELP: dict[str, str] = {
     "force": "allow a non-empty --out",
     "calib": "calibration corpus: ptb, wiki, or a .txt/.jsonl file",
     "true_sequential": "statistics of each group from the layer with the earlier groups compressed (on) or from the "
-                       "dense layer (off: the SparseGPT/Wanda reference order); sparsegpt default: on when it quantizes; awq: on with --rounding rtn, off with gptq",
+                       "dense layer (off: the SparseGPT/Wanda reference order); sparsegpt default: on when it quantizes; "
+                       "awq: on with --rounding rtn, off with gptq",
     "nsamples": "calibration windows",
     "seqlen": "compress: calibration window length; eval: perplexity window; recover: training window / max "
               "tokens per example",
