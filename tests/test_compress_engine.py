@@ -66,21 +66,22 @@ def test_quantizers_put_every_weight_on_grid(arch, method):
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text", "opt", "gpt2"])
 def test_awq_rounded_by_gptq_is_on_grid_every_arch_and_beats_rounding_to_nearest(arch):
-    """AWQ + GPTQ (``rounding="gptq"``): every weight on its grid (the qparams are GPTQ's), no clipping search, and, on
-    held-out windows, the model's logits closer to the dense model's than AWQ's own round-to-nearest."""
+    """AWQ + GPTQ (``rounding="gptq"``), in its default order (the dense layer's) and true-sequential: every weight on
+    its grid (the qparams are GPTQ's), no clipping search, and, on held-out windows, the model's logits closer to the
+    dense model's than AWQ's own round-to-nearest."""
     cal, held = calib(n=16), calib(n=16, seed=1)
     errs = {}
-    for rounding in ("rtn", "gptq"):
+    for run, rounding, order in (("rtn", "rtn", {}), ("gptq", "gptq", {}), ("gptq-seq", "gptq", {"true_sequential": True})):
         lm = tiny_loaded(arch, hidden=48, layers=2)
         ref = lm.model(held.input_ids).logits.detach()
         rep = compress(lm, CompressConfig.from_dict(dict(method="awq", bits=3, group_size=16, grid=6,
-                                                         rounding=rounding)), cal)
+                                                         rounding=rounding, **order)), cal)
         fp = compression_fingerprint(lm.model, rep.to_dict(), rep.qparams)
         assert fp["all_on_grid"] is True and set(fp["linears"]) == set(rep.qparams)
         assert all((r.info.get("awq_rounding") == "gptq") == (rounding == "gptq") for r in rep.linears)
         assert all(("awq_clip" in r.info) == (rounding == "rtn") for r in rep.linears)  # no clipping search
-        errs[rounding] = float(((lm.model(held.input_ids).logits - ref) ** 2).mean().detach())
-    assert errs["gptq"] < errs["rtn"], errs
+        errs[run] = float(((lm.model(held.input_ids).logits - ref) ** 2).mean().detach())
+    assert errs["gptq"] < errs["rtn"] and errs["gptq-seq"] < errs["rtn"], errs
 
 
 def test_gptq_and_sparsegpt_reduce_output_error_vs_baselines():
