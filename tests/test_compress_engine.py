@@ -71,7 +71,8 @@ def test_awq_rounded_by_gptq_is_on_grid_every_arch_and_beats_rounding_to_nearest
     dense model's than AWQ's own round-to-nearest."""
     cal, held = calib(n=16), calib(n=16, seed=1)
     errs = {}
-    for run, rounding, order in (("rtn", "rtn", {}), ("gptq", "gptq", {}), ("gptq-seq", "gptq", {"true_sequential": True})):
+    runs = (("rtn", "rtn", {}), ("gptq", "gptq", {}), ("gptq-seq", "gptq", {"true_sequential": True}))
+    for run, rounding, order in runs:
         lm = tiny_loaded(arch, hidden=48, layers=2)
         ref = lm.model(held.input_ids).logits.detach()
         rep = compress(lm, CompressConfig.from_dict(dict(method="awq", bits=3, group_size=16, grid=6,
