@@ -95,6 +95,6 @@ def test_true_sequential_defaults():
     assert CompressConfig.from_dict(dict(method="gptq", bits=4)).options.true_sequential is True
     awq = dict(method="awq", bits=3, group_size=16)
     assert CompressConfig.from_dict(awq).options.true_sequential is True  # AWQ alone: true-sequential (measured better)
-    gptq_rounded = CompressConfig.from_dict({**awq, "rounding": "gptq"})  # AWQ + GPTQ: llm-compressor's order
+    gptq_rounded = CompressConfig.from_dict({**awq, "rounding": "gptq"})  # AWQ + GPTQ: the dense layer's order
     assert gptq_rounded.options.true_sequential is False and gptq_rounded.to_dict()["true_sequential"] is False
     assert CompressConfig.from_dict({**awq, "rounding": "gptq", "true_sequential": True}).options.true_sequential is True

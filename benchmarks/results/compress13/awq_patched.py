@@ -6,8 +6,8 @@ RECIPE_JSON overrides recipe keys, e.g. '{"clip_tokens": 4096}' or '{"rounding":
 clips q and k too (llm-awq skips them); {"clip_grid": N, "max_shrink": F} another clipping grid; {"both": true}
 llm-compressor's duo_scaling="both" (the plain and the duo exponents, 2 x grid candidates); {"seed": N} another
 calibration seed; {"gptq_h": "unscaled"} (with rounding gptq) GPTQ on the Hessian of the unscaled inputs X^T X, as
-llm-compressor's AWQModifier + GPTQModifier does (its Hessian hooks run in the calibration pass before the smoothing),
-in place of the rescaled inputs' H / (s s^T); {"dense": true} every group's statistics from the dense layer (the
+session 14 read llm-compressor's AWQModifier + GPTQModifier to do (wrong: session 15's
+peer_awq_gptq_hessian_probe.py shows its GPTQ Hessians are of the smoothed inputs), in place of the rescaled inputs' H / (s s^T); {"dense": true} every group's statistics from the dense layer (the
 method option true_sequential off, as awq_variants.py's dense)."""
 import json, sys, time, functools, torch
 from recoup.artifact import load_model

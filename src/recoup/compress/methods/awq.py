@@ -19,9 +19,11 @@ further from dense than no clipping on every one; on the bundled model, w3 g64 a
 PTB 125.19 with it against 103.62 without). The order: with ``rounding="rtn"`` true-sequential (each group's
 statistics from the layer with the groups before it compressed; on the bundled model, w3 g64 at 32 x 512 with
 the block loss on 4096 tokens, PTB 155.92 against 172.35 in the dense layer's order); with ``"gptq"`` every
-group's statistics from the dense layer, the order of llm-compressor's AWQModifier + GPTQModifier (bundled
-model, w3 g64 at 32 x 512, PTB-test 8 x 2048: 87.72 against 103.62 true-sequential on calibration seed 0;
-llm-compressor's 87.89). ``true_sequential`` forces either. Groups with no foldable preceding op (GPT-2's projections behind a
+group's statistics from the dense layer (bundled model, w3 g64 at 32 x 512, PTB-test 8 x 2048: 87.72 against
+103.62 true-sequential on calibration seed 0). llm-compressor's AWQModifier + GPTQModifier gives 87.89 in yet
+another order: AWQ smooths the whole model in one sequential pass (each layer's scales from the smoothed, not
+quantized, layers before it), then GPTQ quantizes it in a second, on the Hessians of the smoothed inputs
+(benchmarks/results/compress13, "Session 15"). ``true_sequential`` forces either. Groups with no foldable preceding op (GPT-2's projections behind a
 GELU / fused qkv; o_proj behind a grouped-query v_proj) are not rescaled, only clipped (or GPTQ-rounded). (One scale per value
 channel, repeated over the query heads that read it, keeps that fold exact too; measured on the bundled model,
 w3 g64 at 32 x 512, it gave PTB 163.00 against 147.57 without, so it is not done: commit f34d353.) Which op
