@@ -29,7 +29,7 @@ ORIGINAL_COMPRESS_GROUPS = engine._compress_groups
 
 
 def _stat(s) -> torch.Tensor:
-    if isinstance(s, BlockIOStats):  # AWQ + GPTQ: the Hessian GPTQ rounds on
+    if isinstance(s, BlockIOStats):  # AWQ + GPTQ: the X^T X it keeps for GPTQ (which rounds on it divided by s s^T)
         s = s.hessian
     return s.xtx.clone() if isinstance(s, HessianStats) else s.sq.clone()
 
