@@ -8,7 +8,8 @@ llm-compressor's duo_scaling="both" (the plain and the duo exponents, 2 x grid c
 calibration seed; {"gptq_h": "unscaled"} (with rounding gptq) GPTQ on the Hessian of the unscaled inputs X^T X, as
 session 14 read llm-compressor's AWQModifier + GPTQModifier to do (wrong: session 15's
 peer_awq_gptq_hessian_probe.py shows its GPTQ Hessians are of the smoothed inputs), in place of the rescaled inputs' H / (s s^T); {"dense": true} every group's statistics from the dense layer (the
-method option true_sequential off, as awq_variants.py's dense)."""
+method option true_sequential off, as awq_variants.py's dense; since session 14 the same as the recipe key
+'{"true_sequential": false}', kept so the recorded commands rerun as written)."""
 import json, sys, time, functools, torch
 from recoup.artifact import load_model
 from recoup.compress import CompressConfig, compress
