@@ -96,7 +96,7 @@ def _describe(key: Key) -> str:
         parts.append(f"default {key.default}")
     if key.methods:
         parts.append("methods: " + ", ".join(key.methods))
-    return "; ".join(parts)
+    return "; ".join(parts).replace("%", "%%")  # argparse %-formats help text ("~30% slower" broke --help)
 
 
 def add_job_arguments(p: argparse.ArgumentParser, kind: str) -> None:
