@@ -1,5 +1,5 @@
 #!/bin/bash
-# Sequential real-model pipeline for issue 5 (one heavy job at a time). Logs in /tmp/p5/.
+# Sequential real-model pipeline (one heavy job at a time). Logs in /tmp/p5/.
 set -x
 cd /work/main && . .venv/bin/activate
 export OMP_NUM_THREADS=1
@@ -37,6 +37,6 @@ recoup eval smollm2-135m --tasks ppl:ptb --limit 4 --recovery /work/artifacts/pr
 recoup eval /work/artifacts/smollm2-sgpt60 --tasks ppl:ptb --limit 4 --json /tmp/p5/sgpt60.json
 recoup eval /work/artifacts/smollm2-sgpt60 --tasks ppl:ptb --limit 4 --recovery /work/artifacts/prompts/smollm2-8x-sp20 --json /tmp/p5/sgpt60_sp.json
 
-# full PTB test (47 windows of 2048), session 2
+# full PTB test (47 windows of 2048)
 OMP_NUM_THREADS=1 recoup eval /work/artifacts/smollm2-8x --tasks ppl:ptb --seqlen 2048 --json 8x_full_ptb.json
 OMP_NUM_THREADS=1 recoup eval /work/artifacts/smollm2-8x --tasks ppl:ptb --seqlen 2048 --recovery /work/artifacts/prompts/smollm2-8x-sp20 --json 8x_sp_full_ptb.json
