@@ -31,3 +31,20 @@ def test_check_mode_fails_on_a_stale_page(tmp_path, capsys):
     assert main(["--check", "--out", str(stale)]) == 1
     assert main(["--out", str(stale)]) == 0
     assert main(["--check", "--out", str(stale)]) == 0
+
+
+def test_results_page_is_current():
+    """docs/results.md is rebuilt from benchmarks/results by benchmarks/report.py; a changed result needs a rebuild."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("bench_report", root / "benchmarks" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    page = (DOCS / "results.md").read_text(encoding="utf-8")
+    assert page == report.results_page(), "docs/results.md is stale: run python benchmarks/report.py"
+    readme = root / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    if report.START in text:  # the README's table, once the README carries the markers
+        stale = "README results table is stale: run python benchmarks/report.py"
+        assert text == report.splice(text, report.readme_table()), stale
