@@ -149,8 +149,9 @@ def results_page() -> str:
             "compression call alone, both sides on the same 2-core CPU in one run.", ""]
     out += _table(["method", "PTB recoup", "PTB llm-compressor", "seconds recoup", "seconds llm-compressor",
                    "time ratio"], _peer_rows()) + [""]
-    steps = _load("compress_vs_peer/sparsegpt_time_by_step_128x512.json")
-    out += [f"SparseGPT's {steps['total_s']:.0f} s by step ({_link('compress_vs_peer/sparsegpt_time_by_step_128x512.json', p)}): "
+    by_step = "compress_vs_peer/sparsegpt_time_by_step_128x512.json"
+    steps = _load(by_step)
+    out += [f"SparseGPT's {steps['total_s']:.0f} s by step ({_link(by_step, p)}): "
             f"the dense layer's forward for the statistics {steps['observe_forward_s']:.0f} s, the Hessians "
             f"{steps['hessian_add_s']:.0f} s, the OBS update {steps['compress_groups_s']:.0f} s, the compressed "
             f"layer's forward {steps['propagate_s']:.0f} s.", ""]
@@ -177,7 +178,8 @@ def results_page() -> str:
             f"{_link('zeroshot_full/hellaswag_batch64.json', p)} (one H100); "
             f"{_link('zeroshot_full/hellaswag_cpu.json', p)} (CPU) gives the same HellaSwag figures.", ""]
     rows = []
-    for rel in ("zeroshot_full/arc_easy_piqa.json", "zeroshot_full/other_tasks.json", "zeroshot_full/hellaswag_batch64.json"):
+    for rel in ("zeroshot_full/arc_easy_piqa.json", "zeroshot_full/other_tasks.json",
+                "zeroshot_full/hellaswag_batch64.json"):
         for task, r in _load(rel)["results"].items():
             norm = f"{r['acc_norm']:.4f}" if "acc_norm" in r else ""
             rows.append([task, r["protocol"]["split"], str(r["n"]), f"{r['acc']:.4f}", norm])
