@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import tiny_loaded
+from helpers import needs_packs, tiny_loaded
 from recoup.data.packs import pack_dir
 from recoup.errors import RecoupError
 from recoup.evaluate import tasks as registry
@@ -27,15 +27,29 @@ def test_unknown_task_suite_and_option_get_did_you_mean():
         parse_options(["shots"])
 
 
+@needs_packs
 def test_every_suite_task_is_registered_and_files_are_checked_before_loading():
     for names in registry.SUITES.values():
         for name in names:
             registry.get_spec(name)
     with pytest.raises(RecoupError, match="--option cnndm_file=PATH"):
-        resolve_tasks(None, "kick", {})
+        resolve_tasks("cnndm", None, {})  # named: refused in one line
     with pytest.raises(RecoupError, match="no such file"):
         resolve_tasks("instructions", None, {"instructions_file": "/no/such.jsonl"})
     assert resolve_tasks("arc_easy,ppl:ptb,arc_easy", None) == ["arc_easy", "ppl:ptb"]
+
+
+@needs_olmo
+def test_a_suite_skips_the_tasks_without_data_and_names_them(tmp_path, monkeypatch):
+    from recoup.evaluate.runner import resolve
+
+    monkeypatch.setenv("RECOUP_HOME", str(tmp_path))  # no BIG-bench task files installed
+    names, skipped = resolve(None, "kick", {})
+    assert {"qa_wikidata", "xsum", "cnndm", "instructions"} <= set(skipped)
+    assert "RECOUP_BIGBENCH_DIR" in skipped["xsum"] and "cnndm_file" in skipped["cnndm"]
+    assert not set(names) & set(skipped)
+    with pytest.raises(RecoupError, match="no such file"):  # a file given but absent is bad input, not skipped
+        resolve(None, "kick", {"cnndm_file": str(tmp_path / "absent.jsonl")})
 
 
 def test_seeded_sample_is_reproducible_and_seed_dependent():
@@ -175,6 +189,7 @@ def test_real_model_arc_easy_sample_is_reproducible_and_above_chance():
     assert first["acc"] > 0.35  # chance is 0.25 on four choices
 
 
+@needs_packs
 def test_scores_of_a_task_the_recovery_was_tuned_on_carry_a_warning(caplog):
     import torch
 

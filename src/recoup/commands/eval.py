@@ -28,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{task}: {shown}")
         if res.get("judge_error"):
             print(f"{task}: judge error after {res.get('n_judged', 0)} judged example(s), kept: {res['judge_error']}")
+    for task, reason in out.get("skipped", {}).items():
+        print(f"{task}: skipped: {reason}")
     if job.json:
         print(f"wrote {job.json}")
     return 0

