@@ -5,7 +5,7 @@
    ``PromptTuningConfig`` model, on the same model, the same PTB-train windows, the same initial
    prompt and the same objective (PEFT labels with the first input token masked, so both score the
    same T-1 tokens). The first step of each is a warm-up and is not timed.
-2. Latency, batch 1 (:func:`recoup.runs.compare_recovery.measure_latency`): prefill of a ``--prompt-len``
+2. Latency, batch 1 (:func:`recoup.evaluate.latency.measure_latency`): prefill of a ``--prompt-len``
    token input and per-token greedy decode with the KV cache, for the model alone, + a soft prompt
    of ``--tokens``, + an IDP pool of ``--pool`` x ``--tokens`` (one-prefill: the choice is made inside the
    prefill; a saved two-pass pool's prefill includes its selection pass; see benchmarks/idp_prefill.py).
@@ -32,7 +32,7 @@ import torch
 def train_throughput(loaded, windows: torch.Tensor, init: torch.Tensor, lr: float, use_peft: bool) -> dict:
     """Median seconds per step and tokens/s over ``windows`` (steps, B, T); step 0 is a warm-up."""
     from recoup.recover.soft_prompt import SoftPrompt, frozen
-    from recoup.recover.task_data import lm_loss
+    from recoup.recover.losses import lm_loss
 
     model = loaded.model
     if use_peft:
@@ -86,7 +86,7 @@ class _nothing:
 def main() -> None:
     from recoup.data.calibration import calibration_windows
     from recoup.artifact import load_model
-    from recoup.runs.compare_recovery import LatencyConfig, measure_latency
+    from recoup.evaluate.latency import LatencyConfig, measure_latency
     from recoup.recover.idp import IDPPool
     from recoup.recover.methods import load_recovery
     from recoup.recover.soft_prompt import SoftPrompt

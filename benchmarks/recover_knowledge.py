@@ -195,7 +195,7 @@ def task_examples(args) -> tuple[dict[str, list[dict]], dict]:
 
 def score_examples(model, tokenizer, examples: list[dict], recovery, batch_size: int) -> dict[str, list[float]]:
     """Per-example acc and acc_norm through the Scorer (compare-recovery's scoring); ``model`` has the recovery attached."""
-    from recoup.runs.compare_recovery import per_example_scores
+    from recoup.evaluate.heldout import per_example_scores
 
     return per_example_scores(model, tokenizer, examples, recovery, batch_size)
 
@@ -204,7 +204,7 @@ def evaluate_row(row: Row, source: str, recovery: str | None, args, examples: di
     """Every column of one row (``source`` with ``recovery`` attached)."""
     from recoup.data.windows import corpus_ids
     from recoup.recipe.jobs import EvalJob
-    from recoup.runs.compare_recovery import LatencyConfig, measure_latency
+    from recoup.evaluate.latency import LatencyConfig, measure_latency
     from recoup.runs.stages import evaluate
 
     started = time.time()

@@ -18,7 +18,7 @@ import recoup.artifact
 import recoup.artifact.store
 import recoup.model.load
 from recoup.cli import main
-from helpers import save_tiny, tiny_loaded
+from helpers import _packs_present, save_tiny, tiny_loaded
 
 VALID_RECIPE = """name: tiny
 model: smollm2-135m
@@ -240,6 +240,8 @@ def _argv(template: str, d) -> list[str]:
 
 @pytest.mark.parametrize("case,template,needle", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_one_line_before_any_model(case, template, needle, files, monkeypatch, capsys):
+    if case == "compare-recovery-nan" and not _packs_present():  # the task split is read before the recovery
+        pytest.skip("data packs not installed (run `recoup setup`)")
     monkeypatch.setenv("RECOUP_TEST_EMPTY_KEY", "")
     monkeypatch.delenv("RECOUP_TEST_UNSET_KEY", raising=False)
     _forbid_loading(monkeypatch)

@@ -8,8 +8,10 @@ from recoup import RecoupError
 from recoup.model.forward import forward_logits
 from recoup.recover.cpet import (CpetConfig, CpetRecovery, RecoveryModule, build_cpet, distill_loss, fit_cpet,
                                  hidden_indices, make_teacher, modules_attached, recovery_targets)
-from recoup.recover.lora import LoraConfig, fit_lora, linear_digests
-from recoup.recover.task_data import mean_loss
+from recoup.recover.adapter import LoraConfig
+from recoup.recover.base import linear_digests
+from recoup.recover.lora import fit_lora
+from recoup.recover.losses import mean_loss
 from recoup.recover.train import TrainConfig
 from test_lora import IDS, sparsify, toy_data
 
@@ -69,10 +71,10 @@ def test_distill_loss_values():
     t_pad_only[0][0, 3:] += 10.0  # differences on padded positions do not count
     assert distill_loss(s, t_pad_only, mask).item() == 0.0
     logits = torch.randn(2, 4, 11)
-    scored = torch.ones(2, 4, dtype=torch.bool)
-    assert distill_loss(s, s, mask, logits, logits, scored, kl_weight=1.0).item() == pytest.approx(0.0, abs=1e-6)
+    keep, labels = torch.arange(4), torch.zeros(2, 5, dtype=torch.long)  # every next token scored
+    assert distill_loss(s, s, mask, logits, logits, keep, labels, kl_weight=1.0).item() == pytest.approx(0.0, abs=1e-6)
     other = torch.randn(2, 4, 11)
-    kl = distill_loss(s, s, mask, logits, other, scored, kl_weight=1.0, temperature=1.0).item()
+    kl = distill_loss(s, s, mask, logits, other, keep, labels, kl_weight=1.0, temperature=1.0).item()
     ref = F.kl_div(F.log_softmax(logits.reshape(-1, 11), -1), F.log_softmax(other.reshape(-1, 11), -1),
                    log_target=True, reduction="batchmean").item()
     assert kl == pytest.approx(ref, rel=1e-5) and kl > 0
@@ -137,7 +139,8 @@ def test_distill_without_teacher_is_a_clear_error():
 def test_distillation_pulls_the_student_toward_the_teacher():
     """Same data, init and steps: with the distillation term the compressed student ends closer to the
     teacher's final hidden states than without it."""
-    from recoup.recover.task_data import collate, model_outputs
+    from recoup.recover.losses import model_outputs
+    from recoup.recover.task_data import collate
 
     tok = tiny_tokenizer()
     data = toy_data(tok)

@@ -45,7 +45,7 @@ def test_cached_paths_use_this_transformers_cache_name(monkeypatch):
     from helpers import tiny_loaded, tiny_tokenizer
     from recoup.evaluate.scorer import Scorer
     from recoup.recover.idp import IDPPool
-    from recoup.runs.compare_recovery import LatencyConfig, measure_latency
+    from recoup.evaluate.latency import LatencyConfig, measure_latency
 
     said: list[str] = []
     monkeypatch.setattr(generic.logger, "warning_once", lambda msg, *a, **k: said.append(str(msg)), raising=False)

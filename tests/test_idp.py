@@ -14,7 +14,7 @@ from recoup.model.anatomy import anatomy
 from recoup.model.forward import build_inputs
 from recoup.recover.idp import IDPConfig, IDPPool, fit_idp
 from recoup.recover.methods import load_recovery
-from recoup.recover.task_data import lm_loss
+from recoup.recover.losses import lm_loss
 
 
 @pytest.fixture(scope="module")

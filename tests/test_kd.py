@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from helpers import save_tiny, tiny_model, tiny_tokenizer
 
 from recoup.errors import RecoupError
-from recoup.recover.task_data import Objective, Sequence, collate, kd_loss, prefixed_loss
+from recoup.recover.losses import Objective, kd_loss, prefixed_loss
+from recoup.recover.task_data import Sequence, collate
 
 BATCH = collate([Sequence(ids=list(range(5, 25))), Sequence(ids=list(range(30, 42)), first_scored=4)], 0)
 

@@ -5,8 +5,11 @@ from helpers import tiny_model, tiny_tokenizer
 from recoup import RecoupError
 from recoup.model.anatomy import anatomy
 from recoup.model.forward import forward_logits
-from recoup.recover.lora import LoraConfig, LoraRecovery, fit_lora, linear_digests
-from recoup.recover.task_data import TuningData, completion_sequence, mean_loss
+from recoup.recover.adapter import LoraConfig, LoraRecovery
+from recoup.recover.base import linear_digests
+from recoup.recover.lora import fit_lora
+from recoup.recover.losses import mean_loss
+from recoup.recover.task_data import TuningData, completion_sequence
 from recoup.recover.train import TrainConfig
 
 

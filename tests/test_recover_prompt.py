@@ -14,7 +14,7 @@ from recoup.model.forward import forward_logits
 from recoup.recover.hard_prompt import CTP_CASE_STUDY, HardPrompt
 from recoup.recover.methods import load_recovery
 from recoup.recover.soft_prompt import SoftPrompt, SoftPromptConfig, fit_soft_prompt
-from recoup.recover.task_data import lm_loss
+from recoup.recover.losses import lm_loss
 
 
 @pytest.fixture(scope="module")

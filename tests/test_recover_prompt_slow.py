@@ -16,7 +16,7 @@ def test_soft_prompt_on_real_model_lowers_validation_loss_and_keeps_weights(tmp_
     from recoup.artifact import load_model
     from recoup.recover.methods import load_recovery
     from recoup.recover.soft_prompt import SoftPromptConfig, fit_soft_prompt
-    from recoup.recover.task_data import lm_loss
+    from recoup.recover.losses import lm_loss
 
     lm = load_model("smollm2-135m")
     h = hashlib.sha256()

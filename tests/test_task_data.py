@@ -104,7 +104,7 @@ def test_loss_on_kept_positions_equals_the_full_loss():
     from helpers import tiny_model
     from recoup.model.forward import forward_logits
     import torch.nn.functional as F
-    from recoup.recover.task_data import kept_loss, mean_loss, model_outputs
+    from recoup.recover.losses import kept_loss, mean_loss, model_outputs
 
     tok = tiny_tokenizer()
     model = tiny_model("llama")

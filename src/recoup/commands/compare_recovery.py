@@ -81,7 +81,8 @@ def entries(args: argparse.Namespace) -> list:
 
 def run(args: argparse.Namespace) -> int:
     from recoup.errors import RecoupError
-    from recoup.runs.compare_recovery import LatencyConfig, compare, format_table, merge
+    from recoup.evaluate.latency import LatencyConfig
+    from recoup.runs.compare_recovery import compare, format_table, merge
 
     if args.limit is not None and args.limit < 1:
         raise RecoupError(f"--limit must be positive (got {args.limit})")

@@ -35,11 +35,10 @@ from torch import nn
 from recoup.config import Config, check
 from recoup.errors import RecoupError
 from recoup.model.anatomy import anatomy
-from recoup.model.recovery import Recovery
-from recoup.recover.base import RecoveryMethod
-from recoup.recover.lora import (RECOVERY_JSON, TARGETS, LoraConfig, LoraMethodConfig, LoraRecovery, base_of,
-                                 compression_digest, inherited_state, record_intact,
-                                 start_meta)
+from recoup.model.recovery import RECOVERY_RECORD as RECOVERY_JSON, Recovery
+from recoup.recover.adapter import (TARGETS, LoraConfig, LoraMethodConfig, LoraRecovery, inherited_state,
+                                    lora_parameters, start_meta)
+from recoup.recover.base import RecoveryMethod, base_of, compression_digest, linear_digests, record_intact
 
 log = logging.getLogger(__name__)
 
@@ -232,19 +231,19 @@ def hidden_indices(cfg: CpetConfig, num_layers: int) -> list[int]:
 
 def distill_loss(student_hidden: list[torch.Tensor], teacher_hidden: list[torch.Tensor], mask: torch.Tensor,
                  student_logits: torch.Tensor | None = None, teacher_logits: torch.Tensor | None = None,
-                 scored: torch.Tensor | None = None, alpha: float = 1.0, kl_weight: float = 0.0,
-                 temperature: float = 2.0) -> torch.Tensor:
+                 keep: torch.Tensor | None = None, labels: torch.Tensor | None = None, alpha: float = 1.0,
+                 kl_weight: float = 0.0, temperature: float = 2.0) -> torch.Tensor:
     """alpha x mean MSE of hidden states (each (B, T, H), over positions where ``mask`` (B, T) is 1)
-    + kl_weight x T^2 x KL(teacher || student) of logits (B, T, V) at positions where ``scored`` is true."""
+    + kl_weight x the recovery losses' one KD term (:func:`recoup.recover.losses.kd_loss`: T^2 x KL(teacher ||
+    student)) of logits (B, K, V) at input positions ``keep`` (K,) whose next token ``labels`` (B, T) scores."""
+    from recoup.recover.losses import kd_loss
+
     m = mask.unsqueeze(-1).to(student_hidden[0].dtype)
     denom = m.sum() * student_hidden[0].shape[-1]
     mse = sum(((s - t) ** 2 * m).sum() / denom for s, t in zip(student_hidden, teacher_hidden)) / len(student_hidden)
     loss = alpha * mse
     if kl_weight > 0 and student_logits is not None and teacher_logits is not None:
-        sel = scored if scored is not None else mask.bool()
-        s = F.log_softmax(student_logits[sel].float() / temperature, -1)
-        t = F.log_softmax(teacher_logits[sel].float() / temperature, -1)
-        loss = loss + kl_weight * temperature ** 2 * F.kl_div(s, t, log_target=True, reduction="batchmean")
+        loss = loss + kl_weight * kd_loss(student_logits, teacher_logits, keep, labels, temperature)
     return loss
 
 
@@ -278,10 +277,10 @@ def fit_cpet(model: nn.Module, tokenizer, data, cfg: CpetConfig, train_cfg, inhe
     dense model + LoRA (see :func:`make_teacher`), required when ``cfg.distill``. Batches are
     :class:`~recoup.recover.task_data.Batch` (ids/mask/labels, (B, T)). The LoRA and the recovery
     modules are trained together with the shared loop; the best state by validation task loss is kept.
-    ``objective`` (an :class:`~recoup.recover.task_data.Objective`, default lm) is the task term.
+    ``objective`` (an :class:`~recoup.recover.losses.Objective`, default lm) is the task term.
     """
-    from recoup.recover.lora import linear_digests, lora_parameters
-    from recoup.recover.task_data import Objective, mean_loss, model_outputs, pad_id_of
+    from recoup.recover.losses import Objective, mean_loss, model_outputs
+    from recoup.recover.task_data import pad_id_of
     from recoup.recover.train import train
 
     if cfg.distill and teacher is None:
@@ -305,9 +304,8 @@ def fit_cpet(model: nn.Module, tokenizer, data, cfg: CpetConfig, train_cfg, inhe
             return task
         with torch.no_grad():
             tout, _ = model_outputs(teacher, b, device, hidden=True)
-        scored = b.labels.to(device)[:, keep + 1] != -100  # (B, K): positions whose next token is scored
         d = distill_loss([out.hidden_states[i] for i in idx], [tout.hidden_states[i] for i in idx],
-                         b.attention_mask.to(device), out.logits, tout.logits, scored, cfg.distill_alpha,
+                         b.attention_mask.to(device), out.logits, tout.logits, keep, b.labels, cfg.distill_alpha,
                          cfg.kl_weight, cfg.kl_temperature)
         parts["task"] += task.item()
         parts["distill"] += d.item()

@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 from recoup.config import Config, check
 from recoup.errors import RecoupError
 from recoup.model.anatomy import Anatomy, _get, anatomy
-from recoup.recover.base import RecoveryMethod
-from recoup.recover.lora import LoraConfig, LoraRecovery, base_of, compression_digest, record_intact
+from recoup.recover.adapter import LoraConfig, LoraRecovery
+from recoup.recover.base import RecoveryMethod, base_of, compression_digest, record_intact
 from recoup.recover.train import load_teacher, teacher_source
 
 log = logging.getLogger(__name__)

@@ -28,11 +28,10 @@ Choices the paper leaves open, made here:
   mode every prompt starts at position 0 alone, so each prompt's first position is left out;
 - scores are *standardised per prompt* before the argmax: ``(score - mean) / std`` with each
   prompt's mean and std of scores on the training data (running estimates during training, saved
-  with the pool). Raw attention favours positions near the input (recency), so with raw scores the
-  last prompt of the pool won every example in a first real-model run; standardised, a prompt wins
-  when it draws *more attention than it usually does*. The statistics come from the training text:
-  on inputs far from it (short task questions after PTB windows) one prompt can still win everything. ``IDPPool(standardize=False)`` gives the
-  raw argmax;
+  with the pool). Raw attention favours positions near the input (recency), so raw scores let the prompt
+  nearest the input win; standardised, a prompt wins when it draws *more attention than it usually does*.
+  The statistics come from the training text, so on inputs far from it (short task questions after corpus
+  windows) one prompt can still win most choices. ``IDPPool(standardize=False)`` gives the raw argmax;
 - training is *joint with the selection in the loop*: each step selects a prompt per example
   exactly as at inference (no gradient through the choice) and minimises next-token loss through
   the chosen prompts, so each prompt is trained on the inputs that choose it. Corpus windows are drawn
@@ -66,12 +65,13 @@ from torch import nn
 
 from recoup.config import check
 from recoup.errors import RecoupError
+from recoup.paths import member
 from recoup.model.anatomy import anatomy
 from recoup.model.forward import CACHE_ARG, build_inputs, output_cache
 from recoup.model.prompt_pool import pool_prefill
 from recoup.model.recovery import RECOVERY_RECORD as RECORD, Recovery
-from recoup.recover.soft_prompt import SoftPromptConfig, frozen, init_embeddings, model_meta
 from recoup.recover.base import RecoveryMethod
+from recoup.recover.prompt import PromptConfig, frozen, init_embeddings, model_meta
 from recoup.recover.train import TrainResult, train
 
 log = logging.getLogger(__name__)
@@ -79,14 +79,15 @@ log = logging.getLogger(__name__)
 WEIGHTS = "idp_pool.safetensors"
 ONE_PREFILL, TWO_PASS = "one-prefill", "two-pass"
 MODES = (ONE_PREFILL, TWO_PASS)
-# K: on smollm2-135m (benchmarks/idp_prefill.py --part select, benchmarks/results/idp_k_train) small K differ
-# little in PTB loss; K=1 let one prompt take 78 of 80 training choices, K=2 kept the choice spread
+# K, the decoder layers that score the prompts: the smallest that kept the training choices spread over the pool
+# (benchmarks/idp_prefill.py --part select; the figures are in benchmarks/results/idp_k_train)
 DEFAULT_SELECT_LAYERS = 2
 
 
 @dataclasses.dataclass
-class IDPConfig(SoftPromptConfig):
-    """A pool of ``pool`` prompts of ``tokens`` each; the rest as :class:`SoftPromptConfig`."""
+class IDPConfig(PromptConfig):
+    """A pool of ``pool`` prompts of ``tokens`` each; the prompt and training keys as a soft prompt's
+    (:class:`~recoup.recover.prompt.PromptConfig`)."""
 
     pool: int = 4
     select_layers: int = DEFAULT_SELECT_LAYERS  # the choice is scored on the first K decoder layers (0: all)
@@ -323,7 +324,7 @@ class IDPPool(Recovery):
         folder = Path(path)
         try:
             record = json.loads((folder / RECORD).read_text())
-            tensors = load_file(str(folder / record.get("weights", WEIGHTS)))
+            tensors = load_file(str(member(folder, record.get("weights", WEIGHTS), f"IDP pool '{folder}'")))
             pool = tensors["pool"]
         except (OSError, ValueError, KeyError) as exc:
             raise RecoupError(f"'{folder}' is not a saved IDP pool ({type(exc).__name__}: {exc})") from None
@@ -342,7 +343,8 @@ def fit_idp(loaded, config: IDPConfig, data=None) -> tuple[IDPPool, TrainResult]
     gives (batch_size, seqlen) windows with next-token loss, each window selecting on itself; a task gives
     padded batches of context + gold continuation, loss on the continuation, selection on the context.
     """
-    from recoup.recover.task_data import context_part, mean_loss, pad_id_of, training_data
+    from recoup.recover.losses import mean_loss
+    from recoup.recover.task_data import context_part, pad_id_of, training_data
 
     model, tok = loaded.model, loaded.tokenizer
     data = training_data(tok, config) if data is None else data

@@ -20,16 +20,13 @@ Two objectives (``data`` and ``task`` are exclusive):
   validation is the mean loss on the seeded 64-example slice of the train part. The split protocol is
   saved with the prompt (``meta["data"]``).
 
-CPU-friendly defaults (the paper: 100 tokens, lr 1e-3, 1024-token sequences): 20 tokens, lr 3e-2
-(a few dozen steps need a larger rate; 3e-2 beat 1e-2 in a 12-step probe on SmolLM2-135M), 256-token
-sequences, batch 2, 80 steps, validation every 15 steps (4 windows of the corpus). On the shared
-2-core machine one step (512 tokens) of SmolLM2-135M takes about 7 CPU seconds with one thread
-(``OMP_NUM_THREADS=1``; two threads were 3x slower under contention).
+CPU-friendly defaults (the paper: 100 tokens, lr 1e-3, 1024-token sequences): 20 tokens, lr 3e-2 (a run of a
+few dozen steps needs a larger rate than the paper's thousands), 256-token sequences, batch 2, 80 steps,
+validation every 15 steps (4 windows of the corpus).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -39,31 +36,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from recoup.config import check
 from recoup.errors import RecoupError
 from recoup.model.recovery import PEFT_CONFIG, PEFT_WEIGHTS, TRAIN_RECORD, Recovery
-from recoup.recover.base import RecoveryMethod
-from recoup.recover.train import FitConfig, TrainResult, train
+from recoup.recover.base import RecoveryMethod, peft_base_path
+from recoup.recover.prompt import PromptConfig, frozen, init_embeddings, model_meta
+from recoup.recover.train import TrainResult, train
 
 log = logging.getLogger(__name__)
 
-INITS = ("vocab", "text", "random")
-
 
 @dataclasses.dataclass
-class SoftPromptConfig(FitConfig):
-    """Soft-prompt settings (CPU-friendly defaults; see the module doc for the paper's); the training keys
-    (data/task, steps, lr, ...) are :class:`~recoup.recover.train.FitConfig`'s."""
-
-    tokens: int = 20  # prompt length n
-    init: str = "vocab"  # vocab (rows of frequent tokens) | text | random
-    init_text: str | None = None
-
-    def __post_init__(self) -> None:
-        check(self.tokens >= 1, f"tokens must be >= 1 (got {self.tokens})")
-        check(self.init in INITS, f"unknown init '{self.init}'; use one of {', '.join(INITS)}")
-        check(self.init != "text" or bool(self.init_text), "init 'text' needs init_text")
-        super().__post_init__()
+class SoftPromptConfig(PromptConfig):
+    """Soft-prompt settings (CPU-friendly defaults; see the module doc for the paper's): the prompt keys of
+    :class:`~recoup.recover.prompt.PromptConfig` and the training keys of :class:`~recoup.recover.train.FitConfig`."""
 
 
 class SoftPrompt(Recovery):
@@ -101,8 +86,6 @@ class SoftPrompt(Recovery):
         """PEFT prompt-tuning layout (+ ``recoup_train.json`` with how it was trained)."""
         from safetensors.torch import save_file
 
-        from recoup.recover.lora import peft_base_path
-
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         cfg = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": self.tokens,
@@ -138,51 +121,6 @@ class SoftPrompt(Recovery):
         return cls(emb, meta)
 
 
-@contextlib.contextmanager
-def frozen(model: nn.Module):
-    """Backbone frozen (no grads, eval mode) for the duration; flags restored in ``finally``."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        model.eval()
-        yield model
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
-
-
-def init_embeddings(model: nn.Module, tokenizer, config, train_ids: torch.Tensor,
-                    rows: int) -> torch.Tensor:
-    """(rows, H) initial prompt: rows of frequent training tokens (Lester et al.), a text, or random."""
-    emb = model.get_input_embeddings().weight.detach().float().cpu()
-    gen = torch.Generator().manual_seed(config.seed)
-    if config.init == "text":
-        ids = tokenizer(config.init_text, add_special_tokens=False).input_ids
-        if not ids:
-            raise RecoupError("init_text tokenizes to nothing")
-        ids = (ids * math.ceil(rows / len(ids)))[:rows]
-        return emb[torch.tensor(ids)].clone()
-    if config.init == "vocab":
-        counts = torch.bincount(train_ids, minlength=emb.shape[0])[: emb.shape[0]]
-        common = torch.argsort(counts, descending=True)[: max(rows, 5000)]
-        common = common[counts[common] > 0]
-        pick = common[torch.randperm(common.numel(), generator=gen)[:rows]]
-        if pick.numel() < rows:  # tiny corpora: repeat
-            pick = pick.repeat(math.ceil(rows / pick.numel()))[:rows]
-        return emb[pick].clone()
-    return torch.randn(rows, emb.shape[1], generator=gen) * emb.std()
-
-
-def model_meta(loaded) -> dict:
-    cfg = loaded.model.config
-    return {"base_model": str(loaded.source), "hidden_size": int(loaded.model.get_input_embeddings().weight.shape[1]),
-            "num_attention_heads": getattr(cfg, "num_attention_heads", None),
-            "num_layers": getattr(cfg, "num_hidden_layers", None), "model_type": getattr(cfg, "model_type", None)}
-
-
 def fit_soft_prompt(loaded, config: SoftPromptConfig, data=None) -> tuple[SoftPrompt, TrainResult]:
     """Learn a soft prompt on ``loaded.model`` (kept frozen, bit-identical).
 
@@ -193,7 +131,8 @@ def fit_soft_prompt(loaded, config: SoftPromptConfig, data=None) -> tuple[SoftPr
     token-weighted mean loss on ``data.valid``; the best prompt is kept. A task's split protocol is
     recorded in ``meta["data"]``.
     """
-    from recoup.recover.task_data import mean_loss, pad_id_of, training_data
+    from recoup.recover.losses import mean_loss
+    from recoup.recover.task_data import pad_id_of, training_data
 
     model, tok = loaded.model, loaded.tokenizer
     data = training_data(tok, config) if data is None else data

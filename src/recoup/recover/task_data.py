@@ -15,7 +15,8 @@ tokenizer adds a BOS starts with exactly one, never scored, within the same ``se
 Scorer's requests look the same at evaluation.
 
 LoRA and CPET train on these batches directly; soft prompts and IDP pools put their prompt in front
-(:func:`prefixed_loss`, :func:`mean_loss` with ``prefix_fn``; IDP selects on :func:`context_part`).
+(:mod:`recoup.recover.losses`: ``prefixed_loss``, ``mean_loss`` with ``prefix_fn``; IDP selects on
+:func:`context_part`).
 """
 
 from __future__ import annotations
@@ -348,8 +349,3 @@ def context_part(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
 def pad_id_of(tokenizer) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return int(pad if pad is not None else 0)
-
-
-# The loss helpers live in recoup.recover.losses; re-exported for the callers that import them from here.
-from recoup.recover.losses import (Objective, kept_loss, kd_loss, lm_loss, mean_loss, model_outputs,  # noqa: E402,F401
-                                   prefixed_loss, scored_positions)

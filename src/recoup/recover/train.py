@@ -108,10 +108,10 @@ class FitConfig(Config):
         self.train_config()  # validates steps, lr, warmup, eval_every
 
     def objective_loss(self, loaded):
-        """The :class:`~recoup.recover.task_data.Objective` of this config for ``loaded`` (the student): for kd,
+        """The :class:`~recoup.recover.losses.Objective` of this config for ``loaded`` (the student): for kd,
         the teacher (``teacher`` or the artifact's dense source) is loaded once, frozen, in the student's
         dtype and on its device."""
-        from recoup.recover.task_data import Objective
+        from recoup.recover.losses import Objective
 
         if self.objective == "lm":
             return Objective("lm")

@@ -4,13 +4,15 @@ For each entry (a model source and optionally a saved recovery) :func:`compare` 
 
 - the task metrics (acc, acc_norm with stderr) on the *held-out* part of the task's seeded hash
   split (:func:`recoup.recover.task_data.split_task`), scored by the evaluation Scorer with the
-  recovery attached, so no example used for tuning is ever scored;
+  recovery attached (:func:`recoup.evaluate.heldout.score_examples`), so no example used for tuning is
+  ever scored;
 - the extra parameters the recovery adds (``Recovery.num_parameters``) and their share of the base;
-- latency, batch 1: prefill of a ``prompt_len``-token prompt (the recovery's prefix computation,
-  e.g. IDP's prompt selection, included) and per-token greedy decode with the KV cache over
-  ``new_tokens`` steps; the median of ``repeats`` runs after one warm-up;
+- latency, batch 1 (:func:`recoup.evaluate.latency.measure_latency`): prefill of a ``prompt_len``-token
+  prompt cut from the held-out contexts (the recovery's prefix computation, e.g. IDP's prompt selection,
+  included) and per-token greedy decode with the KV cache over ``new_tokens`` steps; the median of
+  ``repeats`` runs after one warm-up;
 - whether the base weights are bit-identical after attaching the recovery and scoring
-  (sha256 of every targeted linear, see :func:`recoup.recover.lora.linear_digests`) and, for
+  (sha256 of every targeted linear, see :func:`recoup.recover.base.linear_digests`) and, for
   adapters, whether training recorded them intact.
 
 A recovery tuned on the compared task (a LoRA, CPET, soft prompt or IDP pool trained with ``--task``
@@ -25,14 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import statistics
 import time
 
 import torch
 from torch import nn
 
 from recoup.errors import RecoupError
-from recoup.model.forward import CACHE_ARG, build_inputs, output_cache
+from recoup.evaluate.latency import LatencyConfig, measure_latency, prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -46,120 +47,17 @@ class Entry:
     recovery: str | None = None
 
 
-@dataclasses.dataclass
-class LatencyConfig:
-    prompt_len: int = 128
-    new_tokens: int = 32
-    repeats: int = 3
-
-    def __post_init__(self) -> None:
-        if self.prompt_len < 1 or self.new_tokens < 1 or self.repeats < 1:
-            raise RecoupError("--prompt-len, --new-tokens and --repeats must be positive")
-
-
-@torch.no_grad()
-def measure_latency(model: nn.Module, input_ids: torch.Tensor, recovery=None,
-                    cfg: LatencyConfig = LatencyConfig()) -> dict:
-    """Median prefill and per-token decode milliseconds of greedy decoding, batch 1 (+ the generated ids).
-
-    input_ids: (1, T). Prefill = the recovery's ``prefix`` (if any) + one forward over prefix + prompt
-    filling the KV cache; decode = ``cfg.new_tokens`` single-token forwards over that cache.
-    """
-    model.eval()
-    embed = model.get_input_embeddings()
-    mask0 = torch.ones_like(input_ids)
-    prefill, decode = [], []
-    for rep in range(cfg.repeats + 1):  # the first run warms up
-        t0 = time.perf_counter()
-        prefix = recovery.prefix(model, input_ids, mask0) if recovery is not None else None
-        kw = build_inputs(model, input_ids, mask0, prefix)
-        out = model(**kw, use_cache=True)
-        t1 = time.perf_counter()
-        past_mask, cache = kw["attention_mask"], output_cache(out)
-        tok = out.logits[:, -1].argmax(-1, keepdim=True)
-        generated = [int(tok)]
-        for _ in range(cfg.new_tokens):
-            mask = torch.cat([past_mask, past_mask.new_ones((1, 1))], dim=1)
-            position_ids = past_mask.sum(-1, keepdim=True)
-            out = model(inputs_embeds=embed(tok), attention_mask=mask, position_ids=position_ids,
-                        **{CACHE_ARG: cache}, use_cache=True)
-            cache, past_mask = output_cache(out), mask
-            tok = out.logits[:, -1].argmax(-1, keepdim=True)
-            generated.append(int(tok))
-        t2 = time.perf_counter()
-        if rep:
-            prefill.append(t1 - t0)
-            decode.append((t2 - t1) / cfg.new_tokens)
-    return {"prefill_ms": 1000 * statistics.median(prefill), "decode_ms_per_token": 1000 * statistics.median(decode),
-            "prompt_len": int(input_ids.shape[1]), "new_tokens": cfg.new_tokens, "repeats": cfg.repeats,
-            "threads": torch.get_num_threads(), "generated": generated[:-1]}
-
-
-def per_example_scores(model: nn.Module, tokenizer, suite: list[dict], recovery=None, batch_size: int = 8,
-                       max_length: int = 2048, desc: str = "score") -> dict[str, list[float]]:
-    """Per-example acc and acc_norm (lm-evaluation-harness definitions) of multiple-choice ``suite`` examples
-    (task dicts) through the Scorer; ``model`` already has the recovery's adapters attached."""
-    from recoup.evaluate.scorer import Scorer
-    from recoup.evaluate.tasks.multiple_choice import requests_for, score_example
-
-    scorer = Scorer(model, tokenizer, recovery, batch_size=batch_size, max_length=max_length, attached=True)
-    scores = scorer.loglikelihood([r for ex in suite for r in requests_for(ex)], desc=desc)
-    per: dict[str, list[float]] = {"acc": [], "acc_norm": []}
-    pos = 0
-    for ex in suite:
-        k = len(ex["choices"])
-        for key, value in score_example(ex, [s for s, _ in scores[pos:pos + k]]).items():
-            per[key].append(value)
-        pos += k
-    return per
-
-
-def score_heldout(model: nn.Module, tokenizer, examples: list, recovery=None, batch_size: int = 8,
-                  max_length: int = 2048) -> dict:
-    """acc / acc_norm (lm-evaluation-harness definitions) of ``examples`` (MCExample) through the Scorer.
-
-    ``model`` already has the recovery's adapters attached (``recovery.apply``); prefixes are asked per batch.
-    """
-    from recoup.evaluate.metrics import summarize
-
-    suite = [ex.as_suite() for ex in examples]
-    per = per_example_scores(model, tokenizer, suite, recovery, batch_size, max_length, desc="held-out")
-    return {**summarize(per), "n": len(suite)}
-
-
-def _latency_prompt(tokenizer, examples: list, length: int) -> torch.Tensor:
-    """A fixed prompt of exactly ``length`` tokens cut from the held-out contexts (same for every row)."""
-    ids: list[int] = []
-    for ex in examples:
-        ids += tokenizer(ex.gold_pair[0], add_special_tokens=False).input_ids
-        if len(ids) >= length:
-            break
-    if len(ids) < length:
-        raise RecoupError(f"the held-out contexts hold {len(ids)} tokens, fewer than --prompt-len {length}")
-    return torch.tensor([ids[:length]])
-
-
 def base_sparsity(model: nn.Module) -> float:
     """Fraction of exact zeros over every targeted linear's frozen weight."""
     from recoup.model.anatomy import anatomy
-    from recoup.recover.lora import base_of
+    from recoup.recover.base import base_of, weight_of
 
     zeros = total = 0
     for _, mod in anatomy(base_of(model)).iter_linears():
-        w = mod.base_layer.weight if hasattr(mod, "base_layer") else mod.weight
+        w = weight_of(mod)
         zeros += int((w == 0).sum())
         total += w.numel()
     return zeros / total
-
-
-def _fingerprint(model: nn.Module, manifest: dict | None) -> dict | None:
-    """The compression engineer's fingerprint (masks + quantized codes) of an artifact's model, else None."""
-    if not manifest:
-        return None
-    from recoup.artifact.store import compression_fingerprint
-    from recoup.recover.lora import base_of
-
-    return compression_fingerprint(base_of(model), manifest)
 
 
 def check_tuning_split(label: str, desc: dict, split) -> str | None:
@@ -183,25 +81,26 @@ def evaluate_entry(entry: Entry, split, batch_size: int = 8, latency: LatencyCon
                    limit: int | None = None, dtype: str = "float32") -> dict:
     """Score, count and time one entry (see module docstring); the model is loaded fresh for it."""
     from recoup.artifact import load_model
+    from recoup.evaluate.heldout import score_examples
+    from recoup.recover.base import compression_digest, linear_digests
     from recoup.recover.methods import load_recovery
-    from recoup.recover.lora import linear_digests
 
     loaded = load_model(entry.source, dtype=dtype)
     base_params = sum(p.numel() for p in loaded.model.parameters())
     before = linear_digests(loaded.model)
     sparsity = base_sparsity(loaded.model)
-    fingerprint = _fingerprint(loaded.model, loaded.manifest)
+    fingerprint = compression_digest(loaded.model, loaded.manifest)
     recovery = load_recovery(entry.recovery) if entry.recovery else None
     tuned_on = check_tuning_split(entry.label, recovery.describe(), split) if recovery is not None else None
     model = recovery.apply(loaded.model) if recovery is not None else loaded.model
     examples = split.heldout if limit is None else split.heldout[:limit]
     t0 = time.time()
-    metrics = score_heldout(model, loaded.tokenizer, examples, recovery, batch_size)
+    metrics = score_examples(model, loaded.tokenizer, [ex.as_suite() for ex in examples], recovery, batch_size)
     score_s = time.time() - t0
-    lat = measure_latency(model, _latency_prompt(loaded.tokenizer, split.heldout, latency.prompt_len), recovery,
-                          latency)
+    prompt = prompt_ids(loaded.tokenizer, [ex.gold_pair[0] for ex in split.heldout], latency.prompt_len)
+    lat = measure_latency(model, prompt, recovery, latency)
     intact = linear_digests(model) == before
-    after = _fingerprint(model, loaded.manifest)
+    after = compression_digest(model, loaded.manifest)
     if fingerprint is not None:
         intact = intact and after["digest"] == fingerprint["digest"]
     if not intact:
