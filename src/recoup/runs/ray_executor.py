@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 from recoup.errors import RecoupError
 from recoup.runs.executor import Executor, Job, JobFailed, JobResult, run_job
@@ -41,6 +42,23 @@ def _import_ray():
     except ImportError:
         raise RecoupError("the Ray executor needs Ray: pip install 'recoup[ray]' (or pip install ray)") from None
     return ray
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """One line within ``timeout`` seconds when nothing listens at a ``HOST:PORT`` / ``ray://HOST:PORT`` address
+    (``ray.init`` itself retries an unreachable address for minutes). ``auto`` and ``local`` are Ray's own."""
+    if address in ("auto", "local"):
+        return
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise RecoupError(f"ray executor: --address must be HOST:PORT, ray://HOST:PORT or auto (got '{address}')")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise RecoupError(f"ray executor: nothing answers at {address} ({why}); start a cluster there "
+                          f"(`ray start --head`) or leave --address out for a local one") from None
 
 
 def wants_gpu(job: Job, cluster_gpus: float) -> bool:
@@ -61,6 +79,8 @@ class RayExecutor(Executor):
         self._owns = not ray.is_initialized()
         if self._owns:
             address = address or os.environ.get("RAY_ADDRESS") or None
+            if address is not None:
+                check_reachable(address)
             kwargs = {"include_dashboard": False, "configure_logging": False, "log_to_driver": True}
             if address is None:  # a local cluster just for this run
                 kwargs.update(num_cpus=num_cpus, object_store_memory=100 * 2**20)
