@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RECOUP := $(VENV)/bin/recoup
 
-.PHONY: install install-extras setup demo test test-fast bench
+.PHONY: install install-extras setup demo test test-fast lint bench
 
 # the core install (what `make demo` needs); the test target adds the extras CI tests (export, lm-eval, ray)
 $(VENV)/.installed: pyproject.toml
@@ -34,3 +34,8 @@ test-fast: install-extras
 
 test: setup install-extras
 	$(PY) -m pytest -q -m "slow or not slow"
+
+# ruff lint + format check (line length 120, configured in pyproject.toml); CI runs it before the tests
+lint: install-extras
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
