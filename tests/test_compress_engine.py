@@ -10,13 +10,14 @@ from helpers import tiny_loaded
 
 from recoup.compress import CompressConfig, compress
 from recoup.artifact.store import compression_fingerprint, load_artifact, save_artifact
-from recoup.compress.engine import LayerView, capture_inputs
+from recoup.compress.engine import LayerView
 from recoup.compress.masks import is_nm
 from recoup.artifact.grid import QuantGrid
 from recoup.compress.methods.awq import PRECEDING_OP, _fold
 from recoup.data.calibration import Calibration
 from recoup.errors import RecoupError
 from recoup.model.anatomy import anatomy
+from recoup.model.streamer import call_layer, capture_inputs
 from recoup.artifact import load_model
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "opt", "gpt2"]
@@ -105,9 +106,7 @@ def test_awq_scale_folding_preserves_the_function(arch):
     anat = anatomy(lm.model)
     layer = anat.layers[0]
     inps, recs = capture_inputs(lm.model, anat, calib().input_ids, 4)
-    from recoup.compress.engine import _call_layer
-
-    before = _call_layer(layer, inps, recs[0])
+    before = call_layer(layer, inps, recs[0])
     view = LayerView(layer, anat, anat.linear_names())
     folded = 0
     for names in anat.spec.sequential:
@@ -119,7 +118,7 @@ def test_awq_scale_folding_preserves_the_function(arch):
         _fold(view, names, weights, prev, s, QuantGrid(3, True, 16))
         folded += 1
     assert folded >= 2
-    after = _call_layer(layer, inps, recs[0])
+    after = call_layer(layer, inps, recs[0])
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
 
 

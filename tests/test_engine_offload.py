@@ -2,7 +2,7 @@
 
 On a CPU-only machine the offload path runs with execution device cpu (``offload=True``): every
 layer still goes through the move-to / compress / move-back cycle, the prefix modules through
-``prefix_on`` (recoup.compress.devices) and the argument record pass through the pass-through layers, so the compressed
+``prefix_on`` (recoup.model.streamer) and the argument record pass through the pass-through layers, so the compressed
 weights must equal the in-place path's bit for bit. The real CUDA path is tested where a GPU exists.
 """
 
@@ -15,10 +15,11 @@ import torch
 from helpers import tiny_loaded
 
 from recoup.compress import CompressConfig, compress
-from recoup.compress.engine import capture_inputs, resolve_device
+from recoup.compress.engine import resolve_device
 from recoup.data.calibration import Calibration
 from recoup.errors import RecoupError
 from recoup.model.anatomy import anatomy
+from recoup.model.streamer import capture_inputs
 
 CONFIGS = {
     "sparsegpt": dict(method="sparsegpt", sparsity=0.5, bits=4, group_size=16),

@@ -11,7 +11,8 @@ from helpers import save_tiny, tiny_model
 from recoup.errors import RecoupError
 from recoup.model.anatomy import _get, anatomy
 from recoup.model.forward import forward_logits
-from recoup.recover.eora import EoraConfig, EoraRecovery, compensate, eigen_compensation, fit, layer_inputs
+from recoup.model.streamer import capture_inputs
+from recoup.recover.eora import EoraConfig, EoraRecovery, compensate, eigen_compensation, fit
 from recoup.recover.lora import LoraConfig
 
 IDS = torch.randint(4, 100, (6, 24), generator=torch.Generator().manual_seed(1))
@@ -44,7 +45,7 @@ def test_full_rank_reproduces_the_dense_model_and_leaves_the_base_unchanged():
         want = forward_logits(dense, IDS)
         assert (forward_logits(comp, IDS) - want).abs().max() > 1e-2  # the pruning did change the model
         # every layer's linears reproduce the dense ones on the calibration inputs
-        inps, _ = layer_inputs(dense, anatomy(dense), IDS, 4)
+        inps, _ = capture_inputs(dense, anatomy(dense), IDS, 4)
         for name in ("self_attn.q_proj", "mlp.gate_proj"):
             full = f"model.layers.0.{name}"
             a, b = state[f"base_model.model.{full}.lora_A.weight"], state[f"base_model.model.{full}.lora_B.weight"]

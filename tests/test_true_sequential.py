@@ -13,6 +13,7 @@ from helpers import tiny_loaded
 
 from recoup.compress import CompressConfig, compress
 from recoup.compress import engine
+from recoup.model import streamer
 from recoup.compress.stats import ActNormStats, BlockIOStats, HessianStats
 from recoup.data.calibration import Calibration
 from recoup.model.anatomy import anatomy
@@ -52,16 +53,16 @@ def compressed_stats(lm, cfg: dict, monkeypatch) -> dict[tuple[str, ...], torch.
 def dense_stats(model, kind, batch_size: int = 4) -> dict[tuple[str, ...], torch.Tensor]:
     """Layer 0's statistics per group from the dense model, every group observed on the same dense forward."""
     anat = anatomy(model)
-    inps, recs = engine.capture_inputs(model, anat, calib().input_ids, batch_size)
+    inps, recs = streamer.capture_inputs(model, anat, calib().input_ids, batch_size)
     layer = anat.layers[0]
     out = {}
     for names in anat.spec.sequential:
         cols = anat.weight_matrix(engine._get(layer, names[0])).shape[1]
         stats = kind(cols)
         first = engine._get(layer, names[0])
-        with engine.hooked(first.register_forward_pre_hook(lambda _m, a: stats.add(a[0].detach()))):
+        with streamer.hooked(first.register_forward_pre_hook(lambda _m, a: stats.add(a[0].detach()))):
             for s in range(0, inps.shape[0], batch_size):
-                engine._call_layer(layer, inps[s:s + batch_size], recs[0])
+                streamer.call_layer(layer, inps[s:s + batch_size], recs[0])
         out[tuple(names)] = _stat(stats)
     return out
 

@@ -1,40 +1,34 @@
-"""The one sequential compression engine (the only place that walks decoder layers).
+"""The sequential compression engine: each decoder layer observed, compressed and propagated in turn.
 
-Capture the first decoder layer's inputs on the calibration windows (a pre-hook grabs them and
-raises :class:`StopForward`); record every layer's other positional and keyword arguments (masks,
-rotary embeddings, which can differ per layer, e.g. Gemma 3's local/global layers) from one
-single-window forward. Then per layer, per linear group in true-sequential order (attention
-before MLP): a pre-hook on the group's first linear feeds one shared statistics object; the method
-compresses each linear of the group; the layer's *compressed* outputs become the next layer's inputs,
-overwriting the activations in place (with a method's ``true_sequential`` off, as the SparseGPT and
-Wanda reference code do, every group's statistics come from one forward of the dense layer instead, and
-a second forward propagates). Otherwise each calibration batch's forward of the layer runs
-once, parked at each group's hook until the group is compressed (:mod:`recoup.compress.onepass`:
-one forward plus the statistics per layer, bitwise the result of re-running). A method that rescales
-an op which already ran (AWQ), or a run whose parked forwards would exceed ``activation_budget_mb``,
-re-runs the layer from its start for each group (stopping at the hook) and once more to propagate.
-Memory: the calibration activations (nsamples, seqlen, hidden) once, plus on the single-pass path
-the parked forwards (estimated and logged), one group's statistics, no second copy of the model.
+The decoder layers are walked by :class:`recoup.model.streamer.LayerStreamer`, the one place that walks them
+(also used by EoRA): it captures the first layer's inputs on the calibration windows and every layer's other
+arguments, places each layer on the execution device (in place, or offloaded one layer at a time), and
+propagates each layer's outputs to the next. What this module adds is the compression of one layer.
 
-Two modes. *In place*: everything runs on the model's device. *Offload* (the execution device
-differs from the model's, e.g. ``device="cuda"`` for a model on CPU, or ``offload=True``): the
-model stays where it is; only the modules outside the decoder layers that run before the first
-layer (embeddings, positional / rotary embeddings; not the final norm or lm_head) visit the
-execution device for the capture, whose per-layer record pass replaces the layers by
-pass-throughs (masks and rotary embeddings do not depend on layer outputs); then each decoder
-layer in turn moves to the execution device, is observed, compressed (Hessians and OBS there)
-and re-run there, and moves back. The calibration activations (nsamples, seqlen, hidden) stay on
-the execution device for the whole pass (fp32 at 128 x 2048 x 4096: 4 GiB); device memory is one
-layer + the activations + one group's statistics.
+Per layer, per linear group in true-sequential order (attention before MLP): a pre-hook on the group's
+first linear feeds one shared statistics object; the method compresses each linear of the group; the
+layer's *compressed* outputs become the next layer's inputs (with a method's ``true_sequential`` off, as
+the SparseGPT and Wanda reference code do, every group's statistics come from one forward of the dense layer
+instead, and a second forward propagates). Otherwise each calibration batch's forward of the layer runs
+once, parked at each group's hook until the group is compressed (:mod:`recoup.compress.onepass`: one
+forward plus the statistics per layer, bitwise the result of re-running). A method that rescales an op
+which already ran (AWQ), or a run whose parked forwards would exceed ``activation_budget_mb`` (default
+half the device's free memory), re-runs the layer from its start for each group (stopping at the hook)
+and once more to propagate.
+
+Memory: the calibration activations (nsamples, seqlen, hidden) once, plus on the single-pass path the
+parked forwards (estimated and logged), one group's statistics, no second copy of the model. Offloaded
+(the execution device differs from the model's, e.g. ``device="cuda"`` for a model on CPU, or
+``offload=True``), the device holds one layer + the activations + one group's statistics; the
+activations stay on the execution device for the whole pass (float32: 4 * nsamples * seqlen * hidden bytes).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import time
-from typing import Any, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -43,30 +37,18 @@ from tqdm.auto import tqdm
 from recoup.compress.config import CompressConfig
 from recoup.compress.methods import METHODS, LinearResult
 from recoup.artifact.report import CompressReport, LinearRecord, peak_rss_mb
-from recoup.compress.devices import prefix_on, resolve_device, to_device
+from recoup.compress.devices import resolve_device
 from recoup.compress.onepass import available_bytes, parked_bytes, run_parked
 from recoup.compress.parallel import side_by_side
 from recoup.compress.stats import ActNormStats, ActSampleStats, BlockIOStats, HessianStats
 from recoup.data.calibration import Calibration
 from recoup.errors import RecoupError
 from recoup.model.anatomy import Anatomy, _get, anatomy
+from recoup.model.lazy import LazyWeights
 from recoup.model.load import LoadedModel
+from recoup.model.streamer import LayerStreamer, StopForward, hooked
 
 log = logging.getLogger(__name__)
-
-
-class StopForward(Exception):
-    """Raised by a capture hook to end a forward early."""
-
-
-@contextlib.contextmanager
-def hooked(*handles: Any) -> Iterator[None]:
-    """Hold hook handles; remove them all on exit, whatever happens."""
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 class LayerView:
@@ -89,7 +71,8 @@ class LayerView:
 
 
 def _targets(anat: Anatomy, which: str) -> list[tuple[str, ...]]:
-    allowed = {"all": anat.spec.attention + anat.spec.mlp, "attention": anat.spec.attention, "mlp": anat.spec.mlp}[which]
+    spec = anat.spec
+    allowed = {"all": spec.attention + spec.mlp, "attention": spec.attention, "mlp": spec.mlp}[which]
     groups = [tuple(n for n in g if n in allowed) for g in anat.spec.sequential]
     return [g for g in groups if g]
 
@@ -102,85 +85,14 @@ def _validate_shapes(anat: Anatomy, groups: list[tuple[str, ...]], config: Compr
                 raise RecoupError(f"group size {config.group_size} is larger than the input size {cols} of "
                                   f"layer {i} {name}; use a group size <= {cols} or -1 (one group per row)")
             if config.nm and cols % config.nm[1]:
-                raise RecoupError(f"{config.pattern} needs input sizes divisible by {config.nm[1]}; layer {i} {name} has {cols}")
+                raise RecoupError(f"{config.pattern} needs input sizes divisible by {config.nm[1]}; "
+                                  f"layer {i} {name} has {cols}")
 
 
 # calibration windows per forward on the one-forward path by default: each batch there is a parked forward in its
-# own thread with its own pool of torch worker threads (GPTQ w4 g64 at 128 x 512 on 2 CPU cores, one window per
-# forward: 254 s and 9.1 GB; eight: 176 s and 4.6 GB). Where a layer runs straight through the default is 1.
+# own thread with its own pool of torch worker threads, so fewer, larger batches take less time and memory than
+# one window per forward. Where a layer runs straight through the default is 1.
 PARKED_BATCH = 8
-
-
-def _call_layer(layer: nn.Module, h: torch.Tensor, rec: tuple[tuple, dict, bool]) -> torch.Tensor:
-    args, kwargs, as_kwarg = rec
-    out = layer(*args, hidden_states=h, **kwargs) if as_kwarg else layer(h, *args, **kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _passthrough(*args: Any, **kwargs: Any) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
-@contextlib.contextmanager
-def _layers_passthrough(layers: nn.ModuleList) -> Iterator[None]:
-    """Each layer's forward returns its hidden states unchanged (hooks still fire); restored on exit."""
-    saved = [layer.__dict__.get("forward") for layer in layers]
-    try:
-        for layer in layers:
-            layer.forward = _passthrough
-        yield
-    finally:
-        for layer, fwd in zip(layers, saved):
-            if fwd is None:
-                del layer.forward
-            else:
-                layer.forward = fwd
-
-
-def capture_inputs(model: nn.Module, anat: Anatomy, ids: torch.Tensor, batch_size: int,
-                   device: torch.device | None = None, passthrough: bool = False
-                   ) -> tuple[torch.Tensor, list[tuple[tuple, dict, bool]]]:
-    """(first-layer inputs (N, T, H), per-layer (other args, kwargs, hidden-as-kwarg)) for ids (N, T).
-
-    device: where the ids go (default: the model's first parameter's). passthrough: record the
-    per-layer arguments with every layer replaced by a pass-through (offload: the layers need not
-    be on ``device``), the arguments moved to ``device``."""
-    layers = anat.layers
-    device = device if device is not None else next(model.parameters()).device
-    records: list[Any] = [None] * len(layers)
-
-    def recorder(i: int):
-        def hook(_mod, args, kwargs):
-            as_kw = not args
-            records[i] = (tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"}, as_kw)
-            if passthrough and i == len(layers) - 1:
-                raise StopForward
-        return hook
-
-    with hooked(*[layer.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(layers)]):
-        if passthrough:
-            with _layers_passthrough(layers), contextlib.suppress(StopForward):
-                model(input_ids=ids[:1].to(device), use_cache=False)
-        else:
-            model(input_ids=ids[:1].to(device), use_cache=False)
-    if any(r is None for r in records):
-        raise RecoupError("could not record the decoder layers' arguments (a layer was never called)")
-    if passthrough:
-        records = [to_device(r, device) for r in records]
-
-    inps: list[torch.Tensor] = []
-
-    def grab(_mod, args, kwargs):
-        inps.append((args[0] if args else kwargs["hidden_states"]).detach())
-        raise StopForward
-
-    with hooked(layers[0].register_forward_pre_hook(grab, with_kwargs=True)):
-        for start in range(0, ids.shape[0], batch_size):
-            try:
-                model(input_ids=ids[start:start + batch_size].to(device), use_cache=False)
-            except StopForward:
-                pass
-    return torch.cat(inps, 0), records
 
 
 def _new_stats(kind: str, cols: int, config: CompressConfig, calls: int, device: torch.device,
@@ -197,10 +109,9 @@ def _new_stats(kind: str, cols: int, config: CompressConfig, calls: int, device:
     return None
 
 
-def _observe(layer: nn.Module, firsts: list[nn.Module], stats: list, inps: torch.Tensor, rec,
-             batch_size: int) -> None:
+def _observe(streamer: LayerStreamer, i: int, firsts: list[nn.Module], stats: list, batch_size: int) -> None:
     """Feed ``stats[k]`` the inputs of ``firsts[k]`` (and, for block_io statistics, the calls of their parent
-    block, hooked first so it fires first) over every calibration batch of one forward of ``layer``, stopping
+    block, hooked first so it fires first) over every calibration batch of one forward of layer ``i``, stopping
     at the last of them. One group: its statistics on the layer as it now is; every group of a still-dense
     layer: the order of the SparseGPT and Wanda reference code (``true_sequential`` off)."""
     def adder(k: int):
@@ -219,21 +130,12 @@ def _observe(layer: nn.Module, firsts: list[nn.Module], stats: list, inps: torch
                for k, s in enumerate(stats) if getattr(s, "parent", None) is not None]
     handles += [first.register_forward_pre_hook(adder(k)) for k, first in enumerate(firsts)]
     with hooked(*handles):
-        for start in range(0, inps.shape[0], batch_size):
-            try:
-                _call_layer(layer, inps[start:start + batch_size], rec)
-            except StopForward:
-                pass
+        streamer.run(i, batch_size)
 
 
 def _dense_order(config: CompressConfig) -> bool:
     """Whether every group takes its statistics from the dense layer (a method's ``true_sequential`` off)."""
     return not getattr(config.options, "true_sequential", True)
-
-
-def _propagate(layer: nn.Module, inps: torch.Tensor, rec, batch_size: int) -> None:
-    for start in range(0, inps.shape[0], batch_size):
-        inps[start:start + batch_size] = _call_layer(layer, inps[start:start + batch_size], rec)
 
 
 def relative_error(w0: torch.Tensor, w1: torch.Tensor, stats) -> tuple[float, str]:
@@ -310,11 +212,11 @@ def single_pass(method, config: CompressConfig, inps: torch.Tensor, group_cols: 
     return need <= budget, need
 
 
-def _compress_layer(i: int, layer: nn.Module, anat: Anatomy, method, groups: list[tuple[str, ...]],
-                    config: CompressConfig, inps: torch.Tensor | None, rec, calls: int, device: torch.device,
-                    linears: list[LinearRecord], qparams: dict[str, dict[str, torch.Tensor]], once: bool,
+def _compress_layer(i: int, streamer: LayerStreamer, method, groups: list[tuple[str, ...]], config: CompressConfig,
+                    calls: int, linears: list[LinearRecord], qparams: dict[str, dict[str, torch.Tensor]], once: bool,
                     propagate: bool = True) -> None:
-    """Observe, compress and propagate one decoder layer on ``device`` (where it and ``inps`` are).
+    """Observe, compress and propagate decoder layer ``i`` of the streamer's model (on the execution device,
+    where the streamer's activations ``inps`` are; None for a method without calibration data).
 
     ``propagate`` off (the last layer: nothing reads its output): the forwards stop at the last group's
     statistics and ``inps`` is left as it was.
@@ -323,6 +225,7 @@ def _compress_layer(i: int, layer: nn.Module, anat: Anatomy, method, groups: lis
     layer, then the groups compressed in order and the layer run once more to propagate. Otherwise, once:
     one forward per calibration batch, parked at each group (:mod:`recoup.compress.onepass`); not once: the
     layer re-runs from its start for each group's statistics and once more to propagate."""
+    anat, layer, inps, device = streamer.anat, streamer.anat.layers[i], streamer.inps, streamer.device
     view = LayerView(layer, anat, tuple(n for g in groups for n in g))
 
     def stats_for(names: tuple[str, ...]):
@@ -332,13 +235,13 @@ def _compress_layer(i: int, layer: nn.Module, anat: Anatomy, method, groups: lis
 
     if inps is not None and _dense_order(config):
         stats = [stats_for(names) for names in groups]
-        _observe(layer, [view.module(g[0]) for g in groups], stats, inps, rec, config.batch_size)
+        _observe(streamer, i, [view.module(g[0]) for g in groups], stats, config.batch_size)
         _compress_groups(i, view, method, list(zip(groups, stats)), config, linears)
         del stats
         if propagate:
-            _propagate(layer, inps, rec, config.batch_size)
+            streamer.propagate(i, config.batch_size)
     elif inps is not None and once:
-        run_parked(lambda h: _call_layer(layer, h, rec), [view.module(g[0]) for g in groups], inps,
+        run_parked(lambda h: streamer.call(i, h), [view.module(g[0]) for g in groups], inps,
                    config.batch_size, lambda k: stats_for(groups[k]),
                    lambda k, stats: _compress_groups(i, view, method, [(groups[k], stats)], config, linears), device,
                    finish=propagate)
@@ -347,11 +250,11 @@ def _compress_layer(i: int, layer: nn.Module, anat: Anatomy, method, groups: lis
             stats = None
             if inps is not None:
                 stats = stats_for(names)
-                _observe(layer, [view.module(names[0])], [stats], inps, rec, config.batch_size)
+                _observe(streamer, i, [view.module(names[0])], [stats], config.batch_size)
             _compress_groups(i, view, method, [(names, stats)], config, linears)
             del stats
         if inps is not None and propagate:
-            _propagate(layer, inps, rec, config.batch_size)
+            streamer.propagate(i, config.batch_size)
     for name, res in view.results.items():
         if res.scale is not None:
             qparams[f"{anat.spec.layers}.{i}.{name}"] = {"scale": res.scale.cpu(), "zero": res.zero.cpu(),
@@ -360,7 +263,9 @@ def _compress_layer(i: int, layer: nn.Module, anat: Anatomy, method, groups: lis
 
 @torch.no_grad()
 def compress(loaded: LoadedModel, config: CompressConfig, calibration: Calibration | None = None, *,
-             device: str | torch.device | None = None, offload: bool | None = None) -> CompressReport:
+             device: str | torch.device | None = None, offload: bool | None = None,
+             weights: LazyWeights | None = None,
+             on_layer: Callable[[int, nn.Module, list[str], dict], None] | None = None) -> CompressReport:
     """Compress ``loaded.model`` in place with ``config`` (one sequential pass) and report what was done.
 
     calibration: windows (nsamples, seqlen) from :func:`recoup.data.calibration.calibration_windows`;
@@ -368,6 +273,9 @@ def compress(loaded: LoadedModel, config: CompressConfig, calibration: Calibrati
     device: the execution device (None: the model's; "auto": cuda when available, else cpu).
     offload: move one decoder layer at a time to ``device`` and back, the model staying where it is
     (default: when ``device`` differs from the model's device). The weights are the model's either way.
+    weights: lazy weights (``loaded.model`` is a skeleton, :mod:`recoup.model.lazy`): each decoder layer is read
+    from the checkpoint when reached and freed after; ``on_layer(i, layer, names, qparams)`` is then called with
+    the compressed layer still in memory (``names``: its linears as the report lists them), e.g. to write it.
     """
     model = loaded.model
     anat = anatomy(model)
@@ -377,12 +285,10 @@ def compress(loaded: LoadedModel, config: CompressConfig, calibration: Calibrati
     needs_data = method.stats != "none"
     if needs_data and calibration is None:
         raise RecoupError(f"{config.method} needs calibration data (e.g. --calib ptb)")
-    model_device = next(model.parameters()).device
+    model_device = torch.device("cpu") if weights is not None else next(model.parameters()).device
     device = resolve_device(device, model_device)
-    if offload is None:
-        offload = device != model_device
-    elif not offload and device != model_device:
-        raise RecoupError(f"offload=False needs the model on the execution device {device}; it is on {model_device}")
+    streamer = LayerStreamer(model, anat, device, offload, weights)
+    offload = streamer.offload
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -391,45 +297,41 @@ def compress(loaded: LoadedModel, config: CompressConfig, calibration: Calibrati
     started = time.time()
     was_training = model.training
     model.eval()
-    inps, records = None, None
     calls, once = 0, False
     linears: list[LinearRecord] = []
     qparams: dict[str, dict[str, torch.Tensor]] = {}
     try:
         if needs_data:
             ids = calibration.input_ids
-            with prefix_on(model, anat, device) if offload else contextlib.nullcontext():
-                inps, records = capture_inputs(model, anat, ids, config.batch_size or 1, device, passthrough=offload)
+            inps, _ = streamer.capture(ids, config.batch_size or 1)
             cols = [anat.weight_matrix(_get(anat.layers[0], g[0])).shape[1] for g in groups]
             once, need = single_pass(method, config, inps, cols, device)
             if config.batch_size is None:
                 config = copy.copy(config)  # the report records the batch size used
                 config.batch_size = PARKED_BATCH if once and not _dense_order(config) else 1
             calls = -(-ids.shape[0] // config.batch_size)
+            why = "the method rescales earlier ops" if method.prepare_group else \
+                f"parked forwards would need {need / 2 ** 20:.0f} MiB, over the budget"
             log.info("captured layer inputs %s on %s in %.1fs (%.0f MiB); %s", tuple(inps.shape), inps.device,
                      time.time() - started, inps.numel() * inps.element_size() / 2 ** 20,
                      "every group's statistics from the dense layer, then one forward to propagate (true_sequential "
                      "off)" if _dense_order(config) else
                      f"one forward per layer, parked forwards <= {need / 2 ** 20:.0f} MiB" if once else
-                     f"re-running each layer per group ({'the method rescales earlier ops' if method.prepare_group else f'parked forwards would need {need / 2 ** 20:.0f} MiB, over the budget'})")
-        for i, layer in enumerate(tqdm(anat.layers, desc=f"compress {config.describe()}", unit="layer")):
+                     f"re-running each layer per group ({why})")
+            del inps
+        for i in tqdm(range(streamer.num_layers), desc=f"compress {config.describe()}", unit="layer"):
             t_layer = time.time()
             first_record = len(linears)
-            if offload:
-                layer.to(device)
-            try:
-                _compress_layer(i, layer, anat, method, groups, config, inps, records[i] if needs_data else None,
-                                calls, device, linears, qparams, once, propagate=i < len(anat.layers) - 1)
-            finally:
-                if offload:
-                    layer.to(model_device)
-                    if cuda:
-                        torch.cuda.empty_cache()
+            with streamer.layer(i) as layer:
+                _compress_layer(i, streamer, method, groups, config, calls, linears, qparams, once,
+                                propagate=i < streamer.num_layers - 1)
+                if on_layer is not None:
+                    on_layer(i, layer, [r.name for r in linears[first_record:]], qparams)
             errs = [r.error for r in linears[first_record:]]
             log.info("layer %d: %.1fs, mean relative error %.4g (max %.4g)", i, time.time() - t_layer,
                      sum(errs) / len(errs), max(errs))
     finally:
-        del inps
+        streamer.inps = None
         model.train(was_training)
     report = CompressReport(method=config.method, config=config.to_dict(), model_type=anat.model_type,
                             calibration=calibration.protocol if calibration is not None else None, linears=linears,

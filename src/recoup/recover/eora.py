@@ -6,11 +6,12 @@ minimising ||(dW - B A) X^T||_F over the layer's calibration inputs X (N, in). W
 X^T X = Q diag(l) Q^T (damped), the rank-r SVD of dW Q diag(sqrt(l)) = U S V^T gives
 B = U_r sqrt(S_r) and A = sqrt(S_r) V_r^T diag(1/sqrt(l)) Q^T; at full rank B A = dW exactly.
 
-Layers are streamed as in GPTQ: the first decoder layer's inputs are captured once, then for each
-layer X^T X is accumulated (once per distinct linear input: the linears of one sequential group
-read the same tensor), the compensation computed, and the layer's outputs *with* its compensation
-propagated to the next layer. Memory: one layer's activations (nsamples, seqlen, hidden) plus its
-statistics; only the dense source's weights are read (the dense model is never run).
+Layers are streamed by :class:`recoup.model.streamer.LayerStreamer` (the compression engine's too): the
+first decoder layer's inputs are captured once, then for each layer X^T X is accumulated (once per distinct
+linear input: the linears of one sequential group read the same tensor), the compensation computed, and the
+layer's outputs *with* its compensation propagated to the next layer. Memory: one layer's activations
+(nsamples, seqlen, hidden) plus its statistics; only the dense source's weights are read (the dense model is
+never run).
 
 The result is an unmerged PEFT LoRA (scaling 1: ``lora_alpha = r``), so the compressed base stays
 bit-identical (its compression fingerprint is checked) and ``peft.PeftModel.from_pretrained`` loads it.
@@ -21,11 +22,9 @@ With ``energy`` set, each linear gets the smallest rank whose singular values S 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import time
-from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -34,61 +33,12 @@ from tqdm.auto import tqdm
 from recoup.config import Config, check
 from recoup.errors import RecoupError
 from recoup.model.anatomy import Anatomy, _get, anatomy
+from recoup.model.streamer import LayerStreamer, hooked
 from recoup.recover.adapter import LoraConfig, LoraRecovery
 from recoup.recover.base import RecoveryMethod, base_of, compression_digest, record_intact
 from recoup.recover.train import load_teacher, teacher_source
 
 log = logging.getLogger(__name__)
-
-
-class _Stop(Exception):
-    """Ends a forward once the first decoder layer's inputs are captured."""
-
-
-@contextlib.contextmanager
-def _hooks(*handles: Any) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _call(layer: nn.Module, h: torch.Tensor, rec: tuple[tuple, dict, bool]) -> torch.Tensor:
-    args, kwargs, as_kw = rec
-    out = layer(*args, hidden_states=h, **kwargs) if as_kw else layer(h, *args, **kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def layer_inputs(model: nn.Module, anat: Anatomy, ids: torch.Tensor, batch_size: int
-                 ) -> tuple[torch.Tensor, list[tuple[tuple, dict, bool]]]:
-    """(first decoder layer's inputs (N, T, H), per-layer (other args, kwargs, hidden-as-kwarg)) for ids (N, T).
-
-    The per-layer arguments (rotary embeddings, masks) are recorded from one full forward of ``ids[:1]``;
-    they broadcast over the batch."""
-    device = next(model.parameters()).device
-    layers = anat.layers
-    records: list[Any] = [None] * len(layers)
-
-    def recorder(i: int):
-        def hook(_mod, args, kwargs):
-            records[i] = (tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"}, not args)
-        return hook
-
-    with torch.no_grad(), _hooks(*[l.register_forward_pre_hook(recorder(i), with_kwargs=True)
-                                   for i, l in enumerate(layers)]):
-        model(input_ids=ids[:1].to(device), use_cache=False)
-    inps: list[torch.Tensor] = []
-
-    def grab(_mod, args, kwargs):
-        inps.append((args[0] if args else kwargs["hidden_states"]).detach())
-        raise _Stop
-
-    with torch.no_grad(), _hooks(layers[0].register_forward_pre_hook(grab, with_kwargs=True)):
-        for start in range(0, ids.shape[0], batch_size):
-            with contextlib.suppress(_Stop):
-                model(input_ids=ids[start:start + batch_size].to(device), use_cache=False)
-    return torch.cat(inps, 0), records
 
 
 def kept_rank(s: torch.Tensor, rank: int, energy: float | None) -> int:
@@ -150,48 +100,57 @@ def compensate(model: nn.Module, dense: nn.Module, ids: torch.Tensor, rank: int,
     names = [n for n in anat.linear_names() if n.split(".")[-1] in targets]
     groups = [tuple(n for n in g if n in names) for g in anat.spec.sequential]
     groups = [g for g in groups if g]
-    inps, records = layer_inputs(model, anat, ids, batch_size)
+    streamer = LayerStreamer(model, anat)
+    streamer.capture(ids, batch_size)
     state: dict[str, torch.Tensor] = {}
-    for i in tqdm(range(len(anat.layers)), desc="eora", unit="layer"):
-        layer, dense_layer = anat.layers[i], dense_anat.layers[i]
-        stats = {g[0]: torch.zeros(0) for g in groups}
-
-        def observer(key: str):
-            def hook(_mod, args):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # float32 sums, as GPTQ's
-                stats[key] = x.T @ x if stats[key].numel() == 0 else stats[key] + x.T @ x
-            return hook
-
-        with torch.no_grad(), _hooks(*[_get(layer, g[0]).register_forward_pre_hook(observer(g[0])) for g in groups]):
-            for start in range(0, inps.shape[0], batch_size):
-                _call(layer, inps[start:start + batch_size], records[i])
-        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for g in groups:
-            for name in g:
-                w_c = anat.weight_matrix(_get(layer, name)).detach().double()
-                w_d = dense_anat.weight_matrix(_get(dense_layer, name)).detach().to(device).double()
-                if w_d.shape != w_c.shape:
-                    raise RecoupError(f"layer {i} {name}: dense weight {tuple(w_d.shape)} vs compressed "
-                                      f"{tuple(w_c.shape)}; the dense source is another model")
-                b, a, share = eigen_compensation(w_d - w_c, stats[g[0]], rank, damp, energy)
-                factors[name] = (b, a)
-                if kept is not None:
-                    kept[f"{anat.spec.layers}.{i}.{name}"] = share
-        del stats
-
-        def adder(b: torch.Tensor, a: torch.Tensor):
-            def hook(_mod, args, out):
-                return out + (args[0] @ a.T.to(out.dtype)) @ b.T.to(out.dtype)
-            return hook
-
-        with torch.no_grad(), _hooks(*[_get(layer, n).register_forward_hook(adder(*factors[n])) for n in factors]):
-            for start in range(0, inps.shape[0], batch_size):
-                inps[start:start + batch_size] = _call(layer, inps[start:start + batch_size], records[i])
-        for name, (b, a) in factors.items():
-            full = f"{anat.spec.layers}.{i}.{name}"
-            state[_peft_key(full, "lora_A")] = a.cpu()
-            state[_peft_key(full, "lora_B")] = b.cpu()
+    for i in tqdm(range(streamer.num_layers), desc="eora", unit="layer"):
+        with streamer.layer(i) as layer:
+            _compensate_layer(i, streamer, layer, dense_anat, groups, rank, batch_size, damp, energy, device, state,
+                              kept)
     return state
+
+
+def _compensate_layer(i: int, streamer: LayerStreamer, layer: nn.Module, dense_anat: Anatomy,
+                      groups: list[tuple[str, ...]], rank: int, batch_size: int, damp: float, energy: float | None,
+                      device: torch.device, state: dict[str, torch.Tensor], kept: dict[str, float] | None) -> None:
+    """EoRA of decoder layer ``i``: its inputs' X^T X per group, each linear's factors into ``state``, then the
+    layer's outputs *with* the compensation propagated."""
+    anat, dense_layer = streamer.anat, dense_anat.layers[i]
+    stats = {g[0]: torch.zeros(0) for g in groups}
+
+    def observer(key: str):
+        def hook(_mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # float32 sums, as GPTQ's
+            stats[key] = x.T @ x if stats[key].numel() == 0 else stats[key] + x.T @ x
+        return hook
+
+    with torch.no_grad(), hooked(*[_get(layer, g[0]).register_forward_pre_hook(observer(g[0])) for g in groups]):
+        streamer.run(i, batch_size)
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for g in groups:
+        for name in g:
+            w_c = anat.weight_matrix(_get(layer, name)).detach().double()
+            w_d = dense_anat.weight_matrix(_get(dense_layer, name)).detach().to(device).double()
+            if w_d.shape != w_c.shape:
+                raise RecoupError(f"layer {i} {name}: dense weight {tuple(w_d.shape)} vs compressed "
+                                  f"{tuple(w_c.shape)}; the dense source is another model")
+            b, a, share = eigen_compensation(w_d - w_c, stats[g[0]], rank, damp, energy)
+            factors[name] = (b, a)
+            if kept is not None:
+                kept[f"{anat.spec.layers}.{i}.{name}"] = share
+    del stats
+
+    def adder(b: torch.Tensor, a: torch.Tensor):
+        def hook(_mod, args, out):
+            return out + (args[0] @ a.T.to(out.dtype)) @ b.T.to(out.dtype)
+        return hook
+
+    with torch.no_grad(), hooked(*[_get(layer, n).register_forward_hook(adder(*factors[n])) for n in factors]):
+        streamer.propagate(i, batch_size)
+    for name, (b, a) in factors.items():
+        full = f"{anat.spec.layers}.{i}.{name}"
+        state[_peft_key(full, "lora_A")] = a.cpu()
+        state[_peft_key(full, "lora_B")] = b.cpu()
 
 
 class EoraRecovery(LoraRecovery):

@@ -1,0 +1,192 @@
+"""Lazy weights: a model skeleton whose tensors are read from the checkpoint's safetensors files when needed.
+
+:func:`skeleton` builds the model from its config with every parameter on the ``meta`` device (no memory;
+buffers such as rotary frequencies are computed as usual). :class:`LazyWeights` then reads the tensors of
+one module (a decoder layer, the embeddings) from the checkpoint's safetensors shards into it, in the dtype
+asked for (float32 for the statistics and solves, whatever the checkpoint stores; bf16 -> float32 is exact),
+and frees them again (back to ``meta``). Each read opens the shard, copies the tensors out and closes it, so
+no file stays mapped. A tied parameter (embeddings = lm_head) is one tensor, read once for both names.
+
+Host memory is then what the caller holds at once (one decoder layer plus the activations for the layer
+streamer, :mod:`recoup.model.streamer`), not the whole model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from recoup.errors import RecoupError
+from recoup.model.load import LoadedModel
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def checkpoint_files(folder: Path) -> dict[str, Path]:
+    """{tensor name: safetensors file} of the checkpoint in ``folder`` (its index, else every shard's header)."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    index = folder / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map") or {}
+        return {name: folder / f for name, f in weight_map.items()}
+    where: dict[str, Path] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as fh:
+            where.update({k: f for k in fh.keys()})
+    if not where:
+        raise RecoupError(f"'{folder}' holds no safetensors weights; lazy loading reads safetensors checkpoints")
+    return where
+
+
+def skeleton(folder: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
+    """The causal LM of the checkpoint in ``folder`` with its parameters on ``meta`` (``dtype``), in eval mode,
+    with the checkpoint's generation config."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # from_config on meta leaves tied parameters (embeddings = lm_head) apart
+    if (Path(folder) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(folder))
+    return model.eval()
+
+
+class LazyWeights:
+    """Reads the tensors of ``model``'s modules from the checkpoint in ``folder`` on demand, in ``dtype``.
+
+    ``reads`` counts every tensor read by name (a test checks each is read once); :meth:`alive` lists the
+    parameters that currently hold memory."""
+
+    def __init__(self, model: nn.Module, folder: str | Path, dtype: torch.dtype = torch.float32) -> None:
+        self.model, self.folder, self.dtype = model, Path(folder), dtype
+        self.files = checkpoint_files(self.folder)
+        self.reads: Counter[str] = Counter()
+        prefix = getattr(model, "base_model_prefix", "") or ""
+        # every name of every parameter (a tied one has several), and where each is stored
+        self._slots: dict[int, list[tuple[nn.Module, str, str]]] = {}
+        for mname, mod in model.named_modules(remove_duplicate=False):
+            for leaf, p in mod._parameters.items():
+                if p is not None:
+                    self._slots.setdefault(id(p), []).append((mod, leaf, f"{mname}.{leaf}" if mname else leaf))
+        self._key: dict[int, str] = {}
+        missing = []
+        for pid, slots in self._slots.items():
+            names = [full for _, _, full in slots]
+            found = [n for n in names if n in self.files]
+            found += [n[len(prefix) + 1:] for n in names if prefix and n.startswith(prefix + ".")
+                      and n[len(prefix) + 1:] in self.files]
+            if not found:
+                missing.append(names[0])
+            else:
+                self._key[pid] = found[0]
+        if missing:
+            raise RecoupError(f"the checkpoint in '{self.folder}' does not hold '{missing[0]}' under the model's name "
+                              f"(and {len(missing) - 1} more); it cannot be read layer by layer")
+
+    def _params(self, module: nn.Module) -> Iterator[nn.Parameter]:
+        seen: set[int] = set()
+        for p in module.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                yield p
+
+    def _current(self, p: nn.Parameter) -> nn.Parameter:
+        if id(p) in self._slots:
+            return p
+        raise RecoupError("a parameter given to free was never this model's (or was freed already)")
+
+    def _set(self, old: nn.Parameter, data: torch.Tensor) -> None:
+        new = nn.Parameter(data, requires_grad=False)
+        for mod, leaf, full in self._slots.pop(id(old)):
+            mod._parameters[leaf] = new
+            self._slots.setdefault(id(new), []).append((mod, leaf, full))
+        self._key[id(new)] = self._key.pop(id(old))
+
+    def load(self, module: nn.Module, device: torch.device | str = "cpu") -> None:
+        """Read every parameter of ``module`` not yet in memory from the checkpoint, as ``dtype`` on ``device``."""
+        self.load_params(list(self._params(module)), device)
+
+    def free(self, module: nn.Module) -> None:
+        """Give every parameter of ``module`` back (to ``meta``), whatever another module still ties to it."""
+        self.free_params(list(self._params(module)))
+
+    @torch.no_grad()
+    def load_params(self, params: list[nn.Parameter], device: torch.device | str = "cpu") -> None:
+        """Read ``params`` (those still on ``meta``) from the checkpoint, as ``dtype`` on ``device``."""
+        from safetensors import safe_open
+
+        todo: dict[Path, list[nn.Parameter]] = {}
+        for p in params:
+            if p.device.type == "meta":
+                todo.setdefault(self.files[self._key[id(p)]], []).append(p)
+        for f, params in todo.items():
+            with safe_open(str(f), framework="pt") as fh:
+                for p in params:
+                    key = self._key[id(p)]
+                    t = fh.get_tensor(key)
+                    if tuple(t.shape) != tuple(p.shape):
+                        raise RecoupError(f"checkpoint tensor '{key}' is {tuple(t.shape)}, the model expects "
+                                          f"{tuple(p.shape)}; the config does not match the weights")
+                    self.reads[key] += 1
+                    self._set(p, t.to(device=device, dtype=self.dtype))
+                    del t
+
+    @torch.no_grad()
+    def free_params(self, params: list[nn.Parameter]) -> None:
+        """Give ``params`` back (to ``meta``). A parameter object replaced since it was listed is found by name."""
+        for p in params:
+            p = self._current(p)
+            if p.device.type != "meta":
+                self._set(p, torch.empty(p.shape, dtype=p.dtype, device="meta"))
+
+    def read(self, name: str) -> torch.Tensor:
+        """The checkpoint tensor of the model's parameter ``name`` (a tied name resolves to the stored one), in
+        ``dtype`` on CPU, without keeping it."""
+        from safetensors import safe_open
+
+        param = self.model.get_parameter(name)
+        key = self._key[id(param)]
+        with safe_open(str(self.files[key]), framework="pt") as fh:
+            self.reads[key] += 1
+            return fh.get_tensor(key).to(self.dtype)
+
+    def alive(self) -> list[str]:
+        """Names of the parameters that hold memory now (one name per tensor)."""
+        return [slots[0][2] for slots in self._slots.values()
+                if slots[0][0]._parameters[slots[0][1]].device.type != "meta"]
+
+
+
+def load_lazy(source: str, dtype: str | torch.dtype = "float32") -> tuple[LoadedModel, LazyWeights] | None:
+    """``source`` (a local or bundled safetensors checkpoint) as a skeleton with its tokenizer, and its lazy
+    weights in ``dtype`` (``auto``: float32, as on CPU); None when it cannot be read layer by layer (a hub id,
+    an artifact, checkpoint names that differ from the model's)."""
+    import logging
+
+    from transformers import AutoTokenizer
+
+    from recoup.model.load import resolve_dtype, resolve_source
+
+    kind, path = resolve_source(source)
+    if kind not in ("bundled", "gguf", "dir") or path is None:
+        return None
+    torch_dtype = resolve_dtype(dtype, "cpu", path)
+    try:
+        model = skeleton(path, torch_dtype)
+        weights = LazyWeights(model, path, torch_dtype)
+    except RecoupError as exc:
+        logging.getLogger(__name__).info("reading the whole model instead of layer by layer: %s", exc)
+        return None
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, path=path), weights

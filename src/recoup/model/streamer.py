@@ -1,0 +1,258 @@
+"""The layer streamer: the one place that walks a model's decoder layers with captured calibration inputs.
+
+A layer-wise method (the compression engine, EoRA, any later block-wise reconstruction) needs the same
+three things: the first decoder layer's inputs on the calibration windows, the other arguments each layer
+is called with, and a way to run one layer at a time on those inputs, its outputs becoming the next layer's.
+
+- Capture: a pre-hook on the first layer grabs its inputs and raises :class:`StopForward`, so nothing after
+  it runs; the other positional and keyword arguments of every layer (attention masks, rotary embeddings,
+  which can differ per layer, e.g. Gemma 3's local/global layers) are recorded from one single-window
+  forward. They broadcast over the batch.
+- Placement: *in place* (every layer stays where the model is), or *offload* (the execution device
+  differs from the model's, or is asked for): the modules that run before the first layer (embeddings,
+  positional and rotary embeddings; not the final norm or lm_head) visit the execution device for the
+  capture, whose record pass replaces the layers by pass-throughs (masks and rotary embeddings do not depend
+  on layer outputs), and each decoder layer moves to the execution device while it is worked on, then back.
+  Device memory is then one layer plus the activations plus what the method keeps.
+- Activations: (nsamples, seqlen, hidden), held once on the execution device for the whole pass and
+  overwritten in place by each layer's outputs (:meth:`LayerStreamer.propagate`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from recoup.errors import RecoupError
+from recoup.model.anatomy import Anatomy, anatomy
+from recoup.model.lazy import LazyWeights
+
+Record = tuple[tuple, dict, bool]  # a layer's other positional args, keyword args, hidden states passed as keyword
+
+
+class StopForward(Exception):
+    """Raised by a capture hook to end a forward early."""
+
+
+@contextlib.contextmanager
+def hooked(*handles: Any) -> Iterator[None]:
+    """Hold hook handles; remove them all on exit, whatever happens."""
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def call_layer(layer: nn.Module, h: torch.Tensor, rec: Record) -> torch.Tensor:
+    """The output hidden states of decoder ``layer`` for inputs ``h`` (b, T, H) and its recorded arguments."""
+    args, kwargs, as_kwarg = rec
+    out = layer(*args, hidden_states=h, **kwargs) if as_kwarg else layer(h, *args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """``obj`` with every tensor inside (tuples, lists, dicts) moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _passthrough(*args: Any, **kwargs: Any) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@contextlib.contextmanager
+def layers_passthrough(layers: nn.ModuleList) -> Iterator[None]:
+    """Each layer's forward returns its hidden states unchanged (hooks still fire); restored on exit."""
+    saved = [layer.__dict__.get("forward") for layer in layers]
+    try:
+        for layer in layers:
+            layer.forward = _passthrough
+        yield
+    finally:
+        for layer, fwd in zip(layers, saved):
+            if fwd is None:
+                del layer.forward
+            else:
+                layer.forward = fwd
+
+
+@contextlib.contextmanager
+def prefix_on(model: nn.Module, anat: Anatomy, device: torch.device) -> Iterator[None]:
+    """Move every parameter and buffer outside the decoder layers, the final norm and lm_head (embeddings,
+    positional / rotary embeddings: what runs before the first layer) to ``device``; move them back on exit.
+    A tied weight (embedding = lm_head) moves once, as the one tensor it is."""
+    skip = (anat.spec.layers, anat.spec.final_norm, anat.spec.lm_head)
+    params: dict[int, tuple[nn.Parameter, torch.device]] = {}
+    buffers: list[tuple[nn.Module, str, torch.device]] = []
+    try:
+        for name, mod in model.named_modules():
+            if any(name == k or name.startswith(k + ".") for k in skip):
+                continue
+            for p in mod.parameters(recurse=False):
+                if id(p) not in params:
+                    params[id(p)] = (p, p.device)
+                    p.data = p.data.to(device)
+            for bname, b in list(mod._buffers.items()):
+                if b is not None:
+                    buffers.append((mod, bname, b.device))
+                    mod._buffers[bname] = b.to(device)
+        yield
+    finally:
+        for p, dev in params.values():
+            p.data = p.data.to(dev)
+        for mod, bname, dev in buffers:
+            mod._buffers[bname] = mod._buffers[bname].to(dev)
+
+
+def _prefix_params(model: nn.Module, anat: Anatomy) -> list[nn.Parameter]:
+    """The parameters outside the decoder layers, the final norm and lm_head (what runs before the first layer);
+    a tied one (embeddings = lm_head) once."""
+    skip = (anat.spec.layers, anat.spec.final_norm, anat.spec.lm_head)
+    out: dict[int, nn.Parameter] = {}
+    for name, mod in model.named_modules():
+        if not any(name == k or name.startswith(k + ".") for k in skip):
+            out.update({id(p): p for p in mod.parameters(recurse=False)})
+    return list(out.values())
+
+
+def capture_inputs(model: nn.Module, anat: Anatomy, ids: torch.Tensor, batch_size: int,
+                   device: torch.device | None = None, passthrough: bool = False
+                   ) -> tuple[torch.Tensor, list[Record]]:
+    """(first-layer inputs (N, T, H), per-layer (other args, kwargs, hidden-as-kwarg)) for ids (N, T).
+
+    device: where the ids go (default: the model's first parameter's). passthrough: record the
+    per-layer arguments with every layer replaced by a pass-through (offload: the layers need not
+    be on ``device``), the arguments moved to ``device``."""
+    layers = anat.layers
+    device = device if device is not None else next(model.parameters()).device
+    records: list[Any] = [None] * len(layers)
+
+    def recorder(i: int):
+        def hook(_mod, args, kwargs):
+            as_kw = not args
+            records[i] = (tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"}, as_kw)
+            if passthrough and i == len(layers) - 1:
+                raise StopForward
+        return hook
+
+    with hooked(*[layer.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(layers)]):
+        if passthrough:
+            with layers_passthrough(layers), contextlib.suppress(StopForward):
+                model(input_ids=ids[:1].to(device), use_cache=False)
+        else:
+            model(input_ids=ids[:1].to(device), use_cache=False)
+    if any(r is None for r in records):
+        raise RecoupError("could not record the decoder layers' arguments (a layer was never called)")
+    if passthrough:
+        records = [to_device(r, device) for r in records]
+
+    inps: list[torch.Tensor] = []
+
+    def grab(_mod, args, kwargs):
+        inps.append((args[0] if args else kwargs["hidden_states"]).detach())
+        raise StopForward
+
+    with hooked(layers[0].register_forward_pre_hook(grab, with_kwargs=True)):
+        for start in range(0, ids.shape[0], batch_size):
+            try:
+                model(input_ids=ids[start:start + batch_size].to(device), use_cache=False)
+            except StopForward:
+                pass
+    return torch.cat(inps, 0), records
+
+
+class LayerStreamer:
+    """Walks the decoder layers of ``model`` one at a time over captured calibration inputs.
+
+    device: the execution device (default: the model's). offload: each layer moves to ``device`` while it is
+    worked on and back after (default: when ``device`` is not the model's device). weights: lazy weights
+    (:mod:`recoup.model.lazy`; ``model`` is then a skeleton): the embeddings are read for the capture and
+    freed, each layer is read from the checkpoint onto ``device`` when it is entered and freed when it is left,
+    so memory holds one layer at a time. Use::
+
+        streamer = LayerStreamer(model, device=dev)
+        streamer.capture(ids, batch_size)               # streamer.inps (N, T, H), streamer.records
+        for i in range(streamer.num_layers):
+            with streamer.layer(i) as layer:            # on the execution device
+                ...                                     # observe / change the layer (hooks, streamer.run)
+                streamer.propagate(i, batch_size)       # its outputs become the next layer's inputs
+    """
+
+    def __init__(self, model: nn.Module, anat: Anatomy | None = None, device: torch.device | None = None,
+                 offload: bool | None = None, weights: LazyWeights | None = None) -> None:
+        self.model, self.weights = model, weights
+        self.anat = anat if anat is not None else anatomy(model)
+        self.model_device = torch.device("cpu") if weights is not None else next(model.parameters()).device
+        if weights is not None:
+            offload = True  # the layers live in the checkpoint: each is read onto the execution device in turn
+        self.device = device if device is not None else self.model_device
+        self.offload = self.device != self.model_device if offload is None else offload
+        if not self.offload and self.device != self.model_device:
+            raise RecoupError(f"offload=False needs the model on the execution device {self.device}; "
+                              f"it is on {self.model_device}")
+        self.inps: torch.Tensor | None = None
+        self.records: list[Record] | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.anat.layers)
+
+    def capture(self, ids: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, list[Record]]:
+        """Capture the first layer's inputs for ids (N, T) in batches of ``batch_size`` and every layer's
+        arguments; the inputs stay on the execution device."""
+        if self.weights is not None:
+            prefix = _prefix_params(self.model, self.anat)
+            self.weights.load_params(prefix, self.device)
+        try:
+            with torch.no_grad(), prefix_on(self.model, self.anat, self.device) if self.offload \
+                    and self.weights is None else contextlib.nullcontext():
+                self.inps, self.records = capture_inputs(self.model, self.anat, ids, batch_size, self.device,
+                                                         passthrough=self.offload)
+        finally:
+            if self.weights is not None:
+                self.weights.free_params(_prefix_params(self.model, self.anat))
+        return self.inps, self.records
+
+    @contextlib.contextmanager
+    def layer(self, i: int) -> Iterator[nn.Module]:
+        """Decoder layer ``i`` on the execution device for the duration of the block (offload: moved there and
+        back, the CUDA cache emptied after)."""
+        layer = self.anat.layers[i]
+        if self.weights is not None:
+            self.weights.load(layer, self.device)
+        elif self.offload:
+            layer.to(self.device)
+        try:
+            yield layer
+        finally:
+            if self.weights is not None:
+                self.weights.free(layer)
+            elif self.offload:
+                layer.to(self.model_device)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    def call(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """Layer ``i``'s output for inputs ``h`` (b, T, H) with its recorded arguments."""
+        return call_layer(self.anat.layers[i], h, self.records[i])
+
+    def run(self, i: int, batch_size: int) -> None:
+        """One forward of layer ``i`` over every calibration batch, outputs discarded (hooks observe it); a
+        hook raising :class:`StopForward` ends that batch's forward."""
+        for start in range(0, self.inps.shape[0], batch_size):
+            with contextlib.suppress(StopForward):
+                self.call(i, self.inps[start:start + batch_size])
+
+    def propagate(self, i: int, batch_size: int) -> None:
+        """Replace the activations by layer ``i``'s outputs, batch by batch, in place."""
+        for start in range(0, self.inps.shape[0], batch_size):
+            self.inps[start:start + batch_size] = self.call(i, self.inps[start:start + batch_size])
