@@ -83,9 +83,9 @@ def _check_task(task: str, data: bytes, where: str) -> None:
                           f"{EXAMPLES[task]}: another version of the task; use the 1.0.0 files")
 
 
-def _install(files: dict[str, bytes], origin: str) -> None:
+def _install(by_task: dict[str, bytes], origin: str) -> None:
     """Write checked task files atomically, each with a record of its origin and digest."""
-    for task, data in files.items():
+    for task, data in by_task.items():
         out = task_path(task)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".partial")
@@ -138,10 +138,10 @@ def install_from(path: Path) -> None:
     if root is None:
         raise RecoupError(f"{ENV_DIR}={path} holds no {' and no '.join(TASK_FILES.values())} (looked in it, "
                           f"benchmark_tasks/ and bigbench/benchmark_tasks/)")
-    files = {task: (root / inner).read_bytes() for task, inner in TASK_FILES.items()}
-    for task, data in files.items():
+    by_task = {task: (root / inner).read_bytes() for task, inner in TASK_FILES.items()}
+    for task, data in by_task.items():
         _check_task(task, data, str(root / TASK_FILES[task]))
-    _install(files, f"folder {root}")
+    _install(by_task, f"folder {root}")
 
 
 def pip_download(dest: Path) -> Path:
