@@ -90,9 +90,9 @@ def _kv(text: str) -> tuple[str, str]:
     return key, value
 
 
-def _describe(key: Key) -> str:
-    parts = [HELP.get(key.name, key.name.replace("_", " "))]
-    if key.default not in (None, [], {}) and not isinstance(key.default, bool):
+def _describe(key: Key, helps: dict[str, str] = HELP) -> str:
+    parts = [helps.get(key.name, key.name.replace("_", " "))]
+    if key.default not in (None, [], {}, "") and not isinstance(key.default, bool):
         parts.append(f"default {key.default}")
     if key.methods:
         parts.append("methods: " + ", ".join(key.methods))
@@ -102,13 +102,14 @@ def _describe(key: Key) -> str:
 def add_job_arguments(p: argparse.ArgumentParser, kind: str) -> None:
     """One flag per key of the stage ``kind``; the job's positional keys (the model) become positionals."""
     positional = JOBS[kind].POSITIONAL
+    own = getattr(JOBS[kind], "FLAG_HELP", {})  # a job's own help lines (export's) win over the shared ones
     for key in keys(kind):
         if key.name in positional:
-            p.add_argument(key.name, help="model source (smollm2-135m, a .gguf, a local HF dir, a recoup artifact, "
-                                          "a hub id)")
+            p.add_argument(key.name, help=own.get(key.name, "model source (smollm2-135m, a .gguf, a local HF dir, "
+                                                            "a recoup artifact, a hub id)"))
             continue
         tp = base_type(key.type)
-        kwargs: dict[str, Any] = {"dest": key.name, "default": None, "help": _describe(key)}
+        kwargs: dict[str, Any] = {"dest": key.name, "default": None, "help": _describe(key, {**HELP, **own})}
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif tp is dict or typing.get_origin(tp) is dict:

@@ -17,6 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Union
 
+from recoup.artifact.export.base import ExportConfig
 from recoup.config import Config, check
 from recoup.data.bos import check_policy
 from recoup.errors import RecoupError
@@ -313,6 +314,37 @@ class RecoverJob(_MethodJob):
             check(task in ZERO_SHOT_TASKS, unknown_name_message("tuning task", task, ZERO_SHOT_TASKS))
 
 
+@dataclasses.dataclass
+class ExportJob(ExportConfig):
+    """``recoup export ARTIFACT --format F --out DIR`` / a recipe ``export:`` step: the keys of
+    :class:`recoup.artifact.export.ExportConfig` (``source`` is the artifact, the command's positional)."""
+
+    POSITIONAL: ClassVar[tuple[str, ...]] = ("source",)
+    FLAG_HELP: ClassVar[dict[str, str]] = {
+        "source": "a recoup artifact directory (the --out of `recoup compress`)",
+        "format": "hf (dense safetensors: transformers) | compressed-tensors (integer codes: vLLM, SGLang, "
+                  "transformers) | gguf (Q4_0/Q4_1/Q8_0 blocks from the same codes: llama.cpp, Ollama)",
+        "out": "directory to write (must not exist or be empty)",
+        "dtype": "float32 | float16 | bfloat16: unquantized tensors and scales (default: the artifact's dtype)",
+        "recovery": "a saved recovery (LoRA, soft prompt, ...) to write beside the model as OUT/recovery, its "
+                    "base_model_name_or_path pointing at OUT",
+        "merge": "merge the --recovery LoRA into the weights (--format hf only; the result is dense)",
+        "gguf_type": "GGUF type of the quantized linears: F32, F16, BF16, Q4_0, Q4_1, Q8_0 (default: the type the "
+                     "artifact's grid maps onto exactly, else the --dtype float type)",
+    }
+
+    @classmethod
+    def from_flat(cls, data: Mapping[str, Any], where: str = "") -> "ExportJob":
+        return cls.from_dict(data, where=where)
+
+    def to_flat(self) -> dict:
+        return self.to_dict()
+
+    def __post_init__(self) -> None:
+        check(bool(self.format), "export needs --format (hf, compressed-tensors or gguf)")
+        super().__post_init__()
+
+
 def recovery_key_owners() -> dict[str, list[str]]:
     """Every recovery-method config key -> the methods that take it."""
     from recoup.recover.methods import RECOVERIES
@@ -338,7 +370,7 @@ def _with_method_keys(own: list[Key], configs: list[type], owners: dict[str, lis
 
 
 def keys(kind: str) -> list[Key]:
-    """Every key of a stage kind (compress | evaluate | recover): its CLI flags and recipe keys, in order.
+    """Every key of a stage kind (compress | evaluate | recover | export): its CLI flags and recipe keys, in order.
 
     Method keys are typed from the method that declares them (first declaration wins) and carry the
     methods they belong to."""
@@ -350,6 +382,8 @@ def keys(kind: str) -> list[Key]:
         return _with_method_keys(own, [METHODS.get(n).options for n in METHODS.names()], option_owners())
     if kind == "evaluate":
         return dataclass_keys(EvalJob)
+    if kind == "export":
+        return dataclass_keys(ExportJob)
     if kind == "recover":
         from recoup.recover.methods import RECOVERIES
 
@@ -359,4 +393,4 @@ def keys(kind: str) -> list[Key]:
     raise RecoupError(f"unknown stage kind '{kind}'")
 
 
-JOBS: dict[str, type] = {"compress": CompressJob, "evaluate": EvalJob, "recover": RecoverJob}
+JOBS: dict[str, type] = {"compress": CompressJob, "evaluate": EvalJob, "recover": RecoverJob, "export": ExportJob}

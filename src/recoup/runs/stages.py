@@ -3,7 +3,7 @@
 - :func:`compress` (:class:`CompressJob`): load, draw calibration windows, compress, save the artifact;
 - :func:`evaluate` (:class:`EvalJob`): load a model (dense or artifact), attach a recovery, run the tasks;
 - :func:`recover` (:class:`RecoverJob`): fit any registered recovery method on a (compressed) model, save it;
-- :func:`export` (:class:`recoup.artifact.export.ExportConfig`): write an artifact (+ recovery) for a destination.
+- :func:`export` (:class:`ExportJob`): write an artifact (+ recovery) for a destination.
 
 A CLI command parses its flags into the job and calls the function; a recipe step builds the same job.
 :func:`execute` runs one stage of a recipe for an executor: it turns the stage's plain-data parameters
@@ -24,7 +24,7 @@ from typing import Any, Callable
 from recoup.errors import RecoupError
 from recoup.model import parallel
 from recoup.model.recovery import RUN_RECORD, TRAIN_RECORD
-from recoup.recipe.jobs import CompressJob, EvalJob, RecoverJob
+from recoup.recipe.jobs import CompressJob, EvalJob, ExportJob, RecoverJob
 from recoup.safeio import dumps
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ def recover(job: RecoverJob) -> dict:
     return summary
 
 
-def export(job) -> dict:
+def export(job: ExportJob) -> dict:
     """Write a compressed artifact (and its recovery) in a destination format (:mod:`recoup.artifact.export`)."""
     from recoup.artifact.export import export as run_export
 
@@ -222,14 +222,12 @@ def _evaluate_stage(params: dict, inputs: dict[str, Path], out: Path) -> dict:
 
 
 def _export_stage(params: dict, inputs: dict[str, Path], out: Path) -> dict:
-    from recoup.artifact.export import ExportConfig
-
     keys = _job_keys(params)
     keys.pop("model", None)
     ref = keys.pop("recovery", None)
-    job = ExportConfig.from_dict({**keys, "source": str(inputs[params["base"]] / ARTIFACT_DIR),
-                                  "recovery": str(inputs[ref] / RECOVERY_DIR) if ref else None,
-                                  "out": str(out / EXPORT_DIR)})
+    job = ExportJob.from_flat({**keys, "source": str(inputs[params["base"]] / ARTIFACT_DIR),
+                               "recovery": str(inputs[ref] / RECOVERY_DIR) if ref else None,
+                               "out": str(out / EXPORT_DIR)})
     result = export(job)
     return {**{k: v for k, v in result.items() if k != "out"}, "export": EXPORT_DIR}
 
