@@ -1,4 +1,4 @@
-"""Typed configs validated on construction (house style 1).
+"""Typed configs validated on construction (docs/design.md, house style 1).
 
 Every method/stage config is a dataclass deriving from :class:`Config`. ``Config.from_dict``
 rejects unknown keys with a message naming the key, suggesting the closest one and listing the

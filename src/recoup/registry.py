@@ -1,4 +1,4 @@
-"""Name -> object registries whose misses suggest the closest names (house style 2)."""
+"""Name -> object registries whose misses suggest the closest names (docs/design.md, house style 2)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The typed, validated compression config (house style 1): shared keys here, per-method keys in each
-method's own file.
+"""The typed, validated compression config (docs/design.md, house style 1): shared keys here, per-method keys in
+each method's own file.
 
 :class:`CompressConfig` holds what every method understands (method, sparsity / N:M pattern, bits,
 group size, symmetric grid, targets, calibration batch). A method that takes more (GPTQ's act-order,

@@ -104,8 +104,8 @@ def obs_compress(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float
     factor is stored and reused by the next linear with the same Hessian and settings (q, k, v share one).
     """
     # The whole update on one thread: with torch's threads the factorisations and block updates sum in an order
-    # that depends on the core count, and the compressed weights with them (measured on the bundled model's 8x
-    # recipe: PTB 204.34 with 2 threads against 212.23 on one). One thread keeps every result machine-independent.
+    # that depends on the core count, and the compressed weights (and their perplexity) with them. One thread
+    # keeps every result machine-independent; independent linears run side by side instead (compress/parallel.py).
     with single_thread():
         return _obs_compress(weight, hessian, sparsity=sparsity, nm=nm, grid=grid, blocksize=blocksize,
                              percdamp=percdamp, act_order=act_order, static_groups=static_groups,

@@ -40,10 +40,10 @@ def _tokenizer_digest(tokenizer) -> str | None:
 def tokenize_corpus(tokenizer, text: str) -> torch.Tensor:
     """Tokenize a whole text once (no special tokens added): a 1-D long tensor.
 
-    A run's stages tokenize the same corpora again (PTB train for calibration, training and EoRA: 4 s each
-    on 2 cores), so the ids of the last :data:`TOKENIZED_KEEP` texts are kept in this process, keyed by the
-    tokenizer's and the text's digests (the same tokenizer loaded anew hits; another one, or a changed
-    text, does not). Callers get a copy."""
+    A run's stages tokenize the same corpora again (PTB train for calibration, training and EoRA), so the ids
+    of the last :data:`TOKENIZED_KEEP` texts are kept in this process, keyed by the tokenizer's and the text's
+    digests (the same tokenizer loaded anew hits; another one, or a changed text, does not). Callers get a
+    copy."""
     tok = _tokenizer_digest(tokenizer)
     key = (tok, hashlib.sha256(text.encode()).hexdigest()) if tok is not None else None
     if key is not None and key in _TOKENIZED:

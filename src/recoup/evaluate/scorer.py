@@ -1,4 +1,4 @@
-"""The Scorer: the one place that runs a model for evaluation (DESIGN "contracts").
+"""The Scorer: the one place that runs a model for evaluation (docs/design.md, "Contracts").
 
 Tasks hand it requests; it batches them, runs the model and hands back numbers or text:
 

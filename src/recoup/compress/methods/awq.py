@@ -1,33 +1,31 @@
 """AWQ (Lin et al. 2023, "AWQ: Activation-aware Weight Quantization for LLM Compression and Acceleration").
 
-For each group of linears that read the same input x, search per-input-channel scales s and pick
-the one whose quantized ``Q(W * s) (x / s)`` best reproduces the *block's* output (the paper's loss:
-the attention module for q/k/v, the MLP for gate/up, the linear itself for o_proj / down_proj) on
-calibration windows; multiply the columns of W by s and fold 1/s into the op that produces x (a norm's
-weight/bias, or the output rows of the preceding linear). Candidates: ``s = mean|x|^a`` (the paper),
-or with ``duo_scaling`` ``s = mean|x|^a / (mean|W~|^(1-a) + 1e-4)`` (W~: |W| normalised per quantization
-group; AutoAWQ's and llm-compressor's default), normalised by ``sqrt(max s * min s)``, over ``grid``
-exponents evenly in [0, 1] (llm-compressor's grid: with duo scaling a plain a=0 plus grid-1 duo
-exponents). Then the paper's weight-clipping search: per output row and quantization group, the
-clipping threshold ``max|w| * (1 - i/20)``, i < 10, that best reproduces the group's output on
-``clip_tokens`` sampled inputs (q and k excepted, as in llm-awq: their error is reshaped by the
-softmax); then round to nearest. ``rounding="gptq"`` rounds by GPTQ instead, at its defaults, on the
-Hessian of the group's rescaled inputs (AWQ + GPTQ: the paper reports the two as orthogonal and combines
-them at very low bit widths), without the clipping search, whose thresholds are chosen for
-round-to-nearest (on tiny random models of five architectures, clipping before GPTQ left held-out logits
-further from dense than no clipping on every one; on the bundled model, w3 g64 at 32 x 512, true-sequential,
-PTB 125.19 with it against 103.62 without). The order: with ``rounding="rtn"`` true-sequential (each group's
-statistics from the layer with the groups before it compressed; on the bundled model, w3 g64 at 32 x 512 with
-the block loss on 4096 tokens, PTB 155.92 against 172.35 in the dense layer's order); with ``"gptq"`` every
-group's statistics from the dense layer (bundled model, w3 g64 at 32 x 512, PTB-test 8 x 2048: 87.72 against
-103.62 true-sequential on calibration seed 0). llm-compressor's AWQModifier + GPTQModifier gives 87.89 in yet
-another order: AWQ smooths the whole model in one sequential pass (each layer's scales from the smoothed, not
-quantized, layers before it), then GPTQ quantizes it in a second, on the Hessians of the smoothed inputs
-(benchmarks/results/compress13, "Session 15"). ``true_sequential`` forces either. Groups with no foldable preceding op (GPT-2's projections behind a
-GELU / fused qkv; o_proj behind a grouped-query v_proj) are not rescaled, only clipped (or GPTQ-rounded). (One scale per value
-channel, repeated over the query heads that read it, keeps that fold exact too; measured on the bundled model,
-w3 g64 at 32 x 512, it gave PTB 163.00 against 147.57 without, so it is not done: commit f34d353.) Which op
-precedes a group and which block's output measures it are per-architecture data below.
+For each group of linears that read the same input x, search per-input-channel scales s and pick the one whose
+quantized ``Q(W * s) (x / s)`` best reproduces the *block's* output (the paper's loss: the attention module for
+q/k/v, the MLP for gate/up, the linear itself for o_proj / down_proj) on the calibration windows (every token by
+default; ``block_tokens`` caps it); multiply the columns of W by s and fold 1/s into the op that produces x (a
+norm's weight/bias, or the output rows of the preceding linear).
+
+- Candidates: ``s = mean|x|^a`` (the paper), or with ``duo_scaling`` (the default, as AutoAWQ and llm-compressor)
+  ``s = mean|x|^a / (mean|W~|^(1-a) + 1e-4)`` (W~: |W| normalised per quantization group), normalised by
+  ``sqrt(max s * min s)``, over ``grid`` exponents evenly in [0, 1] (llm-compressor's grid: with duo scaling a
+  plain a=0 plus grid-1 duo exponents).
+- Clipping (``rounding="rtn"``): the paper's search per output row and quantization group for the threshold
+  ``max|w| * (1 - i/20)``, i < 10, that best reproduces the group's output on ``clip_tokens`` sampled inputs (q and
+  k excepted, as in llm-awq: the softmax reshapes their error); then round to nearest.
+- ``rounding="gptq"``: round by GPTQ at its defaults instead, on the Hessian of the group's rescaled inputs,
+  H / (s s^T) (AWQ + GPTQ: the paper reports the two as orthogonal and combines them at very low bit widths), with
+  no clipping search, whose thresholds are chosen for round-to-nearest.
+- Order (``true_sequential`` None): with ``"rtn"`` true-sequential (each group's statistics from the layer with
+  the groups before it compressed); with ``"gptq"`` every group's statistics from the dense layer.
+  ``true_sequential`` forces either. llm-compressor's AWQModifier + GPTQModifier uses a third order: AWQ smooths
+  the whole model in one pass, then GPTQ quantizes it in a second, on the smoothed inputs' Hessians.
+
+Groups with no foldable preceding op (GPT-2's projections behind a GELU or a fused qkv; o_proj behind a
+grouped-query v_proj, as llm-awq, AutoAWQ and llm-compressor) are not rescaled, only clipped (or GPTQ-rounded).
+Which op precedes a group and which block's output measures it are per-architecture data below. The measurements
+behind each default (the order, every-token block loss, no clipping before GPTQ, no o_proj scaling behind
+grouped-query attention) are in benchmarks/results/awq_w3/.
 """
 
 from __future__ import annotations
@@ -261,12 +259,16 @@ class AWQOptions(MethodOptions):
 
     grid: int = 20  # candidate scale exponents, evenly in [0, 1]
     duo_scaling: bool = True  # candidates divide by the normalised weight magnitude too (AutoAWQ / llm-compressor)
-    clip: bool = True  # the paper's per-group weight-clipping search after scaling (llm-awq auto_clip); with rounding="rtn" only
-    block_tokens: int | None = None  # calibration tokens (whole batches, spread over the set) the block loss is measured on; None: all (the reference's)
+    # the paper's per-group weight-clipping search after scaling (llm-awq auto_clip); with rounding="rtn" only
+    clip: bool = True
+    # calibration tokens (whole batches, spread over the set) the block loss is computed on; None: all (the reference's)
+    block_tokens: int | None = None
     samples: int = 4096  # input rows kept per group for the clipping search and the reported error
     clip_tokens: int = 512  # of those, rows the clipping search uses (llm-awq: 512)
-    rounding: str = "rtn"  # rtn: round to nearest (the paper's AWQ) | gptq: GPTQ at its defaults on the rescaled inputs' Hessian (AWQ + GPTQ)
-    true_sequential: bool | None = None  # None: on with rounding rtn, off (every group's statistics from the dense layer) with gptq
+    # rtn: round to nearest (the paper's AWQ) | gptq: GPTQ at its defaults on the rescaled inputs' Hessian (AWQ + GPTQ)
+    rounding: str = "rtn"
+    # None: on with rounding rtn, off (every group's statistics from the dense layer) with gptq
+    true_sequential: bool | None = None
 
     def check(self, config) -> None:
         check(isinstance(self.grid, int) and self.grid >= 2, f"grid must be >= 2 (got {self.grid})")

@@ -15,17 +15,18 @@ from recoup.compress.stats import HessianStats
 
 @dataclasses.dataclass
 class SparseGPTOptions(OBSOptions):
-    """The OBS keys plus the order of a layer's groups, by default what measured best for the pass:
+    """The OBS keys plus the order of a layer's groups; by default the order that gave the lower perplexity for
+    each kind of pass (docs/guide/compress.md, benchmarks/results/compress_vs_peer/):
 
     - a pass that only prunes takes every linear's Hessian from the *dense* layer's inputs, the SparseGPT
-      reference code's order (IST-DASLab/sparsegpt ``llama.py``; llm-compressor's SparseGPTModifier). Bundled
-      model, 50%, 128 x 512 PTB, PTB-test 16 x 2048: 69.74, against 70.99 true-sequential;
-    - a pass that also quantizes (the joint 8x) is true-sequential, GPTQ's order: 50% + w4 g64 at 32 x 512,
-      PTB-test 8 x 2048: 130.03 true-sequential, 136.17 in the reference order.
+      reference code's order (IST-DASLab/sparsegpt ``llama.py``; llm-compressor's SparseGPTModifier);
+    - a pass that also quantizes (the joint 8x) is true-sequential, GPTQ's order: each group's Hessian from the
+      layer with the groups before it compressed.
 
     ``--true-sequential`` / ``--no-true-sequential`` force either; the manifest records the order used."""
 
-    true_sequential: bool | None = None  # None: on when the pass quantizes (GPTQ's order), off when it only prunes (the reference's)
+    # None: on when the pass quantizes (GPTQ's order), off when it only prunes (the reference's)
+    true_sequential: bool | None = None
 
     def check(self, config) -> None:
         super().check(config)

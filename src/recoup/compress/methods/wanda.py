@@ -20,11 +20,10 @@ from recoup.compress.stats import ActNormStats
 class WandaOptions(MethodOptions):
     """Wanda's order. On (the default): each group's input norms from the layer with the groups before it
     already pruned, one forward per layer. Off: the reference code's order (locuslab/wanda ``prune_wanda``, as
-    llm-compressor's WandaPruningModifier), every group's norms from one forward of the dense layer. Measured
-    on the bundled model, 50%, 128 x 512 PTB, PTB-test 16 x 2048: 89.96 on, 90.44 off (bit for bit
-    llm-compressor 0.14's own result)."""
+    llm-compressor's WandaPruningModifier), every group's norms from one forward of the dense layer. The
+    comparison behind the default: docs/guide/compress.md and benchmarks/results/compress_vs_peer/."""
 
-    true_sequential: bool = True  # on: norms after the earlier groups are pruned (measured better); off: the reference's order
+    true_sequential: bool = True  # on: norms after the earlier groups are pruned; off: the reference's order
 
 
 def wanda_prune(weight: torch.Tensor, col_norms: torch.Tensor, sparsity: float,
