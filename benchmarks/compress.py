@@ -160,7 +160,7 @@ def main() -> int:
     p.add_argument("--no-ppl", action="store_true", help="time the compression only (no perplexity)")
     p.add_argument("--flops", action="store_true",
                    help="count the run's FLOPs and time torch.mm at its shapes: achieved FLOP/s vs the matmul rate")
-    p.add_argument("--json", default="benchmarks/results/compress.json")
+    p.add_argument("--json", default="benchmarks/results/compress/compress.json")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     p.add_argument("--obs-timing", action="store_true", help="time the OBS update on LLaMA-7B layer shapes instead")
     p.add_argument("--shapes", nargs="*", default=["4096x4096", "11008x4096"])

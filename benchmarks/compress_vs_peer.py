@@ -15,7 +15,7 @@ Times are the compression call only (model load and evaluation excluded), wall a
 with the load average. Prints a table and writes JSON.
 
     python benchmarks/compress_vs_peer.py --recipes gptq-w4g64,sparsegpt-50,wanda-50 --nsamples 128 --seqlen 512 \\
-        --limit 16 --json benchmarks/results/compress_vs_peer.json
+        --limit 16 --json benchmarks/results/compress_vs_peer/sparsegpt_gptq_wanda_128x512.json
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def main() -> int:
     p.add_argument("--peer-version", default="0.14.0.1")
     p.add_argument("--torch-version", default=None, help="torch to pin in the peer venv (default: this one's)")
     p.add_argument("--only", choices=("both", "recoup", "peer"), default="both")
-    p.add_argument("--json", default="benchmarks/results/compress_vs_peer.json")
+    p.add_argument("--json", default="benchmarks/results/compress_vs_peer/compress_vs_peer.json")
     # internal: one side in a fresh process
     p.add_argument("--side-recipe", help=argparse.SUPPRESS)
     p.add_argument("--calib-ids", help=argparse.SUPPRESS)

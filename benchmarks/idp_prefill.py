@@ -16,7 +16,7 @@
     OMP_NUM_THREADS=1 python benchmarks/idp_prefill.py --part latency
     OMP_NUM_THREADS=1 python benchmarks/idp_prefill.py --part select
 
-Prints a table and writes JSON under benchmarks/results/.
+Prints a table and writes JSON under benchmarks/results/idp_prefill/.
 """
 
 from __future__ import annotations
@@ -151,14 +151,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--windows", type=int, default=16, help="select: windows for the statistics, and as many scored")
     ap.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8, 12])
-    ap.add_argument("--json", default=None, help="default benchmarks/results/idp_prefill_<part>.json")
+    ap.add_argument("--json", default=None, help="default benchmarks/results/idp_prefill/<part>.json")
     args = ap.parse_args()
     args.seqlen = args.seqlen or (256 if args.part == "latency" else 128)
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
     loaded = load_model(args.model)
     result = (latency if args.part == "latency" else select)(args, loaded)
-    out = Path(args.json or f"benchmarks/results/idp_prefill_{args.part}.json")
+    out = Path(args.json or f"benchmarks/results/idp_prefill/{args.part}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": args.model, "args": vars(args), **result, "torch": torch.__version__,
                                "python": platform.python_version(), "threads": torch.get_num_threads()}, indent=2))

@@ -29,10 +29,10 @@ recoup eval /work/artifacts/smollm2-8x --tasks ppl:ptb --limit 4 --prompt-text "
 recoup eval /work/artifacts/smollm2-8x --tasks ppl:ptb --limit 4 --recovery $P/smollm2-8x-idp4x20 --json /tmp/p5/8x_idp_ptb.json
 recoup eval /work/artifacts/smollm2-sgpt40 --tasks ppl:ptb --limit 4 --json /tmp/p5/sgpt40.json
 recoup eval /work/artifacts/smollm2-sgpt40 --tasks ppl:ptb --limit 4 --recovery $P/smollm2-8x-sp20 --json /tmp/p5/sgpt40_sp.json
-python benchmarks/recover.py --model /work/artifacts/smollm2-8x --skip-train --prompt $P/smollm2-8x-sp20 --idp $P/smollm2-8x-idp4x20 --prompt-len 128 --new-tokens 16 --repeats 3 --json benchmarks/results/recover_latency_8x.json
+python benchmarks/recover.py --model /work/artifacts/smollm2-8x --skip-train --prompt $P/smollm2-8x-sp20 --idp $P/smollm2-8x-idp4x20 --prompt-len 128 --new-tokens 16 --repeats 3 --json benchmarks/results/recover/latency_8x.json
 # dense eval and training-throughput benchmark:
 recoup eval smollm2-135m --tasks ppl:ptb,ppl:wiki --limit 4 --json /tmp/p5/dense.json
-OMP_NUM_THREADS=1 python benchmarks/recover.py --model smollm2-135m --steps 4 --seqlen 256 --batch-size 4 --prompt-len 128 --new-tokens 16 --repeats 3 --json benchmarks/results/recover_dense_smollm2.json
+OMP_NUM_THREADS=1 python benchmarks/recover.py --model smollm2-135m --steps 4 --seqlen 256 --batch-size 4 --prompt-len 128 --new-tokens 16 --repeats 3 --json benchmarks/results/recover/dense.json
 recoup eval smollm2-135m --tasks ppl:ptb --limit 4 --recovery /work/artifacts/prompts/smollm2-8x-sp20 --json /tmp/p5/dense_sp.json
 recoup eval /work/artifacts/smollm2-sgpt60 --tasks ppl:ptb --limit 4 --json /tmp/p5/sgpt60.json
 recoup eval /work/artifacts/smollm2-sgpt60 --tasks ppl:ptb --limit 4 --recovery /work/artifacts/prompts/smollm2-8x-sp20 --json /tmp/p5/sgpt60_sp.json
