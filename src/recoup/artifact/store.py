@@ -75,7 +75,13 @@ def save_artifact(loaded: LoadedModel, report: CompressReport, out_dir: str | Pa
     kept values, see :mod:`recoup.artifact.packing`) or ``dense`` (fake-quant weights in the model dtype).
     An existing recoup artifact at ``out_dir`` is replaced; any other existing non-empty path is refused.
     """
-    fields = {
+    fields = artifact_fields(loaded, report)
+    return _write(loaded, fields, report.qparams, out_dir, storage)
+
+
+def artifact_fields(loaded: LoadedModel, report: CompressReport) -> dict[str, Any]:
+    """The manifest fields that describe the compression of ``loaded`` by ``report``."""
+    return {
         "source": {"model": loaded.source, "path": str(loaded.path) if loaded.path else None,
                    "sha256": model_fingerprint(loaded.path) if loaded.path else None},
         "model_type": report.model_type, "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
@@ -86,7 +92,6 @@ def save_artifact(loaded: LoadedModel, report: CompressReport, out_dir: str | Pa
         "layers": [r.to_dict() for r in report.linears],
         "seconds": report.seconds, "peak_rss_mb": report.peak_rss_mb,
     }
-    return _write(loaded, fields, report.qparams, out_dir, storage)
 
 
 def repack_artifact(src: str | Path, out_dir: str | Path, storage: str = DEFAULT_STORAGE) -> Path:
@@ -102,8 +107,22 @@ _FIELDS = ("source", "model_type", "dtype", "recipe", "calibration", "summary", 
 
 def _write(loaded: LoadedModel, fields: dict[str, Any], qparams: dict[str, dict[str, torch.Tensor]],
            out_dir: str | Path, storage: str) -> Path:
-    from safetensors.torch import save_file
+    out, tmp = prepare_target(out_dir, storage)
+    try:
+        packed, metas = {}, {}
+        if storage == "packed":
+            names = [r["name"] for r in fields.get("layers") or []]
+            packed, metas = pack_model(loaded.model, names, qparams, (fields.get("recipe") or {}).get("bits"))
+        state = {k: v for k, v in loaded.model.state_dict().items() if k not in metas} if metas else None
+        loaded.model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state)
+        return finish_artifact(loaded, fields, qparams, storage, tmp, out, metas, packed)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
+
+def prepare_target(out_dir: str | Path, storage: str) -> tuple[Path, Path]:
+    """(the artifact folder, the empty temporary sibling it is written into) for ``out_dir``; refuses an
+    unknown storage and an existing path that is neither empty nor a recoup artifact."""
     if storage not in STORAGES:
         raise RecoupError(unknown_name_message("storage", str(storage), STORAGES))
     out = Path(out_dir).expanduser().resolve()
@@ -112,43 +131,46 @@ def _write(loaded: LoadedModel, fields: dict[str, Any], qparams: dict[str, dict[
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        packed, metas = {}, {}
-        if storage == "packed":
-            names = [r["name"] for r in fields.get("layers") or []]
-            packed, metas = pack_model(loaded.model, names, qparams, (fields.get("recipe") or {}).get("bits"))
-        state = {k: v for k, v in loaded.model.state_dict().items() if k not in metas} if metas else None
-        loaded.model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state)
-        loaded.tokenizer.save_pretrained(str(tmp))
-        if qparams:
-            flat = {f"{name}.{k}": (_small_zero(v) if storage == "packed" and k == "zero" else v).contiguous()
-                    for name, d in qparams.items() for k, v in d.items()}
-            save_file(flat, str(tmp / QPARAMS_FILE))
-        if metas:
+    tmp.mkdir()
+    return out, tmp
+
+
+def finish_artifact(loaded: LoadedModel, fields: dict[str, Any], qparams: dict[str, dict[str, torch.Tensor]],
+                    storage: str, tmp: Path, out: Path, metas: dict[str, dict[str, Any]],
+                    packed: dict[str, torch.Tensor] | None) -> Path:
+    """Complete the artifact in ``tmp`` (its weights and config already there; ``packed``: the packed tensors to
+    write, None when the packed file is written already), seal its manifest and move it to ``out``."""
+    from safetensors.torch import save_file
+
+    loaded.tokenizer.save_pretrained(str(tmp))
+    if qparams:
+        flat = {f"{name}.{k}": (_small_zero(v) if storage == "packed" and k == "zero" else v).contiguous()
+                for name, d in qparams.items() for k, v in d.items()}
+        save_file(flat, str(tmp / QPARAMS_FILE))
+    if metas:
+        if packed is not None:
             save_file(packed, str(tmp / PACKED_FILE), metadata={"format": "recoup-packed"})
-            _mark_packed_config(tmp / "config.json")
-        listed = [f for f in sorted(tmp.iterdir()) if f.is_file()]
-        encodings = Counter(m["encoding"] for m in metas.values())
-        storage_info: dict[str, Any] = {
-            "kind": "packed" if metas else "dense", "bytes": sum(f.stat().st_size for f in listed),
-            "file_bytes": {f.name: f.stat().st_size for f in listed},
-            "packed_linears": dict(encodings), "dense_linears": len(fields.get("layers") or []) - len(metas)}
-        if metas:
-            storage_info.update({"file": PACKED_FILE, "tensors": metas})
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION if metas else 1, **fields,
-                    "versions": _versions(),
-                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                    "files": {f.name: file_sha256(f) for f in listed}, "storage": storage_info}
-        (tmp / ARTIFACT_MANIFEST).write_text(dumps(seal_manifest(manifest), indent=1))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _mark_packed_config(tmp / "config.json")
+    listed = [f for f in sorted(tmp.iterdir()) if f.is_file()]
+    encodings = Counter(m["encoding"] for m in metas.values())
+    storage_info: dict[str, Any] = {
+        "kind": "packed" if metas else "dense", "bytes": sum(f.stat().st_size for f in listed),
+        "file_bytes": {f.name: f.stat().st_size for f in listed},
+        "packed_linears": dict(encodings), "dense_linears": len(fields.get("layers") or []) - len(metas)}
+    if metas:
+        storage_info.update({"file": PACKED_FILE, "tensors": metas})
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION if metas else 1, **fields,
+                "versions": _versions(),
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "files": {f.name: file_sha256(f) for f in listed}, "storage": storage_info}
+    (tmp / ARTIFACT_MANIFEST).write_text(dumps(seal_manifest(manifest), indent=1))
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
     if metas:
         log.info("packed %d of %d linears (%s); %d stay dense", len(metas), len(fields.get("layers") or []),
                  ", ".join(f"{k} {v}" for k, v in sorted(encodings.items())), storage_info["dense_linears"])

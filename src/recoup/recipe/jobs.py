@@ -146,6 +146,7 @@ class CompressJob(_MethodJob):
     storage: str = "packed"
     force: bool = False
     bos: str = "auto"  # BOS policy of the calibration windows (recoup.data.bos): auto | always | never
+    lazy: bool = True  # read each decoder layer from a local safetensors checkpoint when it is compressed
     config: Any = None  # CompressConfig
 
     POSITIONAL: ClassVar[tuple[str, ...]] = ("model",)

@@ -43,22 +43,37 @@ def _peak_rss_mb() -> float:
 def compress(job: CompressJob) -> dict:
     """Compress ``job.model`` with ``job.config`` and write the artifact to ``job.out``."""
     from recoup.artifact import load_model
+    from recoup.artifact.layerwise import LayerwiseWriter
     from recoup.artifact.store import save_artifact
+    from recoup.model.lazy import load_lazy
     from recoup.compress import METHODS
     from recoup.compress import compress as run_engine
     from recoup.data.calibration import calibration_windows
 
     if job.out is None:
         raise RecoupError("compress: give --out DIR")
-    # The model stays on CPU; on CUDA the engine moves one decoder layer at a time to the device.
-    loaded = load_model(job.model, dtype=job.dtype, device="cpu")
+    # The model stays on CPU; on CUDA the engine moves one decoder layer at a time to the device. With lazy
+    # weights the model is a skeleton and each decoder layer is read from the checkpoint when it is reached.
+    lazy = load_lazy(job.model, job.dtype) if job.lazy else None
+    loaded, weights = lazy if lazy is not None else (load_model(job.model, dtype=job.dtype, device="cpu"), None)
     calib = None
     if METHODS.get(job.config.method).stats != "none":
         calib = calibration_windows(loaded.tokenizer, job.calib, job.nsamples, job.seqlen, job.seed, bos=job.bos)
     t0 = time.time()
-    report = run_engine(loaded, job.config, calib, device=job.device)
-    seconds = time.time() - t0
-    out = save_artifact(loaded, report, job.out, storage=job.storage)
+    if weights is None:
+        report = run_engine(loaded, job.config, calib, device=job.device)
+        seconds = time.time() - t0
+        out = save_artifact(loaded, report, job.out, storage=job.storage)
+    else:
+        writer = LayerwiseWriter(loaded, weights, job.out, job.storage, job.config.bits)
+        try:
+            report = run_engine(loaded, job.config, calib, device=job.device, weights=weights,
+                                on_layer=writer.add_layer)
+        except BaseException:
+            writer.close()
+            raise
+        seconds = time.time() - t0
+        out = writer.finish(report)
     manifest = json.loads((out / "recoup.json").read_text())
     return {"artifact": str(out), "report": report.to_dict(), "calibration": calib.protocol if calib else None,
             "compress_seconds": round(seconds, 3), "storage": manifest.get("storage")}

@@ -1,0 +1,142 @@
+"""Lazy weights: a skeleton model whose decoder layers are read from the checkpoint one at a time, compressed,
+written and freed, must give the artifact the whole-model path gives (same files byte for byte, same manifest
+but for timings), read every checkpoint tensor once and hold one layer at a time."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from helpers import needs_packs, save_tiny
+
+from recoup.artifact.layerwise import merge_safetensors
+from recoup.compress import CompressConfig, compress
+from recoup.data.calibration import Calibration
+from recoup.model.lazy import load_lazy
+from recoup.runs import stages
+
+TIMINGS = ("created", "seconds", "peak_rss_mb", "manifest_sha256")
+
+
+def test_merge_writes_what_save_file_writes(tmp_path):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"b.w": torch.randn(3, 5, generator=g), "a.scale": torch.randn(4, generator=g).half(),
+               "z.codes": torch.randint(0, 255, (7,), generator=g).to(torch.uint8),
+               "m.bf": torch.randn(2, 3, generator=g).bfloat16(), "i": torch.arange(3),
+               "mask": torch.tensor([True, False]), "i32": torch.arange(5, dtype=torch.int32),
+               "d": torch.randn(2, dtype=torch.float64, generator=g), "e": torch.zeros(0)}
+    names = sorted(tensors)
+    random.Random(0).shuffle(names)
+    sources = {}
+    for k, part in enumerate((names[:4], names[4:])):
+        f = tmp_path / f"part{k}.safetensors"
+        save_file({n: tensors[n] for n in part}, str(f))
+        sources.update({n: f for n in part})
+    save_file(tensors, str(tmp_path / "want.safetensors"), metadata={"format": "pt"})
+    merge_safetensors(tmp_path / "got.safetensors", sources, {"format": "pt"})
+    assert (tmp_path / "got.safetensors").read_bytes() == (tmp_path / "want.safetensors").read_bytes()
+
+
+def _corpus(tmp_path):
+    f = tmp_path / "calib.txt"
+    f.write_text(" ".join(f"the {w} of word {i}." for i, w in enumerate(["cat", "dog", "sea", "sky"] * 200)))
+    return str(f)
+
+
+def _compress(tmp_path, src, out, lazy: bool, **keys) -> dict:
+    return stages.compress(stages.CompressJob.from_flat({
+        "model": str(src), "out": str(out), "calib": _corpus(tmp_path), "nsamples": 4, "seqlen": 32,
+        "device": "cpu", "lazy": lazy, **keys}))
+
+
+def _manifest(path) -> dict:
+    m = json.loads((path / "recoup.json").read_text())
+    for k in TIMINGS:
+        m.pop(k, None)
+    for rec in m["layers"]:
+        rec.pop("seconds")
+    return m
+
+
+RECIPES = {
+    "wanda": dict(method="wanda", sparsity=0.5),
+    "gptq": dict(method="gptq", bits=4, group_size=16),
+    "rtn-dense": dict(method="rtn", bits=4, group_size=16, storage="dense"),
+    "sparsegpt": dict(method="sparsegpt", sparsity=0.5, bits=4, group_size=16),
+    "awq": dict(method="awq", bits=4, group_size=16),
+}
+
+
+@pytest.mark.parametrize("arch,recipe,dtype", [
+    ("llama", "wanda", torch.bfloat16), ("llama", "gptq", torch.float32), ("llama", "rtn-dense", torch.bfloat16),
+    ("gpt2", "sparsegpt", torch.float32), ("opt", "awq", torch.bfloat16), ("qwen3", "gptq", torch.bfloat16),
+])
+def test_lazy_artifact_is_the_whole_model_artifact(tmp_path, arch, recipe, dtype):
+    src = tmp_path / "src"
+    lm = save_tiny(src, arch, hidden=32, layers=3)
+    if dtype != torch.float32:  # a half-precision checkpoint, as hub checkpoints are
+        lm.model.to(dtype).save_pretrained(str(src))
+    eager, lazy = tmp_path / "eager", tmp_path / "lazy"
+    _compress(tmp_path, src, eager, False, **RECIPES[recipe])
+    _compress(tmp_path, src, lazy, True, **RECIPES[recipe])
+    files = sorted(f.name for f in eager.iterdir())
+    assert files == sorted(f.name for f in lazy.iterdir())
+    for name in files:
+        if name != "recoup.json":
+            assert (eager / name).read_bytes() == (lazy / name).read_bytes(), name
+    assert _manifest(eager) == _manifest(lazy)
+    assert _manifest(lazy)["summary"]["linears"] == 3 * 7 or arch in ("gpt2", "opt")
+
+
+def _calib(n=4, t=16) -> Calibration:
+    ids = torch.randint(4, 100, (n, t), generator=torch.Generator().manual_seed(0))
+    return Calibration(input_ids=ids, corpus="random", split="train", seqlen=t, seed=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_lazy_reads_each_tensor_once_and_holds_one_layer(tmp_path, arch):
+    save_tiny(tmp_path / "src", arch, hidden=32, layers=3)
+    loaded, weights = load_lazy(str(tmp_path / "src"))
+    assert all(p.device.type == "meta" for p in loaded.model.parameters())
+    layers_key = "model.layers" if arch == "llama" else "transformer.h"
+    alive_at: list[list[str]] = []
+
+    def on_layer(i, layer, names, qparams):
+        alive_at.append(sorted(weights.alive()))
+        assert all(p.device.type == "cpu" for p in layer.parameters())
+
+    compress(loaded, CompressConfig.from_dict({"method": "sparsegpt", "sparsity": 0.5}), _calib(),
+             weights=weights, on_layer=on_layer)
+    assert weights.alive() == []  # everything freed
+    assert all(p.device.type == "meta" for p in loaded.model.parameters())
+    for i, alive in enumerate(alive_at):  # at each layer's peak: that layer's tensors and nothing else
+        want = sorted(k for k in weights.files if k.startswith(f"{layers_key}.{i}."))
+        assert alive == want and want
+    layer_keys = [k for k in weights.files if k.startswith(layers_key + ".")]
+    assert {k: weights.reads[k] for k in layer_keys} == {k: 1 for k in layer_keys}
+    # only what runs before the first layer (embeddings) was read besides the layers, once
+    assert all(n == 1 for n in weights.reads.values())
+    assert not any(k in weights.reads for k in weights.files if "norm" in k and not k.startswith(layers_key)
+                   or k.startswith("lm_head") or "ln_f" in k)
+
+
+@pytest.mark.slow
+@needs_packs  # PTB calibration
+@pytest.mark.parametrize("recipe", ["wanda", "gptq"])
+def test_lazy_artifact_is_the_whole_model_artifact_on_the_bundled_model(tmp_path, recipe):
+    from recoup.model.load import bundled_model_dir
+
+    if not (bundled_model_dir() / "config.json").is_file():
+        pytest.skip("the bundled model is not set up (recoup setup)")
+    keys = {**RECIPES[recipe], "calib": "ptb", "nsamples": 2, "seqlen": 64, "device": "cpu"}
+    for out, lazy in ((tmp_path / "eager", False), (tmp_path / "lazy", True)):
+        stages.compress(stages.CompressJob.from_flat({"model": "smollm2-135m", "out": str(out), "lazy": lazy, **keys}))
+    eager, lazy = tmp_path / "eager", tmp_path / "lazy"
+    for name in sorted(f.name for f in eager.iterdir()):
+        if name != "recoup.json":
+            assert (eager / name).read_bytes() == (lazy / name).read_bytes(), name
+    assert _manifest(eager) == _manifest(lazy)
