@@ -3,13 +3,15 @@ import json
 import pytest
 import torch
 
-from helpers import save_tiny, tiny_model, tiny_tokenizer, needs_packs
+from helpers import needs_packs, save_tiny, tiny_model
 from recoup import RecoupError
 from recoup.cli import main
 from recoup.model.forward import forward_logits
 from recoup.model.recovery import Recovery
-from recoup.runs.compare_recovery import Entry, LatencyConfig, compare, measure_latency
-from recoup.recover.lora import LoraConfig, fit_lora
+from recoup.evaluate.latency import LatencyConfig, measure_latency
+from recoup.recover.adapter import LoraConfig
+from recoup.recover.lora import fit_lora
+from recoup.runs.compare_recovery import Entry, compare
 from recoup.recover.train import TrainConfig
 from test_lora import toy_data
 
@@ -45,26 +47,45 @@ def test_cached_decode_in_latency_matches_full_recompute(with_prefix):
     assert lat["prefill_ms"] > 0 and lat["decode_ms_per_token"] > 0
 
 
+def compressed_artifact(dense, out, sparsity: float = 0.5):
+    """A real recoup artifact of the tiny model in ``dense``: magnitude pruning (no calibration), packed."""
+    from recoup.recipe.jobs import CompressJob
+    from recoup.runs.stages import compress
+
+    compress(CompressJob.from_flat({"model": str(dense), "out": str(out), "method": "magnitude",
+                                    "sparsity": sparsity}))
+    return out
+
+
 @needs_packs
 def test_compare_rows_and_cli(tmp_path):
-    tok = tiny_tokenizer()
-    save_tiny(tmp_path / "base")
-    rec, _, _ = fit_lora(tiny_model("llama"), tok, toy_data(tok), LoraConfig(rank=4), TrainConfig(steps=2))
+    from recoup.artifact import load_model
+
+    save_tiny(tmp_path / "dense")
+    art = compressed_artifact(tmp_path / "dense", tmp_path / "art")
+    loaded = load_model(str(art))
+    rec, _, _ = fit_lora(loaded.model, loaded.tokenizer, toy_data(loaded.tokenizer), LoraConfig(rank=4),
+                         TrainConfig(steps=2))
     rec.save(tmp_path / "lora")
     lat = LatencyConfig(prompt_len=16, new_tokens=3, repeats=1)
-    out = compare([Entry("base", str(tmp_path / "base")), Entry("+LoRA", str(tmp_path / "base"), str(tmp_path / "lora"))],
-                  "sciq", limit=4, latency=lat)
-    base, lora = out["rows"]
-    assert base["extra_parameters"] == 0 and lora["extra_parameters"] == rec.num_parameters()
-    assert base["n"] == lora["n"] == 4 and lora["base_intact_after_apply"] is True
+    out = compare([Entry("dense", str(tmp_path / "dense")), Entry("compressed", str(art)),
+                   Entry("+LoRA", str(art), str(tmp_path / "lora"))], "sciq", limit=4, latency=lat)
+    dense, comp, lora = out["rows"]
+    assert dense["extra_parameters"] == comp["extra_parameters"] == 0
+    assert lora["extra_parameters"] == rec.num_parameters()
+    assert dense["n"] == comp["n"] == lora["n"] == 4 and lora["base_intact_after_apply"] is True
     assert lora["merged"] is False
     assert out["protocol"]["n_heldout"] > 0
-    code = main(["compare-recovery", "--task", "sciq", "--compressed", str(tmp_path / "base"), "--recovery",
-                 str(tmp_path / "lora"), "--limit", "2", "--prompt-len", "8", "--new-tokens", "2", "--repeats", "1",
-                 "--json", str(tmp_path / "c.json")])
+    # the compressed rows are the artifact: half its weights zero, its fingerprint unchanged by the adapter
+    assert dense["base_sparsity"] < 0.01 and "compression_digest" not in dense
+    assert comp["base_sparsity"] == pytest.approx(0.5, abs=0.01) == lora["base_sparsity"]
+    assert comp["compression_digest"] == lora["compression_digest"] == lora["compression_digest_after"]
+    code = main(["compare-recovery", "--task", "sciq", "--dense", str(tmp_path / "dense"), "--compressed", str(art),
+                 "--recovery", str(tmp_path / "lora"), "--limit", "2", "--prompt-len", "8", "--new-tokens", "2",
+                 "--repeats", "1", "--json", str(tmp_path / "c.json")])
     assert code == 0
     rows = json.loads((tmp_path / "c.json").read_text())["rows"]
-    assert [r["label"] for r in rows] == ["compressed", "+lora"]
+    assert [r["label"] for r in rows] == ["dense", "compressed", "+lora"]
     assert main(["compare-recovery", "--task", "sciq", "--recovery", str(tmp_path / "lora")]) == 2
     with pytest.raises(RecoupError, match="duplicate"):
         compare([Entry("a", "x"), Entry("a", "y")], "sciq")
@@ -72,12 +93,12 @@ def test_compare_rows_and_cli(tmp_path):
 
 @needs_packs
 def test_recover_cli_lora_then_cpet_with_inheritance(tmp_path):
-    from recoup.recover.methods import load_recovery
+    from recoup.recover.adapter import LoraRecovery
     from recoup.recover.cpet import CpetRecovery
-    from recoup.recover.lora import LoraRecovery
+    from recoup.recover.methods import load_recovery
 
     save_tiny(tmp_path / "dense")
-    save_tiny(tmp_path / "small", seed=1)  # stands in for a compressed model of the same architecture
+    compressed_artifact(tmp_path / "dense", tmp_path / "small")
     common = ["--task", "sciq", "--steps", "2", "--seqlen", "48", "--batch-size", "2", "--rank", "4"]
     assert main(["recover", str(tmp_path / "dense"), "--method", "lora", "--out", str(tmp_path / "lora")] + common) == 0
     assert main(["recover", str(tmp_path / "small"), "--method", "cpet", "--out", str(tmp_path / "cpet"),
@@ -87,6 +108,7 @@ def test_recover_cli_lora_then_cpet_with_inheritance(tmp_path):
     cpet = load_recovery(tmp_path / "cpet")
     assert isinstance(cpet, CpetRecovery) and len(cpet.modules) > 0
     assert cpet.meta["init"] == "inherited" and cpet.meta["data"]["task"] == "sciq"
+    assert cpet.meta["compression_fingerprint"]["unchanged"] is True  # trained on the artifact, left as it was
     # distillation without a teacher LoRA is one clear line, exit 2
     assert main(["recover", str(tmp_path / "small"), "--method", "cpet", "--out", str(tmp_path / "bad"),
                  "--distill"] + common) == 2

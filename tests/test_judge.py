@@ -171,3 +171,27 @@ def test_build_judge_flag_errors():
         build_judge("ftp://x", "m", None, None)
     with pytest.raises(RecoupError, match="not both"):
         build_judge("http://x/v1", "m", None, "smollm2-135m")
+
+
+@pytest.mark.skipif(not (SHARED / "cnn_dm_stories.jsonl").is_file(), reason="LLM-KICK stories missing")
+def test_recoup_eval_with_a_judge_records_its_scores_per_example_and_as_means(tmp_path, monkeypatch):
+    """The success path end to end: `recoup eval --judge-url` against an OpenAI-compatible server that answers
+    with parsable scores; the result JSON holds every example's scores, their means and the judge's protocol."""
+    from helpers import save_tiny
+    from recoup.cli import main
+
+    monkeypatch.setenv("RECOUP_TEST_JUDGE_KEY", "sk-test")
+    save_tiny(tmp_path / "model")
+    out = tmp_path / "r.json"
+    with FakeJudgeServer(["8 7 9 6\n3 4 2 5\nthe reference is better", "9 9 8 7\n5 6 4 3\nsame"]) as srv:
+        code = main(["eval", str(tmp_path / "model"), "--tasks", "cnndm", "--limit", "2", "--seqlen", "512",
+                     "--option", f"cnndm_file={SHARED / 'cnn_dm_stories.jsonl'}", "--option", "max_new_tokens=4",
+                     "--judge-url", srv.url, "--judge-model", "judge-m", "--judge-key-env", "RECOUP_TEST_JUDGE_KEY",
+                     "--json", str(out)])
+    assert code == 0 and len(srv.requests) == 2 and srv.requests[0]["model"] == "judge-m"
+    res = json.loads(out.read_text())["results"]["cnndm"]
+    assert res["n_judged"] == 2 and "judge_error" not in res
+    coherence = [r["judge_coherence"] for r in res["examples"]]
+    assert sorted(coherence) == [3.0, 5.0] and res["judge_coherence"] == pytest.approx(4.0)
+    assert sorted(r["judge_coherence_reference"] for r in res["examples"]) == [8.0, 9.0]
+    assert res["protocol"]["judge"]["judge"].startswith("judge-m @ http://127.0.0.1") and "sk-test" not in out.read_text()
