@@ -26,7 +26,8 @@ def setup(tmp_path_factory):
                 p.normal_(0, 0.2)
     rec.capture(wrapped)
     rec.save(tmp / "lora")
-    return tmp / "model", tmp / "lora", write_corpus(tmp / "a.txt", 800, seed=1), write_corpus(tmp / "b.txt", 800, seed=2)
+    texts = [write_corpus(tmp / f"{name}.txt", 800, seed=seed) for name, seed in (("a", 1), ("b", 2))]
+    return tmp / "model", tmp / "lora", *texts
 
 
 def _lora_layers(model) -> list:

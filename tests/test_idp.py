@@ -84,7 +84,8 @@ def test_selection_on_the_first_layers_scores_them_and_stops_there(arch, tmp_pat
         ran_selection = list(ran)
         want = reference_scores(lm.model, pool.pool.detach(), ids, layers=1)
         full = IDPPool(pool.pool.detach(), select_layers=0, selection="two-pass").scores(lm.model, ids)
-        every = IDPPool(pool.pool.detach(), select_layers=5, selection="two-pass").scores(lm.model, ids)  # > the model's
+        # select_layers 5 is more than the model's layers
+        every = IDPPool(pool.pool.detach(), select_layers=5, selection="two-pass").scores(lm.model, ids)
     for h in handles:
         h.remove()
     assert ran_selection == [0]  # the pass stopped after the first layer

@@ -42,7 +42,8 @@ class FakeJudgeServer:
                 if isinstance(reply, tuple):  # (status, raw bytes)
                     status, payload = reply
                 else:
-                    status, payload = 200, json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
+                    message = {"role": "assistant", "content": reply}
+                    status, payload = 200, json.dumps({"choices": [{"message": message}]}).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
@@ -126,7 +127,8 @@ def test_judge_all_keeps_examples_judged_before_a_failure():
 @pytest.mark.skipif(not (SHARED / "instruction_questions.jsonl").is_file(), reason="LLM-KICK questions missing")
 def test_instruction_task_with_judge_and_reference(tmp_path):
     ref = tmp_path / "ref.jsonl"
-    ref.write_text("".join(json.dumps({"question_id": i, "text": f"reference answer {i}"}) + "\n" for i in range(1, 81)))
+    ref.write_text("".join(json.dumps({"question_id": i, "text": f"reference answer {i}"}) + "\n"
+                           for i in range(1, 81)))
     lm = tiny_loaded("llama")
     with FakeJudgeServer(["9 3\nreference is better"] * 3) as srv:
         judge = build_judge(srv.url, "m", None, None, retries=1)
@@ -194,4 +196,5 @@ def test_recoup_eval_with_a_judge_records_its_scores_per_example_and_as_means(tm
     coherence = [r["judge_coherence"] for r in res["examples"]]
     assert sorted(coherence) == [3.0, 5.0] and res["judge_coherence"] == pytest.approx(4.0)
     assert sorted(r["judge_coherence_reference"] for r in res["examples"]) == [8.0, 9.0]
-    assert res["protocol"]["judge"]["judge"].startswith("judge-m @ http://127.0.0.1") and "sk-test" not in out.read_text()
+    assert res["protocol"]["judge"]["judge"].startswith("judge-m @ http://127.0.0.1")
+    assert "sk-test" not in out.read_text()

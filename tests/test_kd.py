@@ -32,7 +32,8 @@ def test_kd_loss_is_t_squared_kl_over_scored_positions():
     labels = torch.tensor([[-100, 1, 2, 3], [-100, -100, 2, -100]])
     keep = torch.tensor([0, 1, 2])
     rows = [(0, 0), (0, 1), (0, 2), (1, 1)]  # positions whose next token is scored
-    want = sum(float((F.softmax(t[b, k] / 2, -1) * (F.log_softmax(t[b, k] / 2, -1) - F.log_softmax(s[b, k] / 2, -1))).sum())
+    want = sum(float((F.softmax(t[b, k] / 2, -1)
+                      * (F.log_softmax(t[b, k] / 2, -1) - F.log_softmax(s[b, k] / 2, -1))).sum())
                for b, k in rows) / len(rows) * 4
     assert float(kd_loss(s, t, keep, labels, temperature=2.0)) == pytest.approx(want, rel=1e-5)
 

@@ -1,4 +1,5 @@
-"""recoup export ARTIFACT --format hf|compressed-tensors|gguf --out DIR [--dtype] [--recovery DIR] [--merge] [--gguf-type]
+"""recoup export ARTIFACT --format hf|compressed-tensors|gguf --out DIR [--dtype] [--recovery DIR] [--merge]
+[--gguf-type]
 
 The flags are the keys of the export job (:class:`recoup.recipe.jobs.ExportJob`), generated from it: the same
 names a recipe's ``export:`` step takes.
@@ -27,7 +28,8 @@ def run(args: argparse.Namespace) -> int:
 
     result = export(job_from_args(args, "export"))
     types = result.get("tensor_types") or result["plan"]
-    print(f"wrote {result['out']} ({result['format']}, {result['bytes'] / 1e6:.1f} MB, {result['seconds']:.1f}s): {types}")
+    print(f"wrote {result['out']} ({result['format']}, {result['bytes'] / 1e6:.1f} MB, {result['seconds']:.1f}s): "
+          f"{types}")
     if result.get("recovery"):
         print(f"recovery beside it: {result['recovery']} (peft.AutoPeftModelForCausalLM.from_pretrained loads both)")
     print(f"loads in: {result['loader']}")

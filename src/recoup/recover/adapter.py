@@ -182,15 +182,18 @@ class LoraRecovery(Recovery):
         targets = raw.get("target_modules")
         if isinstance(targets, str) or not targets:
             raise RecoupError(f"'{path}': adapter_config.json must list target_modules explicitly")
-        cfg = LoraConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout", 0.0)))
+        cfg = LoraConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]),
+                         dropout=float(raw.get("lora_dropout", 0.0)))
         ranks, alphas = raw.get("rank_pattern") or {}, raw.get("alpha_pattern") or {}
         scale = cfg.alpha / cfg.rank
-        odd = [k for k, a in alphas.items() if abs(float(a) - scale * int(ranks.get(k, cfg.rank))) > 1e-6 * abs(float(a))]
+        odd = [k for k, a in alphas.items()
+               if abs(float(a) - scale * int(ranks.get(k, cfg.rank))) > 1e-6 * abs(float(a))]
         if odd:
-            raise RecoupError(f"'{path}': alpha_pattern gives {odd[0]} a scaling other than lora_alpha / r = {scale:g}; "
-                              f"only per-module ranks at one scaling are supported")
+            raise RecoupError(f"'{path}': alpha_pattern gives {odd[0]} a scaling other than lora_alpha / r = "
+                              f"{scale:g}; only per-module ranks at one scaling are supported")
         info = json.loads((path / RECOVERY_RECORD).read_text()) if (path / RECOVERY_RECORD).is_file() else {}
-        meta = {k: v for k, v in info.items() if k not in ("method", "config", "target_modules", "hidden_size", "merged")}
+        own = ("method", "config", "target_modules", "hidden_size", "merged")
+        meta = {k: v for k, v in info.items() if k not in own}
         return cls(cfg, sorted(targets), load_file(str(weights)), info.get("hidden_size"), meta)
 
 

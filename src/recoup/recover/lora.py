@@ -34,10 +34,9 @@ def fit_lora(model: nn.Module, tokenizer, data, cfg: LoraConfig, train_cfg, batc
 
     device = next(model.parameters()).device
     before = linear_digests(model)
-    rec = LoraRecovery.for_model(model, cfg) if init is None else LoraRecovery(cfg, init.target_modules,
-                                                                              inherited_state(init, cfg),
-                                                                              init.hidden_size)
-    if init is not None and (init.cfg.rank != cfg.rank or init.target_modules != LoraRecovery.for_model(model, cfg).target_modules):
+    fresh = LoraRecovery.for_model(model, cfg)
+    rec = fresh if init is None else LoraRecovery(cfg, init.target_modules, inherited_state(init, cfg), init.hidden_size)
+    if init is not None and (init.cfg.rank != cfg.rank or init.target_modules != fresh.target_modules):
         raise RecoupError(f"the LoRA to inherit has rank {init.cfg.rank} on {init.target_modules}; "
                           f"train with the same --rank and targets")
     wrapped = rec.apply(model, seed=train_cfg.seed)

@@ -74,7 +74,7 @@ class FitConfig(Config):
     seed: int = 0  # initialisation, batch order and the task split
     time_budget: float | None = None  # seconds; stop early (best state kept) once spent
     bos: str = "auto"  # BOS policy of every training window / sequence (recoup.data.bos): auto | always | never
-    gradient_checkpointing: bool = False  # recompute decoder layers in the backward: less memory, ~30% more time
+    gradient_checkpointing: bool = False  # recompute decoder layers in the backward: less memory, one more forward
     objective: str = "lm"  # lm (next-token loss) | kd (distil the teacher's next-token distribution) | lm+kd
     kd_temperature: float = 2.0
     kd_weight: float = 1.0  # lm+kd: weight of the kd term
@@ -101,7 +101,8 @@ class FitConfig(Config):
             check(bool(str(self.data).strip()), "data is empty; name a corpus (ptb, wiki) or a text file")
             self.val_windows = 4 if self.val_windows is None else self.val_windows
             check(self.val_windows >= 1, f"val_windows must be >= 1 (got {self.val_windows})")
-        check(self.time_budget is None or self.time_budget > 0, f"time_budget must be > 0 seconds (got {self.time_budget})")
+        check(self.time_budget is None or self.time_budget > 0,
+              f"time_budget must be > 0 seconds (got {self.time_budget})")
         check(self.objective in ("lm", "kd", "lm+kd"), f"unknown objective '{self.objective}'; use lm, kd or lm+kd")
         check(self.kd_temperature > 0, f"kd_temperature must be > 0 (got {self.kd_temperature})")
         check(self.kd_weight >= 0, f"kd_weight must be >= 0 (got {self.kd_weight})")
