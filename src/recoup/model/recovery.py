@@ -9,7 +9,8 @@ A recovery is fitted on one model and can be saved, loaded and attached to any c
 - ``apply(model)``: returns the model with adapter modules attached (LoRA, CPET); it must never
   densify a sparse model or un-quantize a quantized one.
 
-The Scorer and perplexity call ``apply`` once and ``prefix`` per batch.
+An evaluation calls ``apply`` once per loaded model (``apply`` wraps the model in place, so a second call would
+stack a second adapter) and ``prefix`` per batch.
 """
 
 from __future__ import annotations
