@@ -24,11 +24,17 @@ def test_merge_writes_what_save_file_writes(tmp_path):
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(0)
-    tensors = {"b.w": torch.randn(3, 5, generator=g), "a.scale": torch.randn(4, generator=g).half(),
-               "z.codes": torch.randint(0, 255, (7,), generator=g).to(torch.uint8),
-               "m.bf": torch.randn(2, 3, generator=g).bfloat16(), "i": torch.arange(3),
-               "mask": torch.tensor([True, False]), "i32": torch.arange(5, dtype=torch.int32),
-               "d": torch.randn(2, dtype=torch.float64, generator=g), "e": torch.zeros(0)}
+    tensors = {
+        "b.w": torch.randn(3, 5, generator=g),
+        "a.scale": torch.randn(4, generator=g).half(),
+        "z.codes": torch.randint(0, 255, (7,), generator=g).to(torch.uint8),
+        "m.bf": torch.randn(2, 3, generator=g).bfloat16(),
+        "i": torch.arange(3),
+        "mask": torch.tensor([True, False]),
+        "i32": torch.arange(5, dtype=torch.int32),
+        "d": torch.randn(2, dtype=torch.float64, generator=g),
+        "e": torch.zeros(0),
+    }
     names = sorted(tensors)
     random.Random(0).shuffle(names)
     sources = {}
@@ -48,9 +54,20 @@ def _corpus(tmp_path):
 
 
 def _compress(tmp_path, src, out, lazy: bool, **keys) -> dict:
-    return stages.compress(stages.CompressJob.from_flat({
-        "model": str(src), "out": str(out), "calib": _corpus(tmp_path), "nsamples": 4, "seqlen": 32,
-        "device": "cpu", "lazy": lazy, **keys}))
+    return stages.compress(
+        stages.CompressJob.from_flat(
+            {
+                "model": str(src),
+                "out": str(out),
+                "calib": _corpus(tmp_path),
+                "nsamples": 4,
+                "seqlen": 32,
+                "device": "cpu",
+                "lazy": lazy,
+                **keys,
+            }
+        )
+    )
 
 
 def _manifest(path) -> dict:
@@ -71,10 +88,17 @@ RECIPES = {
 }
 
 
-@pytest.mark.parametrize("arch,recipe,dtype", [
-    ("llama", "wanda", torch.bfloat16), ("llama", "gptq", torch.float32), ("llama", "rtn-dense", torch.bfloat16),
-    ("gpt2", "sparsegpt", torch.float32), ("opt", "awq", torch.bfloat16), ("qwen3", "gptq", torch.bfloat16),
-])
+@pytest.mark.parametrize(
+    "arch,recipe,dtype",
+    [
+        ("llama", "wanda", torch.bfloat16),
+        ("llama", "gptq", torch.float32),
+        ("llama", "rtn-dense", torch.bfloat16),
+        ("gpt2", "sparsegpt", torch.float32),
+        ("opt", "awq", torch.bfloat16),
+        ("qwen3", "gptq", torch.bfloat16),
+    ],
+)
 def test_lazy_artifact_is_the_whole_model_artifact(tmp_path, arch, recipe, dtype):
     src = tmp_path / "src"
     lm = save_tiny(src, arch, hidden=32, layers=3)
@@ -109,8 +133,13 @@ def test_lazy_reads_each_tensor_once_and_holds_one_layer(tmp_path, arch):
         alive_at.append(sorted(weights.alive()))
         assert all(p.device.type == "cpu" for p in layer.parameters())
 
-    compress(loaded, CompressConfig.from_dict({"method": "sparsegpt", "sparsity": 0.5}), _calib(),
-             weights=weights, on_layer=on_layer)
+    compress(
+        loaded,
+        CompressConfig.from_dict({"method": "sparsegpt", "sparsity": 0.5}),
+        _calib(),
+        weights=weights,
+        on_layer=on_layer,
+    )
     assert weights.alive() == []  # everything freed
     assert all(p.device.type == "meta" for p in loaded.model.parameters())
     for i, alive in enumerate(alive_at):  # at each layer's peak: that layer's tensors and nothing else
@@ -120,8 +149,11 @@ def test_lazy_reads_each_tensor_once_and_holds_one_layer(tmp_path, arch):
     assert {k: weights.reads[k] for k in layer_keys} == {k: 1 for k in layer_keys}
     # only what runs before the first layer (embeddings) was read besides the layers, once
     assert all(n == 1 for n in weights.reads.values())
-    assert not any(k in weights.reads for k in weights.files if "norm" in k and not k.startswith(layers_key)
-                   or k.startswith("lm_head") or "ln_f" in k)
+    assert not any(
+        k in weights.reads
+        for k in weights.files
+        if "norm" in k and not k.startswith(layers_key) or k.startswith("lm_head") or "ln_f" in k
+    )
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +26,28 @@ from recoup.artifact.report import CompressReport
 from recoup.artifact.store import artifact_fields, finish_artifact, prepare_target
 from recoup.errors import RecoupError
 from recoup.model.anatomy import anatomy
-from recoup.model.lazy import LazyWeights
+from recoup.model.lazy import LazyWeights, TensorFile
 from recoup.model.load import LoadedModel
 
-SAFE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-               "BOOL": torch.bool}
+SAFE_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
-def merge_safetensors(path: Path, sources: dict[str, Path], metadata: dict[str, str]) -> None:
+def merge_safetensors(path: Path, sources: dict[str, Path], metadata: dict[str, str], delete: bool = False) -> None:
     """Write the tensors ``sources`` names (each read from the safetensors file given for it) to ``path`` as one
-    safetensors file, byte for byte what ``save_file`` writes for them all, one tensor in memory at a time."""
+    safetensors file, byte for byte what ``save_file`` writes for them all, one tensor in memory at a time.
+    ``delete``: remove each source file once the last of its tensors named in ``sources`` is written (the disk
+    then holds the spool and the merged file once, not twice)."""
     from safetensors import safe_open
     from safetensors.torch import save as save_bytes
 
@@ -51,7 +63,7 @@ def merge_safetensors(path: Path, sources: dict[str, Path], metadata: dict[str, 
     # the order safetensors writes: its own serializer on empty stand-ins (the order depends on dtype and name only)
     stand = save_bytes({n: torch.empty(0, dtype=SAFE_DTYPES[d]) for n, (d, _) in info.items()}, metadata=metadata)
     (n_head,) = struct.unpack("<Q", stand[:8])
-    order = [k for k in json.loads(stand[8:8 + n_head]) if k != "__metadata__"]
+    order = [k for k in json.loads(stand[8 : 8 + n_head]) if k != "__metadata__"]
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for name in order:
@@ -63,14 +75,17 @@ def merge_safetensors(path: Path, sources: dict[str, Path], metadata: dict[str, 
         offset += size
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     raw += b" " * (-len(raw) % 8)
+    left = Counter(sources.values())  # a spool file is deleted once its last tensor is written (disk: one copy)
     with open(path, "wb") as out:
         out.write(struct.pack("<Q", len(raw)))
         out.write(raw)
         for name in order:
-            with safe_open(str(sources[name]), framework="pt") as fh:
-                t = fh.get_tensor(name).contiguous()
+            t = TensorFile(sources[name])[name]
             out.write(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
             del t
+            left[sources[name]] -= 1
+            if not left[sources[name]] and delete:
+                sources[name].unlink()
 
 
 class LayerwiseWriter:
@@ -78,8 +93,9 @@ class LayerwiseWriter:
     compressed decoder layer at a time: :meth:`add_layer` while the layer holds its weights, :meth:`finish`
     once every layer is done."""
 
-    def __init__(self, loaded: LoadedModel, weights: LazyWeights, out_dir: str | Path, storage: str,
-                 bits: int | None) -> None:
+    def __init__(
+        self, loaded: LoadedModel, weights: LazyWeights, out_dir: str | Path, storage: str, bits: int | None
+    ) -> None:
         self.loaded, self.weights, self.storage, self.bits = loaded, weights, storage, bits
         self.out, self.tmp = prepare_target(out_dir, storage)
         self.spool = self.tmp.with_name(self.tmp.name + ".spool")
@@ -91,8 +107,9 @@ class LayerwiseWriter:
         self.metas: dict[str, dict[str, Any]] = {}
 
     @torch.no_grad()
-    def add_layer(self, i: int, layer: nn.Module, names: list[str],
-                  qparams: dict[str, dict[str, torch.Tensor]]) -> None:
+    def add_layer(
+        self, i: int, layer: nn.Module, names: list[str], qparams: dict[str, dict[str, torch.Tensor]]
+    ) -> None:
         """Spool decoder layer ``i`` (its weights in memory, compressed): ``names`` are its compressed linears'
         full names in the order the report lists them."""
         from safetensors.torch import save_file
@@ -103,7 +120,7 @@ class LayerwiseWriter:
         if self.storage == "packed":
             modules = dict(layer.named_modules())
             for name in names:
-                w = self.anat.weight_matrix(modules[name[len(prefix):]]).detach().cpu()
+                w = self.anat.weight_matrix(modules[name[len(prefix) :]]).detach().cpu()
                 enc = encode_linear(w, qparams.get(name), self.bits)
                 if enc is None:
                     continue
@@ -139,13 +156,25 @@ class LayerwiseWriter:
             if missing:
                 raise RecoupError(f"the layer-by-layer artifact lacks {missing[0]}")
             model.save_pretrained(str(self.tmp), safe_serialization=True, state_dict={})  # config files only
-            merge_safetensors(self.tmp / "model.safetensors", {k: self.dense[k] for k in kept if k in self.dense},
-                              {"format": "pt"})
+            merge_safetensors(
+                self.tmp / "model.safetensors",
+                {k: self.dense[k] for k in kept if k in self.dense},
+                {"format": "pt"},
+                delete=True,
+            )
             if self.metas:
-                merge_safetensors(self.tmp / PACKED_FILE, self.packed, {"format": "recoup-packed"})
+                merge_safetensors(self.tmp / PACKED_FILE, self.packed, {"format": "recoup-packed"}, delete=True)
             shutil.rmtree(self.spool, ignore_errors=True)
-            return finish_artifact(self.loaded, artifact_fields(self.loaded, report), report.qparams, self.storage,
-                                   self.tmp, self.out, self.metas, None)
+            return finish_artifact(
+                self.loaded,
+                artifact_fields(self.loaded, report),
+                report.qparams,
+                self.storage,
+                self.tmp,
+                self.out,
+                self.metas,
+                None,
+            )
         finally:
             self.close()
 

@@ -41,6 +41,7 @@ from recoup.artifact.grid import grid_deviation
 from recoup.artifact.report import CompressReport
 from recoup.errors import RecoupError
 from recoup.model.anatomy import anatomy
+from recoup.model.lazy import TensorFile
 from recoup.model.load import (ARTIFACT_MANIFEST, LoadedModel, check_finite, file_sha256, model_fingerprint,
                                parse_dtype)
 from recoup.registry import unknown_name_message
@@ -273,10 +274,8 @@ def load_artifact(path: str | Path, dtype: str | torch.dtype = "float32", device
     if set(info["missing_keys"]) != set(metas):  # else transformers would fill them with random weights
         raise RecoupError(f"artifact '{path}': the weights missing from model.safetensors are not the packed ones; "
                           "the artifact is corrupted")
-    if metas:
-        from safetensors.torch import load_file
-
-        unpack_into(model, metas, load_file(str(path / storage.get("file", PACKED_FILE))), load_qparams(path))
+    if metas:  # read and decoded one linear at a time: no second copy of the packed weights in memory
+        unpack_into(model, metas, TensorFile(path / storage.get("file", PACKED_FILE)), load_qparams(path))
     check_finite(model.state_dict().items(), f"artifact '{path}'")
     model.to(device).eval()
     if tokenizer.pad_token_id is None:

@@ -34,10 +34,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from recoup.compress.config import CompressConfig
-from recoup.compress.methods import METHODS, LinearResult
 from recoup.artifact.report import CompressReport, LinearRecord, peak_rss_mb
+from recoup.compress.config import CompressConfig
 from recoup.compress.devices import resolve_device
+from recoup.compress.methods import METHODS, LinearResult
 from recoup.compress.onepass import available_bytes, parked_bytes, run_parked
 from recoup.compress.parallel import side_by_side
 from recoup.compress.stats import ActNormStats, ActSampleStats, BlockIOStats, HessianStats

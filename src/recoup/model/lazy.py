@@ -4,8 +4,8 @@
 buffers such as rotary frequencies are computed as usual). :class:`LazyWeights` then reads the tensors of
 one module (a decoder layer, the embeddings) from the checkpoint's safetensors shards into it, in the dtype
 asked for (float32 for the statistics and solves, whatever the checkpoint stores; bf16 -> float32 is exact),
-and frees them again (back to ``meta``). Each read opens the shard, copies the tensors out and closes it, so
-no file stays mapped. A tied parameter (embeddings = lm_head) is one tensor, read once for both names.
+and frees them again (back to ``meta``). Tensors are read with plain file reads (:class:`TensorFile`), so no
+file stays mapped. A tied parameter (embeddings = lm_head) is one tensor, read once for both names.
 
 Host memory is then what the caller holds at once (one decoder layer plus the activations for the layer
 streamer, :mod:`recoup.model.streamer`), not the whole model.
@@ -82,15 +82,20 @@ class LazyWeights:
         for pid, slots in self._slots.items():
             names = [full for _, _, full in slots]
             found = [n for n in names if n in self.files]
-            found += [n[len(prefix) + 1:] for n in names if prefix and n.startswith(prefix + ".")
-                      and n[len(prefix) + 1:] in self.files]
+            found += [
+                n[len(prefix) + 1 :]
+                for n in names
+                if prefix and n.startswith(prefix + ".") and n[len(prefix) + 1 :] in self.files
+            ]
             if not found:
                 missing.append(names[0])
             else:
                 self._key[pid] = found[0]
         if missing:
-            raise RecoupError(f"the checkpoint in '{self.folder}' does not hold '{missing[0]}' under the model's name "
-                              f"(and {len(missing) - 1} more); it cannot be read layer by layer")
+            raise RecoupError(
+                f"the checkpoint in '{self.folder}' does not hold '{missing[0]}' under the model's name "
+                f"(and {len(missing) - 1} more); it cannot be read layer by layer"
+            )
 
     def _params(self, module: nn.Module) -> Iterator[nn.Parameter]:
         seen: set[int] = set()
@@ -122,23 +127,23 @@ class LazyWeights:
     @torch.no_grad()
     def load_params(self, params: list[nn.Parameter], device: torch.device | str = "cpu") -> None:
         """Read ``params`` (those still on ``meta``) from the checkpoint, as ``dtype`` on ``device``."""
-        from safetensors import safe_open
-
         todo: dict[Path, list[nn.Parameter]] = {}
         for p in params:
             if p.device.type == "meta":
                 todo.setdefault(self.files[self._key[id(p)]], []).append(p)
         for f, params in todo.items():
-            with safe_open(str(f), framework="pt") as fh:
-                for p in params:
-                    key = self._key[id(p)]
-                    t = fh.get_tensor(key)
-                    if tuple(t.shape) != tuple(p.shape):
-                        raise RecoupError(f"checkpoint tensor '{key}' is {tuple(t.shape)}, the model expects "
-                                          f"{tuple(p.shape)}; the config does not match the weights")
-                    self.reads[key] += 1
-                    self._set(p, t.to(device=device, dtype=self.dtype))
-                    del t
+            fh = TensorFile(f)
+            for p in params:
+                key = self._key[id(p)]
+                t = fh[key]
+                if tuple(t.shape) != tuple(p.shape):
+                    raise RecoupError(
+                        f"checkpoint tensor '{key}' is {tuple(t.shape)}, the model expects "
+                        f"{tuple(p.shape)}; the config does not match the weights"
+                    )
+                self.reads[key] += 1
+                self._set(p, t.to(device=device, dtype=self.dtype))
+                del t
 
     @torch.no_grad()
     def free_params(self, params: list[nn.Parameter]) -> None:
@@ -151,19 +156,16 @@ class LazyWeights:
     def read(self, name: str) -> torch.Tensor:
         """The checkpoint tensor of the model's parameter ``name`` (a tied name resolves to the stored one), in
         ``dtype`` on CPU, without keeping it."""
-        from safetensors import safe_open
-
         param = self.model.get_parameter(name)
         key = self._key[id(param)]
-        with safe_open(str(self.files[key]), framework="pt") as fh:
-            self.reads[key] += 1
-            return fh.get_tensor(key).to(self.dtype)
+        self.reads[key] += 1
+        return TensorFile(self.files[key])[key].to(self.dtype)
 
     def alive(self) -> list[str]:
         """Names of the parameters that hold memory now (one name per tensor)."""
-        return [slots[0][2] for slots in self._slots.values()
-                if slots[0][0]._parameters[slots[0][1]].device.type != "meta"]
-
+        return [
+            slots[0][2] for slots in self._slots.values() if slots[0][0]._parameters[slots[0][1]].device.type != "meta"
+        ]
 
 
 def load_lazy(source: str, dtype: str | torch.dtype = "float32") -> tuple[LoadedModel, LazyWeights] | None:
@@ -190,3 +192,52 @@ def load_lazy(source: str, dtype: str | torch.dtype = "float32") -> tuple[Loaded
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, path=path), weights
+
+
+class TensorFile:
+    """A safetensors file read one tensor at a time with plain reads (no memory map, so nothing of the file
+    counts towards the process's memory once a tensor is dropped): ``name in f``, ``f[name]``, ``f.keys()``."""
+
+    DTYPES = {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+    }
+
+    def __init__(self, path: str | Path) -> None:
+        import struct
+
+        self.path = Path(path)
+        with open(self.path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        header.pop("__metadata__", None)
+        self.start, self.header = 8 + n, header
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.header
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        info = self.header[name]
+        a, b = info["data_offsets"]
+        buf = bytearray(b - a)
+        with open(self.path, "rb") as fh:
+            fh.seek(self.start + a)
+            if fh.readinto(buf) != b - a:
+                raise RecoupError(f"'{self.path}' is truncated (tensor '{name}')")
+        dtype = self.DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise RecoupError(f"'{self.path}': tensor '{name}' has dtype {info['dtype']}, which recoup does not read")
+        if not buf:
+            return torch.empty(info["shape"], dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])

@@ -124,9 +124,14 @@ def _prefix_params(model: nn.Module, anat: Anatomy) -> list[nn.Parameter]:
     return list(out.values())
 
 
-def capture_inputs(model: nn.Module, anat: Anatomy, ids: torch.Tensor, batch_size: int,
-                   device: torch.device | None = None, passthrough: bool = False
-                   ) -> tuple[torch.Tensor, list[Record]]:
+def capture_inputs(
+    model: nn.Module,
+    anat: Anatomy,
+    ids: torch.Tensor,
+    batch_size: int,
+    device: torch.device | None = None,
+    passthrough: bool = False,
+) -> tuple[torch.Tensor, list[Record]]:
     """(first-layer inputs (N, T, H), per-layer (other args, kwargs, hidden-as-kwarg)) for ids (N, T).
 
     device: where the ids go (default: the model's first parameter's). passthrough: record the
@@ -142,6 +147,7 @@ def capture_inputs(model: nn.Module, anat: Anatomy, ids: torch.Tensor, batch_siz
             records[i] = (tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"}, as_kw)
             if passthrough and i == len(layers) - 1:
                 raise StopForward
+
         return hook
 
     with hooked(*[layer.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(layers)]):
@@ -164,7 +170,7 @@ def capture_inputs(model: nn.Module, anat: Anatomy, ids: torch.Tensor, batch_siz
     with hooked(layers[0].register_forward_pre_hook(grab, with_kwargs=True)):
         for start in range(0, ids.shape[0], batch_size):
             try:
-                model(input_ids=ids[start:start + batch_size].to(device), use_cache=False)
+                model(input_ids=ids[start : start + batch_size].to(device), use_cache=False)
             except StopForward:
                 pass
     return torch.cat(inps, 0), records
@@ -187,8 +193,14 @@ class LayerStreamer:
                 streamer.propagate(i, batch_size)       # its outputs become the next layer's inputs
     """
 
-    def __init__(self, model: nn.Module, anat: Anatomy | None = None, device: torch.device | None = None,
-                 offload: bool | None = None, weights: LazyWeights | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        anat: Anatomy | None = None,
+        device: torch.device | None = None,
+        offload: bool | None = None,
+        weights: LazyWeights | None = None,
+    ) -> None:
         self.model, self.weights = model, weights
         self.anat = anat if anat is not None else anatomy(model)
         self.model_device = torch.device("cpu") if weights is not None else next(model.parameters()).device
@@ -197,8 +209,9 @@ class LayerStreamer:
         self.device = device if device is not None else self.model_device
         self.offload = self.device != self.model_device if offload is None else offload
         if not self.offload and self.device != self.model_device:
-            raise RecoupError(f"offload=False needs the model on the execution device {self.device}; "
-                              f"it is on {self.model_device}")
+            raise RecoupError(
+                f"offload=False needs the model on the execution device {self.device}; it is on {self.model_device}"
+            )
         self.inps: torch.Tensor | None = None
         self.records: list[Record] | None = None
 
@@ -213,10 +226,15 @@ class LayerStreamer:
             prefix = _prefix_params(self.model, self.anat)
             self.weights.load_params(prefix, self.device)
         try:
-            with torch.no_grad(), prefix_on(self.model, self.anat, self.device) if self.offload \
-                    and self.weights is None else contextlib.nullcontext():
-                self.inps, self.records = capture_inputs(self.model, self.anat, ids, batch_size, self.device,
-                                                         passthrough=self.offload)
+            with (
+                torch.no_grad(),
+                prefix_on(self.model, self.anat, self.device)
+                if self.offload and self.weights is None
+                else contextlib.nullcontext(),
+            ):
+                self.inps, self.records = capture_inputs(
+                    self.model, self.anat, ids, batch_size, self.device, passthrough=self.offload
+                )
         finally:
             if self.weights is not None:
                 self.weights.free_params(_prefix_params(self.model, self.anat))
@@ -250,9 +268,9 @@ class LayerStreamer:
         hook raising :class:`StopForward` ends that batch's forward."""
         for start in range(0, self.inps.shape[0], batch_size):
             with contextlib.suppress(StopForward):
-                self.call(i, self.inps[start:start + batch_size])
+                self.call(i, self.inps[start : start + batch_size])
 
     def propagate(self, i: int, batch_size: int) -> None:
         """Replace the activations by layer ``i``'s outputs, batch by batch, in place."""
         for start in range(0, self.inps.shape[0], batch_size):
-            self.inps[start:start + batch_size] = self.call(i, self.inps[start:start + batch_size])
+            self.inps[start : start + batch_size] = self.call(i, self.inps[start : start + batch_size])

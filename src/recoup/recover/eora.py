@@ -138,7 +138,7 @@ def _compensate_layer(i: int, streamer: LayerStreamer, layer: nn.Module, dense_a
             factors[name] = (b, a)
             if kept is not None:
                 kept[f"{anat.spec.layers}.{i}.{name}"] = share
-    del stats
+    stats.clear()  # the statistics are not needed for the propagation
 
     def adder(b: torch.Tensor, a: torch.Tensor):
         def hook(_mod, args, out):
