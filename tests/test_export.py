@@ -138,7 +138,8 @@ def test_compressed_tensors_asymmetric_decompresses_bitwise(tmp_path, bits):
     art = artifact(tmp_path, method="gptq", bits=bits, group_size=64, sym=False)
     res = run_export(art, tmp_path, "compressed-tensors")
     qc = json.loads((tmp_path / "compressed-tensors" / "config.json").read_text())["quantization_config"]
-    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**qc["config_groups"]["group_0"]["weights"]))
+    weights = QuantizationArgs(**qc["config_groups"]["group_0"]["weights"])
+    scheme = QuantizationScheme(targets=["Linear"], weights=weights)
     comp = BaseCompressor.get_value_from_registry(qc["format"])
     state = load_file(str(tmp_path / "compressed-tensors" / "model.safetensors"))
     for name in art.manifest["layers"]:
@@ -326,16 +327,24 @@ def test_saved_recoveries_record_a_usable_base(tmp_path, monkeypatch):
 
     lm = tiny()
     lm.model.save_pretrained(str(tmp_path / "base"))
+    base = logits(lm.model)
     monkeypatch.chdir(tmp_path)
     rec = LoraRecovery.for_model(lm.model, LoraConfig(rank=2))
     wrapped = rec.apply(lm.model, seed=0)
+    torch.manual_seed(3)
+    for n, p in wrapped.named_parameters():
+        if "lora_B" in n:  # non-zero: the loaded adapter must change the logits as recoup's does
+            p.data.normal_(0, 0.05)
     rec.capture(wrapped)
+    ref = logits(wrapped)
+    assert not torch.allclose(ref, base, atol=1e-4)
     rec.meta["source"] = "base"  # relative, as a user may type it
     rec.save(tmp_path / "lora")
     cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == str((tmp_path / "base").resolve())
     monkeypatch.chdir("/")
-    assert AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "lora")) is not None
+    loaded = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "lora"), dtype=torch.float32).eval()
+    assert_close(logits(loaded), ref, 1e-5)
     SoftPrompt(torch.randn(4, 64), {"base_model": str(tmp_path / "base")}).save(tmp_path / "sp")
     cfg = json.loads((tmp_path / "sp" / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == str((tmp_path / "base").resolve())
@@ -345,8 +354,9 @@ def test_saved_recoveries_record_a_usable_base(tmp_path, monkeypatch):
 @pytest.mark.parametrize("fmt,rel", [("compressed-tensors", 1e-5), ("gguf", 2e-3), ("hf", 1e-5)])
 def test_real_model_exports_match_recoup(tmp_path, fmt, rel):
     """smollm2-135m, RTN 4-bit sym groups of 64 (a Q4_0 grid): each destination's logits match recoup's."""
-    from recoup.artifact import load_model
     from transformers import AutoTokenizer
+
+    from recoup.artifact import load_model
 
     lm = load_model("smollm2-135m")
     rep = compress(lm, CompressConfig(method="rtn", bits=4, group_size=64), None)

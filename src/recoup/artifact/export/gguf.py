@@ -82,7 +82,13 @@ class GgufExporter:
         if info.model_type not in ARCHES:
             raise RecoupError(f"GGUF export knows {', '.join(sorted(ARCHES))} models, not '{info.model_type}'; "
                               "use --format hf or compressed-tensors")
-        pre = check_tokenizer(info.path)
+        from transformers import AutoConfig
+
+        from recoup.artifact.store import _artifact_config  # a packed artifact's config, its model type restored
+
+        cfg = _artifact_config(info.path) or AutoConfig.from_pretrained(str(info.path))
+        check_config(cfg, ARCHES[info.model_type])
+        pre, pre_from = check_tokenizer(info.path)
         float_type = FLOAT_TYPES[dtype_of(info, config)]
         grid_type = GRID_TYPES.get((info.bits, info.sym)) if info.bits else None
         why = _block_mismatch(info) if grid_type else None
@@ -102,7 +108,7 @@ class GgufExporter:
         else:
             linear_type = wanted
         return {"linear_type": linear_type, "float_type": float_type, "pre_tokenizer": pre,
-                "arch": ARCHES[info.model_type].arch}
+                "pre_tokenizer_from": pre_from, "arch": ARCHES[info.model_type].arch}
 
     @torch.no_grad()
     def write(self, model: nn.Module, tokenizer: Any, info: ArtifactInfo, plan: dict[str, Any],
@@ -153,14 +159,10 @@ class GgufExporter:
 
 
 def _add_metadata(writer: Any, cfg: Any, spec: GgufArch, file_type: int) -> None:
+    check_config(cfg, spec)
     heads, kv = int(cfg.num_attention_heads), int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        raise RecoupError(f"GGUF export: rope scaling '{rope.get('rope_type')}' is not written yet; use --format hf")
-    window = getattr(cfg, "sliding_window", None)
-    if window is not None and window < int(cfg.max_position_embeddings):
-        raise RecoupError(f"GGUF export: sliding-window attention ({window} tokens) is not written; use --format hf")
+    rope = _rope(cfg)
     writer.add_name(f"{spec.name_hint} {getattr(cfg, '_name_or_path', '') or 'recoup export'}".strip())
     writer.add_context_length(int(cfg.max_position_embeddings))
     writer.add_embedding_length(int(cfg.hidden_size))
@@ -177,6 +179,31 @@ def _add_metadata(writer: Any, cfg: Any, spec: GgufArch, file_type: int) -> None
     writer.add_vocab_size(int(cfg.vocab_size))
     writer.add_file_type(file_type)
     writer.add_quantization_version(2)
+
+
+def _rope(cfg: Any) -> dict[str, Any]:
+    return dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+
+
+def check_config(cfg: Any, spec: GgufArch) -> None:
+    """RecoupError (one line) for what llama.cpp's ``spec.arch`` graph would run differently from transformers,
+    or would refuse to load: rope scaling (not written), sliding-window attention (not written), a qwen3
+    ``o_proj`` bias (llama.cpp's qwen3 has no tensor for it, and an unused tensor fails its load), and
+    rotary dimensions llama.cpp checks (head_dim even, n_rot == head_dim)."""
+    rope = _rope(cfg)
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise RecoupError(f"GGUF export: rope scaling '{rope.get('rope_type')}' is not written yet; use --format hf")
+    window = getattr(cfg, "sliding_window", None)
+    if window is not None and getattr(cfg, "use_sliding_window", True) and window < int(cfg.max_position_embeddings):
+        raise RecoupError(f"GGUF export: sliding-window attention ({window} tokens) is not written; use --format hf")
+    if spec.arch == "qwen3" and getattr(cfg, "attention_bias", False):
+        raise RecoupError("GGUF export: llama.cpp's qwen3 has no attention output bias (attention_bias=true); "
+                          "use --format hf or compressed-tensors")
+    if float(getattr(cfg, "partial_rotary_factor", 1.0) or 1.0) != 1.0:
+        raise RecoupError("GGUF export: partial rotary embeddings are not written; use --format hf")
+    heads = int(cfg.num_attention_heads)
+    if int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads) % 2:
+        raise RecoupError("GGUF export: an odd head_dim has no rotary layout in llama.cpp; use --format hf")
 
 
 def _qk_permutation(module: str, cfg: Any, rows: int) -> torch.Tensor | None:
