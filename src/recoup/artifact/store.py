@@ -40,6 +40,7 @@ from recoup.artifact.packing import PACKED_FILE, pack_model, unpack_into
 from recoup.artifact.grid import grid_deviation
 from recoup.artifact.report import CompressReport
 from recoup.errors import RecoupError
+from recoup.paths import member
 from recoup.model.anatomy import anatomy
 from recoup.model.lazy import TensorFile
 from recoup.model.load import (ARTIFACT_MANIFEST, LoadedModel, check_finite, file_sha256, model_fingerprint,
@@ -78,6 +79,53 @@ def save_artifact(loaded: LoadedModel, report: CompressReport, out_dir: str | Pa
     """
     fields = artifact_fields(loaded, report)
     return _write(loaded, fields, report.qparams, out_dir, storage)
+
+
+def estimate_bytes(model: nn.Module, bits: int | None, sparsity: float | None, storage: str) -> int:
+    """A lower bound of the artifact's size on disk: every tensor but the linears at its own size, the linears
+    (the head excepted) as ``packed`` stores them at best (kept share x bits, or x their dtype's bits).
+    Used to refuse an output that cannot fit before any compression runs; being a lower bound, it never
+    refuses one that would fit."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linears = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear) and m is not head}
+    total, seen = 0, set()
+    for p in list(model.parameters()) + list(model.buffers()):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        full = p.numel() * p.element_size()
+        if id(p) in linears and storage == "packed" and (bits or sparsity):
+            kept = 1.0 - (sparsity or 0.0)
+            full = int(p.numel() * kept * (bits if bits else p.element_size() * 8) / 8)
+        total += full
+    return total
+
+
+def check_space(out_dir: str | Path, need: int) -> None:
+    """RecoupError in one line when the file system of ``out_dir`` has less than ``need`` bytes free."""
+    out = Path(out_dir).expanduser().resolve()
+    probe = next((p for p in (out, *out.parents) if p.exists()), None)
+    if probe is None:
+        return
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise RecoupError(f"'{out}' cannot fit the artifact: it needs at least {need / 1e6:.0f} MB and "
+                          f"{free / 1e6:.0f} MB are free there; free some space or choose another --out")
+
+
+@contextmanager
+def no_space_as_error(out_dir: str | Path):
+    """A full disk while writing ``out_dir`` (OSError ENOSPC, or safetensors' own error carrying it) becomes one
+    RecoupError line; the writers remove their partial folders on the way out."""
+    import errno
+
+    try:
+        yield
+    except Exception as exc:
+        if getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc):
+            raise RecoupError(f"no space left on the device while writing '{Path(out_dir).expanduser()}' (the "
+                              f"partial folder is removed); free some space or choose another --out") from None
+        raise
 
 
 def artifact_fields(loaded: LoadedModel, report: CompressReport) -> dict[str, Any]:
@@ -219,11 +267,11 @@ def read_manifest(path: str | Path, verify: bool = True) -> dict[str, Any]:
         log.warning("artifact '%s': %s has no %s (an older recoup wrote it); its files are verified, its "
                     "recorded sparsity/bits/layers are not", path, ARTIFACT_MANIFEST, MANIFEST_DIGEST)
     if verify:
-        files = manifest.get("files", {})
-        if not isinstance(files, dict) or not files:
+        listing = manifest.get("files", {})
+        if not isinstance(listing, dict) or not listing:
             raise RecoupError(f"artifact '{path}': {ARTIFACT_MANIFEST} lists no files; the artifact is corrupted")
-        for name, digest in files.items():
-            f = path / name
+        for name, digest in listing.items():
+            f = member(path, name, f"artifact '{path}': {ARTIFACT_MANIFEST}")
             if not f.is_file():
                 raise RecoupError(f"artifact '{path}' is incomplete: {name} is missing")
             if file_sha256(f) != digest:
@@ -259,6 +307,8 @@ def load_artifact(path: str | Path, dtype: str | torch.dtype = "float32", device
     manifest = read_manifest(path)
     storage = manifest.get("storage") or {}
     metas = storage.get("tensors") if storage.get("kind") == "packed" else {}
+    if metas:  # before the model loads: the packed file's name is checked like every listed file
+        member(path, storage.get("file", PACKED_FILE), f"artifact '{path}': {ARTIFACT_MANIFEST}")
     if not isinstance(metas, dict):
         raise RecoupError(f"'{path}/{ARTIFACT_MANIFEST}' says packed storage but lists no packed tensors; "
                           "the artifact is corrupted")
@@ -275,7 +325,8 @@ def load_artifact(path: str | Path, dtype: str | torch.dtype = "float32", device
         raise RecoupError(f"artifact '{path}': the weights missing from model.safetensors are not the packed ones; "
                           "the artifact is corrupted")
     if metas:  # read and decoded one linear at a time: no second copy of the packed weights in memory
-        unpack_into(model, metas, TensorFile(path / storage.get("file", PACKED_FILE)), load_qparams(path))
+        packed = member(path, storage.get("file", PACKED_FILE), f"artifact '{path}': {ARTIFACT_MANIFEST}")
+        unpack_into(model, metas, TensorFile(packed), load_qparams(path))
     check_finite(model.state_dict().items(), f"artifact '{path}'")
     model.to(device).eval()
     if tokenizer.pad_token_id is None:

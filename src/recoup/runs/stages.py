@@ -44,7 +44,7 @@ def compress(job: CompressJob) -> dict:
     """Compress ``job.model`` with ``job.config`` and write the artifact to ``job.out``."""
     from recoup.artifact import load_model
     from recoup.artifact.layerwise import LayerwiseWriter
-    from recoup.artifact.store import save_artifact
+    from recoup.artifact.store import check_space, estimate_bytes, no_space_as_error, save_artifact
     from recoup.model.lazy import load_lazy
     from recoup.compress import METHODS
     from recoup.compress import compress as run_engine
@@ -59,21 +59,24 @@ def compress(job: CompressJob) -> dict:
     calib = None
     if METHODS.get(job.config.method).stats != "none":
         calib = calibration_windows(loaded.tokenizer, job.calib, job.nsamples, job.seqlen, job.seed, bos=job.bos)
+    # an output that cannot fit is refused before the compression runs, not after
+    check_space(job.out, estimate_bytes(loaded.model, job.config.bits, job.config.sparsity, job.storage))
     t0 = time.time()
-    if weights is None:
-        report = run_engine(loaded, job.config, calib, device=job.device)
-        seconds = time.time() - t0
-        out = save_artifact(loaded, report, job.out, storage=job.storage)
-    else:
-        writer = LayerwiseWriter(loaded, weights, job.out, job.storage, job.config.bits)
-        try:
-            report = run_engine(loaded, job.config, calib, device=job.device, weights=weights,
-                                on_layer=writer.add_layer)
-        except BaseException:
-            writer.close()
-            raise
-        seconds = time.time() - t0
-        out = writer.finish(report)
+    with no_space_as_error(job.out):
+        if weights is None:
+            report = run_engine(loaded, job.config, calib, device=job.device)
+            seconds = time.time() - t0
+            out = save_artifact(loaded, report, job.out, storage=job.storage)
+        else:
+            writer = LayerwiseWriter(loaded, weights, job.out, job.storage, job.config.bits)
+            try:
+                report = run_engine(loaded, job.config, calib, device=job.device, weights=weights,
+                                    on_layer=writer.add_layer)
+            except BaseException:
+                writer.close()
+                raise
+            seconds = time.time() - t0
+            out = writer.finish(report)
     manifest = json.loads((out / "recoup.json").read_text())
     return {"artifact": str(out), "report": report.to_dict(), "calibration": calib.protocol if calib else None,
             "compress_seconds": round(seconds, 3), "storage": manifest.get("storage")}
