@@ -6,10 +6,10 @@ import warnings
 
 import pytest
 import torch
-
 from helpers import save_tiny
-from recoup.recover.adapter import LoraConfig, LoraRecovery
 from test_run import write_corpus
+
+from recoup.recover.adapter import LoraConfig, LoraRecovery
 
 
 @pytest.fixture(scope="module")

@@ -2,18 +2,18 @@ import json
 
 import pytest
 import torch
-
 from helpers import needs_packs, save_tiny, tiny_model
+from test_lora import toy_data
+
 from recoup import RecoupError
 from recoup.cli import main
+from recoup.evaluate.latency import LatencyConfig, measure_latency
 from recoup.model.forward import forward_logits
 from recoup.model.recovery import Recovery
-from recoup.evaluate.latency import LatencyConfig, measure_latency
 from recoup.recover.adapter import LoraConfig
 from recoup.recover.lora import fit_lora
-from recoup.runs.compare_recovery import Entry, compare
 from recoup.recover.train import TrainConfig
-from test_lora import toy_data
+from recoup.runs.compare_recovery import Entry, compare
 
 
 class FixedPrefix(Recovery):
@@ -52,8 +52,7 @@ def compressed_artifact(dense, out, sparsity: float = 0.5):
     from recoup.recipe.jobs import CompressJob
     from recoup.runs.stages import compress
 
-    compress(CompressJob.from_flat({"model": str(dense), "out": str(out), "method": "magnitude",
-                                    "sparsity": sparsity}))
+    compress(CompressJob.from_flat({"model": str(dense), "out": str(out), "method": "magnitude", "sparsity": sparsity}))
     return out
 
 
@@ -64,12 +63,21 @@ def test_compare_rows_and_cli(tmp_path):
     save_tiny(tmp_path / "dense")
     art = compressed_artifact(tmp_path / "dense", tmp_path / "art")
     loaded = load_model(str(art))
-    rec, _, _ = fit_lora(loaded.model, loaded.tokenizer, toy_data(loaded.tokenizer), LoraConfig(rank=4),
-                         TrainConfig(steps=2))
+    rec, _, _ = fit_lora(
+        loaded.model, loaded.tokenizer, toy_data(loaded.tokenizer), LoraConfig(rank=4), TrainConfig(steps=2)
+    )
     rec.save(tmp_path / "lora")
     lat = LatencyConfig(prompt_len=16, new_tokens=3, repeats=1)
-    out = compare([Entry("dense", str(tmp_path / "dense")), Entry("compressed", str(art)),
-                   Entry("+LoRA", str(art), str(tmp_path / "lora"))], "sciq", limit=4, latency=lat)
+    out = compare(
+        [
+            Entry("dense", str(tmp_path / "dense")),
+            Entry("compressed", str(art)),
+            Entry("+LoRA", str(art), str(tmp_path / "lora")),
+        ],
+        "sciq",
+        limit=4,
+        latency=lat,
+    )
     dense, comp, lora = out["rows"]
     assert dense["extra_parameters"] == comp["extra_parameters"] == 0
     assert lora["extra_parameters"] == rec.num_parameters()
@@ -80,9 +88,29 @@ def test_compare_rows_and_cli(tmp_path):
     assert dense["base_sparsity"] < 0.01 and "compression_digest" not in dense
     assert comp["base_sparsity"] == pytest.approx(0.5, abs=0.01) == lora["base_sparsity"]
     assert comp["compression_digest"] == lora["compression_digest"] == lora["compression_digest_after"]
-    code = main(["compare-recovery", "--task", "sciq", "--dense", str(tmp_path / "dense"), "--compressed", str(art),
-                 "--recovery", str(tmp_path / "lora"), "--limit", "2", "--prompt-len", "8", "--new-tokens", "2",
-                 "--repeats", "1", "--json", str(tmp_path / "c.json")])
+    code = main(
+        [
+            "compare-recovery",
+            "--task",
+            "sciq",
+            "--dense",
+            str(tmp_path / "dense"),
+            "--compressed",
+            str(art),
+            "--recovery",
+            str(tmp_path / "lora"),
+            "--limit",
+            "2",
+            "--prompt-len",
+            "8",
+            "--new-tokens",
+            "2",
+            "--repeats",
+            "1",
+            "--json",
+            str(tmp_path / "c.json"),
+        ]
+    )
     assert code == 0
     rows = json.loads((tmp_path / "c.json").read_text())["rows"]
     assert [r["label"] for r in rows] == ["dense", "compressed", "+lora"]
@@ -101,17 +129,41 @@ def test_recover_cli_lora_then_cpet_with_inheritance(tmp_path):
     compressed_artifact(tmp_path / "dense", tmp_path / "small")
     common = ["--task", "sciq", "--steps", "2", "--seqlen", "48", "--batch-size", "2", "--rank", "4"]
     assert main(["recover", str(tmp_path / "dense"), "--method", "lora", "--out", str(tmp_path / "lora")] + common) == 0
-    assert main(["recover", str(tmp_path / "small"), "--method", "cpet", "--out", str(tmp_path / "cpet"),
-                 "--inherit", str(tmp_path / "lora"), "--recovery-modules", "--recovery-rank", "2", "--distill",
-                 "--teacher", str(tmp_path / "dense")] + common) == 0
+    assert (
+        main(
+            [
+                "recover",
+                str(tmp_path / "small"),
+                "--method",
+                "cpet",
+                "--out",
+                str(tmp_path / "cpet"),
+                "--inherit",
+                str(tmp_path / "lora"),
+                "--recovery-modules",
+                "--recovery-rank",
+                "2",
+                "--distill",
+                "--teacher",
+                str(tmp_path / "dense"),
+            ]
+            + common
+        )
+        == 0
+    )
     assert isinstance(load_recovery(tmp_path / "lora"), LoraRecovery)
     cpet = load_recovery(tmp_path / "cpet")
     assert isinstance(cpet, CpetRecovery) and len(cpet.modules) > 0
     assert cpet.meta["init"] == "inherited" and cpet.meta["data"]["task"] == "sciq"
     assert cpet.meta["compression_fingerprint"]["unchanged"] is True  # trained on the artifact, left as it was
     # distillation without a teacher LoRA is one clear line, exit 2
-    assert main(["recover", str(tmp_path / "small"), "--method", "cpet", "--out", str(tmp_path / "bad"),
-                 "--distill"] + common) == 2
+    assert (
+        main(
+            ["recover", str(tmp_path / "small"), "--method", "cpet", "--out", str(tmp_path / "bad"), "--distill"]
+            + common
+        )
+        == 2
+    )
 
 
 def test_merge_keeps_rows_only_for_the_same_protocol():
@@ -140,7 +192,10 @@ def test_compare_recovery_rows_take_labels_and_can_skip_the_compressed_row():
         return [(e.label, e.recovery) for e in entries(parser.parse_args(["--task", "sciq", *argv]))]
 
     assert rows("--compressed", "art", "--recovery", "ptb=/p/a", "--recovery", "sciq=/p/b") == [
-        ("compressed", None), ("+ptb", "/p/a"), ("+sciq", "/p/b")]
+        ("compressed", None),
+        ("+ptb", "/p/a"),
+        ("+sciq", "/p/b"),
+    ]
     with pytest.raises(RecoupError, match="no recovery directory"):  # no label: the row is named after its method
         rows("--compressed", "art", "--recovery", "/x/a=b", "--skip-compressed-row")
     with pytest.raises(RecoupError, match="labelled"):

@@ -1,19 +1,29 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_model, tiny_tokenizer
+from test_lora import IDS, sparsify, toy_data
 from torch import nn
 
-from helpers import tiny_model, tiny_tokenizer
 from recoup import RecoupError
 from recoup.model.forward import forward_logits
-from recoup.recover.cpet import (CpetConfig, CpetRecovery, RecoveryModule, build_cpet, distill_loss, fit_cpet,
-                                 hidden_indices, make_teacher, modules_attached, recovery_targets)
 from recoup.recover.adapter import LoraConfig
 from recoup.recover.base import linear_digests
+from recoup.recover.cpet import (
+    CpetConfig,
+    CpetRecovery,
+    RecoveryModule,
+    build_cpet,
+    distill_loss,
+    fit_cpet,
+    hidden_indices,
+    make_teacher,
+    modules_attached,
+    recovery_targets,
+)
 from recoup.recover.lora import fit_lora
 from recoup.recover.losses import mean_loss
 from recoup.recover.train import TrainConfig
-from test_lora import IDS, sparsify, toy_data
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -41,8 +51,9 @@ def test_recovery_module_math():
 
 def test_inheritance_copies_the_dense_lora_and_starts_from_its_output():
     tok = tiny_tokenizer()
-    dense_rec, _, dense_wrapped = fit_lora(tiny_model("llama"), tok, toy_data(tok), LoraConfig(rank=4),
-                                           TrainConfig(steps=5, lr=1e-2))
+    dense_rec, _, dense_wrapped = fit_lora(
+        tiny_model("llama"), tok, toy_data(tok), LoraConfig(rank=4), TrainConfig(steps=5, lr=1e-2)
+    )
     compressed = tiny_model("llama")
     sparsify(compressed)
     from peft import get_peft_model_state_dict
@@ -75,8 +86,12 @@ def test_distill_loss_values():
     assert distill_loss(s, s, mask, logits, logits, keep, labels, kl_weight=1.0).item() == pytest.approx(0.0, abs=1e-6)
     other = torch.randn(2, 4, 11)
     kl = distill_loss(s, s, mask, logits, other, keep, labels, kl_weight=1.0, temperature=1.0).item()
-    ref = F.kl_div(F.log_softmax(logits.reshape(-1, 11), -1), F.log_softmax(other.reshape(-1, 11), -1),
-                   log_target=True, reduction="batchmean").item()
+    ref = F.kl_div(
+        F.log_softmax(logits.reshape(-1, 11), -1),
+        F.log_softmax(other.reshape(-1, 11), -1),
+        log_target=True,
+        reduction="batchmean",
+    ).item()
     assert kl == pytest.approx(ref, rel=1e-5) and kl > 0
 
 
@@ -105,8 +120,9 @@ def test_full_cpet_trains_keeps_base_and_round_trips(tmp_path):
     sparsify(start_model)
     start = mean_loss(dense_rec.apply(start_model), data.valid, tok.pad_token_id)  # CPET at step 0
     cfg = CpetConfig(rank=4, recovery_rank=4, distill_alpha=1.0, kl_weight=0.5, distill_layers="all")
-    rec, result, wrapped = fit_cpet(compressed, tok, data, cfg, TrainConfig(steps=16, lr=1e-2, eval_every=8),
-                                    inherit=dense_rec, teacher=teacher)
+    rec, result, wrapped = fit_cpet(
+        compressed, tok, data, cfg, TrainConfig(steps=16, lr=1e-2, eval_every=8), inherit=dense_rec, teacher=teacher
+    )
     assert result.best_val_loss < start
     assert linear_digests(wrapped) == before
     assert rec.meta["mean_distill_loss"] > 0
@@ -152,8 +168,15 @@ def test_distillation_pulls_the_student_toward_the_teacher():
         student = tiny_model("llama")
         sparsify(student)
         cfg = CpetConfig(rank=4, recovery_modules=False, distill=distill, distill_alpha=50.0, distill_layers="last")
-        _, _, wrapped = fit_cpet(student, tok, data, cfg, TrainConfig(steps=12, lr=1e-2, eval_every=12),
-                                 inherit=dense_rec, teacher=teacher if distill else None)
+        _, _, wrapped = fit_cpet(
+            student,
+            tok,
+            data,
+            cfg,
+            TrainConfig(steps=12, lr=1e-2, eval_every=12),
+            inherit=dense_rec,
+            teacher=teacher if distill else None,
+        )
         with torch.no_grad():
             s, _ = model_outputs(wrapped, batch, "cpu", hidden=True)
             t, _ = model_outputs(teacher, batch, "cpu", hidden=True)

@@ -14,28 +14,44 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from helpers import save_tiny
-from recoup.model.parallel import shard_bounds
+from safetensors.torch import load_file
 from test_dtypes import heldout_loss, starting_point
 from test_run import write_corpus
 
+from recoup.model.parallel import shard_bounds
+
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-needs_torchrun = pytest.mark.skipif(importlib.util.find_spec("torch.distributed.run") is None
-                                    or not torch.distributed.is_available(), reason="torchrun unavailable")
+needs_torchrun = pytest.mark.skipif(
+    importlib.util.find_spec("torch.distributed.run") is None or not torch.distributed.is_available(),
+    reason="torchrun unavailable",
+)
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update(PYTHONPATH=SRC, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
     return env
 
 
 def recoup(args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "recoup"] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "recoup"]
+    launcher = (
+        [sys.executable, "-m", "recoup"]
+        if nproc == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "recoup",
+        ]
+    )
     proc = subprocess.run(launcher + args, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
@@ -62,14 +78,36 @@ def test_python_dash_m_recoup_is_the_cli():
 
 
 @needs_torchrun
-@pytest.mark.parametrize("method,extra,weights", [
-    ("soft-prompt", ["--tokens", "4", "--lr", "0.05"], "adapter_model.safetensors"),
-    ("lora", ["--rank", "2", "--lr", "0.01"], "adapter_model.safetensors"),
-])
+@pytest.mark.parametrize(
+    "method,extra,weights",
+    [
+        ("soft-prompt", ["--tokens", "4", "--lr", "0.05"], "adapter_model.safetensors"),
+        ("lora", ["--rank", "2", "--lr", "0.01"], "adapter_model.safetensors"),
+    ],
+)
 def test_two_processes_save_the_recovery_one_process_saves(tiny, tmp_path, method, extra, weights):
     model, corpus = tiny
-    common = ["recover", str(model), "--method", method, "--data", str(corpus), "--seqlen", "16", "--batch-size", "4",
-              "--steps", "4", "--eval-every", "2", "--val-windows", "2", "--seed", "3", *extra]
+    common = [
+        "recover",
+        str(model),
+        "--method",
+        method,
+        "--data",
+        str(corpus),
+        "--seqlen",
+        "16",
+        "--batch-size",
+        "4",
+        "--steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--val-windows",
+        "2",
+        "--seed",
+        "3",
+        *extra,
+    ]
     one = recoup(common + ["--out", str(tmp_path / "one")])
     two = recoup(common + ["--out", str(tmp_path / "two")], nproc=2)
     assert "saved to" in one.stdout and two.stdout.count("saved to") == 1  # rank 1 prints nothing
@@ -92,8 +130,18 @@ def test_sharded_evaluation_on_two_processes_gives_the_one_process_metrics(tiny,
     import json
 
     model, corpus = tiny
-    common = ["eval", str(model), "--tasks", f"arc_easy,ppl:{corpus}", "--limit", "7", "--seqlen", "256",
-              "--batch-size", "2"]
+    common = [
+        "eval",
+        str(model),
+        "--tasks",
+        f"arc_easy,ppl:{corpus}",
+        "--limit",
+        "7",
+        "--seqlen",
+        "256",
+        "--batch-size",
+        "2",
+    ]
     recoup(common + ["--json", str(tmp_path / "one.json")])
     two = recoup(common + ["--json", str(tmp_path / "two.json")], nproc=2)
     assert two.stdout.count("arc_easy") >= 1

@@ -6,15 +6,15 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from helpers import save_tiny
+from safetensors.torch import load_file
+from test_run import write_corpus
+
 from recoup.artifact import load_model
 from recoup.errors import RecoupError
 from recoup.model.load import resolve_dtype
 from recoup.recipe.jobs import EvalJob, RecoverJob
 from recoup.runs import stages
-from test_run import write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +50,9 @@ def test_device_map_auto_evaluates_like_one_device(tiny, tmp_path):
     assert plain["ppl"] == pytest.approx(mapped["ppl"], rel=1e-6)
     # an artifact too: compressed, then loaded with big-model placement
     art = tmp_path / "art"
-    stages.compress(stages.CompressJob.from_flat({"model": str(model), "out": str(art), "method": "magnitude",
-                                                  "sparsity": 0.5}))
+    stages.compress(
+        stages.CompressJob.from_flat({"model": str(model), "out": str(art), "method": "magnitude", "sparsity": 0.5})
+    )
     a = stages.evaluate(EvalJob.from_flat({**keys, "model": str(art)}))["results"][f"ppl:{corpus}"]["ppl"]
     b = stages.evaluate(EvalJob.from_flat({**keys, "model": str(art), "device_map": "auto"}))
     assert a == pytest.approx(b["results"][f"ppl:{corpus}"]["ppl"], rel=1e-6)
@@ -89,8 +90,19 @@ def starting_point(model_dir, method: str, corpus, seed: int, seqlen: int = 16, 
 
 
 def _recover(model, corpus, out, method="soft-prompt", **extra):
-    keys = {"model": str(model), "method": method, "out": str(out), "data": str(corpus), "seqlen": 16,
-            "batch_size": 2, "steps": 3, "eval_every": 3, "val_windows": 2, "lr": 0.05, **extra}
+    keys = {
+        "model": str(model),
+        "method": method,
+        "out": str(out),
+        "data": str(corpus),
+        "seqlen": 16,
+        "batch_size": 2,
+        "steps": 3,
+        "eval_every": 3,
+        "val_windows": 2,
+        "lr": 0.05,
+        **extra,
+    }
     if method == "soft-prompt":
         keys.setdefault("tokens", 4)
     return stages.recover(RecoverJob.from_flat(keys))
@@ -123,8 +135,17 @@ def test_gradient_checkpointing_recomputes_layers_and_learns_the_same(tiny, tmp_
 @pytest.mark.parametrize("method", ["soft-prompt", "lora"])
 def test_bf16_model_trains_float32_recovery_under_autocast(tiny, tmp_path, method):
     model, corpus = tiny
-    s = _recover(model, corpus, tmp_path / "bf16", method, dtype="bfloat16", steps=12, eval_every=4,
-                 gradient_checkpointing=True, lr=0.05 if method == "soft-prompt" else 0.01)
+    s = _recover(
+        model,
+        corpus,
+        tmp_path / "bf16",
+        method,
+        dtype="bfloat16",
+        steps=12,
+        eval_every=4,
+        gradient_checkpointing=True,
+        lr=0.05 if method == "soft-prompt" else 0.01,
+    )
     weights = load_file(str(tmp_path / "bf16" / "adapter_model.safetensors"))
     assert weights and all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
     losses = s["train"]["train_loss"]

@@ -23,19 +23,49 @@ def test_the_cli_builds_the_job_a_recipe_step_builds(tmp_path, monkeypatch):
     from recoup.runs import stages
 
     seen = []
-    monkeypatch.setattr(stages, "export", lambda job: seen.append(job) or {
-        "out": job.out, "format": job.format, "bytes": 0, "seconds": 0.0, "plan": {}, "loader": "-"})
-    argv = ["export", str(tmp_path), "--format", "gguf", "--out", str(tmp_path / "o"), "--gguf-type", "Q8_0",
-            "--dtype", "float16"]
+    monkeypatch.setattr(
+        stages,
+        "export",
+        lambda job: (
+            seen.append(job)
+            or {"out": job.out, "format": job.format, "bytes": 0, "seconds": 0.0, "plan": {}, "loader": "-"}
+        ),
+    )
+    argv = [
+        "export",
+        str(tmp_path),
+        "--format",
+        "gguf",
+        "--out",
+        str(tmp_path / "o"),
+        "--gguf-type",
+        "Q8_0",
+        "--dtype",
+        "float16",
+    ]
     assert main(argv) == 0
-    assert seen == [ExportJob.from_flat({"source": str(tmp_path), "format": "gguf", "out": str(tmp_path / "o"),
-                                         "gguf_type": "Q8_0", "dtype": "float16"})]
+    assert seen == [
+        ExportJob.from_flat(
+            {
+                "source": str(tmp_path),
+                "format": "gguf",
+                "out": str(tmp_path / "o"),
+                "gguf_type": "Q8_0",
+                "dtype": "float16",
+            }
+        )
+    ]
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--out", "o"], "needs --format"), (["--format", "hf"], "needs --out"),
-    (["--format", "hf", "--out", "o", "--merge"], "--merge needs --recovery"),
-    (["--format", "gguf", "--out", "o", "--gguf-type", "Q5_K"], "unknown --gguf-type")])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--out", "o"], "needs --format"),
+        (["--format", "hf"], "needs --out"),
+        (["--format", "hf", "--out", "o", "--merge"], "--merge needs --recovery"),
+        (["--format", "gguf", "--out", "o", "--gguf-type", "Q5_K"], "unknown --gguf-type"),
+    ],
+)
 def test_bad_export_flags_are_one_line(argv, needle, capsys, tmp_path):
     assert main(["export", str(tmp_path), *argv]) == 2
     err = capsys.readouterr().err

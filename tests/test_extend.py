@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import save_tiny, needs_packs
+from helpers import needs_packs, save_tiny
 from test_run import write_corpus
 
 from recoup.cli import main
@@ -49,8 +49,9 @@ class RepeatPrompt(Recovery):
 
     def save(self, path) -> None:
         Path(path).mkdir(parents=True, exist_ok=True)
-        (Path(path) / RECOVERY_RECORD).write_text(json.dumps({"method": self.method, "token_id": self.token_id,
-                                                              "times": self.times}))
+        (Path(path) / RECOVERY_RECORD).write_text(
+            json.dumps({"method": self.method, "token_id": self.token_id, "times": self.times})
+        )
 
     @classmethod
     def load(cls, path) -> "RepeatPrompt":
@@ -86,7 +87,7 @@ def keep_left(weight, stats, config):
 def run_echo(name, loaded, settings, recovery):
     from recoup.evaluate.tasks.common import make_scorer
 
-    (ll, _), = make_scorer(loaded, settings, recovery).loglikelihood([("the market", " rose")])
+    ((ll, _),) = make_scorer(loaded, settings, recovery).loglikelihood([("the market", " rose")])
     return {"ll": ll, "n": 1, "primary": "ll"}
 
 
@@ -104,8 +105,9 @@ def extended():
     class KeepLeftOptions(MethodOptions):
         keep_left: bool = True
 
-    RECOVERIES.register("repeat-token", RecoveryMethod("repeat-token", "toy", RepeatConfig, fit_repeat,
-                                                       RepeatPrompt.load))
+    RECOVERIES.register(
+        "repeat-token", RecoveryMethod("repeat-token", "toy", RepeatConfig, fit_repeat, RepeatPrompt.load)
+    )
     METHODS.register("keep-left", Method("keep-left", "none", keep_left, prune="required", options=KeepLeftOptions))
     TASKS.register("echo", TaskSpec("echo", "toy", run_echo, "a fixed sentence"))
     yield
@@ -126,12 +128,30 @@ def test_toy_methods_and_task_through_cli_python_compare_and_recipe(extended, tm
     corpus = write_corpus(tmp_path / "c.txt")
     art, rec = tmp_path / "art", tmp_path / "rec"
     # CLI: the toy compression with its own flag, the toy recovery with its own flag, the toy task
-    assert main(["compress", str(model), "--method", "keep-left", "--sparsity", "0.5", "--no-keep-left",
-                 "--out", str(art)]) == 0
+    assert (
+        main(
+            ["compress", str(model), "--method", "keep-left", "--sparsity", "0.5", "--no-keep-left", "--out", str(art)]
+        )
+        == 0
+    )
     w = json.loads((art / "recoup.json").read_text())
     assert w["recipe"]["method"] == "keep-left" and w["recipe"]["keep_left"] is False
-    assert main(["compress", str(model), "--method", "wanda", "--sparsity", "0.5", "--keep-left",
-                 "--out", str(tmp_path / "x")]) == 2
+    assert (
+        main(
+            [
+                "compress",
+                str(model),
+                "--method",
+                "wanda",
+                "--sparsity",
+                "0.5",
+                "--keep-left",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
     assert "option of keep-left" in capsys.readouterr().err
     assert main(["recover", str(art), "--method", "repeat-token", "--times", "2", "--out", str(rec)]) == 0
     assert main(["eval", str(art), "--tasks", "echo", "--json", str(tmp_path / "plain.json")]) == 0
@@ -141,27 +161,54 @@ def test_toy_methods_and_task_through_cli_python_compare_and_recipe(extended, tm
     assert with_rec != plain  # the toy prefix reaches the Scorer
 
     # Python: the same stage functions with the typed jobs
-    job = CompressJob.from_flat({"model": str(model), "method": "keep-left", "sparsity": 0.25,
-                                 "out": str(tmp_path / "art2")})
+    job = CompressJob.from_flat(
+        {"model": str(model), "method": "keep-left", "sparsity": 0.25, "out": str(tmp_path / "art2")}
+    )
     report = stages.compress(job)["report"]
     assert report["sparsity"] == pytest.approx(0.25, abs=0.02)
-    stages.recover(RecoverJob.from_flat({"model": str(art), "method": "repeat-token", "times": 2,
-                                         "out": str(tmp_path / "rec2")}))
+    stages.recover(
+        RecoverJob.from_flat({"model": str(art), "method": "repeat-token", "times": 2, "out": str(tmp_path / "rec2")})
+    )
     again = stages.evaluate(EvalJob.from_flat({"model": str(art), "tasks": "echo", "recovery": str(tmp_path / "rec2")}))
     assert again["results"]["echo"]["ll"] == pytest.approx(with_rec, abs=1e-5)
 
     # compare-recovery: any registered method attaches with --recovery
-    assert main(["compare-recovery", "--task", "sciq", "--compressed", str(art), "--recovery", str(rec),
-                 "--limit", "2", "--prompt-len", "8", "--new-tokens", "2", "--repeats", "1",
-                 "--json", str(tmp_path / "cmp.json")]) == 0
+    assert (
+        main(
+            [
+                "compare-recovery",
+                "--task",
+                "sciq",
+                "--compressed",
+                str(art),
+                "--recovery",
+                str(rec),
+                "--limit",
+                "2",
+                "--prompt-len",
+                "8",
+                "--new-tokens",
+                "2",
+                "--repeats",
+                "1",
+                "--json",
+                str(tmp_path / "cmp.json"),
+            ]
+        )
+        == 0
+    )
     rows = json.loads((tmp_path / "cmp.json").read_text())["rows"]
     assert [r["label"] for r in rows] == ["compressed", "+repeat-token"] and rows[1]["extra_parameters"] == 0
 
     # a recipe: the toy compression step, the toy recovery step, the toy task
-    recipe = {"name": "toy", "model": str(model), "calibration": {"corpus": str(corpus), "nsamples": 2, "seqlen": 32},
-              "evaluate": {"tasks": ["echo", f"ppl:{corpus}"], "limit": 2, "seqlen": 32},
-              "compress": [{"name": "left", "method": "keep-left", "sparsity": 0.5, "keep_left": False}],
-              "recover": [{"name": "rep", "method": "repeat-token", "base": "left", "times": 2}]}
+    recipe = {
+        "name": "toy",
+        "model": str(model),
+        "calibration": {"corpus": str(corpus), "nsamples": 2, "seqlen": 32},
+        "evaluate": {"tasks": ["echo", f"ppl:{corpus}"], "limit": 2, "seqlen": 32},
+        "compress": [{"name": "left", "method": "keep-left", "sparsity": 0.5, "keep_left": False}],
+        "recover": [{"name": "rep", "method": "repeat-token", "base": "left", "times": 2}],
+    }
     (tmp_path / "toy.yaml").write_text(yaml.safe_dump(recipe))
     with Store(tmp_path / "s.sqlite") as store:
         out = run_recipe(load_recipe(tmp_path / "toy.yaml"), tmp_path / "run", store, report=False)

@@ -7,14 +7,14 @@ import random
 
 import pytest
 import torch
-
 from helpers import tiny_loaded
+
 from recoup.errors import RecoupError
 from recoup.model.anatomy import anatomy
 from recoup.model.forward import build_inputs
 from recoup.recover.idp import IDPConfig, IDPPool, fit_idp
-from recoup.recover.methods import load_recovery
 from recoup.recover.losses import lm_loss
+from recoup.recover.methods import load_recovery
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def reference_scores(model, pool: torch.Tensor, ids: torch.Tensor, layers: int |
         att = model(inputs_embeds=x, output_attentions=True, use_cache=False).attentions
     finally:
         model.set_attn_implementation(previous)
-    a = torch.stack(att[:layers]).sum((0, 2))[:, m * n:, : m * n]  # (B, T, P): layers and heads summed
+    a = torch.stack(att[:layers]).sum((0, 2))[:, m * n :, : m * n]  # (B, T, P): layers and heads summed
     per_pos = a.sum(1)
     per_pos[:, 0] = 0  # the attention sink is left out
     counts = torch.full((m,), float(n))
@@ -139,15 +139,25 @@ def test_prefix_is_the_selected_prompt_and_choices_are_reported():
 def test_fit_idp_keeps_backbone_lowers_loss_and_round_trips(corpus, tmp_path, selection):
     lm = tiny_loaded(seed=4)
     before = [p.detach().clone() for p in lm.model.parameters()]
-    cfg = IDPConfig(data=corpus, pool=3, tokens=4, seqlen=32, batch_size=4, steps=30, lr=0.05, eval_every=10,
-                    val_windows=4, selection=selection)
+    cfg = IDPConfig(
+        data=corpus,
+        pool=3,
+        tokens=4,
+        seqlen=32,
+        batch_size=4,
+        steps=30,
+        lr=0.05,
+        eval_every=10,
+        val_windows=4,
+        selection=selection,
+    )
     pool, result = fit_idp(lm, cfg)
     assert pool.selection == selection and result.best_val_loss < pool.meta["train"]["val_loss_without_prompt"]
     assert all(torch.equal(a, b) for a, b in zip(before, lm.model.parameters(), strict=True))
     assert all(p.requires_grad for p in lm.model.parameters())  # flags restored
     assert sum(pool.meta["training_selections"].values()) == 30 * 4 + 4 * 3  # train picks + validation picks
     ids = lm.tokenizer(open(corpus).read(), add_special_tokens=False, return_tensors="pt").input_ids[0]
-    x = ids[-4 * 32:].view(4, 32)
+    x = ids[-4 * 32 :].view(4, 32)
     with torch.no_grad():
         assert lm_loss(lm.model, x, pool.prefix(lm.model, x, torch.ones_like(x))) < lm_loss(lm.model, x, None)
     pool.save(tmp_path / "idp")

@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
 from helpers import tiny_loaded
+
 from recoup.errors import RecoupError
 from recoup.evaluate.judge import HttpJudge, Judge, JudgeError, LocalJudge, build_judge, parse_scores
 from recoup.evaluate.runner import EvalSettings
@@ -127,13 +127,18 @@ def test_judge_all_keeps_examples_judged_before_a_failure():
 @pytest.mark.skipif(not (SHARED / "instruction_questions.jsonl").is_file(), reason="LLM-KICK questions missing")
 def test_instruction_task_with_judge_and_reference(tmp_path):
     ref = tmp_path / "ref.jsonl"
-    ref.write_text("".join(json.dumps({"question_id": i, "text": f"reference answer {i}"}) + "\n"
-                           for i in range(1, 81)))
+    ref.write_text(
+        "".join(json.dumps({"question_id": i, "text": f"reference answer {i}"}) + "\n" for i in range(1, 81))
+    )
     lm = tiny_loaded("llama")
     with FakeJudgeServer(["9 3\nreference is better"] * 3) as srv:
         judge = build_judge(srv.url, "m", None, None, retries=1)
-        options = {"instructions_file": str(SHARED / "instruction_questions.jsonl"), "instructions_reference": str(ref),
-                   "max_new_tokens": "4", "judge": judge}
+        options = {
+            "instructions_file": str(SHARED / "instruction_questions.jsonl"),
+            "instructions_reference": str(ref),
+            "max_new_tokens": "4",
+            "judge": judge,
+        }
         settings = EvalSettings(limit=3, seed=0, batch_size=3, options=options)
         res = instruction.run("instructions", lm, settings, None)
     assert res["n"] == 3 and res["n_judged"] == 3
@@ -180,16 +185,37 @@ def test_recoup_eval_with_a_judge_records_its_scores_per_example_and_as_means(tm
     """The success path end to end: `recoup eval --judge-url` against an OpenAI-compatible server that answers
     with parsable scores; the result JSON holds every example's scores, their means and the judge's protocol."""
     from helpers import save_tiny
+
     from recoup.cli import main
 
     monkeypatch.setenv("RECOUP_TEST_JUDGE_KEY", "sk-test")
     save_tiny(tmp_path / "model")
     out = tmp_path / "r.json"
     with FakeJudgeServer(["8 7 9 6\n3 4 2 5\nthe reference is better", "9 9 8 7\n5 6 4 3\nsame"]) as srv:
-        code = main(["eval", str(tmp_path / "model"), "--tasks", "cnndm", "--limit", "2", "--seqlen", "512",
-                     "--option", f"cnndm_file={SHARED / 'cnn_dm_stories.jsonl'}", "--option", "max_new_tokens=4",
-                     "--judge-url", srv.url, "--judge-model", "judge-m", "--judge-key-env", "RECOUP_TEST_JUDGE_KEY",
-                     "--json", str(out)])
+        code = main(
+            [
+                "eval",
+                str(tmp_path / "model"),
+                "--tasks",
+                "cnndm",
+                "--limit",
+                "2",
+                "--seqlen",
+                "512",
+                "--option",
+                f"cnndm_file={SHARED / 'cnn_dm_stories.jsonl'}",
+                "--option",
+                "max_new_tokens=4",
+                "--judge-url",
+                srv.url,
+                "--judge-model",
+                "judge-m",
+                "--judge-key-env",
+                "RECOUP_TEST_JUDGE_KEY",
+                "--json",
+                str(out),
+            ]
+        )
     assert code == 0 and len(srv.requests) == 2 and srv.requests[0]["model"] == "judge-m"
     res = json.loads(out.read_text())["results"]["cnndm"]
     assert res["n_judged"] == 2 and "judge_error" not in res

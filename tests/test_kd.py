@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import save_tiny, tiny_model, tiny_tokenizer
+from helpers import save_tiny, tiny_model
 
 from recoup.errors import RecoupError
 from recoup.recover.losses import Objective, kd_loss, prefixed_loss
@@ -32,9 +32,16 @@ def test_kd_loss_is_t_squared_kl_over_scored_positions():
     labels = torch.tensor([[-100, 1, 2, 3], [-100, -100, 2, -100]])
     keep = torch.tensor([0, 1, 2])
     rows = [(0, 0), (0, 1), (0, 2), (1, 1)]  # positions whose next token is scored
-    want = sum(float((F.softmax(t[b, k] / 2, -1)
-                      * (F.log_softmax(t[b, k] / 2, -1) - F.log_softmax(s[b, k] / 2, -1))).sum())
-               for b, k in rows) / len(rows) * 4
+    want = (
+        sum(
+            float(
+                (F.softmax(t[b, k] / 2, -1) * (F.log_softmax(t[b, k] / 2, -1) - F.log_softmax(s[b, k] / 2, -1))).sum()
+            )
+            for b, k in rows
+        )
+        / len(rows)
+        * 4
+    )
     assert float(kd_loss(s, t, keep, labels, temperature=2.0)) == pytest.approx(want, rel=1e-5)
 
 
@@ -79,8 +86,18 @@ def test_every_objective_through_the_registry(method, artifact):
     first = {}
     for objective in ("lm", "kd", "lm+kd"):
         loaded = load_model(str(art))
-        cfg = spec.config.from_dict({"data": str(text), "seqlen": 16, "batch_size": 2, "steps": 2, "eval_every": 2,
-                                     "objective": objective, "kd_weight": 0.5, "kd_temperature": 1.5})
+        cfg = spec.config.from_dict(
+            {
+                "data": str(text),
+                "seqlen": 16,
+                "batch_size": 2,
+                "steps": 2,
+                "eval_every": 2,
+                "objective": objective,
+                "kd_weight": 0.5,
+                "kd_temperature": 1.5,
+            }
+        )
         rec, result = spec.fit(loaded, cfg, training_data(loaded.tokenizer, cfg))
         assert result.steps == 2 and all(math.isfinite(x) for x in result.train_loss)
         first[objective] = result.train_loss[0]

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from helpers import tiny_model, tiny_tokenizer
+
 from recoup import RecoupError
 from recoup.model.anatomy import anatomy
 from recoup.model.forward import forward_logits
@@ -28,7 +28,7 @@ def sparsify(model, fraction=0.5):
 
 def toy_data(tok, n=48):
     seqs = [completion_sequence(tok, f"item {i} is", " " + "abcdef"[i % 6] * 3, 32) for i in range(n)]
-    return TuningData(train=seqs[: n - 8], valid=seqs[n - 8:], protocol={"toy": True})
+    return TuningData(train=seqs[: n - 8], valid=seqs[n - 8 :], protocol={"toy": True})
 
 
 IDS = torch.tensor([[5, 17, 23, 40, 41, 8, 9, 60]])
@@ -56,8 +56,9 @@ def test_training_lowers_loss_and_keeps_sparse_base_bit_identical():
     weights = {n: m.weight.detach().clone() for n, m in anatomy(model).iter_linears()}
     data = toy_data(tok)
     start = mean_loss(model, data.valid, tok.pad_token_id)
-    rec, result, wrapped = fit_lora(model, tok, data, LoraConfig(rank=4),
-                                    TrainConfig(steps=40, lr=1e-2, eval_every=20), batch_size=8)
+    rec, result, wrapped = fit_lora(
+        model, tok, data, LoraConfig(rank=4), TrainConfig(steps=40, lr=1e-2, eval_every=20), batch_size=8
+    )
     assert result.best_val_loss < start - 0.1
     assert linear_digests(wrapped) == before
     base = wrapped.get_base_model()
@@ -87,8 +88,9 @@ def test_save_loads_in_peft_and_in_recoup_with_identical_logits(tmp_path):
 
 def test_inherited_init_copies_the_weights():
     tok = tiny_tokenizer()
-    dense_rec, _, _ = fit_lora(tiny_model("llama"), tok, toy_data(tok), LoraConfig(rank=4),
-                               TrainConfig(steps=3, lr=1e-2))
+    dense_rec, _, _ = fit_lora(
+        tiny_model("llama"), tok, toy_data(tok), LoraConfig(rank=4), TrainConfig(steps=3, lr=1e-2)
+    )
     other = tiny_model("llama", seed=1)
     wrapped = LoraRecovery(LoraConfig(rank=4), dense_rec.target_modules, dense_rec.state).apply(other)
     from peft import get_peft_model_state_dict

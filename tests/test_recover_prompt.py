@@ -7,14 +7,14 @@ import random
 
 import pytest
 import torch
-
 from helpers import save_tiny, tiny_loaded
+
 from recoup.errors import RecoupError
 from recoup.model.forward import forward_logits
 from recoup.recover.hard_prompt import CTP_CASE_STUDY, HardPrompt
+from recoup.recover.losses import lm_loss
 from recoup.recover.methods import load_recovery
 from recoup.recover.soft_prompt import SoftPrompt, SoftPromptConfig, fit_soft_prompt
-from recoup.recover.losses import lm_loss
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def prune_(model: torch.nn.Module, fraction: float = 0.5) -> None:
 def window(loaded, corpus: str, seqlen: int = 32, n: int = 4) -> torch.Tensor:
     ids = loaded.tokenizer(open(corpus).read(), add_special_tokens=False, return_tensors="pt").input_ids[0]
     cut = int(ids.numel() * 0.9)  # the held-out tail, as split_ids does for files
-    return ids[cut: cut + n * seqlen].view(n, seqlen)
+    return ids[cut : cut + n * seqlen].view(n, seqlen)
 
 
 def test_training_keeps_backbone_bit_identical_masks_intact_and_lowers_loss(corpus):
@@ -133,10 +133,10 @@ def test_save_load_round_trip_and_peft_gives_same_loss(corpus, tmp_path):
 
 def test_transfer_across_artifacts_and_hidden_size_mismatch(corpus, tmp_path):
     """A prompt learned on one compressed tiny model attaches unchanged to other sparsity levels."""
+    from recoup.artifact import load_model
     from recoup.artifact.store import compression_fingerprint, save_artifact
     from recoup.compress.config import CompressConfig
     from recoup.compress.engine import compress
-    from recoup.artifact import load_model
 
     dirs = {}
     for sparsity in (0.4, 0.5, 0.6):
@@ -170,7 +170,7 @@ def test_hard_prompt_prefix_is_the_texts_embeddings(tmp_path):
     x = torch.tensor([ids[:10]])
     # prefix by embedding == the same tokens written in front of the input
     with_prefix = forward_logits(lm.model, x, None, pre)
-    as_text = forward_logits(lm.model, torch.tensor([ids + ids[:10]]))[:, len(ids):]
+    as_text = forward_logits(lm.model, torch.tensor([ids + ids[:10]]))[:, len(ids) :]
     assert torch.allclose(with_prefix, as_text, atol=1e-5)
     hp.save(tmp_path / "hp")
     again = load_recovery(tmp_path / "hp")
@@ -200,9 +200,30 @@ def test_cli_recover_then_eval_with_recovery_and_prompt_text(corpus, tmp_path, c
 
     save_tiny(tmp_path / "m")
     out = tmp_path / "sp"
-    args = ["recover", str(tmp_path / "m"), "--method", "soft-prompt", "--data", corpus, "--tokens", "4",
-            "--seqlen", "32", "--batch-size", "2", "--steps", "6", "--eval-every", "3", "--val-windows", "2",
-            "--lr", "0.05", "--out", str(out)]
+    args = [
+        "recover",
+        str(tmp_path / "m"),
+        "--method",
+        "soft-prompt",
+        "--data",
+        corpus,
+        "--tokens",
+        "4",
+        "--seqlen",
+        "32",
+        "--batch-size",
+        "2",
+        "--steps",
+        "6",
+        "--eval-every",
+        "3",
+        "--val-windows",
+        "2",
+        "--lr",
+        "0.05",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     assert "6 steps" in capsys.readouterr().out
     assert main(args) == 2  # --out not empty

@@ -13,8 +13,10 @@ REGISTRY = "methods"
 
 
 def _defines_method(tree: ast.Module) -> bool:
-    return any(isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "METHOD" for t in node.targets)
-               for node in tree.body)
+    return any(
+        isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "METHOD" for t in node.targets)
+        for node in tree.body
+    )
 
 
 def _recover_imports(tree: ast.Module) -> list[tuple[int, str]]:
@@ -35,9 +37,13 @@ def test_no_module_but_the_registry_imports_a_method_module():
     trees = {p.stem: ast.parse(p.read_text(encoding="utf-8")) for p in sorted(ROOM.glob("*.py"))}
     methods = {name for name, tree in trees.items() if _defines_method(tree)}
     assert {"lora", "eora", "cpet", "soft_prompt", "idp", "hard_prompt"} <= methods  # the check sees the methods
-    bad = [f"recover/{name}.py:{line} imports method module {target}"
-           for name, tree in trees.items() if name != REGISTRY
-           for line, target in _recover_imports(tree) if target in methods and target != name]
+    bad = [
+        f"recover/{name}.py:{line} imports method module {target}"
+        for name, tree in trees.items()
+        if name != REGISTRY
+        for line, target in _recover_imports(tree)
+        if target in methods and target != name
+    ]
     assert not bad, "\n".join(bad)
 
 

@@ -11,8 +11,15 @@ from __future__ import annotations
 from torch import nn
 
 
-def per_example_scores(model: nn.Module, tokenizer, suite: list[dict], recovery=None, batch_size: int = 8,
-                       max_length: int = 2048, desc: str = "score") -> dict[str, list[float]]:
+def per_example_scores(
+    model: nn.Module,
+    tokenizer,
+    suite: list[dict],
+    recovery=None,
+    batch_size: int = 8,
+    max_length: int = 2048,
+    desc: str = "score",
+) -> dict[str, list[float]]:
     """``{"acc": [...], "acc_norm": [...]}``, one value per example of ``suite``, in order."""
     from recoup.evaluate.scorer import Scorer
     from recoup.evaluate.tasks.multiple_choice import requests_for, score_example
@@ -23,14 +30,21 @@ def per_example_scores(model: nn.Module, tokenizer, suite: list[dict], recovery=
     pos = 0
     for ex in suite:
         k = len(ex["choices"])
-        for key, value in score_example(ex, [s for s, _ in scores[pos:pos + k]]).items():
+        for key, value in score_example(ex, [s for s, _ in scores[pos : pos + k]]).items():
             per[key].append(value)
         pos += k
     return per
 
 
-def score_examples(model: nn.Module, tokenizer, suite: list[dict], recovery=None, batch_size: int = 8,
-                   max_length: int = 2048, desc: str = "held-out") -> dict:
+def score_examples(
+    model: nn.Module,
+    tokenizer,
+    suite: list[dict],
+    recovery=None,
+    batch_size: int = 8,
+    max_length: int = 2048,
+    desc: str = "held-out",
+) -> dict:
     """acc / acc_norm with their standard errors (:func:`recoup.evaluate.metrics.summarize`) and ``n``."""
     from recoup.evaluate.metrics import summarize
 

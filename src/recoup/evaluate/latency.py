@@ -31,8 +31,9 @@ class LatencyConfig:
 
 
 @torch.no_grad()
-def measure_latency(model: nn.Module, input_ids: torch.Tensor, recovery=None,
-                    cfg: LatencyConfig = LatencyConfig()) -> dict:
+def measure_latency(
+    model: nn.Module, input_ids: torch.Tensor, recovery=None, cfg: LatencyConfig = LatencyConfig()
+) -> dict:
     """Median prefill and per-token decode milliseconds of greedy decoding, batch 1 (+ the generated ids).
 
     input_ids: (1, T); ``model`` already has the recovery's adapters attached (``recovery.apply``).
@@ -53,8 +54,13 @@ def measure_latency(model: nn.Module, input_ids: torch.Tensor, recovery=None,
         for _ in range(cfg.new_tokens):
             mask = torch.cat([past_mask, past_mask.new_ones((1, 1))], dim=1)
             position_ids = past_mask.sum(-1, keepdim=True)
-            out = model(inputs_embeds=embed(tok), attention_mask=mask, position_ids=position_ids,
-                        **{CACHE_ARG: cache}, use_cache=True)
+            out = model(
+                inputs_embeds=embed(tok),
+                attention_mask=mask,
+                position_ids=position_ids,
+                **{CACHE_ARG: cache},
+                use_cache=True,
+            )
             cache, past_mask = output_cache(out), mask
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
             generated.append(int(tok))
@@ -62,9 +68,15 @@ def measure_latency(model: nn.Module, input_ids: torch.Tensor, recovery=None,
         if rep:
             prefill.append(t1 - t0)
             decode.append((t2 - t1) / cfg.new_tokens)
-    return {"prefill_ms": 1000 * statistics.median(prefill), "decode_ms_per_token": 1000 * statistics.median(decode),
-            "prompt_len": int(input_ids.shape[1]), "new_tokens": cfg.new_tokens, "repeats": cfg.repeats,
-            "threads": torch.get_num_threads(), "generated": generated[:-1]}
+    return {
+        "prefill_ms": 1000 * statistics.median(prefill),
+        "decode_ms_per_token": 1000 * statistics.median(decode),
+        "prompt_len": int(input_ids.shape[1]),
+        "new_tokens": cfg.new_tokens,
+        "repeats": cfg.repeats,
+        "threads": torch.get_num_threads(),
+        "generated": generated[:-1],
+    }
 
 
 def prompt_ids(tokenizer, texts: Sequence[str], length: int) -> torch.Tensor:

@@ -50,9 +50,17 @@ class Scorer:
     once for all tasks); otherwise the Scorer does it here.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, recovery: Any = None, batch_size: int = 8,
-                 max_length: int | None = None, progress: bool = True, attached: bool = False,
-                 bos: str = "auto") -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        recovery: Any = None,
+        batch_size: int = 8,
+        max_length: int | None = None,
+        progress: bool = True,
+        attached: bool = False,
+        bos: str = "auto",
+    ) -> None:
         if batch_size < 1:
             raise RecoupError(f"batch size must be at least 1 (got {batch_size})")
         self.model = recovery.apply(model) if (recovery is not None and not attached) else model
@@ -65,7 +73,9 @@ class Scorer:
         self.device = next(model.parameters()).device
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad if pad is not None else 0)
-        self.prefix_token = next((t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id) if t is not None), self.pad_id)
+        self.prefix_token = next(
+            (t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id) if t is not None), self.pad_id
+        )
         self.bos = bos
         self.bos_id = bos_id(tokenizer, bos)  # None: nothing added
         eos = {tokenizer.eos_token_id}
@@ -94,11 +104,12 @@ class Scorer:
             context, continuation = context[:-n_space], context[-n_space:] + continuation
         whole = self.encode(context + continuation)
         ctx = self.encode(context)
-        return tuple(ctx), tuple(whole[len(ctx):])
+        return tuple(ctx), tuple(whole[len(ctx) :])
 
     # ----------------------------------------------------------------- forward pieces
-    def _prefill(self, rows: list[Sequence[int]], keep: int = 1,
-                 cache: bool = True) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    def _prefill(
+        self, rows: list[Sequence[int]], keep: int = 1, cache: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """Run left-padded ``rows`` with the recovery prefix.
 
         Returns log-probs of the last ``keep`` positions (B, keep, V), the attention mask (B, P+T) and the
@@ -108,8 +119,8 @@ class Scorer:
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
-            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r):] = 1
+            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         prefix = self.recovery.prefix(self.model, ids, mask) if self.recovery is not None else None
         kwargs = build_inputs(self.model, ids, mask, prefix)
@@ -127,18 +138,26 @@ class Scorer:
         full_mask = torch.cat([past_mask, mask], dim=1)
         position_ids = past_mask.sum(-1, keepdim=True) + (mask.cumsum(-1) - 1).clamp(min=0)
         embeds = self.model.get_input_embeddings()(ids)
-        out = self.model(inputs_embeds=embeds, attention_mask=full_mask, position_ids=position_ids,
-                         **{CACHE_ARG: cache}, use_cache=True)
+        out = self.model(
+            inputs_embeds=embeds,
+            attention_mask=full_mask,
+            position_ids=position_ids,
+            **{CACHE_ARG: cache},
+            use_cache=True,
+        )
         return F.log_softmax(out.logits.float(), dim=-1)
 
     # ----------------------------------------------------------------- loglikelihood
-    def loglikelihood(self, requests: Sequence[tuple[str, str]], desc: str = "loglikelihood") -> list[tuple[float, bool]]:
+    def loglikelihood(
+        self, requests: Sequence[tuple[str, str]], desc: str = "loglikelihood"
+    ) -> list[tuple[float, bool]]:
         """(sum of continuation log-probs, whether greedy decoding reproduces it) per (context, continuation)."""
         return self.loglikelihood_tokens([self.encode_pair(c, x) for c, x in requests], desc=desc)
 
     @torch.no_grad()
     def loglikelihood_tokens(self, pairs: Sequence[TokenPair], desc: str = "loglikelihood") -> list[tuple[float, bool]]:
-        """Token-level :meth:`loglikelihood`: each distinct context is run once, its cache shared by its continuations."""
+        """Token-level :meth:`loglikelihood`: each distinct context is run once, its cache shared by its
+        continuations."""
         groups: dict[tuple[int, ...], list[int]] = {}
         conts: list[tuple[int, ...]] = []
         for i, (ctx, cont) in enumerate(pairs):
@@ -165,8 +184,9 @@ class Scorer:
         def score(batch: list[tuple[int, ...]]) -> list[tuple[int, tuple[float, bool]]]:
             bar.update()
             if all(len(groups[c]) == 1 for c in batch):  # nothing shared: one forward over context + continuation
-                return list(zip([groups[c][0] for c in batch],
-                                self._score_joined(batch, [conts[groups[c][0]] for c in batch])))
+                return list(
+                    zip([groups[c][0] for c in batch], self._score_joined(batch, [conts[groups[c][0]] for c in batch]))
+                )
             last, past_mask, cache = self._prefill(batch)
             last = last[:, -1]
             rows = [(b, i) for b, ctx in enumerate(batch) for i in groups[ctx]]
@@ -193,8 +213,10 @@ class Scorer:
             else:
                 rest_lp = torch.zeros_like(first_lp)
                 rest_greedy = torch.ones_like(first_greedy)
-            return [(i, (float(first_lp[r] + rest_lp[r]), bool(first_greedy[r] and rest_greedy[r])))
-                    for r, (_, i) in enumerate(rows)]
+            return [
+                (i, (float(first_lp[r] + rest_lp[r]), bool(first_greedy[r] and rest_greedy[r])))
+                for r, (_, i) in enumerate(rows)
+            ]
 
         for done in parallel.sharded_map(score, batches):  # under torchrun: each rank a shard of the batches
             for i, result in done:
@@ -209,7 +231,7 @@ class Scorer:
         out = []
         for r, cont in enumerate(conts):
             n = len(cont)
-            lp = logp[r, keep - 1 - n: keep - 1]
+            lp = logp[r, keep - 1 - n : keep - 1]
             tgt = torch.tensor(cont, device=self.device)
             out.append((float(lp.gather(1, tgt[:, None]).sum()), bool((lp.argmax(-1) == tgt).all())))
         return out
@@ -229,11 +251,13 @@ class Scorer:
 
         def nll(start: int) -> tuple[float, int]:
             bar.update()
-            x = windows[start: start + self.batch_size].to(self.device)
+            x = windows[start : start + self.batch_size].to(self.device)
             prefix = self.recovery.prefix(self.model, x, torch.ones_like(x)) if self.recovery is not None else None
             logits = forward_logits(self.model, x, None, prefix)[:, :-1].float()
-            return (F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum").item(),
-                    x[:, 1:].numel())
+            return (
+                F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum").item(),
+                x[:, 1:].numel(),
+            )
 
         total, count = 0.0, 0
         for part, n in parallel.sharded_map(nll, starts):  # summed in batch order: the same float on any rank count
@@ -258,8 +282,8 @@ class Scorer:
         while done < len(tokens):
             n = min(len(tokens) - done, window)
             end = done + n
-            ctx = tokens[max(0, end - window - 1): end - 1]
-            pairs.append((tuple(ctx[: len(ctx) - (n - 1)]), tuple(tokens[end - n: end])))
+            ctx = tokens[max(0, end - window - 1) : end - 1]
+            pairs.append((tuple(ctx[: len(ctx) - (n - 1)]), tuple(tokens[end - n : end])))
             done = end
         return pairs
 
@@ -275,8 +299,14 @@ class Scorer:
 
     # ----------------------------------------------------------------- generation
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], max_new_tokens: int = 32, stop: Sequence[str] = (),
-                 desc: str = "generate", stop_after_space: bool = True) -> list[str]:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int = 32,
+        stop: Sequence[str] = (),
+        desc: str = "generate",
+        stop_after_space: bool = True,
+    ) -> list[str]:
         """Greedy continuations of ``prompts`` (text after the prompt only), cut at the first stop string or EOS.
 
         With ``stop_after_space`` (recoup's tasks) stop strings are looked for after the continuation's
@@ -287,7 +317,9 @@ class Scorer:
             raise RecoupError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
         room = self.max_length - max_new_tokens
         if room < 1:
-            raise RecoupError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in {self.max_length} tokens")
+            raise RecoupError(
+                f"max_new_tokens {max_new_tokens} leaves no room for a prompt in {self.max_length} tokens"
+            )
         encoded = [list(self.context(self.encode(p), room)) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
         outputs: list[str] = [""] * len(prompts)
@@ -298,7 +330,7 @@ class Scorer:
 
         def greedy(start: int) -> list[tuple[int, str]]:
             bar.update()
-            idx = order[start: start + self.batch_size]
+            idx = order[start : start + self.batch_size]
             logp, mask, cache = self._prefill([encoded[i] for i in idx])
             logp = logp[:, -1]
             n = len(idx)
@@ -321,7 +353,10 @@ class Scorer:
                 step_mask = torch.ones((n, 1), dtype=mask.dtype, device=self.device)
                 logp = self._extend(tok[:, None], step_mask, mask, cache)[:, -1]
                 mask = torch.cat([mask, step_mask], dim=1)
-            return [(i, _cut(self.tokenizer.decode(new[r], skip_special_tokens=True), stop, stop_after_space)) for r, i in enumerate(idx)]
+            return [
+                (i, _cut(self.tokenizer.decode(new[r], skip_special_tokens=True), stop, stop_after_space))
+                for r, i in enumerate(idx)
+            ]
 
         for done in parallel.sharded_map(greedy, starts):  # under torchrun: each rank a shard of the batches
             for i, text in done:
@@ -333,8 +368,9 @@ class Scorer:
         """``message`` as one user turn in the tokenizer's chat template, ready for the assistant's answer."""
         if not getattr(self.tokenizer, "chat_template", None):
             return message
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
-                                                  add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
+        )
 
 
 def _cut(text: str, stop: Sequence[str], after_space: bool = True) -> str:

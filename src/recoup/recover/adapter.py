@@ -49,8 +49,14 @@ class LoraConfig(Config):
 def _peft_config(cfg: LoraConfig, target_modules: list[str]):
     import peft
 
-    return peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                           target_modules=target_modules, bias="none", task_type="CAUSAL_LM")
+    return peft.LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
 class LoraRecovery(Recovery):
@@ -58,8 +64,14 @@ class LoraRecovery(Recovery):
 
     method = "lora"
 
-    def __init__(self, cfg: LoraConfig, target_modules: list[str], state: dict[str, torch.Tensor] | None = None,
-                 hidden_size: int | None = None, meta: dict | None = None) -> None:
+    def __init__(
+        self,
+        cfg: LoraConfig,
+        target_modules: list[str],
+        state: dict[str, torch.Tensor] | None = None,
+        hidden_size: int | None = None,
+        meta: dict | None = None,
+    ) -> None:
         self.cfg = cfg
         self.target_modules = list(target_modules)
         self.state = state
@@ -74,8 +86,11 @@ class LoraRecovery(Recovery):
     def ranks(self) -> dict[str, int]:
         """Each adapted module's rank (``lora_A``'s rows), keyed by module name (as PEFT matches it)."""
         prefix, suffix = "base_model.model.", ".lora_A.weight"
-        return {k[len(prefix):-len(suffix)]: int(v.shape[0]) for k, v in (self.state or {}).items()
-                if k.startswith(prefix) and k.endswith(suffix)}
+        return {
+            k[len(prefix) : -len(suffix)]: int(v.shape[0])
+            for k, v in (self.state or {}).items()
+            if k.startswith(prefix) and k.endswith(suffix)
+        }
 
     def peft_config(self):
         """The ``peft.LoraConfig`` this adapter is built and saved with. Modules whose rank (read from the
@@ -103,8 +118,10 @@ class LoraRecovery(Recovery):
 
         ana = anatomy(base_of(model))
         if self.hidden_size is not None and ana.hidden_size != self.hidden_size:
-            raise RecoupError(f"the adapter was trained for hidden size {self.hidden_size}, the model has "
-                              f"{ana.hidden_size}; a LoRA attaches only to the same architecture")
+            raise RecoupError(
+                f"the adapter was trained for hidden size {self.hidden_size}, the model has "
+                f"{ana.hidden_size}; a LoRA attaches only to the same architecture"
+            )
         if seed is not None:
             torch.manual_seed(seed)
         with warnings.catch_warnings():  # PEFT reads transformers 5's deprecated is_gradient_checkpointing
@@ -125,12 +142,16 @@ class LoraRecovery(Recovery):
         missing = sorted(set(own) - set(state))
         extra = sorted(set(state) - set(own))
         if missing or extra:
-            raise RecoupError(f"the LoRA does not fit this model: {len(missing)} adapter tensors missing "
-                              f"(e.g. {missing[:1]}), {len(extra)} unexpected (e.g. {extra[:1]})")
+            raise RecoupError(
+                f"the LoRA does not fit this model: {len(missing)} adapter tensors missing "
+                f"(e.g. {missing[:1]}), {len(extra)} unexpected (e.g. {extra[:1]})"
+            )
         for key, value in state.items():
             if own[key].shape != value.shape:
-                raise RecoupError(f"the LoRA does not fit this model: {key} has shape {tuple(value.shape)}, "
-                                  f"the model needs {tuple(own[key].shape)} (another rank or architecture?)")
+                raise RecoupError(
+                    f"the LoRA does not fit this model: {key} has shape {tuple(value.shape)}, "
+                    f"the model needs {tuple(own[key].shape)} (another rank or architecture?)"
+                )
         set_peft_model_state_dict(wrapped, state)
 
     def capture(self, wrapped: nn.Module) -> None:
@@ -147,8 +168,15 @@ class LoraRecovery(Recovery):
         return int(sum(v.numel() for v in self.state.values()))
 
     def describe(self) -> dict:
-        return {"method": self.method, "parameters": self.num_parameters(), "rank": self.cfg.rank,
-                "alpha": self.cfg.alpha, "targets": self.target_modules, "merged": False, **self.meta}
+        return {
+            "method": self.method,
+            "parameters": self.num_parameters(),
+            "rank": self.cfg.rank,
+            "alpha": self.cfg.alpha,
+            "targets": self.target_modules,
+            "merged": False,
+            **self.meta,
+        }
 
     def save(self, path: str | Path) -> None:
         """Write a PEFT LoRA directory (``adapter_config.json``, ``adapter_model.safetensors``)."""
@@ -162,8 +190,14 @@ class LoraRecovery(Recovery):
         pcfg.base_model_name_or_path = peft_base_path(self.meta.get("base_model") or self.meta.get("source"))
         pcfg.save_pretrained(str(path))
         save_file({k: v.contiguous() for k, v in self.state.items()}, str(path / PEFT_WEIGHTS))
-        info = {"method": self.method, "config": self.cfg.to_dict(), "target_modules": self.target_modules,
-                "hidden_size": self.hidden_size, "merged": False, **self.meta}
+        info = {
+            "method": self.method,
+            "config": self.cfg.to_dict(),
+            "target_modules": self.target_modules,
+            "hidden_size": self.hidden_size,
+            "merged": False,
+            **self.meta,
+        }
         (path / RECOVERY_RECORD).write_text(json.dumps(info, indent=1))
 
     @classmethod
@@ -174,23 +208,28 @@ class LoraRecovery(Recovery):
         path = Path(path)
         cfg_file, weights = path / PEFT_CONFIG, path / PEFT_WEIGHTS
         if not cfg_file.is_file() or not weights.is_file():
-            raise RecoupError(f"'{path}' is not a LoRA directory (needs adapter_config.json and "
-                              f"adapter_model.safetensors)")
+            raise RecoupError(
+                f"'{path}' is not a LoRA directory (needs adapter_config.json and adapter_model.safetensors)"
+            )
         raw = json.loads(cfg_file.read_text())
         if raw.get("peft_type") != "LORA":
             raise RecoupError(f"'{path}' holds a PEFT {raw.get('peft_type')} adapter, not a LoRA")
         targets = raw.get("target_modules")
         if isinstance(targets, str) or not targets:
             raise RecoupError(f"'{path}': adapter_config.json must list target_modules explicitly")
-        cfg = LoraConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]),
-                         dropout=float(raw.get("lora_dropout", 0.0)))
+        cfg = LoraConfig(
+            rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout", 0.0))
+        )
         ranks, alphas = raw.get("rank_pattern") or {}, raw.get("alpha_pattern") or {}
         scale = cfg.alpha / cfg.rank
-        odd = [k for k, a in alphas.items()
-               if abs(float(a) - scale * int(ranks.get(k, cfg.rank))) > 1e-6 * abs(float(a))]
+        odd = [
+            k for k, a in alphas.items() if abs(float(a) - scale * int(ranks.get(k, cfg.rank))) > 1e-6 * abs(float(a))
+        ]
         if odd:
-            raise RecoupError(f"'{path}': alpha_pattern gives {odd[0]} a scaling other than lora_alpha / r = "
-                              f"{scale:g}; only per-module ranks at one scaling are supported")
+            raise RecoupError(
+                f"'{path}': alpha_pattern gives {odd[0]} a scaling other than lora_alpha / r = "
+                f"{scale:g}; only per-module ranks at one scaling are supported"
+            )
         info = json.loads((path / RECOVERY_RECORD).read_text()) if (path / RECOVERY_RECORD).is_file() else {}
         own = ("method", "config", "target_modules", "hidden_size", "merged")
         meta = {k: v for k, v in info.items() if k not in own}
@@ -250,8 +289,10 @@ class LoraMethodConfig(FitConfig):
         super().__post_init__()
         self.lora()
         check(self.init in LORA_INITS, f"init must be one of {', '.join(LORA_INITS)} for a LoRA (got '{self.init}')")
-        check(self.init == "zero" or self.inherit is None,
-              f"init={self.init} and inherit both say where the LoRA starts; give one")
+        check(
+            self.init == "zero" or self.inherit is None,
+            f"init={self.init} and inherit both say where the LoRA starts; give one",
+        )
         check(self.nsamples >= 1, f"nsamples must be >= 1 (got {self.nsamples})")
 
     def initial(self, loaded) -> "LoraRecovery | None":
@@ -263,8 +304,13 @@ class LoraMethodConfig(FitConfig):
             from recoup.recover.methods import RECOVERIES
 
             eora = RECOVERIES.get("eora")
-            rec, _ = eora.fit(loaded, eora.config(rank=self.rank, calib=self.calib, nsamples=self.nsamples,
-                                                  seed=self.seed, teacher=self.teacher), None)
+            rec, _ = eora.fit(
+                loaded,
+                eora.config(
+                    rank=self.rank, calib=self.calib, nsamples=self.nsamples, seed=self.seed, teacher=self.teacher
+                ),
+                None,
+            )
             return rec
         return None
 

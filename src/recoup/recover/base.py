@@ -104,6 +104,10 @@ def record_intact(rec: Recovery, loaded, wrapped: nn.Module, before: dict | None
         after = compression_digest(wrapped, loaded.manifest)
         if after["digest"] != before["digest"]:
             raise RecoupError("internal error: training changed the artifact's masks or quantized values")
-        rec.meta["compression_fingerprint"] = {"digest": before["digest"], "unchanged": True,
-                                               "sparsity": after["sparsity"], "all_on_grid": after["all_on_grid"]}
+        rec.meta["compression_fingerprint"] = {
+            "digest": before["digest"],
+            "unchanged": True,
+            "sparsity": after["sparsity"],
+            "all_on_grid": after["all_on_grid"],
+        }
     rec.meta["source"] = loaded.source

@@ -35,9 +35,17 @@ from torch import nn
 from recoup.config import Config, check
 from recoup.errors import RecoupError
 from recoup.model.anatomy import anatomy
-from recoup.model.recovery import RECOVERY_RECORD as RECOVERY_JSON, Recovery
-from recoup.recover.adapter import (TARGETS, LoraConfig, LoraMethodConfig, LoraRecovery, inherited_state,
-                                    lora_parameters, start_meta)
+from recoup.model.recovery import RECOVERY_RECORD as RECOVERY_JSON
+from recoup.model.recovery import Recovery
+from recoup.recover.adapter import (
+    TARGETS,
+    LoraConfig,
+    LoraMethodConfig,
+    LoraRecovery,
+    inherited_state,
+    lora_parameters,
+    start_meta,
+)
 from recoup.recover.base import RecoveryMethod, base_of, compression_digest, linear_digests, record_intact
 
 log = logging.getLogger(__name__)
@@ -61,16 +69,19 @@ class CpetConfig(Config):
 
     def __post_init__(self) -> None:
         check(self.rank >= 1 and self.recovery_rank >= 1, "ranks must be >= 1")
-        check(self.targets in TARGETS and self.recovery_targets in TARGETS,
-              f"targets must be one of {', '.join(TARGETS)}")
+        check(
+            self.targets in TARGETS and self.recovery_targets in TARGETS, f"targets must be one of {', '.join(TARGETS)}"
+        )
         check(self.distill_alpha >= 0 and self.kl_weight >= 0, "distill_alpha and kl_weight must be >= 0")
         check(self.kl_temperature > 0, "kl_temperature must be > 0")
         if self.distill_layers not in ("last", "all"):
             try:
                 [int(x) for x in self.distill_layers.split(",")]
             except ValueError:
-                raise RecoupError(f"distill_layers must be 'last', 'all' or a comma list of layer indices "
-                                  f"(got '{self.distill_layers}')") from None
+                raise RecoupError(
+                    f"distill_layers must be 'last', 'all' or a comma list of layer indices "
+                    f"(got '{self.distill_layers}')"
+                ) from None
 
     def lora(self) -> LoraConfig:
         return LoraConfig(rank=self.rank, alpha=self.alpha, targets=self.targets)
@@ -145,8 +156,9 @@ class CpetRecovery(Recovery):
 
     method = "cpet"
 
-    def __init__(self, cfg: CpetConfig, lora: LoraRecovery, modules: nn.ModuleDict | None = None,
-                 meta: dict | None = None) -> None:
+    def __init__(
+        self, cfg: CpetConfig, lora: LoraRecovery, modules: nn.ModuleDict | None = None, meta: dict | None = None
+    ) -> None:
         self.cfg = cfg
         self.lora = lora
         self.modules = modules if modules is not None else nn.ModuleDict()
@@ -156,8 +168,12 @@ class CpetRecovery(Recovery):
     @staticmethod
     def new_modules(model: nn.Module, cfg: CpetConfig, seed: int = 0) -> nn.ModuleDict:
         torch.manual_seed(seed)
-        return nn.ModuleDict({_key(k): RecoveryModule(i, o, cfg.recovery_rank)
-                              for k, (i, o) in recovery_targets(model, cfg.recovery_targets).items()})
+        return nn.ModuleDict(
+            {
+                _key(k): RecoveryModule(i, o, cfg.recovery_rank)
+                for k, (i, o) in recovery_targets(model, cfg.recovery_targets).items()
+            }
+        )
 
     def apply(self, model: nn.Module, seed: int | None = None) -> nn.Module:
         """Wrap with the LoRA (unmerged) and hook the recovery modules in; returns the model to run."""
@@ -174,10 +190,15 @@ class CpetRecovery(Recovery):
         return self.lora.num_parameters() + int(sum(p.numel() for p in self.modules.parameters()))
 
     def describe(self) -> dict:
-        return {"method": self.method, "parameters": self.num_parameters(),
-                "lora_parameters": self.lora.num_parameters(),
-                "recovery_module_parameters": int(sum(p.numel() for p in self.modules.parameters())),
-                "config": self.cfg.to_dict(), "merged": False, **self.meta}
+        return {
+            "method": self.method,
+            "parameters": self.num_parameters(),
+            "lora_parameters": self.lora.num_parameters(),
+            "recovery_module_parameters": int(sum(p.numel() for p in self.modules.parameters())),
+            "config": self.cfg.to_dict(),
+            "merged": False,
+            **self.meta,
+        }
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
@@ -185,11 +206,19 @@ class CpetRecovery(Recovery):
         path = Path(path)
         self.lora.save(path)  # PEFT LoRA files
         if len(self.modules):
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.modules.state_dict().items()},
-                      str(path / MODULES_FILE))
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in self.modules.state_dict().items()},
+                str(path / MODULES_FILE),
+            )
         shapes = {k: [m.down.in_features, m.up.out_features, m.down.out_features] for k, m in self.modules.items()}
-        info = {"method": self.method, "config": self.cfg.to_dict(), "modules": shapes, "merged": False,
-                "lora": self.lora.describe(), **self.meta}
+        info = {
+            "method": self.method,
+            "config": self.cfg.to_dict(),
+            "modules": shapes,
+            "merged": False,
+            "lora": self.lora.describe(),
+            **self.meta,
+        }
         (path / RECOVERY_JSON).write_text(json.dumps(info, indent=1))
 
     @classmethod
@@ -229,10 +258,18 @@ def hidden_indices(cfg: CpetConfig, num_layers: int) -> list[int]:
     return [i + 1 for i in idx]
 
 
-def distill_loss(student_hidden: list[torch.Tensor], teacher_hidden: list[torch.Tensor], mask: torch.Tensor,
-                 student_logits: torch.Tensor | None = None, teacher_logits: torch.Tensor | None = None,
-                 keep: torch.Tensor | None = None, labels: torch.Tensor | None = None, alpha: float = 1.0,
-                 kl_weight: float = 0.0, temperature: float = 2.0) -> torch.Tensor:
+def distill_loss(
+    student_hidden: list[torch.Tensor],
+    teacher_hidden: list[torch.Tensor],
+    mask: torch.Tensor,
+    student_logits: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    alpha: float = 1.0,
+    kl_weight: float = 0.0,
+    temperature: float = 2.0,
+) -> torch.Tensor:
     """alpha x mean MSE of hidden states (each (B, T, H), over positions where ``mask`` (B, T) is 1)
     + kl_weight x the recovery losses' one KD term (:func:`recoup.recover.losses.kd_loss`: T^2 x KL(teacher ||
     student)) of logits (B, K, V) at input positions ``keep`` (K,) whose next token ``labels`` (B, T) scores."""
@@ -255,13 +292,16 @@ def make_teacher(dense: nn.Module, lora: LoraRecovery) -> nn.Module:
     return teacher.eval()
 
 
-def build_cpet(model: nn.Module, cfg: CpetConfig, inherit: LoraRecovery | None = None,
-               seed: int = 0) -> tuple[CpetRecovery, nn.Module]:
+def build_cpet(
+    model: nn.Module, cfg: CpetConfig, inherit: LoraRecovery | None = None, seed: int = 0
+) -> tuple[CpetRecovery, nn.Module]:
     """Attach CPET's LoRA (copied from ``inherit`` or PEFT's random init) and zero-init recovery modules."""
     fresh = LoraRecovery.for_model(model, cfg.lora())
     if inherit is not None and (inherit.cfg.rank != cfg.rank or inherit.target_modules != fresh.target_modules):
-        raise RecoupError(f"the LoRA to inherit has rank {inherit.cfg.rank} on {inherit.target_modules}; CPET needs "
-                          f"the same --rank ({cfg.rank}) and targets ({fresh.target_modules})")
+        raise RecoupError(
+            f"the LoRA to inherit has rank {inherit.cfg.rank} on {inherit.target_modules}; CPET needs "
+            f"the same --rank ({cfg.rank}) and targets ({fresh.target_modules})"
+        )
     state = inherited_state(inherit, cfg.lora()) if inherit is not None else None
     lora = LoraRecovery(cfg.lora(), fresh.target_modules, state, fresh.hidden_size)
     modules = CpetRecovery.new_modules(model, cfg, seed + 1) if cfg.recovery_modules else nn.ModuleDict()
@@ -269,8 +309,17 @@ def build_cpet(model: nn.Module, cfg: CpetConfig, inherit: LoraRecovery | None =
     return rec, rec.apply(model, seed=seed)
 
 
-def fit_cpet(model: nn.Module, tokenizer, data, cfg: CpetConfig, train_cfg, inherit: LoraRecovery | None = None,
-             teacher: nn.Module | None = None, batch_size: int = 8, objective=None):
+def fit_cpet(
+    model: nn.Module,
+    tokenizer,
+    data,
+    cfg: CpetConfig,
+    train_cfg,
+    inherit: LoraRecovery | None = None,
+    teacher: nn.Module | None = None,
+    batch_size: int = 8,
+    objective=None,
+):
     """Train CPET on a frozen compressed ``model``; returns (CpetRecovery, TrainResult, wrapped model).
 
     ``inherit``: the dense model's LoRA to start from (None = PEFT's random init); ``teacher``: the
@@ -304,9 +353,18 @@ def fit_cpet(model: nn.Module, tokenizer, data, cfg: CpetConfig, train_cfg, inhe
             return task
         with torch.no_grad():
             tout, _ = model_outputs(teacher, b, device, hidden=True)
-        d = distill_loss([out.hidden_states[i] for i in idx], [tout.hidden_states[i] for i in idx],
-                         b.attention_mask.to(device), out.logits, tout.logits, keep, b.labels, cfg.distill_alpha,
-                         cfg.kl_weight, cfg.kl_temperature)
+        d = distill_loss(
+            [out.hidden_states[i] for i in idx],
+            [tout.hidden_states[i] for i in idx],
+            b.attention_mask.to(device),
+            out.logits,
+            tout.logits,
+            keep,
+            b.labels,
+            cfg.distill_alpha,
+            cfg.kl_weight,
+            cfg.kl_temperature,
+        )
         parts["task"] += task.item()
         parts["distill"] += d.item()
         parts["n"] += 1
@@ -319,14 +377,23 @@ def fit_cpet(model: nn.Module, tokenizer, data, cfg: CpetConfig, train_cfg, inhe
     if linear_digests(wrapped) != before:
         raise RecoupError("internal error: training changed the frozen base weights")
     lora.capture(wrapped)
-    rec.meta.update({**start_meta(inherit), "base_intact": True,
-                     "inherited_from": inherit.meta.get("source") if inherit is not None else None,
-                     "distill_hidden_indices": idx,
-                     "mean_task_loss": parts["task"] / parts["n"] if parts["n"] else None,
-                     "mean_distill_loss": parts["distill"] / parts["n"] if parts["n"] else None,
-                     "train": {"steps": result.steps, "seconds": round(result.seconds, 1),
-                               "best_val_loss": result.best_val_loss, "best_step": result.best_step},
-                     "data": data.protocol})
+    rec.meta.update(
+        {
+            **start_meta(inherit),
+            "base_intact": True,
+            "inherited_from": inherit.meta.get("source") if inherit is not None else None,
+            "distill_hidden_indices": idx,
+            "mean_task_loss": parts["task"] / parts["n"] if parts["n"] else None,
+            "mean_distill_loss": parts["distill"] / parts["n"] if parts["n"] else None,
+            "train": {
+                "steps": result.steps,
+                "seconds": round(result.seconds, 1),
+                "best_val_loss": result.best_val_loss,
+                "best_step": result.best_step,
+            },
+            "data": data.protocol,
+        }
+    )
     return rec, result, wrapped
 
 
@@ -352,15 +419,25 @@ class CpetMethodConfig(LoraMethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.cpet()
-        check(not self.distill or self.inherit is not None,
-              "distill needs inherit=DENSE_LORA_DIR: the teacher is the dense model + that LoRA")
+        check(
+            not self.distill or self.inherit is not None,
+            "distill needs inherit=DENSE_LORA_DIR: the teacher is the dense model + that LoRA",
+        )
 
     def cpet(self) -> CpetConfig:
-        return CpetConfig(rank=self.rank, alpha=self.alpha, targets=self.targets,
-                          recovery_modules=self.recovery_modules, recovery_rank=self.recovery_rank,
-                          recovery_targets=self.recovery_targets, distill=self.distill,
-                          distill_alpha=self.distill_alpha, distill_layers=self.distill_layers,
-                          kl_weight=self.kl_weight, kl_temperature=self.kl_temperature)
+        return CpetConfig(
+            rank=self.rank,
+            alpha=self.alpha,
+            targets=self.targets,
+            recovery_modules=self.recovery_modules,
+            recovery_rank=self.recovery_rank,
+            recovery_targets=self.recovery_targets,
+            distill=self.distill,
+            distill_alpha=self.distill_alpha,
+            distill_layers=self.distill_layers,
+            kl_weight=self.kl_weight,
+            kl_temperature=self.kl_temperature,
+        )
 
 
 def fit(loaded, config: CpetMethodConfig, data) -> tuple[CpetRecovery, Any]:
@@ -376,12 +453,26 @@ def fit(loaded, config: CpetMethodConfig, data) -> tuple[CpetRecovery, Any]:
         dtype = next(loaded.model.parameters()).dtype
         teacher = make_teacher(load_model(source, dtype=dtype).model, inherit)
     before = compression_digest(loaded.model, loaded.manifest)
-    rec, result, wrapped = fit_cpet(loaded.model, loaded.tokenizer, data, config.cpet(), config.train_config(),
-                                    inherit, teacher, config.batch_size, config.objective_loss(loaded))
+    rec, result, wrapped = fit_cpet(
+        loaded.model,
+        loaded.tokenizer,
+        data,
+        config.cpet(),
+        config.train_config(),
+        inherit,
+        teacher,
+        config.batch_size,
+        config.objective_loss(loaded),
+    )
     rec.meta["teacher"] = source
     record_intact(rec, loaded, wrapped, before)
     return rec, result
 
 
-METHOD = RecoveryMethod("cpet", "CPET / CA-LoRA: inheritance, recovery modules, distillation (Zhao et al. 2023)",
-                        CpetMethodConfig, fit, CpetRecovery.load)
+METHOD = RecoveryMethod(
+    "cpet",
+    "CPET / CA-LoRA: inheritance, recovery modules, distillation (Zhao et al. 2023)",
+    CpetMethodConfig,
+    fit,
+    CpetRecovery.load,
+)

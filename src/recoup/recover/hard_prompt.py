@@ -18,11 +18,14 @@ from torch import nn
 
 from recoup.config import Config
 from recoup.errors import RecoupError
-from recoup.model.recovery import RECOVERY_RECORD as RECORD, Recovery
+from recoup.model.recovery import RECOVERY_RECORD as RECORD
+from recoup.model.recovery import Recovery
 from recoup.recover.base import RecoveryMethod
 
-CTP_CASE_STUDY = ("The weight matrix inside the language model contains errors. "
-                  "Make any necessary adjustments to ensure optimal performance.")
+CTP_CASE_STUDY = (
+    "The weight matrix inside the language model contains errors. "
+    "Make any necessary adjustments to ensure optimal performance."
+)
 
 
 @dataclasses.dataclass
@@ -54,8 +57,10 @@ class HardPrompt(Recovery):
         """(P, H): the text's token embeddings in ``model``."""
         emb = model.get_input_embeddings()
         if max(self.token_ids) >= emb.weight.shape[0]:
-            raise RecoupError(f"the hard prompt's token ids exceed the model's vocabulary ({emb.weight.shape[0]}); "
-                              f"it was tokenized for another tokenizer: pass the text again with --prompt-text")
+            raise RecoupError(
+                f"the hard prompt's token ids exceed the model's vocabulary ({emb.weight.shape[0]}); "
+                f"it was tokenized for another tokenizer: pass the text again with --prompt-text"
+            )
         return emb(torch.tensor(self.token_ids, device=emb.weight.device))
 
     def num_parameters(self) -> int:
@@ -67,8 +72,9 @@ class HardPrompt(Recovery):
     def save(self, path: str | Path) -> None:
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
-        (out / RECORD).write_text(json.dumps({"method": self.method, "text": self.text,
-                                              "token_ids": self.token_ids}, indent=2))
+        (out / RECORD).write_text(
+            json.dumps({"method": self.method, "text": self.text, "token_ids": self.token_ids}, indent=2)
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> "HardPrompt":
@@ -84,5 +90,10 @@ def fit_hard_prompt(loaded, config: HardPromptConfig, data=None) -> tuple[HardPr
     return HardPrompt.from_text(config.text, loaded.tokenizer), None
 
 
-METHOD = RecoveryMethod("hard-prompt", "a fixed text prefix, never scored (Compress-Then-Prompt's hard prompt)",
-                        HardPromptConfig, fit_hard_prompt, HardPrompt.load)
+METHOD = RecoveryMethod(
+    "hard-prompt",
+    "a fixed text prefix, never scored (Compress-Then-Prompt's hard prompt)",
+    HardPromptConfig,
+    fit_hard_prompt,
+    HardPrompt.load,
+)

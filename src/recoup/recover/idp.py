@@ -65,11 +65,12 @@ from torch import nn
 
 from recoup.config import check
 from recoup.errors import RecoupError
-from recoup.paths import member
 from recoup.model.anatomy import anatomy
 from recoup.model.forward import CACHE_ARG, build_inputs, output_cache
 from recoup.model.prompt_pool import pool_prefill
-from recoup.model.recovery import RECOVERY_RECORD as RECORD, Recovery
+from recoup.model.recovery import RECOVERY_RECORD as RECORD
+from recoup.model.recovery import Recovery
+from recoup.paths import member
 from recoup.recover.base import RecoveryMethod
 from recoup.recover.prompt import PromptConfig, frozen, init_embeddings, model_meta
 from recoup.recover.train import TrainResult, train
@@ -98,9 +99,11 @@ class IDPConfig(PromptConfig):
         check(self.pool >= 2, f"an IDP pool needs at least 2 prompts (got {self.pool})")
         check(self.select_layers >= 0, f"select_layers must be >= 0, 0 meaning all layers (got {self.select_layers})")
         check(self.selection in MODES, f"unknown IDP selection '{self.selection}'; known: {', '.join(MODES)}")
-        check(not (self.gradient_checkpointing and self.selection == ONE_PREFILL),
-              "IDP's one-prefill selection does not run under gradient checkpointing (the recomputed layers would "
-              "miss the per-layer masks); turn gradient_checkpointing off or use selection two-pass")
+        check(
+            not (self.gradient_checkpointing and self.selection == ONE_PREFILL),
+            "IDP's one-prefill selection does not run under gradient checkpointing (the recomputed layers would "
+            "miss the per-layer masks); turn gradient_checkpointing off or use selection two-pass",
+        )
 
 
 class _SelectionDone(Exception):
@@ -154,9 +157,16 @@ class IDPPool(Recovery):
 
     method = "idp"
 
-    def __init__(self, pool: torch.Tensor, meta: dict | None = None, score_mean: torch.Tensor | None = None,
-                 score_std: torch.Tensor | None = None, standardize: bool = True,
-                 select_layers: int = DEFAULT_SELECT_LAYERS, selection: str = ONE_PREFILL) -> None:
+    def __init__(
+        self,
+        pool: torch.Tensor,
+        meta: dict | None = None,
+        score_mean: torch.Tensor | None = None,
+        score_std: torch.Tensor | None = None,
+        standardize: bool = True,
+        select_layers: int = DEFAULT_SELECT_LAYERS,
+        selection: str = ONE_PREFILL,
+    ) -> None:
         if pool.dim() != 3 or pool.shape[0] < 2:
             raise RecoupError(f"an IDP pool is (prompts >= 2, tokens, hidden); got shape {tuple(pool.shape)}")
         if select_layers < 0:
@@ -190,8 +200,10 @@ class IDPPool(Recovery):
         """The pool's key/values, computed once per model and pool state."""
         w = model.get_input_embeddings().weight
         if w.shape[1] != self.hidden_size:
-            raise RecoupError(f"the recovery's hidden size {self.hidden_size} does not match the model's "
-                              f"{w.shape[1]}; a prompt attaches only to models of the same hidden size")
+            raise RecoupError(
+                f"the recovery's hidden size {self.hidden_size} does not match the model's "
+                f"{w.shape[1]}; a prompt attaches only to models of the same hidden size"
+            )
         key = (id(model), self.pool._version, w.device, w.dtype)
         if self._kv is None or self._kv[0] != key:
             flat = self.pool.detach().to(device=w.device, dtype=w.dtype).reshape(1, -1, self.hidden_size)
@@ -207,8 +219,9 @@ class IDPPool(Recovery):
             pool_prefill(model)
         return model
 
-    def arm(self, model: nn.Module, attention_mask: torch.Tensor, choose=None,
-            score_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def arm(
+        self, model: nn.Module, attention_mask: torch.Tensor, choose=None, score_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """One-prefill: arm the model's next forward and return the whole pool as its prefix (B, m*n, H).
 
         ``choose`` maps the raw scores (B, m) to the choice (B,) (default: :meth:`choose`, recorded in
@@ -216,12 +229,15 @@ class IDPPool(Recovery):
         """
         w = model.get_input_embeddings().weight
         if w.shape[1] != self.hidden_size:
-            raise RecoupError(f"the recovery's hidden size {self.hidden_size} does not match the model's "
-                              f"{w.shape[1]}; a prompt attaches only to models of the same hidden size")
+            raise RecoupError(
+                f"the recovery's hidden size {self.hidden_size} does not match the model's "
+                f"{w.shape[1]}; a prompt attaches only to models of the same hidden size"
+            )
         # without gradients the pool's key/values are computed once per model and pool state
         key = None if torch.is_grad_enabled() else (id(self.pool), self.pool._version, w.device, w.dtype)
-        pool_prefill(model).arm(self.size, self.tokens, attention_mask, self.select_layers,
-                                choose or self._record, score_mask, key)
+        pool_prefill(model).arm(
+            self.size, self.tokens, attention_mask, self.select_layers, choose or self._record, score_mask, key
+        )
         flat = self.pool.reshape(1, -1, self.hidden_size).to(device=w.device, dtype=w.dtype)
         return flat.expand(attention_mask.shape[0], -1, -1)
 
@@ -231,8 +247,9 @@ class IDPPool(Recovery):
         return choice
 
     @torch.no_grad()
-    def scores(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-               ) -> torch.Tensor:
+    def scores(
+        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(B, m) attention each prompt draws per input token (the selection scores).
 
         Summed over the scored layers and heads, mean over the prompt's positions (the sink left out) and
@@ -256,14 +273,14 @@ class IDPPool(Recovery):
             acc["mask"] = attention_mask.float()
             acc["scores"] = torch.zeros(b, self.size, device=input_ids.device)
             try:
-                model(input_ids=input_ids, attention_mask=mask, position_ids=pos, **{CACHE_ARG: cache},
-                      use_cache=True)
+                model(input_ids=input_ids, attention_mask=mask, position_ids=pos, **{CACHE_ARG: cache}, use_cache=True)
             except _SelectionDone:
                 pass
             return acc["scores"] / attention_mask.float().sum(1, keepdim=True).clamp(min=1)
 
-    def select(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-               ) -> torch.Tensor:
+    def select(
+        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(B,) index of the prompt each example attends to most (standardised scores, see module doc)."""
         return self.choose(self.scores(model, input_ids, attention_mask))
 
@@ -300,21 +317,44 @@ class IDPPool(Recovery):
 
     def describe(self) -> dict:
         counts = collections.Counter(self.choices)
-        return {"method": self.method, "parameters": self.num_parameters(), "pool": self.size, "tokens": self.tokens,
-                "hidden_size": self.hidden_size, "standardize": self.standardize, "select_layers": self.select_layers,
-                "selection": self.selection, "selected": {str(k): counts.get(k, 0) for k in range(self.size)},
-                "choices": self.choices[:2000], **{k: v for k, v in self.meta.items() if k != "train"}}
+        return {
+            "method": self.method,
+            "parameters": self.num_parameters(),
+            "pool": self.size,
+            "tokens": self.tokens,
+            "hidden_size": self.hidden_size,
+            "standardize": self.standardize,
+            "select_layers": self.select_layers,
+            "selection": self.selection,
+            "selected": {str(k): counts.get(k, 0) for k in range(self.size)},
+            "choices": self.choices[:2000],
+            **{k: v for k, v in self.meta.items() if k != "train"},
+        }
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
 
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
-        save_file({"pool": self.pool.detach().float().contiguous(), "score_mean": self.score_mean.contiguous(),
-                   "score_std": self.score_std.contiguous()}, str(out / WEIGHTS))
-        record = {"method": self.method, "pool": self.size, "tokens": self.tokens, "hidden_size": self.hidden_size,
-                  "weights": WEIGHTS, "standardize": self.standardize, "select_layers": self.select_layers,
-                  "selection": self.selection, **self.meta}
+        save_file(
+            {
+                "pool": self.pool.detach().float().contiguous(),
+                "score_mean": self.score_mean.contiguous(),
+                "score_std": self.score_std.contiguous(),
+            },
+            str(out / WEIGHTS),
+        )
+        record = {
+            "method": self.method,
+            "pool": self.size,
+            "tokens": self.tokens,
+            "hidden_size": self.hidden_size,
+            "weights": WEIGHTS,
+            "standardize": self.standardize,
+            "select_layers": self.select_layers,
+            "selection": self.selection,
+            **self.meta,
+        }
         (out / RECORD).write_text(json.dumps(record, indent=2, default=str))
 
     @classmethod
@@ -328,12 +368,22 @@ class IDPPool(Recovery):
             pool = tensors["pool"]
         except (OSError, ValueError, KeyError) as exc:
             raise RecoupError(f"'{folder}' is not a saved IDP pool ({type(exc).__name__}: {exc})") from None
-        meta = {k: v for k, v in record.items()
-                if k not in ("method", "pool", "tokens", "hidden_size", "weights", "standardize", "select_layers",
-                             "selection")}
+        meta = {
+            k: v
+            for k, v in record.items()
+            if k
+            not in ("method", "pool", "tokens", "hidden_size", "weights", "standardize", "select_layers", "selection")
+        }
         # a pool saved before the modes existed was trained and used with the two-pass selection: it stays so
-        return cls(pool, meta, tensors.get("score_mean"), tensors.get("score_std"), record.get("standardize", True),
-                   record.get("select_layers", 0), record.get("selection", TWO_PASS))
+        return cls(
+            pool,
+            meta,
+            tensors.get("score_mean"),
+            tensors.get("score_std"),
+            record.get("standardize", True),
+            record.get("select_layers", 0),
+            record.get("selection", TWO_PASS),
+        )
 
 
 def fit_idp(loaded, config: IDPConfig, data=None) -> tuple[IDPPool, TrainResult]:
@@ -350,8 +400,12 @@ def fit_idp(loaded, config: IDPConfig, data=None) -> tuple[IDPPool, TrainResult]
     data = training_data(tok, config) if data is None else data
     pad = pad_id_of(tok)
     rows = init_embeddings(model, tok, config, data.token_ids(), config.pool * config.tokens)
-    pool = IDPPool(rows.view(config.pool, config.tokens, -1), model_meta(loaded), select_layers=config.select_layers,
-                   selection=config.selection)
+    pool = IDPPool(
+        rows.view(config.pool, config.tokens, -1),
+        model_meta(loaded),
+        select_layers=config.select_layers,
+        selection=config.selection,
+    )
     device = next(model.parameters()).device
     picks: list[int] = []
     objective = config.objective_loss(loaded)
@@ -381,14 +435,22 @@ def fit_idp(loaded, config: IDPConfig, data=None) -> tuple[IDPPool, TrainResult]
     with frozen(model):
         base_val = mean_loss(model, data.valid, pad, config.batch_size)
         log.info("idp: validation loss without a prompt %.4f", base_val)
-        result = train([pool.pool], data.batches(config.batch_size, pad, config.seed),
-                       lambda b: objective(model, b, device, select(b, observe=True)), config.train_config(),
-                       lambda: mean_loss(model, data.valid, pad, config.batch_size, select),
-                       tokens_in=lambda b: b.tokens, desc="idp")
+        result = train(
+            [pool.pool],
+            data.batches(config.batch_size, pad, config.seed),
+            lambda b: objective(model, b, device, select(b, observe=True)),
+            config.train_config(),
+            lambda: mean_loss(model, data.valid, pad, config.batch_size, select),
+            tokens_in=lambda b: b.tokens,
+            desc="idp",
+        )
     counts = collections.Counter(picks)
-    pool.meta["train"] = {"config": config.to_dict(), "result": result.to_dict(),
-                          "training_selections": {str(k): counts.get(k, 0) for k in range(config.pool)},
-                          "val_loss_without_prompt": base_val}
+    pool.meta["train"] = {
+        "config": config.to_dict(),
+        "result": result.to_dict(),
+        "training_selections": {str(k): counts.get(k, 0) for k in range(config.pool)},
+        "val_loss_without_prompt": base_val,
+    }
     pool.meta["training_selections"] = pool.meta["train"]["training_selections"]
     pool.meta["data"] = data.protocol
     pool.choices = []
@@ -396,5 +458,6 @@ def fit_idp(loaded, config: IDPConfig, data=None) -> tuple[IDPPool, TrainResult]
     return pool, result
 
 
-METHOD = RecoveryMethod("idp", "Inference-time Dynamic Prompting pool (Hoang et al. 2023)", IDPConfig, fit_idp,
-                        IDPPool.load)
+METHOD = RecoveryMethod(
+    "idp", "Inference-time Dynamic Prompting pool (Hoang et al. 2023)", IDPConfig, fit_idp, IDPPool.load
+)

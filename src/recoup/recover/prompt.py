@@ -55,8 +55,7 @@ def frozen(model: nn.Module):
         model.train(was_training)
 
 
-def init_embeddings(model: nn.Module, tokenizer, config, train_ids: torch.Tensor,
-                    rows: int) -> torch.Tensor:
+def init_embeddings(model: nn.Module, tokenizer, config, train_ids: torch.Tensor, rows: int) -> torch.Tensor:
     """(rows, H) initial prompt: rows of frequent training tokens (Lester et al.), a text, or random."""
     emb = model.get_input_embeddings().weight.detach().float().cpu()
     gen = torch.Generator().manual_seed(config.seed)
@@ -79,6 +78,10 @@ def init_embeddings(model: nn.Module, tokenizer, config, train_ids: torch.Tensor
 
 def model_meta(loaded) -> dict:
     cfg = loaded.model.config
-    return {"base_model": str(loaded.source), "hidden_size": int(loaded.model.get_input_embeddings().weight.shape[1]),
-            "num_attention_heads": getattr(cfg, "num_attention_heads", None),
-            "num_layers": getattr(cfg, "num_hidden_layers", None), "model_type": getattr(cfg, "model_type", None)}
+    return {
+        "base_model": str(loaded.source),
+        "hidden_size": int(loaded.model.get_input_embeddings().weight.shape[1]),
+        "num_attention_heads": getattr(cfg, "num_attention_heads", None),
+        "num_layers": getattr(cfg, "num_hidden_layers", None),
+        "model_type": getattr(cfg, "model_type", None),
+    }

@@ -79,8 +79,13 @@ class SoftPrompt(Recovery):
         return self.embeddings.numel()
 
     def describe(self) -> dict:
-        return {"method": self.method, "parameters": self.num_parameters(), "tokens": self.tokens,
-                "hidden_size": self.hidden_size, **{k: v for k, v in self.meta.items() if k != "train"}}
+        return {
+            "method": self.method,
+            "parameters": self.num_parameters(),
+            "tokens": self.tokens,
+            "hidden_size": self.hidden_size,
+            **{k: v for k, v in self.meta.items() if k != "train"},
+        }
 
     def save(self, path: str | Path) -> None:
         """PEFT prompt-tuning layout (+ ``recoup_train.json`` with how it was trained)."""
@@ -88,12 +93,24 @@ class SoftPrompt(Recovery):
 
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
-        cfg = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": self.tokens,
-               "token_dim": self.hidden_size, "num_transformer_submodules": 1,
-               "num_attention_heads": self.meta.get("num_attention_heads"), "num_layers": self.meta.get("num_layers"),
-               "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None, "tokenizer_name_or_path": None,
-               "tokenizer_kwargs": None, "base_model_name_or_path": peft_base_path(self.meta.get("base_model")),
-               "inference_mode": True, "revision": None, "auto_mapping": None, "modules_to_save": None}
+        cfg = {
+            "peft_type": "PROMPT_TUNING",
+            "task_type": "CAUSAL_LM",
+            "num_virtual_tokens": self.tokens,
+            "token_dim": self.hidden_size,
+            "num_transformer_submodules": 1,
+            "num_attention_heads": self.meta.get("num_attention_heads"),
+            "num_layers": self.meta.get("num_layers"),
+            "prompt_tuning_init": "RANDOM",
+            "prompt_tuning_init_text": None,
+            "tokenizer_name_or_path": None,
+            "tokenizer_kwargs": None,
+            "base_model_name_or_path": peft_base_path(self.meta.get("base_model")),
+            "inference_mode": True,
+            "revision": None,
+            "auto_mapping": None,
+            "modules_to_save": None,
+        }
         (out / PEFT_CONFIG).write_text(json.dumps(cfg, indent=2))
         save_file({"prompt_embeddings": self.embeddings.detach().float().contiguous()}, str(out / PEFT_WEIGHTS))
         (out / TRAIN_RECORD).write_text(json.dumps({"method": self.method, **self.meta}, indent=2, default=str))
@@ -107,8 +124,9 @@ class SoftPrompt(Recovery):
             cfg = json.loads((folder / PEFT_CONFIG).read_text())
             weights = load_file(str(folder / PEFT_WEIGHTS))
         except (OSError, ValueError) as exc:
-            raise RecoupError(f"'{folder}' is not a saved soft prompt ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0]})") from None
+            raise RecoupError(
+                f"'{folder}' is not a saved soft prompt ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+            ) from None
         if cfg.get("peft_type") != "PROMPT_TUNING" or "prompt_embeddings" not in weights:
             raise RecoupError(f"'{folder}' is not a PEFT prompt-tuning adapter (peft_type {cfg.get('peft_type')})")
         emb = weights["prompt_embeddings"]
@@ -150,13 +168,25 @@ def fit_soft_prompt(loaded, config: SoftPromptConfig, data=None) -> tuple[SoftPr
     with frozen(model):
         base_val = validate(with_prompt=False)
         log.info("soft-prompt: validation loss without a prompt %.4f (ppl %.2f)", base_val, math.exp(base_val))
-        result = train([prompt.embeddings], data.batches(config.batch_size, pad, config.seed),
-                       lambda b: objective(model, b, device, prefix(b)),
-                       config.train_config(), validate, tokens_in=lambda b: b.tokens, desc="soft-prompt")
+        result = train(
+            [prompt.embeddings],
+            data.batches(config.batch_size, pad, config.seed),
+            lambda b: objective(model, b, device, prefix(b)),
+            config.train_config(),
+            validate,
+            tokens_in=lambda b: b.tokens,
+            desc="soft-prompt",
+        )
     prompt.meta["data"] = data.protocol
     prompt.meta["train"] = {"config": config.to_dict(), "result": result.to_dict(), "val_loss_without_prompt": base_val}
     return prompt, result
 
 
-METHOD = RecoveryMethod("soft-prompt", "Compress-Then-Prompt soft prompt (Xu et al. 2023)", SoftPromptConfig,
-                        fit_soft_prompt, SoftPrompt.load, peft_type="PROMPT_TUNING")
+METHOD = RecoveryMethod(
+    "soft-prompt",
+    "Compress-Then-Prompt soft prompt (Xu et al. 2023)",
+    SoftPromptConfig,
+    fit_soft_prompt,
+    SoftPrompt.load,
+    peft_type="PROMPT_TUNING",
+)

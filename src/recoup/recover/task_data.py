@@ -54,12 +54,22 @@ class MCExample:
 
     @classmethod
     def from_suite(cls, ex: dict) -> "MCExample":
-        return cls(key=f"{ex['id']}|{ex['contexts'][ex['gold']]}", contexts=tuple(ex["contexts"]),
-                   continuations=tuple(ex["continuations"]), choices=tuple(ex["choices"]), gold=int(ex["gold"]))
+        return cls(
+            key=f"{ex['id']}|{ex['contexts'][ex['gold']]}",
+            contexts=tuple(ex["contexts"]),
+            continuations=tuple(ex["continuations"]),
+            choices=tuple(ex["choices"]),
+            gold=int(ex["gold"]),
+        )
 
     def as_suite(self) -> dict:
-        return {"id": self.key, "contexts": list(self.contexts), "continuations": list(self.continuations),
-                "choices": list(self.choices), "gold": self.gold}
+        return {
+            "id": self.key,
+            "contexts": list(self.contexts),
+            "continuations": list(self.continuations),
+            "choices": list(self.choices),
+            "gold": self.gold,
+        }
 
     @property
     def gold_pair(self) -> tuple[str, str]:
@@ -77,7 +87,7 @@ def load_task_examples(task: str) -> list[MCExample]:
 
 def hash_fraction(key: str, seed: int) -> float:
     """A uniform number in [0, 1) fixed by ``(seed, key)`` (sha256)."""
-    return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:12], 16) / float(16 ** 12)
+    return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:12], 16) / float(16**12)
 
 
 @dataclasses.dataclass
@@ -92,13 +102,20 @@ class TaskSplit:
 
     @property
     def protocol(self) -> dict:
-        return {"task": self.task, "split": "validation (the packs ship no train split)",
-                "heldout_fraction": self.heldout_fraction, "seed": self.seed, "n_train": len(self.train),
-                "n_heldout": len(self.heldout), "rule": "sha256(f'{seed}:{key}') < fraction -> held-out"}
+        return {
+            "task": self.task,
+            "split": "validation (the packs ship no train split)",
+            "heldout_fraction": self.heldout_fraction,
+            "seed": self.seed,
+            "n_train": len(self.train),
+            "n_heldout": len(self.heldout),
+            "rule": "sha256(f'{seed}:{key}') < fraction -> held-out",
+        }
 
 
-def split_task(task: str, heldout_fraction: float = 0.3, seed: int = 0,
-               examples: list[MCExample] | None = None) -> TaskSplit:
+def split_task(
+    task: str, heldout_fraction: float = 0.3, seed: int = 0, examples: list[MCExample] | None = None
+) -> TaskSplit:
     """Split ``task`` into train / held-out; an example's part depends only on its text and ``seed``."""
     if not 0 < heldout_fraction < 1:
         raise RecoupError(f"--heldout-fraction must be in (0, 1) (got {heldout_fraction})")
@@ -134,11 +151,11 @@ def completion_sequence(tokenizer, context: str, completion: str, max_len: int, 
     ctx, comp = _encode(tokenizer, context), _encode(tokenizer, completion)
     if not comp:
         raise RecoupError(f"empty completion after tokenization for context {context[:40]!r}")
-    comp = comp[:max_len - 1]
+    comp = comp[: max_len - 1]
     if bos is not None:
         ctx = with_bos(ctx, bos, max_len - len(comp))
     else:
-        ctx = ctx[max(0, len(ctx) - (max_len - len(comp))):] or [tokenizer.eos_token_id]
+        ctx = ctx[max(0, len(ctx) - (max_len - len(comp))) :] or [tokenizer.eos_token_id]
     return Sequence(ids=ctx + comp, first_scored=len(ctx))
 
 
@@ -149,7 +166,7 @@ def task_sequences(tokenizer, examples: list[MCExample], max_len: int = 256, bos
 
 def text_sequence(tokenizer, text: str, max_len: int, bos: int | None = None) -> Sequence | None:
     """A text, LM loss on all of it (the BOS, when set, first and unscored); None if under 2 tokens."""
-    ids = _encode(tokenizer, text)[:max_len - (bos is not None)]
+    ids = _encode(tokenizer, text)[: max_len - (bos is not None)]
     if len(ids) < 2:
         return None
     return Sequence(ids=[bos] + ids) if bos is not None else Sequence(ids=ids)
@@ -169,15 +186,15 @@ def jsonl_sequences(tokenizer, path: str | Path, max_len: int = 256, bos: int | 
             try:
                 row = json.loads(line)
                 if "prompt" in row and "completion" in row:
-                    out.append(completion_sequence(tokenizer, str(row["prompt"]), str(row["completion"]), max_len,
-                                                   bos))
+                    out.append(completion_sequence(tokenizer, str(row["prompt"]), str(row["completion"]), max_len, bos))
                 else:
                     seq = text_sequence(tokenizer, str(row["text"]), max_len, bos)
                     if seq is not None:
                         out.append(seq)
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise RecoupError(f"{path}:{i}: expected a JSON object with 'text', or 'prompt' and "
-                                  f"'completion', per line") from None
+                raise RecoupError(
+                    f"{path}:{i}: expected a JSON object with 'text', or 'prompt' and 'completion', per line"
+                ) from None
     if not out:
         raise RecoupError(f"{path} holds no usable examples")
     return out
@@ -213,13 +230,16 @@ class TuningData:
         rank gets its contiguous slice of the same global batch (:mod:`recoup.model.parallel`)."""
         world = parallel.world_size()
         if batch_size < world:
-            raise RecoupError(f"batch_size {batch_size} is the global batch; it must be at least the number of "
-                              f"processes ({world})")
+            raise RecoupError(
+                f"batch_size {batch_size} is the global batch; it must be at least the number of processes ({world})"
+            )
         if self.lm_ids is not None:
             from recoup.data.windows import window_stream
 
-            return (collate([Sequence(ids=w.tolist()) for w in x[parallel.my_slice(len(x))]], pad_id)
-                    for x in window_stream(self.lm_ids, self.seqlen, batch_size, seed, self.bos_id))
+            return (
+                collate([Sequence(ids=w.tolist()) for w in x[parallel.my_slice(len(x))]], pad_id)
+                for x in window_stream(self.lm_ids, self.seqlen, batch_size, seed, self.bos_id)
+            )
         return batch_stream(self.train, batch_size, pad_id, seed=seed)
 
     def token_ids(self) -> torch.Tensor:
@@ -235,15 +255,35 @@ def training_data(tokenizer, config) -> TuningData:
     (:class:`recoup.recover.train.FitConfig`): every method samples the same way from the same source."""
     bos = getattr(config, "bos", "auto")
     if config.task is not None:
-        return tuning_data(tokenizer, task=config.task, max_len=config.seqlen,
-                           heldout_fraction=config.heldout_fraction, seed=config.seed, bos=bos)
-    return tuning_data(tokenizer, data=config.data, max_len=config.seqlen, seed=config.seed,
-                       val_windows=config.val_windows or 4, bos=bos)
+        return tuning_data(
+            tokenizer,
+            task=config.task,
+            max_len=config.seqlen,
+            heldout_fraction=config.heldout_fraction,
+            seed=config.seed,
+            bos=bos,
+        )
+    return tuning_data(
+        tokenizer,
+        data=config.data,
+        max_len=config.seqlen,
+        seed=config.seed,
+        val_windows=config.val_windows or 4,
+        bos=bos,
+    )
 
 
-def tuning_data(tokenizer, task: str | None = None, data: str | None = None, max_len: int = 256,
-                heldout_fraction: float = 0.3, seed: int = 0, valid_size: int = 64,
-                val_windows: int = 4, bos: str = "auto") -> TuningData:
+def tuning_data(
+    tokenizer,
+    task: str | None = None,
+    data: str | None = None,
+    max_len: int = 256,
+    heldout_fraction: float = 0.3,
+    seed: int = 0,
+    valid_size: int = 64,
+    val_windows: int = 4,
+    bos: str = "auto",
+) -> TuningData:
     """Build tuning data from ``task`` (a task name) or ``data`` (a corpus name, a comma-separated mix,
     a .txt or a .jsonl file).
 
@@ -266,30 +306,53 @@ def tuning_data(tokenizer, task: str | None = None, data: str | None = None, max
         n_valid = min(valid_size, len(seqs) // 5)
         valid = [seqs[i] for i in order[:n_valid]]
         train = [seqs[i] for i in order[n_valid:]]
-        protocol = {**split.protocol, "objective": "loss on the gold continuation", "max_len": max_len,
-                    "n_valid_from_train": n_valid, **record}
+        protocol = {
+            **split.protocol,
+            "objective": "loss on the gold continuation",
+            "max_len": max_len,
+            "n_valid_from_train": n_valid,
+            **record,
+        }
         return TuningData(train=train, valid=valid, protocol=protocol, split=split, bos_id=bid)
     name = str(data)
     if name.endswith((".jsonl", ".jsonl.gz")):
         seqs = jsonl_sequences(tokenizer, name, max_len, bid)
         order = torch.randperm(len(seqs), generator=gen).tolist()
         n_valid = min(valid_size, max(1, len(seqs) // 10)) if len(seqs) > 1 else 0
-        return TuningData(train=[seqs[i] for i in order[n_valid:]], valid=[seqs[i] for i in order[:n_valid]],
-                          protocol={"data": name, "objective": "jsonl", "max_len": max_len, "seed": seed, **record},
-                          bos_id=bid)
+        return TuningData(
+            train=[seqs[i] for i in order[n_valid:]],
+            valid=[seqs[i] for i in order[:n_valid]],
+            protocol={"data": name, "objective": "jsonl", "max_len": max_len, "seed": seed, **record},
+            bos_id=bid,
+        )
     from recoup.data.windows import consecutive_windows, corpus_ids, corpus_names, text_per_window
 
     names = corpus_names(name)
     per = max(1, val_windows // len(names))
-    valid = [Sequence(ids=w.tolist()) for n in names
-             for w in consecutive_windows(corpus_ids(tokenizer, n, "valid", split_files=True), max_len, per, bid)]
+    valid = [
+        Sequence(ids=w.tolist())
+        for n in names
+        for w in consecutive_windows(corpus_ids(tokenizer, n, "valid", split_files=True), max_len, per, bid)
+    ]
     train_ids = corpus_ids(tokenizer, name, "train", split_files=True)
     if train_ids.numel() <= text_per_window(max_len, bid):
         raise RecoupError(f"the training text has {train_ids.numel()} tokens, fewer than one window of {max_len}")
-    return TuningData(train=[], valid=valid, lm_ids=train_ids, seqlen=max_len, bos_id=bid,
-                      protocol={"corpus": name, "objective": "language model", "seqlen": max_len, "seed": seed,
-                                "sampling": "seeded random offsets of the train split",
-                                "val_windows": len(valid), **record})
+    return TuningData(
+        train=[],
+        valid=valid,
+        lm_ids=train_ids,
+        seqlen=max_len,
+        bos_id=bid,
+        protocol={
+            "corpus": name,
+            "objective": "language model",
+            "seqlen": max_len,
+            "seed": seed,
+            "sampling": "seeded random offsets of the train split",
+            "val_windows": len(valid),
+            **record,
+        },
+    )
 
 
 @dataclasses.dataclass
@@ -314,7 +377,7 @@ def collate(seqs: list[Sequence], pad_id: int) -> Batch:
         n = len(s.ids)
         ids[i, :n] = torch.tensor(s.ids)
         mask[i, :n] = 1
-        labels[i, s.first_scored:n] = ids[i, s.first_scored:n]
+        labels[i, s.first_scored : n] = ids[i, s.first_scored : n]
     return Batch(ids, mask, labels)
 
 
@@ -327,7 +390,7 @@ def batch_stream(seqs: list[Sequence], batch_size: int, pad_id: int, seed: int =
     while True:
         order = torch.randperm(len(seqs), generator=gen).tolist()
         for start in range(0, len(order), batch_size):
-            chosen = order[start:start + batch_size]
+            chosen = order[start : start + batch_size]
             if len(chosen) < world:  # data parallel: an epoch's tail too short to give every rank a row
                 continue
             yield collate([seqs[i] for i in chosen[parallel.my_slice(len(chosen))]], pad_id)

@@ -68,17 +68,29 @@ def check_tuning_split(label: str, desc: dict, split) -> str | None:
         return None
     if proto.get("task") != split.task:
         return proto.get("task") or proto.get("corpus") or proto.get("data")
-    here = {"heldout_fraction": split.heldout_fraction, "seed": split.seed, "n_train": len(split.train),
-            "n_heldout": len(split.heldout)}
+    here = {
+        "heldout_fraction": split.heldout_fraction,
+        "seed": split.seed,
+        "n_train": len(split.train),
+        "n_heldout": len(split.heldout),
+    }
     diff = [f"{k} {proto.get(k)!r} (here {v!r})" for k, v in here.items() if proto.get(k) != v]
     if diff:
-        raise RecoupError(f"{label}: the recovery was tuned on another split of {split.task}: {', '.join(diff)}; "
-                          f"it may have trained on scored examples (match --heldout-fraction/--seed to its training)")
+        raise RecoupError(
+            f"{label}: the recovery was tuned on another split of {split.task}: {', '.join(diff)}; "
+            f"it may have trained on scored examples (match --heldout-fraction/--seed to its training)"
+        )
     return split.task
 
 
-def evaluate_entry(entry: Entry, split, batch_size: int = 8, latency: LatencyConfig = LatencyConfig(),
-                   limit: int | None = None, dtype: str = "float32") -> dict:
+def evaluate_entry(
+    entry: Entry,
+    split,
+    batch_size: int = 8,
+    latency: LatencyConfig = LatencyConfig(),
+    limit: int | None = None,
+    dtype: str = "float32",
+) -> dict:
     """Score, count and time one entry (see module docstring); the model is loaded fresh for it."""
     from recoup.artifact import load_model
     from recoup.evaluate.heldout import score_examples
@@ -108,24 +120,55 @@ def evaluate_entry(entry: Entry, split, batch_size: int = 8, latency: LatencyCon
     extra = recovery.num_parameters() if recovery is not None else 0
     desc = recovery.describe() if recovery is not None else {"method": "none"}
     lat.pop("generated")
-    row = {"label": entry.label, "source": entry.source, "recovery": entry.recovery,
-           "method": desc.get("method", "none"), **metrics, "extra_parameters": extra,
-           "extra_parameters_pct": 100.0 * extra / base_params, "base_parameters": base_params,
-           **lat, "base_sparsity": sparsity, "base_intact_after_apply": intact,
-           "base_intact_after_training": desc.get("base_intact"), "merged": desc.get("merged"), "tuned_on": tuned_on,
-           "score_seconds": round(score_s, 1)}
+    row = {
+        "label": entry.label,
+        "source": entry.source,
+        "recovery": entry.recovery,
+        "method": desc.get("method", "none"),
+        **metrics,
+        "extra_parameters": extra,
+        "extra_parameters_pct": 100.0 * extra / base_params,
+        "base_parameters": base_params,
+        **lat,
+        "base_sparsity": sparsity,
+        "base_intact_after_apply": intact,
+        "base_intact_after_training": desc.get("base_intact"),
+        "merged": desc.get("merged"),
+        "tuned_on": tuned_on,
+        "score_seconds": round(score_s, 1),
+    }
     if fingerprint is not None:
-        row.update({"compression_digest": fingerprint["digest"], "compression_digest_after": after["digest"],
-                    "on_grid_after": after["all_on_grid"]})
+        row.update(
+            {
+                "compression_digest": fingerprint["digest"],
+                "compression_digest_after": after["digest"],
+                "on_grid_after": after["all_on_grid"],
+            }
+        )
     if desc.get("method") == "idp":
         row["idp_selected"] = desc.get("selected")
-    log.info("%s: acc=%.4f acc_norm=%.4f extra=%d prefill=%.1fms decode=%.2fms/token", entry.label, row["acc"],
-             row["acc_norm"], extra, row["prefill_ms"], row["decode_ms_per_token"])
+    log.info(
+        "%s: acc=%.4f acc_norm=%.4f extra=%d prefill=%.1fms decode=%.2fms/token",
+        entry.label,
+        row["acc"],
+        row["acc_norm"],
+        extra,
+        row["prefill_ms"],
+        row["decode_ms_per_token"],
+    )
     return row
 
 
-def compare(entries: list[Entry], task: str, heldout_fraction: float = 0.3, seed: int = 0, batch_size: int = 8,
-            latency: LatencyConfig = LatencyConfig(), limit: int | None = None, dtype: str = "float32") -> dict:
+def compare(
+    entries: list[Entry],
+    task: str,
+    heldout_fraction: float = 0.3,
+    seed: int = 0,
+    batch_size: int = 8,
+    latency: LatencyConfig = LatencyConfig(),
+    limit: int | None = None,
+    dtype: str = "float32",
+) -> dict:
     """Every entry on the held-out part of ``task``; returns ``{"rows": [...], "protocol": {...}}``."""
     from recoup.recover.methods import load_recovery
     from recoup.recover.task_data import split_task
@@ -151,9 +194,14 @@ def compare(entries: list[Entry], task: str, heldout_fraction: float = 0.3, seed
         if e.recovery:
             check_tuning_split(e.label, load_recovery(e.recovery).describe(), split)
     rows = [evaluate_entry(e, split, batch_size, latency, limit, dtype) for e in entries]
-    protocol = {**split.protocol, "scored": "held-out part" + (f", first {limit}" if limit else ""),
-                "latency": dataclasses.asdict(latency), "dtype": dtype, "torch": torch.__version__,
-                "metric": "acc, acc_norm (lm-evaluation-harness definitions) via the Scorer"}
+    protocol = {
+        **split.protocol,
+        "scored": "held-out part" + (f", first {limit}" if limit else ""),
+        "latency": dataclasses.asdict(latency),
+        "dtype": dtype,
+        "torch": torch.__version__,
+        "metric": "acc, acc_norm (lm-evaluation-harness definitions) via the Scorer",
+    }
     return {"rows": rows, "protocol": protocol}
 
 
@@ -165,18 +213,32 @@ def merge(earlier: dict, later: dict) -> dict:
     held-out examples (same task, fraction, seed, count, limit); a different protocol is one clear line."""
     for key in _SAME:
         if earlier["protocol"].get(key) != later["protocol"].get(key):
-            raise RecoupError(f"cannot include rows measured with another protocol: {key} is "
-                              f"{earlier['protocol'].get(key)!r} there and {later['protocol'].get(key)!r} here")
+            raise RecoupError(
+                f"cannot include rows measured with another protocol: {key} is "
+                f"{earlier['protocol'].get(key)!r} there and {later['protocol'].get(key)!r} here"
+            )
     labels = [r["label"] for r in earlier["rows"]] + [r["label"] for r in later["rows"]]
     if len(set(labels)) != len(labels):
         raise RecoupError(f"duplicate row labels after including earlier rows: {labels}")
-    return {"rows": earlier["rows"] + later["rows"], "protocol": {**later["protocol"],
-                                                                 "included_from_earlier_run": len(earlier["rows"])}}
+    return {
+        "rows": earlier["rows"] + later["rows"],
+        "protocol": {**later["protocol"], "included_from_earlier_run": len(earlier["rows"])},
+    }
 
 
-COLUMNS = (("label", "{}"), ("acc", "{:.4f}"), ("acc_stderr", "{:.4f}"), ("acc_norm", "{:.4f}"), ("n", "{}"),
-           ("extra_parameters", "{:,}"), ("extra_parameters_pct", "{:.3f}%"), ("prefill_ms", "{:.1f}"),
-           ("decode_ms_per_token", "{:.2f}"), ("base_sparsity", "{:.3f}"), ("base_intact_after_apply", "{}"))
+COLUMNS = (
+    ("label", "{}"),
+    ("acc", "{:.4f}"),
+    ("acc_stderr", "{:.4f}"),
+    ("acc_norm", "{:.4f}"),
+    ("n", "{}"),
+    ("extra_parameters", "{:,}"),
+    ("extra_parameters_pct", "{:.3f}%"),
+    ("prefill_ms", "{:.1f}"),
+    ("decode_ms_per_token", "{:.2f}"),
+    ("base_sparsity", "{:.3f}"),
+    ("base_intact_after_apply", "{}"),
+)
 
 
 def format_table(result: dict) -> str:
@@ -184,6 +246,7 @@ def format_table(result: dict) -> str:
     head = "| " + " | ".join(c for c, _ in COLUMNS) + " |"
     lines = [head, "|" + "---|" * len(COLUMNS)]
     for row in result["rows"]:
-        lines.append("| " + " | ".join(fmt.format(row[c]) if row.get(c) is not None else "-" for c, fmt in COLUMNS)
-                     + " |")
+        lines.append(
+            "| " + " | ".join(fmt.format(row[c]) if row.get(c) is not None else "-" for c, fmt in COLUMNS) + " |"
+        )
     return "\n".join(lines)
