@@ -36,8 +36,9 @@ def split_task_list(spec: str) -> list[str]:
     return tasks
 
 
-def resolve(tasks: str | list[str] | None, suite: str | None, options: dict | None = None
-            ) -> tuple[list[str], dict[str, str]]:
+def resolve(
+    tasks: str | list[str] | None, suite: str | None, options: dict | None = None
+) -> tuple[list[str], dict[str, str]]:
     """Task names from ``--tasks`` and/or ``--suite`` (deduplicated, in order) and the suite tasks skipped.
 
     Every task named in ``--tasks`` is validated with its options and data (RecoupError before any model
@@ -73,8 +74,10 @@ def resolve_tasks(tasks: str | list[str] | None, suite: str | None, options: dic
     return resolve(tasks, suite, options)[0]
 
 
-TUNED_ON_TASK_WARNING = ("the recovery was tuned on the train part of this task, and these scores include its training "
-                         "examples; `recoup compare-recovery --task T` scores the held-out part only")
+TUNED_ON_TASK_WARNING = (
+    "the recovery was tuned on the train part of this task, and these scores include its training "
+    "examples; `recoup compare-recovery --task T` scores the held-out part only"
+)
 
 
 def _tuned_task(recovery) -> str | None:
@@ -119,11 +122,17 @@ def evaluate(loaded, tasks: list[str], settings: EvalSettings, recovery=None, at
         results[name]["seconds"] = round(time.time() - t0, 3)
         if name == tuned_task:
             results[name]["warning"] = TUNED_ON_TASK_WARNING
-    protocol = {"seqlen": settings.seqlen, "limit": settings.limit, "seed": settings.seed, "bos": settings.bos,
-                "bos_token_id": bos_id(loaded.tokenizer, settings.bos),
-                "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
-                "torch": torch.__version__, "python": platform.python_version(),
-                "recovery": recovery.describe() if recovery is not None else None,
-                "options": {k: v for k, v in settings.options.items() if isinstance(v, (str, int, float, bool))},
-                "seconds": round(time.time() - started, 3)}
+    protocol = {
+        "seqlen": settings.seqlen,
+        "limit": settings.limit,
+        "seed": settings.seed,
+        "bos": settings.bos,
+        "bos_token_id": bos_id(loaded.tokenizer, settings.bos),
+        "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "recovery": recovery.describe() if recovery is not None else None,
+        "options": {k: v for k, v in settings.options.items() if isinstance(v, (str, int, float, bool))},
+        "seconds": round(time.time() - started, 3),
+    }
     return {"model": loaded.source, "results": results, "protocol": protocol}

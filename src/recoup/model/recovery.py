@@ -15,18 +15,18 @@ stack a second adapter) and ``prefix`` per batch.
 
 from __future__ import annotations
 
+import abc
+from pathlib import Path
+
+import torch
+from torch import nn
+
 # The files a saved recovery directory holds (one place for their names).
 RECOVERY_RECORD = "recoup_recovery.json"  # {"method": ..., ...}: names the method of a non-PEFT layout
 TRAIN_RECORD = "recoup_train.json"  # how it was trained (history, protocol)
 RUN_RECORD = "recoup_run.json"  # the command-level summary `recoup recover` writes
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
-
-import abc
-from pathlib import Path
-
-import torch
-from torch import nn
 
 
 class Recovery(abc.ABC):

@@ -17,16 +17,17 @@ TaskRunner = Callable[..., dict]
 OPTIONS: dict[str, str] = {
     "shots": "MMLU in-context examples from the dev split (default 5)",
     "context_tokens": "open-book retrieval QA: the passage is cut to this many tokens (default 512)",
-    "max_new_tokens": "generation length for generative tasks (default per task: 32 QA, 64 XSum, 200 CNN/DM, 256 instructions)",
+    "max_new_tokens": "generation length for generative tasks (default per task: 32 QA, 64 XSum, 200 CNN/DM, "
+    "256 instructions)",
     "cnndm_file": "jsonl of CNN/DM stories ({question_id, text, category}; LLM-KICK's file) for task cnndm",
     "instructions_file": "jsonl of questions ({question_id, text, category}) for task instructions",
     "instructions_reference": "reference answers for the judge: a recoup results JSON (e.g. the dense run) or a "
-                              "jsonl of {question_id, text}",
+    "jsonl of {question_id, text}",
     "chat": "wrap summarization/instruction prompts in the tokenizer's chat template: true|false (default true)",
     "rouge": "summarization ROUGE: plain (recoup's ROUGE-1/2/L, no stemming; the default) or stemmed (the rouge-score "
-             "package's Porter-stemmed ROUGE-1/2/L/Lsum, the variant summarization papers report)",
+    "package's Porter-stemmed ROUGE-1/2/L/Lsum, the variant summarization papers report)",
     "factoid_template": "factoid QA prompt: kick (LLM-KICK's, the default), cloze (the question text alone, the "
-                        "natural form of qa_wikidata's statements) or a format string with {question} (\\n = newline)",
+    "natural form of qa_wikidata's statements) or a format string with {question} (\\n = newline)",
 }
 
 
@@ -59,8 +60,11 @@ def parse_options(items: list[str] | None) -> dict[str, Any]:
 
 
 # integer options: (minimum, maximum)
-OPTION_RANGES: dict[str, tuple[int, int]] = {"shots": (0, 64), "context_tokens": (1, 1 << 17),
-                                             "max_new_tokens": (1, 1 << 15)}
+OPTION_RANGES: dict[str, tuple[int, int]] = {
+    "shots": (0, 64),
+    "context_tokens": (1, 1 << 17),
+    "max_new_tokens": (1, 1 << 15),
+}
 FILE_OPTIONS = ("cnndm_file", "instructions_file", "instructions_reference")
 
 
@@ -145,11 +149,25 @@ def make_scorer(loaded, settings, recovery):
     """The Scorer for a task run; the runner has already attached the recovery to ``loaded.model``."""
     from recoup.evaluate.scorer import Scorer
 
-    return Scorer(loaded.model, loaded.tokenizer, recovery, batch_size=settings.batch_size,
-                  max_length=settings.seqlen, attached=True, bos=settings.bos)
+    return Scorer(
+        loaded.model,
+        loaded.tokenizer,
+        recovery,
+        batch_size=settings.batch_size,
+        max_length=settings.seqlen,
+        attached=True,
+        bos=settings.bos,
+    )
 
 
 def protocol(source: str, split: str, template: str, settings, n_available: int, **extra: Any) -> dict:
     """What was measured, how: enough to reproduce the number."""
-    return {"source": source, "split": split, "template": template, "limit": settings.limit,
-            "seed": settings.seed, "n_available": n_available, **extra}
+    return {
+        "source": source,
+        "split": split,
+        "template": template,
+        "limit": settings.limit,
+        "seed": settings.seed,
+        "n_available": n_available,
+        **extra,
+    }
