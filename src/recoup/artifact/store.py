@@ -151,7 +151,20 @@ def repack_artifact(src: str | Path, out_dir: str | Path, storage: str = DEFAULT
     return _write(loaded, fields, load_qparams(src), out_dir, storage)
 
 
-_FIELDS = ("source", "model_type", "dtype", "recipe", "calibration", "summary", "layers", "seconds", "peak_rss_mb")
+_FIELDS = ("source", "model_type", "dtype", "recipe", "calibration", "summary", "layers", "seconds", "peak_rss_mb",
+           "tuning")
+
+
+def recorded_fields(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The fields of an artifact's manifest that a rewrite keeps: its compression record (and any tuning)."""
+    return {k: manifest[k] for k in _FIELDS if k in manifest}
+
+
+def write_artifact(loaded: LoadedModel, fields: dict[str, Any], qparams: dict[str, dict[str, torch.Tensor]],
+                   out_dir: str | Path, storage: str = DEFAULT_STORAGE) -> Path:
+    """Write ``loaded`` as an artifact with manifest ``fields`` and grids ``qparams`` (what a recovery that tunes
+    the artifact's own values writes; the same writer as :func:`save_artifact`)."""
+    return _write(loaded, fields, qparams, out_dir, storage)
 
 
 def _write(loaded: LoadedModel, fields: dict[str, Any], qparams: dict[str, dict[str, torch.Tensor]],

@@ -81,6 +81,11 @@ HELP: dict[str, str] = {
     "energy": "EoRA per-layer rank: the smallest keeping this share (0, 1] of each layer's projected error energy",
     "inherit": "start from this saved LoRA or EoRA (same targets, --rank its largest rank; per-layer ranks are kept); CPET: the dense model's LoRA (also the teacher's)",
     "teacher": "dense model source for CPET distillation (default: the artifact's source model)",
+    "trainable": "tune: comma list of scales (quantized linears' group scales, codes frozen), weights (sparse "
+                 "unquantized linears' kept weights, mask frozen), norms (normalisation gains)",
+    "objective": "lm | kd (teacher's next-token distribution) | squarehead (teacher's decoder-layer outputs, "
+                 "normalised MSE) | a + sum: lm+kd, kd+squarehead, lm+squarehead, lm+kd+squarehead",
+    "squarehead_weight": "weight of the squarehead term beside another term",
 }
 ALIASES: dict[str, tuple[str, ...]] = {"options": ("--option",), "alpha": ("--lora-alpha",)}
 

@@ -296,6 +296,8 @@ class RecoverJob(_MethodJob):
         check(self.device_map in (None, "auto"), f"unknown device_map '{self.device_map}'; use auto (or leave it out)")
         check_out(self.out, self.force)
         check(self.config is not None, "a recovery job needs its method config")
+        if hasattr(self.config, "check_job"):  # a method's checks of the model and out (tune: an artifact)
+            self.config.check_job(self.model, self.out)
         data = getattr(self.config, "data", None)
         if data:
             from recoup.data.corpora import check_text_file

@@ -15,12 +15,12 @@ from pathlib import Path
 
 from recoup.errors import RecoupError
 from recoup.model.recovery import PEFT_CONFIG, RECOVERY_RECORD, TRAIN_RECORD, Recovery
-from recoup.recover import cpet, eora, hard_prompt, idp, lora, soft_prompt
+from recoup.recover import cpet, eora, hard_prompt, idp, lora, soft_prompt, tune
 from recoup.recover.base import RecoveryMethod
 from recoup.registry import Registry
 
 RECOVERIES: Registry[RecoveryMethod] = Registry("recovery method")
-for _mod in (hard_prompt, soft_prompt, idp, lora, cpet, eora):
+for _mod in (hard_prompt, soft_prompt, idp, lora, cpet, eora, tune):
     RECOVERIES.register(_mod.METHOD.name, _mod.METHOD)
 
 

@@ -75,9 +75,11 @@ class FitConfig(Config):
     time_budget: float | None = None  # seconds; stop early (best state kept) once spent
     bos: str = "auto"  # BOS policy of every training window / sequence (recoup.data.bos): auto | always | never
     gradient_checkpointing: bool = False  # recompute decoder layers in the backward: less memory, one more forward
-    objective: str = "lm"  # lm (next-token loss) | kd (distil the teacher's next-token distribution) | lm+kd
+    objective: str = "lm"  # lm (next-token loss) | kd (teacher's next tokens) | squarehead (teacher's layer
+    # outputs, Kurtic et al. 2023) | a + sum of them: lm+kd, kd+squarehead, lm+squarehead, lm+kd+squarehead
     kd_temperature: float = 2.0
     kd_weight: float = 1.0  # lm+kd: weight of the kd term
+    squarehead_weight: float = 1.0  # squarehead beside another term: its weight
     teacher: str | None = None  # kd: the teacher model (default: the artifact's recorded dense source)
 
     default_data: ClassVar[str | None] = "ptb"
@@ -103,7 +105,10 @@ class FitConfig(Config):
             check(self.val_windows >= 1, f"val_windows must be >= 1 (got {self.val_windows})")
         check(self.time_budget is None or self.time_budget > 0,
               f"time_budget must be > 0 seconds (got {self.time_budget})")
-        check(self.objective in ("lm", "kd", "lm+kd"), f"unknown objective '{self.objective}'; use lm, kd or lm+kd")
+        from recoup.recover.losses import objective_terms
+
+        objective_terms(self.objective)  # one line naming the objectives for anything else
+        check(self.squarehead_weight >= 0, f"squarehead_weight must be >= 0 (got {self.squarehead_weight})")
         check(self.kd_temperature > 0, f"kd_temperature must be > 0 (got {self.kd_temperature})")
         check(self.kd_weight >= 0, f"kd_weight must be >= 0 (got {self.kd_weight})")
         self.train_config()  # validates steps, lr, warmup, eval_every
@@ -120,7 +125,7 @@ class FitConfig(Config):
         teacher = load_teacher(loaded, self.teacher, dtype=param.dtype, device=str(param.device)).model
         for p in teacher.parameters():
             p.requires_grad_(False)
-        return Objective(self.objective, teacher.eval(), self.kd_temperature, self.kd_weight)
+        return Objective(self.objective, teacher.eval(), self.kd_temperature, self.kd_weight, self.squarehead_weight)
 
     def train_config(self) -> "TrainConfig":
         every = self.eval_every if self.eval_every is not None else max(1, self.steps // 5)

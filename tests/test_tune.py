@@ -1,0 +1,228 @@
+"""Recovery inside the artifact (``recover --method tune``): scales / sparse weights / norms train with codes and
+masks frozen, the result is a new artifact (bit-identical codes and masks, a tuning record) that evaluates and
+exports like any other; refused choices are one line, exit 2; the squarehead objective (Kurtic et al. 2023)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import save_tiny, tiny_model
+from safetensors.torch import load_file
+from test_run import write_corpus
+
+from recoup.artifact.packing import PACKED_FILE
+from recoup.artifact.store import QPARAMS_FILE, compression_fingerprint, load_artifact, load_qparams, read_manifest
+from recoup.cli import main
+from recoup.data.windows import corpus_ids
+from recoup.errors import RecoupError
+from recoup.model.anatomy import anatomy
+from recoup.recover.losses import Objective, layer_outputs, mean_loss, squarehead_loss
+from recoup.recover.task_data import Sequence, collate, tuning_data
+from recoup.recover.tune import TuneConfig, fit_tune
+
+SEQLEN = 48
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A tiny dense llama, a text corpus, and two artifacts of it: 50% sparse + 4-bit (g32), and 50% sparse only."""
+    tmp = tmp_path_factory.mktemp("tune")
+    dense = tmp / "dense"
+    save_tiny(dense, "llama", hidden=64, layers=2)
+    corpus = str(write_corpus(tmp / "text.txt", n_words=3000))
+    common = ["--calib", corpus, "--nsamples", "4", "--seqlen", str(SEQLEN), "--device", "cpu"]
+    assert main(["compress", str(dense), "--method", "sparsegpt", "--sparsity", "0.5", "--bits", "4",
+                 "--group-size", "32", "--out", str(tmp / "quant"), *common]) == 0
+    assert main(["compress", str(dense), "--method", "sparsegpt", "--sparsity", "0.5", "--out", str(tmp / "sparse"),
+                 *common]) == 0
+    return {"tmp": tmp, "dense": dense, "corpus": corpus, "quant": tmp / "quant", "sparse": tmp / "sparse"}
+
+
+def _windows(ids: torch.Tensor, n: int) -> list[Sequence]:
+    return [Sequence(ids=ids[i * SEQLEN:(i + 1) * SEQLEN].tolist()) for i in range(n)]
+
+
+def _tune(work, artifact, **cfg):
+    """Tune ``artifact`` in Python; returns (tuned, losses before, losses after) on fixed training windows and on
+    held-out windows of the corpus' test split (never trained or validated on)."""
+    loaded = load_artifact(work[artifact])
+    tok = loaded.tokenizer
+    config = TuneConfig(data=work["corpus"], seqlen=SEQLEN, val_windows=2, seed=0, **cfg)
+    data = tuning_data(tok, data=work["corpus"], max_len=SEQLEN, seed=0, val_windows=2)
+    train_set = _windows(data.lm_ids, 8)
+    held_out = _windows(corpus_ids(tok, work["corpus"], "test"), 8)
+
+    def losses():
+        return mean_loss(loaded.model, train_set, tok.pad_token_id), mean_loss(loaded.model, held_out, tok.pad_token_id)
+
+    before = losses()
+    tuned, result = fit_tune(loaded, config, data)
+    return tuned, before, losses(), result
+
+
+def _packed(path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / PACKED_FILE))
+
+
+def test_scales_lower_train_and_held_out_loss_codes_and_masks_bit_identical(work):
+    src = read_manifest(work["quant"])
+    tuned, before, after, result = _tune(work, "quant", trainable="scales", steps=30, lr=2e-2, batch_size=4)
+    assert after[0] < before[0] - 0.02 and after[1] < before[1] - 0.02, (before, after)
+    out = work["tmp"] / "quant-tuned"
+    tuned.save(out)
+    new = read_manifest(out)
+    # the integer codes and the masks: the same packed bytes, a different grid
+    old_t, new_t = _packed(work["quant"]), _packed(out)
+    assert old_t.keys() == new_t.keys() and all(torch.equal(old_t[k], new_t[k]) for k in old_t)
+    old_q, new_q = load_qparams(work["quant"]), load_qparams(out)
+    assert any(not torch.equal(old_q[n]["scale"], new_q[n]["scale"]) for n in old_q)
+    assert all(torch.equal(old_q[n]["zero"], new_q[n]["zero"]) for n in old_q)  # zero points frozen
+    assert new["storage"]["tensors"] == src["storage"]["tensors"]
+    # the compression record is kept; the tuning record says what, on what, how
+    for key in ("recipe", "layers", "calibration", "source", "summary"):
+        assert new[key] == src[key]
+    rec = new["tuning"][-1]
+    assert rec["trainable"] == ["scales"] and rec["objective"] == "lm" and rec["teacher"] is None
+    assert rec["tuned"]["scales"] == len(src["layers"]) and rec["trained_parameters"] > 0
+    assert rec["data"]["corpus"] == work["corpus"] and rec["compression_fingerprint"]["unchanged"]
+    assert rec["source_artifact"]["manifest_sha256"] == src["manifest_sha256"]
+    # the saved artifact computes what the tuned model computed, and its fingerprint is the source's
+    reloaded = load_artifact(out)
+    x = torch.randint(4, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(reloaded.model(x).logits, tuned.loaded.model(x).logits)
+    source = load_artifact(work["quant"])
+    src_fp = compression_fingerprint(source.model, source.manifest)
+    assert all(e["codes_sha256"] for e in src_fp["linears"].values())
+    assert compression_fingerprint(reloaded.model, reloaded.manifest)["digest"] == src_fp["digest"]
+
+
+def test_masked_weights_and_norms_lower_loss_pruned_weights_stay_zero(work):
+    src = load_artifact(work["sparse"])
+    masks = {n: anatomy(src.model).weight_matrix(m) == 0 for n, m in anatomy(src.model).iter_linears()}
+    tuned, before, after, _ = _tune(work, "sparse", trainable="weights,norms", steps=30, lr=3e-3, batch_size=4)
+    assert after[0] < before[0] - 0.02 and after[1] < before[1] - 0.02, (before, after)
+    model = tuned.loaded.model
+    changed = 0
+    for name, mod in anatomy(model).iter_linears():
+        w = anatomy(model).weight_matrix(mod)
+        assert torch.equal(w == 0, masks[name])  # every pruned weight exactly zero, every kept one non-zero
+        changed += int(not torch.equal(w, anatomy(src.model).weight_matrix(dict(src.model.named_modules())[name])))
+    assert changed == len(masks)
+    norm = model.model.norm.weight
+    assert not torch.equal(norm, src.model.model.norm.weight)
+    out = work["tmp"] / "sparse-tuned"
+    tuned.save(out)
+    old_t, new_t = _packed(work["sparse"]), _packed(out)
+    assert all(torch.equal(old_t[k], new_t[k]) for k in old_t if k.endswith(".mask"))
+    assert read_manifest(out)["tuning"][-1]["tuned"] == {"scales": 0, "weights": len(masks), "norms": 5}
+    assert not (out / QPARAMS_FILE).exists()
+
+
+def test_save_refuses_changed_codes(work):
+    tuned, *_ = _tune(work, "quant", trainable="norms", steps=1, eval_every=1)
+    name = tuned.fields["layers"][0]["name"]
+    mod = dict(tuned.loaded.model.named_modules())[name]
+    with torch.no_grad():
+        mod.weight[0, :4] = mod.weight[0, :4] * 3 + 0.5  # moved off its codes
+    with pytest.raises(RecoupError, match="refusing to save: tuning changed the codes or mask of 1 linears"):
+        tuned.save(work["tmp"] / "never")
+    assert not (work["tmp"] / "never").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["quant", "weights"], "--trainable weights would move the 4-bit weights"),
+    (["quant", "scales,weights"], "--trainable weights would move the 4-bit weights"),
+    (["sparse", "scales"], "is not quantized: it has no scales to tune"),
+    (["dense", "norms"], "tune trains inside a recoup artifact"),
+    (["quant", "codes"], "--trainable takes a comma list of scales, norms, weights"),
+])
+def test_refused_choices_are_one_line_exit_2(work, capsys, args, message):
+    source, trainable = args
+    code = main(["recover", str(work[source]), "--method", "tune", "--trainable", trainable, "--data", work["corpus"],
+                 "--out", str(work["tmp"] / "refused")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not (work["tmp"] / "refused").exists()
+
+
+def test_refused_out_is_the_source(work, capsys):
+    code = main(["recover", str(work["quant"]), "--method", "tune", "--data", work["corpus"], "--force",
+                 "--out", str(work["quant"])])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--out is the source artifact" in err and len(err.splitlines()) == 1
+
+
+def test_cli_tune_kd_squarehead_then_eval_and_export_compressed_tensors(work, tmp_path):
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "tuned"
+    assert main(["recover", str(work["quant"]), "--method", "tune", "--trainable", "scales,norms", "--objective",
+                 "kd+squarehead", "--data", work["corpus"], "--seqlen", str(SEQLEN), "--steps", "4", "--batch-size",
+                 "2", "--val-windows", "1", "--out", str(out)]) == 0
+    rec = read_manifest(out)["tuning"][-1]
+    assert rec["objective"] == "kd+squarehead" and rec["teacher"] == str(work["dense"])
+    assert rec["trainable"] == ["scales", "norms"]
+    report = tmp_path / "eval.json"
+    assert main(["eval", str(out), "--tasks", f"ppl:{work['corpus']}", "--limit", "2", "--seqlen", str(SEQLEN),
+                 "--json", str(report)]) == 0
+    assert json.loads(report.read_text())["results"][f"ppl:{work['corpus']}"]["ppl"] > 1
+    exported = tmp_path / "ct"
+    assert main(["export", str(out), "--format", "compressed-tensors", "--out", str(exported)]) == 0
+    ours = load_artifact(out).model
+    theirs = AutoModelForCausalLM.from_pretrained(str(exported), dtype=torch.float32).eval()
+    x = torch.randint(4, 100, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, got = ours(x).logits, theirs(x).logits
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+    # the tuned artifact is a model, not an adapter: attaching it is one clear line
+    code = main(["eval", str(work["quant"]), "--recovery", str(out), "--tasks", f"ppl:{work['corpus']}"])
+    assert code == 2
+
+
+# ---------------------------------------------------------------------------------------------- squarehead
+
+def test_squarehead_matches_hand_computation():
+    torch.manual_seed(0)
+    s = [torch.randn(2, 5, 8) for _ in range(3)]
+    t = [torch.randn(2, 5, 8) for _ in range(3)]
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    hand = 0.0
+    for a, b in zip(s, t):
+        num = sum(((a[i, j] - b[i, j]) ** 2).sum() for i in range(2) for j in range(5) if mask[i, j])
+        den = sum((b[i, j] ** 2).sum() for i in range(2) for j in range(5) if mask[i, j])
+        hand += float(num / den)
+    assert float(squarehead_loss(s, t, mask)) == pytest.approx(hand, rel=1e-6)
+    assert float(squarehead_loss(t, t, mask)) == 0.0
+    with pytest.raises(RecoupError, match="one output per decoder layer"):
+        squarehead_loss(s[:2], t)
+
+
+def test_squarehead_objective_is_zero_for_the_teacher_and_uses_every_layer_output():
+    model = tiny_model("llama", hidden=32, layers=3)
+    ids = torch.randint(4, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    batch = collate([Sequence(ids=r.tolist()) for r in ids], 0)
+    with torch.no_grad():
+        assert float(Objective("squarehead", model)(model, batch, "cpu")) == 0.0
+    other = tiny_model("llama", hidden=32, layers=3, seed=1)
+    with torch.no_grad():
+        with layer_outputs(model) as hs, layer_outputs(other) as ht:
+            model(ids)
+            other(ids)
+        hand = float(squarehead_loss([hs[i] for i in range(3)], [ht[i] for i in range(3)]))
+        got = float(Objective("squarehead", other)(model, batch, "cpu"))
+        lm = float(Objective("lm")(model, batch, "cpu"))
+        both = float(Objective("lm+squarehead", other, squarehead_weight=0.5)(model, batch, "cpu"))
+    assert len(hs) == 3 and got == pytest.approx(hand, rel=1e-5) and got > 0
+    assert both == pytest.approx(lm + 0.5 * hand, rel=1e-5)
+
+
+def test_objective_names():
+    assert TuneConfig(objective="squarehead+kd").objective == "squarehead+kd"
+    with pytest.raises(RecoupError, match=r"unknown objective 'kd\+kd'"):
+        TuneConfig(objective="kd+kd")
+    with pytest.raises(RecoupError, match="needs a teacher"):
+        Objective("kd+squarehead")
