@@ -143,9 +143,10 @@ def test_factoid_template_option(monkeypatch):
     monkeypatch.setattr(factoid, "load", lambda name, options=None: [
         {"id": "0", "question": "The capital of France is", "answers": ["Paris"]}])
     monkeypatch.setattr(Scorer, "generate", lambda self, prompts, **kw: seen.extend(prompts) or [" Paris."] * len(prompts))
+    monkeypatch.setattr(factoid.bigbench, "task_sha256", lambda task: "sha-of-" + task)  # no task file installed
     res = factoid.run("qa_wikidata", lm, EvalSettings(seqlen=512, options={"factoid_template": "cloze"}), None)
     assert seen == ["The capital of France is"] and res["em"] == 1.0
-    assert res["protocol"]["template"] == "{question}"
+    assert res["protocol"]["template"] == "{question}" and res["protocol"]["sha256"] == "sha-of-qa_wikidata"
 
 
 @needs_olmo
