@@ -121,6 +121,13 @@ def test_masked_weights_and_norms_lower_loss_pruned_weights_stay_zero(work):
     assert not (out / QPARAMS_FILE).exists()
 
 
+def test_a_narrower_dtype_than_the_artifact_is_refused(work):
+    loaded = load_artifact(work["quant"], dtype="bfloat16")
+    with pytest.raises(RecoupError, match=r"\(bfloat16\), which would round its untouched weights; load it with "
+                                          r"--dtype float32$"):
+        fit_tune(loaded, TuneConfig(data=work["corpus"], seqlen=SEQLEN), None)
+
+
 def test_save_refuses_changed_codes(work):
     tuned, *_ = _tune(work, "quant", trainable="norms", steps=1, eval_every=1)
     name = tuned.fields["layers"][0]["name"]
@@ -226,3 +233,15 @@ def test_objective_names():
         TuneConfig(objective="kd+kd")
     with pytest.raises(RecoupError, match="needs a teacher"):
         Objective("kd+squarehead")
+
+
+def test_squarehead_behind_a_prefix_compares_the_batch_positions_and_trains_the_prefix():
+    """A soft prompt's positions are not the teacher's: the student's layer outputs are compared on the batch's
+    own positions, and the loss reaches the prefix."""
+    model = tiny_model("llama", hidden=32, layers=2)
+    ids = torch.randint(4, 100, (2, 10), generator=torch.Generator().manual_seed(0))
+    batch = collate([Sequence(ids=r.tolist()) for r in ids], 0)
+    prefix = torch.nn.Parameter(torch.randn(3, 32) * 0.1)
+    loss = Objective("kd+squarehead", tiny_model("llama", hidden=32, layers=2))(model, batch, "cpu", prefix)
+    loss.backward()
+    assert torch.isfinite(loss) and prefix.grad is not None and prefix.grad.abs().sum() > 0

@@ -220,6 +220,11 @@ def fit_tune(loaded, config: TuneConfig, data) -> tuple[TunedArtifact, TrainResu
     modules = dict(model.named_modules())
     names = [r["name"] for r in manifest.get("layers") or []]
     dtype = next(model.parameters()).dtype
+    if dtype not in (art_dtype, torch.float32):  # every other tensor is written back as loaded
+        art = str(art_dtype).replace("torch.", "")
+        wider = art if art == "float32" else f"{art} or float32"
+        raise RecoupError(f"tune writes a new {art} artifact from the model as loaded ({str(dtype)[6:]}), which would "
+                          f"round its untouched weights; load it with --dtype {wider}")
 
     for p in model.parameters():
         p.requires_grad_(False)
