@@ -245,3 +245,27 @@ def test_squarehead_behind_a_prefix_compares_the_batch_positions_and_trains_the_
     loss = Objective("kd+squarehead", tiny_model("llama", hidden=32, layers=2))(model, batch, "cpu", prefix)
     loss.backward()
     assert torch.isfinite(loss) and prefix.grad is not None and prefix.grad.abs().sum() > 0
+
+
+def test_fp16_scale_grid_stays_fp16_and_exports_exactly_to_gguf_q4_0(tmp_path):
+    """An artifact on float16 scales (``--scale-dtype float16``) keeps them float16 after tuning, so its GGUF Q4_0
+    file still holds the tuned weights bit for bit."""
+    from test_export import TEXT, TOK, artifact, run_export
+    from transformers import AutoModelForCausalLM
+
+    from recoup.recover.task_data import TuningData
+
+    art = artifact(tmp_path, method="gptq", bits=4, group_size=64, scale_dtype="float16")
+    seqs = [Sequence(ids=TOK(t)["input_ids"]) for t in TEXT[:12]]
+    data = TuningData(train=seqs[:9], valid=seqs[9:], protocol={"toy": True})
+    tuned, _ = fit_tune(art, TuneConfig(data="toy", steps=6, lr=2e-2, eval_every=3, batch_size=3), data)
+    tuned.save(tmp_path / "tuned")
+    old, new = load_qparams(art.path), load_qparams(tmp_path / "tuned")
+    assert any(not torch.equal(old[n]["scale"], new[n]["scale"]) for n in old)
+    assert all(torch.equal(new[n]["scale"].half().float(), new[n]["scale"]) for n in new)
+    out = load_artifact(tmp_path / "tuned")
+    res = run_export(out, tmp_path, "gguf")
+    assert res["plan"]["linear_type"] == "Q4_0" and res["scales_exact_in_fp16"] is True
+    m = AutoModelForCausalLM.from_pretrained(res["out"], gguf_file="model.gguf", dtype=torch.float32).eval()
+    for name in new:
+        assert torch.equal(m.get_submodule(name).weight, out.model.get_submodule(name).weight), name
