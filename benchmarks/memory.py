@@ -2,7 +2,8 @@
 
 Builds random-weight checkpoints of real shapes on disk (bf16 safetensors shards of at most 2 GB, the bundled
 model's tokenizer, so the vocabulary is 49152): ``llama-3.2-1b`` (hidden 2048, 16 layers, MLP 8192, 32/8 heads,
-tied embeddings) and ``llama-3-8b`` (hidden 4096, 32 layers, MLP 14336, 32/8 heads). Then, each cell its own
+tied embeddings), ``llama-3-8b`` (hidden 4096, 32 layers, MLP 14336, 32/8 heads) and ``llama-3-8b-Nl`` (the
+8B shapes with N = 2 or 4 of its layers). Then, each cell its own
 ``recoup`` process whose peak RSS is read with ``wait4`` (its own ``ru_maxrss``):
 
 - ``compress`` Wanda 50% and RTN w4 g128 (``--lazy``, the default: one decoder layer read at a time; with
@@ -52,6 +53,9 @@ SHAPES = {
         rope_theta=500000.0,
     ),
 }
+# LLaMA-3-8B's decoder layer and embeddings with fewer layers: what one 8B layer costs, and whether peak memory
+# grows with depth (with lazy weights it should not), without 16 GB of checkpoint and 32 layers of CPU time
+SHAPES.update({f"llama-3-8b-{n}l": {**SHAPES["llama-3-8b"], "num_hidden_layers": n} for n in (2, 4)})
 RECIPES = {
     "wanda": ["--method", "wanda", "--sparsity", "0.5"],
     "rtn": ["--method", "rtn", "--bits", "4", "--group-size", "128"],
