@@ -17,7 +17,7 @@ from recoup import __version__
 from recoup.errors import RecoupError
 from recoup.safeio import SECRET_ENV, install_log_redaction, redact, secret_env
 
-# Explicit list of subcommand modules (house style 2).
+# Explicit list of subcommand modules (docs/design.md, house style 2).
 COMMANDS = ["setup", "eval", "compress", "run", "sweep", "runs", "show", "report", "compare_recovery", "recover", "compare",
             "export", "lm_eval"]
 

@@ -29,18 +29,7 @@ from recoup.model.anatomy import anatomy
 from recoup.model.lazy import LazyWeights, TensorFile
 from recoup.model.load import LoadedModel
 
-SAFE_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+SAFE_DTYPES = TensorFile.DTYPES  # safetensors dtype name -> torch dtype
 
 
 def merge_safetensors(path: Path, sources: dict[str, Path], metadata: dict[str, str], delete: bool = False) -> None:

@@ -1,5 +1,5 @@
 """Per-architecture anatomy as data: where the decoder layers, their linears, embeddings,
-final norm and lm_head live, keyed by ``config.model_type`` (house style 4).
+final norm and lm_head live, keyed by ``config.model_type`` (docs/design.md, house style 4).
 
 ``sequential`` lists the linear sub-groups of one decoder layer in true-sequential order
 (GPTQ's ``--true-sequential``): linears in one sub-group read the same input, so they share one

@@ -81,7 +81,7 @@ WEIGHTS = "idp_pool.safetensors"
 ONE_PREFILL, TWO_PASS = "one-prefill", "two-pass"
 MODES = (ONE_PREFILL, TWO_PASS)
 # K, the decoder layers that score the prompts: the smallest that kept the training choices spread over the pool
-# (benchmarks/idp_prefill.py --part select; the figures are in benchmarks/results/idp_k_train)
+# (benchmarks/idp_prefill.py --part select; the figures are in benchmarks/results/idp_select_layers)
 DEFAULT_SELECT_LAYERS = 2
 
 

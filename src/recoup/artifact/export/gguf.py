@@ -43,7 +43,7 @@ class GgufArch:
     name_hint: str = ""  # transformers reads llama-arch files named "...mistral..." back as mistral
 
 
-# model types llama.cpp runs and this writer handles (data, house style 4)
+# model types llama.cpp runs and this writer handles (data, docs/design.md house style 4)
 ARCHES = {"llama": GgufArch("llama", True), "mistral": GgufArch("llama", True, "mistral"),
           "qwen2": GgufArch("qwen2", False), "qwen3": GgufArch("qwen3", False)}
 REFUSED = {"gemma3_text": "its norms (1 + w) and scaled embeddings are not converted yet",

@@ -1,6 +1,6 @@
 """The task registry: task name -> runner ``(name, loaded, settings, recovery) -> metrics dict``.
 
-Task families register explicitly below (house style 2: by import, not by walking packages). A fixed
+Task families register explicitly below (docs/design.md, house style 2: by import, not by walking packages). A fixed
 task is one ``TASKS.register(name, TaskSpec(...))`` line; a parametric family (``ppl:CORPUS``) registers
 its prefix in :data:`FAMILIES` with a function ``name -> TaskSpec``.
 Every result holds metric values with ``<metric>_stderr``, ``n`` and a ``protocol`` dict (source,
