@@ -53,28 +53,35 @@ def check_properties(loaded, config, report) -> dict:
     fp = compression_fingerprint(loaded.model, report.to_dict(), report.qparams)
     out = {"zero_fraction": fp["sparsity"], "all_on_grid": fp["all_on_grid"]}
     if config.nm:
-        out["nm_ok"] = all(is_nm(anatomy(loaded.model).weight_matrix(m), *config.nm)
-                           for _, m in anatomy(loaded.model).iter_linears())
+        out["nm_ok"] = all(
+            is_nm(anatomy(loaded.model).weight_matrix(m), *config.nm) for _, m in anatomy(loaded.model).iter_linears()
+        )
     return out
 
 
 def run_one(name: str, args: argparse.Namespace) -> dict:
     """Compress + evaluate one recipe in this process; returns a result row."""
+    from recoup.artifact import load_model
+    from recoup.artifact.report import peak_rss_mb
     from recoup.compress import CompressConfig, compress
     from recoup.compress.methods import METHODS
-    from recoup.artifact.report import peak_rss_mb
     from recoup.data.calibration import calibration_windows
     from recoup.evaluate.perplexity import perplexity
-    from recoup.artifact import load_model
 
     row: dict = {"recipe": name}
     if name.startswith("artifact:"):
         path = name.split(":", 1)[1]
         loaded = load_model(path)
         m = loaded.manifest
-        row.update({"recipe": f"{m['recipe']['method']} {Path(path).name}", "compress_s": m["seconds"],
-                    "peak_rss_mb": m["peak_rss_mb"], "zero_fraction": m["summary"]["sparsity"],
-                    "calibration": m["calibration"]})
+        row.update(
+            {
+                "recipe": f"{m['recipe']['method']} {Path(path).name}",
+                "compress_s": m["seconds"],
+                "peak_rss_mb": m["peak_rss_mb"],
+                "zero_fraction": m["summary"]["sparsity"],
+                "calibration": m["calibration"],
+            }
+        )
         from recoup.artifact.store import compression_fingerprint
 
         row["all_on_grid"] = compression_fingerprint(loaded.model, m)["all_on_grid"]
@@ -95,12 +102,22 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
             row["compress_cpu_s"] = time.process_time() - c0  # CPU seconds of every thread: less load-sensitive
             row["load_avg"] = os.getloadavg()
             if args.flops:  # achieved FLOP/s against torch.mm's rate at the run's own shapes
-                flops = {"linear": counter.linear, "attention": counter.attention, "stats": counter.stats,
-                         "obs": obs_flops(report)}
+                flops = {
+                    "linear": counter.linear,
+                    "attention": counter.attention,
+                    "stats": counter.stats,
+                    "obs": obs_flops(report),
+                }
                 rate = matmul_rate(counter.mm_shapes)
                 achieved = sum(flops.values()) / row["compress_s"]
-                row.update({"gflop": {k: v / 1e9 for k, v in flops.items()}, "achieved_gflops": achieved / 1e9,
-                            "matmul_gflops": rate / 1e9, "fraction_of_matmul": achieved / rate})
+                row.update(
+                    {
+                        "gflop": {k: v / 1e9 for k, v in flops.items()},
+                        "achieved_gflops": achieved / 1e9,
+                        "matmul_gflops": rate / 1e9,
+                        "fraction_of_matmul": achieved / rate,
+                    }
+                )
             row["peak_rss_mb"] = peak_rss_mb()
             row["calibration"] = cal.protocol if cal is not None else None
             row.update(check_properties(loaded, config, report))
@@ -111,8 +128,15 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
         return row
     t0 = time.time()
     res = perplexity(loaded.model, loaded.tokenizer, "ptb", "test", seqlen=args.ppl_seqlen, limit=args.limit)
-    row.update({"ppl": res.ppl, "ppl_windows": res.windows, "ppl_tokens": res.tokens, "ppl_s": time.time() - t0,
-                "peak_rss_mb_total": peak_rss_mb()})
+    row.update(
+        {
+            "ppl": res.ppl,
+            "ppl_windows": res.windows,
+            "ppl_tokens": res.tokens,
+            "ppl_s": time.time() - t0,
+            "peak_rss_mb_total": peak_rss_mb(),
+        }
+    )
     return row
 
 
@@ -120,8 +144,8 @@ def obs_timing(args: argparse.Namespace) -> list[dict]:
     """SparseGPT / GPTQ time per weight of LLaMA-7B layer shapes with random weights and Hessians."""
     import torch
 
-    from recoup.compress.obs import obs_compress
     from recoup.artifact.grid import QuantGrid
+    from recoup.compress.obs import obs_compress
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
@@ -131,7 +155,7 @@ def obs_timing(args: argparse.Namespace) -> list[dict]:
         w = torch.randn(r, c, generator=g).to(device)
         x = torch.randn(4 * c, c, generator=g).to(device)
         h = 2 / x.shape[0] * x.t() @ x
-        flops = r * c * c + r * c * 128 + 4 / 3 * c ** 3  # lazy updates + in-block updates + Cholesky/inverse
+        flops = r * c * c + r * c * 128 + 4 / 3 * c**3  # lazy updates + in-block updates + Cholesky/inverse
         for name, kw in [("sparsegpt-50", {"sparsity": 0.5}), ("gptq-w4g128", {"grid": QuantGrid(4, True, 128)})]:
             if device == "cuda":  # warm up kernels and the allocator
                 obs_compress(w[:64], h, **kw)
@@ -141,9 +165,19 @@ def obs_timing(args: argparse.Namespace) -> list[dict]:
             if device == "cuda":
                 torch.cuda.synchronize()
             dt = time.time() - t0
-            rows.append({"method": name, "shape": f"{r}x{c}", "device": device, "seconds": dt,
-                         "gflop_est": flops / 1e9, "gflops": flops / 1e9 / dt})
-            print(f"{name:14s} {r}x{c} on {device}: {dt:.2f}s  (~{flops / 1e9:.0f} GFLOP, {flops / 1e9 / dt:.1f} GFLOP/s)")
+            rows.append(
+                {
+                    "method": name,
+                    "shape": f"{r}x{c}",
+                    "device": device,
+                    "seconds": dt,
+                    "gflop_est": flops / 1e9,
+                    "gflops": flops / 1e9 / dt,
+                }
+            )
+            print(
+                f"{name:14s} {r}x{c} on {device}: {dt:.2f}s  (~{flops / 1e9:.0f} GFLOP, {flops / 1e9 / dt:.1f} GFLOP/s)"
+            )
     return rows
 
 
@@ -158,8 +192,11 @@ def main() -> int:
     p.add_argument("--ppl-seqlen", type=int, default=2048)
     p.add_argument("--limit", type=int, default=None, help="at most N PTB-test perplexity windows")
     p.add_argument("--no-ppl", action="store_true", help="time the compression only (no perplexity)")
-    p.add_argument("--flops", action="store_true",
-                   help="count the run's FLOPs and time torch.mm at its shapes: achieved FLOP/s vs the matmul rate")
+    p.add_argument(
+        "--flops",
+        action="store_true",
+        help="count the run's FLOPs and time torch.mm at its shapes: achieved FLOP/s vs the matmul rate",
+    )
     p.add_argument("--json", default="benchmarks/results/compress/compress.json")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     p.add_argument("--obs-timing", action="store_true", help="time the OBS update on LLaMA-7B layer shapes instead")
@@ -181,8 +218,18 @@ def main() -> int:
         if not n.startswith("artifact:") and n not in RECIPES:
             sys.exit(f"unknown recipe '{n}'; known: {', '.join(RECIPES)}")
     results = []
-    passthrough = ["--model", args.model, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-                   "--seed", str(args.seed), "--ppl-seqlen", str(args.ppl_seqlen)]
+    passthrough = [
+        "--model",
+        args.model,
+        "--nsamples",
+        str(args.nsamples),
+        "--seqlen",
+        str(args.seqlen),
+        "--seed",
+        str(args.seed),
+        "--ppl-seqlen",
+        str(args.ppl_seqlen),
+    ]
     if args.limit:
         passthrough += ["--limit", str(args.limit)]
     if args.no_ppl:
@@ -192,27 +239,41 @@ def main() -> int:
     out_path = Path(args.json)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     for n in names:
-        proc = subprocess.run([sys.executable, __file__, "--one", n, *passthrough], capture_output=True, text=True,
-                              env={**os.environ, "TQDM_DISABLE": "1"})
+        proc = subprocess.run(
+            [sys.executable, __file__, "--one", n, *passthrough],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "TQDM_DISABLE": "1"},
+        )
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not line:
             print(f"{n}: FAILED\n{proc.stderr[-2000:]}", file=sys.stderr)
             continue
-        row = json.loads(line[-1][len("RESULT "):])
+        row = json.loads(line[-1][len("RESULT ") :])
         results.append(row)
         if "achieved_gflops" in row:
             parts = ", ".join(f"{k} {v:.0f}" for k, v in row["gflop"].items())
-            print(f"{row['recipe']:24s} {sum(row['gflop'].values()):.0f} GFLOP ({parts}): "
-                  f"{row['achieved_gflops']:.1f} GFLOP/s achieved; torch.mm at the same shapes "
-                  f"{row['matmul_gflops']:.1f} GFLOP/s ({row['fraction_of_matmul']:.0%})", flush=True)
-        print(f"{row['recipe']:24s} ppl {row['ppl']:9.3f}  compress {row['compress_s']:7.1f}s  "
-              f"peak RSS {row['peak_rss_mb']:6.0f} MiB  zeros {row.get('zero_fraction', 0):.4f}", flush=True)
+            print(
+                f"{row['recipe']:24s} {sum(row['gflop'].values()):.0f} GFLOP ({parts}): "
+                f"{row['achieved_gflops']:.1f} GFLOP/s achieved; torch.mm at the same shapes "
+                f"{row['matmul_gflops']:.1f} GFLOP/s ({row['fraction_of_matmul']:.0%})",
+                flush=True,
+            )
+        print(
+            f"{row['recipe']:24s} ppl {row['ppl']:9.3f}  compress {row['compress_s']:7.1f}s  "
+            f"peak RSS {row['peak_rss_mb']:6.0f} MiB  zeros {row.get('zero_fraction', 0):.4f}",
+            flush=True,
+        )
         out_path.write_text(json.dumps({"settings": vars(args), "results": results}, indent=1))
 
-    print(f"\nPTB-test perplexity (seqlen {args.ppl_seqlen}, {'all' if not args.limit else args.limit} windows); "
-          f"calibration {args.nsamples} x {args.seqlen} PTB-train windows, seed {args.seed}")
-    print("| recipe | calibration | PTB ppl | compress time (s) | peak RSS (MiB) | zeros | checks |\n"
-          "|---|---|---:|---:|---:|---:|---|")
+    print(
+        f"\nPTB-test perplexity (seqlen {args.ppl_seqlen}, {'all' if not args.limit else args.limit} windows); "
+        f"calibration {args.nsamples} x {args.seqlen} PTB-train windows, seed {args.seed}"
+    )
+    print(
+        "| recipe | calibration | PTB ppl | compress time (s) | peak RSS (MiB) | zeros | checks |\n"
+        "|---|---|---:|---:|---:|---:|---|"
+    )
     for r in results:
         checks = []
         if r.get("all_on_grid") is not None:
@@ -221,8 +282,10 @@ def main() -> int:
             checks.append("N:M ok" if r["nm_ok"] else "N:M BROKEN")
         cal = r.get("calibration")
         cal = f"{cal['nsamples']}x{cal['seqlen']} {cal['corpus']}" if cal else "none"
-        print(f"| {r['recipe']} | {cal} | {r['ppl']:.2f} | {r['compress_s']:.0f} | {r['peak_rss_mb']:.0f} | "
-              f"{r.get('zero_fraction', 0):.4f} | {', '.join(checks)} |")
+        print(
+            f"| {r['recipe']} | {cal} | {r['ppl']:.2f} | {r['compress_s']:.0f} | {r['peak_rss_mb']:.0f} | "
+            f"{r.get('zero_fraction', 0):.4f} | {', '.join(checks)} |"
+        )
     print(f"wrote {out_path}")
     return 0 if args.no_ppl or math.isfinite(sum(r["ppl"] for r in results)) else 1
 

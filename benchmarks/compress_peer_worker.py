@@ -53,8 +53,10 @@ def recipe(name: str, sym: bool):
     if name == "awq-gptq-w3g64":  # AWQ's smoothing, then GPTQ quantizes (recoup: awq rounding=gptq)
         return [AWQModifier(), GPTQModifier(config_groups=groups(3, 64), ignore=ignore)]
     if name == "sparsegpt-50+w4g64":  # llm-compressor's sparse-then-quantize recipe
-        return [SparseGPTModifier(sparsity=0.5, mask_structure="0:0", ignore=prune_ignore),
-                GPTQModifier(config_groups=groups(4, 64), ignore=ignore)]
+        return [
+            SparseGPTModifier(sparsity=0.5, mask_structure="0:0", ignore=prune_ignore),
+            GPTQModifier(config_groups=groups(4, 64), ignore=ignore),
+        ]
     raise SystemExit(f"unknown recipe {name}")
 
 
@@ -103,16 +105,34 @@ def main() -> int:
     tok = AutoTokenizer.from_pretrained(args.model_dir)
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     t0, c0 = time.time(), time.process_time()
-    oneshot(model=model, tokenizer=tok, dataset=ds, recipe=recipe(args.recipe, not args.asym),
-            num_calibration_samples=n, max_seq_length=t, shuffle_calibration_samples=False,
-            batch_size=args.batch_size)
+    oneshot(
+        model=model,
+        tokenizer=tok,
+        dataset=ds,
+        recipe=recipe(args.recipe, not args.asym),
+        num_calibration_samples=n,
+        max_seq_length=t,
+        shuffle_calibration_samples=False,
+        batch_size=args.batch_size,
+    )
     seconds, cpu = time.time() - t0, time.process_time() - c0
     state, quantized = dequantized_state(model)
     torch.save(state, args.out)
     import llmcompressor
 
-    print("RESULT " + json.dumps({"compress_s": seconds, "compress_cpu_s": cpu, "quantized_linears": quantized,
-                                  "llmcompressor": llmcompressor.__version__, "torch": torch.__version__}), flush=True)
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "compress_s": seconds,
+                "compress_cpu_s": cpu,
+                "quantized_linears": quantized,
+                "llmcompressor": llmcompressor.__version__,
+                "torch": torch.__version__,
+            }
+        ),
+        flush=True,
+    )
     return 0
 
 

@@ -54,8 +54,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="llama-7b", choices=sorted(SHAPES))
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--methods", default="sparsegpt-50,wanda-50,gptq-w4g128,awq-w4g128,sparsegpt-50+w4g128",
-                   help=f"comma-separated: {', '.join(METHODS)}")
+    p.add_argument(
+        "--methods",
+        default="sparsegpt-50,wanda-50,gptq-w4g128,awq-w4g128,sparsegpt-50+w4g128",
+        help=f"comma-separated: {', '.join(METHODS)}",
+    )
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=8)
@@ -89,22 +92,38 @@ def main() -> int:
             return 2
         layer_s = [sum(r.seconds for r in rep.linears if r.layer == i) for i in range(args.layers)]
         cuda = torch.cuda.is_available() and args.device != "cpu"
-        row = {"method": name, "shape": args.shape, "layers": args.layers, "total_s": round(total, 2),
-               "method_s_per_layer": round(sum(layer_s) / len(layer_s), 2),
-               "wall_s_per_layer": round(total / args.layers, 2),
-               "peak_device_mib": round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None,
-               "mean_error": rep.mean_error, "sparsity": rep.sparsity}
+        row = {
+            "method": name,
+            "shape": args.shape,
+            "layers": args.layers,
+            "total_s": round(total, 2),
+            "method_s_per_layer": round(sum(layer_s) / len(layer_s), 2),
+            "wall_s_per_layer": round(total / args.layers, 2),
+            "peak_device_mib": round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None,
+            "mean_error": rep.mean_error,
+            "sparsity": rep.sparsity,
+        }
         rows.append(row)
-        print(f"{name:22s} {args.shape} x{args.layers}: {total:7.1f}s total, {row['wall_s_per_layer']:6.1f}s/layer wall "
-              f"({row['method_s_per_layer']:.1f}s in the method), peak {row['peak_device_mib']} MiB", flush=True)
+        print(
+            f"{name:22s} {args.shape} x{args.layers}: {total:7.1f}s total, {row['wall_s_per_layer']:6.1f}s/layer wall "
+            f"({row['method_s_per_layer']:.1f}s in the method), peak {row['peak_device_mib']} MiB",
+            flush=True,
+        )
         del loaded, rep
         if cuda:
             torch.cuda.empty_cache()
-    env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else
-           platform.processor() or "cpu", "nsamples": args.nsamples, "seqlen": args.seqlen,
-           "batch_size": args.batch_size, "seed": args.seed}
-    print(f"\n| method | s/layer (wall) | s/layer (method) | peak device MiB |  ({env['device']}, "
-          f"{args.nsamples}x{args.seqlen} calibration)\n|---|---:|---:|---:|")
+    env = {
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "nsamples": args.nsamples,
+        "seqlen": args.seqlen,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+    }
+    print(
+        f"\n| method | s/layer (wall) | s/layer (method) | peak device MiB |  ({env['device']}, "
+        f"{args.nsamples}x{args.seqlen} calibration)\n|---|---:|---:|---:|"
+    )
     for r in rows:
         print(f"| {r['method']} | {r['wall_s_per_layer']} | {r['method_s_per_layer']} | {r['peak_device_mib']} |")
     if args.json:

@@ -68,7 +68,7 @@ def _result(proc: subprocess.CompletedProcess, what: str) -> dict:
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise RuntimeError(f"{what} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def side(args: argparse.Namespace) -> dict:
@@ -93,17 +93,28 @@ def side(args: argparse.Namespace) -> dict:
         targets = {id(m) for _, m in anatomy(loaded.model).iter_linears()}
         target_keys = {f"{n}.weight" for n, m in loaded.model.named_modules() if id(m) in targets}
         row["peer_changed_outside_targets"] = [
-            k for k, v in state.items() if k in own and k not in target_keys and not torch.equal(v.to(own[k].dtype), own[k])]
+            k
+            for k, v in state.items()
+            if k in own and k not in target_keys and not torch.equal(v.to(own[k].dtype), own[k])
+        ]
         loaded.model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
         row["peer_missing_keys"] = missing
     else:
         ids = torch.load(args.calib_ids)
         cal = Calibration(input_ids=ids, corpus="ptb", split="train", seqlen=ids.shape[1], seed=args.seed)
-        config = CompressConfig.from_dict({**RECIPES[args.side_recipe], "batch_size": args.batch_size})  # None: recoup's default
+        config = CompressConfig.from_dict(
+            {**RECIPES[args.side_recipe], "batch_size": args.batch_size}
+        )  # None: recoup's default
         t0, c0 = time.time(), time.process_time()
         rep = compress(loaded, config, cal)
-        row.update({"compress_s": time.time() - t0, "compress_cpu_s": time.process_time() - c0,
-                    "peak_rss_mb": peak_rss_mb(), "batch_size": rep.config["batch_size"]})
+        row.update(
+            {
+                "compress_s": time.time() - t0,
+                "compress_cpu_s": time.process_time() - c0,
+                "peak_rss_mb": peak_rss_mb(),
+                "batch_size": rep.config["batch_size"],
+            }
+        )
     anat = anatomy(loaded.model)
     ws = [anat.weight_matrix(m) for _, m in anat.iter_linears()]
     row["zero_fraction"] = float(sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws))
@@ -121,8 +132,12 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ppl-seqlen", type=int, default=2048)
     p.add_argument("--limit", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="recoup's calibration windows per forward (default: recoup's own, 1 or 8 by its path)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="recoup's calibration windows per forward (default: recoup's own, 1 or 8 by its path)",
+    )
     p.add_argument("--peer-batch-size", type=int, default=1, help="llm-compressor's oneshot batch_size (its default 1)")
     p.add_argument("--peer-venv", default="/work/wt/venvs/llmc")
     p.add_argument("--peer-version", default="0.14.0.1")
@@ -150,14 +165,23 @@ def main() -> int:
 
     peer_py = None
     if args.only != "recoup":
-        peer_py = ensure_peer(Path(args.peer_venv), args.torch_version or torch.__version__.split("+")[0],
-                              args.peer_version)
+        peer_py = ensure_peer(
+            Path(args.peer_venv), args.torch_version or torch.__version__.split("+")[0], args.peer_version
+        )
     loaded = load_model(args.model)
     cal = calibration_windows(loaded.tokenizer, "ptb", args.nsamples, args.seqlen, args.seed)
     work = Path(tempfile.mkdtemp(prefix="recoup-vs-peer-"))
     torch.save(cal.input_ids.clone(), work / "calib.pt")
-    common = ["--model", args.model, "--seed", str(args.seed), "--ppl-seqlen", str(args.ppl_seqlen),
-              "--limit", str(args.limit)] + (["--batch-size", str(args.batch_size)] if args.batch_size else [])
+    common = [
+        "--model",
+        args.model,
+        "--seed",
+        str(args.seed),
+        "--ppl-seqlen",
+        str(args.ppl_seqlen),
+        "--limit",
+        str(args.limit),
+    ] + (["--batch-size", str(args.batch_size)] if args.batch_size else [])
     env = {**os.environ, "TQDM_DISABLE": "1"}
     out_path = Path(args.json)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -166,8 +190,12 @@ def main() -> int:
         row: dict = {"recipe": name, "load_avg_start": os.getloadavg()}
         # A side that fails is recorded with its error and the run goes on: the other recipes' results stand.
         if args.only != "peer":
-            proc = subprocess.run([sys.executable, __file__, "--side-recipe", name, "--calib-ids", str(work / "calib.pt"),
-                                   *common], capture_output=True, text=True, env=env)
+            proc = subprocess.run(
+                [sys.executable, __file__, "--side-recipe", name, "--calib-ids", str(work / "calib.pt"), *common],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
             try:
                 row["recoup"] = _result(proc, f"recoup {name}")
             except RuntimeError as exc:
@@ -176,15 +204,30 @@ def main() -> int:
             print(json.dumps({"recipe": name, "recoup": row["recoup"]}), flush=True)  # kept if the peer never ends
             out_path.write_text(json.dumps({"settings": vars(args), "results": [*rows, row]}, indent=1))
         if peer_py is not None:
-            cmd = [str(peer_py), str(HERE / "compress_peer_worker.py"), "--model-dir", str(loaded.path), "--calib",
-                   str(work / "calib.pt"), "--recipe", name, "--out", str(work / f"{name}.pt"),
-                   "--batch-size", str(args.peer_batch_size)]
+            cmd = [
+                str(peer_py),
+                str(HERE / "compress_peer_worker.py"),
+                "--model-dir",
+                str(loaded.path),
+                "--calib",
+                str(work / "calib.pt"),
+                "--recipe",
+                name,
+                "--out",
+                str(work / f"{name}.pt"),
+                "--batch-size",
+                str(args.peer_batch_size),
+            ]
             if RECIPES[name].get("sym") is False:
                 cmd.append("--asym")
             try:
                 peer = _result(subprocess.run(cmd, capture_output=True, text=True, env=env), f"llm-compressor {name}")
-                proc = subprocess.run([sys.executable, __file__, "--peer-weights", str(work / f"{name}.pt"), *common],
-                                      capture_output=True, text=True, env=env)
+                proc = subprocess.run(
+                    [sys.executable, __file__, "--peer-weights", str(work / f"{name}.pt"), *common],
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                )
                 row["peer"] = {**peer, **_result(proc, f"scoring llm-compressor's {name}")}
             except RuntimeError as exc:
                 row["peer"] = {"error": str(exc)}
@@ -199,16 +242,22 @@ def main() -> int:
         print(json.dumps(row), flush=True)
         out_path.write_text(json.dumps({"settings": vars(args), "results": rows}, indent=1))
 
-    print(f"\ncalibration {args.nsamples} x {args.seqlen} PTB-train (seed {args.seed}); PTB-test perplexity on "
-          f"{args.limit} windows of {args.ppl_seqlen}")
-    print("| recipe | ppl recoup / peer | ratio | compress s recoup / peer | ratio | CPU s ratio | zeros r / p |\n"
-          "|---|---|---:|---|---:|---:|---|")
+    print(
+        f"\ncalibration {args.nsamples} x {args.seqlen} PTB-train (seed {args.seed}); PTB-test perplexity on "
+        f"{args.limit} windows of {args.ppl_seqlen}"
+    )
+    print(
+        "| recipe | ppl recoup / peer | ratio | compress s recoup / peer | ratio | CPU s ratio | zeros r / p |\n"
+        "|---|---|---:|---|---:|---:|---|"
+    )
     for r in rows:
         a, b = r.get("recoup", {}), r.get("peer", {})
         f = lambda d, k, fmt: format(d[k], fmt) if k in d else "-"  # noqa: E731
-        print(f"| {r['recipe']} | {f(a, 'ppl', '.2f')} / {f(b, 'ppl', '.2f')} | {f(r, 'ppl_ratio', '.3f')} | "
-              f"{f(a, 'compress_s', '.0f')} / {f(b, 'compress_s', '.0f')} | {f(r, 'time_ratio', '.2f')} | "
-              f"{f(r, 'cpu_ratio', '.2f')} | {f(a, 'zero_fraction', '.3f')} / {f(b, 'zero_fraction', '.3f')} |")
+        print(
+            f"| {r['recipe']} | {f(a, 'ppl', '.2f')} / {f(b, 'ppl', '.2f')} | {f(r, 'ppl_ratio', '.3f')} | "
+            f"{f(a, 'compress_s', '.0f')} / {f(b, 'compress_s', '.0f')} | {f(r, 'time_ratio', '.2f')} | "
+            f"{f(r, 'cpu_ratio', '.2f')} | {f(a, 'zero_fraction', '.3f')} / {f(b, 'zero_fraction', '.3f')} |"
+        )
     for r in rows:
         changed = r.get("peer", {}).get("peer_changed_outside_targets") or []
         if RECIPES[r["recipe"]]["method"] == "awq":
@@ -217,8 +266,10 @@ def main() -> int:
             mod = lambda k: k.rsplit(".", 2)[-2]  # noqa: E731  (input_layernorm, final_layer_norm, ln_1, ...)
             changed = [k for k in changed if "norm" not in mod(k) and not mod(k).startswith("ln_")]
         if changed:
-            print(f"WARNING {r['recipe']}: the peer changed tensors outside the compressed linears "
-                  f"({', '.join(changed[:4])}); its numbers are not comparable")
+            print(
+                f"WARNING {r['recipe']}: the peer changed tensors outside the compressed linears "
+                f"({', '.join(changed[:4])}); its numbers are not comparable"
+            )
     print(f"wrote {out_path}")
     return 0
 

@@ -46,7 +46,7 @@ def plain_loglikelihood(model, scorer, requests):
         with torch.no_grad():
             logp = F.log_softmax(model(input_ids=ids, use_cache=False).logits[0].float(), -1)
         n = len(x)
-        out.append(float(logp[-n - 1:-1].gather(1, ids[0, -n:, None]).sum()))
+        out.append(float(logp[-n - 1 : -1].gather(1, ids[0, -n:, None]).sum()))
     return out
 
 
@@ -55,9 +55,15 @@ def plain_generate(model, scorer, prompts, max_new):
     for p in prompts:
         ids = torch.tensor([scorer.encode(p)])
         with torch.no_grad():
-            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
-                                 do_sample=False, pad_token_id=scorer.pad_id, eos_token_id=scorer.eos_ids)
-        new = [t for t in gen[0, ids.shape[1]:].tolist() if t not in scorer.eos_ids]
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new,
+                do_sample=False,
+                pad_token_id=scorer.pad_id,
+                eos_token_id=scorer.eos_ids,
+            )
+        new = [t for t in gen[0, ids.shape[1] :].tolist() if t not in scorer.eos_ids]
         out.append(scorer.tokenizer.decode(new, skip_special_tokens=True))
     return out
 
@@ -92,34 +98,61 @@ def vs_lm_eval(args) -> None:
     for b in sizes:
         scorer = Scorer(loaded.model, loaded.tokenizer, batch_size=b, progress=False)
         hf = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=b, device=str(scorer.device))
-        for name, fn in (("recoup Scorer", lambda: scorer.loglikelihood(requests)),
-                         ("lm-eval hf", lambda: hf.loglikelihood(instances, disable_tqdm=True))):
+        for name, fn in (
+            ("recoup Scorer", lambda: scorer.loglikelihood(requests)),
+            ("lm-eval hf", lambda: hf.loglikelihood(instances, disable_tqdm=True)),
+        ):
             t0 = time.perf_counter()
             out = fn()
             secs = time.perf_counter() - t0
             outputs[name] = [float(x[0]) for x in out]
-            runs.append({"method": name, "batch_size": b, "seconds": secs, "examples_per_s": len(chosen) / secs,
-                         "load_average": os.getloadavg()})
+            runs.append(
+                {
+                    "method": name,
+                    "batch_size": b,
+                    "seconds": secs,
+                    "examples_per_s": len(chosen) / secs,
+                    "load_average": os.getloadavg(),
+                }
+            )
             print(f"{name:<14} batch {b:>3}: {secs:8.1f} s  {len(chosen) / secs:7.3f} examples/s", flush=True)
-    best = {name: max((r for r in runs if r["method"] == name), key=lambda r: r["examples_per_s"])
-            for name in ("recoup Scorer", "lm-eval hf")}
+    best = {
+        name: max((r for r in runs if r["method"] == name), key=lambda r: r["examples_per_s"])
+        for name in ("recoup Scorer", "lm-eval hf")
+    }
     diff = max(abs(a - b) for a, b in zip(outputs["recoup Scorer"], outputs["lm-eval hf"]))
     agree, pos = 0, 0
     for ex in chosen:
         k = len(ex["choices"])
-        agree += argmax(outputs["recoup Scorer"][pos:pos + k]) == argmax(outputs["lm-eval hf"][pos:pos + k])
+        agree += argmax(outputs["recoup Scorer"][pos : pos + k]) == argmax(outputs["lm-eval hf"][pos : pos + k])
         pos += k
     ratio = best["recoup Scorer"]["examples_per_s"] / best["lm-eval hf"]["examples_per_s"]
-    print(f"best: recoup Scorer {best['recoup Scorer']['examples_per_s']:.3f} ex/s (batch "
-          f"{best['recoup Scorer']['batch_size']}), lm-eval hf {best['lm-eval hf']['examples_per_s']:.3f} ex/s (batch "
-          f"{best['lm-eval hf']['batch_size']}): {ratio:.2f}x; max |delta ll| {diff:.2e}; same choice {agree}/{len(chosen)}")
+    print(
+        f"best: recoup Scorer {best['recoup Scorer']['examples_per_s']:.3f} ex/s (batch "
+        f"{best['recoup Scorer']['batch_size']}), lm-eval hf {best['lm-eval hf']['examples_per_s']:.3f} ex/s (batch "
+        f"{best['lm-eval hf']['batch_size']}): {ratio:.2f}x; max |delta ll| {diff:.2e}; "
+        f"same choice {agree}/{len(chosen)}"
+    )
     import lm_eval
 
-    out = {"model": args.model, "task": "arc_easy (pack validation, seeded sample)", "examples": len(chosen),
-           "requests": len(requests), "seed": args.seed, "runs": runs, "best": best, "speedup": ratio,
-           "max_abs_ll_diff": diff, "same_choice": agree, "threads": torch.get_num_threads(),
-           "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "torch": torch.__version__,
-           "lm_eval": lm_eval.__version__, "python": platform.python_version(), "command": " ".join(sys.argv)}
+    out = {
+        "model": args.model,
+        "task": "arc_easy (pack validation, seeded sample)",
+        "examples": len(chosen),
+        "requests": len(requests),
+        "seed": args.seed,
+        "runs": runs,
+        "best": best,
+        "speedup": ratio,
+        "max_abs_ll_diff": diff,
+        "same_choice": agree,
+        "threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "torch": torch.__version__,
+        "lm_eval": lm_eval.__version__,
+        "python": platform.python_version(),
+        "command": " ".join(sys.argv),
+    }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2))
     print(f"wrote {args.json}")
@@ -143,11 +176,11 @@ def main() -> None:
     if args.vs_lm_eval:
         return vs_lm_eval(args)
 
+    from recoup.artifact import load_model
     from recoup.data.corpora import wiki_passages
     from recoup.evaluate.scorer import Scorer
     from recoup.evaluate.tasks import factoid, load_examples, requests_for
     from recoup.evaluate.tasks.common import sample_indices
-    from recoup.artifact import load_model
 
     loaded = load_model(args.model)
     model = loaded.model
@@ -161,19 +194,40 @@ def main() -> None:
     t_plain, all_plain, ll_plain = timed(lambda: plain_loglikelihood(model, scorer, requests), args.repeats)
     t_batch, all_batch, ll_batch = timed(lambda: scorer.loglikelihood(requests), args.repeats)
     diff = max(abs(a - b[0]) for a, b in zip(ll_plain, ll_batch))
-    rows.append({"request": "loglikelihood (ARC-Easy)", "examples": len(chosen), "requests": len(requests),
-                 "tokens": req_tokens, "plain_s": t_plain, "scorer_s": t_batch, "plain_runs_s": all_plain,
-                 "scorer_runs_s": all_batch, "max_abs_ll_diff": diff})
+    rows.append(
+        {
+            "request": "loglikelihood (ARC-Easy)",
+            "examples": len(chosen),
+            "requests": len(requests),
+            "tokens": req_tokens,
+            "plain_s": t_plain,
+            "scorer_s": t_batch,
+            "plain_runs_s": all_plain,
+            "scorer_runs_s": all_batch,
+            "max_abs_ll_diff": diff,
+        }
+    )
 
     tqa = factoid.load("triviaqa")
-    prompts = [factoid.TEMPLATE.format(question=tqa[i]["question"])
-               for i in sample_indices(len(tqa), args.prompts, args.seed)]
+    prompts = [
+        factoid.TEMPLATE.format(question=tqa[i]["question"]) for i in sample_indices(len(tqa), args.prompts, args.seed)
+    ]
     t_plain, all_plain, g_plain = timed(lambda: plain_generate(model, scorer, prompts, args.new_tokens), args.repeats)
     t_batch, all_batch, g_batch = timed(lambda: scorer.generate(prompts, max_new_tokens=args.new_tokens), args.repeats)
     new_tokens = sum(len(scorer.encode(g)) for g in g_batch)
-    rows.append({"request": "generate (TriviaQA)", "examples": len(prompts), "requests": len(prompts),
-                 "tokens": new_tokens, "plain_s": t_plain, "scorer_s": t_batch, "plain_runs_s": all_plain,
-                 "scorer_runs_s": all_batch, "identical_text": sum(a == b for a, b in zip(g_plain, g_batch))})
+    rows.append(
+        {
+            "request": "generate (TriviaQA)",
+            "examples": len(prompts),
+            "requests": len(prompts),
+            "tokens": new_tokens,
+            "plain_s": t_plain,
+            "scorer_s": t_batch,
+            "plain_runs_s": all_plain,
+            "scorer_runs_s": all_batch,
+            "identical_text": sum(a == b for a, b in zip(g_plain, g_batch)),
+        }
+    )
 
     passages = wiki_passages("test")[: args.passages]
     windows = [w for p in passages for w in scorer.rolling_windows(scorer.encode(p), args.window)]
@@ -185,33 +239,59 @@ def main() -> None:
             ids = torch.tensor([list(c) + list(x)])
             with torch.no_grad():
                 logp = F.log_softmax(model(input_ids=ids, use_cache=False).logits[0].float(), -1)
-            total += float(logp[-len(x) - 1:-1].gather(1, ids[0, -len(x):, None]).sum())
+            total += float(logp[-len(x) - 1 : -1].gather(1, ids[0, -len(x) :, None]).sum())
         return total
 
     t_plain, all_plain, r_plain = timed(plain_rolling, args.repeats)
     t_batch, all_batch, r_batch = timed(lambda: scorer.rolling_loglikelihood(passages, args.window), args.repeats)
-    rows.append({"request": "rolling (wiki passages)", "examples": len(passages), "requests": len(windows),
-                 "tokens": rolling_tokens, "plain_s": t_plain, "scorer_s": t_batch, "plain_runs_s": all_plain,
-                 "scorer_runs_s": all_batch, "abs_total_ll_diff": abs(r_plain - sum(s for s, _ in r_batch))})
+    rows.append(
+        {
+            "request": "rolling (wiki passages)",
+            "examples": len(passages),
+            "requests": len(windows),
+            "tokens": rolling_tokens,
+            "plain_s": t_plain,
+            "scorer_s": t_batch,
+            "plain_runs_s": all_plain,
+            "scorer_runs_s": all_batch,
+            "abs_total_ll_diff": abs(r_plain - sum(s for s, _ in r_batch)),
+        }
+    )
 
-    print(f"model {args.model}  batch {args.batch_size}  torch threads {torch.get_num_threads()}  "
-          f"repeats {args.repeats} (median)")
-    print(f"{'request type':<26} {'n':>5} {'tokens':>7} {'plain tok/s':>12} {'scorer tok/s':>13} "
-          f"{'plain ex/s':>11} {'scorer ex/s':>12} {'speedup':>8}")
+    print(
+        f"model {args.model}  batch {args.batch_size}  torch threads {torch.get_num_threads()}  "
+        f"repeats {args.repeats} (median)"
+    )
+    print(
+        f"{'request type':<26} {'n':>5} {'tokens':>7} {'plain tok/s':>12} {'scorer tok/s':>13} "
+        f"{'plain ex/s':>11} {'scorer ex/s':>12} {'speedup':>8}"
+    )
     for r in rows:
         r["plain_tokens_per_s"] = r["tokens"] / r["plain_s"]
         r["scorer_tokens_per_s"] = r["tokens"] / r["scorer_s"]
         r["plain_examples_per_s"] = r["examples"] / r["plain_s"]
         r["scorer_examples_per_s"] = r["examples"] / r["scorer_s"]
         r["speedup"] = r["plain_s"] / r["scorer_s"]
-        print(f"{r['request']:<26} {r['examples']:>5} {r['tokens']:>7} {r['plain_tokens_per_s']:>12.1f} "
-              f"{r['scorer_tokens_per_s']:>13.1f} {r['plain_examples_per_s']:>11.2f} {r['scorer_examples_per_s']:>12.2f} "
-              f"{r['speedup']:>7.2f}x")
-    print(f"loglikelihood max |plain - scorer| = {rows[0]['max_abs_ll_diff']:.2e}; generate identical text "
-          f"{rows[1]['identical_text']}/{rows[1]['examples']}; rolling |delta total| = {rows[2]['abs_total_ll_diff']:.2e}")
-    out = {"model": args.model, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
-           "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "load_average": os.getloadavg(),
-           "torch": torch.__version__, "python": platform.python_version(), "seed": args.seed, "rows": rows}
+        print(
+            f"{r['request']:<26} {r['examples']:>5} {r['tokens']:>7} {r['plain_tokens_per_s']:>12.1f} "
+            f"{r['scorer_tokens_per_s']:>13.1f} {r['plain_examples_per_s']:>11.2f} {r['scorer_examples_per_s']:>12.2f} "
+            f"{r['speedup']:>7.2f}x"
+        )
+    print(
+        f"loglikelihood max |plain - scorer| = {rows[0]['max_abs_ll_diff']:.2e}; generate identical text "
+        f"{rows[1]['identical_text']}/{rows[1]['examples']}; rolling |delta total| = {rows[2]['abs_total_ll_diff']:.2e}"
+    )
+    out = {
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "load_average": os.getloadavg(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "seed": args.seed,
+        "rows": rows,
+    }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2))
     print(f"wrote {args.json}")

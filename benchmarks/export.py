@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-LLAMA_CPP_NLL = r'''
+LLAMA_CPP_NLL = r"""
 import sys, json, math, numpy as np
 from llama_cpp import Llama
 path, ids_file, seqlen, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -41,8 +41,9 @@ for w in windows:
     lse = (m[:, 0] + np.log(np.exp(logits - m).sum(1)))
     total += float((lse - logits[np.arange(len(w) - 1), w[1:]]).sum())
     count += len(w) - 1
-print(json.dumps({"nll": total / count, "tokens": count, "load_s": load_s, "eval_s": time.perf_counter() - t0 - load_s}))
-'''
+eval_s = time.perf_counter() - t0 - load_s
+print(json.dumps({"nll": total / count, "tokens": count, "load_s": load_s, "eval_s": eval_s}))
+"""
 
 
 def dir_bytes(path: Path) -> int:
@@ -83,11 +84,25 @@ def run_artifact(art: Path, args: argparse.Namespace, work: Path) -> list[dict]:
     windows = ids[: n * args.seqlen].view(n, args.seqlen)
     ppl, ppl_s = ppl_of(loaded.model, windows)
     recipe = loaded.manifest.get("recipe") or {}
-    base = {"artifact": str(art), "recipe": {k: recipe.get(k) for k in ("method", "sparsity", "bits", "group_size", "sym")},
-            "calibration": loaded.manifest.get("calibration"), "windows": n, "seqlen": args.seqlen}
-    rows.append({**base, "format": "recoup", "loader": "recoup load_artifact",
-                 "bytes": loaded.manifest["storage"]["bytes"], "export_s": None, "load_s": load_s, "ppl": ppl,
-                 "ppl_s": ppl_s})
+    base = {
+        "artifact": str(art),
+        "recipe": {k: recipe.get(k) for k in ("method", "sparsity", "bits", "group_size", "sym")},
+        "calibration": loaded.manifest.get("calibration"),
+        "windows": n,
+        "seqlen": args.seqlen,
+    }
+    rows.append(
+        {
+            **base,
+            "format": "recoup",
+            "loader": "recoup load_artifact",
+            "bytes": loaded.manifest["storage"]["bytes"],
+            "export_s": None,
+            "load_s": load_s,
+            "ppl": ppl,
+            "ppl_s": ppl_s,
+        }
+    )
     print(f"  recoup: ppl {ppl:.4f} ({ppl_s:.0f}s)", flush=True)
     recoup_ppl = ppl
     del loaded
@@ -99,27 +114,62 @@ def run_artifact(art: Path, args: argparse.Namespace, work: Path) -> list[dict]:
         load_s = time.perf_counter() - t0
         ppl, ppl_s = ppl_of(model, windows)
         del model
-        loader = {"hf": "transformers", "compressed-tensors": "transformers + compressed-tensors",
-                  "gguf": "transformers GGUF reader"}[fmt]
-        rows.append({**base, "format": fmt, "loader": loader, "bytes": dir_bytes(out), "export_s": res["seconds"],
-                     "load_s": load_s, "ppl": ppl, "ppl_s": ppl_s, "ppl_rel_diff": abs(ppl - recoup_ppl) / recoup_ppl,
-                     "plan": res["plan"], "tensor_types": res.get("tensor_types")})
+        loader = {
+            "hf": "transformers",
+            "compressed-tensors": "transformers + compressed-tensors",
+            "gguf": "transformers GGUF reader",
+        }[fmt]
+        rows.append(
+            {
+                **base,
+                "format": fmt,
+                "loader": loader,
+                "bytes": dir_bytes(out),
+                "export_s": res["seconds"],
+                "load_s": load_s,
+                "ppl": ppl,
+                "ppl_s": ppl_s,
+                "ppl_rel_diff": abs(ppl - recoup_ppl) / recoup_ppl,
+                "plan": res["plan"],
+                "tensor_types": res.get("tensor_types"),
+            }
+        )
         print(f"  {fmt}: ppl {ppl:.4f} ({ppl_s:.0f}s), {dir_bytes(out) / 1e6:.1f} MB", flush=True)
         if fmt == "gguf" and args.llama_python:
             ids_file = work / "windows.npy"
             np.save(ids_file, windows.numpy().astype(np.int64))
-            proc = subprocess.run([args.llama_python, "-c", LLAMA_CPP_NLL, str(out / "model.gguf"), str(ids_file),
-                                   str(args.seqlen), str(args.threads)], capture_output=True, text=True)
+            proc = subprocess.run(
+                [
+                    args.llama_python,
+                    "-c",
+                    LLAMA_CPP_NLL,
+                    str(out / "model.gguf"),
+                    str(ids_file),
+                    str(args.seqlen),
+                    str(args.threads),
+                ],
+                capture_output=True,
+                text=True,
+            )
             if proc.returncode:
                 print(f"  llama.cpp failed: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
                 rows.append({**base, "format": "gguf", "loader": "llama.cpp", "error": proc.stderr[-2000:]})
             else:
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
                 ppl = math.exp(r["nll"])
-                rows.append({**base, "format": "gguf", "loader": "llama.cpp (llama-cpp-python)",
-                             "bytes": (out / "model.gguf").stat().st_size, "export_s": res["seconds"],
-                             "load_s": r["load_s"], "ppl": ppl, "ppl_s": r["eval_s"],
-                             "ppl_rel_diff": abs(ppl - recoup_ppl) / recoup_ppl})
+                rows.append(
+                    {
+                        **base,
+                        "format": "gguf",
+                        "loader": "llama.cpp (llama-cpp-python)",
+                        "bytes": (out / "model.gguf").stat().st_size,
+                        "export_s": res["seconds"],
+                        "load_s": r["load_s"],
+                        "ppl": ppl,
+                        "ppl_s": r["eval_s"],
+                        "ppl_rel_diff": abs(ppl - recoup_ppl) / recoup_ppl,
+                    }
+                )
                 print(f"  gguf in llama.cpp: ppl {ppl:.4f} ({r['eval_s']:.0f}s)", flush=True)
         shutil.rmtree(out, ignore_errors=True)
     return rows
@@ -143,15 +193,20 @@ def main() -> None:
         for art in args.artifacts:
             print(f"{art}:", flush=True)
             rows += run_artifact(Path(art), args, Path(tmp))
-    print(f"\n{'artifact':<22} {'format':<20} {'loader':<34} {'MB':>7} {'export s':>9} {'load s':>7} {'PTB ppl':>9} {'vs recoup':>10}")
+    print(
+        f"\n{'artifact':<22} {'format':<20} {'loader':<34} {'MB':>7} {'export s':>9} {'load s':>7} "
+        f"{'PTB ppl':>9} {'vs recoup':>10}"
+    )
     for r in rows:
         if "error" in r:
             print(f"{Path(r['artifact']).name:<22} {r['format']:<20} {r['loader']:<34} failed")
             continue
         exp_s = f"{r['export_s']:.1f}" if r["export_s"] is not None else "-"
         diff = f"{r['ppl_rel_diff']:.2e}" if "ppl_rel_diff" in r else "-"
-        print(f"{Path(r['artifact']).name:<22} {r['format']:<20} {r['loader']:<34} {r['bytes'] / 1e6:>7.1f} "
-              f"{exp_s:>9} {r['load_s']:>7.1f} {r['ppl']:>9.4f} {diff:>10}")
+        print(
+            f"{Path(r['artifact']).name:<22} {r['format']:<20} {r['loader']:<34} {r['bytes'] / 1e6:>7.1f} "
+            f"{exp_s:>9} {r['load_s']:>7.1f} {r['ppl']:>9.4f} {diff:>10}"
+        )
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items()}

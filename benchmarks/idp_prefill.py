@@ -60,8 +60,10 @@ def latency(args, loaded) -> dict:
     size = f"{args.pool}x{args.tokens}"
     cases = [("model alone", None), (f"soft prompt ({args.tokens} tokens)", SoftPrompt(pool[0]))]
     cases += [(f"IDP one-prefill {size}, K={j}", IDPPool(pool, select_layers=j)) for j in sorted({1, k})]
-    cases += [(f"IDP two-pass {size}, K={k}", IDPPool(pool, select_layers=k, selection="two-pass")),
-             (f"IDP two-pass {size}, all layers", IDPPool(pool, select_layers=0, selection="two-pass"))]
+    cases += [
+        (f"IDP two-pass {size}, K={k}", IDPPool(pool, select_layers=k, selection="two-pass")),
+        (f"IDP two-pass {size}, all layers", IDPPool(pool, select_layers=0, selection="two-pass")),
+    ]
     times: list[list[float]] = [[] for _ in cases]
     for rnd in range(args.repeats + 1):  # rounds over all cases (round 0 warms up): drift in load hits all alike
         for i, (_, rec) in enumerate(cases):
@@ -69,10 +71,14 @@ def latency(args, loaded) -> dict:
             if rnd:
                 times[i].append(t)
         logging.warning("round %d done", rnd)
-    rows = [{"name": name, "prefill_ms": 1000 * statistics.median(t), "runs_ms": [1000 * x for x in t]}
-            for (name, _), t in zip(cases, times)]
-    print(f"prefill, batch {args.batch} x {args.seqlen} tokens, median of {args.repeats} rounds; "
-          f"torch threads {torch.get_num_threads()}; 'vs soft prompt': median over rounds of the same round's ratio")
+    rows = [
+        {"name": name, "prefill_ms": 1000 * statistics.median(t), "runs_ms": [1000 * x for x in t]}
+        for (name, _), t in zip(cases, times)
+    ]
+    print(
+        f"prefill, batch {args.batch} x {args.seqlen} tokens, median of {args.repeats} rounds; "
+        f"torch threads {torch.get_num_threads()}; 'vs soft prompt': median over rounds of the same round's ratio"
+    )
     print(f"{'':44s} {'ms':>9s} {'vs soft prompt':>15s}")
     for r, t in zip(rows, times):
         r["vs_soft_prompt"] = statistics.median(a / b for a, b in zip(t, times[1])) - 1  # paired by round
@@ -101,11 +107,11 @@ def select(args, loaded) -> dict:
             scorer.scores(model, x)
             per_layer.append(torch.stack(pool_prefill(model).last.layer_scores) / x.shape[1])  # (L, B, m)
     cum = torch.cat(per_layer, 1).cumsum(0)  # (L, 2W, m): the first-K-layer raw scores for K = 1..L
-    stats, held = cum[:, : args.windows], cum[:, args.windows:]
+    stats, held = cum[:, : args.windows], cum[:, args.windows :]
     mean, std = stats.mean(1), stats.std(1, unbiased=False).clamp(min=1e-6)
     z = (held - mean[:, None]) / std[:, None]
     choice, raw_choice = z.argmax(-1), held.argmax(-1)  # (L, W)
-    test = windows[args.windows:]
+    test = windows[args.windows :]
 
     def loss(rec) -> float:
         total, count = 0.0, 0
@@ -113,8 +119,9 @@ def select(args, loaded) -> dict:
             for x in test.split(args.batch):
                 prefix = rec.prefix(model, x, torch.ones_like(x)) if rec is not None else None
                 logits = forward_logits(model, x, None, prefix)[:, :-1].float()
-                total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
-                                         reduction="sum").item()
+                total += F.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
+                ).item()
                 count += x[:, 1:].numel()
         return total / count
 
@@ -124,16 +131,26 @@ def select(args, loaded) -> dict:
         rec = IDPPool(rows_, score_mean=mean[k - 1], score_std=std[k - 1], select_layers=k)
         got = loss(rec)
         assert rec.choices == choice[k - 1].tolist()  # the forward chose what the one scoring pass says
-        rows.append({"K": k, "agree_all_layers": float((choice[k - 1] == choice[-1]).float().mean()),
-                     "agree_all_layers_raw": float((raw_choice[k - 1] == raw_choice[-1]).float().mean()),
-                     "histogram": torch.bincount(choice[k - 1], minlength=args.pool).tolist(), "ptb_loss": got})
+        rows.append(
+            {
+                "K": k,
+                "agree_all_layers": float((choice[k - 1] == choice[-1]).float().mean()),
+                "agree_all_layers_raw": float((raw_choice[k - 1] == raw_choice[-1]).float().mean()),
+                "histogram": torch.bincount(choice[k - 1], minlength=args.pool).tolist(),
+                "ptb_loss": got,
+            }
+        )
         logging.warning("K=%d loss %.4f", k, got)
-    print(f"untrained pool {args.pool}x{args.tokens}; stats on {args.windows}, choices on {args.windows} PTB-test "
-          f"windows of {args.seqlen}; loss without a prompt {base:.4f}; torch threads {torch.get_num_threads()}")
+    print(
+        f"untrained pool {args.pool}x{args.tokens}; stats on {args.windows}, choices on {args.windows} PTB-test "
+        f"windows of {args.seqlen}; loss without a prompt {base:.4f}; torch threads {torch.get_num_threads()}"
+    )
     print(f"{'K':>3s} {'agree (std.)':>12s} {'agree (raw)':>11s} {'PTB loss':>9s}  choices per prompt")
     for r in rows:
-        print(f"{r['K']:3d} {r['agree_all_layers']:12.2f} {r['agree_all_layers_raw']:11.2f} {r['ptb_loss']:9.4f}  "
-              f"{r['histogram']}")
+        print(
+            f"{r['K']:3d} {r['agree_all_layers']:12.2f} {r['agree_all_layers_raw']:11.2f} {r['ptb_loss']:9.4f}  "
+            f"{r['histogram']}"
+        )
     return {"rows": rows, "loss_without_prompt": base, "layers": layers}
 
 
@@ -160,8 +177,19 @@ def main() -> None:
     result = (latency if args.part == "latency" else select)(args, loaded)
     out = Path(args.json or f"benchmarks/results/idp_prefill/{args.part}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": args.model, "args": vars(args), **result, "torch": torch.__version__,
-                               "python": platform.python_version(), "threads": torch.get_num_threads()}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "model": args.model,
+                "args": vars(args),
+                **result,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                "threads": torch.get_num_threads(),
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
 
 

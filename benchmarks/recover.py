@@ -31,15 +31,16 @@ import torch
 
 def train_throughput(loaded, windows: torch.Tensor, init: torch.Tensor, lr: float, use_peft: bool) -> dict:
     """Median seconds per step and tokens/s over ``windows`` (steps, B, T); step 0 is a warm-up."""
-    from recoup.recover.soft_prompt import SoftPrompt, frozen
     from recoup.recover.losses import lm_loss
+    from recoup.recover.soft_prompt import SoftPrompt, frozen
 
     model = loaded.model
     if use_peft:
         from peft import PromptTuningConfig, TaskType, get_peft_model
 
-        peft_model = get_peft_model(model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM,
-                                                              num_virtual_tokens=init.shape[0]))
+        peft_model = get_peft_model(
+            model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=init.shape[0])
+        )
         emb = peft_model.prompt_encoder["default"].embedding.weight
         with torch.no_grad():
             emb.copy_(init)
@@ -71,8 +72,7 @@ def train_throughput(loaded, windows: torch.Tensor, init: torch.Tensor, lr: floa
                 times.append(time.perf_counter() - t0)
             losses.append(loss.item())
     sec = statistics.median(times)
-    return {"sec_per_step": sec, "tokens_per_s": windows[0].numel() / sec, "timed_steps": len(times),
-            "losses": losses}
+    return {"sec_per_step": sec, "tokens_per_s": windows[0].numel() / sec, "timed_steps": len(times), "losses": losses}
 
 
 class _nothing:
@@ -84,8 +84,8 @@ class _nothing:
 
 
 def main() -> None:
-    from recoup.data.calibration import calibration_windows
     from recoup.artifact import load_model
+    from recoup.data.calibration import calibration_windows
     from recoup.evaluate.latency import LatencyConfig, measure_latency
     from recoup.recover.idp import IDPPool
     from recoup.recover.methods import load_recovery
@@ -121,12 +121,18 @@ def main() -> None:
             res = train_throughput(loaded, windows, init, args.lr, use_peft)
             rows.append({"kind": "train", "name": name, **res})
     prompt = load_recovery(args.prompt) if args.prompt else SoftPrompt(init)
-    pool = load_recovery(args.idp) if args.idp else IDPPool(
-        emb[torch.randint(0, emb.shape[0], (args.pool * args.tokens,))].view(args.pool, args.tokens, -1))
+    pool = (
+        load_recovery(args.idp)
+        if args.idp
+        else IDPPool(emb[torch.randint(0, emb.shape[0], (args.pool * args.tokens,))].view(args.pool, args.tokens, -1))
+    )
     ids = calibration_windows(loaded.tokenizer, "ptb", 1, args.prompt_len, seed=1, split="test").input_ids
     lat_cfg = LatencyConfig(args.prompt_len, args.new_tokens, args.repeats)
-    for name, rec in (("model alone", None), (f"+ soft prompt ({prompt.tokens} tokens)", prompt),
-                      (f"+ IDP ({pool.size} x {pool.tokens} tokens)", pool)):
+    for name, rec in (
+        ("model alone", None),
+        (f"+ soft prompt ({prompt.tokens} tokens)", prompt),
+        (f"+ IDP ({pool.size} x {pool.tokens} tokens)", pool),
+    ):
         res = measure_latency(loaded.model, ids, rec, lat_cfg)
         res.pop("generated")
         rows.append({"kind": "latency", "name": name, **res})
@@ -142,8 +148,19 @@ def main() -> None:
             print(f"{r['name']:44s} {r['prefill_ms']:10.1f} {r['decode_ms_per_token']:13.2f}")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": args.model, "args": vars(args), "rows": rows, "torch": torch.__version__,
-                               "python": platform.python_version(), "threads": torch.get_num_threads()}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "model": args.model,
+                "args": vars(args),
+                "rows": rows,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                "threads": torch.get_num_threads(),
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
 
 

@@ -27,9 +27,10 @@ of the compressed -> dense gap; a value within 5% of dense matches (``recoup.eva
 ``--artifacts`` names one or more artifacts (``LABEL=PATH`` or a path, labelled by its folder name); the tables
 group by artifact. Each row is written to ``<out>/rows/<label>--<row>.json`` as soon as it is measured (the dense
 row once per dense source, ``dense--<source>.json``); a rerun skips finished rows (a column a finished row
-lacks, such as a newly asked ``--tasks`` entry, is scored on the row's saved recovery in ``--workdir``), ``--report-only`` just rebuilds
-``<out>/recover_knowledge.{json,md,png}``. ``--fitted-from DIR`` measures the recoveries a study with ``--out DIR``
-fitted into the same ``--workdir`` at this run's evaluation settings (a larger protocol) without refitting. The full study (``A=/work/wt/eora-art``; 8x exists already):
+lacks, such as a newly asked ``--tasks`` entry, is scored on the row's saved recovery in ``--workdir``),
+``--report-only`` just rebuilds ``<out>/recover_knowledge.{json,md,png}``. ``--fitted-from DIR`` measures the
+recoveries a study with ``--out DIR`` fitted into the same ``--workdir`` at this run's evaluation settings (a larger
+protocol) without refitting. The full study (``A=/work/wt/eora-art``; 8x exists already):
 
     recoup compress smollm2-135m --method sparsegpt --sparsity 0.5 --bits 4 --group-size 64 --calib ptb \\
         --nsamples 32 --seqlen 512 --out $A/8x
@@ -64,13 +65,14 @@ import time
 from pathlib import Path
 
 import torch
-
 from recover_knowledge_report import TASKS, analyse, markdown, plot
 
 log = logging.getLogger("recover_knowledge")
 OBJECTIVES = ("lm", "kd", "lm+kd")
-ROW = re.compile(r"^(?:(dense|compressed)|eora:(\d+)(?:@([0-9.]+))?|(soft-prompt|idp):([a-z+]+)|"
-                 r"lora:([a-z+]+?)(\+eora)?|(lora|cpet):task=([a-z_]+))$")
+ROW = re.compile(
+    r"^(?:(dense|compressed)|eora:(\d+)(?:@([0-9.]+))?|(soft-prompt|idp):([a-z+]+)|"
+    r"lora:([a-z+]+?)(\+eora)?|(lora|cpet):task=([a-z_]+))$"
+)
 
 
 @dataclasses.dataclass
@@ -89,8 +91,10 @@ def parse_row(spec: str) -> Row:
     m = ROW.match(spec)
     obj = m and (m.group(5) or m.group(6))
     if not m or (obj and obj not in OBJECTIVES):
-        raise SystemExit(f"bad row '{spec}': use dense, compressed, eora:R[@E], soft-prompt:OBJ, idp:OBJ, lora:OBJ, "
-                         f"lora:OBJ+eora, lora:task=T, cpet:task=T (OBJ: {', '.join(OBJECTIVES)})")
+        raise SystemExit(
+            f"bad row '{spec}': use dense, compressed, eora:R[@E], soft-prompt:OBJ, idp:OBJ, lora:OBJ, "
+            f"lora:OBJ+eora, lora:task=T, cpet:task=T (OBJ: {', '.join(OBJECTIVES)})"
+        )
     if m.group(1):
         return Row(spec, m.group(1))
     if m.group(2):
@@ -112,8 +116,14 @@ def safe(name: str) -> str:
 def recover_flat(row: Row, args, inherit: str | None = None) -> dict:
     """The ``recoup recover`` keys of a fitted row."""
     if row.method == "eora":
-        flat = {"method": "eora", "rank": row.rank, "calib": args.calib, "nsamples": args.nsamples,
-                "seqlen": args.calib_seqlen, "seed": args.seed}
+        flat = {
+            "method": "eora",
+            "rank": row.rank,
+            "calib": args.calib,
+            "nsamples": args.nsamples,
+            "seqlen": args.calib_seqlen,
+            "seed": args.seed,
+        }
         return {**flat, "energy": row.energy} if row.energy is not None else flat
     flat = {"method": row.method, "seed": args.seed}
     if row.task:
@@ -149,8 +159,11 @@ def fit_row(row: Row, artifact: str, args, workdir: Path) -> tuple[str | None, d
     flat = recover_flat(row, args, str(inherit) if inherit else None)
     started = time.time()
     summary = recover(RecoverJob.from_flat({**flat, "model": artifact, "out": str(out), "force": True}))
-    return str(out), {"parameters": summary["parameters"],
-                      "fit_seconds": round(time.time() - started + extra_seconds, 1), "config": summary["config"]}
+    return str(out), {
+        "parameters": summary["parameters"],
+        "fit_seconds": round(time.time() - started + extra_seconds, 1),
+        "config": summary["config"],
+    }
 
 
 def fitted_before(row: Row, label: str, name: str, args) -> tuple[str | None, dict | None]:
@@ -167,8 +180,12 @@ def fitted_before(row: Row, label: str, name: str, args) -> tuple[str | None, di
     if not recovery.is_dir():
         raise SystemExit(f"{old} was fitted but its recovery {recovery} is gone; drop --fitted-from to refit it")
     before = json.loads(old.read_text())
-    return str(recovery), {"parameters": before["parameters"], "fit_seconds": before["fit_seconds"],
-                           "config": before["config"], "fitted_in": str(args.fitted_from)}
+    return str(recovery), {
+        "parameters": before["parameters"],
+        "fit_seconds": before["fit_seconds"],
+        "config": before["config"],
+        "fitted_in": str(args.fitted_from),
+    }
 
 
 def task_examples(args) -> tuple[dict[str, list[dict]], dict]:
@@ -179,22 +196,30 @@ def task_examples(args) -> tuple[dict[str, list[dict]], dict]:
 
     out: dict[str, list[dict]] = {}
     proto: dict[str, str] = {}
-    for task, limit, opts in (("arc_easy", args.arc, {}), ("piqa", args.piqa, {}),
-                              ("mmlu", args.mmlu, {"shots": args.mmlu_shots})):
+    for task, limit, opts in (
+        ("arc_easy", args.arc, {}),
+        ("piqa", args.piqa, {}),
+        ("mmlu", args.mmlu, {"shots": args.mmlu_shots}),
+    ):
         if task not in args.tasks:
             continue
         every = load_examples(task, opts)
         out[task] = [every[i] for i in sample_indices(len(every), limit or None, args.seed)]
-        proto[task] = f"{len(out[task])} of {len(every)} (seed {args.seed}{', %d-shot' % args.mmlu_shots if opts else ''})"
+        proto[task] = (
+            f"{len(out[task])} of {len(every)} (seed {args.seed}{', %d-shot' % args.mmlu_shots if opts else ''})"
+        )
     split = split_task("sciq", 0.3, args.seed)
-    held = split.heldout[:args.sciq] if args.sciq else split.heldout
+    held = split.heldout[: args.sciq] if args.sciq else split.heldout
     out["sciq"] = [ex.as_suite() for ex in held]
-    proto["sciq"] = f"first {len(held)} of the {len(split.heldout)}-example held-out part (fraction 0.3, seed {args.seed})"
+    proto["sciq"] = (
+        f"first {len(held)} of the {len(split.heldout)}-example held-out part (fraction 0.3, seed {args.seed})"
+    )
     return out, {**proto, "sciq_split": split}
 
 
 def score_examples(model, tokenizer, examples: list[dict], recovery, batch_size: int) -> dict[str, list[float]]:
-    """Per-example acc and acc_norm through the Scorer (compare-recovery's scoring); ``model`` has the recovery attached."""
+    """Per-example acc and acc_norm through the Scorer (compare-recovery's scoring); ``model`` has the recovery
+    attached."""
     from recoup.evaluate.heldout import per_example_scores
 
     return per_example_scores(model, tokenizer, examples, recovery, batch_size)
@@ -203,24 +228,46 @@ def score_examples(model, tokenizer, examples: list[dict], recovery, batch_size:
 def evaluate_row(row: Row, source: str, recovery: str | None, args, examples: dict) -> dict:
     """Every column of one row (``source`` with ``recovery`` attached)."""
     from recoup.data.windows import corpus_ids
-    from recoup.recipe.jobs import EvalJob
     from recoup.evaluate.latency import LatencyConfig, measure_latency
+    from recoup.recipe.jobs import EvalJob
     from recoup.runs.stages import evaluate
 
     started = time.time()
     tasks = ["ppl:ptb", "ppl:wiki"]
-    res = evaluate(EvalJob.from_flat({"model": source, "tasks": tasks, "limits": {t: args.ppl_windows for t in tasks},
-                                      "seqlen": args.ppl_seqlen, "seed": args.seed, "recovery": recovery}))["results"]
+    res = evaluate(
+        EvalJob.from_flat(
+            {
+                "model": source,
+                "tasks": tasks,
+                "limits": {t: args.ppl_windows for t in tasks},
+                "seqlen": args.ppl_seqlen,
+                "seed": args.seed,
+                "recovery": recovery,
+            }
+        )
+    )["results"]
     loaded, rec, net = attached(row, source, recovery, examples)
     base = sum(p.numel() for n, p in loaded.model.named_parameters() if "lora_" not in n)  # without an attached LoRA
-    out = {"ppl_ptb": res["ppl:ptb"]["ppl"], "ppl_wiki": res["ppl:wiki"]["ppl"], "ppl_windows": args.ppl_windows,
-           "base_parameters": base, "per_example": {}, "examples_digest": {}}
+    out = {
+        "ppl_ptb": res["ppl:ptb"]["ppl"],
+        "ppl_wiki": res["ppl:wiki"]["ppl"],
+        "ppl_windows": args.ppl_windows,
+        "base_parameters": base,
+        "per_example": {},
+        "examples_digest": {},
+    }
     score_tasks(out, net, loaded.tokenizer, rec, [t for t, _ in TASKS], args, examples)
-    prompt = corpus_ids(loaded.tokenizer, "ptb", "test")[:args.prompt_len][None]  # the same tokens for every row
+    prompt = corpus_ids(loaded.tokenizer, "ptb", "test")[: args.prompt_len][None]  # the same tokens for every row
     lat = measure_latency(net, prompt, rec, LatencyConfig(args.prompt_len, args.new_tokens, args.repeats))
     lat.pop("generated")
-    out.update({"prefill_ms": lat["prefill_ms"], "decode_ms_per_token": lat["decode_ms_per_token"], "latency": lat,
-                "eval_seconds": round(time.time() - started, 1)})
+    out.update(
+        {
+            "prefill_ms": lat["prefill_ms"],
+            "decode_ms_per_token": lat["decode_ms_per_token"],
+            "latency": lat,
+            "eval_seconds": round(time.time() - started, 1),
+        }
+    )
     return out
 
 
@@ -251,8 +298,9 @@ def score_tasks(out: dict, net, tokenizer, rec, tasks: list[str], args, examples
             out["examples_digest"][task] = digest(examples[task])
 
 
-def add_columns(row: Row, measured: dict, source: str, recovery: str | None, tasks: list[str], args,
-                examples: dict) -> dict:
+def add_columns(
+    row: Row, measured: dict, source: str, recovery: str | None, tasks: list[str], args, examples: dict
+) -> dict:
     """A cached row with the accuracy columns ``tasks`` it lacks scored now, on the row's saved recovery
     (the same model, recovery and Scorer as its other columns); the seconds go in ``columns_added``."""
     started = time.time()
@@ -302,14 +350,21 @@ def arguments() -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--bootstrap", type=int, default=2000, help="paired bootstrap resamples")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--fitted-from", default=None, metavar="DIR",
-                    help="another study's --out whose rows were fitted into this --workdir: measure those recoveries "
-                         "at this run's evaluation settings instead of refitting them (fit seconds are theirs)")
+    ap.add_argument(
+        "--fitted-from",
+        default=None,
+        metavar="DIR",
+        help="another study's --out whose rows were fitted into this --workdir: measure those recoveries "
+        "at this run's evaluation settings instead of refitting them (fit seconds are theirs)",
+    )
     ap.add_argument("--report-only", action="store_true", help="table and plot from the rows already measured")
     ap.add_argument("--out", default="benchmarks/results/recover_knowledge")
     ap.add_argument("--workdir", default="/tmp/recover_knowledge", help="where the fitted recoveries go (large)")
-    ap.add_argument("--tasks", default=",".join(t for t, _ in TASKS),
-                    help="accuracy columns to measure (default all: arc_easy,piqa,sciq,mmlu)")
+    ap.add_argument(
+        "--tasks",
+        default=",".join(t for t, _ in TASKS),
+        help="accuracy columns to measure (default all: arc_easy,piqa,sciq,mmlu)",
+    )
     args = ap.parse_args()
     args.tasks = [t for t in args.tasks.split(",") if t]
     known = [t for t, _ in TASKS]
@@ -323,7 +378,9 @@ def arguments() -> argparse.Namespace:
 
 def main() -> None:
     args = arguments()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     from recoup.artifact.store import read_manifest
 
     rows = [parse_row(r.strip()) for r in args.rows.split(",") if r.strip()]
@@ -344,28 +401,42 @@ def main() -> None:
         dense = src.get("path") or src["model"]
         measured: dict[str, dict] = {}
         for row in rows:
-            done = out / "rows" / (f"dense--{safe(dense)}.json" if row.method == "dense"
-                                   else f"{safe(label)}--{safe(row.spec.replace(':', '-'))}.json")
+            done = (
+                out
+                / "rows"
+                / (
+                    f"dense--{safe(dense)}.json"
+                    if row.method == "dense"
+                    else f"{safe(label)}--{safe(row.spec.replace(':', '-'))}.json"
+                )
+            )
             if done.is_file():
                 cached = measured[row.spec] = json.loads(done.read_text())
                 log.info("%s %s: cached %s", label, row.spec, done)
                 if examples is None:
                     continue
-                if any(cached["examples_digest"][t] != digest(examples[t]) for t, _ in TASKS
-                       if t in cached["examples_digest"]):
-                    raise SystemExit(f"{done} scored other examples than these settings draw; remove it or rerun "
-                                     f"with its settings")
+                if any(
+                    cached["examples_digest"][t] != digest(examples[t])
+                    for t, _ in TASKS
+                    if t in cached["examples_digest"]
+                ):
+                    raise SystemExit(
+                        f"{done} scored other examples than these settings draw; remove it or rerun with its settings"
+                    )
                 missing = [t for t, _ in TASKS if t not in cached["examples_digest"]]
                 if missing:  # a new column: score it on the row's saved recovery, keep the rest
                     recovery = None
                     if row.method not in ("dense", "compressed"):
                         recovery = str(Path(args.workdir) / safe(label) / safe(row.spec.replace(":", "-")))
                         if not Path(recovery).is_dir():
-                            raise SystemExit(f"{done} lacks {', '.join(missing)} and its recovery {recovery} is "
-                                             f"gone; remove the row file to refit it")
+                            raise SystemExit(
+                                f"{done} lacks {', '.join(missing)} and its recovery {recovery} is "
+                                f"gone; remove the row file to refit it"
+                            )
                     log.info("%s %s: adding %s", label, row.spec, ", ".join(missing))
-                    add_columns(row, cached, dense if row.method == "dense" else artifact, recovery, missing,
-                                args, examples)
+                    add_columns(
+                        row, cached, dense if row.method == "dense" else artifact, recovery, missing, args, examples
+                    )
                     done.write_text(json.dumps(cached, indent=1))
                 continue
             if args.report_only:
@@ -382,23 +453,48 @@ def main() -> None:
             log.info("%s %s: %s", label, row.spec, json.dumps({k: v for k, v in r.items() if k != "per_example"}))
         base = measured.get("compressed", {}).get("base_parameters")
         for r in measured.values():  # against the model with nothing attached (rows measured before the count
-            if base:                 # above left out LoRA tensors counted an attached adapter in their base)
+            if base:  # above left out LoRA tensors counted an attached adapter in their base)
                 r["parameters_pct"] = 100.0 * r["parameters"] / base
-        groups[label] = {"artifact": artifact, "dense": dense, "rows": measured,
-                         "analysis": analyse(measured, args.bootstrap, args.seed)}
+        groups[label] = {
+            "artifact": artifact,
+            "dense": dense,
+            "rows": measured,
+            "analysis": analyse(measured, args.bootstrap, args.seed),
+        }
     # the threads the rows' latencies were measured with (a --report-only run's own count says nothing of them)
-    threads = sorted({r["latency"]["threads"] for g in groups.values() for r in g["rows"].values()
-                      if isinstance(r.get("latency"), dict) and "threads" in r["latency"]}) or [torch.get_num_threads()]
-    protocol = (f"Perplexity: PTB / wiki test, {args.ppl_windows} x {args.ppl_seqlen}. Accuracy (acc, "
-                f"seed {args.seed}) on {', '.join(lab for _, lab in TASKS)}; " + "; ".join(f"{k}: {v}" for k, v in
-                drawn.items()) + f". Latency: batch 1, {args.prompt_len}-token PTB prompt, {args.new_tokens} decode "
-                f"steps, median of {args.repeats}, {' or '.join(map(str, threads))} torch thread(s).")
-    setup = {"artifacts": artifacts, "rows": [r.spec for r in rows], "data": args.data, "steps": args.steps,
-             "lora_rank": args.lora_rank, "eora_calibration": f"{args.calib} {args.nsamples} x {args.calib_seqlen}",
-             "examples": drawn, "bootstrap": args.bootstrap, "seed": args.seed, "protocol": protocol,
-             "threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-             "host": platform.node(), "torch": torch.__version__, "load_avg_at_start": load_start,
-             "load_avg_at_end": os.getloadavg()}
+    threads = sorted(
+        {
+            r["latency"]["threads"]
+            for g in groups.values()
+            for r in g["rows"].values()
+            if isinstance(r.get("latency"), dict) and "threads" in r["latency"]
+        }
+    ) or [torch.get_num_threads()]
+    protocol = (
+        f"Perplexity: PTB / wiki test, {args.ppl_windows} x {args.ppl_seqlen}. Accuracy (acc, "
+        f"seed {args.seed}) on {', '.join(lab for _, lab in TASKS)}; "
+        + "; ".join(f"{k}: {v}" for k, v in drawn.items())
+        + f". Latency: batch 1, {args.prompt_len}-token PTB prompt, {args.new_tokens} decode "
+        f"steps, median of {args.repeats}, {' or '.join(map(str, threads))} torch thread(s)."
+    )
+    setup = {
+        "artifacts": artifacts,
+        "rows": [r.spec for r in rows],
+        "data": args.data,
+        "steps": args.steps,
+        "lora_rank": args.lora_rank,
+        "eora_calibration": f"{args.calib} {args.nsamples} x {args.calib_seqlen}",
+        "examples": drawn,
+        "bootstrap": args.bootstrap,
+        "seed": args.seed,
+        "protocol": protocol,
+        "threads": torch.get_num_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "host": platform.node(),
+        "torch": torch.__version__,
+        "load_avg_at_start": load_start,
+        "load_avg_at_end": os.getloadavg(),
+    }
     (out / "recover_knowledge.json").write_text(json.dumps({"setup": setup, "artifacts": groups}, indent=1))
     table = markdown(groups, setup)
     (out / "recover_knowledge.md").write_text(table)

@@ -83,21 +83,35 @@ def _pct(x: float | None) -> str:
 def markdown(groups: dict[str, dict], setup: dict) -> str:
     """One table per artifact: extra parameters, fit seconds, perplexities, accuracies (delta vs compressed with
     its paired-bootstrap 95% interval, gap closed), latency, and the columns matching dense within 5%."""
-    lines = [f"Knowledge recovery without task data (task rows are references). {setup['protocol']}", "",
-             "Accuracy cells: acc (delta vs compressed [95% paired bootstrap]; share of the compressed -> dense gap "
-             "closed). `=` marks a value within 5% of dense (LLM-KICK matching).", ""]
+    lines = [
+        f"Knowledge recovery without task data (task rows are references). {setup['protocol']}",
+        "",
+        "Accuracy cells: acc (delta vs compressed [95% paired bootstrap]; share of the compressed -> dense gap "
+        "closed). `=` marks a value within 5% of dense (LLM-KICK matching).",
+        "",
+    ]
     for label, group in groups.items():
         rows, ana = group["rows"], group["analysis"]
-        lines += [f"### {label} (`{group['artifact']}`)", "",
-                  "| row | extra params (% base) | fit s | " + " | ".join(l for _, l in PPL_COLUMNS + TASKS)
-                  + " | prefill ms | decode ms/tok | matches dense |", "|---" * (6 + len(PPL_COLUMNS) + len(TASKS)) + "|"]
+        lines += [
+            f"### {label} (`{group['artifact']}`)",
+            "",
+            "| row | extra params (% base) | fit s | "
+            + " | ".join(label for _, label in PPL_COLUMNS + TASKS)
+            + " | prefill ms | decode ms/tok | matches dense |",
+            "|---" * (6 + len(PPL_COLUMNS) + len(TASKS)) + "|",
+        ]
         for name, r in rows.items():
             a, cells, matched = ana[name], [], []
             for key, lab in PPL_COLUMNS:
                 c = a[key]
-                cells.append(f"{r[key]:.2f}{' =' if c.get('matches_dense') else ''}"
-                             + (f" ({100 * c['gap_closed']:+.0f}% gap)" if c.get("gap_closed") is not None
-                                and name not in ("dense", "compressed") else ""))
+                cells.append(
+                    f"{r[key]:.2f}{' =' if c.get('matches_dense') else ''}"
+                    + (
+                        f" ({100 * c['gap_closed']:+.0f}% gap)"
+                        if c.get("gap_closed") is not None and name not in ("dense", "compressed")
+                        else ""
+                    )
+                )
                 matched += [lab] if c.get("matches_dense") else []
             for task, lab in TASKS:
                 c = a.get(task)
@@ -106,12 +120,18 @@ def markdown(groups: dict[str, dict], setup: dict) -> str:
                     continue
                 cell = f"{r[task]:.3f}{' =' if c.get('matches_dense') else ''}"
                 if "delta" in c and name not in ("dense", "compressed"):
-                    cell += f" ({c['delta']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]{_pct(c.get('gap_closed'))})"
+                    cell += (
+                        f" ({c['delta']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]{_pct(c.get('gap_closed'))})"
+                    )
                 cells.append(cell)
                 matched += [lab] if c.get("matches_dense") else []
-            lines.append(f"| {name} | {r['parameters']:,} ({r['parameters_pct']:.2f}%) | {r['fit_seconds']:.0f} | "
-                         + " | ".join(cells) + f" | {r['prefill_ms']:.1f} | {r['decode_ms_per_token']:.2f} | "
-                         + (", ".join(matched) or "none") + " |")
+            lines.append(
+                f"| {name} | {r['parameters']:,} ({r['parameters_pct']:.2f}%) | {r['fit_seconds']:.0f} | "
+                + " | ".join(cells)
+                + f" | {r['prefill_ms']:.1f} | {r['decode_ms_per_token']:.2f} | "
+                + (", ".join(matched) or "none")
+                + " |"
+            )
         lines += ["", *budget_lines(rows, ana), ""]
     return "\n".join(lines)
 
@@ -128,8 +148,11 @@ def budget_lines(rows: dict[str, dict], ana: dict[str, dict]) -> list[str]:
     if not free or not tasks:
         return []
     score = {n: sum(ana[n][t]["delta"] for t in tasks) / len(tasks) for n in free}
-    out = [f"Best without task data per extra-parameter budget (mean accuracy delta vs compressed over "
-           f"{', '.join(lab for t, lab in TASKS if t in tasks)}):", ""]
+    out = [
+        f"Best without task data per extra-parameter budget (mean accuracy delta vs compressed over "
+        f"{', '.join(lab for t, lab in TASKS if t in tasks)}):",
+        "",
+    ]
     for cap, label in BUDGETS:
         within = [n for n in free if free[n]["parameters_pct"] <= cap]
         if not within:
@@ -138,8 +161,10 @@ def budget_lines(rows: dict[str, dict], ana: dict[str, dict]) -> list[str]:
         n = max(within, key=lambda k: score[k])
         each = ", ".join(f"{lab} {100 * ana[n][t]['delta']:+.1f}" for t, lab in TASKS if t in tasks)
         ptb = ana[n]["ppl_ptb"].get("gap_closed")
-        out.append(f"- {label}: `{n}` ({free[n]['parameters_pct']:.2f}%): {100 * score[n]:+.1f} points ({each}); "
-                   f"PTB gap closed {'-' if ptb is None else f'{100 * ptb:+.0f}%'}")
+        out.append(
+            f"- {label}: `{n}` ({free[n]['parameters_pct']:.2f}%): {100 * score[n]:+.1f} points ({each}); "
+            f"PTB gap closed {'-' if ptb is None else f'{100 * ptb:+.0f}%'}"
+        )
     return out
 
 

@@ -30,16 +30,35 @@ import time
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "results" / "scale"
-SWEEP_SET = ["sweep.methods=[magnitude,wanda]", "sweep.sparsity=[0.3,0.5,0.7]", "calibration.nsamples=8",
-             "calibration.seqlen=256", "evaluate.limit=4", "evaluate.seqlen=256", "evaluate.limits={arc_easy: 20}"]
-LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, tie_word_embeddings=True,
-                rope_theta=500000.0)
+SWEEP_SET = [
+    "sweep.methods=[magnitude,wanda]",
+    "sweep.sparsity=[0.3,0.5,0.7]",
+    "calibration.nsamples=8",
+    "calibration.seqlen=256",
+    "evaluate.limit=4",
+    "evaluate.seqlen=256",
+    "evaluate.limits={arc_easy: 20}",
+]
+LLAMA_1B = dict(
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=131072,
+    tie_word_embeddings=True,
+    rope_theta=500000.0,
+)
 
 
 def machine() -> dict:
-    return {"cpus": os.cpu_count(), "load1": round(os.getloadavg()[0], 2), "python": platform.python_version(),
-            "omp_threads": os.environ.get("OMP_NUM_THREADS")}
+    return {
+        "cpus": os.cpu_count(),
+        "load1": round(os.getloadavg()[0], 2),
+        "python": platform.python_version(),
+        "omp_threads": os.environ.get("OMP_NUM_THREADS"),
+    }
 
 
 # ----------------------------------------------------------------------------- 1. sweep: local vs Ray
@@ -58,10 +77,19 @@ def sweep(args) -> dict:
             executor = make_executor(name)  # ray: a local cluster, started here and shut down by the run
             outcome = run_recipe(recipe, tmp / name, store, executor=executor, report=False)
             wall = time.time() - t0
-            values[name] = {(m["stage"], m["task"], m["metric"]): m["value"] for m in store.metrics(outcome.run_id)
-                            if m["task"] != "compress" or m["metric"] in ("sparsity", "mean_error")}
-            rows.append({"executor": name, "wall_s": round(wall, 1), "stages": len(outcome.ran),
-                         "metric_rows": len(values[name])})
+            values[name] = {
+                (m["stage"], m["task"], m["metric"]): m["value"]
+                for m in store.metrics(outcome.run_id)
+                if m["task"] != "compress" or m["metric"] in ("sparsity", "mean_error")
+            }
+            rows.append(
+                {
+                    "executor": name,
+                    "wall_s": round(wall, 1),
+                    "stages": len(outcome.ran),
+                    "metric_rows": len(values[name]),
+                }
+            )
     first = values[args.executors[0]]
     for row in rows:
         row["metrics_identical"] = values[row["executor"]] == first
@@ -90,35 +118,72 @@ def train_cell(method: str, dtype: str, ckpt: bool, seqlen: int, steps: int, bat
     data = TuningData(train=[], valid=[], protocol={"data": "random tokens"}, lm_ids=ids, seqlen=seqlen)
     spec = RECOVERIES.get(method)
     extra = {"tokens": 20} if method == "soft-prompt" else {"rank": 8}
-    config = spec.config(data="random", seqlen=seqlen, batch_size=batch, steps=steps, eval_every=steps,
-                         gradient_checkpointing=ckpt, **extra)
+    config = spec.config(
+        data="random",
+        seqlen=seqlen,
+        batch_size=batch,
+        steps=steps,
+        eval_every=steps,
+        gradient_checkpointing=ckpt,
+        **extra,
+    )
     with training_context(model, ckpt):
         _, result = spec.fit(loaded, config, data)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"method": method, "dtype": dtype, "checkpointing": ckpt, "seqlen": seqlen, "batch": batch,
-            "steps": result.steps, "train_s": round(result.seconds, 1), "tokens": result.tokens,
-            "tokens_per_s": round(result.tokens / result.seconds, 1), "peak_rss_mb": round(peak),
-            "rss_after_model_mb": round(rss_model), "model_build_s": round(build_s, 1),
-            "params": sum(p.numel() for p in model.parameters())}
+    return {
+        "method": method,
+        "dtype": dtype,
+        "checkpointing": ckpt,
+        "seqlen": seqlen,
+        "batch": batch,
+        "steps": result.steps,
+        "train_s": round(result.seconds, 1),
+        "tokens": result.tokens,
+        "tokens_per_s": round(result.tokens / result.seconds, 1),
+        "peak_rss_mb": round(peak),
+        "rss_after_model_mb": round(rss_model),
+        "model_build_s": round(build_s, 1),
+        "params": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def train(args) -> dict:
     rows = []
     for method in args.methods:
         for dtype, ckpt in (("float32", False), ("bfloat16", False), ("bfloat16", True)):
-            cmd = [sys.executable, __file__, "_cell", method, dtype, str(int(ckpt)), str(args.seqlen),
-                   str(args.steps), str(args.batch)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "_cell",
+                method,
+                dtype,
+                str(int(ckpt)),
+                str(args.seqlen),
+                str(args.steps),
+                str(args.batch),
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
-                rows.append({"method": method, "dtype": dtype, "checkpointing": ckpt,
-                             "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"})
+                rows.append(
+                    {
+                        "method": method,
+                        "dtype": dtype,
+                        "checkpointing": ckpt,
+                        "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed",
+                    }
+                )
             else:
                 rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(rows[-1], file=sys.stderr, flush=True)
             (OUT / "train.partial.json").write_text(json.dumps(rows, indent=1))  # a long run keeps what it measured
-    return {"shape": "LLaMA-3.2-1B (random weights)", "config": LLAMA_1B, "rows": rows, "machine": machine(),
-            "note": f"seqlen {args.seqlen}, batch {args.batch}, {args.steps} steps per cell (1024 x many steps is "
-                    f"too slow on this CPU box); tokens/s includes the first step; no GPU measured"}
+    return {
+        "shape": "LLaMA-3.2-1B (random weights)",
+        "config": LLAMA_1B,
+        "rows": rows,
+        "machine": machine(),
+        "note": f"seqlen {args.seqlen}, batch {args.batch}, {args.steps} steps per cell (1024 x many steps is "
+        f"too slow on this CPU box); tokens/s includes the first step; no GPU measured",
+    }
 
 
 def table(rows: list[dict]) -> str:
@@ -145,7 +210,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    for what in (["sweep", "train"] if args.what == "all" else [args.what]):
+    for what in ["sweep", "train"] if args.what == "all" else [args.what]:
         result = sweep(args) if what == "sweep" else train(args)
         (OUT / f"{what}.json").write_text(json.dumps(result, indent=1))
         print(f"## {what}\n\n{table(result['rows'])}\n")

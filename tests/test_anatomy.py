@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from helpers import tiny_model
+
 from recoup import RecoupError, anatomy
 from recoup.model.anatomy import ARCHITECTURES
 
@@ -36,7 +36,8 @@ def test_every_architecture_maps_its_parts(arch):
 def test_unknown_architecture_names_the_supported_ones():
     from transformers import BertConfig, BertForMaskedLM
 
-    model = BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                       intermediate_size=64, vocab_size=50))
+    model = BertForMaskedLM(
+        BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=50)
+    )
     with pytest.raises(RecoupError, match="unsupported architecture 'bert'.*llama"):
         anatomy(model)

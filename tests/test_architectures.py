@@ -33,8 +33,15 @@ from recoup.errors import RecoupError
 from recoup.model.anatomy import ARCHITECTURES
 
 # family -> (the token its tokenizer puts first, or None; whether it has a bos_token at all)
-FAMILY_BOS = {"llama": "<s>", "mistral": "<s>", "gemma3_text": "<s>", "opt": "</s>",
-              "qwen2": None, "qwen3": None, "gpt2": None}
+FAMILY_BOS = {
+    "llama": "<s>",
+    "mistral": "<s>",
+    "gemma3_text": "<s>",
+    "opt": "</s>",
+    "qwen2": None,
+    "qwen3": None,
+    "gpt2": None,
+}
 SEQLEN = 32  # calibration and training windows
 EVAL_SEQLEN = 256  # perplexity windows and the Scorer's cap (the char-level tokenizer makes ARC requests long)
 
@@ -69,8 +76,26 @@ def test_every_architecture_has_a_family_bos_behaviour():
 def _eval(tmp_path, source, name, corpus, *extra) -> dict:
     out = tmp_path / f"{name}.json"
     tasks = f"ppl:{corpus}" + (",arc_easy" if ARC else "")
-    assert main(["eval", str(source), "--tasks", tasks, "--limit", "2", "--seqlen", str(EVAL_SEQLEN),
-                 "--batch-size", "4", "--json", str(out), *extra]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(source),
+                "--tasks",
+                tasks,
+                "--limit",
+                "2",
+                "--seqlen",
+                str(EVAL_SEQLEN),
+                "--batch-size",
+                "4",
+                "--json",
+                str(out),
+                *extra,
+            ]
+        )
+        == 0
+    )
     return json.loads(out.read_text())
 
 
@@ -96,14 +121,56 @@ def test_architecture_end_to_end(arch, tmp_path):
         assert 0 <= dense["results"]["arc_easy"]["acc"] <= 1
 
     art = tmp_path / "art"
-    assert main(["compress", str(src), "--method", "sparsegpt", "--sparsity", "0.5", "--calib", corpus,
-                 "--nsamples", "2", "--seqlen", str(SEQLEN), "--device", "cpu", "--out", str(art)]) == 0
+    assert (
+        main(
+            [
+                "compress",
+                str(src),
+                "--method",
+                "sparsegpt",
+                "--sparsity",
+                "0.5",
+                "--calib",
+                corpus,
+                "--nsamples",
+                "2",
+                "--seqlen",
+                str(SEQLEN),
+                "--device",
+                "cpu",
+                "--out",
+                str(art),
+            ]
+        )
+        == 0
+    )
     calib = json.loads((art / "recoup.json").read_text())["calibration"]
     assert calib["bos"] == "auto" and calib["bos_token_id"] == bid and calib["seqlen"] == SEQLEN
 
     rec = tmp_path / "prompt"
-    assert main(["recover", str(art), "--method", "soft-prompt", "--data", corpus, "--tokens", "2", "--steps", "2",
-                 "--seqlen", str(SEQLEN), "--eval-every", "2", "--out", str(rec)]) == 0
+    assert (
+        main(
+            [
+                "recover",
+                str(art),
+                "--method",
+                "soft-prompt",
+                "--data",
+                corpus,
+                "--tokens",
+                "2",
+                "--steps",
+                "2",
+                "--seqlen",
+                str(SEQLEN),
+                "--eval-every",
+                "2",
+                "--out",
+                str(rec),
+            ]
+        )
+        == 0
+    )
     meta = "".join(p.read_text() for p in rec.glob("*.json")).replace(" ", "").replace("\n", "")
     assert f'"bos_token_id":{json.dumps(bid)}' in meta  # the training data's protocol records the BOS
 

@@ -12,13 +12,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from helpers import _packs_present, save_tiny, tiny_loaded
 from safetensors.torch import save_file
 
 import recoup.artifact
 import recoup.artifact.store
 import recoup.model.load
 from recoup.cli import main
-from helpers import _packs_present, save_tiny, tiny_loaded
 
 VALID_RECIPE = """name: tiny
 model: smollm2-135m
@@ -46,12 +46,15 @@ def files(tmp_path_factory):
     (d / "list.yaml").write_text("- a\n- b\n")
     (d / "badyaml.yaml").write_text("name: [unclosed\n")
     (d / "unknownkey.yaml").write_text(VALID_RECIPE + "bogus: 1\n")
-    (d / "badmethod.yaml").write_text("name: x\nmodel: smollm2-135m\ncompress:\n  - {name: c, method: sparsgpt, "
-                                      "sparsity: 0.5}\n")
-    (d / "badsparsity.yaml").write_text("name: x\nmodel: smollm2-135m\ncompress:\n  - {name: c, method: magnitude, "
-                                        "sparsity: 1.5}\n")
-    (d / "badgroup.yaml").write_text("name: x\nmodel: smollm2-135m\ncompress:\n  - {name: c, method: gptq, bits: 4, "
-                                     "group_size: 0}\n")
+    (d / "badmethod.yaml").write_text(
+        "name: x\nmodel: smollm2-135m\ncompress:\n  - {name: c, method: sparsgpt, sparsity: 0.5}\n"
+    )
+    (d / "badsparsity.yaml").write_text(
+        "name: x\nmodel: smollm2-135m\ncompress:\n  - {name: c, method: magnitude, sparsity: 1.5}\n"
+    )
+    (d / "badgroup.yaml").write_text(
+        "name: x\nmodel: smollm2-135m\ncompress:\n  - {name: c, method: gptq, bits: 4, group_size: 0}\n"
+    )
     (d / "badbatch.yaml").write_text(VALID_RECIPE.replace("limit: 1", "limit: 1\n  batch_size: 0"))
     (d / "badshots.yaml").write_text(VALID_RECIPE.replace("limit: 1", "limit: 1\n  options: {shots: abc}"))
     (d / "badcorpus.yaml").write_text(VALID_RECIPE.replace("ppl:ptb", "ppl:ptbb"))
@@ -80,44 +83,85 @@ def files(tmp_path_factory):
 # (id, argv with {d} = the files directory, a phrase of the expected line)
 CASES = [
     # compress
-    ("compress-latin1-calib", "compress smollm2-135m --method magnitude --sparsity 0.5 --calib {d}/latin1.txt "
-                              "--out {d}/o", "not UTF-8"),
-    ("compress-binary-calib", "compress smollm2-135m --method wanda --sparsity 0.5 --calib {d}/binary.txt --out {d}/o",
-     "binary file"),
-    ("compress-utf16-calib", "compress smollm2-135m --method wanda --sparsity 0.5 --calib {d}/utf16.txt --out {d}/o",
-     "not UTF-8"),
-    ("compress-empty-calib", "compress smollm2-135m --method wanda --sparsity 0.5 --calib {d}/empty.txt --out {d}/o",
-     "is empty"),
-    ("compress-missing-calib", "compress smollm2-135m --method wanda --sparsity 0.5 --calib {d}/nope.txt --out {d}/o",
-     "file not found"),
-    ("compress-unknown-corpus", "compress smollm2-135m --method wanda --sparsity 0.5 --calib ptbb --out {d}/o",
-     "did you mean 'ptb'"),
+    (
+        "compress-latin1-calib",
+        "compress smollm2-135m --method magnitude --sparsity 0.5 --calib {d}/latin1.txt --out {d}/o",
+        "not UTF-8",
+    ),
+    (
+        "compress-binary-calib",
+        "compress smollm2-135m --method wanda --sparsity 0.5 --calib {d}/binary.txt --out {d}/o",
+        "binary file",
+    ),
+    (
+        "compress-utf16-calib",
+        "compress smollm2-135m --method wanda --sparsity 0.5 --calib {d}/utf16.txt --out {d}/o",
+        "not UTF-8",
+    ),
+    (
+        "compress-empty-calib",
+        "compress smollm2-135m --method wanda --sparsity 0.5 --calib {d}/empty.txt --out {d}/o",
+        "is empty",
+    ),
+    (
+        "compress-missing-calib",
+        "compress smollm2-135m --method wanda --sparsity 0.5 --calib {d}/nope.txt --out {d}/o",
+        "file not found",
+    ),
+    (
+        "compress-unknown-corpus",
+        "compress smollm2-135m --method wanda --sparsity 0.5 --calib ptbb --out {d}/o",
+        "did you mean 'ptb'",
+    ),
     ("compress-group-size-0", "compress smollm2-135m --method gptq --bits 4 --group-size 0 --out {d}/o", "group"),
-    ("compress-scale-search-bad", "compress smollm2-135m --method gptq --bits 4 --scale-search l1 --out {d}/o",
-     "scale_search"),
-    ("compress-scale-search-no-bits", "compress smollm2-135m --method wanda --sparsity 0.5 --scale-search mse "
-     "--out {d}/o", "scale_search"),
+    (
+        "compress-scale-search-bad",
+        "compress smollm2-135m --method gptq --bits 4 --scale-search l1 --out {d}/o",
+        "scale_search",
+    ),
+    (
+        "compress-scale-search-no-bits",
+        "compress smollm2-135m --method wanda --sparsity 0.5 --scale-search mse --out {d}/o",
+        "scale_search",
+    ),
     ("compress-group-size-neg", "compress smollm2-135m --method gptq --bits 4 --group-size -2 --out {d}/o", "group"),
     ("compress-bits-3.5", "compress smollm2-135m --method gptq --bits 3.5 --out {d}/o", "invalid int"),
     ("compress-sparsity-1.5", "compress smollm2-135m --method magnitude --sparsity 1.5 --out {d}/o", "sparsity"),
-    ("compress-unknown-method", "compress smollm2-135m --method sparsgpt --sparsity 0.5 --out {d}/o",
-     "did you mean 'sparsegpt'"),
-    ("compress-nsamples-0", "compress smollm2-135m --method wanda --sparsity 0.5 --nsamples 0 --out {d}/o",
-     "nsamples"),
-    ("compress-batch-size-0", "compress smollm2-135m --method wanda --sparsity 0.5 --batch-size 0 --out {d}/o",
-     "batch_size"),
+    (
+        "compress-unknown-method",
+        "compress smollm2-135m --method sparsgpt --sparsity 0.5 --out {d}/o",
+        "did you mean 'sparsegpt'",
+    ),
+    ("compress-nsamples-0", "compress smollm2-135m --method wanda --sparsity 0.5 --nsamples 0 --out {d}/o", "nsamples"),
+    (
+        "compress-batch-size-0",
+        "compress smollm2-135m --method wanda --sparsity 0.5 --batch-size 0 --out {d}/o",
+        "batch_size",
+    ),
     ("compress-seqlen-1", "compress smollm2-135m --method wanda --sparsity 0.5 --seqlen 1 --out {d}/o", "seqlen"),
     ("compress-out-file", "compress smollm2-135m --method magnitude --sparsity 0.5 --out {d}/afile", "is a file"),
     ("compress-out-nonempty", "compress smollm2-135m --method magnitude --sparsity 0.5 --out {d}/full", "not empty"),
-    ("compress-out-readonly", "compress smollm2-135m --method magnitude --sparsity 0.5 --out /proc/recoup-x",
-     "not writable"),
+    (
+        "compress-out-readonly",
+        "compress smollm2-135m --method magnitude --sparsity 0.5 --out /proc/recoup-x",
+        "not writable",
+    ),
     ("compress-cuda", "compress smollm2-135m --method magnitude --sparsity 0.5 --device cuda --out {d}/o", "cuda"),
-    ("compress-bad-dtype", "compress smollm2-135m --method magnitude --sparsity 0.5 --dtype float8 --out {d}/o",
-     "dtype"),
-    ("compress-typo-model", "compress smollm2-135 --method magnitude --sparsity 0.5 --out {d}/o",
-     "did you mean 'smollm2-135m'"),
-    ("compress-missing-model", "compress ./no/such/model --method magnitude --sparsity 0.5 --out {d}/o",
-     "no such file"),
+    (
+        "compress-bad-dtype",
+        "compress smollm2-135m --method magnitude --sparsity 0.5 --dtype float8 --out {d}/o",
+        "dtype",
+    ),
+    (
+        "compress-typo-model",
+        "compress smollm2-135 --method magnitude --sparsity 0.5 --out {d}/o",
+        "did you mean 'smollm2-135m'",
+    ),
+    (
+        "compress-missing-model",
+        "compress ./no/such/model --method magnitude --sparsity 0.5 --out {d}/o",
+        "no such file",
+    ),
     # eval
     ("eval-latin1-ppl", "eval smollm2-135m --tasks ppl:{d}/latin1.txt", "not UTF-8"),
     ("eval-binary-ppl", "eval smollm2-135m --tasks ppl:{d}/binary.txt", "binary file"),
@@ -130,8 +174,11 @@ CASES = [
     ("eval-chat-maybe", "eval smollm2-135m --tasks ppl:ptb --option chat=maybe", "true or false"),
     ("eval-unknown-option", "eval smollm2-135m --tasks ppl:ptb --option shot=5", "did you mean 'shots'"),
     ("eval-option-no-equals", "eval smollm2-135m --tasks ppl:ptb --option shots", "KEY=VALUE"),
-    ("eval-option-latin1-file", "eval smollm2-135m --tasks instructions --option instructions_file={d}/latin1.jsonl",
-     "not UTF-8"),
+    (
+        "eval-option-latin1-file",
+        "eval smollm2-135m --tasks instructions --option instructions_file={d}/latin1.jsonl",
+        "not UTF-8",
+    ),
     ("eval-max-new-tokens-0", "eval smollm2-135m --option max_new_tokens=0", "at least 1"),
     ("eval-context-tokens-text", "eval smollm2-135m --option context_tokens=many", "must be an integer"),
     ("eval-batch-size-0", "eval smollm2-135m --batch-size 0", "batch_size"),
@@ -140,10 +187,16 @@ CASES = [
     ("eval-cuda", "eval smollm2-135m --device cuda", "cuda"),
     ("eval-typo-model", "eval smollm2-135 --limit 1", "did you mean 'smollm2-135m'"),
     ("eval-unknown-suite", "eval smollm2-135m --suite kik", "did you mean 'kick'"),
-    ("eval-judge-key-unset", "eval smollm2-135m --judge-url http://127.0.0.1:9/v1 --judge-model m "
-                             "--judge-key-env RECOUP_TEST_UNSET_KEY", "is not set"),
-    ("eval-judge-key-empty", "eval smollm2-135m --judge-url http://127.0.0.1:9/v1 --judge-model m "
-                             "--judge-key-env RECOUP_TEST_EMPTY_KEY", "set but empty"),
+    (
+        "eval-judge-key-unset",
+        "eval smollm2-135m --judge-url http://127.0.0.1:9/v1 --judge-model m --judge-key-env RECOUP_TEST_UNSET_KEY",
+        "is not set",
+    ),
+    (
+        "eval-judge-key-empty",
+        "eval smollm2-135m --judge-url http://127.0.0.1:9/v1 --judge-model m --judge-key-env RECOUP_TEST_EMPTY_KEY",
+        "set but empty",
+    ),
     ("eval-judge-no-model", "eval smollm2-135m --judge-url http://127.0.0.1:9/v1", "needs --judge-model"),
     ("eval-judge-bad-url", "eval smollm2-135m --judge-url ftp://x --judge-model m", "http://"),
     ("eval-judge-retries-0", "eval smollm2-135m --judge-retries 0", "judge_retries"),
@@ -155,11 +208,17 @@ CASES = [
     ("eval-limit-text", "eval smollm2-135m --limit x", "invalid int"),
     # recover
     ("recover-latin1-data", "recover smollm2-135m --method soft-prompt --data {d}/latin1.txt --out {d}/r", "not UTF-8"),
-    ("recover-binary-data", "recover smollm2-135m --method soft-prompt --data {d}/binary.txt --out {d}/r",
-     "binary file"),
+    (
+        "recover-binary-data",
+        "recover smollm2-135m --method soft-prompt --data {d}/binary.txt --out {d}/r",
+        "binary file",
+    ),
     ("recover-latin1-jsonl", "recover smollm2-135m --method lora --data {d}/latin1.jsonl --out {d}/r", "not UTF-8"),
-    ("recover-batch-size-0", "recover smollm2-135m --method soft-prompt --data ptb --batch-size 0 --out {d}/r",
-     "batch_size"),
+    (
+        "recover-batch-size-0",
+        "recover smollm2-135m --method soft-prompt --data ptb --batch-size 0 --out {d}/r",
+        "batch_size",
+    ),
     ("recover-unknown-method", "recover smollm2-135m --method sof-prompt --out {d}/r", "did you mean"),
     ("recover-unknown-task", "recover smollm2-135m --method soft-prompt --task sciqq --out {d}/r", "did you mean"),
     ("recover-out-nonempty", "recover smollm2-135m --method soft-prompt --data ptb --out {d}/full", "not empty"),
@@ -201,13 +260,22 @@ CASES = [
     ("compare-tolerance", "compare {d}/results.json {d}/results.json --tolerance 2", "tolerance"),
     ("compare-recovery-batch-0", "compare-recovery --task sciq --dense smollm2-135m --batch-size 0", "batch_size"),
     ("compare-recovery-typo-model", "compare-recovery --task sciq --dense smollm2-135", "did you mean"),
-    ("compare-recovery-nan", "compare-recovery --task sciq --compressed smollm2-135m --recovery {d}/nan_recovery",
-     "holds NaN"),
+    (
+        "compare-recovery-nan",
+        "compare-recovery --task sciq --compressed smollm2-135m --recovery {d}/nan_recovery",
+        "holds NaN",
+    ),
     ("compare-recovery-nothing", "compare-recovery --task sciq", "nothing to compare"),
-    ("compare-recovery-fraction", "compare-recovery --task sciq --dense smollm2-135m --heldout-fraction 1.5",
-     "heldout_fraction"),
-    ("compare-recovery-include", "compare-recovery --task sciq --dense smollm2-135m --include {d}/binary.txt",
-     "--include"),
+    (
+        "compare-recovery-fraction",
+        "compare-recovery --task sciq --dense smollm2-135m --heldout-fraction 1.5",
+        "heldout_fraction",
+    ),
+    (
+        "compare-recovery-include",
+        "compare-recovery --task sciq --dense smollm2-135m --include {d}/binary.txt",
+        "--include",
+    ),
     # show / report / runs / setup
     ("show-bad-store", "show x --store {d}/store.sqlite", "not a usable results store"),
     ("show-unknown-run", "show nosuchrun --store {d}/s2.sqlite", "no run"),
@@ -270,8 +338,19 @@ def test_enough_cases_across_every_command():
     for case, template, _ in CASES:
         by_command[template.split()[0]] = by_command.get(template.split()[0], 0) + 1
     assert len(CASES) >= 60
-    for command in ("compress", "eval", "recover", "run", "sweep", "compare", "compare-recovery", "show", "report",
-                    "runs", "setup"):
+    for command in (
+        "compress",
+        "eval",
+        "recover",
+        "run",
+        "sweep",
+        "compare",
+        "compare-recovery",
+        "show",
+        "report",
+        "runs",
+        "setup",
+    ):
         assert by_command.get(command), command
 
 
@@ -286,8 +365,9 @@ def test_non_finite_metric_fails_the_eval_and_json_is_strict(tmp_path, capsys):
     corpus = tmp_path / "c.txt"
     corpus.write_text("hello there general kenobi. " * 30)
     out = tmp_path / "r.json"
-    code = main(["eval", str(tmp_path / "m"), "--tasks", f"ppl:{corpus}", "--seqlen", "32", "--limit", "2",
-                 "--json", str(out)])
+    code = main(
+        ["eval", str(tmp_path / "m"), "--tasks", f"ppl:{corpus}", "--seqlen", "32", "--limit", "2", "--json", str(out)]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "not a finite number" in err
     text = out.read_text()
@@ -313,10 +393,10 @@ def _artifact(tmp_path):
         w = dict(lm.model.named_modules())[name].weight
         with torch.no_grad():
             w[:, ::2] = 0
-        records.append(LinearRecord(name, int(name.split(".")[2]), tuple(w.shape), 0.5, None, None, 0.0, "weight",
-                                    0.0))
-    report = CompressReport("magnitude", {"method": "magnitude", "sparsity": 0.5, "bits": None}, "llama", None,
-                            records, 0.0, 0.0)
+        records.append(LinearRecord(name, int(name.split(".")[2]), tuple(w.shape), 0.5, None, None, 0.0, "weight", 0.0))
+    report = CompressReport(
+        "magnitude", {"method": "magnitude", "sparsity": 0.5, "bits": None}, "llama", None, records, 0.0, 0.0
+    )
     return save_artifact(lm, report, tmp_path / "art", storage="dense")
 
 
@@ -410,10 +490,19 @@ def test_judge_key_echoed_by_the_endpoint_is_never_written(tmp_path, monkeypatch
     questions = tmp_path / "q.jsonl"
     questions.write_text("".join(json.dumps({"question_id": i, "text": f"question {i}?"}) + "\n" for i in range(3)))
     with EchoAuthServer() as srv:
-        job = EvalJob.from_flat({"model": str(tmp_path / "m"), "tasks": ["instructions"], "limit": 2,
-                                 "options": {"instructions_file": str(questions), "max_new_tokens": 2},
-                                 "judge_url": srv.url, "judge_model": "m", "judge_key_env": "RECOUP_TEST_JUDGE_KEY",
-                                 "judge_retries": 1, "json": str(tmp_path / "r.json")})
+        job = EvalJob.from_flat(
+            {
+                "model": str(tmp_path / "m"),
+                "tasks": ["instructions"],
+                "limit": 2,
+                "options": {"instructions_file": str(questions), "max_new_tokens": 2},
+                "judge_url": srv.url,
+                "judge_model": "m",
+                "judge_key_env": "RECOUP_TEST_JUDGE_KEY",
+                "judge_retries": 1,
+                "json": str(tmp_path / "r.json"),
+            }
+        )
         with caplog.at_level("DEBUG"):
             out = evaluate(job)
     res = out["results"]["instructions"]
@@ -423,8 +512,12 @@ def test_judge_key_echoed_by_the_endpoint_is_never_written(tmp_path, monkeypatch
         store.plan_stage("r", "e", 0, "evaluate", "k", str(tmp_path), {})
         store.stage_finished("r", "e", out, False, 1.0, [], {})
         store.stage_failed("r", "e", f"JudgeError: {res['judge_error']}")
-    written = [(tmp_path / "r.json").read_text(), caplog.text, capsys.readouterr().err,
-               (tmp_path / "s.sqlite").read_bytes().decode("latin-1")]
+    written = [
+        (tmp_path / "r.json").read_text(),
+        caplog.text,
+        capsys.readouterr().err,
+        (tmp_path / "s.sqlite").read_bytes().decode("latin-1"),
+    ]
     for wal in tmp_path.glob("s.sqlite*"):
         written.append(wal.read_bytes().decode("latin-1"))
     for text in written:

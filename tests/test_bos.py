@@ -81,7 +81,7 @@ def test_no_bos_tokenizer_windows_unchanged(corpus):
     assert torch.equal(consecutive_windows(ids, 16, 4), ids[: 4 * 16].view(4, 16))
     cal = calibration_windows(tok, corpus, nsamples=5, seqlen=16, seed=3)
     starts = torch.randint(0, ids.numel() - 16, (5,), generator=torch.Generator().manual_seed(3)).tolist()
-    assert torch.equal(cal.input_ids, torch.stack([ids[s: s + 16] for s in starts]))  # the draw of old
+    assert torch.equal(cal.input_ids, torch.stack([ids[s : s + 16] for s in starts]))  # the draw of old
     assert cal.protocol["bos"] == "auto" and cal.protocol["bos_token_id"] is None
 
 
@@ -110,7 +110,7 @@ def test_training_windows_and_sequences_start_with_one_unscored_bos(corpus, tmp_
     seqs = tuning_data(tok, data=str(path), max_len=8, seed=0).train + tuning_data(tok, data=str(path), max_len=8).valid
     assert _one_bos_first([s.ids for s in seqs]) and all(len(s.ids) <= 8 for s in seqs)
     for s in seqs:  # the BOS and the context are never scored; the completion (or the whole text) is
-        text = tok.decode(s.ids[s.first_scored:])
+        text = tok.decode(s.ids[s.first_scored :])
         assert s.first_scored >= 1 and text in (" c", " dd", "hello t")
     plain = tuning_data(tiny_tokenizer(), data=corpus, max_len=16, seed=0)
     assert plain.protocol["bos_token_id"] is None and (next(plain.batches(3, 0, seed=0)).input_ids != BOS).all()

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import save_tiny
 
 
@@ -19,12 +18,15 @@ def test_version_and_help():
     assert run("eval", "--help").returncode == 0
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["eval", "./no/such/model"], "no such file or directory"),
-    (["eval", "smollm2-135m", "--limit", "x"], "invalid int value"),
-    (["eval", "smollm2-135m", "--limit", "0"], "limit must be a positive integer"),
-    (["nosuchcommand"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["eval", "./no/such/model"], "no such file or directory"),
+        (["eval", "smollm2-135m", "--limit", "x"], "invalid int value"),
+        (["eval", "smollm2-135m", "--limit", "0"], "limit must be a positive integer"),
+        (["nosuchcommand"], "invalid choice"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(args, needle):
     out = run(*args)
     assert out.returncode == 2
@@ -38,8 +40,18 @@ def test_eval_local_model_writes_json(tmp_path):
     save_tiny(tmp_path / "m")
     corpus = tmp_path / "c.txt"
     corpus.write_text("hello there general kenobi. " * 30)
-    out = run("eval", str(tmp_path / "m"), "--tasks", f"ppl:{corpus}", "--seqlen", "32", "--limit", "3",
-              "--json", str(tmp_path / "r.json"))
+    out = run(
+        "eval",
+        str(tmp_path / "m"),
+        "--tasks",
+        f"ppl:{corpus}",
+        "--seqlen",
+        "32",
+        "--limit",
+        "3",
+        "--json",
+        str(tmp_path / "r.json"),
+    )
     assert out.returncode == 0, out.stderr
     data = json.loads((tmp_path / "r.json").read_text())
     res = data["results"][f"ppl:{corpus}"]

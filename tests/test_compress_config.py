@@ -7,32 +7,35 @@ import json
 import pytest
 from helpers import save_tiny
 
+from recoup.artifact import load_model
+from recoup.artifact.store import compression_fingerprint
 from recoup.cli import main
 from recoup.compress import CompressConfig
-from recoup.artifact.store import compression_fingerprint
 from recoup.compress.masks import is_nm
 from recoup.errors import RecoupError
 from recoup.model.anatomy import anatomy
-from recoup.artifact import load_model
 
 
-@pytest.mark.parametrize("data,match", [
-    ({"method": "sparsgpt", "sparsity": 0.5}, "did you mean 'sparsegpt'"),
-    ({"method": "sparsegpt", "sparsty": 0.5}, "unknown key 'sparsty'.*did you mean 'sparsity'"),
-    ({"method": "sparsegpt", "pattern": "2:4", "sparsity": 0.3}, "2:4 means 50% sparsity"),
-    ({"method": "wanda", "pattern": "4:2"}, "1 <= N < M"),
-    ({"method": "wanda", "pattern": "two:four"}, "not of the form N:M"),
-    ({"method": "gptq", "bits": 3.5}, "whole number from 2 to 8"),
-    ({"method": "rtn", "bits": 1}, "whole number from 2 to 8"),
-    ({"method": "magnitude", "sparsity": 1.0}, r"\[0, 0.99\]"),
-    ({"method": "magnitude"}, "give a sparsity"),
-    ({"method": "gptq"}, "give bits"),
-    ({"method": "wanda", "sparsity": 0.5, "bits": 4}, "joint sparse"),
-    ({"method": "gptq", "bits": 4, "sparsity": 0.5}, "does not prune"),
-    ({"method": "rtn", "bits": 4, "act_order": True}, "option of gptq, not of rtn"),
-    ({"method": "sparsegpt", "pattern": "4:8", "blocksize": 12}, "multiple of M=8"),
-    ({"method": "rtn", "bits": 4, "targets": "mpl"}, "did you mean 'mlp'"),
-])
+@pytest.mark.parametrize(
+    "data,match",
+    [
+        ({"method": "sparsgpt", "sparsity": 0.5}, "did you mean 'sparsegpt'"),
+        ({"method": "sparsegpt", "sparsty": 0.5}, "unknown key 'sparsty'.*did you mean 'sparsity'"),
+        ({"method": "sparsegpt", "pattern": "2:4", "sparsity": 0.3}, "2:4 means 50% sparsity"),
+        ({"method": "wanda", "pattern": "4:2"}, "1 <= N < M"),
+        ({"method": "wanda", "pattern": "two:four"}, "not of the form N:M"),
+        ({"method": "gptq", "bits": 3.5}, "whole number from 2 to 8"),
+        ({"method": "rtn", "bits": 1}, "whole number from 2 to 8"),
+        ({"method": "magnitude", "sparsity": 1.0}, r"\[0, 0.99\]"),
+        ({"method": "magnitude"}, "give a sparsity"),
+        ({"method": "gptq"}, "give bits"),
+        ({"method": "wanda", "sparsity": 0.5, "bits": 4}, "joint sparse"),
+        ({"method": "gptq", "bits": 4, "sparsity": 0.5}, "does not prune"),
+        ({"method": "rtn", "bits": 4, "act_order": True}, "option of gptq, not of rtn"),
+        ({"method": "sparsegpt", "pattern": "4:8", "blocksize": 12}, "multiple of M=8"),
+        ({"method": "rtn", "bits": 4, "targets": "mpl"}, "did you mean 'mlp'"),
+    ],
+)
 def test_bad_configs_give_one_clear_line(data, match):
     with pytest.raises(RecoupError, match=match):
         CompressConfig.from_dict(data)
@@ -62,8 +65,28 @@ def test_cli_compress_writes_a_loadable_artifact(tmp_path, capsys):
     corpus = tmp_path / "calib.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog. " * 200)
     out = tmp_path / "art"
-    rc = main(["compress", str(src), "--method", "sparsegpt", "--pattern", "2:4", "--bits", "4", "--group-size", "16",
-               "--calib", str(corpus), "--nsamples", "4", "--seqlen", "64", "--out", str(out)])
+    rc = main(
+        [
+            "compress",
+            str(src),
+            "--method",
+            "sparsegpt",
+            "--pattern",
+            "2:4",
+            "--bits",
+            "4",
+            "--group-size",
+            "16",
+            "--calib",
+            str(corpus),
+            "--nsamples",
+            "4",
+            "--seqlen",
+            "64",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0 and "wrote" in capsys.readouterr().out
     manifest = json.loads((out / "recoup.json").read_text())
     assert manifest["calibration"]["nsamples"] == 4 and manifest["source"]["sha256"]
@@ -77,7 +100,9 @@ def test_cli_compress_writes_a_loadable_artifact(tmp_path, capsys):
 
 
 def test_cli_errors_exit_2(tmp_path, capsys):
-    assert main(["compress", str(tmp_path / "nope"), "--method", "rtn", "--bits", "4", "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(["compress", str(tmp_path / "nope"), "--method", "rtn", "--bits", "4", "--out", str(tmp_path / "o")]) == 2
+    )
     assert "no such file or directory" in capsys.readouterr().err
     assert main(["compress", "x", "--method", "sparsgpt", "--out", str(tmp_path / "o")]) == 2
     assert "did you mean 'sparsegpt'" in capsys.readouterr().err

@@ -8,17 +8,17 @@ import pytest
 import torch
 from helpers import tiny_loaded
 
-from recoup.compress import CompressConfig, compress
+from recoup.artifact import load_model
+from recoup.artifact.grid import QuantGrid
 from recoup.artifact.store import compression_fingerprint, load_artifact, save_artifact
+from recoup.compress import CompressConfig, compress
 from recoup.compress.engine import LayerView
 from recoup.compress.masks import is_nm
-from recoup.artifact.grid import QuantGrid
 from recoup.compress.methods.awq import PRECEDING_OP, _fold
 from recoup.data.calibration import Calibration
 from recoup.errors import RecoupError
 from recoup.model.anatomy import anatomy
 from recoup.model.streamer import call_layer, capture_inputs
-from recoup.artifact import load_model
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "opt", "gpt2"]
 
@@ -76,8 +76,11 @@ def test_awq_rounded_by_gptq_is_on_grid_every_arch_and_beats_rounding_to_nearest
     for run, rounding, order in runs:
         lm = tiny_loaded(arch, hidden=48, layers=2)
         ref = lm.model(held.input_ids).logits.detach()
-        rep = compress(lm, CompressConfig.from_dict(dict(method="awq", bits=3, group_size=16, grid=6,
-                                                         rounding=rounding, **order)), cal)
+        rep = compress(
+            lm,
+            CompressConfig.from_dict(dict(method="awq", bits=3, group_size=16, grid=6, rounding=rounding, **order)),
+            cal,
+        )
         fp = compression_fingerprint(lm.model, rep.to_dict(), rep.qparams)
         assert fp["all_on_grid"] is True and set(fp["linears"]) == set(rep.qparams)
         assert all((r.info.get("awq_rounding") == "gptq") == (rounding == "gptq") for r in rep.linears)
@@ -89,8 +92,12 @@ def test_awq_rounded_by_gptq_is_on_grid_every_arch_and_beats_rounding_to_nearest
 def test_gptq_and_sparsegpt_reduce_output_error_vs_baselines():
     cal = calib(n=16)
     errs = {}
-    for cfg in [dict(method="rtn", bits=3, group_size=16), dict(method="gptq", bits=3, group_size=16),
-                dict(method="magnitude", sparsity=0.5), dict(method="sparsegpt", sparsity=0.5)]:
+    for cfg in [
+        dict(method="rtn", bits=3, group_size=16),
+        dict(method="gptq", bits=3, group_size=16),
+        dict(method="magnitude", sparsity=0.5),
+        dict(method="sparsegpt", sparsity=0.5),
+    ]:
         lm = tiny_loaded("llama", hidden=32, layers=2)
         x = cal.input_ids
         ref = lm.model(x).logits.detach()
@@ -209,11 +216,18 @@ def test_awq_searches_every_foldable_group_on_its_block_output(arch):
     lm = tiny_loaded(arch, hidden=32, layers=2)
     rep = compress(lm, CompressConfig.from_dict(dict(method="awq", bits=3, group_size=16, grid=6)), calib())
     anat = anatomy(lm.model)
-    rel = {r.name: r.name[len(f"{anat.spec.layers}.{r.layer}."):] for r in rep.linears}
+    rel = {r.name: r.name[len(f"{anat.spec.layers}.{r.layer}.") :] for r in rep.linears}
     searched = {rel[r.name] for r in rep.linears if "awq_block_loss" in r.info}
-    expected = {n for g, prev in PRECEDING_OP[arch].items() for n in g
-                if not (prev in anat.linear_names() and anat.weight_matrix(anat.linears(anat.layers[0])[prev]).shape[0]
-                        != anat.weight_matrix(anat.linears(anat.layers[0])[g[0]]).shape[1])}
+    expected = {
+        n
+        for g, prev in PRECEDING_OP[arch].items()
+        for n in g
+        if not (
+            prev in anat.linear_names()
+            and anat.weight_matrix(anat.linears(anat.layers[0])[prev]).shape[0]
+            != anat.weight_matrix(anat.linears(anat.layers[0])[g[0]]).shape[1]
+        )
+    }
     assert searched == expected and expected
     for r in rep.linears:
         if "awq_block_loss" in r.info:

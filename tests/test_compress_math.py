@@ -7,10 +7,10 @@ import logging
 import pytest
 import torch
 
+from recoup.artifact.grid import QuantGrid, grid_deviation
 from recoup.compress.masks import is_nm, nm_mask, unstructured_mask
 from recoup.compress.methods.rtn import rtn
 from recoup.compress.obs import damped_inverse_cholesky, obs_compress
-from recoup.artifact.grid import QuantGrid, grid_deviation
 from recoup.compress.stats import ActNormStats, HessianStats
 from recoup.errors import RecoupError
 
@@ -73,7 +73,7 @@ def test_rtn_puts_every_weight_on_its_grid_with_ragged_groups(bits, sym, group):
     assert res.scale.shape == (6, grid.num_groups(24))
     assert grid_deviation(res.weight, res.scale, res.zero, res.g_idx, grid.maxq) < 1e-4
     levels = [torch.unique(res.weight[r, res.g_idx == g]).numel() for r in range(6) for g in range(res.scale.shape[1])]
-    assert max(levels) <= 2 ** bits
+    assert max(levels) <= 2**bits
     assert grid_deviation(w, res.scale, res.zero, res.g_idx, grid.maxq) > 1e-3  # the raw weights are not
 
 
@@ -95,7 +95,7 @@ def test_mse_range_search_never_worse_than_minmax_and_keeps_zero(sym):
     for bits in (3, 4):
         plain, mse = QuantGrid(bits, sym, 32), QuantGrid(bits, sym, 32, search="mse")
         for g in range(2):
-            block = w[:, g * 32:(g + 1) * 32]
+            block = w[:, g * 32 : (g + 1) * 32]
             e_plain = (plain.quantize(block, *plain.fit(block)) - block).abs().pow(2.4).sum(1)
             s, z = mse.fit(block)
             e_mse = (mse.quantize(block, s, z) - block).abs().pow(2.4).sum(1)
@@ -182,7 +182,7 @@ def test_awq_clip_never_worse_than_no_clip_and_never_grows_weights():
 
     def group_err(v):  # per (row, group) mean squared partial output of the quantized weight
         q = grid.quantize_matrix(v)[0]
-        return torch.stack([((x[:, s:s + 16] @ (q - w)[:, s:s + 16].t()) ** 2).mean(0) for s in (0, 16, 32)], 1)
+        return torch.stack([((x[:, s : s + 16] @ (q - w)[:, s : s + 16].t()) ** 2).mean(0) for s in (0, 16, 32)], 1)
 
     assert (group_err(clipped) <= group_err(w) + 1e-6).all()
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recoup.compress import CompressConfig, compress
+from recoup.artifact import load_model
 from recoup.artifact.store import compression_fingerprint
+from recoup.compress import CompressConfig, compress
 from recoup.compress.masks import is_nm
 from recoup.data.calibration import calibration_windows
 from recoup.evaluate.perplexity import perplexity
 from recoup.model.anatomy import anatomy
-from recoup.artifact import load_model
 
 pytestmark = pytest.mark.slow
 

@@ -48,14 +48,14 @@ def _packed_artifact(tmp_path):
     w = dict(lm.model.named_modules())[name].weight
     w.data[:, ::2] = 0
     records = [LinearRecord(name, 0, tuple(w.shape), 0.5, None, None, 0.0, "weight", 0.0)]
-    report = CompressReport("magnitude", {"method": "magnitude", "sparsity": 0.5, "bits": None}, "llama", None,
-                            records, 0.0, 0.0)
+    report = CompressReport(
+        "magnitude", {"method": "magnitude", "sparsity": 0.5, "bits": None}, "llama", None, records, 0.0, 0.0
+    )
     return save_artifact(lm, report, tmp_path / "art")
 
 
 @pytest.mark.parametrize("where", ["files-parent", "files-absolute", "packed-file"])
-def test_manifest_naming_a_file_outside_the_artifact_is_refused_before_reading_it(tmp_path, monkeypatch, capsys,
-                                                                                  where):
+def test_manifest_naming_a_file_outside_the_artifact_is_refused_before_reading_it(tmp_path, monkeypatch, capsys, where):
     import json
 
     from recoup.artifact import store
@@ -112,8 +112,21 @@ def test_output_that_cannot_fit_is_refused_before_compressing(tmp_path, monkeypa
     usage = _shutil.disk_usage(tmp_path)
     monkeypatch.setattr(store.shutil, "disk_usage", lambda p: usage._replace(free=4096))
     capsys.readouterr()
-    assert main(["compress", str(tmp_path / "tiny"), "--method", "magnitude", "--sparsity", "0.5",
-                 "--out", str(tmp_path / "art")]) == 2
+    assert (
+        main(
+            [
+                "compress",
+                str(tmp_path / "tiny"),
+                "--method",
+                "magnitude",
+                "--sparsity",
+                "0.5",
+                "--out",
+                str(tmp_path / "art"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if "error" in line.lower()]  # progress bars aside
     assert len(errors) == 1 and "cannot fit the artifact" in errors[0] and "MB are free" in err
@@ -135,8 +148,9 @@ def test_full_disk_while_writing_is_one_line_and_leaves_nothing_half_written(tmp
     def disk_fills_up(self, folder, **kwargs):  # what safetensors raises when the disk fills mid-write
         (tmp_path / "marker").write_text("write started")
         (Path(folder) / "model.safetensors").write_bytes(b"\0" * 64)
-        raise Exception("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
-                        "message: \"No space left on device\" })")
+        raise Exception(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
 
     def merge_fills_up(out, *args, **kwargs):  # the layer-by-layer writer's merge: a plain OSError
         (tmp_path / "marker").write_text("write started")
@@ -146,8 +160,22 @@ def test_full_disk_while_writing_is_one_line_and_leaves_nothing_half_written(tmp
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", disk_fills_up)
     monkeypatch.setattr(layerwise, "merge_safetensors", merge_fills_up)
     capsys.readouterr()
-    assert main(["compress", str(tmp_path / "tiny"), "--method", "magnitude", "--sparsity", "0.5", path,
-                 "--out", str(tmp_path / "art")]) == 2
+    assert (
+        main(
+            [
+                "compress",
+                str(tmp_path / "tiny"),
+                "--method",
+                "magnitude",
+                "--sparsity",
+                "0.5",
+                path,
+                "--out",
+                str(tmp_path / "art"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert (tmp_path / "marker").exists(), "the write was reached"
     errors = [line for line in err.splitlines() if "error" in line.lower()]  # progress bars aside

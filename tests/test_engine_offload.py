@@ -135,8 +135,9 @@ def test_device_resolution_and_errors():
     cpu = torch.device("cpu")
     assert resolve_device(None, cpu) == cpu
     assert resolve_device("cpu", cpu) == cpu
-    assert resolve_device("auto", cpu) == (torch.device("cuda", torch.cuda.current_device())
-                                           if torch.cuda.is_available() else cpu)
+    assert resolve_device("auto", cpu) == (
+        torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else cpu
+    )
     with pytest.raises(RecoupError, match="unknown device 'gpu'"):
         resolve_device("gpu", cpu)
     with pytest.raises(RecoupError, match="unsupported device 'meta'"):
@@ -157,8 +158,20 @@ def test_cli_device_flag_rejects_unavailable_cuda(tmp_path, capsys):
     from recoup.cli import main
 
     save_tiny(tmp_path / "m", "llama")
-    rc = main(["compress", str(tmp_path / "m"), "--method", "magnitude", "--sparsity", "0.5", "--device", "cuda",
-               "--out", str(tmp_path / "a")])
+    rc = main(
+        [
+            "compress",
+            str(tmp_path / "m"),
+            "--method",
+            "magnitude",
+            "--sparsity",
+            "0.5",
+            "--device",
+            "cuda",
+            "--out",
+            str(tmp_path / "a"),
+        ]
+    )
     assert rc == 2 and "has no CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
 

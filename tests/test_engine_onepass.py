@@ -37,10 +37,15 @@ def run(arch: str, cfg: dict, budget: int | None):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("cfg", [dict(method="sparsegpt", sparsity=0.5, bits=4, group_size=16, true_sequential=True),
-                                 dict(method="gptq", bits=3, group_size=16),
-                                 dict(method="wanda", pattern="2:4", true_sequential=True)],
-                         ids=["joint", "gptq", "wanda"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(method="sparsegpt", sparsity=0.5, bits=4, group_size=16, true_sequential=True),
+        dict(method="gptq", bits=3, group_size=16),
+        dict(method="wanda", pattern="2:4", true_sequential=True),
+    ],
+    ids=["joint", "gptq", "wanda"],
+)
 def test_one_forward_per_layer_is_bitwise_the_rerun_path(arch, cfg):
     once, rep_once, lm_once = run(arch, cfg, None)  # tiny: always fits the default budget
     rerun, rep_rerun, lm_rerun = run(arch, cfg, 0)  # budget 0: re-run each layer per group
@@ -74,14 +79,21 @@ def test_the_last_layer_is_not_run_past_its_last_group(arch, path):
     calibration batches: there that linear runs only in the one-window pass that records the layers'
     arguments, while every earlier layer also runs it to propagate. The weights are the ones the last
     layer's statistics give, the same whether or not its forward finishes (the tests above)."""
-    cfg = dict(method="sparsegpt", sparsity=0.5, batch_size=4, true_sequential=path != "dense-order",
-               activation_budget_mb=0 if path == "rerun" else None)
+    cfg = dict(
+        method="sparsegpt",
+        sparsity=0.5,
+        batch_size=4,
+        true_sequential=path != "dense-order",
+        activation_budget_mb=0 if path == "rerun" else None,
+    )
     lm = tiny_loaded(arch, hidden=32, layers=3)
     anat = anatomy(lm.model)
     last_first = anat.spec.sequential[-1][0]
     counts = [0] * len(anat.layers)
-    handles = [anat.linears(layer)[last_first].register_forward_hook(lambda *a, i=i: counts.__setitem__(i, counts[i] + 1))
-               for i, layer in enumerate(anat.layers)]
+    handles = [
+        anat.linears(layer)[last_first].register_forward_hook(lambda *a, i=i: counts.__setitem__(i, counts[i] + 1))
+        for i, layer in enumerate(anat.layers)
+    ]
     compress(lm, CompressConfig.from_dict(cfg), calib())
     for h in handles:
         h.remove()
@@ -89,12 +101,15 @@ def test_the_last_layer_is_not_run_past_its_last_group(arch, path):
     assert all(c >= 3 for c in counts[:-1])  # and 6 windows in batches of 4: the propagating forward's 2 calls
 
 
-@pytest.mark.parametrize("cfg, batch", [
-    (dict(method="sparsegpt", sparsity=0.5), 1),  # its reference order: each layer straight through
-    (dict(method="gptq", bits=4, group_size=16), 8),  # one forward per layer: each batch a parked thread
-    (dict(method="gptq", bits=4, group_size=16, activation_budget_mb=0), 1),  # re-run per group
-    (dict(method="gptq", bits=4, group_size=16, batch_size=3), 3),  # asked for
-])
+@pytest.mark.parametrize(
+    "cfg, batch",
+    [
+        (dict(method="sparsegpt", sparsity=0.5), 1),  # its reference order: each layer straight through
+        (dict(method="gptq", bits=4, group_size=16), 8),  # one forward per layer: each batch a parked thread
+        (dict(method="gptq", bits=4, group_size=16, activation_budget_mb=0), 1),  # re-run per group
+        (dict(method="gptq", bits=4, group_size=16, batch_size=3), 3),  # asked for
+    ],
+)
 def test_default_batch_size_follows_the_path_and_is_recorded(cfg, batch):
     lm = tiny_loaded("llama", hidden=32, layers=2)
     anat = anatomy(lm.model)

@@ -102,8 +102,11 @@ def artifact(tmp_path):
     from recoup.data.calibration import Calibration
 
     lm = save_tiny(tmp_path / "dense")
-    rep = compress(lm, CompressConfig(method="sparsegpt", sparsity=0.5, bits=4, group_size=16),
-                   Calibration(input_ids=IDS, corpus="random", split="train", seqlen=24, seed=0))
+    rep = compress(
+        lm,
+        CompressConfig(method="sparsegpt", sparsity=0.5, bits=4, group_size=16),
+        Calibration(input_ids=IDS, corpus="random", split="train", seqlen=24, seed=0),
+    )
     text = tmp_path / "calib.txt"
     text.write_text(" ".join(f"the number {i} is {'even' if i % 2 == 0 else 'odd'}." for i in range(400)))
     return save_artifact(lm, rep, tmp_path / "art"), text
@@ -121,8 +124,11 @@ def test_eora_artifact_keeps_fingerprint_and_loads_in_peft_with_identical_logits
     digest = compression_fingerprint(loaded.model, loaded.manifest)["digest"]
     cfg = RECOVERIES.get("eora").config.from_dict({"rank": 4, "calib": str(text), "nsamples": 4, "seqlen": 32})
     rec, result = fit(loaded, cfg, None)
-    assert result is None and rec.meta["compression_fingerprint"] == {**rec.meta["compression_fingerprint"],
-                                                                       "digest": digest, "unchanged": True}
+    assert result is None and rec.meta["compression_fingerprint"] == {
+        **rec.meta["compression_fingerprint"],
+        "digest": digest,
+        "unchanged": True,
+    }
     assert compression_fingerprint(loaded.model, loaded.manifest)["digest"] == digest
     rec.save(tmp_path / "eora")
     assert load_recovery(tmp_path / "eora").method == "eora"
@@ -194,8 +200,9 @@ def test_energy_one_with_a_full_cap_gives_full_rank_everywhere_and_the_dense_mod
         assert r == min(_get(comp, name).weight.shape) and kept[name] == pytest.approx(1.0)
     assert set(rec.peft_config().rank_pattern.values()) == {16}  # k_proj / v_proj: (16, 32)
     with torch.no_grad():
-        torch.testing.assert_close(forward_logits(rec.apply(comp), IDS), forward_logits(dense, IDS),
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            forward_logits(rec.apply(comp), IDS), forward_logits(dense, IDS), rtol=1e-4, atol=1e-4
+        )
 
 
 def eora_forward(model, state, ids):
@@ -205,8 +212,9 @@ def eora_forward(model, state, ids):
         if key.endswith(".lora_A.weight"):
             name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
             b = state[key.replace(".lora_A.", ".lora_B.")]
-            handles.append(_get(model, name).register_forward_hook(
-                lambda _m, args, out, a=a, b=b: out + args[0] @ a.T @ b.T))
+            handles.append(
+                _get(model, name).register_forward_hook(lambda _m, args, out, a=a, b=b: out + args[0] @ a.T @ b.T)
+            )
     try:
         return forward_logits(model, ids)
     finally:
@@ -275,11 +283,37 @@ def test_lora_inherits_an_energy_ranked_compensation_and_peft_loads_the_result(a
     start = LoraRecovery(cfg, init.target_modules, inherited_state(init, cfg), init.hidden_size)
     assert start.ranks() == part.ranks()
     with torch.no_grad():
-        torch.testing.assert_close(forward_logits(start.apply(load_model(str(art)).model), IDS),
-                                   forward_logits(part.apply(load_model(str(art)).model), IDS), rtol=1e-5, atol=1e-5)
-    assert main(["recover", str(art), "--method", "lora", "--inherit", str(tmp_path / "eora"), "--rank",
-                 str(part.cfg.rank), "--data", str(text), "--steps", "2", "--seqlen", "24", "--batch-size", "2",
-                 "--out", str(tmp_path / "lora")]) == 0
+        torch.testing.assert_close(
+            forward_logits(start.apply(load_model(str(art)).model), IDS),
+            forward_logits(part.apply(load_model(str(art)).model), IDS),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+    assert (
+        main(
+            [
+                "recover",
+                str(art),
+                "--method",
+                "lora",
+                "--inherit",
+                str(tmp_path / "eora"),
+                "--rank",
+                str(part.cfg.rank),
+                "--data",
+                str(text),
+                "--steps",
+                "2",
+                "--seqlen",
+                "24",
+                "--batch-size",
+                "2",
+                "--out",
+                str(tmp_path / "lora"),
+            ]
+        )
+        == 0
+    )
     lora = load_recovery(tmp_path / "lora")
     assert lora.meta["init"] == "inherited" and lora.ranks() == part.ranks()
     assert any(not torch.equal(lora.state[k], v) for k, v in start.state.items())  # it trained
@@ -316,15 +350,64 @@ def test_init_eora_starts_lora_and_cpet_from_the_compensation_in_one_command(art
 
     art, text = artifact
     alone, _ = fit(load_model(str(art)), EoraConfig(rank=4, calib=str(text), nsamples=4), None)
-    start = LoraMethodConfig(rank=4, init="eora", calib=str(text), nsamples=4, data=str(text)).initial(load_model(str(art)))
-    assert start.state.keys() == alone.state.keys() and all(torch.equal(start.state[k], v) for k, v in alone.state.items())
-    common = ["--rank", "4", "--init", "eora", "--calib", str(text), "--nsamples", "4", "--data", str(text),
-              "--steps", "2", "--seqlen", "24", "--batch-size", "2"]
+    start = LoraMethodConfig(rank=4, init="eora", calib=str(text), nsamples=4, data=str(text)).initial(
+        load_model(str(art))
+    )
+    assert start.state.keys() == alone.state.keys() and all(
+        torch.equal(start.state[k], v) for k, v in alone.state.items()
+    )
+    common = [
+        "--rank",
+        "4",
+        "--init",
+        "eora",
+        "--calib",
+        str(text),
+        "--nsamples",
+        "4",
+        "--data",
+        str(text),
+        "--steps",
+        "2",
+        "--seqlen",
+        "24",
+        "--batch-size",
+        "2",
+    ]
     for method in ("lora", "cpet"):
         assert main(["recover", str(art), "--method", method, "--out", str(tmp_path / method)] + common) == 0
         meta = load_recovery(tmp_path / method).meta
         assert meta["init"] == "eora" and meta["eora"]["calibration"]["nsamples"] == 4
-    assert main(["recover", str(art), "--method", "lora", "--out", str(tmp_path / "bad"), "--inherit",
-                 str(tmp_path / "lora")] + common) == 2
-    assert main(["recover", str(art), "--method", "lora", "--out", str(tmp_path / "bad"), "--init", "loftq",
-                 "--data", str(text)]) == 2
+    assert (
+        main(
+            [
+                "recover",
+                str(art),
+                "--method",
+                "lora",
+                "--out",
+                str(tmp_path / "bad"),
+                "--inherit",
+                str(tmp_path / "lora"),
+            ]
+            + common
+        )
+        == 2
+    )
+    assert (
+        main(
+            [
+                "recover",
+                str(art),
+                "--method",
+                "lora",
+                "--out",
+                str(tmp_path / "bad"),
+                "--init",
+                "loftq",
+                "--data",
+                str(text),
+            ]
+        )
+        == 2
+    )

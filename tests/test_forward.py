@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from helpers import tiny_model
+
 from recoup import RecoupError
 from recoup.model.forward import build_inputs, forward_logits
 
@@ -41,11 +41,11 @@ def test_cached_paths_use_this_transformers_cache_name(monkeypatch):
     installed transformers' own name: transformers logs no deprecated-name warning (5.x renamed
     ``past_key_values`` to ``cache``; the old name is a shim that may go)."""
     import transformers.utils.generic as generic
-
     from helpers import tiny_loaded, tiny_tokenizer
+
+    from recoup.evaluate.latency import LatencyConfig, measure_latency
     from recoup.evaluate.scorer import Scorer
     from recoup.recover.idp import IDPPool
-    from recoup.evaluate.latency import LatencyConfig, measure_latency
 
     said: list[str] = []
     monkeypatch.setattr(generic.logger, "warning_once", lambda msg, *a, **k: said.append(str(msg)), raising=False)
@@ -55,6 +55,7 @@ def test_cached_paths_use_this_transformers_cache_name(monkeypatch):
     for recovery in (None, pool):
         scorer = Scorer(lm.model, tiny_tokenizer(), recovery=recovery, progress=False)
         assert len(scorer.loglikelihood_tokens([((5, 6, 7), (8, 9)), ((10, 11), (12,))])) == 2
-        measure_latency(lm.model, torch.tensor([[5, 6, 7, 8]]), recovery, LatencyConfig(prompt_len=4, new_tokens=2,
-                                                                                          repeats=1))
+        measure_latency(
+            lm.model, torch.tensor([[5, 6, 7, 8]]), recovery, LatencyConfig(prompt_len=4, new_tokens=2, repeats=1)
+        )
     assert not [m for m in said if "deprecated" in m], said

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-
 from helpers import tiny_loaded, tiny_tokenizer
+
 from recoup.errors import RecoupError
 from recoup.evaluate.scorer import Scorer
 from recoup.model.anatomy import anatomy
@@ -32,11 +32,13 @@ def padded_batch(seed: int = 0, rows: int = 4) -> tuple[torch.Tensor, torch.Tens
 def capture_entering(layer: torch.nn.Module, store: list):
     return layer.register_forward_pre_hook(
         lambda m, args, kwargs: store.append((args[0] if args else kwargs["hidden_states"]).detach().clone()),
-        with_kwargs=True)
+        with_kwargs=True,
+    )
 
 
 def replace_entering(layer: torch.nn.Module, rows: torch.Tensor, start: int):
     """A pre-hook putting ``rows`` (1, T, H) in place of the hidden states from position ``start`` on."""
+
     def hook(m, args, kwargs):
         h = (args[0] if args else kwargs["hidden_states"]).clone()
         h[:, start:] = rows
@@ -44,6 +46,7 @@ def replace_entering(layer: torch.nn.Module, rows: torch.Tensor, start: int):
             return (h, *args[1:]), kwargs
         kwargs["hidden_states"] = h
         return args, kwargs
+
     return layer.register_forward_pre_hook(hook, with_kwargs=True)
 
 
@@ -63,8 +66,9 @@ def reference_scores(model, pool: torch.Tensor, ids: torch.Tensor, mask: torch.T
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
-        att = model(inputs_embeds=x, attention_mask=float_mask, position_ids=pos, output_attentions=True,
-                    use_cache=False).attentions
+        att = model(
+            inputs_embeds=x, attention_mask=float_mask, position_ids=pos, output_attentions=True, use_cache=False
+        ).attentions
     finally:
         model.set_attn_implementation(previous)
     a = torch.stack(att[:layers]).sum((0, 2))[:, p:, :p]  # (B, T, P): layers and heads summed
@@ -107,13 +111,13 @@ def test_one_prefill_equals_the_chosen_prompt_alone_from_layer_k_on(arch):
     for b in range(len(ids)):
         c = int(choice[b])
         real = mask[b].bool()
-        hook = replace_entering(layers[K], seen[0][b: b + 1][:, real], N)
+        hook = replace_entering(layers[K], seen[0][b : b + 1][:, real], N)
         with torch.no_grad():
-            ref = model(**build_inputs(model, ids[b: b + 1, real], None, pool.pool[c].detach()), use_cache=True)
+            ref = model(**build_inputs(model, ids[b : b + 1, real], None, pool.pool[c].detach()), use_cache=True)
         hook.remove()
         for mine, alone in zip(out.past_key_values.layers, ref.past_key_values.layers):  # prompt c as if alone
-            assert torch.allclose(mine.keys[b, :, c * N:(c + 1) * N], alone.keys[0, :, :N], atol=1e-5)
-            assert torch.allclose(mine.values[b, :, c * N:(c + 1) * N], alone.values[0, :, :N], atol=1e-5)
+            assert torch.allclose(mine.keys[b, :, c * N : (c + 1) * N], alone.keys[0, :, :N], atol=1e-5)
+            assert torch.allclose(mine.values[b, :, c * N : (c + 1) * N], alone.values[0, :, :N], atol=1e-5)
         assert torch.allclose(ref.logits[0, N:], logits[b][real], atol=1e-4, rtol=1e-4), arch
     # the forward's 2D mask now shows the chosen prompt only, and the model is as it was
     assert torch.equal(kwargs["attention_mask"][:, :p], (torch.arange(p)[None] // N == choice[:, None]).long())
@@ -168,7 +172,7 @@ def test_left_padded_batch_gives_each_example_its_choice_and_logits_alone(arch):
         both = list(pool.choices)
         for b in range(len(ids)):
             real = mask[b].bool()
-            x = ids[b: b + 1, real]
+            x = ids[b : b + 1, real]
             alone = lm.model(**build_inputs(lm.model, x, None, pool.prefix(lm.model, x, torch.ones_like(x)))).logits
             assert pool.choices[-1] == both[b]
             assert torch.allclose(alone[0], together[b][real], atol=1e-4, rtol=1e-4)
@@ -189,9 +193,14 @@ def test_the_prefill_runs_each_decoder_layer_once(arch):
     def record(m, args, kwargs, i):
         sizes.append((i, (args[0] if args else kwargs["hidden_states"]).shape[1]))
 
-    handles = [layer.register_forward_pre_hook(lambda m, a, k, i=i: record(m, a, k, i), with_kwargs=True)
-               for i, layer in enumerate(an.layers)]
-    run = lambda rec: lm.model(**build_inputs(lm.model, ids, mask, rec.prefix(lm.model, ids, mask)), use_cache=True)
+    handles = [
+        layer.register_forward_pre_hook(lambda m, a, k, i=i: record(m, a, k, i), with_kwargs=True)
+        for i, layer in enumerate(an.layers)
+    ]
+
+    def run(rec):
+        return lm.model(**build_inputs(lm.model, ids, mask, rec.prefix(lm.model, ids, mask)), use_cache=True)
+
     with torch.no_grad():
         run(pool)
         first, cached = list(sizes), pool_prefill(lm.model)._kv
@@ -227,7 +236,7 @@ def test_all_layers_scored_choose_after_the_prefill_and_mask_only_what_follows()
         want = reference_scores(lm.model, pool.pool.detach(), ids, mask, 2)
     assert pool.choices == pool.choose(want).tolist()
     choice = torch.tensor(pool.choices)
-    assert torch.equal(kwargs["attention_mask"][:, :M * N], (torch.arange(M * N)[None] // N == choice[:, None]).long())
+    assert torch.equal(kwargs["attention_mask"][:, : M * N], (torch.arange(M * N)[None] // N == choice[:, None]).long())
 
 
 def test_a_prefix_not_followed_by_its_prefill_is_refused_and_modes_round_trip(tmp_path):
@@ -248,6 +257,7 @@ def test_a_prefix_not_followed_by_its_prefill_is_refused_and_modes_round_trip(tm
     import json
 
     from recoup.recover.methods import load_recovery
+
     record = json.loads((tmp_path / "p" / "recoup_recovery.json").read_text())
     assert record["selection"] == "one-prefill" and record["select_layers"] == 1
     assert load_recovery(tmp_path / "p").selection == "one-prefill"

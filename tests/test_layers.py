@@ -8,9 +8,29 @@ from pathlib import Path
 import recoup
 
 SRC = Path(recoup.__file__).parent
-LAYER = {"errors": 0, "safeio": 0, "config": 0, "registry": 0, "paths": 0, "overrides": 0, "version": 0,
-         "model": 1, "data": 1, "artifact": 2, "compress": 3, "recover": 3, "evaluate": 3, "recipe": 4, "runs": 5,
-         "commands": 6, "cli": 6, "setup": 6, "__init__": 6, "__main__": 6, "integrations": 6}
+LAYER = {
+    "errors": 0,
+    "safeio": 0,
+    "config": 0,
+    "registry": 0,
+    "paths": 0,
+    "overrides": 0,
+    "version": 0,
+    "model": 1,
+    "data": 1,
+    "artifact": 2,
+    "compress": 3,
+    "recover": 3,
+    "evaluate": 3,
+    "recipe": 4,
+    "runs": 5,
+    "commands": 6,
+    "cli": 6,
+    "setup": 6,
+    "__init__": 6,
+    "__main__": 6,
+    "integrations": 6,
+}
 PEERS = {"compress", "recover", "evaluate"}
 
 

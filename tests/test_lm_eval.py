@@ -15,8 +15,9 @@ import torch
 pytest.importorskip("lm_eval")
 
 from helpers import save_tiny  # noqa: E402
-from recoup.integrations.lm_eval import write_arc_easy_task  # noqa: E402
+
 from recoup.errors import RecoupError  # noqa: E402
+from recoup.integrations.lm_eval import write_arc_easy_task  # noqa: E402
 
 ARC = "hf_datasets/ai2_arc/ARC-Easy/validation"
 TQA = "hf_datasets/trivia_qa/rc.wikipedia.nocontext/validation"
@@ -69,12 +70,21 @@ def setup(tmp_path_factory):
 
 def _lm_eval(model: str, model_args: str, task: str, indices: list[int], tasks_dir: Path) -> list[dict]:
     """lm-eval's logged samples (sorted by document index) from ``simple_evaluate``."""
-    import recoup.integrations.lm_eval  # noqa: F401
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    out = simple_evaluate(model=model, model_args=model_args, tasks=[task], samples={task: indices}, batch_size=4,
-                          device="cpu", log_samples=True, task_manager=TaskManager(include_path=str(tasks_dir)))
+    import recoup.integrations.lm_eval  # noqa: F401
+
+    out = simple_evaluate(
+        model=model,
+        model_args=model_args,
+        tasks=[task],
+        samples={task: indices},
+        batch_size=4,
+        device="cpu",
+        log_samples=True,
+        task_manager=TaskManager(include_path=str(tasks_dir)),
+    )
     return sorted(out["samples"][task], key=lambda s: s["doc_id"])
 
 
@@ -120,9 +130,27 @@ def test_arc_easy_three_ways_same_choices_and_acc(setup, tmp_path, capsys):
     assert ours["n"] == 16
 
     out = tmp_path / "out"
-    assert main(["lm-eval", "--model", "recoup", "--model_args", f"pretrained={model_dir},batch_size=8",
-                 "--tasks", "recoup_arc_easy", "--include_path", str(tasks_dir), "--samples",
-                 json.dumps({"recoup_arc_easy": indices}), "--output_path", str(out), "--log_samples"]) == 0
+    assert (
+        main(
+            [
+                "lm-eval",
+                "--model",
+                "recoup",
+                "--model_args",
+                f"pretrained={model_dir},batch_size=8",
+                "--tasks",
+                "recoup_arc_easy",
+                "--include_path",
+                str(tasks_dir),
+                "--samples",
+                json.dumps({"recoup_arc_easy": indices}),
+                "--output_path",
+                str(out),
+                "--log_samples",
+            ]
+        )
+        == 0
+    )
     sample_file = next(out.rglob("samples_recoup_arc_easy_*.jsonl"))
     via_recoup = sorted((json.loads(line) for line in sample_file.read_text().splitlines()), key=lambda s: s["doc_id"])
     via_hf = _lm_eval("hf", f"pretrained={model_dir},dtype=float32", "recoup_arc_easy", indices, tasks_dir)
@@ -157,8 +185,11 @@ def test_generation_same_text_both_ways(setup):
     indices = sample_indices(total, 8, seed=0)
     via_recoup = _lm_eval("recoup", f"pretrained={model_dir},batch_size=4", "recoup_triviaqa", indices, tasks_dir)
     via_hf = _lm_eval("hf", f"pretrained={model_dir},dtype=float32", "recoup_triviaqa", indices, tasks_dir)
-    ours = evaluate(load_model(str(model_dir)), ["triviaqa"],
-                    EvalSettings(limit=8, seed=0, batch_size=4, options={"max_new_tokens": "12"}))
+    ours = evaluate(
+        load_model(str(model_dir)),
+        ["triviaqa"],
+        EvalSettings(limit=8, seed=0, batch_size=4, options={"max_new_tokens": "12"}),
+    )
     records = ours["results"]["triviaqa"]["examples"]
     texts = [s["filtered_resps"][0] for s in via_recoup]
     assert texts == [s["filtered_resps"][0] for s in via_hf]
@@ -201,8 +232,13 @@ def test_lm_eval_on_artifact_with_recovery(setup, artifact_and_recoveries, metho
     _, tasks_dir = setup
     artifact, recoveries = artifact_and_recoveries
     indices = [0, 3, 11, 40]
-    got = _lm_eval("recoup", f"pretrained={artifact},recovery={recoveries[method]},batch_size=4", "recoup_arc_easy",
-                   indices, tasks_dir)
+    got = _lm_eval(
+        "recoup",
+        f"pretrained={artifact},recovery={recoveries[method]},batch_size=4",
+        "recoup_arc_easy",
+        indices,
+        tasks_dir,
+    )
     got_ll = torch.tensor([[float(r[0]) for r in s["filtered_resps"]] for s in got])
     want = torch.tensor(_recoup_mc(artifact, indices, recoveries[method]))
     bare = torch.tensor(_recoup_mc(artifact, indices))
@@ -220,8 +256,10 @@ def test_rolling_windows_are_lm_evals(setup):
     lm = adapter.RecoupLM(pretrained=str(model_dir), batch_size=4, max_length=32)
     for n in (1, 5, 31, 32, 33, 64, 100):
         tokens = list(range(10, 10 + n))
-        want = [tuple(map(tuple, make_disjoint_window(w))) for w in
-                get_rolling_token_windows(tokens, lm.scorer.prefix_token, 32, 1)]
+        want = [
+            tuple(map(tuple, make_disjoint_window(w)))
+            for w in get_rolling_token_windows(tokens, lm.scorer.prefix_token, 32, 1)
+        ]
         assert lm.scorer.rolling_windows(tokens, 32) == want
 
     from lm_eval.api.instance import Instance
@@ -230,8 +268,12 @@ def test_rolling_windows_are_lm_evals(setup):
     texts = ["The quick brown fox jumps over the lazy dog. " * 3, "short"]
     requests = [Instance("loglikelihood_rolling", {}, (t,), 0) for t in texts]
     hf = HFLM(pretrained=str(model_dir), dtype="float32", max_length=32, batch_size=4, device="cpu")
-    assert torch.allclose(torch.tensor(lm.loglikelihood_rolling(requests)),
-                          torch.tensor(hf.loglikelihood_rolling(requests, disable_tqdm=True)), atol=1e-3, rtol=0)
+    assert torch.allclose(
+        torch.tensor(lm.loglikelihood_rolling(requests)),
+        torch.tensor(hf.loglikelihood_rolling(requests, disable_tqdm=True)),
+        atol=1e-3,
+        rtol=0,
+    )
 
 
 def test_empty_context_gets_one_prefix_token(setup):

@@ -1,8 +1,7 @@
-
 import pytest
 import torch
-
 from helpers import save_tiny
+
 from recoup import RecoupError, load_model
 from recoup.model.load import resolve_source
 

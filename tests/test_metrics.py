@@ -39,9 +39,12 @@ def test_rouge_known_values():
 def test_rouge_agrees_with_rouge_score():
     rouge_score = pytest.importorskip("rouge_score.rouge_scorer")
     ref = rouge_score.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
-    pairs = [("The police arrested two men on Friday.", "Two men were arrested by police on Friday night."),
-             ("A landslide buried 83 workers in Tibet", "83 workers were buried by a landslide in Tibet, Xinhua said"),
-             ("completely unrelated words", "nothing in common here at all"), ("x", "x y z x")]
+    pairs = [
+        ("The police arrested two men on Friday.", "Two men were arrested by police on Friday night."),
+        ("A landslide buried 83 workers in Tibet", "83 workers were buried by a landslide in Tibet, Xinhua said"),
+        ("completely unrelated words", "nothing in common here at all"),
+        ("x", "x y z x"),
+    ]
     for pred, gold in pairs:
         ours = M.rouge(pred, gold)
         theirs = ref.score(gold, pred)
@@ -67,12 +70,15 @@ def test_stemmed_rouge_is_rouge_scores_stemmed_lsum():
 def test_stemmed_rouge_option_on_a_summary_task(tmp_path):
     pytest.importorskip("rouge_score")
     from helpers import tiny_loaded
+
     from recoup.errors import RecoupError
     from recoup.evaluate.runner import EvalSettings
     from recoup.evaluate.tasks import summarization, validate
 
     stories = tmp_path / "stories.jsonl"
-    text = "Summarize the given story.\n\nThe cat sat on the mat. It rained.\n@highlight\nCat sat\n@highlight\nIt rained"
+    text = (
+        "Summarize the given story.\n\nThe cat sat on the mat. It rained.\n@highlight\nCat sat\n@highlight\nIt rained"
+    )
     stories.write_text(json.dumps({"question_id": 1, "text": text, "category": "small"}) + "\n")
     with pytest.raises(RecoupError, match="option rouge must be plain or stemmed"):
         validate(["cnndm"], {"cnndm_file": str(stories), "rouge": "lsum"})

@@ -8,11 +8,17 @@ import pytest
 import torch
 from helpers import save_tiny, tiny_loaded
 
+from recoup.artifact.packing import PACKED_FILE, encode_linear, pack_bits, packed_nbytes, unpack_bits
+from recoup.artifact.store import (
+    compression_fingerprint,
+    load_artifact,
+    load_qparams,
+    repack_artifact,
+    save_artifact,
+    seal_manifest,
+)
 from recoup.cli import main
 from recoup.compress import CompressConfig, compress
-from recoup.artifact.store import (compression_fingerprint, load_artifact, load_qparams, repack_artifact, seal_manifest,
-                                      save_artifact)
-from recoup.artifact.packing import PACKED_FILE, encode_linear, pack_bits, packed_nbytes, unpack_bits
 from recoup.data.calibration import Calibration
 from recoup.errors import RecoupError
 from recoup.model.anatomy import anatomy
@@ -37,22 +43,26 @@ def both(tmp_path, lm, rep):
     assert torch.equal(packed.model(X).logits, ref)
     assert torch.equal(dense.model(X).logits, ref)
     for (k, a), (_, b) in zip(packed.model.state_dict().items(), lm.model.state_dict().items(), strict=True):
-        assert torch.equal(a.view(torch.uint8) if a.dtype.is_floating_point else a,
-                           b.view(torch.uint8) if b.dtype.is_floating_point else b), k
+        assert torch.equal(
+            a.view(torch.uint8) if a.dtype.is_floating_point else a,
+            b.view(torch.uint8) if b.dtype.is_floating_point else b,
+        ), k
     assert packed.manifest["format_version"] == 2 and dense.manifest["format_version"] == 1
     assert packed.manifest["storage"]["kind"] == "packed" and dense.manifest["storage"]["kind"] == "dense"
     for art in (packed, dense):  # the manifest's size is what is on disk, less the manifest itself
         assert art.manifest["storage"]["bytes"] == disk_bytes(art.path) - (art.path / "recoup.json").stat().st_size
     assert disk_bytes(packed.path) < disk_bytes(dense.path)
-    assert compression_fingerprint(packed.model, packed.manifest)["digest"] == \
-        compression_fingerprint(lm.model, rep.to_dict(), rep.qparams)["digest"]
+    assert (
+        compression_fingerprint(packed.model, packed.manifest)["digest"]
+        == compression_fingerprint(lm.model, rep.to_dict(), rep.qparams)["digest"]
+    )
     return packed, dense
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("n", [1, 7, 8, 13, 1000])
 def test_pack_bits_round_trip_and_exact_size(bits, n):
-    v = torch.randint(0, 2 ** bits, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+    v = torch.randint(0, 2**bits, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
     p = pack_bits(v, bits)
     assert p.dtype == torch.uint8 and p.numel() == packed_nbytes(n, bits) == -(-n * bits // 8)
     assert torch.equal(unpack_bits(p, bits, n), v)
@@ -79,8 +89,11 @@ def test_rtn_ragged_groups_round_trip_bitwise(tmp_path, bits, sym):
 
 def test_gptq_act_order_round_trip_bitwise(tmp_path):
     lm = tiny_loaded("qwen2", hidden=40, layers=2)
-    rep = compress(lm, CompressConfig.from_dict(dict(method="gptq", bits=4, group_size=8, act_order=True,
-                                                             static_groups=False)), calib())
+    rep = compress(
+        lm,
+        CompressConfig.from_dict(dict(method="gptq", bits=4, group_size=8, act_order=True, static_groups=False)),
+        calib(),
+    )
     assert any(not bool((q["g_idx"][1:] >= q["g_idx"][:-1]).all()) for q in rep.qparams.values())  # permuted
     packed, _ = both(tmp_path, lm, rep)
     assert packed.manifest["storage"]["dense_linears"] == 0
@@ -109,8 +122,11 @@ def test_magnitude_2_4_stores_mask_and_kept_values(tmp_path):
 @pytest.mark.parametrize("rounding", ["rtn", "gptq"])
 def test_awq_linears_rescaled_after_quantization_stay_on_their_grids_and_pack(tmp_path, rounding):
     lm = tiny_loaded("llama", hidden=32, layers=2)
-    rep = compress(lm, CompressConfig.from_dict(dict(method="awq", bits=4, group_size=16, grid=4, samples=256,
-                                                     rounding=rounding)), calib())
+    rep = compress(
+        lm,
+        CompressConfig.from_dict(dict(method="awq", bits=4, group_size=16, grid=4, samples=256, rounding=rounding)),
+        calib(),
+    )
     # down_proj's scales divide up_proj's rows after up_proj was quantized: its codes move to rescaled grids
     folded = sum(r.info.get("awq_folded_into") == "mlp.up_proj" and r.info["awq_scale_spread"] > 1 for r in rep.linears)
     assert folded >= 1
@@ -138,14 +154,21 @@ def test_float32_artifact_loaded_as_bfloat16_matches_dense(tmp_path):
     packed = load_artifact(save_artifact(lm, rep, tmp_path / "p"), dtype="bfloat16")
     dense = load_artifact(save_artifact(lm, rep, tmp_path / "d", storage="dense"), dtype="bfloat16")
     sd = dense.model.state_dict()
-    assert all(torch.equal(t.view(torch.int16), sd[k].view(torch.int16)) for k, t in packed.model.state_dict().items()
-               if t.dtype == torch.bfloat16)
+    assert all(
+        torch.equal(t.view(torch.int16), sd[k].view(torch.int16))
+        for k, t in packed.model.state_dict().items()
+        if t.dtype == torch.bfloat16
+    )
     assert torch.equal(packed.model(X).logits, dense.model(X).logits)
 
 
 def test_a_weight_that_is_off_its_grid_stays_dense():
     w = torch.randn(8, 16)
-    rep_grid = {"scale": torch.full((8, 1), 0.1), "zero": torch.full((8, 1), 8.0), "g_idx": torch.zeros(16, dtype=torch.int32)}
+    rep_grid = {
+        "scale": torch.full((8, 1), 0.1),
+        "zero": torch.full((8, 1), 8.0),
+        "g_idx": torch.zeros(16, dtype=torch.int32),
+    }
     assert encode_linear(w, rep_grid, 4) is None  # codes out of range: not representable
     on = (torch.round(w / 0.1).clamp(-8, 7)) * torch.tensor(0.1) + 0.0  # on the grid (+ 0.0: no -0.0)
     on[0, 0] = on[0, 0] / 1.0001  # one weight a hair off the grid (as AWQ's rescaled preceding linear)
@@ -170,8 +193,10 @@ def test_old_dense_artifact_without_storage_still_loads(tmp_path):
     assert torch.equal(new.model(X).logits, lm.model(X).logits)
     assert new.manifest["layers"] == manifest["layers"] and new.manifest["recipe"] == manifest["recipe"]
     assert disk_bytes(new.path) < disk_bytes(out) / 2
-    assert torch.equal(load_qparams(new.path)["model.layers.0.mlp.up_proj"]["zero"],
-                       load_qparams(out)["model.layers.0.mlp.up_proj"]["zero"])
+    assert torch.equal(
+        load_qparams(new.path)["model.layers.0.mlp.up_proj"]["zero"],
+        load_qparams(out)["model.layers.0.mlp.up_proj"]["zero"],
+    )
 
 
 def test_corrupted_or_inconsistent_packed_artifacts_give_one_clear_line(tmp_path):
@@ -209,8 +234,25 @@ def test_cli_storage_flag(tmp_path, capsys):
     sizes = {}
     for storage in ("packed", "dense"):
         out = tmp_path / storage
-        assert main(["compress", str(src), "--method", "rtn", "--bits", "4", "--group-size", "16",
-                     "--storage", storage, "--out", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "compress",
+                    str(src),
+                    "--method",
+                    "rtn",
+                    "--bits",
+                    "4",
+                    "--group-size",
+                    "16",
+                    "--storage",
+                    storage,
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         assert f"({storage}, " in capsys.readouterr().out
         sizes[storage] = json.loads((out / "recoup.json").read_text())["storage"]["bytes"]
     assert sizes["packed"] < sizes["dense"]

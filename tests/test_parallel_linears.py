@@ -33,10 +33,15 @@ def run(arch: str, cfg: dict):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "opt", "gpt2"])
-@pytest.mark.parametrize("cfg", [dict(method="sparsegpt", sparsity=0.5),  # dense order: every linear at once
-                                 dict(method="sparsegpt", pattern="2:4", bits=4, group_size=16),  # true-sequential
-                                 dict(method="gptq", bits=3, group_size=16)],
-                         ids=["sparsegpt", "joint-2of4", "gptq"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(method="sparsegpt", sparsity=0.5),  # dense order: every linear at once
+        dict(method="sparsegpt", pattern="2:4", bits=4, group_size=16),  # true-sequential
+        dict(method="gptq", bits=3, group_size=16),
+    ],
+    ids=["sparsegpt", "joint-2of4", "gptq"],
+)
 def test_side_by_side_is_bitwise_one_at_a_time(arch, cfg, monkeypatch):
     threads_seen = set()
     method = engine.METHODS.get(cfg["method"])
@@ -54,8 +59,9 @@ def test_side_by_side_is_bitwise_one_at_a_time(arch, cfg, monkeypatch):
             side, rep_side, groups = run(arch, cfg)
             dense_order = not CompressConfig.from_dict(cfg).options.true_sequential
             # it did run side by side wherever two linears were independent (GPT-2's groups are single linears)
-            assert any(n.startswith("recoup-linear") for n in threads_seen) == (dense_order or
-                                                                               max(map(len, groups)) > 1)
+            assert any(n.startswith("recoup-linear") for n in threads_seen) == (
+                dense_order or max(map(len, groups)) > 1
+            )
             threads_seen.clear()
             monkeypatch.setattr(engine, "side_by_side", lambda fn, items, sizes, workers: [fn(x) for x in items])
             one, rep_one, _ = run(arch, cfg)

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import needs_packs, tiny_loaded
 
-from helpers import tiny_loaded, needs_packs
 from recoup import RecoupError
 from recoup.evaluate.perplexity import perplexity
 
@@ -14,7 +14,7 @@ def _manual_ppl(model, ids, seqlen):
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(n):
-            x = ids[i * seqlen:(i + 1) * seqlen][None]
+            x = ids[i * seqlen : (i + 1) * seqlen][None]
             logits = model(x).logits[:, :-1]
             total += F.cross_entropy(logits[0], x[0, 1:], reduction="sum").item()
             count += seqlen - 1

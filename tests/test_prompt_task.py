@@ -7,17 +7,17 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import needs_packs, save_tiny, tiny_loaded
+from test_recover_prompt import digest, prune_
 
 import recoup.recover.task_data as task_data
-from helpers import save_tiny, tiny_loaded, needs_packs
 from recoup.errors import RecoupError
 from recoup.model.forward import forward_logits
 from recoup.recover.idp import IDPConfig, IDPPool, fit_idp
+from recoup.recover.losses import mean_loss, prefixed_loss
 from recoup.recover.methods import load_recovery
 from recoup.recover.soft_prompt import SoftPrompt, SoftPromptConfig, fit_soft_prompt
-from recoup.recover.losses import mean_loss, prefixed_loss
 from recoup.recover.task_data import collate, context_part, split_task, task_sequences, tuning_data
-from test_recover_prompt import digest, prune_
 
 SEQLEN = 48
 
@@ -49,7 +49,9 @@ def seen_batches(monkeypatch):
 
 
 def rows_of(batches) -> set[tuple[int, ...]]:
-    return {tuple(b.input_ids[i][b.attention_mask[i].bool()].tolist()) for b in batches for i in range(len(b.input_ids))}
+    return {
+        tuple(b.input_ids[i][b.attention_mask[i].bool()].tolist()) for b in batches for i in range(len(b.input_ids))
+    }
 
 
 def test_config_task_and_data_are_exclusive_and_corpus_defaults_unchanged():
@@ -81,8 +83,12 @@ def test_prefixed_loss_scores_only_the_continuation_whatever_the_padding():
         alone = sum(prefixed_loss(lm.model, collate([s], 0), "cpu", prefix, reduction="sum") for s in seqs)
         # by hand: full logits at the input positions, cross-entropy on the gold continuation tokens only
         logits = forward_logits(lm.model, batch.input_ids, batch.attention_mask, prefix)[:, :-1]
-        want = sum(F.cross_entropy(logits[i, s.first_scored - 1: len(s.ids) - 1], torch.tensor(s.ids[s.first_scored:]),
-                                   reduction="sum") for i, s in enumerate(seqs))
+        want = sum(
+            F.cross_entropy(
+                logits[i, s.first_scored - 1 : len(s.ids) - 1], torch.tensor(s.ids[s.first_scored :]), reduction="sum"
+            )
+            for i, s in enumerate(seqs)
+        )
     assert torch.allclose(together, alone, rtol=1e-4) and torch.allclose(together, want, rtol=1e-4)
     n = sum(len(s.ids) - s.first_scored for s in seqs)
     assert mean_loss(lm.model, seqs, 0, 2, lambda b: prefix) == pytest.approx(float(want) / n, rel=1e-4)
@@ -131,11 +137,11 @@ def test_idp_on_task_reports_choices_and_selects_the_same_prompt_padded_or_alone
     seqs = sorted(tuning.valid, key=lambda s: s.first_scored)[::12][:5]
     batch = collate(seqs, pad_id=0)
     ids, mask = context_part(batch)
-    assert [ids[i][mask[i].bool()].tolist() for i in range(len(seqs))] == [s.ids[:s.first_scored] for s in seqs]
+    assert [ids[i][mask[i].bool()].tolist() for i in range(len(seqs))] == [s.ids[: s.first_scored] for s in seqs]
     assert mask.sum(1).unique().numel() > 1  # contexts of different lengths, right-padded
     with torch.no_grad():
         together = pool.scores(lm.model, ids, mask)
-        alone = torch.cat([pool.scores(lm.model, torch.tensor([s.ids[:s.first_scored]])) for s in seqs])
+        alone = torch.cat([pool.scores(lm.model, torch.tensor([s.ids[: s.first_scored]])) for s in seqs])
     assert torch.allclose(together, alone, atol=1e-5, rtol=1e-4)
     assert torch.equal(pool.choose(together), pool.choose(alone))
     pool.save(tmp_path / "idp")
@@ -149,11 +155,28 @@ def test_cli_recover_on_task_then_eval_and_compare_recovery(tmp_path, capsys):
 
     save_tiny(tmp_path / "m")
     m = str(tmp_path / "m")
-    common = ["--task", "sciq", "--tokens", "4", "--seqlen", str(SEQLEN), "--batch-size", "4", "--steps", "2",
-              "--eval-every", "2"]
+    common = [
+        "--task",
+        "sciq",
+        "--tokens",
+        "4",
+        "--seqlen",
+        str(SEQLEN),
+        "--batch-size",
+        "4",
+        "--steps",
+        "2",
+        "--eval-every",
+        "2",
+    ]
     assert main(["recover", m, "--method", "soft-prompt", "--out", str(tmp_path / "sp")] + common) == 0
-    assert main(["recover", m, "--method", "idp", "--pool", "2", "--select-layers", "1", "--out", str(tmp_path / "idp")]
-                + common) == 0
+    assert (
+        main(
+            ["recover", m, "--method", "idp", "--pool", "2", "--select-layers", "1", "--out", str(tmp_path / "idp")]
+            + common
+        )
+        == 0
+    )
     capsys.readouterr()
     assert json.loads((tmp_path / "idp" / "recoup_recovery.json").read_text())["select_layers"] == 1
     saved = json.loads((tmp_path / "sp" / "recoup_run.json").read_text())["config"]
@@ -163,11 +186,43 @@ def test_cli_recover_on_task_then_eval_and_compare_recovery(tmp_path, capsys):
     assert main(["recover", m, "--method", "soft-prompt", "--out", str(tmp_path / "x"), "--data", "ptb"] + common) == 2
     err = capsys.readouterr().err.strip()
     assert "not both" in err and len(err.splitlines()) == 1
-    assert main(["eval", m, "--tasks", "sciq", "--limit", "2", "--recovery", str(tmp_path / "sp"),
-                 "--json", str(tmp_path / "e.json")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                m,
+                "--tasks",
+                "sciq",
+                "--limit",
+                "2",
+                "--recovery",
+                str(tmp_path / "sp"),
+                "--json",
+                str(tmp_path / "e.json"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "e.json").read_text())["protocol"]["recovery"]["method"] == "soft-prompt"
-    compare = ["compare-recovery", "--task", "sciq", "--compressed", m, "--recovery", str(tmp_path / "sp"), "--recovery",
-               str(tmp_path / "idp"), "--limit", "2", "--prompt-len", "8", "--new-tokens", "2", "--repeats", "1"]
+    compare = [
+        "compare-recovery",
+        "--task",
+        "sciq",
+        "--compressed",
+        m,
+        "--recovery",
+        str(tmp_path / "sp"),
+        "--recovery",
+        str(tmp_path / "idp"),
+        "--limit",
+        "2",
+        "--prompt-len",
+        "8",
+        "--new-tokens",
+        "2",
+        "--repeats",
+        "1",
+    ]
     assert main(compare + ["--json", str(tmp_path / "c.json")]) == 0
     rows = json.loads((tmp_path / "c.json").read_text())["rows"]
     assert [r["label"] for r in rows] == ["compressed", "+soft-prompt", "+idp"]

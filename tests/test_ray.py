@@ -1,4 +1,5 @@
-"""The Ray executor on a local cluster: same store rows as the local executor; a killed worker is retried or stops cleanly.
+"""The Ray executor on a local cluster: same store rows as the local executor; a killed worker is retried or stops
+cleanly.
 
 Stages run in Ray worker processes that import recoup afresh: only importable code exists there (a toy method
 registered inside a test would not), so these tests use built-in methods.
@@ -16,6 +17,8 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from test_run_sweep import sweep_recipe  # noqa: E402
+
 from recoup.cli import main  # noqa: E402
 from recoup.errors import RecoupError  # noqa: E402
 from recoup.recipe import load_recipe  # noqa: E402
@@ -23,23 +26,30 @@ from recoup.runs.cache import safe_name  # noqa: E402
 from recoup.runs.ray_executor import RayExecutor  # noqa: E402
 from recoup.runs.run import run_recipe  # noqa: E402
 from recoup.runs.store import Store  # noqa: E402
-from test_run_sweep import sweep_recipe  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def cluster():
     """One local Ray cluster for the module (starting one takes seconds); executors join it."""
     src = str(Path(__file__).resolve().parents[1] / "src")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20, configure_logging=False,
-             runtime_env={"env_vars": {"PYTHONPATH": src, "OMP_NUM_THREADS": "1"}})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=80 * 2**20,
+        configure_logging=False,
+        runtime_env={"env_vars": {"PYTHONPATH": src, "OMP_NUM_THREADS": "1"}},
+    )
     yield
     ray.shutdown()
 
 
 def values(store: Store, run_id: str) -> dict:
     """Every metric row except compression wall time/memory (which differ between any two runs)."""
-    return {(m["stage"], m["task"], m["metric"]): m["value"] for m in store.metrics(run_id)
-            if m["task"] != "compress" or m["metric"] in ("sparsity", "mean_error")}
+    return {
+        (m["stage"], m["task"], m["metric"]): m["value"]
+        for m in store.metrics(run_id)
+        if m["task"] != "compress" or m["metric"] in ("sparsity", "mean_error")
+    }
 
 
 def stage_workers() -> dict[int, str]:
@@ -61,8 +71,9 @@ def kill_one_stage_after_a_finished_one(run_dir: Path, stop: threading.Event) ->
     """Wait until some stage finished, then SIGKILL the worker of a stage that is running; return its title."""
     killed: list[str] = []
     while not stop.is_set() and not killed:
-        finished = [d for d in (run_dir / "stages").glob("*")
-                    if ".partial-" not in d.name and (d / "result.json").is_file()]
+        finished = [
+            d for d in (run_dir / "stages").glob("*") if ".partial-" not in d.name and (d / "result.json").is_file()
+        ]
         workers = stage_workers() if finished else {}
         if workers:
             pid, title = next(iter(workers.items()))
@@ -86,8 +97,17 @@ def run_with_a_kill(recipe, run_dir: Path, store: Store, executor: RayExecutor):
 
 def test_cli_sweep_on_ray_gives_the_local_store_rows(cluster, tmp_path, capsys):
     store_path, recipe = str(tmp_path / "store.sqlite"), sweep_recipe(tmp_path)
-    args = ["sweep", str(recipe), "--methods", "magnitude,wanda", "--sparsity", "0.5", "--store", store_path,
-            "--no-report"]
+    args = [
+        "sweep",
+        str(recipe),
+        "--methods",
+        "magnitude,wanda",
+        "--sparsity",
+        "0.5",
+        "--store",
+        store_path,
+        "--no-report",
+    ]
     assert main(args + ["--out", str(tmp_path / "ray"), "--executor", "ray"]) == 0
     assert "5 stage(s) computed, 0 reused" in capsys.readouterr().out
     assert main(args + ["--out", str(tmp_path / "local")]) == 0
@@ -125,8 +145,11 @@ def test_a_killed_worker_without_retries_stops_naming_the_stage_and_keeps_finish
         failed = [name for name, status in stages.items() if status == "failed"]
         assert len(failed) == 1 and msg.startswith(f"stage {failed[0]}:")
         recorded = {name for name, status in stages.items() if status == "done"}
-        on_disk = {d.name.rsplit("-", 1)[0] for d in (tmp_path / "ray" / "stages").glob("*")
-                   if ".partial-" not in d.name and (d / "result.json").is_file()}
+        on_disk = {
+            d.name.rsplit("-", 1)[0]
+            for d in (tmp_path / "ray" / "stages").glob("*")
+            if ".partial-" not in d.name and (d / "result.json").is_file()
+        }
         assert on_disk and {safe_name(n) for n in recorded} <= on_disk
         resumed = run_recipe(recipe, tmp_path / "ray", store, report=False)  # locally: nothing finished is redone
         assert {safe_name(n) for n in resumed.cached} >= on_disk and len(resumed.ran) + len(resumed.cached) == 5

@@ -13,11 +13,17 @@ from recoup.runs.plan import build_plan
 
 
 def good() -> dict:
-    return {"name": "t", "model": "smollm2-135m", "calibration": {"corpus": "ptb", "nsamples": 4, "seqlen": 64},
-            "evaluate": {"tasks": ["ppl:ptb"], "limit": 2, "seqlen": 64},
-            "compress": [{"name": "8x", "method": "sparsegpt", "sparsity": 0.5, "bits": 4, "group_size": 64},
-                         {"name": "s60", "method": "sparsegpt", "sparsity": 0.6}],
-            "recover": [{"name": "p", "method": "soft-prompt", "base": "8x", "transfer": ["s60"], "tokens": 4}]}
+    return {
+        "name": "t",
+        "model": "smollm2-135m",
+        "calibration": {"corpus": "ptb", "nsamples": 4, "seqlen": 64},
+        "evaluate": {"tasks": ["ppl:ptb"], "limit": 2, "seqlen": 64},
+        "compress": [
+            {"name": "8x", "method": "sparsegpt", "sparsity": 0.5, "bits": 4, "group_size": 64},
+            {"name": "s60", "method": "sparsegpt", "sparsity": 0.6},
+        ],
+        "recover": [{"name": "p", "method": "soft-prompt", "base": "8x", "transfer": ["s60"], "tokens": 4}],
+    }
 
 
 def problems(raw: dict) -> list[str]:
@@ -33,14 +39,22 @@ def test_shipped_recipes_validate_and_plan():
     default = load_recipe(None)
     assert isinstance(default, Recipe) and default.model == "smollm2-135m"
     names = [s.name for s in build_plan(default, "fp")]
-    assert names.index("eval:dense") < names.index("compress:8x") < names.index("eval:8x") \
-        < names.index("recover:soft-prompt") < names.index("eval:8x+soft-prompt")
+    assert (
+        names.index("eval:dense")
+        < names.index("compress:8x")
+        < names.index("eval:8x")
+        < names.index("recover:soft-prompt")
+        < names.index("eval:8x+soft-prompt")
+    )
     assert names.index("compress:8x") < names.index("recover:eora") < names.index("eval:8x+eora")
     params = {s.name: s.params for s in build_plan(default, "fp")}
     cal = default.calibration
     for step in ("compress:8x", "recover:eora"):  # the calibration section is the default of every calibrating step
-        assert (params[step]["calib"], params[step]["nsamples"], params[step]["seqlen"]) == \
-            (cal.corpus, cal.nsamples, cal.seqlen)
+        assert (params[step]["calib"], params[step]["nsamples"], params[step]["seqlen"]) == (
+            cal.corpus,
+            cal.nsamples,
+            cal.seqlen,
+        )
     assert params["recover:soft-prompt"]["seqlen"] == 256  # a prompt's training window is its own key
     roles = {s.name: s.labels["role"] for s in build_plan(default, "fp")}
     assert "transfer" in roles.values() and "recovered" in roles.values()
@@ -121,8 +135,17 @@ def test_recover_needs_a_base():
 def test_set_overrides(tmp_path):
     f = tmp_path / "r.yaml"
     f.write_text(yaml.safe_dump(good()))
-    r = load_recipe(f, ["evaluate.limit=7", "compress.s60.sparsity=0.7", "compress.0.group_size=32",
-                        "recover.p.steps=3", "evaluate.tasks=[ppl:ptb, ppl:wiki]", "evaluate.suite=null"])
+    r = load_recipe(
+        f,
+        [
+            "evaluate.limit=7",
+            "compress.s60.sparsity=0.7",
+            "compress.0.group_size=32",
+            "recover.p.steps=3",
+            "evaluate.tasks=[ppl:ptb, ppl:wiki]",
+            "evaluate.suite=null",
+        ],
+    )
     assert r.evaluate.limit == 7 and r.evaluate.tasks == ["ppl:ptb", "ppl:wiki"]
     assert r.compress[1]["sparsity"] == 0.7 and r.compress[0]["group_size"] == 32
     assert r.recover[0]["steps"] == 3

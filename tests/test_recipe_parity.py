@@ -6,8 +6,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from helpers import needs_packs
 import yaml
+from helpers import needs_packs
 from test_run import tiny_recipe
 
 from recoup.cli import build_parser, main
@@ -28,23 +28,38 @@ def test_cli_flags_are_the_job_keys(command, kind):
 def test_every_key_is_a_recipe_key():
     base = {"name": "t", "model": "smollm2-135m", "evaluate": {"tasks": ["ppl:ptb"]}}
     # compress: every key but what the run decides, in one step (values: their defaults)
-    step = {k.name: k.default for k in keys("compress") if k.name not in ("model", "out", "force")
-            and (k.methods is None or "gptq" in k.methods)}
+    step = {
+        k.name: k.default
+        for k in keys("compress")
+        if k.name not in ("model", "out", "force") and (k.methods is None or "gptq" in k.methods)
+    }
     step.update(name="q", method="gptq", bits=4, group_size=64, sparsity=None)
     validate({**base, "compress": [step]})
     # evaluate: the section takes every EvalJob key the run does not decide
-    assert {f.name for f in dataclasses.fields(Evaluation)} - {"dense"} == \
-        {k.name for k in keys("evaluate")} - set(RUN_DECIDES_EVAL)
+    assert {f.name for f in dataclasses.fields(Evaluation)} - {"dense"} == {k.name for k in keys("evaluate")} - set(
+        RUN_DECIDES_EVAL
+    )
 
 
-@pytest.mark.parametrize("method,extra", [
-    ("lora", {"task": "sciq", "rank": 4}), ("idp", {"pool": 2, "data": "ptb"}), ("cpet", {"task": "sciq"}),
-    ("soft-prompt", {"tokens": 4}), ("hard-prompt", {"text": "be exact"})])
+@pytest.mark.parametrize(
+    "method,extra",
+    [
+        ("lora", {"task": "sciq", "rank": 4}),
+        ("idp", {"pool": 2, "data": "ptb"}),
+        ("cpet", {"task": "sciq"}),
+        ("soft-prompt", {"tokens": 4}),
+        ("hard-prompt", {"text": "be exact"}),
+    ],
+)
 @needs_packs
 def test_a_recover_step_takes_every_method_and_its_keys(method, extra):
-    raw = {"name": "t", "model": "smollm2-135m", "evaluate": {"tasks": ["ppl:ptb"]},
-           "compress": [{"name": "s", "method": "magnitude", "sparsity": 0.5}],
-           "recover": [{"name": "r", "method": method, "base": "s", **extra}]}
+    raw = {
+        "name": "t",
+        "model": "smollm2-135m",
+        "evaluate": {"tasks": ["ppl:ptb"]},
+        "compress": [{"name": "s", "method": "magnitude", "sparsity": 0.5}],
+        "recover": [{"name": "r", "method": method, "base": "s", **extra}],
+    }
     r = validate(raw)
     assert r.recover[0]["method"] == method and all(r.recover[0][k] == v for k, v in extra.items())
     wrong = dict(raw, recover=[{"name": "r", "method": method, "base": "s", "pol": 2}])
@@ -79,8 +94,19 @@ def test_lora_step_in_a_recipe_runs_and_changes_the_numbers(tmp_path):
 
     raw = yaml.safe_load(tiny_recipe(tmp_path).read_text())
     corpus = raw["calibration"]["corpus"]
-    raw["recover"] = [{"name": "lora", "method": "lora", "base": "8x", "data": corpus, "rank": 4, "steps": 4,
-                       "seqlen": 32, "batch_size": 2, "lr": 0.01}]
+    raw["recover"] = [
+        {
+            "name": "lora",
+            "method": "lora",
+            "base": "8x",
+            "data": corpus,
+            "rank": 4,
+            "steps": 4,
+            "seqlen": 32,
+            "batch_size": 2,
+            "lr": 0.01,
+        }
+    ]
     (tmp_path / "l.yaml").write_text(yaml.safe_dump(raw))
     with Store(tmp_path / "s.sqlite") as store:
         out = run_recipe(load_recipe(tmp_path / "l.yaml"), tmp_path / "run", store, report=False)

@@ -23,26 +23,74 @@ def _eval(store: Store, run_id: str, pos: int, stage: str, labels: dict, results
 def recovery_store(path, second: bool = False) -> tuple[Store, str]:
     store = Store(path)
     run_id = "demo-1"
-    store.start_run(run_id, "demo", {"name": "demo", "model": "m", "report": {"matching": 0.05},
-                                          "evaluate": {"tasks": ["ppl:ptb", "arc_easy"]}}, "r.yaml", "/x")
-    mc = lambda acc: {"acc": acc, "acc_stderr": 0.02, "acc_norm": acc, "acc_norm_stderr": 0.02, "n": 200,  # noqa: E731
-                      "protocol": {"split": "test"}, "examples": [{"id": 1}]}
-    _eval(store, run_id, 0, "eval:dense", {"role": "dense", "compression": "dense"},
-          {"ppl:ptb": {"ppl": 20.0, "nll": 3.0, "windows": 16}, "arc_easy": mc(0.60)})
-    _eval(store, run_id, 1, "eval:8x", {"role": "compressed", "compression": "8x", "method": "sparsegpt",
-                                        "sparsity": 0.5, "bits": 4},
-          {"ppl:ptb": {"ppl": 30.0, "nll": 3.4, "windows": 16}, "arc_easy": mc(0.50)})
-    _eval(store, run_id, 2, "eval:8x+p", {"role": "recovered", "compression": "8x", "recovery": "p"},
-          {"ppl:ptb": {"ppl": 20.8, "nll": 3.03, "windows": 16}, "arc_easy": mc(0.55)})
-    _eval(store, run_id, 3, "eval:s60", {"role": "compressed", "compression": "s60", "method": "sparsegpt",
-                                         "sparsity": 0.6},
-          {"ppl:ptb": {"ppl": 40.0, "nll": 3.7, "windows": 16}, "arc_easy": mc(0.45)})
-    _eval(store, run_id, 4, "eval:s60+p", {"role": "transfer", "compression": "s60", "recovery": "p",
-                                           "trained_on": "8x"},
-          {"ppl:ptb": {"ppl": 35.0, "nll": 3.55, "windows": 16}, "arc_easy": mc(0.47)})
+    store.start_run(
+        run_id,
+        "demo",
+        {"name": "demo", "model": "m", "report": {"matching": 0.05}, "evaluate": {"tasks": ["ppl:ptb", "arc_easy"]}},
+        "r.yaml",
+        "/x",
+    )
+
+    def mc(acc):
+        return {
+            "acc": acc,
+            "acc_stderr": 0.02,
+            "acc_norm": acc,
+            "acc_norm_stderr": 0.02,
+            "n": 200,
+            "protocol": {"split": "test"},
+            "examples": [{"id": 1}],
+        }
+
+    _eval(
+        store,
+        run_id,
+        0,
+        "eval:dense",
+        {"role": "dense", "compression": "dense"},
+        {"ppl:ptb": {"ppl": 20.0, "nll": 3.0, "windows": 16}, "arc_easy": mc(0.60)},
+    )
+    _eval(
+        store,
+        run_id,
+        1,
+        "eval:8x",
+        {"role": "compressed", "compression": "8x", "method": "sparsegpt", "sparsity": 0.5, "bits": 4},
+        {"ppl:ptb": {"ppl": 30.0, "nll": 3.4, "windows": 16}, "arc_easy": mc(0.50)},
+    )
+    _eval(
+        store,
+        run_id,
+        2,
+        "eval:8x+p",
+        {"role": "recovered", "compression": "8x", "recovery": "p"},
+        {"ppl:ptb": {"ppl": 20.8, "nll": 3.03, "windows": 16}, "arc_easy": mc(0.55)},
+    )
+    _eval(
+        store,
+        run_id,
+        3,
+        "eval:s60",
+        {"role": "compressed", "compression": "s60", "method": "sparsegpt", "sparsity": 0.6},
+        {"ppl:ptb": {"ppl": 40.0, "nll": 3.7, "windows": 16}, "arc_easy": mc(0.45)},
+    )
+    _eval(
+        store,
+        run_id,
+        4,
+        "eval:s60+p",
+        {"role": "transfer", "compression": "s60", "recovery": "p", "trained_on": "8x"},
+        {"ppl:ptb": {"ppl": 35.0, "nll": 3.55, "windows": 16}, "arc_easy": mc(0.47)},
+    )
     if second:
-        _eval(store, run_id, 5, "eval:8x+e", {"role": "recovered", "compression": "8x", "recovery": "e"},
-              {"ppl:ptb": {"ppl": 25.0, "nll": 3.2, "windows": 16}, "arc_easy": mc(0.58)})
+        _eval(
+            store,
+            run_id,
+            5,
+            "eval:8x+e",
+            {"role": "recovered", "compression": "8x", "recovery": "e"},
+            {"ppl:ptb": {"ppl": 25.0, "nll": 3.2, "windows": 16}, "arc_easy": mc(0.58)},
+        )
     store.finish_run(run_id, "done")
     return store, run_id
 
@@ -58,8 +106,15 @@ def test_metric_helpers():
     assert gap_closed(20.0, 18.0, 17.0, "ppl") is None  # compressed better than dense: nothing lost
     assert gap_closed(0.6, 0.7, 0.65, "acc") is None
     assert gap_closed(20.0, 30.0, 18.0, "ppl") == pytest.approx(1.2)  # recovery beyond dense
-    res = {"acc": 0.5, "acc_stderr": 0.1, "acc_norm": 0.6, "acc_norm_stderr": 0.2, "n": 10, "protocol": {"a": 1},
-           "examples": [1, 2]}
+    res = {
+        "acc": 0.5,
+        "acc_stderr": 0.1,
+        "acc_norm": 0.6,
+        "acc_norm_stderr": 0.2,
+        "n": 10,
+        "protocol": {"a": 1},
+        "examples": [1, 2],
+    }
     assert primary_metric("x", res) == "acc_norm"
     rows = {r["metric"]: r for r in metric_rows({"results": {"x": res}, "protocol": {"seqlen": 8}})}
     assert set(rows) == {"acc", "acc_norm"} and rows["acc"]["stderr"] == 0.1 and rows["acc_norm"]["n"] == 10
@@ -109,8 +164,14 @@ def test_sweep_curve_plot(tmp_path):
     for method, slope in (("magnitude", 3.0), ("wanda", 1.0), ("sparsegpt", 0.5)):
         for s in (0.3, 0.5, 0.7):
             name = f"{method}-s{int(s * 100)}"
-            _eval(store, run_id, pos, f"eval:{name}", {"role": "compressed", "compression": name, "method": method,
-                                                       "sparsity": s}, {"ppl:ptb": {"ppl": 20.0 * (1 + slope * s ** 2)}})
+            _eval(
+                store,
+                run_id,
+                pos,
+                f"eval:{name}",
+                {"role": "compressed", "compression": name, "method": method, "sparsity": s},
+                {"ppl:ptb": {"ppl": 20.0 * (1 + slope * s**2)}},
+            )
             pos += 1
     path, summary = write_report(store, run_id, tmp_path / "rep")
     assert (tmp_path / "rep" / "sweep.png").read_bytes()[:8] == PNG

@@ -8,14 +8,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from helpers import save_tiny
+
 from recoup.recipe import load_recipe
 from recoup.runs.run import run_recipe
 from recoup.runs.store import Store
 
-WORDS = ("the market rose as traders bought shares of the company while bonds fell and the bank said its "
-         "profit would grow next year because demand for loans was strong in the new quarter").split()
+WORDS = (
+    "the market rose as traders bought shares of the company while bonds fell and the bank said its "
+    "profit would grow next year because demand for loans was strong in the new quarter"
+).split()
 
 
 def write_corpus(path: Path, n_words: int = 6000, seed: int = 0) -> Path:
@@ -36,22 +38,47 @@ def tiny_recipe(tmp: Path, steps: int = 6, name: str = "tiny", seed: int = 0) ->
         save_tiny(model, "llama", hidden=32, layers=2)
         write_corpus(corpus)
     recipe = {
-        "name": name, "model": str(model), "seed": seed,
+        "name": name,
+        "model": str(model),
+        "seed": seed,
         "calibration": {"corpus": str(corpus), "nsamples": 4, "seqlen": 32},
         "evaluate": {"tasks": [f"ppl:{corpus}"], "limit": 2, "seqlen": 48},
-        "compress": [{"name": "8x", "method": "sparsegpt", "sparsity": 0.5, "bits": 4, "group_size": 16},
-                     {"name": "s60", "method": "sparsegpt", "sparsity": 0.6}],
-        "recover": [{"name": "prompt", "method": "soft-prompt", "base": "8x", "transfer": ["s60"], "tokens": 4,
-                     "data": str(corpus), "seqlen": 32, "batch_size": 2, "steps": steps, "lr": 0.05,
-                     "eval_every": max(1, steps // 2), "val_windows": 2}],
+        "compress": [
+            {"name": "8x", "method": "sparsegpt", "sparsity": 0.5, "bits": 4, "group_size": 16},
+            {"name": "s60", "method": "sparsegpt", "sparsity": 0.6},
+        ],
+        "recover": [
+            {
+                "name": "prompt",
+                "method": "soft-prompt",
+                "base": "8x",
+                "transfer": ["s60"],
+                "tokens": 4,
+                "data": str(corpus),
+                "seqlen": 32,
+                "batch_size": 2,
+                "steps": steps,
+                "lr": 0.05,
+                "eval_every": max(1, steps // 2),
+                "val_windows": 2,
+            }
+        ],
     }
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
 
 
-EXPECTED_STAGES = ["eval:dense", "compress:8x", "eval:8x", "recover:prompt", "eval:8x+prompt", "compress:s60",
-                   "eval:s60", "eval:s60+prompt"]
+EXPECTED_STAGES = [
+    "eval:dense",
+    "compress:8x",
+    "eval:8x",
+    "recover:prompt",
+    "eval:8x+prompt",
+    "compress:s60",
+    "eval:s60",
+    "eval:s60+prompt",
+]
 
 
 def test_full_tiny_run_then_rerun_reuses_everything(tmp_path):
@@ -116,4 +143,3 @@ def test_a_failing_stage_is_recorded_and_finished_stages_are_kept(tmp_path):
         assert runs[0]["status"] == "failed"
         failed = [s for s in store.stages(runs[0]["run_id"]) if s["status"] == "failed"]
         assert len(failed) == 1 and "not found" in failed[0]["error"]
-

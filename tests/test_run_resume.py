@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_run import EXPECTED_STAGES, tiny_recipe
 
 from recoup.runs.store import Store
-from test_run import EXPECTED_STAGES, tiny_recipe
 
 
 def recoup_cmd(*args: str) -> list[str]:
@@ -32,8 +32,10 @@ def kill_when_started(cmd: list[str], run_dir: Path, stage: str, delay: float, t
     try:
         while not list((run_dir / "stages").glob(pattern)):
             if proc.poll() is not None:
-                pytest.fail(f"the run ended (rc {proc.returncode}) before {stage} started: "
-                            f"{proc.stderr.read().decode()[-2000:]}")
+                pytest.fail(
+                    f"the run ended (rc {proc.returncode}) before {stage} started: "
+                    f"{proc.stderr.read().decode()[-2000:]}"
+                )
             if time.time() > deadline:
                 pytest.fail(f"{stage} did not start within {timeout}s")
             time.sleep(0.01)
@@ -57,7 +59,7 @@ def test_sigkill_mid_stage_then_resume(tmp_path, stage, delay):
     cmd = recoup_cmd("run", str(recipe), "--out", str(run_dir), "--store", str(store_path))
     kill_when_started(cmd, run_dir, stage, delay)
 
-    before = EXPECTED_STAGES[:EXPECTED_STAGES.index(stage)]
+    before = EXPECTED_STAGES[: EXPECTED_STAGES.index(stage)]
     with Store(store_path) as store:
         run_id = store.runs()[0]["run_id"]
         assert store.runs()[0]["status"] == "running" and Store.effective_status(store.runs()[0]) == "interrupted"
@@ -105,8 +107,9 @@ def test_two_runs_share_one_store(tmp_path):
             assert r["status"] == "done"
             stages = store.stages(r["run_id"])
             assert [s["stage"] for s in stages] == EXPECTED_STAGES and all(s["status"] == "done" for s in stages)
-            assert {m["stage"] for m in store.metrics(r["run_id"]) if m["metric"] == "ppl"} == \
-                {s for s in EXPECTED_STAGES if s.startswith("eval:")}
+            assert {m["stage"] for m in store.metrics(r["run_id"]) if m["metric"] == "ppl"} == {
+                s for s in EXPECTED_STAGES if s.startswith("eval:")
+            }
 
 
 def test_a_weight_or_code_change_changes_the_stage_keys(tmp_path):
@@ -132,5 +135,6 @@ def test_a_weight_or_code_change_changes_the_stage_keys(tmp_path):
     (root / "compress" / "engine.py").write_text("x = 2\n")
     cache.code_version.cache_clear()
     assert cache.code_version(("compress",), root) != v1
-    assert cache.stage_key("compress", {"a": 1}, {}, v1) != cache.stage_key("compress", {"a": 1}, {},
-                                                                             cache.code_version(("compress",), root))
+    assert cache.stage_key("compress", {"a": 1}, {}, v1) != cache.stage_key(
+        "compress", {"a": 1}, {}, cache.code_version(("compress",), root)
+    )

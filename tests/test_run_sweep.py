@@ -7,13 +7,13 @@ import multiprocessing as mp
 from pathlib import Path
 
 import yaml
+from test_run import tiny_recipe
 
 from recoup.cli import main
 from recoup.recipe import load_recipe
 from recoup.runs.executor import Executor, Job, JobFailed, JobResult, run_job
 from recoup.runs.run import run_recipe
 from recoup.runs.store import Store
-from test_run import tiny_recipe
 
 
 class PoolExecutor(Executor):
@@ -44,9 +44,13 @@ class PoolExecutor(Executor):
 
 def sweep_recipe(tmp: Path) -> Path:
     raw = yaml.safe_load(tiny_recipe(tmp).read_text())
-    raw.update(name="tinysweep", compress=[], recover=[],
-               sweep={"methods": ["magnitude", "wanda"], "sparsity": [0.3, 0.6], "bits": [None]},
-               evaluate={"tasks": raw["evaluate"]["tasks"], "limit": 1, "seqlen": 48})
+    raw.update(
+        name="tinysweep",
+        compress=[],
+        recover=[],
+        sweep={"methods": ["magnitude", "wanda"], "sparsity": [0.3, 0.6], "bits": [None]},
+        evaluate={"tasks": raw["evaluate"]["tasks"], "limit": 1, "seqlen": 48},
+    )
     path = tmp / "sweep.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -62,8 +66,11 @@ def test_sweep_in_worker_processes_equals_local_and_plots_the_curve(tmp_path):
         assert sorted(pooled.ran) == sorted(local.ran) and len(local.ran) == 1 + 2 * len(cells)
 
         def values(run_id):
-            return {(m["stage"], m["task"], m["metric"]): m["value"] for m in store.metrics(run_id)
-                    if m["task"] != "compress"}
+            return {
+                (m["stage"], m["task"], m["metric"]): m["value"]
+                for m in store.metrics(run_id)
+                if m["task"] != "compress"
+            }
 
         assert values(pooled.run_id) == values(local.run_id)  # where a job runs does not change its result
         sparsity = {m["stage"]: m["value"] for m in store.metrics(local.run_id) if m["metric"] == "sparsity"}
@@ -76,8 +83,20 @@ def test_sweep_in_worker_processes_equals_local_and_plots_the_curve(tmp_path):
 def test_cli_sweep_runs_show_report(tmp_path, capsys):
     store = str(tmp_path / "store.sqlite")
     recipe = sweep_recipe(tmp_path)
-    rc = main(["sweep", str(recipe), "--methods", "magnitude", "--sparsity", "0.2,0.4", "--out",
-               str(tmp_path / "run"), "--store", store])
+    rc = main(
+        [
+            "sweep",
+            str(recipe),
+            "--methods",
+            "magnitude",
+            "--sparsity",
+            "0.2,0.4",
+            "--out",
+            str(tmp_path / "run"),
+            "--store",
+            store,
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "5 stage(s) computed, 0 reused" in out and "report:" in out
     assert main(["runs", "--store", store]) == 0

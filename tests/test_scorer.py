@@ -5,15 +5,22 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import tiny_loaded
+
 from recoup.evaluate.scorer import Scorer
 from recoup.model.forward import forward_logits
 from recoup.model.recovery import Recovery
 
-REQUESTS = [("Question: what is 2+2?\nAnswer:", " four"), ("Question: what is 2+2?\nAnswer:", " 4"),
-            ("Question: what is 2+2?\nAnswer:", " twenty-two"), ("Hi", " there friend"), ("Hi ", "there"),
-            ("A much longer context here, with more words in it", " x"), ("", "hello"), ("Q", " abcdefghij")]
+REQUESTS = [
+    ("Question: what is 2+2?\nAnswer:", " four"),
+    ("Question: what is 2+2?\nAnswer:", " 4"),
+    ("Question: what is 2+2?\nAnswer:", " twenty-two"),
+    ("Hi", " there friend"),
+    ("Hi ", "there"),
+    ("A much longer context here, with more words in it", " x"),
+    ("", "hello"),
+    ("Q", " abcdefghij"),
+]
 
 
 class PrefixRecovery(Recovery):
@@ -52,7 +59,7 @@ def reference_ll(model, scorer: Scorer, context: str, continuation: str, recover
     with torch.no_grad():
         logp = F.log_softmax(forward_logits(model, ids, torch.ones_like(ids), prefix).float(), -1)[0]
     n = len(cont)
-    return float(logp[-n - 1:-1].gather(1, ids[0, -n:, None]).sum())
+    return float(logp[-n - 1 : -1].gather(1, ids[0, -n:, None]).sum())
 
 
 def reference_greedy(model, scorer: Scorer, prompt: str, steps: int, recovery=None) -> str:
@@ -84,7 +91,9 @@ def test_is_greedy_flag_matches_argmax():
     lm = tiny_loaded("llama")
     scorer = Scorer(lm.model, lm.tokenizer, progress=False)
     greedy = reference_greedy(lm.model, scorer, "Hello", 3)
-    (_, flag_yes), (_, flag_no) = scorer.loglikelihood([("Hello", greedy), ("Hello", greedy[:-1] + chr(ord(greedy[-1]) ^ 1))])
+    (_, flag_yes), (_, flag_no) = scorer.loglikelihood(
+        [("Hello", greedy), ("Hello", greedy[:-1] + chr(ord(greedy[-1]) ^ 1))]
+    )
     assert flag_yes is True and flag_no is False
 
 
@@ -92,7 +101,8 @@ def test_each_shared_context_runs_once():
     lm = tiny_loaded("llama")
     rows_seen: list[int] = []
     handle = lm.model.register_forward_pre_hook(
-        lambda mod, args, kwargs: rows_seen.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True)
+        lambda mod, args, kwargs: rows_seen.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True
+    )
     try:
         scorer = Scorer(lm.model, lm.tokenizer, batch_size=64, progress=False)
         scorer.loglikelihood([("The same long shared context, " * 4, f" choice {i}") for i in range(4)])
@@ -115,8 +125,9 @@ def test_encode_pair_moves_trailing_space_to_continuation():
 @pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
 def test_prefix_recovery_in_loglikelihood_and_generation(arch, per_example):
     lm = tiny_loaded(arch)
-    rec = PrefixRecovery(lm.model.config.hidden_size if arch != "gpt2" else lm.model.config.n_embd,
-                         per_example=per_example)
+    rec = PrefixRecovery(
+        lm.model.config.hidden_size if arch != "gpt2" else lm.model.config.n_embd, per_example=per_example
+    )
     scorer = Scorer(lm.model, lm.tokenizer, recovery=rec, batch_size=4, progress=False)
     assert rec.applied == 1
     got = scorer.loglikelihood(REQUESTS[:6])
@@ -193,6 +204,6 @@ def test_a_window_of_max_length_tokens_fits_and_stops_cut_anywhere_for_lm_eval()
     assert len(scorer.loglikelihood([("a", "b" * 16)])) == 1
     with pytest.raises(RecoupError, match="does not fit"):
         scorer.loglikelihood([("a", "b" * 17)])
-    (total, count), = scorer.rolling_loglikelihood(["abcdefghij" * 5])
+    ((total, count),) = scorer.rolling_loglikelihood(["abcdefghij" * 5])
     assert count == 50 and total < 0
     assert _cut("\nParis\nx", ["\n"]) == "\nParis" and _cut("\nParis\nx", ["\n"], after_space=False) == ""

@@ -20,10 +20,11 @@ def _items(tmp_path, required_ok: bool = True) -> list[SetupItem]:
             raise RecoupError("pip could not install fake-pack==1: No matching distribution found")
         marker.write_text("ok")
 
-    return [SetupItem("fake-pack==1", True, "ppl:fake", lambda: str(marker) if marker.exists() else None,
-                      install_pack),
-            SetupItem("fake-model", True, "the default recipe", lambda: str(tmp_path), lambda: None),
-            setup_mod.ITEMS[-1]]
+    return [
+        SetupItem("fake-pack==1", True, "ppl:fake", lambda: str(marker) if marker.exists() else None, install_pack),
+        SetupItem("fake-model", True, "the default recipe", lambda: str(tmp_path), lambda: None),
+        setup_mod.ITEMS[-1],
+    ]
 
 
 @pytest.fixture
@@ -40,8 +41,7 @@ def no_bigbench_anywhere(tmp_path, monkeypatch):
     return calls
 
 
-def test_unavailable_optional_source_is_reported_and_setup_exits_0(tmp_path, monkeypatch, capsys,
-                                                                  no_bigbench_anywhere):
+def test_unavailable_optional_source_is_reported_and_setup_exits_0(tmp_path, monkeypatch, capsys, no_bigbench_anywhere):
     assert setup_mod.ITEMS[-1].name == "bigbench task files" and not setup_mod.ITEMS[-1].required
     monkeypatch.setattr(setup_mod, "ITEMS", _items(tmp_path))
     assert main(["setup"]) == 0

@@ -16,8 +16,10 @@ def _fill(store: Store, run_id: str, stages: int, tasks: int) -> None:
     for s in range(stages):
         store.plan_stage(run_id, f"eval:{s}", s, "evaluate", f"key{s}", f"/tmp/{run_id}/{s}", {"role": "compressed"})
         store.stage_started(run_id, f"eval:{s}")
-        metrics = [{"task": f"t{t}", "metric": "acc", "value": t / 10, "n": 100, "stderr": 0.01,
-                    "protocol": {"primary": True}} for t in range(tasks)]
+        metrics = [
+            {"task": f"t{t}", "metric": "acc", "value": t / 10, "n": 100, "stderr": 0.01, "protocol": {"primary": True}}
+            for t in range(tasks)
+        ]
         store.stage_finished(run_id, f"eval:{s}", {"ok": s}, False, 1.5, metrics, {"result": f"/tmp/{s}.json"})
     store.finish_run(run_id, "done", summary=f"summary of {run_id}")
 
@@ -32,8 +34,15 @@ def test_rows_and_idempotent_upserts(tmp_path):
         _fill(store, "a-1", 3, 4)
         assert len(store.metrics("a-1")) == 12
         # recording the same stage again (e.g. a resumed run reusing it) never duplicates rows
-        store.stage_finished("a-1", "eval:0", {"ok": 0}, True, 0.0,
-                             [{"task": "t0", "metric": "acc", "value": 0.0, "n": 100, "stderr": 0.01}], {})
+        store.stage_finished(
+            "a-1",
+            "eval:0",
+            {"ok": 0},
+            True,
+            0.0,
+            [{"task": "t0", "metric": "acc", "value": 0.0, "n": 100, "stderr": 0.01}],
+            {},
+        )
         assert len(store.metrics("a-1")) == 12
         st = {s["stage"]: s for s in store.stages("a-1")}
         assert st["eval:0"]["cache_hits"] == 1 and st["eval:0"]["attempts"] == 1 and st["eval:0"]["seconds"] == 1.5
@@ -89,8 +98,12 @@ def test_transaction_rolls_back_on_error(tmp_path):
     with Store(tmp_path / "s.sqlite") as store:
         with pytest.raises(sqlite3.IntegrityError):
             with store.transaction() as c:
-                c.execute("INSERT INTO runs (run_id, name, recipe, run_dir, status, created, updated) "
-                          "VALUES ('x', 'x', '{}', '/', 'done', 0, 0)")
-                c.execute("INSERT INTO runs (run_id, name, recipe, run_dir, status, created, updated) "
-                          "VALUES ('x', 'x', '{}', '/', 'done', 0, 0)")
+                c.execute(
+                    "INSERT INTO runs (run_id, name, recipe, run_dir, status, created, updated) "
+                    "VALUES ('x', 'x', '{}', '/', 'done', 0, 0)"
+                )
+                c.execute(
+                    "INSERT INTO runs (run_id, name, recipe, run_dir, status, created, updated) "
+                    "VALUES ('x', 'x', '{}', '/', 'done', 0, 0)"
+                )
         assert store.runs() == []

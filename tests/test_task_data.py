@@ -2,16 +2,32 @@ import json
 
 import pytest
 import torch
+from helpers import needs_packs, tiny_tokenizer
 
-from helpers import tiny_tokenizer, needs_packs
 from recoup import RecoupError
-from recoup.recover.task_data import (MCExample, batch_stream, collate, completion_sequence, jsonl_sequences,
-                                      load_task_examples, split_task, tuning_data)
+from recoup.recover.task_data import (
+    MCExample,
+    batch_stream,
+    collate,
+    completion_sequence,
+    jsonl_sequences,
+    load_task_examples,
+    split_task,
+    tuning_data,
+)
 
 
 def _examples(n=200):
-    return [MCExample(key=f"q{i}", contexts=(f"Question {i}\nAnswer:",) * 2, continuations=(" a", " b"),
-                      choices=("a", "b"), gold=i % 2) for i in range(n)]
+    return [
+        MCExample(
+            key=f"q{i}",
+            contexts=(f"Question {i}\nAnswer:",) * 2,
+            continuations=(" a", " b"),
+            choices=("a", "b"),
+            gold=i % 2,
+        )
+        for i in range(n)
+    ]
 
 
 @needs_packs
@@ -68,7 +84,9 @@ def test_completion_sequence_scores_only_the_completion_and_cuts_context_from_th
 def test_jsonl_both_forms_and_a_bad_line(tmp_path):
     tok = tiny_tokenizer()
     p = tmp_path / "d.jsonl"
-    p.write_text(json.dumps({"text": "hello world"}) + "\n\n" + json.dumps({"prompt": "Q:", "completion": " yes"}) + "\n")
+    p.write_text(
+        json.dumps({"text": "hello world"}) + "\n\n" + json.dumps({"prompt": "Q:", "completion": " yes"}) + "\n"
+    )
     seqs = jsonl_sequences(tok, p)
     assert [s.first_scored for s in seqs] == [1, 2]
     bad = tmp_path / "bad.jsonl"
@@ -101,9 +119,10 @@ def test_batch_stream_visits_every_sequence_once_per_epoch():
 
 
 def test_loss_on_kept_positions_equals_the_full_loss():
-    from helpers import tiny_model
-    from recoup.model.forward import forward_logits
     import torch.nn.functional as F
+    from helpers import tiny_model
+
+    from recoup.model.forward import forward_logits
     from recoup.recover.losses import kept_loss, mean_loss, model_outputs
 
     tok = tiny_tokenizer()
@@ -112,8 +131,9 @@ def test_loss_on_kept_positions_equals_the_full_loss():
     b = collate(seqs, tok.pad_token_id)
     with torch.no_grad():
         logits = forward_logits(model, b.input_ids, b.attention_mask)  # the full-vocabulary reference
-        full = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), b.labels[:, 1:].reshape(-1),
-                               ignore_index=-100)
+        full = F.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), b.labels[:, 1:].reshape(-1), ignore_index=-100
+        )
         out, keep = model_outputs(model, b, "cpu")
         assert out.logits.shape[1] == len(keep) < b.input_ids.shape[1]
         assert torch.allclose(kept_loss(out.logits, keep, b.labels), full, atol=1e-5)

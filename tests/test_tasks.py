@@ -1,10 +1,11 @@
-"""Task families on tiny models: registry misses, lm-eval's acc/acc_norm, seeded limits, factoid EM on generated text."""
+"""Task families on tiny models: registry misses, lm-eval's acc/acc_norm, seeded limits, factoid EM on generated
+text."""
 
 from __future__ import annotations
 
 import pytest
-
 from helpers import needs_packs, tiny_loaded
+
 from recoup.data.packs import pack_dir
 from recoup.errors import RecoupError
 from recoup.evaluate import tasks as registry
@@ -69,8 +70,16 @@ def test_acc_and_acc_norm_follow_lm_eval():
 
 @needs_olmo
 def test_load_examples_and_requests_for_every_zero_shot_task():
-    sizes = {"arc_easy": 570, "arc_challenge": 299, "piqa": 1838, "hellaswag": 10042, "boolq": 3270,
-             "openbookqa": 500, "winogrande": 1267, "sciq": 1000}
+    sizes = {
+        "arc_easy": 570,
+        "arc_challenge": 299,
+        "piqa": 1838,
+        "hellaswag": 10042,
+        "boolq": 3270,
+        "openbookqa": 500,
+        "winogrande": 1267,
+        "sciq": 1000,
+    }
     for name, size in sizes.items():
         examples = registry.load_examples(name)
         assert len(examples) == size
@@ -78,11 +87,15 @@ def test_load_examples_and_requests_for_every_zero_shot_task():
         reqs = registry.requests_for(ex)
         assert len(reqs) == len(ex["choices"]) and 0 <= ex["gold"] < len(ex["choices"])
     arc = registry.load_examples("arc_easy")[0]
-    assert registry.requests_for(arc)[0] == ("Question: Which technology was developed most recently?\nAnswer:",
-                                             " cellular telephone")
+    assert registry.requests_for(arc)[0] == (
+        "Question: Which technology was developed most recently?\nAnswer:",
+        " cellular telephone",
+    )
     wino = registry.load_examples("winogrande")[0]
     ctx = [c for c, _ in registry.requests_for(wino)]
-    assert ctx[0].endswith("Sarah") and ctx[1].endswith("Maria") and len({x for _, x in registry.requests_for(wino)}) == 1
+    assert (
+        ctx[0].endswith("Sarah") and ctx[1].endswith("Maria") and len({x for _, x in registry.requests_for(wino)}) == 1
+    )
 
 
 @needs_olmo
@@ -108,17 +121,28 @@ def test_multiple_choice_runner_on_tiny_model_is_deterministic():
     examples = registry.load_examples("arc_easy")
     chosen = [examples[i] for i in sample_indices(len(examples), 6, 3)]
     scorer = Scorer(lm.model, lm.tokenizer, batch_size=1, progress=False)
-    accs = [multiple_choice.score_example(ex, [s for s, _ in scorer.loglikelihood(registry.requests_for(ex))])["acc"]
-            for ex in chosen]
+    accs = [
+        multiple_choice.score_example(ex, [s for s, _ in scorer.loglikelihood(registry.requests_for(ex))])["acc"]
+        for ex in chosen
+    ]
     assert out1["acc"] == pytest.approx(sum(accs) / 6)
 
 
 def test_factoid_em_counts_only_generated_text(monkeypatch):
     """The answer sits in the question (the prompt); the tiny random model never writes it: EM must be 0."""
     lm = tiny_loaded("llama")
-    monkeypatch.setattr(factoid, "load", lambda name, options=None: [
-        {"id": "0", "question": "Paris is the capital of France. What is the capital of France?", "answers": ["Paris"]},
-        {"id": "1", "question": "Is the answer Sunset Boulevard?", "answers": ["Sunset Boulevard"]}])
+    monkeypatch.setattr(
+        factoid,
+        "load",
+        lambda name, options=None: [
+            {
+                "id": "0",
+                "question": "Paris is the capital of France. What is the capital of France?",
+                "answers": ["Paris"],
+            },
+            {"id": "1", "question": "Is the answer Sunset Boulevard?", "answers": ["Sunset Boulevard"]},
+        ],
+    )
     res = factoid.run("triviaqa", lm, EvalSettings(seqlen=512, options={"max_new_tokens": "6"}), None)
     assert res["n"] == 2 and res["em"] == 0.0
     assert all("paris" not in r["generated"].lower() for r in res["examples"])
@@ -140,9 +164,14 @@ def test_factoid_template_option(monkeypatch):
             factoid.checker("triviaqa")({"factoid_template": bad})
     seen = []
     lm = tiny_loaded("llama")
-    monkeypatch.setattr(factoid, "load", lambda name, options=None: [
-        {"id": "0", "question": "The capital of France is", "answers": ["Paris"]}])
-    monkeypatch.setattr(Scorer, "generate", lambda self, prompts, **kw: seen.extend(prompts) or [" Paris."] * len(prompts))
+    monkeypatch.setattr(
+        factoid,
+        "load",
+        lambda name, options=None: [{"id": "0", "question": "The capital of France is", "answers": ["Paris"]}],
+    )
+    monkeypatch.setattr(
+        Scorer, "generate", lambda self, prompts, **kw: seen.extend(prompts) or [" Paris."] * len(prompts)
+    )
     monkeypatch.setattr(factoid.bigbench, "task_sha256", lambda task: "sha-of-" + task)  # no task file installed
     res = factoid.run("qa_wikidata", lm, EvalSettings(seqlen=512, options={"factoid_template": "cloze"}), None)
     assert seen == ["The capital of France is"] and res["em"] == 1.0

@@ -18,8 +18,10 @@ from recoup.evaluate.tasks import summarization
 SHARED = Path(__file__).resolve().parent / "data" / "llm-kick"  # LLM-KICK's files, copied unchanged
 
 
-TASKS = {"qa_wikidata": {"examples": [{"input": "The capital of France is", "target": ["Paris", "paris"]}]},
-         "xsum": {"examples": [{"input": "word " * 500, "target": "A summary.", "comment": "xsum-test-0"}]}}
+TASKS = {
+    "qa_wikidata": {"examples": [{"input": "The capital of France is", "target": ["Paris", "paris"]}]},
+    "xsum": {"examples": [{"input": "word " * 500, "target": "A summary.", "comment": "xsum-test-0"}]},
+}
 
 
 @pytest.fixture
@@ -124,9 +126,17 @@ def test_cnndm_reference_is_the_highlights_and_left_out_of_the_prompt():
 
 
 def results(path: Path, acc: float, ppl: float) -> str:
-    path.write_text(json.dumps({"model": path.stem, "results": {
-        "arc_easy": {"acc": acc, "acc_stderr": 0.02, "acc_norm": 0.40, "n": 570},
-        "ppl:ptb": {"ppl": ppl, "nll": 3.0, "tokens": 100, "windows": 2}}}))
+    path.write_text(
+        json.dumps(
+            {
+                "model": path.stem,
+                "results": {
+                    "arc_easy": {"acc": acc, "acc_stderr": 0.02, "acc_norm": 0.40, "n": 570},
+                    "ppl:ptb": {"ppl": ppl, "nll": 3.0, "tokens": 100, "windows": 2},
+                },
+            }
+        )
+    )
     return str(path)
 
 

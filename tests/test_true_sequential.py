@@ -11,11 +11,10 @@ import pytest
 import torch
 from helpers import tiny_loaded
 
-from recoup.compress import CompressConfig, compress
-from recoup.compress import engine
-from recoup.model import streamer
+from recoup.compress import CompressConfig, compress, engine
 from recoup.compress.stats import ActNormStats, BlockIOStats, HessianStats
 from recoup.data.calibration import Calibration
+from recoup.model import streamer
 from recoup.model.anatomy import anatomy
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "opt", "gpt2"]
@@ -62,16 +61,21 @@ def dense_stats(model, kind, batch_size: int = 4) -> dict[tuple[str, ...], torch
         first = engine._get(layer, names[0])
         with streamer.hooked(first.register_forward_pre_hook(lambda _m, a: stats.add(a[0].detach()))):
             for s in range(0, inps.shape[0], batch_size):
-                streamer.call_layer(layer, inps[s:s + batch_size], recs[0])
+                streamer.call_layer(layer, inps[s : s + batch_size], recs[0])
         out[tuple(names)] = _stat(stats)
     return out
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("cfg,kind", [(dict(method="sparsegpt", sparsity=0.5), HessianStats),
-                                      (dict(method="wanda", sparsity=0.5), ActNormStats),
-                                      (dict(method="awq", bits=3, group_size=16, grid=3, rounding="gptq"), HessianStats)],
-                         ids=["sparsegpt", "wanda", "awq-gptq"])
+@pytest.mark.parametrize(
+    "cfg,kind",
+    [
+        (dict(method="sparsegpt", sparsity=0.5), HessianStats),
+        (dict(method="wanda", sparsity=0.5), ActNormStats),
+        (dict(method="awq", bits=3, group_size=16, grid=3, rounding="gptq"), HessianStats),
+    ],
+    ids=["sparsegpt", "wanda", "awq-gptq"],
+)
 def test_true_sequential_off_takes_every_group_from_the_dense_layer(arch, cfg, kind, monkeypatch):
     lm = tiny_loaded(arch, hidden=32, layers=2)
     ref = dense_stats(copy.deepcopy(lm.model), kind)
@@ -98,4 +102,6 @@ def test_true_sequential_defaults():
     assert CompressConfig.from_dict(awq).options.true_sequential is True  # AWQ alone: true-sequential (measured better)
     gptq_rounded = CompressConfig.from_dict({**awq, "rounding": "gptq"})  # AWQ + GPTQ: the dense layer's order
     assert gptq_rounded.options.true_sequential is False and gptq_rounded.to_dict()["true_sequential"] is False
-    assert CompressConfig.from_dict({**awq, "rounding": "gptq", "true_sequential": True}).options.true_sequential is True
+    assert (
+        CompressConfig.from_dict({**awq, "rounding": "gptq", "true_sequential": True}).options.true_sequential is True
+    )

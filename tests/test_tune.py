@@ -33,15 +33,47 @@ def work(tmp_path_factory):
     save_tiny(dense, "llama", hidden=64, layers=2)
     corpus = str(write_corpus(tmp / "text.txt", n_words=3000))
     common = ["--calib", corpus, "--nsamples", "4", "--seqlen", str(SEQLEN), "--device", "cpu"]
-    assert main(["compress", str(dense), "--method", "sparsegpt", "--sparsity", "0.5", "--bits", "4",
-                 "--group-size", "32", "--out", str(tmp / "quant"), *common]) == 0
-    assert main(["compress", str(dense), "--method", "sparsegpt", "--sparsity", "0.5", "--out", str(tmp / "sparse"),
-                 *common]) == 0
+    assert (
+        main(
+            [
+                "compress",
+                str(dense),
+                "--method",
+                "sparsegpt",
+                "--sparsity",
+                "0.5",
+                "--bits",
+                "4",
+                "--group-size",
+                "32",
+                "--out",
+                str(tmp / "quant"),
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "compress",
+                str(dense),
+                "--method",
+                "sparsegpt",
+                "--sparsity",
+                "0.5",
+                "--out",
+                str(tmp / "sparse"),
+                *common,
+            ]
+        )
+        == 0
+    )
     return {"tmp": tmp, "dense": dense, "corpus": corpus, "quant": tmp / "quant", "sparse": tmp / "sparse"}
 
 
 def _windows(ids: torch.Tensor, n: int) -> list[Sequence]:
-    return [Sequence(ids=ids[i * SEQLEN:(i + 1) * SEQLEN].tolist()) for i in range(n)]
+    return [Sequence(ids=ids[i * SEQLEN : (i + 1) * SEQLEN].tolist()) for i in range(n)]
 
 
 def _tune(work, artifact, **cfg):
@@ -123,8 +155,11 @@ def test_masked_weights_and_norms_lower_loss_pruned_weights_stay_zero(work):
 
 def test_a_narrower_dtype_than_the_artifact_is_refused(work):
     loaded = load_artifact(work["quant"], dtype="bfloat16")
-    with pytest.raises(RecoupError, match=r"\(bfloat16\), which would round its untouched weights; load it with "
-                                          r"--dtype float32$"):
+    with pytest.raises(
+        RecoupError,
+        match=r"\(bfloat16\), which would round its untouched weights; load it with "
+        r"--dtype float32$",
+    ):
         fit_tune(loaded, TuneConfig(data=work["corpus"], seqlen=SEQLEN), None)
 
 
@@ -139,25 +174,51 @@ def test_save_refuses_changed_codes(work):
     assert not (work["tmp"] / "never").exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["quant", "weights"], "--trainable weights would move the 4-bit weights"),
-    (["quant", "scales,weights"], "--trainable weights would move the 4-bit weights"),
-    (["sparse", "scales"], "is not quantized: it has no scales to tune"),
-    (["dense", "norms"], "tune trains inside a recoup artifact"),
-    (["quant", "codes"], "--trainable takes a comma list of scales, norms, weights"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["quant", "weights"], "--trainable weights would move the 4-bit weights"),
+        (["quant", "scales,weights"], "--trainable weights would move the 4-bit weights"),
+        (["sparse", "scales"], "is not quantized: it has no scales to tune"),
+        (["dense", "norms"], "tune trains inside a recoup artifact"),
+        (["quant", "codes"], "--trainable takes a comma list of scales, norms, weights"),
+    ],
+)
 def test_refused_choices_are_one_line_exit_2(work, capsys, args, message):
     source, trainable = args
-    code = main(["recover", str(work[source]), "--method", "tune", "--trainable", trainable, "--data", work["corpus"],
-                 "--out", str(work["tmp"] / "refused")])
+    code = main(
+        [
+            "recover",
+            str(work[source]),
+            "--method",
+            "tune",
+            "--trainable",
+            trainable,
+            "--data",
+            work["corpus"],
+            "--out",
+            str(work["tmp"] / "refused"),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
     assert not (work["tmp"] / "refused").exists()
 
 
 def test_refused_out_is_the_source(work, capsys):
-    code = main(["recover", str(work["quant"]), "--method", "tune", "--data", work["corpus"], "--force",
-                 "--out", str(work["quant"])])
+    code = main(
+        [
+            "recover",
+            str(work["quant"]),
+            "--method",
+            "tune",
+            "--data",
+            work["corpus"],
+            "--force",
+            "--out",
+            str(work["quant"]),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--out is the source artifact" in err and len(err.splitlines()) == 1
 
@@ -167,15 +228,54 @@ def test_cli_tune_kd_squarehead_then_eval_and_export_compressed_tensors(work, tm
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "tuned"
-    assert main(["recover", str(work["quant"]), "--method", "tune", "--trainable", "scales,norms", "--objective",
-                 "kd+squarehead", "--data", work["corpus"], "--seqlen", str(SEQLEN), "--steps", "4", "--batch-size",
-                 "2", "--val-windows", "1", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "recover",
+                str(work["quant"]),
+                "--method",
+                "tune",
+                "--trainable",
+                "scales,norms",
+                "--objective",
+                "kd+squarehead",
+                "--data",
+                work["corpus"],
+                "--seqlen",
+                str(SEQLEN),
+                "--steps",
+                "4",
+                "--batch-size",
+                "2",
+                "--val-windows",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rec = read_manifest(out)["tuning"][-1]
     assert rec["objective"] == "kd+squarehead" and rec["teacher"] == str(work["dense"])
     assert rec["trainable"] == ["scales", "norms"]
     report = tmp_path / "eval.json"
-    assert main(["eval", str(out), "--tasks", f"ppl:{work['corpus']}", "--limit", "2", "--seqlen", str(SEQLEN),
-                 "--json", str(report)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(out),
+                "--tasks",
+                f"ppl:{work['corpus']}",
+                "--limit",
+                "2",
+                "--seqlen",
+                str(SEQLEN),
+                "--json",
+                str(report),
+            ]
+        )
+        == 0
+    )
     assert json.loads(report.read_text())["results"][f"ppl:{work['corpus']}"]["ppl"] > 1
     exported = tmp_path / "ct"
     assert main(["export", str(out), "--format", "compressed-tensors", "--out", str(exported)]) == 0
@@ -191,6 +291,7 @@ def test_cli_tune_kd_squarehead_then_eval_and_export_compressed_tensors(work, tm
 
 
 # ---------------------------------------------------------------------------------------------- squarehead
+
 
 def test_squarehead_matches_hand_computation():
     torch.manual_seed(0)

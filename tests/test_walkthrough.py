@@ -13,13 +13,20 @@ import shlex
 from pathlib import Path
 
 import pytest
-
 from helpers import _packs_present, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = "<!-- walkthrough -->"
-TINY = {"--nsamples": "2", "--seqlen": "32", "--limit": "2", "--rank": "2", "--steps": "2", "--group-size": "32",
-        "--tokens": "2", "--batch-size": "2"}
+TINY = {
+    "--nsamples": "2",
+    "--seqlen": "32",
+    "--limit": "2",
+    "--rank": "2",
+    "--steps": "2",
+    "--group-size": "32",
+    "--tokens": "2",
+    "--batch-size": "2",
+}
 
 
 def save_tiny_bpe(path: Path) -> None:
@@ -32,8 +39,14 @@ def save_tiny_bpe(path: Path) -> None:
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     text = ["the quick brown fox jumps over the lazy dog 0123456789", "Question: which is a planet? Answer: Mars"]
-    tk.train_from_iterator(text * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
-                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk.train_from_iterator(
+        text * 20,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<pad>", "<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("llama", hidden=64, layers=2, vocab=len(tok) + 4)).eval()
@@ -50,7 +63,7 @@ def walkthrough(text: str) -> list[str]:
     assert MARKER in text, f"README has no {MARKER} block"
     block = text.split(MARKER, 1)[1].lstrip()
     assert block.startswith("```bash"), f"{MARKER} must be followed by a ```bash block"
-    body = block[len("```bash"):].split("```", 1)[0]
+    body = block[len("```bash") :].split("```", 1)[0]
     return [line.strip() for line in body.replace("\\\n", " ").splitlines() if line.strip()]
 
 
@@ -113,12 +126,19 @@ def test_the_walkthrough_runs(tmp_path, monkeypatch, capsys):
     assert "compress" in ran and "recover" in ran and "export" in ran
 
 
-@pytest.mark.parametrize("argv,expected", [
-    (["eval", "smollm2-135m", "--tasks", "ppl:ptb,arc_easy", "--seqlen", "512", "--limits", "arc_easy=100"],
-     ["eval", "M", "--tasks", "ppl:C", "--seqlen", "256"]),
-    (["compress", "smollm2-135m", "--calib", "ptb", "--nsamples", "16", "--group-size", "64"],
-     ["compress", "M", "--calib", "C", "--nsamples", "2", "--group-size", "32"]),
-])
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (
+            ["eval", "smollm2-135m", "--tasks", "ppl:ptb,arc_easy", "--seqlen", "512", "--limits", "arc_easy=100"],
+            ["eval", "M", "--tasks", "ppl:C", "--seqlen", "256"],
+        ),
+        (
+            ["compress", "smollm2-135m", "--calib", "ptb", "--nsamples", "16", "--group-size", "64"],
+            ["compress", "M", "--calib", "C", "--nsamples", "2", "--group-size", "32"],
+        ),
+    ],
+)
 def test_shrink_without_packs(argv, expected):
     assert shrink(argv, "M", "C") == expected
 

@@ -1,7 +1,7 @@
 import torch
+from helpers import tiny_tokenizer
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from helpers import tiny_tokenizer
 from recoup.data import windows
 from recoup.data.windows import tokenize_corpus
 

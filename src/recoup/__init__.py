@@ -29,15 +29,15 @@ Registries (one per kind; a new one is one file + one line): compression methods
 
 from __future__ import annotations
 
-from recoup.version import __version__  # noqa: E402
-
 import os as _os
+
+from recoup.version import __version__  # noqa: E402
 
 _os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from recoup.artifact import LoadedModel, load_model  # noqa: E402
 from recoup.errors import RecoupError  # noqa: E402
 from recoup.model.anatomy import anatomy  # noqa: E402
-from recoup.artifact import LoadedModel, load_model  # noqa: E402
 
 load = load_model
 
@@ -79,5 +79,18 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'recoup' has no attribute '{name}'")
 
 
-__all__ = ["RecoupError", "Scorer", "CompressJob", "EvalJob", "RecoverJob", "LoadedModel", "anatomy", "load", "load_model", "perplexity",
-           "load_recipe", "run_recipe", "__version__"]
+__all__ = [
+    "RecoupError",
+    "Scorer",
+    "CompressJob",
+    "EvalJob",
+    "RecoverJob",
+    "LoadedModel",
+    "anatomy",
+    "load",
+    "load_model",
+    "perplexity",
+    "load_recipe",
+    "run_recipe",
+    "__version__",
+]

@@ -18,8 +18,21 @@ from recoup.errors import RecoupError
 from recoup.safeio import SECRET_ENV, install_log_redaction, redact, secret_env
 
 # Explicit list of subcommand modules (docs/design.md, house style 2).
-COMMANDS = ["setup", "eval", "compress", "run", "sweep", "runs", "show", "report", "compare_recovery", "recover", "compare",
-            "export", "lm_eval"]
+COMMANDS = [
+    "setup",
+    "eval",
+    "compress",
+    "run",
+    "sweep",
+    "runs",
+    "show",
+    "report",
+    "compare_recovery",
+    "recover",
+    "compare",
+    "export",
+    "lm_eval",
+]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,8 +42,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="recoup", description="Compress LLMs, measure what it cost on knowledge-intensive work, "
-                                                "and win it back with prompts and adapters.")
+    parser = _Parser(
+        prog="recoup",
+        description="Compress LLMs, measure what it cost on knowledge-intensive work, "
+        "and win it back with prompts and adapters.",
+    )
     parser.add_argument("--version", action="version", version=f"recoup {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -42,8 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     install_log_redaction()
     for name in SECRET_ENV:  # tokens in the environment never reach a log line, error line or written file
         secret_env(name)

@@ -32,9 +32,7 @@ class Config:
                 close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
                 hint = f"; did you mean '{close[0]}'?" if close else ""
                 prefix = f"{where}: " if where else ""
-                raise RecoupError(
-                    f"{prefix}unknown key '{key}' for {cls.__name__}{hint} allowed: {', '.join(allowed)}"
-                )
+                raise RecoupError(f"{prefix}unknown key '{key}' for {cls.__name__}{hint} allowed: {', '.join(allowed)}")
         try:
             return cls(**dict(data))
         except TypeError as exc:  # wrong arity etc.

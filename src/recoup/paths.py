@@ -19,9 +19,18 @@ def member(folder: Path, name: object, where: str) -> Path:
     names it lists are checked, never trusted, before any file is read."""
     from recoup.errors import RecoupError
 
-    ok = (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
-          and "\0" not in name and Path(name).name == name and not Path(name).is_absolute())
+    ok = (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+        and Path(name).name == name
+        and not Path(name).is_absolute()
+    )
     if not ok:
-        raise RecoupError(f"{where} names the file {name!r}, which is not a plain file name inside {folder}; "
-                          f"refused (a crafted or corrupted manifest?)")
+        raise RecoupError(
+            f"{where} names the file {name!r}, which is not a plain file name inside {folder}; "
+            f"refused (a crafted or corrupted manifest?)"
+        )
     return folder / name

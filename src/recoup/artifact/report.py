@@ -59,7 +59,14 @@ class CompressReport:
         return sum(r.error for r in self.linears) / len(self.linears) if self.linears else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "config": self.config, "model_type": self.model_type,
-                "calibration": self.calibration, "seconds": self.seconds, "peak_rss_mb": self.peak_rss_mb,
-                "sparsity": self.sparsity, "mean_error": self.mean_error,
-                "linears": [r.to_dict() for r in self.linears]}
+        return {
+            "method": self.method,
+            "config": self.config,
+            "model_type": self.model_type,
+            "calibration": self.calibration,
+            "seconds": self.seconds,
+            "peak_rss_mb": self.peak_rss_mb,
+            "sparsity": self.sparsity,
+            "mean_error": self.mean_error,
+            "linears": [r.to_dict() for r in self.linears],
+        }

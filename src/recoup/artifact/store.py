@@ -36,15 +36,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from recoup.artifact.packing import PACKED_FILE, pack_model, unpack_into
 from recoup.artifact.grid import grid_deviation
+from recoup.artifact.packing import PACKED_FILE, pack_model, unpack_into
 from recoup.artifact.report import CompressReport
 from recoup.errors import RecoupError
-from recoup.paths import member
 from recoup.model.anatomy import anatomy
 from recoup.model.lazy import TensorFile
-from recoup.model.load import (ARTIFACT_MANIFEST, LoadedModel, check_finite, file_sha256, model_fingerprint,
-                               parse_dtype)
+from recoup.model.load import ARTIFACT_MANIFEST, LoadedModel, check_finite, file_sha256, model_fingerprint, parse_dtype
+from recoup.paths import member
 from recoup.registry import unknown_name_message
 from recoup.safeio import dumps
 
@@ -55,8 +54,10 @@ FORMAT_VERSION = 2  # newest this recoup reads; 2 = packed storage (dense artifa
 QPARAMS_FILE = "quant_params.safetensors"
 STORAGES = ("packed", "dense")
 DEFAULT_STORAGE = "packed"
-PACKED_MODEL_TYPE = ("recoup-packed (a recoup artifact with bit-packed weights: load it with recoup, "
-                     "or run `recoup export` to get a model transformers, vLLM or llama.cpp loads)")
+PACKED_MODEL_TYPE = (
+    "recoup-packed (a recoup artifact with bit-packed weights: load it with recoup, "
+    "or run `recoup export` to get a model transformers, vLLM or llama.cpp loads)"
+)
 REAL_MODEL_TYPE_KEY = "recoup_model_type"
 
 
@@ -65,12 +66,17 @@ def _versions() -> dict[str, str]:
 
     from recoup.version import __version__
 
-    return {"recoup": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
+    return {
+        "recoup": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
 
 
-def save_artifact(loaded: LoadedModel, report: CompressReport, out_dir: str | Path,
-                  storage: str = DEFAULT_STORAGE) -> Path:
+def save_artifact(
+    loaded: LoadedModel, report: CompressReport, out_dir: str | Path, storage: str = DEFAULT_STORAGE
+) -> Path:
     """Write ``loaded`` (already compressed, see :func:`recoup.compress.compress`) and ``report`` to ``out_dir``.
 
     storage: ``packed`` (quantized linears as bit-packed integer codes, sparse ones as a bitmask +
@@ -109,8 +115,10 @@ def check_space(out_dir: str | Path, need: int) -> None:
         return
     free = shutil.disk_usage(probe).free
     if free < need:
-        raise RecoupError(f"'{out}' cannot fit the artifact: it needs at least {need / 1e6:.0f} MB and "
-                          f"{free / 1e6:.0f} MB are free there; free some space or choose another --out")
+        raise RecoupError(
+            f"'{out}' cannot fit the artifact: it needs at least {need / 1e6:.0f} MB and "
+            f"{free / 1e6:.0f} MB are free there; free some space or choose another --out"
+        )
 
 
 @contextmanager
@@ -123,23 +131,37 @@ def no_space_as_error(out_dir: str | Path):
         yield
     except Exception as exc:
         if getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in str(exc):
-            raise RecoupError(f"no space left on the device while writing '{Path(out_dir).expanduser()}' (the "
-                              f"partial folder is removed); free some space or choose another --out") from None
+            raise RecoupError(
+                f"no space left on the device while writing '{Path(out_dir).expanduser()}' (the "
+                f"partial folder is removed); free some space or choose another --out"
+            ) from None
         raise
 
 
 def artifact_fields(loaded: LoadedModel, report: CompressReport) -> dict[str, Any]:
     """The manifest fields that describe the compression of ``loaded`` by ``report``."""
     return {
-        "source": {"model": loaded.source, "path": str(loaded.path) if loaded.path else None,
-                   "sha256": model_fingerprint(loaded.path) if loaded.path else None},
-        "model_type": report.model_type, "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
-        "recipe": report.config, "calibration": report.calibration,
-        "summary": {"sparsity": report.sparsity, "mean_error": report.mean_error, "linears": len(report.linears),
-                    "bits": report.config.get("bits"), "group_size": report.config.get("group_size"),
-                    "sym": report.config.get("sym"), "pattern": report.config.get("pattern")},
+        "source": {
+            "model": loaded.source,
+            "path": str(loaded.path) if loaded.path else None,
+            "sha256": model_fingerprint(loaded.path) if loaded.path else None,
+        },
+        "model_type": report.model_type,
+        "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
+        "recipe": report.config,
+        "calibration": report.calibration,
+        "summary": {
+            "sparsity": report.sparsity,
+            "mean_error": report.mean_error,
+            "linears": len(report.linears),
+            "bits": report.config.get("bits"),
+            "group_size": report.config.get("group_size"),
+            "sym": report.config.get("sym"),
+            "pattern": report.config.get("pattern"),
+        },
         "layers": [r.to_dict() for r in report.linears],
-        "seconds": report.seconds, "peak_rss_mb": report.peak_rss_mb,
+        "seconds": report.seconds,
+        "peak_rss_mb": report.peak_rss_mb,
     }
 
 
@@ -151,8 +173,18 @@ def repack_artifact(src: str | Path, out_dir: str | Path, storage: str = DEFAULT
     return _write(loaded, fields, load_qparams(src), out_dir, storage)
 
 
-_FIELDS = ("source", "model_type", "dtype", "recipe", "calibration", "summary", "layers", "seconds", "peak_rss_mb",
-           "tuning")
+_FIELDS = (
+    "source",
+    "model_type",
+    "dtype",
+    "recipe",
+    "calibration",
+    "summary",
+    "layers",
+    "seconds",
+    "peak_rss_mb",
+    "tuning",
+)
 
 
 def recorded_fields(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -160,15 +192,25 @@ def recorded_fields(manifest: dict[str, Any]) -> dict[str, Any]:
     return {k: manifest[k] for k in _FIELDS if k in manifest}
 
 
-def write_artifact(loaded: LoadedModel, fields: dict[str, Any], qparams: dict[str, dict[str, torch.Tensor]],
-                   out_dir: str | Path, storage: str = DEFAULT_STORAGE) -> Path:
+def write_artifact(
+    loaded: LoadedModel,
+    fields: dict[str, Any],
+    qparams: dict[str, dict[str, torch.Tensor]],
+    out_dir: str | Path,
+    storage: str = DEFAULT_STORAGE,
+) -> Path:
     """Write ``loaded`` as an artifact with manifest ``fields`` and grids ``qparams`` (what a recovery that tunes
     the artifact's own values writes; the same writer as :func:`save_artifact`)."""
     return _write(loaded, fields, qparams, out_dir, storage)
 
 
-def _write(loaded: LoadedModel, fields: dict[str, Any], qparams: dict[str, dict[str, torch.Tensor]],
-           out_dir: str | Path, storage: str) -> Path:
+def _write(
+    loaded: LoadedModel,
+    fields: dict[str, Any],
+    qparams: dict[str, dict[str, torch.Tensor]],
+    out_dir: str | Path,
+    storage: str,
+) -> Path:
     out, tmp = prepare_target(out_dir, storage)
     try:
         packed, metas = {}, {}
@@ -189,7 +231,9 @@ def prepare_target(out_dir: str | Path, storage: str) -> tuple[Path, Path]:
         raise RecoupError(unknown_name_message("storage", str(storage), STORAGES))
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not (out.is_dir() and ((out / ARTIFACT_MANIFEST).is_file() or not any(out.iterdir()))):
-        raise RecoupError(f"'{out}' exists and is not a recoup artifact; refusing to overwrite it (choose another --out)")
+        raise RecoupError(
+            f"'{out}' exists and is not a recoup artifact; refusing to overwrite it (choose another --out)"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -197,17 +241,27 @@ def prepare_target(out_dir: str | Path, storage: str) -> tuple[Path, Path]:
     return out, tmp
 
 
-def finish_artifact(loaded: LoadedModel, fields: dict[str, Any], qparams: dict[str, dict[str, torch.Tensor]],
-                    storage: str, tmp: Path, out: Path, metas: dict[str, dict[str, Any]],
-                    packed: dict[str, torch.Tensor] | None) -> Path:
+def finish_artifact(
+    loaded: LoadedModel,
+    fields: dict[str, Any],
+    qparams: dict[str, dict[str, torch.Tensor]],
+    storage: str,
+    tmp: Path,
+    out: Path,
+    metas: dict[str, dict[str, Any]],
+    packed: dict[str, torch.Tensor] | None,
+) -> Path:
     """Complete the artifact in ``tmp`` (its weights and config already there; ``packed``: the packed tensors to
     write, None when the packed file is written already), seal its manifest and move it to ``out``."""
     from safetensors.torch import save_file
 
     loaded.tokenizer.save_pretrained(str(tmp))
     if qparams:
-        flat = {f"{name}.{k}": (_small_zero(v) if storage == "packed" and k == "zero" else v).contiguous()
-                for name, d in qparams.items() for k, v in d.items()}
+        flat = {
+            f"{name}.{k}": (_small_zero(v) if storage == "packed" and k == "zero" else v).contiguous()
+            for name, d in qparams.items()
+            for k, v in d.items()
+        }
         save_file(flat, str(tmp / QPARAMS_FILE))
     if metas:
         if packed is not None:
@@ -216,15 +270,23 @@ def finish_artifact(loaded: LoadedModel, fields: dict[str, Any], qparams: dict[s
     listed = [f for f in sorted(tmp.iterdir()) if f.is_file()]
     encodings = Counter(m["encoding"] for m in metas.values())
     storage_info: dict[str, Any] = {
-        "kind": "packed" if metas else "dense", "bytes": sum(f.stat().st_size for f in listed),
+        "kind": "packed" if metas else "dense",
+        "bytes": sum(f.stat().st_size for f in listed),
         "file_bytes": {f.name: f.stat().st_size for f in listed},
-        "packed_linears": dict(encodings), "dense_linears": len(fields.get("layers") or []) - len(metas)}
+        "packed_linears": dict(encodings),
+        "dense_linears": len(fields.get("layers") or []) - len(metas),
+    }
     if metas:
         storage_info.update({"file": PACKED_FILE, "tensors": metas})
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION if metas else 1, **fields,
-                "versions": _versions(),
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "files": {f.name: file_sha256(f) for f in listed}, "storage": storage_info}
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION if metas else 1,
+        **fields,
+        "versions": _versions(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "files": {f.name: file_sha256(f) for f in listed},
+        "storage": storage_info,
+    }
     (tmp / ARTIFACT_MANIFEST).write_text(dumps(seal_manifest(manifest), indent=1))
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -234,8 +296,13 @@ def finish_artifact(loaded: LoadedModel, fields: dict[str, Any], qparams: dict[s
     else:
         os.replace(tmp, out)
     if metas:
-        log.info("packed %d of %d linears (%s); %d stay dense", len(metas), len(fields.get("layers") or []),
-                 ", ".join(f"{k} {v}" for k, v in sorted(encodings.items())), storage_info["dense_linears"])
+        log.info(
+            "packed %d of %d linears (%s); %d stay dense",
+            len(metas),
+            len(fields.get("layers") or []),
+            ", ".join(f"{k} {v}" for k, v in sorted(encodings.items())),
+            storage_info["dense_linears"],
+        )
     log.info("wrote artifact %s (%s, %.1f MB on disk)", out, storage_info["kind"], storage_info["bytes"] / 1e6)
     return out
 
@@ -271,14 +338,23 @@ def read_manifest(path: str | Path, verify: bool = True) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise RecoupError(f"'{path}/{ARTIFACT_MANIFEST}' is not a recoup compressed-model manifest")
     if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise RecoupError(f"artifact format {manifest['format_version']} is newer than this recoup reads ({FORMAT_VERSION})")
+        raise RecoupError(
+            f"artifact format {manifest['format_version']} is newer than this recoup reads ({FORMAT_VERSION})"
+        )
     if MANIFEST_DIGEST in manifest:  # cheap: always checked
         if manifest[MANIFEST_DIGEST] != manifest_digest(manifest):
-            raise RecoupError(f"artifact '{path}': {ARTIFACT_MANIFEST} was edited after recoup wrote it (its "
-                              f"{MANIFEST_DIGEST} does not match); recompress, or restore the original file")
+            raise RecoupError(
+                f"artifact '{path}': {ARTIFACT_MANIFEST} was edited after recoup wrote it (its "
+                f"{MANIFEST_DIGEST} does not match); recompress, or restore the original file"
+            )
     elif verify:
-        log.warning("artifact '%s': %s has no %s (an older recoup wrote it); its files are verified, its "
-                    "recorded sparsity/bits/layers are not", path, ARTIFACT_MANIFEST, MANIFEST_DIGEST)
+        log.warning(
+            "artifact '%s': %s has no %s (an older recoup wrote it); its files are verified, its "
+            "recorded sparsity/bits/layers are not",
+            path,
+            ARTIFACT_MANIFEST,
+            MANIFEST_DIGEST,
+        )
     if verify:
         listing = manifest.get("files", {})
         if not isinstance(listing, dict) or not listing:
@@ -288,7 +364,9 @@ def read_manifest(path: str | Path, verify: bool = True) -> dict[str, Any]:
             if not f.is_file():
                 raise RecoupError(f"artifact '{path}' is incomplete: {name} is missing")
             if file_sha256(f) != digest:
-                raise RecoupError(f"artifact '{path}' is corrupted: {name} does not match its sha256 in {ARTIFACT_MANIFEST}")
+                raise RecoupError(
+                    f"artifact '{path}' is corrupted: {name} does not match its sha256 in {ARTIFACT_MANIFEST}"
+                )
     return manifest
 
 
@@ -323,20 +401,28 @@ def load_artifact(path: str | Path, dtype: str | torch.dtype = "float32", device
     if metas:  # before the model loads: the packed file's name is checked like every listed file
         member(path, storage.get("file", PACKED_FILE), f"artifact '{path}': {ARTIFACT_MANIFEST}")
     if not isinstance(metas, dict):
-        raise RecoupError(f"'{path}/{ARTIFACT_MANIFEST}' says packed storage but lists no packed tensors; "
-                          "the artifact is corrupted")
+        raise RecoupError(
+            f"'{path}/{ARTIFACT_MANIFEST}' says packed storage but lists no packed tensors; the artifact is corrupted"
+        )
     try:
         config = _artifact_config(path)
         tokenizer = AutoTokenizer.from_pretrained(str(path), **({"config": config} if config is not None else {}))
         with _quiet_missing_weights() if metas else nullcontext():
             model, info = AutoModelForCausalLM.from_pretrained(
-                str(path), config=config, dtype=parse_dtype(dtype), use_safetensors=True,
-                trust_remote_code=False, output_loading_info=True)
+                str(path),
+                config=config,
+                dtype=parse_dtype(dtype),
+                use_safetensors=True,
+                trust_remote_code=False,
+                output_loading_info=True,
+            )
     except (OSError, ValueError, KeyError) as exc:
         raise RecoupError(f"could not load artifact '{path}': {str(exc).splitlines()[0]}") from None
     if set(info["missing_keys"]) != set(metas):  # else transformers would fill them with random weights
-        raise RecoupError(f"artifact '{path}': the weights missing from model.safetensors are not the packed ones; "
-                          "the artifact is corrupted")
+        raise RecoupError(
+            f"artifact '{path}': the weights missing from model.safetensors are not the packed ones; "
+            "the artifact is corrupted"
+        )
     if metas:  # read and decoded one linear at a time: no second copy of the packed weights in memory
         packed = member(path, storage.get("file", PACKED_FILE), f"artifact '{path}': {ARTIFACT_MANIFEST}")
         unpack_into(model, metas, TensorFile(packed), load_qparams(path))
@@ -397,8 +483,9 @@ def _sha(t: torch.Tensor) -> str:
 
 
 @torch.no_grad()
-def compression_fingerprint(model: nn.Module, manifest: dict[str, Any] | None = None,
-                            qparams: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
+def compression_fingerprint(
+    model: nn.Module, manifest: dict[str, Any] | None = None, qparams: dict[str, dict[str, torch.Tensor]] | None = None
+) -> dict[str, Any]:
     """Whether a model's compression is intact: per targeted linear, the zero count, a sha256 of the
     zero mask, and (for quantized linears) the largest distance from the recorded grid in grid steps
     and a sha256 of the integer codes. Compare the result before and after training a recovery:
@@ -429,7 +516,7 @@ def compression_fingerprint(model: nn.Module, manifest: dict[str, Any] | None = 
         entry: dict[str, Any] = {"zeros": int(mask.sum()), "numel": w.numel(), "mask_sha256": _sha(mask)}
         q = qparams.get(name)
         if q is not None and bits:
-            dev = grid_deviation(w, q["scale"], q["zero"], q["g_idx"], 2 ** bits - 1)
+            dev = grid_deviation(w, q["scale"], q["zero"], q["g_idx"], 2**bits - 1)
             g = q["g_idx"].long()
             codes = torch.round(w / q["scale"].float()[:, g] + q["zero"].float()[:, g]).to(torch.int16)
             entry.update({"grid_deviation": dev, "on_grid": dev < 1e-2, "codes_sha256": _sha(codes)})
@@ -437,6 +524,7 @@ def compression_fingerprint(model: nn.Module, manifest: dict[str, Any] | None = 
         out[name] = entry
         total += w.numel()
         zeros += entry["zeros"]
-    digest = hashlib.sha256(json.dumps({n: [e["mask_sha256"], e.get("codes_sha256")] for n, e in out.items()},
-                                       sort_keys=True).encode()).hexdigest()
+    digest = hashlib.sha256(
+        json.dumps({n: [e["mask_sha256"], e.get("codes_sha256")] for n, e in out.items()}, sort_keys=True).encode()
+    ).hexdigest()
     return {"linears": out, "sparsity": zeros / total if total else 0.0, "all_on_grid": all_on_grid, "digest": digest}

@@ -10,15 +10,19 @@ from recoup.errors import RecoupError
 from recoup.safeio import dumps
 
 
-
 def register(sub) -> None:
-    p = sub.add_parser("compare", help="per-task deltas of a run against the dense run, and which tasks match",
-                       description="Compare two `recoup eval --json` results. A task metric 'matches' when it is "
-                                   "within the tolerance (5%%, LLM-KICK's definition) of the dense value.")
+    p = sub.add_parser(
+        "compare",
+        help="per-task deltas of a run against the dense run, and which tasks match",
+        description="Compare two `recoup eval --json` results. A task metric 'matches' when it is "
+        "within the tolerance (5%%, LLM-KICK's definition) of the dense value.",
+    )
     p.add_argument("dense", help="results JSON of the dense (reference) model")
     p.add_argument("other", help="results JSON of the compressed / recovered model")
     p.add_argument("--tolerance", type=float, default=0.05, help="relative tolerance for matching (default 0.05)")
-    p.add_argument("--all-metrics", action="store_true", help="compare every metric, not only each task's headline ones")
+    p.add_argument(
+        "--all-metrics", action="store_true", help="compare every metric, not only each task's headline ones"
+    )
     p.add_argument("--json", default=None, help="write the comparison JSON here")
     p.set_defaults(func=run)
 
@@ -51,8 +55,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'task':<16} {'metric':<18} {'dense':>9} {'other':>9} {'delta':>9} {'rel':>8}  match")
     for r in out["rows"]:
         rel = f"{r['relative']:+.1%}" if r["relative"] is not None else "n/a"
-        print(f"{r['task']:<16} {r['metric']:<18} {r['dense']:>9.4f} {r['other']:>9.4f} {r['delta']:>+9.4f} {rel:>8}  "
-              f"{'yes' if r['matching'] else 'NO'}")
+        print(
+            f"{r['task']:<16} {r['metric']:<18} {r['dense']:>9.4f} {r['other']:>9.4f} {r['delta']:>+9.4f} {rel:>8}  "
+            f"{'yes' if r['matching'] else 'NO'}"
+        )
         if r["n_dense"] != r["n_other"]:
             print(f"{'':<16} (n differs: dense {r['n_dense']}, other {r['n_other']})")
     matched = sum(r["matching"] for r in out["rows"])

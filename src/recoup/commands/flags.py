@@ -20,21 +20,21 @@ HELP: dict[str, str] = {
     "force": "allow a non-empty --out",
     "calib": "calibration corpus: ptb, wiki, or a .txt/.jsonl file",
     "true_sequential": "statistics of each group from the layer with the earlier groups compressed (on) or from the "
-                       "dense layer (off: the SparseGPT/Wanda reference order); sparsegpt default: on when it quantizes; "
-                       "awq: on with --rounding rtn, off with gptq",
+    "dense layer (off: the SparseGPT/Wanda reference order); sparsegpt default: on when it quantizes; "
+    "awq: on with --rounding rtn, off with gptq",
     "nsamples": "calibration windows",
     "seqlen": "compress: calibration window length; eval: perplexity window; recover: training window / max "
-              "tokens per example",
+    "tokens per example",
     "seed": "seed of calibration offsets / sampled task subsets / initialisation, batch order and task split",
     "dtype": "auto (default: the checkpoint's dtype on CUDA, float32 on CPU) | float32 | bfloat16 | float16",
     "device_map": "auto: spread a model too large for one device over the GPUs, then CPU memory (accelerate)",
     "gradient_checkpointing": "recompute decoder layers in the backward: much less activation memory, ~30% slower",
     "device": "cpu | cuda | cuda:N (compress: also auto; on a GPU the model stays on CPU, one decoder layer at a "
-              "time moves to it)",
+    "time moves to it)",
     "lazy": "compress: read each decoder layer's weights from the checkpoint when it is reached, write and free it "
-            "(memory: one layer, not the model; the same artifact); --no-lazy loads the whole model first",
+    "(memory: one layer, not the model; the same artifact); --no-lazy loads the whole model first",
     "storage": "packed: bit-packed codes + sparsity bitmasks (loads to the same weights, bit for bit); dense: "
-               "fake-quant weights",
+    "fake-quant weights",
     "method": "the method (see the list above)",
     "sparsity": "fraction of weights to prune (0-0.99)",
     "pattern": "N:M semi-structured sparsity, N kept of every M (e.g. 2:4)",
@@ -42,22 +42,22 @@ HELP: dict[str, str] = {
     "group_size": "columns per quantization group (-1: one group per row)",
     "sym": "symmetric grid (--no-sym: asymmetric min/max)",
     "scale_dtype": "float32 | float16: float16 rounds grid scales to fp16, so `recoup export --format gguf` writes "
-                   "Q4_0/Q4_1/Q8_0 exactly (e.g. GPTQ quality in a Q4_0 file)",
+    "Q4_0/Q4_1/Q8_0 exactly (e.g. GPTQ quality in a Q4_0 file)",
     "scale_search": "minmax | mse: each quantization group's range as is (min/max), or shrunk to the range of least "
-                    "error (GPTQ's mse quantizer, llm-compressor's MSE observer)",
+    "error (GPTQ's mse quantizer, llm-compressor's MSE observer)",
     "targets": "which linears: all, attention, mlp",
     "batch_size": "compress: calibration windows per forward; eval: scoring batch; recover: windows or examples "
-                  "per step",
+    "per step",
     "tasks": "comma-separated tasks, e.g. ppl:ptb,arc_easy,piqa (default ppl:ptb)",
     "suite": "a named task suite: kick (LLM-KICK's families) or zeroshot",
     "limit": "at most N perplexity windows / N examples per task",
     "limits": "per-task limit, TASK=N (repeatable)",
     "options": "task option KEY=VALUE (repeatable): shots, context_tokens, max_new_tokens, cnndm_file, "
-               "instructions_file, instructions_reference, chat, factoid_template",
+    "instructions_file, instructions_reference, chat, factoid_template",
     "judge_url": "OpenAI-compatible endpoint of the LLM judge (e.g. http://host/v1)",
     "judge_model": "model name sent to the judge endpoint",
     "judge_key_env": "environment variable holding the judge's API key (named: must be set and non-empty; the "
-                     "default OPENAI_API_KEY may be unset for a keyless endpoint); never logged or written",
+    "default OPENAI_API_KEY may be unset for a keyless endpoint); never logged or written",
     "judge_local": "a local model source to use as the judge instead of a URL",
     "judge_retries": "attempts per judged example",
     "recovery": "directory of a saved recovery (prompt or adapter) to attach",
@@ -66,25 +66,31 @@ HELP: dict[str, str] = {
     "bos": "BOS policy: auto (one BOS first in every window/request if the tokenizer adds one), always, never",
     "data": "training text: ptb, wiki, a .txt/.jsonl file, or a comma-separated mix (not with --task)",
     "task": "train on a multiple-choice task's train part (e.g. sciq): loss on the gold continuation; the "
-            "held-out part is never seen",
+    "held-out part is never seen",
     "heldout_fraction": "held-out share of --task, split by a seeded hash of each example (default 0.3)",
-    "steps": "optimizer steps", "lr": "peak learning rate (AdamW, linear warm-up and decay)",
+    "steps": "optimizer steps",
+    "lr": "peak learning rate (AdamW, linear warm-up and decay)",
     "time_budget": "stop after this many seconds (best state kept)",
     "eval_every": "validate every N steps (best state kept)",
     "val_windows": "corpus valid-split windows scored at each validation",
-    "tokens": "prompt length in virtual tokens", "init": "where training starts: prompts vocab | text | random; lora, cpet zero (PEFT's init) | eora (EoRA's compensation at --rank, computed first on --calib, --nsamples windows of 512)",
+    "tokens": "prompt length in virtual tokens",
+    "init": "where training starts: prompts vocab | text | random; lora, cpet zero (PEFT's init) | eora (EoRA's "
+    "compensation at --rank, computed first on --calib, --nsamples windows of 512)",
     "init_text": "text whose token embeddings initialise the prompt (with --init text)",
-    "pool": "prompts in the IDP pool", "select_layers": "score the IDP pool on the first K decoder layers only",
+    "pool": "prompts in the IDP pool",
+    "select_layers": "score the IDP pool on the first K decoder layers only",
     "selection": "IDP: one-prefill (the choice made inside the prefill) or two-pass (an extra selection prefill)",
-    "text": "the hard prompt's text", "rank": "LoRA rank (EoRA with --energy: the largest per-layer rank)",
+    "text": "the hard prompt's text",
+    "rank": "LoRA rank (EoRA with --energy: the largest per-layer rank)",
     "alpha": "LoRA alpha",
     "energy": "EoRA per-layer rank: the smallest keeping this share (0, 1] of each layer's projected error energy",
-    "inherit": "start from this saved LoRA or EoRA (same targets, --rank its largest rank; per-layer ranks are kept); CPET: the dense model's LoRA (also the teacher's)",
+    "inherit": "start from this saved LoRA or EoRA (same targets, --rank its largest rank; per-layer ranks are "
+    "kept); CPET: the dense model's LoRA (also the teacher's)",
     "teacher": "dense model source for CPET distillation (default: the artifact's source model)",
     "trainable": "tune: comma list of scales (quantized linears' group scales, codes frozen), weights (sparse "
-                 "unquantized linears' kept weights, mask frozen), norms (normalisation gains)",
+    "unquantized linears' kept weights, mask frozen), norms (normalisation gains)",
     "objective": "lm | kd (teacher's next-token distribution) | squarehead (teacher's decoder-layer outputs, "
-                 "normalised MSE) | a + sum: lm+kd, kd+squarehead, lm+squarehead, lm+kd+squarehead",
+    "normalised MSE) | a + sum: lm+kd, kd+squarehead, lm+squarehead, lm+kd+squarehead",
     "squarehead_weight": "weight of the squarehead term beside another term",
 }
 ALIASES: dict[str, tuple[str, ...]] = {"options": ("--option",), "alpha": ("--lora-alpha",)}
@@ -112,8 +118,12 @@ def add_job_arguments(p: argparse.ArgumentParser, kind: str) -> None:
     own = getattr(JOBS[kind], "FLAG_HELP", {})  # a job's own help lines (export's) win over the shared ones
     for key in keys(kind):
         if key.name in positional:
-            p.add_argument(key.name, help=own.get(key.name, "model source (smollm2-135m, a .gguf, a local HF dir, "
-                                                            "a recoup artifact, a hub id)"))
+            p.add_argument(
+                key.name,
+                help=own.get(
+                    key.name, "model source (smollm2-135m, a .gguf, a local HF dir, a recoup artifact, a hub id)"
+                ),
+            )
             continue
         tp = base_type(key.type)
         kwargs: dict[str, Any] = {"dest": key.name, "default": None, "help": _describe(key, {**HELP, **own})}

@@ -7,11 +7,15 @@ import sys
 
 
 def register(sub) -> None:
-    p = sub.add_parser("lm-eval", add_help=False, prefix_chars="\0",
-                       help="run lm-evaluation-harness with --model recoup registered (needs recoup[lm-eval])",
-                       description="Every argument goes to lm-eval's command line, e.g. `recoup lm-eval --model recoup "
-                                   "--model_args pretrained=ARTIFACT,recovery=DIR,batch_size=16 --tasks arc_easy`. "
-                                   "model_args: pretrained, recovery, dtype, device, batch_size, max_length.")
+    p = sub.add_parser(
+        "lm-eval",
+        add_help=False,
+        prefix_chars="\0",
+        help="run lm-evaluation-harness with --model recoup registered (needs recoup[lm-eval])",
+        description="Every argument goes to lm-eval's command line, e.g. `recoup lm-eval --model recoup "
+        "--model_args pretrained=ARTIFACT,recovery=DIR,batch_size=16 --tasks arc_easy`. "
+        "model_args: pretrained, recovery, dtype, device, batch_size, max_length.",
+    )
     p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="arguments for lm-eval")
     p.set_defaults(func=run)
 

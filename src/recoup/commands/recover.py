@@ -14,11 +14,14 @@ def register(sub) -> None:
     from recoup.recover.methods import RECOVERIES
 
     methods = "; ".join(f"{n}: {RECOVERIES.get(n).help}" for n in RECOVERIES.names())
-    p = sub.add_parser("recover", help="learn a recovery (soft prompt, IDP pool, LoRA, CPET ...) on a model or artifact",
-                       description="Learn a recovery on MODEL (usually a compressed artifact), whose weights stay "
-                                   "bit-identical, and save it to --out; attach it with `recoup eval ... --recovery "
-                                   f"DIR` to this or any model of the same hidden size. Methods: {methods}. Every "
-                                   "flag is also a key of a recipe's recover step.")
+    p = sub.add_parser(
+        "recover",
+        help="learn a recovery (soft prompt, IDP pool, LoRA, CPET ...) on a model or artifact",
+        description="Learn a recovery on MODEL (usually a compressed artifact), whose weights stay "
+        "bit-identical, and save it to --out; attach it with `recoup eval ... --recovery "
+        f"DIR` to this or any model of the same hidden size. Methods: {methods}. Every "
+        "flag is also a key of a recipe's recover step.",
+    )
     add_job_arguments(p, "recover")
     p.set_defaults(func=run)
 
@@ -33,9 +36,11 @@ def run(args: argparse.Namespace) -> int:
     job = job_from_args(args, "recover")
     s = recover(job)
     if "steps" in s:
-        print(f"{job.method}: {s['steps']} steps, {s['tokens']} tokens, {s['seconds']:.1f}s "
-              f"({s['cpu_seconds'] or 0:.1f} CPU s); best validation ppl {best_ppl(s)} (step {s['best_step']}); "
-              f"{s['parameters']} parameters")
+        print(
+            f"{job.method}: {s['steps']} steps, {s['tokens']} tokens, {s['seconds']:.1f}s "
+            f"({s['cpu_seconds'] or 0:.1f} CPU s); best validation ppl {best_ppl(s)} (step {s['best_step']}); "
+            f"{s['parameters']} parameters"
+        )
     else:
         print(f"{job.method}: {s['parameters']} trainable parameters")
     print(f"saved to {s['out']}")

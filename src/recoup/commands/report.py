@@ -7,13 +7,19 @@ from pathlib import Path
 
 
 def register(sub) -> None:
-    p = sub.add_parser("report", help="write a run's Markdown report and PNG plots from the results store",
-                       description="Write report.md and PNG plots (per-task bars, gap closed, training curve, "
-                                   "sweep curves) for RUN, or for every run with --all, from the results store.")
+    p = sub.add_parser(
+        "report",
+        help="write a run's Markdown report and PNG plots from the results store",
+        description="Write report.md and PNG plots (per-task bars, gap closed, training curve, "
+        "sweep curves) for RUN, or for every run with --all, from the results store.",
+    )
     p.add_argument("run", nargs="?", default=None, help="run id (or unique prefix, or recipe name)")
     p.add_argument("--all", action="store_true", help="a report for every run in the store")
-    p.add_argument("--out", default=None, help="output directory (default: the run's report/ directory; with "
-                                               "--all, one sub-directory per run)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output directory (default: the run's report/ directory; with --all, one sub-directory per run)",
+    )
     p.add_argument("--store", default=None, help="results store (default $RECOUP_STORE or $RECOUP_HOME/results.sqlite)")
     p.set_defaults(func=run)
 

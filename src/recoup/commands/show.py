@@ -6,9 +6,12 @@ import argparse
 
 
 def register(sub) -> None:
-    p = sub.add_parser("show", help="print one run: stages, metrics, summary",
-                       description="Print a run from the results store: its stages (status, time, attempts, reuse), "
-                                   "every metric row (task, metric, value, n, stderr) and its summary.")
+    p = sub.add_parser(
+        "show",
+        help="print one run: stages, metrics, summary",
+        description="Print a run from the results store: its stages (status, time, attempts, reuse), "
+        "every metric row (task, metric, value, n, stderr) and its summary.",
+    )
     p.add_argument("run", help="run id (or a unique prefix, or a recipe name for its latest run)")
     p.add_argument("--store", default=None, help="results store (default $RECOUP_STORE or $RECOUP_HOME/results.sqlite)")
     p.set_defaults(func=run)

@@ -79,7 +79,9 @@ class CompressConfig(Config):
     # code's and llm-compressor's; on CPU its intermediates stay in cache), 8 on the one-forward-per-layer path,
     # where every batch is a parked forward in its own thread (and, on CPU, its own pool of worker threads)
     batch_size: int | None = None
-    activation_budget_mb: int | None = None  # memory for the one-forward-per-layer engine's parked forwards; None: half the device's free memory; 0: re-run each layer per group
+    # memory for the one-forward-per-layer engine's parked forwards; None: half the device's free memory;
+    # 0: re-run each layer per group
+    activation_budget_mb: int | None = None
     options: Any = None  # the method's MethodOptions (a mapping is validated into it)
 
     @classmethod
@@ -118,36 +120,54 @@ class CompressConfig(Config):
             self.options = spec.options()
         elif isinstance(self.options, Mapping):
             self.options = spec.options.from_dict(self.options, where=self.method)
-        check(type(self.options) is spec.options,
-              f"options of {self.method} must be {spec.options.__name__} (got {type(self.options).__name__})")
+        check(
+            type(self.options) is spec.options,
+            f"options of {self.method} must be {spec.options.__name__} (got {type(self.options).__name__})",
+        )
         if self.sparsity is not None:
-            check(isinstance(self.sparsity, (int, float)) and not isinstance(self.sparsity, bool),
-                  f"sparsity must be a number in [0, 0.99] (got {self.sparsity!r})")
+            check(
+                isinstance(self.sparsity, (int, float)) and not isinstance(self.sparsity, bool),
+                f"sparsity must be a number in [0, 0.99] (got {self.sparsity!r})",
+            )
             self.sparsity = float(self.sparsity)
             check(0.0 <= self.sparsity <= 0.99, f"sparsity must be in [0, 0.99] (got {self.sparsity})")
         if self.pattern is not None:
             n, m = parse_pattern(self.pattern)
             implied = 1.0 - n / m
             if self.sparsity is not None and abs(self.sparsity - implied) > 1e-6:
-                raise RecoupError(f"pattern {self.pattern} means {implied:.0%} sparsity but sparsity={self.sparsity} "
-                                  f"was given; drop the sparsity or set it to {implied:g}")
+                raise RecoupError(
+                    f"pattern {self.pattern} means {implied:.0%} sparsity but sparsity={self.sparsity} "
+                    f"was given; drop the sparsity or set it to {implied:g}"
+                )
             self.sparsity = implied
         if self.bits is not None:
-            check(isinstance(self.bits, int) and not isinstance(self.bits, bool) and 2 <= self.bits <= 8,
-                  f"bits must be a whole number from 2 to 8 (got {self.bits!r})")
+            check(
+                isinstance(self.bits, int) and not isinstance(self.bits, bool) and 2 <= self.bits <= 8,
+                f"bits must be a whole number from 2 to 8 (got {self.bits!r})",
+            )
         if self.group_size is not None:
-            check(isinstance(self.group_size, int) and not isinstance(self.group_size, bool),
-                  f"group_size must be a whole number (got {self.group_size!r})")
+            check(
+                isinstance(self.group_size, int) and not isinstance(self.group_size, bool),
+                f"group_size must be a whole number (got {self.group_size!r})",
+            )
             if self.group_size == -1:
                 self.group_size = None  # GPTQ convention: -1 = per row
             else:
-                check(self.group_size >= 2, f"group_size must be >= 2, or -1 for one group per row (got {self.group_size})")
+                check(
+                    self.group_size >= 2,
+                    f"group_size must be >= 2, or -1 for one group per row (got {self.group_size})",
+                )
         check(self.targets in TARGETS, unknown_name_message("targets", str(self.targets), TARGETS))
-        check(self.batch_size is None or (isinstance(self.batch_size, int) and not isinstance(self.batch_size, bool)
-                                          and self.batch_size >= 1), f"batch_size must be >= 1 (got {self.batch_size!r})")
+        check(
+            self.batch_size is None
+            or (isinstance(self.batch_size, int) and not isinstance(self.batch_size, bool) and self.batch_size >= 1),
+            f"batch_size must be >= 1 (got {self.batch_size!r})",
+        )
         if self.activation_budget_mb is not None:
-            check(isinstance(self.activation_budget_mb, int) and self.activation_budget_mb >= 0,
-                  f"activation_budget_mb must be a whole number of MiB >= 0 (got {self.activation_budget_mb!r})")
+            check(
+                isinstance(self.activation_budget_mb, int) and self.activation_budget_mb >= 0,
+                f"activation_budget_mb must be a whole number of MiB >= 0 (got {self.activation_budget_mb!r})",
+            )
         self._check_method(spec)
 
     def _check_method(self, spec) -> None:
@@ -155,16 +175,21 @@ class CompressConfig(Config):
         if spec.prune == "required":
             check(self.sparsity is not None, f"{m} prunes: give a sparsity (e.g. 0.5) or a pattern (e.g. 2:4)")
         elif self.sparsity is not None:
-            raise RecoupError(f"{m} does not prune; for sparse + quantized use --method sparsegpt --sparsity S --bits B")
+            raise RecoupError(
+                f"{m} does not prune; for sparse + quantized use --method sparsegpt --sparsity S --bits B"
+            )
         if spec.quantize == "required":
             check(self.bits is not None, f"{m} quantizes: give bits (2-8), e.g. bits=4")
         elif spec.quantize == "never" and self.bits is not None:
-            raise RecoupError(f"{m} does not quantize; joint sparse + quantized compression is "
-                              f"--method sparsegpt --sparsity S --bits B")
-        check(self.scale_dtype in ("float32", "float16"),
-              f"scale_dtype must be float32 or float16 (got {self.scale_dtype!r})")
-        check(self.scale_search in ("minmax", "mse"),
-              f"scale_search must be minmax or mse (got {self.scale_search!r})")
+            raise RecoupError(
+                f"{m} does not quantize; joint sparse + quantized compression is "
+                f"--method sparsegpt --sparsity S --bits B"
+            )
+        check(
+            self.scale_dtype in ("float32", "float16"),
+            f"scale_dtype must be float32 or float16 (got {self.scale_dtype!r})",
+        )
+        check(self.scale_search in ("minmax", "mse"), f"scale_search must be minmax or mse (got {self.scale_search!r})")
         if self.bits is None:
             check(self.group_size is None, "group_size only applies when quantizing (give bits)")
             check(self.scale_search == "minmax", "scale_search only applies when quantizing (give bits)")

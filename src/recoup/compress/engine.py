@@ -82,11 +82,14 @@ def _validate_shapes(anat: Anatomy, groups: list[tuple[str, ...]], config: Compr
         for name in (n for g in groups for n in g):
             rows, cols = anat.weight_matrix(_get(layer, name)).shape
             if config.group_size and config.group_size > cols:
-                raise RecoupError(f"group size {config.group_size} is larger than the input size {cols} of "
-                                  f"layer {i} {name}; use a group size <= {cols} or -1 (one group per row)")
+                raise RecoupError(
+                    f"group size {config.group_size} is larger than the input size {cols} of "
+                    f"layer {i} {name}; use a group size <= {cols} or -1 (one group per row)"
+                )
             if config.nm and cols % config.nm[1]:
-                raise RecoupError(f"{config.pattern} needs input sizes divisible by {config.nm[1]}; "
-                                  f"layer {i} {name} has {cols}")
+                raise RecoupError(
+                    f"{config.pattern} needs input sizes divisible by {config.nm[1]}; layer {i} {name} has {cols}"
+                )
 
 
 # calibration windows per forward on the one-forward path by default: each batch there is a parked forward in its
@@ -95,8 +98,9 @@ def _validate_shapes(anat: Anatomy, groups: list[tuple[str, ...]], config: Compr
 PARKED_BATCH = 8
 
 
-def _new_stats(kind: str, cols: int, config: CompressConfig, calls: int, device: torch.device,
-               parent: nn.Module | None = None):
+def _new_stats(
+    kind: str, cols: int, config: CompressConfig, calls: int, device: torch.device, parent: nn.Module | None = None
+):
     if kind == "hessian":
         return HessianStats(cols, device)
     if kind == "act_norm":
@@ -104,8 +108,15 @@ def _new_stats(kind: str, cols: int, config: CompressConfig, calls: int, device:
     if kind == "act_sample":
         return ActSampleStats(cols, config.options.samples, calls, device)
     if kind == "block_io":
-        return BlockIOStats(cols, config.options.samples, calls, device, parent, config.options.block_tokens,
-                            hessian=config.options.rounding == "gptq")
+        return BlockIOStats(
+            cols,
+            config.options.samples,
+            calls,
+            device,
+            parent,
+            config.options.block_tokens,
+            hessian=config.options.rounding == "gptq",
+        )
     return None
 
 
@@ -114,20 +125,26 @@ def _observe(streamer: LayerStreamer, i: int, firsts: list[nn.Module], stats: li
     block, hooked first so it fires first) over every calibration batch of one forward of layer ``i``, stopping
     at the last of them. One group: its statistics on the layer as it now is; every group of a still-dense
     layer: the order of the SparseGPT and Wanda reference code (``true_sequential`` off)."""
+
     def adder(k: int):
         def hook(_mod, args):
             stats[k].add(args[0].detach())
             if k == len(firsts) - 1:
                 raise StopForward
+
         return hook
 
     def recorder(k: int):
         def hook(_mod, args, kwargs):
             stats[k].add_call(args, kwargs)
+
         return hook
 
-    handles = [s.parent.register_forward_pre_hook(recorder(k), with_kwargs=True)
-               for k, s in enumerate(stats) if getattr(s, "parent", None) is not None]
+    handles = [
+        s.parent.register_forward_pre_hook(recorder(k), with_kwargs=True)
+        for k, s in enumerate(stats)
+        if getattr(s, "parent", None) is not None
+    ]
     handles += [first.register_forward_pre_hook(adder(k)) for k, first in enumerate(firsts)]
     with hooked(*handles):
         streamer.run(i, batch_size)
@@ -154,8 +171,14 @@ def relative_error(w0: torch.Tensor, w1: torch.Tensor, stats) -> tuple[float, st
     return float((d * d).sum() / (w0 * w0).sum().clamp(min=1e-30)), "weight"
 
 
-def _compress_groups(i: int, view: LayerView, method, pairs: list[tuple[tuple[str, ...], Any]],
-                     config: CompressConfig, linears: list[LinearRecord]) -> None:
+def _compress_groups(
+    i: int,
+    view: LayerView,
+    method,
+    pairs: list[tuple[tuple[str, ...], Any]],
+    config: CompressConfig,
+    linears: list[LinearRecord],
+) -> None:
     """Compress the groups ``pairs`` of layer ``i``: each is (the linears' names, their shared statistics),
     in order. A method whose per-linear math runs on one thread (``Method.one_thread``) compresses all of
     them side by side, one per torch thread (:mod:`recoup.compress.parallel`: bitwise the same weights);
@@ -186,19 +209,41 @@ def _compress_groups(i: int, view: LayerView, method, pairs: list[tuple[tuple[st
             _record(i, view, name, w0, res, err, kind, time.time() - t0, group_info, config, linears)
 
 
-def _record(i: int, view: LayerView, name: str, w0: torch.Tensor, res: LinearResult, err: float, kind: str,
-            seconds: float, group_info: dict, config: CompressConfig, linears: list[LinearRecord]) -> None:
+def _record(
+    i: int,
+    view: LayerView,
+    name: str,
+    w0: torch.Tensor,
+    res: LinearResult,
+    err: float,
+    kind: str,
+    seconds: float,
+    group_info: dict,
+    config: CompressConfig,
+    linears: list[LinearRecord],
+) -> None:
     """Put the compressed weight in the layer and what was done in the report."""
     view.set_weight(name, res.weight)
     view.results[name] = res
-    linears.append(LinearRecord(
-        name=f"{view.anat.spec.layers}.{i}.{name}", layer=i, shape=tuple(w0.shape),
-        sparsity=float((res.weight == 0).float().mean()), bits=config.bits, group_size=config.group_size,
-        error=err, error_kind=kind, seconds=seconds, info={**group_info, **res.info}))
+    linears.append(
+        LinearRecord(
+            name=f"{view.anat.spec.layers}.{i}.{name}",
+            layer=i,
+            shape=tuple(w0.shape),
+            sparsity=float((res.weight == 0).float().mean()),
+            bits=config.bits,
+            group_size=config.group_size,
+            error=err,
+            error_kind=kind,
+            seconds=seconds,
+            info={**group_info, **res.info},
+        )
+    )
 
 
-def single_pass(method, config: CompressConfig, inps: torch.Tensor, group_cols: list[int],
-                device: torch.device) -> tuple[bool, int]:
+def single_pass(
+    method, config: CompressConfig, inps: torch.Tensor, group_cols: list[int], device: torch.device
+) -> tuple[bool, int]:
     """(whether layers run once per batch, the parked forwards' estimated bytes) for this method and budget.
 
     A method that rescales the op before a group (AWQ's ``prepare_group``) changes what an already-run
@@ -207,14 +252,24 @@ def single_pass(method, config: CompressConfig, inps: torch.Tensor, group_cols: 
     need = parked_bytes(inps.shape[0] * inps.shape[1], inps.shape[2], group_cols, inps.element_size())
     if method.prepare_group is not None:
         return False, need
-    budget = config.activation_budget_mb * 2 ** 20 if config.activation_budget_mb is not None \
-        else available_bytes(device) // 2
+    budget = (
+        config.activation_budget_mb * 2**20 if config.activation_budget_mb is not None else available_bytes(device) // 2
+    )
     return need <= budget, need
 
 
-def _compress_layer(i: int, streamer: LayerStreamer, method, groups: list[tuple[str, ...]], config: CompressConfig,
-                    calls: int, linears: list[LinearRecord], qparams: dict[str, dict[str, torch.Tensor]], once: bool,
-                    propagate: bool = True) -> None:
+def _compress_layer(
+    i: int,
+    streamer: LayerStreamer,
+    method,
+    groups: list[tuple[str, ...]],
+    config: CompressConfig,
+    calls: int,
+    linears: list[LinearRecord],
+    qparams: dict[str, dict[str, torch.Tensor]],
+    once: bool,
+    propagate: bool = True,
+) -> None:
     """Observe, compress and propagate decoder layer ``i`` of the streamer's model (on the execution device,
     where the streamer's activations ``inps`` are; None for a method without calibration data).
 
@@ -230,8 +285,14 @@ def _compress_layer(i: int, streamer: LayerStreamer, method, groups: list[tuple[
 
     def stats_for(names: tuple[str, ...]):
         block = method.block(view.model_type, names) if method.block else None
-        return _new_stats(method.stats, view.get_weight(names[0]).shape[1], config, calls, device,
-                          view.module(block) if block else None)
+        return _new_stats(
+            method.stats,
+            view.get_weight(names[0]).shape[1],
+            config,
+            calls,
+            device,
+            view.module(block) if block else None,
+        )
 
     if inps is not None and _dense_order(config):
         stats = [stats_for(names) for names in groups]
@@ -241,10 +302,16 @@ def _compress_layer(i: int, streamer: LayerStreamer, method, groups: list[tuple[
         if propagate:
             streamer.propagate(i, config.batch_size)
     elif inps is not None and once:
-        run_parked(lambda h: streamer.call(i, h), [view.module(g[0]) for g in groups], inps,
-                   config.batch_size, lambda k: stats_for(groups[k]),
-                   lambda k, stats: _compress_groups(i, view, method, [(groups[k], stats)], config, linears), device,
-                   finish=propagate)
+        run_parked(
+            lambda h: streamer.call(i, h),
+            [view.module(g[0]) for g in groups],
+            inps,
+            config.batch_size,
+            lambda k: stats_for(groups[k]),
+            lambda k, stats: _compress_groups(i, view, method, [(groups[k], stats)], config, linears),
+            device,
+            finish=propagate,
+        )
     else:
         for names in groups:
             stats = None
@@ -257,15 +324,24 @@ def _compress_layer(i: int, streamer: LayerStreamer, method, groups: list[tuple[
             streamer.propagate(i, config.batch_size)
     for name, res in view.results.items():
         if res.scale is not None:
-            qparams[f"{anat.spec.layers}.{i}.{name}"] = {"scale": res.scale.cpu(), "zero": res.zero.cpu(),
-                                                         "g_idx": res.g_idx.cpu()}
+            qparams[f"{anat.spec.layers}.{i}.{name}"] = {
+                "scale": res.scale.cpu(),
+                "zero": res.zero.cpu(),
+                "g_idx": res.g_idx.cpu(),
+            }
 
 
 @torch.no_grad()
-def compress(loaded: LoadedModel, config: CompressConfig, calibration: Calibration | None = None, *,
-             device: str | torch.device | None = None, offload: bool | None = None,
-             weights: LazyWeights | None = None,
-             on_layer: Callable[[int, nn.Module, list[str], dict], None] | None = None) -> CompressReport:
+def compress(
+    loaded: LoadedModel,
+    config: CompressConfig,
+    calibration: Calibration | None = None,
+    *,
+    device: str | torch.device | None = None,
+    offload: bool | None = None,
+    weights: LazyWeights | None = None,
+    on_layer: Callable[[int, nn.Module, list[str], dict], None] | None = None,
+) -> CompressReport:
     """Compress ``loaded.model`` in place with ``config`` (one sequential pass) and report what was done.
 
     calibration: windows (nsamples, seqlen) from :func:`recoup.data.calibration.calibration_windows`;
@@ -292,8 +368,11 @@ def compress(loaded: LoadedModel, config: CompressConfig, calibration: Calibrati
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    log.info("compress %s: %s", config.describe(), f"offload, model on {model_device}, one layer at a time on "
-             f"{device}" if offload else f"in place on {device}")
+    log.info(
+        "compress %s: %s",
+        config.describe(),
+        f"offload, model on {model_device}, one layer at a time on {device}" if offload else f"in place on {device}",
+    )
     started = time.time()
     was_training = model.training
     model.eval()
@@ -310,34 +389,71 @@ def compress(loaded: LoadedModel, config: CompressConfig, calibration: Calibrati
                 config = copy.copy(config)  # the report records the batch size used
                 config.batch_size = PARKED_BATCH if once and not _dense_order(config) else 1
             calls = -(-ids.shape[0] // config.batch_size)
-            why = "the method rescales earlier ops" if method.prepare_group else \
-                f"parked forwards would need {need / 2 ** 20:.0f} MiB, over the budget"
-            log.info("captured layer inputs %s on %s in %.1fs (%.0f MiB); %s", tuple(inps.shape), inps.device,
-                     time.time() - started, inps.numel() * inps.element_size() / 2 ** 20,
-                     "every group's statistics from the dense layer, then one forward to propagate (true_sequential "
-                     "off)" if _dense_order(config) else
-                     f"one forward per layer, parked forwards <= {need / 2 ** 20:.0f} MiB" if once else
-                     f"re-running each layer per group ({why})")
+            why = (
+                "the method rescales earlier ops"
+                if method.prepare_group
+                else f"parked forwards would need {need / 2**20:.0f} MiB, over the budget"
+            )
+            log.info(
+                "captured layer inputs %s on %s in %.1fs (%.0f MiB); %s",
+                tuple(inps.shape),
+                inps.device,
+                time.time() - started,
+                inps.numel() * inps.element_size() / 2**20,
+                "every group's statistics from the dense layer, then one forward to propagate (true_sequential off)"
+                if _dense_order(config)
+                else f"one forward per layer, parked forwards <= {need / 2**20:.0f} MiB"
+                if once
+                else f"re-running each layer per group ({why})",
+            )
             del inps
         for i in tqdm(range(streamer.num_layers), desc=f"compress {config.describe()}", unit="layer"):
             t_layer = time.time()
             first_record = len(linears)
             with streamer.layer(i) as layer:
-                _compress_layer(i, streamer, method, groups, config, calls, linears, qparams, once,
-                                propagate=i < streamer.num_layers - 1)
+                _compress_layer(
+                    i,
+                    streamer,
+                    method,
+                    groups,
+                    config,
+                    calls,
+                    linears,
+                    qparams,
+                    once,
+                    propagate=i < streamer.num_layers - 1,
+                )
                 if on_layer is not None:
                     on_layer(i, layer, [r.name for r in linears[first_record:]], qparams)
             errs = [r.error for r in linears[first_record:]]
-            log.info("layer %d: %.1fs, mean relative error %.4g (max %.4g)", i, time.time() - t_layer,
-                     sum(errs) / len(errs), max(errs))
+            log.info(
+                "layer %d: %.1fs, mean relative error %.4g (max %.4g)",
+                i,
+                time.time() - t_layer,
+                sum(errs) / len(errs),
+                max(errs),
+            )
     finally:
         streamer.inps = None
         model.train(was_training)
-    report = CompressReport(method=config.method, config=config.to_dict(), model_type=anat.model_type,
-                            calibration=calibration.protocol if calibration is not None else None, linears=linears,
-                            seconds=time.time() - started, peak_rss_mb=peak_rss_mb(), qparams=qparams)
-    log.info("compressed %d linears (%s) in %.1fs: sparsity %.4f, peak RSS %.0f MiB", len(linears),
-             config.describe(), report.seconds, report.sparsity, report.peak_rss_mb)
+    report = CompressReport(
+        method=config.method,
+        config=config.to_dict(),
+        model_type=anat.model_type,
+        calibration=calibration.protocol if calibration is not None else None,
+        linears=linears,
+        seconds=time.time() - started,
+        peak_rss_mb=peak_rss_mb(),
+        qparams=qparams,
+    )
+    log.info(
+        "compressed %d linears (%s) in %.1fs: sparsity %.4f, peak RSS %.0f MiB",
+        len(linears),
+        config.describe(),
+        report.seconds,
+        report.sparsity,
+        report.peak_rss_mb,
+    )
     if cuda:
-        log.info("peak %s memory allocated: %.0f MiB", device, torch.cuda.max_memory_allocated(device) / 2 ** 20)
+        log.info("peak %s memory allocated: %.0f MiB", device, torch.cuda.max_memory_allocated(device) / 2**20)
     return report

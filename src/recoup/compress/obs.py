@@ -68,8 +68,10 @@ def damped_inverse_cholesky(h: torch.Tensor, percdamp: float, retries: int = 6) 
         if attempt < retries:
             log.warning("Hessian not positive definite with percdamp=%g; retrying with %g", damp, damp * 10)
         damp *= 10
-    raise RecoupError(f"Hessian stays singular even with percdamp={damp / 10:g}; the calibration data may be too "
-                      f"small or degenerate (try more --nsamples)")
+    raise RecoupError(
+        f"Hessian stays singular even with percdamp={damp / 10:g}; the calibration data may be too "
+        f"small or degenerate (try more --nsamples)"
+    )
 
 
 @dataclasses.dataclass
@@ -78,21 +80,35 @@ class OBSOptions(MethodOptions):
     llm-compressor's GPTQModifier / SparseGPTModifier (``block_size=128``, ``dampening_frac=0.01``)."""
 
     blocksize: int = 128  # columns per OBS block (lazy batch update); N:M needs a multiple of M
-    percdamp: float = 0.01  # Hessian dampening added to the diagonal, as a fraction of its mean (x10 per retry if singular)
-    true_sequential: bool = True  # each group's Hessian from the layer with the groups before it compressed; off: every group's from the dense layer
+    percdamp: float = (
+        0.01  # Hessian dampening added to the diagonal, as a fraction of its mean (x10 per retry if singular)
+    )
+    # each group's Hessian from the layer with the groups before it compressed; off: every group's from the dense layer
+    true_sequential: bool = True
 
     def check(self, config) -> None:
         check(isinstance(self.blocksize, int) and self.blocksize >= 1, f"blocksize must be >= 1 (got {self.blocksize})")
         check(0.0 < float(self.percdamp) <= 1.0, f"percdamp must be in (0, 1] (got {self.percdamp})")
         if config.nm is not None:
             m = config.nm[1]
-            check(self.blocksize % m == 0, f"blocksize {self.blocksize} must be a multiple of M={m} for {config.pattern}")
+            check(
+                self.blocksize % m == 0, f"blocksize {self.blocksize} must be a multiple of M={m} for {config.pattern}"
+            )
 
 
-def obs_compress(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float = 0.0,
-                 nm: tuple[int, int] | None = None, grid: QuantGrid | None = None, blocksize: int = 128,
-                 percdamp: float = 0.01, act_order: bool = False, static_groups: bool = False,
-                 factors: dict | None = None) -> ObsResult:
+def obs_compress(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    *,
+    sparsity: float = 0.0,
+    nm: tuple[int, int] | None = None,
+    grid: QuantGrid | None = None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = False,
+    factors: dict | None = None,
+) -> ObsResult:
     """Prune and/or quantize ``weight`` (rows, cols) with Hessian ``hessian`` (cols, cols).
 
     Unstructured pruning picks, per block of ``blocksize`` columns, exactly ``floor(sparsity * rows *
@@ -107,13 +123,23 @@ def obs_compress(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float
     # that depends on the core count, and the compressed weights (and their perplexity) with them. One thread
     # keeps every result machine-independent; independent linears run side by side instead (compress/parallel.py).
     with single_thread():
-        return _obs_compress(weight, hessian, sparsity=sparsity, nm=nm, grid=grid, blocksize=blocksize,
-                             percdamp=percdamp, act_order=act_order, static_groups=static_groups,
-                             factors=factors)
+        return _obs_compress(
+            weight,
+            hessian,
+            sparsity=sparsity,
+            nm=nm,
+            grid=grid,
+            blocksize=blocksize,
+            percdamp=percdamp,
+            act_order=act_order,
+            static_groups=static_groups,
+            factors=factors,
+        )
 
 
-def _factor(hessian: torch.Tensor, percdamp: float, act_order: bool, device: torch.device
-            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, float]:
+def _factor(
+    hessian: torch.Tensor, percdamp: float, act_order: bool, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, float]:
     """(dead columns, act-order permutation or None, upper Cholesky factor of the damped inverse, damp)."""
     h = hessian.detach().float().contiguous().clone().to(device)
     dead = torch.diag(h) == 0
@@ -125,9 +151,19 @@ def _factor(hessian: torch.Tensor, percdamp: float, act_order: bool, device: tor
     return dead, perm, hinv, damp
 
 
-def _obs_compress(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float, nm: tuple[int, int] | None,
-                  grid: QuantGrid | None, blocksize: int, percdamp: float, act_order: bool,
-                  static_groups: bool, factors: dict | None) -> ObsResult:
+def _obs_compress(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    *,
+    sparsity: float,
+    nm: tuple[int, int] | None,
+    grid: QuantGrid | None,
+    blocksize: int,
+    percdamp: float,
+    act_order: bool,
+    static_groups: bool,
+    factors: dict | None,
+) -> ObsResult:
     w = weight.detach().float().contiguous().clone()
     rows, cols = w.shape
     prune = nm is not None or sparsity > 0
@@ -147,13 +183,15 @@ def _obs_compress(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: floa
     zero = torch.zeros(rows, ngroups, device=w.device) if grid else None
     if grid and static_groups:
         for g in range(ngroups):
-            scale[:, g], zero[:, g] = grid.fit(w[:, g * gsize:(g + 1) * gsize])
+            scale[:, g], zero[:, g] = grid.fit(w[:, g * gsize : (g + 1) * gsize])
 
     if perm is not None:
         w = w[:, perm]
     # group of each processed column: by original index if static, by processing position otherwise
     orig_cols = perm if perm is not None else torch.arange(cols, device=w.device)
-    col_group = (orig_cols // gsize) if static_groups or perm is None else (torch.arange(cols, device=w.device) // gsize)
+    col_group = (
+        (orig_cols // gsize) if static_groups or perm is None else (torch.arange(cols, device=w.device) // gsize)
+    )
 
     mask = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
     losses = torch.zeros(rows, device=w.device)
@@ -170,7 +208,7 @@ def _obs_compress(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: floa
         d1 = torch.diag(hinv1)
         mask1 = torch.zeros_like(w1, dtype=torch.bool)
         if prune and nm is None:
-            score = w1 ** 2 / d1[None, :] ** 2
+            score = w1**2 / d1[None, :] ** 2
             k = int(score.numel() * sparsity)
             if k > 0:
                 mask1.view(-1)[torch.topk(score.flatten(), k, largest=False).indices] = True
@@ -182,8 +220,8 @@ def _obs_compress(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: floa
             col = i1 + i
             if nm is not None and i % nm[1] == 0:
                 n, m = nm
-                score = w1[:, i:i + m] ** 2 / d1[i:i + m][None, :] ** 2
-                mask1[:, i:i + m].scatter_(1, torch.topk(score, m - n, dim=1, largest=False).indices, True)
+                score = w1[:, i : i + m] ** 2 / d1[i : i + m][None, :] ** 2
+                mask1[:, i : i + m].scatter_(1, torch.topk(score, m - n, dim=1, largest=False).indices, True)
             wc = w1[:, i]
             if grid is None:  # pruning only: the error is the pruned weights themselves
                 err = torch.where(mask1[:, i], wc, nought)
@@ -194,15 +232,16 @@ def _obs_compress(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: floa
                     scale[:, g], zero[:, g] = grid.fit(ahead)
                 q = wc.masked_fill(mask1[:, i], 0) if prune else wc
                 keep = ~mask1[:, i] if prune else None
-                q = grid.quantize(q[:, None], scale[:, g], zero[:, g],
-                                  keep_nonzero=None if keep is None else keep[:, None])[:, 0]
+                q = grid.quantize(
+                    q[:, None], scale[:, g], zero[:, g], keep_nonzero=None if keep is None else keep[:, None]
+                )[:, 0]
                 if prune:
                     q = q.masked_fill(mask1[:, i], 0)
                 q1[:, i] = q
                 err = wc - q
             err.div_(hinv1[i, i])
             if i + 1 < count:
-                w1[:, i + 1:] -= err[:, None] @ hinv1[i, i + 1:][None, :]
+                w1[:, i + 1 :] -= err[:, None] @ hinv1[i, i + 1 :][None, :]
             err1[:, i] = err
         if q1 is None:
             q1 = w1.masked_fill(mask1, 0)
@@ -219,5 +258,6 @@ def _obs_compress(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: floa
             g_idx = col_group[inv].to(torch.int32)
     elif grid is not None:
         g_idx = col_group.to(torch.int32)
-    return ObsResult(weight=w, mask=mask if prune else None, scale=scale, zero=zero, g_idx=g_idx,
-                     loss=float(losses.sum()), damp=damp)
+    return ObsResult(
+        weight=w, mask=mask if prune else None, scale=scale, zero=zero, g_idx=g_idx, loss=float(losses.sum()), damp=damp
+    )

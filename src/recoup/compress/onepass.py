@@ -102,9 +102,16 @@ def available_bytes(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def run_parked(layer_call: Callable[[torch.Tensor], torch.Tensor], firsts: list[nn.Module], inps: torch.Tensor,
-               batch_size: int, new_stats: Callable[[int], Any], on_group: Callable[[int, Any], None],
-               device: torch.device, finish: bool = True) -> None:
+def run_parked(
+    layer_call: Callable[[torch.Tensor], torch.Tensor],
+    firsts: list[nn.Module],
+    inps: torch.Tensor,
+    batch_size: int,
+    new_stats: Callable[[int], Any],
+    on_group: Callable[[int, Any], None],
+    device: torch.device,
+    finish: bool = True,
+) -> None:
     """Observe, compress (``on_group(k, stats)``, in order) and propagate one layer in one forward per batch.
 
     layer_call(h) -> the layer's output hidden states for inputs h (b, T, H); firsts: the first linear of
@@ -121,18 +128,22 @@ def run_parked(layer_call: Callable[[torch.Tensor], torch.Tensor], firsts: list[
             if worker is None:  # a call from another thread than a parked forward: not ours
                 return None
             if k != worker.expect:
-                raise RecoupError(f"the layer reached group {k} before group {worker.expect}; the anatomy map's "
-                                  f"sequential order does not match the layer's forward")
+                raise RecoupError(
+                    f"the layer reached group {k} before group {worker.expect}; the anatomy map's "
+                    f"sequential order does not match the layer's forward"
+                )
             current[0].add(args[0].detach())
             worker.expect = k + 1
             worker.park(k)
             return None
+
         return hook
 
     def runner(rows: slice) -> Callable[[], torch.Tensor]:
         def run() -> torch.Tensor:
             with torch.no_grad(), torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
                 return layer_call(inps[rows])
+
         return run
 
     slices = [slice(s, s + batch_size) for s in range(0, inps.shape[0], batch_size)]
@@ -146,8 +157,10 @@ def run_parked(layer_call: Callable[[torch.Tensor], torch.Tensor], firsts: list[
             for w in workers:
                 w.resume()
                 if w.at != k:
-                    raise RecoupError(f"a calibration batch's layer forward finished without reaching group {k}'s "
-                                      f"first linear; the anatomy map does not match this model")
+                    raise RecoupError(
+                        f"a calibration batch's layer forward finished without reaching group {k}'s "
+                        f"first linear; the anatomy map does not match this model"
+                    )
             on_group(k, current[0])
             current[0] = None
         for rows, w in zip(slices, workers if finish else []):

@@ -1,7 +1,7 @@
 """Calibration statistics fed by the engine's hooks; each consumes inputs x of shape (..., cols).
 
-- :class:`HessianStats`: float32 running sum of X^T X (lower block triangle, mirrored) and the token count; ``hessian()`` is
-  ``2/n * X^T X`` as in GPTQ/SparseGPT. Adding batches one at a time equals adding them at once.
+- :class:`HessianStats`: float32 running sum of X^T X (lower block triangle, mirrored) and the token count;
+  ``hessian()`` is ``2/n * X^T X`` as in GPTQ/SparseGPT. Adding batches one at a time equals adding them at once.
 - :class:`ActNormStats`: per-input-column sum of squares (Wanda's ||X_j||_2^2).
 - :class:`ActSampleStats`: mean |x| per column plus a strided sample of input rows (AWQ's search).
 - :class:`BlockIOStats`: those, plus the inputs (args, kwargs) of whole calls of the block whose output
@@ -54,7 +54,7 @@ class HessianStats:
         if self._block:
             xt, b = x.t(), self._block
             for i in range(0, x.shape[1], b):
-                self._acc[i:i + b, :i + b].addmm_(xt[i:i + b], x[:, :i + b])
+                self._acc[i : i + b, : i + b].addmm_(xt[i : i + b], x[:, : i + b])
         else:
             self._acc.addmm_(x.t(), x)
         self._full = None
@@ -115,12 +115,20 @@ class ActSampleStats:
 
 class BlockIOStats(ActSampleStats):
     """ActSampleStats plus the recorded calls of ``parent`` (the engine hooks it): calls spread over the
-    ``calls`` calibration batches until ``block_tokens`` tokens are kept (None: every call). Tensors are kept by reference
-    (the engine does not reuse them while the group is processed). ``hessian``: also keep X^T X of every input
+    ``calls`` calibration batches until ``block_tokens`` tokens are kept (None: every call). Tensors are kept by
+    reference (the engine does not reuse them while the group is processed). ``hessian``: also keep X^T X of every input
     (``self.hessian``, a :class:`HessianStats`)."""
 
-    def __init__(self, cols: int, max_rows: int, calls: int, device: torch.device | str = "cpu",
-                 parent: torch.nn.Module | None = None, block_tokens: int | None = None, hessian: bool = False) -> None:
+    def __init__(
+        self,
+        cols: int,
+        max_rows: int,
+        calls: int,
+        device: torch.device | str = "cpu",
+        parent: torch.nn.Module | None = None,
+        block_tokens: int | None = None,
+        hessian: bool = False,
+    ) -> None:
         super().__init__(cols, max_rows, calls, device)
         self.parent, self.block_tokens, self.calls = parent, block_tokens, max(calls, 1)
         self.hessian = HessianStats(cols, device) if hessian else None

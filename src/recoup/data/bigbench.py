@@ -40,8 +40,10 @@ ENV_DIR = "RECOUP_BIGBENCH_DIR"
 TASK_FILES = {"qa_wikidata": "qa_wikidata/task.json", "xsum": "gem/xsum/task.json"}
 # examples in the 1.0.0 release's task files (a file with another count is another version)
 EXAMPLES = {"qa_wikidata": 20442, "xsum": 1001}
-HOW = (f"set {ENV_DIR} to a BIG-bench checkout, its benchmark_tasks folder or the {SDIST_NAME} sdist, then run "
-       f"`recoup setup`")
+HOW = (
+    f"set {ENV_DIR} to a BIG-bench checkout, its benchmark_tasks folder or the {SDIST_NAME} sdist, then run "
+    f"`recoup setup`"
+)
 
 
 def bigbench_dir() -> Path:
@@ -79,8 +81,10 @@ def _check_task(task: str, data: bytes, where: str) -> None:
     if not ok:
         raise RecoupError(f"{where} is not a BIG-bench task.json (examples lack input/target)")
     if len(examples) != EXAMPLES[task]:
-        raise RecoupError(f"{where} has {len(examples)} examples, the bigbench 1.0.0 release's {task} has "
-                          f"{EXAMPLES[task]}: another version of the task; use the 1.0.0 files")
+        raise RecoupError(
+            f"{where} has {len(examples)} examples, the bigbench 1.0.0 release's {task} has "
+            f"{EXAMPLES[task]}: another version of the task; use the 1.0.0 files"
+        )
 
 
 def _install(by_task: dict[str, bytes], origin: str) -> None:
@@ -100,8 +104,10 @@ def extract(sdist: Path, sha256: str = SDIST_SHA256) -> None:
     """Verify the sdist's digest and install the task files it holds."""
     digest = _sha256(sdist)
     if digest != sha256:
-        raise RecoupError(f"{sdist} has sha256 {digest[:16]}..., expected {sha256[:16]}...: not the {SDIST_NAME} "
-                          f"release (a corrupt or other download?)")
+        raise RecoupError(
+            f"{sdist} has sha256 {digest[:16]}..., expected {sha256[:16]}...: not the {SDIST_NAME} "
+            f"release (a corrupt or other download?)"
+        )
     wanted = {f"bigbench-1.0.0/bigbench/benchmark_tasks/{inner}": task for task, inner in TASK_FILES.items()}
     found: dict[str, bytes] = {}
     with tarfile.open(sdist, "r:gz") as tar:
@@ -136,8 +142,10 @@ def install_from(path: Path) -> None:
         raise RecoupError(f"{ENV_DIR}={path}: no such file or folder")
     root = _tasks_root(path)
     if root is None:
-        raise RecoupError(f"{ENV_DIR}={path} holds no {' and no '.join(TASK_FILES.values())} (looked in it, "
-                          f"benchmark_tasks/ and bigbench/benchmark_tasks/)")
+        raise RecoupError(
+            f"{ENV_DIR}={path} holds no {' and no '.join(TASK_FILES.values())} (looked in it, "
+            f"benchmark_tasks/ and bigbench/benchmark_tasks/)"
+        )
     by_task = {task: (root / inner).read_bytes() for task, inner in TASK_FILES.items()}
     for task, data in by_task.items():
         _check_task(task, data, str(root / TASK_FILES[task]))
@@ -146,14 +154,30 @@ def install_from(path: Path) -> None:
 
 def pip_download(dest: Path) -> Path:
     """The sdist through pip (the user's index and settings); RecoupError with pip's own last line if it fails."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation",
-           "--disable-pip-version-check", "-q", "-d", str(dest), REQUIREMENT]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "--no-build-isolation",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        str(dest),
+        REQUIREMENT,
+    ]
     log.info("trying %s", " ".join(cmd))
     proc = subprocess.run(cmd, capture_output=True, text=True)
     sdist = dest / SDIST_NAME
     if proc.returncode != 0 or not sdist.is_file():
-        lines = [ln.strip() for ln in (proc.stderr or proc.stdout or "").splitlines()
-                 if ln.strip() and not ln.startswith("WARNING")]
+        lines = [
+            ln.strip()
+            for ln in (proc.stderr or proc.stdout or "").splitlines()
+            if ln.strip() and not ln.startswith("WARNING")
+        ]
         reason = lines[-1] if lines else f"pip exit {proc.returncode}"
         raise MissingData(f"the package index does not serve {REQUIREMENT} ({reason.removeprefix('ERROR: ')})")
     return sdist

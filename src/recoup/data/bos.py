@@ -39,7 +39,7 @@ def tokenizer_bos(tokenizer) -> int | None:
     with_special = list(tokenizer("a", verbose=False).input_ids)
     plain = list(tokenizer("a", add_special_tokens=False, verbose=False).input_ids)
     extra = len(with_special) - len(plain)
-    if extra >= 1 and with_special[0] == bos and with_special[1:1 + len(plain)] == plain and plain[:1] != [bos]:
+    if extra >= 1 and with_special[0] == bos and with_special[1 : 1 + len(plain)] == plain and plain[:1] != [bos]:
         return int(bos)
     return None
 
@@ -71,6 +71,6 @@ def with_bos(ids: list[int], bos: int | None, room: int) -> list[int]:
     if room < 1:
         raise RecoupError(f"no room for a context ({room} positions)")
     if bos is None:
-        return list(ids[max(0, len(ids) - room):])
+        return list(ids[max(0, len(ids) - room) :])
     body = list(ids[1:] if ids and ids[0] == bos else ids)
-    return [bos] + body[max(0, len(body) - (room - 1)):]
+    return [bos] + body[max(0, len(body) - (room - 1)) :]

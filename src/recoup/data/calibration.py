@@ -29,13 +29,27 @@ class Calibration:
 
     @property
     def protocol(self) -> dict:
-        return {"corpus": self.corpus, "description": describe_corpus(self.corpus), "split": self.split,
-                "nsamples": int(self.input_ids.shape[0]), "seqlen": self.seqlen, "seed": self.seed,
-                "bos": self.bos, "bos_token_id": self.bos_token_id}
+        return {
+            "corpus": self.corpus,
+            "description": describe_corpus(self.corpus),
+            "split": self.split,
+            "nsamples": int(self.input_ids.shape[0]),
+            "seqlen": self.seqlen,
+            "seed": self.seed,
+            "bos": self.bos,
+            "bos_token_id": self.bos_token_id,
+        }
 
 
-def calibration_windows(tokenizer, corpus: str = "ptb", nsamples: int = 128, seqlen: int = 2048,
-                        seed: int = 0, split: str = "train", bos: str = "auto") -> Calibration:
+def calibration_windows(
+    tokenizer,
+    corpus: str = "ptb",
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    seed: int = 0,
+    split: str = "train",
+    bos: str = "auto",
+) -> Calibration:
     """``nsamples`` windows of ``seqlen`` positions at seeded random offsets of the corpus' split (BOS first
     when the ``bos`` policy adds one)."""
     if nsamples < 1 or seqlen < 2:
@@ -45,5 +59,6 @@ def calibration_windows(tokenizer, corpus: str = "ptb", nsamples: int = 128, seq
     if ids.numel() <= text_per_window(seqlen, bid):
         raise RecoupError(f"calibration corpus '{corpus}' has {ids.numel()} tokens, fewer than seqlen {seqlen}")
     windows = random_windows(ids, seqlen, nsamples, torch.Generator().manual_seed(seed), bid)
-    return Calibration(input_ids=windows, corpus=corpus, split=split, seqlen=seqlen, seed=seed, bos=bos,
-                       bos_token_id=bid)
+    return Calibration(
+        input_ids=windows, corpus=corpus, split=split, seqlen=seqlen, seed=seed, bos=bos, bos_token_id=bid
+    )

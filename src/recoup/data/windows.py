@@ -22,7 +22,6 @@ import torch
 from recoup.data.corpora import load_corpus
 from recoup.errors import RecoupError
 
-
 _TOKENIZED: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()  # (tokenizer, text) digests -> ids
 TOKENIZED_KEEP = 8  # texts kept (PTB train is 1.1M tokens, 9 MB)
 
@@ -95,26 +94,29 @@ def _prepend(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
     return torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows], dim=1)
 
 
-def random_windows(ids: torch.Tensor, seqlen: int, count: int, generator: torch.Generator,
-                   bos: int | None = None) -> torch.Tensor:
+def random_windows(
+    ids: torch.Tensor, seqlen: int, count: int, generator: torch.Generator, bos: int | None = None
+) -> torch.Tensor:
     """(count, seqlen) windows at random offsets of a 1-D id tensor, drawn from ``generator`` (BOS first if set)."""
     width = text_per_window(seqlen, bos)
     if ids.numel() <= width:
         raise RecoupError(f"the text has {ids.numel()} tokens, fewer than one window of {width}")
     starts = torch.randint(0, ids.numel() - width, (count,), generator=generator).tolist()
-    return _prepend(torch.stack([ids[s: s + width] for s in starts]), bos)
+    return _prepend(torch.stack([ids[s : s + width] for s in starts]), bos)
 
 
-def window_stream(ids: torch.Tensor, seqlen: int, batch_size: int, seed: int,
-                  bos: int | None = None) -> Iterator[torch.Tensor]:
+def window_stream(
+    ids: torch.Tensor, seqlen: int, batch_size: int, seed: int, bos: int | None = None
+) -> Iterator[torch.Tensor]:
     """Endless (batch_size, seqlen) batches of :func:`random_windows` from one seeded generator."""
     gen = torch.Generator().manual_seed(seed)
     while True:
         yield random_windows(ids, seqlen, batch_size, gen, bos)
 
 
-def consecutive_windows(ids: torch.Tensor, seqlen: int, limit: int | None = None,
-                        bos: int | None = None) -> torch.Tensor:
+def consecutive_windows(
+    ids: torch.Tensor, seqlen: int, limit: int | None = None, bos: int | None = None
+) -> torch.Tensor:
     """The first non-overlapping windows (at most ``limit``): (n, seqlen), BOS first if set; the tail that does
     not fill one is dropped."""
     width = text_per_window(seqlen, bos)

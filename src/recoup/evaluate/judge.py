@@ -117,8 +117,12 @@ def parse_scores(text: str, per_answer: int, answers: int) -> tuple[list[float],
     need = per_answer * answers
     for i, nums in enumerate(rows):
         if len(nums) == need:
-            return tuple(nums[k * per_answer:(k + 1) * per_answer] for k in range(answers))
-        if len(nums) == per_answer and i + answers <= len(rows) and all(len(r) == per_answer for r in rows[i:i + answers]):
+            return tuple(nums[k * per_answer : (k + 1) * per_answer] for k in range(answers))
+        if (
+            len(nums) == per_answer
+            and i + answers <= len(rows)
+            and all(len(r) == per_answer for r in rows[i : i + answers])
+        ):
             return tuple(rows[i + k] for k in range(answers))
     return None
 
@@ -126,16 +130,23 @@ def parse_scores(text: str, per_answer: int, answers: int) -> tuple[list[float],
 class HttpJudge:
     """An OpenAI-compatible ``/chat/completions`` endpoint (temperature 0)."""
 
-    def __init__(self, url: str, model: str, key_env: str | None = "OPENAI_API_KEY", timeout: float = 60.0,
-                 max_tokens: int = 512) -> None:
+    def __init__(
+        self, url: str, model: str, key_env: str | None = "OPENAI_API_KEY", timeout: float = 60.0, max_tokens: int = 512
+    ) -> None:
         url = url.rstrip("/")
         self.url = url if url.endswith("/chat/completions") else url + "/chat/completions"
         self.model, self.key_env, self.timeout, self.max_tokens = model, key_env, timeout, max_tokens
         self.name = f"{model} @ {self.url}"
 
     def chat(self, system: str, user: str) -> str:
-        body = json.dumps({"model": self.model, "temperature": 0, "max_tokens": self.max_tokens,
-                           "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]})
+        body = json.dumps(
+            {
+                "model": self.model,
+                "temperature": 0,
+                "max_tokens": self.max_tokens,
+                "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+            }
+        )
         headers = {"Content-Type": "application/json"}
         key = secret_env(self.key_env) if self.key_env else None  # registered: redacted from logs/JSON/errors
         if key:
@@ -152,8 +163,9 @@ class HttpJudge:
         try:
             return redact(json.loads(payload)["choices"][0]["message"]["content"])
         except (json.JSONDecodeError, KeyError, IndexError, TypeError, UnicodeDecodeError):
-            raise JudgeError(redact(f"judge {self.url} sent a reply that is not an OpenAI chat completion: "
-                                    f"{payload[:120]!r}")) from None
+            raise JudgeError(
+                redact(f"judge {self.url} sent a reply that is not an OpenAI chat completion: {payload[:120]!r}")
+            ) from None
 
 
 class LocalJudge:
@@ -170,8 +182,11 @@ class LocalJudge:
         tok = self.scorer.tokenizer
         if getattr(tok, "chat_template", None):
             try:
-                prompt = tok.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": user}],
-                                                 tokenize=False, add_generation_prompt=True)
+                prompt = tok.apply_chat_template(
+                    [{"role": "system", "content": system}, {"role": "user", "content": user}],
+                    tokenize=False,
+                    add_generation_prompt=True,
+                )
             except Exception:  # some templates reject a system turn  # noqa: BLE001
                 prompt = self.scorer.chat_prompt(f"{system}\n\n{user}")
         else:
@@ -205,12 +220,18 @@ class Judge:
             if parsed is not None:
                 ref, model = (parsed[0], parsed[1]) if answers == 2 else ([], parsed[0])
                 return Verdict(reference=list(ref), model=list(model), raw=raw, attempts=attempt)
-            log.warning("judge attempt %d/%d: could not read %d score(s) from %r", attempt, self.retries,
-                        per_answer * answers, raw[:80])
+            log.warning(
+                "judge attempt %d/%d: could not read %d score(s) from %r",
+                attempt,
+                self.retries,
+                per_answer * answers,
+                raw[:80],
+            )
         if last_error is not None and not raw:
             raise JudgeError(f"{last_error} (after {self.retries} attempts)")
-        raise JudgeError(f"judge {self.backend.name} gave no parsable scores in {self.retries} attempts; "
-                         f"last reply: {raw[:120]!r}")
+        raise JudgeError(
+            f"judge {self.backend.name} gave no parsable scores in {self.retries} attempts; last reply: {raw[:120]!r}"
+        )
 
     def instruction(self, question: str, answer: str, reference: str | None = None) -> Verdict:
         """One overall 1-10 score for the answer (and for the reference, when given)."""
@@ -251,8 +272,15 @@ def check_judge(url: str | None, model: str | None, key_env: str | None, local: 
         raise RecoupError("--judge-model needs --judge-url")
 
 
-def build_judge(url: str | None, model: str | None, key_env: str | None, local: str | None, retries: int = 3,
-                dtype: str = "float32", device: str = "cpu") -> Judge | None:
+def build_judge(
+    url: str | None,
+    model: str | None,
+    key_env: str | None,
+    local: str | None,
+    retries: int = 3,
+    dtype: str = "float32",
+    device: str = "cpu",
+) -> Judge | None:
     """The judge the CLI flags describe, or None when none is configured."""
     check_judge(url, model, key_env, local)
     if url:

@@ -75,8 +75,9 @@ def _f(overlap: int, n_pred: int, n_ref: int) -> float:
 
 def rouge_n(prediction: str, reference: str, n: int) -> float:
     """ROUGE-N F-measure."""
+
     def grams(tokens: list[str]) -> Counter:
-        return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+        return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
 
     p, r = grams(rouge_tokens(prediction)), grams(rouge_tokens(reference))
     return _f(sum((p & r).values()), sum(p.values()), sum(r.values()))
@@ -99,8 +100,11 @@ def rouge_l(prediction: str, reference: str) -> float:
 
 
 def rouge(prediction: str, reference: str) -> dict[str, float]:
-    return {"rouge1": rouge_n(prediction, reference, 1), "rouge2": rouge_n(prediction, reference, 2),
-            "rougeL": rouge_l(prediction, reference)}
+    return {
+        "rouge1": rouge_n(prediction, reference, 1),
+        "rouge2": rouge_n(prediction, reference, 2),
+        "rougeL": rouge_l(prediction, reference),
+    }
 
 
 STEMMED_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -111,8 +115,10 @@ def _stemmed_scorer() -> Any:
     try:
         from rouge_score import rouge_scorer
     except ImportError:
-        raise RecoupError("stemmed ROUGE uses the rouge-score package, which is not installed; "
-                          "pip install rouge-score (or recoup[test])") from None
+        raise RecoupError(
+            "stemmed ROUGE uses the rouge-score package, which is not installed; "
+            "pip install rouge-score (or recoup[test])"
+        ) from None
     return rouge_scorer.RougeScorer(list(STEMMED_KEYS), use_stemmer=True)
 
 
@@ -161,8 +167,9 @@ def lower_is_better(metric: str) -> bool:
     return metric.lower() in LOWER_IS_BETTER or metric.lower().endswith(("_ppl", "_nll", "_loss"))
 
 
-def matching(dense: float, other: float, tolerance: float = 0.05, higher_is_better: bool | None = None,
-             metric: str | None = None) -> bool:
+def matching(
+    dense: float, other: float, tolerance: float = 0.05, higher_is_better: bool | None = None, metric: str | None = None
+) -> bool:
     """LLM-KICK's "matching" (the one definition recoup uses): ``other`` is within ``tolerance`` (relative)
     of ``dense``, or better. The direction is ``higher_is_better`` or, given ``metric``, its name's.
 

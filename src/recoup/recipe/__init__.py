@@ -41,6 +41,7 @@ def shipped_recipe_path(name: str) -> Path:
 
 # ----------------------------------------------------------------------------- typed sections
 
+
 @dataclasses.dataclass
 class Calibration:
     corpus: str = "ptb"  # ptb | wiki | a .txt/.jsonl file
@@ -61,9 +62,14 @@ class Calibration:
 RUN_DECIDES_EVAL = ("model", "recovery", "json")
 Evaluation = dataclasses.make_dataclass(
     "Evaluation",
-    [(f.name, get_type_hints(EvalJob)[f.name], f) for f in dataclasses.fields(EvalJob) if f.name not in RUN_DECIDES_EVAL]
+    [
+        (f.name, get_type_hints(EvalJob)[f.name], f)
+        for f in dataclasses.fields(EvalJob)
+        if f.name not in RUN_DECIDES_EVAL
+    ]
     + [("dense", bool, dataclasses.field(default=True))],  # also evaluate the uncompressed model (the reference)
-    namespace={"__doc__": "The evaluate section: recoup eval's keys (tasks, limit, limits, seqlen, ...) + dense."})
+    namespace={"__doc__": "The evaluate section: recoup eval's keys (tasks, limit, limits, seqlen, ...) + dense."},
+)
 
 
 @dataclasses.dataclass
@@ -149,6 +155,7 @@ _SECTIONS = {"calibration": Calibration, "evaluate": Evaluation, "sweep": Sweep,
 
 # ----------------------------------------------------------------------------- checks
 
+
 def corpus_problems(corpus: str, what: str) -> list[str]:
     from recoup.evaluate.tasks.perplexity import check_corpus
 
@@ -190,7 +197,9 @@ def _build(cls: type, data: Any, where: str, errors: list[str]) -> Any:
     return obj
 
 
-def _check_steps(steps: Any, kind: str, errors: list[str], required: tuple[str, ...] = ("name", "method")) -> list[dict]:
+def _check_steps(
+    steps: Any, kind: str, errors: list[str], required: tuple[str, ...] = ("name", "method")
+) -> list[dict]:
     if steps is None:
         return []
     if not isinstance(steps, list):
@@ -234,12 +243,24 @@ def _compress_step(step: dict, recipe: Recipe, errors: list[str]) -> dict | None
     where = step.pop("_where")
     for key in ("model", "out", "force", "calibration"):
         if key in step:
-            errors.append(f"{where}: '{key}' is not a step key (" + (
-                "the calibration keys of a step are calib, nsamples, seqlen" if key == "calibration"
-                else "the run decides it") + ")")
+            errors.append(
+                f"{where}: '{key}' is not a step key ("
+                + (
+                    "the calibration keys of a step are calib, nsamples, seqlen"
+                    if key == "calibration"
+                    else "the run decides it"
+                )
+                + ")"
+            )
             return None
-    flat = {"model": recipe.model, "dtype": recipe.dtype, "device": recipe.device, "seed": recipe.seed,
-            **_calibration_keys(recipe), **{k: v for k, v in step.items() if k != "name"}}
+    flat = {
+        "model": recipe.model,
+        "dtype": recipe.dtype,
+        "device": recipe.device,
+        "seed": recipe.seed,
+        **_calibration_keys(recipe),
+        **{k: v for k, v in step.items() if k != "name"},
+    }
     try:
         job = CompressJob.from_flat(flat, where=where)
     except RecoupError as exc:
@@ -256,7 +277,9 @@ def _recover_step(step: dict, recipe: Recipe, names: list[str], errors: list[str
     if not isinstance(base, str) or base not in names:
         close = difflib.get_close_matches(str(base), names, n=1, cutoff=0.6)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        what = "is required: the compression step to learn on" if base is None else f"'{base}' is not a compression step"
+        what = (
+            "is required: the compression step to learn on" if base is None else f"'{base}' is not a compression step"
+        )
         errors.append(f"{where}.base: {what}{hint} (steps: {', '.join(names) or 'none'})")
     transfer = step.get("transfer") or []
     if isinstance(transfer, str):
@@ -280,7 +303,11 @@ def _recover_step(step: dict, recipe: Recipe, names: list[str], errors: list[str
         from recoup.recover.methods import RECOVERIES
 
         fields = RECOVERIES.get(keys["method"]).config.field_names()
-        defaults = {"dtype": recipe.dtype, "device": recipe.device, **({"seed": recipe.seed} if "seed" in fields else {})}
+        defaults = {
+            "dtype": recipe.dtype,
+            "device": recipe.device,
+            **({"seed": recipe.seed} if "seed" in fields else {}),
+        }
         if "calib" in fields:  # a method that calibrates (EoRA): the calibration section is its default
             defaults.update(_calibration_keys(recipe))
         job = RecoverJob.from_flat({"model": recipe.model, **defaults, **keys}, where=where)
@@ -309,8 +336,9 @@ def _export_step(step: dict, names: list[str], recoveries: list[str], errors: li
             return None
     keys = {k: v for k, v in step.items() if k not in ("name", "base", "recovery")}
     try:
-        job = ExportConfig.from_dict({**keys, "source": "<artifact>", "out": "<stage>",
-                                      "recovery": "<recovery>" if rec else None}, where=where)
+        job = ExportConfig.from_dict(
+            {**keys, "source": "<artifact>", "out": "<stage>", "recovery": "<recovery>" if rec else None}, where=where
+        )
     except RecoupError as exc:
         errors.append(_where(exc, where))
         return None
@@ -322,8 +350,10 @@ def _evaluation(recipe: Recipe, errors: list[str]) -> dict | None:
     """The evaluate section as validated flat EvalJob keys (without model/recovery/json)."""
     ev = {f.name: getattr(recipe.evaluate, f.name) for f in dataclasses.fields(recipe.evaluate) if f.name != "dense"}
     try:
-        job = EvalJob.from_flat({"model": recipe.model, "dtype": recipe.dtype, "device": recipe.device,
-                                 "seed": recipe.seed, **ev}, where="evaluate")
+        job = EvalJob.from_flat(
+            {"model": recipe.model, "dtype": recipe.dtype, "device": recipe.device, "seed": recipe.seed, **ev},
+            where="evaluate",
+        )
     except RecoupError as exc:
         errors.append(_where(exc, "evaluate"))
         return None
@@ -334,8 +364,10 @@ def validate(raw: Any, source: str = "<dict>") -> Recipe:
     """Build a :class:`Recipe` from a parsed mapping; raise RecoupError listing every mistake, one per line."""
     errors: list[str] = []
     if not isinstance(raw, dict) or not raw:
-        raise RecoupError(f"{source}: a recipe is a YAML mapping (name, model, compress, recover, evaluate ...)"
-                          + (" and this one is empty" if isinstance(raw, dict) or raw is None else ""))
+        raise RecoupError(
+            f"{source}: a recipe is a YAML mapping (name, model, compress, recover, evaluate ...)"
+            + (" and this one is empty" if isinstance(raw, dict) or raw is None else "")
+        )
     raw = copy.deepcopy(raw)
     recipe = _build(Recipe, raw, "recipe", errors)
     for key, cls in _SECTIONS.items():
@@ -367,8 +399,14 @@ def validate(raw: Any, source: str = "<dict>") -> Recipe:
                 compress.append(done)
             names.append(cell["name"])
     recover = [r for r in (_recover_step(s, recipe, names, errors) for s in recover_raw) if r]
-    exports = [e for e in (_export_step(s, names, [r["name"] for r in recover_raw if isinstance(r.get("name"), str)],
-                                        errors) for s in _check_steps(raw.get("export"), "export", errors, ("name", "format"))) if e]
+    exports = [
+        e
+        for e in (
+            _export_step(s, names, [r["name"] for r in recover_raw if isinstance(r.get("name"), str)], errors)
+            for s in _check_steps(raw.get("export"), "export", errors, ("name", "format"))
+        )
+        if e
+    ]
     if not errors and not compress and not recipe.evaluate.dense:
         errors.append("the recipe has no stage to run: add compress steps, a sweep, or evaluate.dense: true")
     recipe.model = checked_model
@@ -394,6 +432,7 @@ def _model_problems(model: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- loading (overrides: recoup.overrides)
+
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
     """Load a recipe file (None = the shipped default; ``default``/``sweep`` name shipped ones), apply overrides."""

@@ -46,9 +46,18 @@ def _hints(cls: type) -> dict[str, Any]:
 
 def dataclass_keys(cls: type, skip: tuple[str, ...] = (), methods: tuple[str, ...] | None = None) -> list[Key]:
     hints = _hints(cls)
-    return [Key(f.name, hints[f.name], f.default if f.default is not dataclasses.MISSING else
-                (f.default_factory() if f.default_factory is not dataclasses.MISSING else None), methods)
-            for f in dataclasses.fields(cls) if f.name not in skip]
+    return [
+        Key(
+            f.name,
+            hints[f.name],
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None),
+            methods,
+        )
+        for f in dataclasses.fields(cls)
+        if f.name not in skip
+    ]
 
 
 def base_type(tp: Any) -> Any:
@@ -65,8 +74,11 @@ def check_device(device: str, allow_auto: bool = False) -> None:
     if device.startswith("cuda"):
         import torch
 
-        check(torch.cuda.is_available(), f"device {device} asked for, but this torch has no CUDA device "
-                                         f"(torch {torch.__version__}); use --device cpu")
+        check(
+            torch.cuda.is_available(),
+            f"device {device} asked for, but this torch has no CUDA device "
+            f"(torch {torch.__version__}); use --device cpu",
+        )
 
 
 def check_source(model: str) -> None:
@@ -77,8 +89,10 @@ def check_source(model: str) -> None:
     if model == BUNDLED_ALIAS:
         return
     looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1 or model.endswith(".gguf")
-    check(not looks_local or Path(model).expanduser().exists(),
-          f"no such file or directory: '{model}'{did_you_mean(model)}")
+    check(
+        not looks_local or Path(model).expanduser().exists(),
+        f"no such file or directory: '{model}'{did_you_mean(model)}",
+    )
     suggest_source(model)
     path = Path(model).expanduser()
     if path.is_dir() and (path / ARTIFACT_MANIFEST).is_file():
@@ -94,8 +108,10 @@ def check_out(out: str | None, force: bool = False) -> None:
     path = Path(out).expanduser()
     if path.exists():
         check(path.is_dir(), f"--out '{out}' exists and is a file; choose a directory path")
-        check(force or not any(path.iterdir()), f"--out '{out}' exists and is not empty; choose another directory "
-                                                f"or pass --force")
+        check(
+            force or not any(path.iterdir()),
+            f"--out '{out}' exists and is not empty; choose another directory or pass --force",
+        )
     parent = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
     check(writable(parent), f"--out '{out}': '{parent}' is not writable")
 
@@ -231,9 +247,8 @@ class EvalJob(Config):
         check(self.recovery is None or self.prompt_text is None, "give either recovery or prompt_text, not both")
         check(self.prompt_text is None or bool(self.prompt_text.strip()), "prompt_text is empty")
         if self.recovery is not None:
-            from recoup.recover.methods import saved_method
-
             from recoup.model.load import check_finite_files
+            from recoup.recover.methods import saved_method
 
             saved_method(self.recovery)  # a readable recovery directory, before the model loads
             check_finite_files(Path(self.recovery).expanduser(), f"recovery '{self.recovery}'")
@@ -242,8 +257,10 @@ class EvalJob(Config):
         self.tasks, self.skipped = resolve(self.tasks, self.suite, self.options)
         for task, n in self.limits.items():
             check(task in self.tasks, f"limits names '{task}', which is not among the tasks")
-            check(n is None or (isinstance(n, int) and not isinstance(n, bool) and n >= 1),
-                  f"limits.{task} must be a positive integer or null (got {n!r})")
+            check(
+                n is None or (isinstance(n, int) and not isinstance(n, bool) and n >= 1),
+                f"limits.{task} must be a positive integer or null (got {n!r})",
+            )
         if self.judge_url or self.judge_model or self.judge_local:
             from recoup.evaluate.judge import check_judge
 
@@ -278,12 +295,16 @@ class RecoverJob(_MethodJob):
         for key in rest:
             if key not in allowed:
                 if key in owners:
-                    raise RecoupError(f"{where + ': ' if where else ''}'{key}' does not apply to method {method} "
-                                      f"(it is a key of {', '.join(owners[key])})")
+                    raise RecoupError(
+                        f"{where + ': ' if where else ''}'{key}' does not apply to method {method} "
+                        f"(it is a key of {', '.join(owners[key])})"
+                    )
                 close = difflib.get_close_matches(key, allowed + cls.own_keys(), n=1, cutoff=0.6)
                 hint = f"; did you mean '{close[0]}'?" if close else ""
-                raise RecoupError(f"{where + ': ' if where else ''}unknown key '{key}' for method {method}{hint} "
-                                  f"allowed: {', '.join(cls.own_keys() + allowed)}")
+                raise RecoupError(
+                    f"{where + ': ' if where else ''}unknown key '{key}' for method {method}{hint} "
+                    f"allowed: {', '.join(cls.own_keys() + allowed)}"
+                )
         return cls(**mine, config=spec.config.from_dict(rest, where=where or str(method)))
 
     def __post_init__(self) -> None:
@@ -326,14 +347,14 @@ class ExportJob(ExportConfig):
     FLAG_HELP: ClassVar[dict[str, str]] = {
         "source": "a recoup artifact directory (the --out of `recoup compress`)",
         "format": "hf (dense safetensors: transformers) | compressed-tensors (integer codes: vLLM, SGLang, "
-                  "transformers) | gguf (Q4_0/Q4_1/Q8_0 blocks from the same codes: llama.cpp, Ollama)",
+        "transformers) | gguf (Q4_0/Q4_1/Q8_0 blocks from the same codes: llama.cpp, Ollama)",
         "out": "directory to write (must not exist or be empty)",
         "dtype": "float32 | float16 | bfloat16: unquantized tensors and scales (default: the artifact's dtype)",
         "recovery": "a saved recovery (LoRA, soft prompt, ...) to write beside the model as OUT/recovery, its "
-                    "base_model_name_or_path pointing at OUT",
+        "base_model_name_or_path pointing at OUT",
         "merge": "merge the --recovery LoRA into the weights (--format hf only; the result is dense)",
         "gguf_type": "GGUF type of the quantized linears: F32, F16, BF16, Q4_0, Q4_1, Q8_0 (default: the type the "
-                     "artifact's grid maps onto exactly, else the --dtype float type)",
+        "artifact's grid maps onto exactly, else the --dtype float type)",
     }
 
     @classmethod
@@ -359,16 +380,20 @@ def recovery_key_owners() -> dict[str, list[str]]:
     return owners
 
 
-def _with_method_keys(own: list[Key], configs: list[type], owners: dict[str, list[str]],
-                      show_default: bool = True) -> list[Key]:
+def _with_method_keys(
+    own: list[Key], configs: list[type], owners: dict[str, list[str]], show_default: bool = True
+) -> list[Key]:
     """``own`` keys, then each method config's keys not seen yet (first declaration wins), tagged with their methods."""
     out, seen = list(own), {k.name for k in own}
     for cls in configs:
         for key in dataclass_keys(cls):
             if key.name not in seen:
                 seen.add(key.name)
-                out.append(dataclasses.replace(key, methods=tuple(owners[key.name]),
-                                               default=key.default if show_default else None))
+                out.append(
+                    dataclasses.replace(
+                        key, methods=tuple(owners[key.name]), default=key.default if show_default else None
+                    )
+                )
     return out
 
 
@@ -378,7 +403,7 @@ def keys(kind: str) -> list[Key]:
     Method keys are typed from the method that declares them (first declaration wins) and carry the
     methods they belong to."""
     if kind == "compress":
-        from recoup.compress import CompressConfig, METHODS
+        from recoup.compress import METHODS, CompressConfig
         from recoup.compress.config import option_owners
 
         own = dataclass_keys(CompressJob, skip=("config",)) + dataclass_keys(CompressConfig, skip=("options",))
@@ -390,9 +415,12 @@ def keys(kind: str) -> list[Key]:
     if kind == "recover":
         from recoup.recover.methods import RECOVERIES
 
-        return _with_method_keys(dataclass_keys(RecoverJob, skip=("config",)),
-                                 [RECOVERIES.get(n).config for n in RECOVERIES.names()], recovery_key_owners(),
-                                 show_default=False)  # defaults differ per method: each config applies its own
+        return _with_method_keys(
+            dataclass_keys(RecoverJob, skip=("config",)),
+            [RECOVERIES.get(n).config for n in RECOVERIES.names()],
+            recovery_key_owners(),
+            show_default=False,
+        )  # defaults differ per method: each config applies its own
     raise RecoupError(f"unknown stage kind '{kind}'")
 
 

@@ -15,7 +15,8 @@ def type_name(tp: Any) -> str:
     if origin is list:
         return f"a list of {type_name(get_args(tp)[0])}"
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false", dict: "a mapping"}.get(
-        tp, getattr(tp, "__name__", str(tp)))
+        tp, getattr(tp, "__name__", str(tp))
+    )
 
 
 def type_ok(value: Any, tp: Any) -> bool:

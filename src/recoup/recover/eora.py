@@ -53,8 +53,9 @@ def kept_rank(s: torch.Tensor, rank: int, energy: float | None) -> int:
     return max(1, min(rank, n, need))
 
 
-def eigen_compensation(dw: torch.Tensor, xtx: torch.Tensor, rank: int, damp: float = 0.01,
-                       energy: float | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+def eigen_compensation(
+    dw: torch.Tensor, xtx: torch.Tensor, rank: int, damp: float = 0.01, energy: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """EoRA's factors of one linear: (B (out, r), A (r, in), kept) with B A ~ dW in the input eigenspace.
 
     dw: W_dense - W_compressed, (out, in); xtx: sum of x^T x over the calibration inputs, (in, in);
@@ -85,9 +86,17 @@ def _peft_key(name: str, part: str) -> str:
     return f"base_model.model.{name}.{part}.weight"
 
 
-def compensate(model: nn.Module, dense: nn.Module, ids: torch.Tensor, rank: int, targets: list[str],
-               batch_size: int = 8, damp: float = 0.01, energy: float | None = None,
-               kept: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
+def compensate(
+    model: nn.Module,
+    dense: nn.Module,
+    ids: torch.Tensor,
+    rank: int,
+    targets: list[str],
+    batch_size: int = 8,
+    damp: float = 0.01,
+    energy: float | None = None,
+    kept: dict[str, float] | None = None,
+) -> dict[str, torch.Tensor]:
     """Stream ``model`` (compressed, left unchanged) layer by layer on calibration ids (N, T) and return the
     EoRA compensation of every linear whose leaf name is in ``targets`` as a PEFT LoRA state dict
     (``lora_A`` (r, in), ``lora_B`` (out, r), scaling 1; r = ``rank``, or per linear by ``energy``, see
@@ -105,14 +114,26 @@ def compensate(model: nn.Module, dense: nn.Module, ids: torch.Tensor, rank: int,
     state: dict[str, torch.Tensor] = {}
     for i in tqdm(range(streamer.num_layers), desc="eora", unit="layer"):
         with streamer.layer(i) as layer:
-            _compensate_layer(i, streamer, layer, dense_anat, groups, rank, batch_size, damp, energy, device, state,
-                              kept)
+            _compensate_layer(
+                i, streamer, layer, dense_anat, groups, rank, batch_size, damp, energy, device, state, kept
+            )
     return state
 
 
-def _compensate_layer(i: int, streamer: LayerStreamer, layer: nn.Module, dense_anat: Anatomy,
-                      groups: list[tuple[str, ...]], rank: int, batch_size: int, damp: float, energy: float | None,
-                      device: torch.device, state: dict[str, torch.Tensor], kept: dict[str, float] | None) -> None:
+def _compensate_layer(
+    i: int,
+    streamer: LayerStreamer,
+    layer: nn.Module,
+    dense_anat: Anatomy,
+    groups: list[tuple[str, ...]],
+    rank: int,
+    batch_size: int,
+    damp: float,
+    energy: float | None,
+    device: torch.device,
+    state: dict[str, torch.Tensor],
+    kept: dict[str, float] | None,
+) -> None:
     """EoRA of decoder layer ``i``: its inputs' X^T X per group, each linear's factors into ``state``, then the
     layer's outputs *with* the compensation propagated."""
     anat, dense_layer = streamer.anat, dense_anat.layers[i]
@@ -122,6 +143,7 @@ def _compensate_layer(i: int, streamer: LayerStreamer, layer: nn.Module, dense_a
         def hook(_mod, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # float32 sums, as GPTQ's
             stats[key] = x.T @ x if stats[key].numel() == 0 else stats[key] + x.T @ x
+
         return hook
 
     with torch.no_grad(), hooked(*[_get(layer, g[0]).register_forward_pre_hook(observer(g[0])) for g in groups]):
@@ -132,8 +154,10 @@ def _compensate_layer(i: int, streamer: LayerStreamer, layer: nn.Module, dense_a
             w_c = anat.weight_matrix(_get(layer, name)).detach().double()
             w_d = dense_anat.weight_matrix(_get(dense_layer, name)).detach().to(device).double()
             if w_d.shape != w_c.shape:
-                raise RecoupError(f"layer {i} {name}: dense weight {tuple(w_d.shape)} vs compressed "
-                                  f"{tuple(w_c.shape)}; the dense source is another model")
+                raise RecoupError(
+                    f"layer {i} {name}: dense weight {tuple(w_d.shape)} vs compressed "
+                    f"{tuple(w_c.shape)}; the dense source is another model"
+                )
             b, a, share = eigen_compensation(w_d - w_c, stats[g[0]], rank, damp, energy)
             factors[name] = (b, a)
             if kept is not None:
@@ -143,6 +167,7 @@ def _compensate_layer(i: int, streamer: LayerStreamer, layer: nn.Module, dense_a
     def adder(b: torch.Tensor, a: torch.Tensor):
         def hook(_mod, args, out):
             return out + (args[0] @ a.T.to(out.dtype)) @ b.T.to(out.dtype)
+
         return hook
 
     with torch.no_grad(), hooked(*[_get(layer, n).register_forward_hook(adder(*factors[n])) for n in factors]):
@@ -185,8 +210,10 @@ class EoraConfig(Config):
         check(self.batch_size >= 1, f"batch_size must be >= 1 (got {self.batch_size})")
         check(0 < self.damp < 1, f"damp must be in (0, 1) (got {self.damp})")
         check(bool(str(self.calib).strip()), "calib is empty; name a corpus (ptb, wiki) or a text file")
-        check(self.energy is None or 0 < self.energy <= 1,
-              f"--energy must be in (0, 1] (a share of the error's energy; got {self.energy})")
+        check(
+            self.energy is None or 0 < self.energy <= 1,
+            f"--energy must be in (0, 1] (a share of the error's energy; got {self.energy})",
+        )
 
 
 def fit(loaded, config: EoraConfig, data=None) -> tuple[EoraRecovery, None]:
@@ -201,25 +228,54 @@ def fit(loaded, config: EoraConfig, data=None) -> tuple[EoraRecovery, None]:
     targets = ana.peft_target_modules("all")
     started = time.time()
     kept: dict[str, float] = {}
-    state = compensate(model, dense.model, calib.input_ids, config.rank, targets, config.batch_size, config.damp,
-                       config.energy, kept)
+    state = compensate(
+        model, dense.model, calib.input_ids, config.rank, targets, config.batch_size, config.damp, config.energy, kept
+    )
     seconds = time.time() - started
     del dense
     top = config.rank if config.energy is None else max(v.shape[0] for k, v in state.items() if ".lora_A." in k)
     rec = EoraRecovery(LoraConfig(rank=top, alpha=float(top)), targets, state, ana.hidden_size)
     ranks = rec.ranks()
     record_intact(rec, loaded, model, before)
-    rec.meta.update({"init": "eora", "teacher": teacher_source(loaded, config.teacher), "calibration": calib.protocol,
-                     "damp": config.damp, "seconds": round(seconds, 1)})
+    rec.meta.update(
+        {
+            "init": "eora",
+            "teacher": teacher_source(loaded, config.teacher),
+            "calibration": calib.protocol,
+            "damp": config.damp,
+            "seconds": round(seconds, 1),
+        }
+    )
     if config.energy is not None:
-        rec.meta.update({"energy": config.energy, "rank_cap": config.rank, "ranks": ranks, "kept_energy": kept,
-                         "rank_range": [min(ranks.values()), max(ranks.values())]})
-        log.info("eora energy %g (rank <= %d): ranks %d..%d, mean %.1f; %d parameters in %.1fs", config.energy,
-                 config.rank, min(ranks.values()), top, sum(ranks.values()) / len(ranks), rec.num_parameters(), seconds)
+        rec.meta.update(
+            {
+                "energy": config.energy,
+                "rank_cap": config.rank,
+                "ranks": ranks,
+                "kept_energy": kept,
+                "rank_range": [min(ranks.values()), max(ranks.values())],
+            }
+        )
+        log.info(
+            "eora energy %g (rank <= %d): ranks %d..%d, mean %.1f; %d parameters in %.1fs",
+            config.energy,
+            config.rank,
+            min(ranks.values()),
+            top,
+            sum(ranks.values()) / len(ranks),
+            rec.num_parameters(),
+            seconds,
+        )
     else:
         log.info("eora rank %d: %d parameters in %.1fs", config.rank, rec.num_parameters(), seconds)
     return rec, None
 
 
-METHOD = RecoveryMethod("eora", "EoRA: training-free low-rank compensation in the input eigenspace "
-                                "(Liu et al. 2024)", EoraConfig, fit, EoraRecovery.load, peft_type="LORA")
+METHOD = RecoveryMethod(
+    "eora",
+    "EoRA: training-free low-rank compensation in the input eigenspace (Liu et al. 2024)",
+    EoraConfig,
+    fit,
+    EoraRecovery.load,
+    peft_type="LORA",
+)

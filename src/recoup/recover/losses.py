@@ -60,25 +60,32 @@ def model_outputs(model, batch: "Batch", device, hidden: bool = False, prefix: t
 def kept_loss(logits: torch.Tensor, keep: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of logits (B, K, V) at positions ``keep`` against the next tokens ``labels[:, keep + 1]``."""
     target = labels.to(logits.device)[:, keep + 1]
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
-                           reduction=reduction)
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction=reduction
+    )
 
 
-def prefixed_loss(model, batch: Batch, device, prefix: torch.Tensor | None = None,
-                  reduction: str = "mean") -> torch.Tensor:
+def prefixed_loss(
+    model, batch: Batch, device, prefix: torch.Tensor | None = None, reduction: str = "mean"
+) -> torch.Tensor:
     """Loss of ``batch`` on its scored tokens, optionally behind an input-embedding ``prefix`` (P, H) or (B, P, H)."""
     out, keep = model_outputs(model, batch, device, prefix=prefix)
     return kept_loss(out.logits, keep, batch.labels, reduction=reduction)
 
 
-def mean_loss(model, seqs: list[Sequence], pad_id: int, batch_size: int = 8,
-              prefix_fn: Callable[[Batch], torch.Tensor | None] | None = None) -> float:
+def mean_loss(
+    model,
+    seqs: list[Sequence],
+    pad_id: int,
+    batch_size: int = 8,
+    prefix_fn: Callable[[Batch], torch.Tensor | None] | None = None,
+) -> float:
     """Token-weighted mean loss over ``seqs`` in order (for validation); ``prefix_fn(batch)`` may give a prefix."""
     total, count = 0.0, 0
     device = next(model.parameters()).device
     with torch.no_grad():
         for start in range(0, len(seqs), batch_size):
-            b = collate(seqs[start:start + batch_size], pad_id)
+            b = collate(seqs[start : start + batch_size], pad_id)
             n = int((b.labels[:, 1:] != -100).sum())
             if n:
                 prefix = prefix_fn(b) if prefix_fn is not None else None
@@ -102,8 +109,9 @@ def objective_terms(kind: str) -> tuple[str, ...]:
     return tuple(t for t in TERMS if t in parts)
 
 
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, keep: torch.Tensor, labels: torch.Tensor,
-            temperature: float = 2.0) -> torch.Tensor:
+def kd_loss(
+    student: torch.Tensor, teacher: torch.Tensor, keep: torch.Tensor, labels: torch.Tensor, temperature: float = 2.0
+) -> torch.Tensor:
     """Knowledge distillation (Hinton et al. 2015): T^2 x KL(teacher || student) of the next-token
     distributions at temperature T, averaged over the scored positions.
 
@@ -113,11 +121,12 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, keep: torch.Tensor, la
     scored = labels.to(student.device)[:, keep + 1] != -100
     s = F.log_softmax(student[scored].float() / temperature, -1)
     t = F.log_softmax(teacher[scored].float().to(student.device) / temperature, -1)
-    return temperature ** 2 * F.kl_div(s, t, log_target=True, reduction="batchmean")
+    return temperature**2 * F.kl_div(s, t, log_target=True, reduction="batchmean")
 
 
-def squarehead_loss(student: list[torch.Tensor], teacher: list[torch.Tensor],
-                    mask: torch.Tensor | None = None) -> torch.Tensor:
+def squarehead_loss(
+    student: list[torch.Tensor], teacher: list[torch.Tensor], mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """SquareHead distillation (Kurtic et al. 2023, "Sparse Fine-tuning for Inference Acceleration of Large
     Language Models"): the sum over decoder layers l of MSE(h_s^l, h_t^l) / MSE(h_t^l, 0), i.e.
     ``||h_s^l - h_t^l||^2 / ||h_t^l||^2`` over the batch's real tokens: each layer's error relative to the
@@ -127,8 +136,10 @@ def squarehead_loss(student: list[torch.Tensor], teacher: list[torch.Tensor],
     is not counted; None: every position). 0 exactly when the student's layer outputs equal the teacher's.
     """
     if len(student) != len(teacher) or not student:
-        raise RecoupError(f"squarehead needs one output per decoder layer of student and teacher; got "
-                          f"{len(student)} and {len(teacher)} (is the teacher the same architecture?)")
+        raise RecoupError(
+            f"squarehead needs one output per decoder layer of student and teacher; got "
+            f"{len(student)} and {len(teacher)} (is the teacher the same architecture?)"
+        )
     device = student[0].device
     m = None if mask is None else mask.to(device=device, dtype=torch.float32).unsqueeze(-1)
     total = torch.zeros((), device=device)
@@ -151,8 +162,10 @@ def layer_outputs(model) -> Iterator[dict[int, torch.Tensor]]:
     seen: dict[int, torch.Tensor] = {}
     hooks = []
     for i, layer in enumerate(anatomy(base).layers):
+
         def hook(module, args, output, i=i):
             seen[i] = output[0] if isinstance(output, (tuple, list)) else output
+
         hooks.append(layer.register_forward_hook(hook))
     try:
         yield seen
@@ -193,8 +206,9 @@ class Objective:
             return {self.terms[0]: 1.0}
         return {"lm": 1.0, "kd": self.weight, "squarehead": self.squarehead_weight}
 
-    def of_logits(self, logits: torch.Tensor, keep: torch.Tensor, batch: Batch, device,
-                  hidden: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def of_logits(
+        self, logits: torch.Tensor, keep: torch.Tensor, batch: Batch, device, hidden: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """The loss of student logits (B, K, V) at ``keep`` (as :func:`model_outputs` returns them); ``hidden``:
         the student's decoder-layer outputs of the same forward (needed by squarehead), each (B, P + T, H)."""
         w = self._weights()
@@ -202,8 +216,10 @@ class Objective:
         if self.terms == ("lm",):
             return loss
         if "squarehead" in self.terms and hidden is None:
-            raise RecoupError("objective squarehead needs the layer outputs of the student's forward, which this "
-                              "method does not expose; use lm, kd or lm+kd with it")
+            raise RecoupError(
+                "objective squarehead needs the layer outputs of the student's forward, which this "
+                "method does not expose; use lm, kd or lm+kd with it"
+            )
         with torch.no_grad(), layer_outputs(self.teacher) as seen:
             tout, _ = model_outputs(self.teacher, batch, device)
         terms = []
@@ -212,8 +228,7 @@ class Objective:
         if "squarehead" in self.terms:
             t = batch.input_ids.shape[1]
             teacher = [seen[i] for i in sorted(seen)]
-            terms.append(w["squarehead"] * squarehead_loss([h[:, -t:] for h in hidden], teacher,
-                                                           batch.attention_mask))
+            terms.append(w["squarehead"] * squarehead_loss([h[:, -t:] for h in hidden], teacher, batch.attention_mask))
         for term in terms:
             loss = term if loss is None else loss + term
         return loss

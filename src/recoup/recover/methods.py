@@ -48,8 +48,10 @@ def saved_method(path: str | Path) -> str:
                 if RECOVERIES.get(name).peft_type == peft_type:
                     return name
             known = sorted({RECOVERIES.get(n).peft_type for n in RECOVERIES.names()} - {None})
-            raise RecoupError(f"'{path}' holds a PEFT adapter of type {peft_type}, which recoup cannot attach; "
-                              f"supported: {', '.join(known)}")
+            raise RecoupError(
+                f"'{path}' holds a PEFT adapter of type {peft_type}, which recoup cannot attach; "
+                f"supported: {', '.join(known)}"
+            )
         method = _record_method(folder / TRAIN_RECORD)
         if method is not None:
             return method

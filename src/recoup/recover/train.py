@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 
 from recoup.config import Config, check
 from recoup.data.bos import check_policy
-from recoup.model import parallel
 from recoup.errors import RecoupError
+from recoup.model import parallel
 
 log = logging.getLogger(__name__)
 
@@ -93,18 +93,26 @@ class FitConfig(Config):
             check(bool(self.task.strip()), "task is empty; name a multiple-choice task (sciq, arc_easy ...)")
             self.heldout_fraction = 0.3 if self.heldout_fraction is None else self.heldout_fraction
             check(0 < self.heldout_fraction < 1, f"heldout_fraction must be in (0, 1) (got {self.heldout_fraction})")
-            check(self.val_windows is None, "val_windows applies to corpus training; with a task, validation is "
-                                            "the seeded 64-example slice of the task's train part")
+            check(
+                self.val_windows is None,
+                "val_windows applies to corpus training; with a task, validation is "
+                "the seeded 64-example slice of the task's train part",
+            )
         else:
             check(self.heldout_fraction is None, "heldout_fraction applies only with a task (--task T)")
             self.data = self.default_data if self.data is None else self.data
-            check(self.data is not None, "this method needs training data: --task T (e.g. sciq) or --data SRC "
-                                         "(a corpus such as ptb, or a .txt/.jsonl file)")
+            check(
+                self.data is not None,
+                "this method needs training data: --task T (e.g. sciq) or --data SRC "
+                "(a corpus such as ptb, or a .txt/.jsonl file)",
+            )
             check(bool(str(self.data).strip()), "data is empty; name a corpus (ptb, wiki) or a text file")
             self.val_windows = 4 if self.val_windows is None else self.val_windows
             check(self.val_windows >= 1, f"val_windows must be >= 1 (got {self.val_windows})")
-        check(self.time_budget is None or self.time_budget > 0,
-              f"time_budget must be > 0 seconds (got {self.time_budget})")
+        check(
+            self.time_budget is None or self.time_budget > 0,
+            f"time_budget must be > 0 seconds (got {self.time_budget})",
+        )
         from recoup.recover.losses import objective_terms
 
         objective_terms(self.objective)  # one line naming the objectives for anything else
@@ -129,9 +137,16 @@ class FitConfig(Config):
 
     def train_config(self) -> "TrainConfig":
         every = self.eval_every if self.eval_every is not None else max(1, self.steps // 5)
-        return TrainConfig(steps=self.steps, lr=self.lr, weight_decay=self.weight_decay, warmup=self.warmup,
-                           max_grad_norm=self.max_grad_norm, eval_every=every, seed=self.seed,
-                           time_budget_s=self.time_budget)
+        return TrainConfig(
+            steps=self.steps,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            warmup=self.warmup,
+            max_grad_norm=self.max_grad_norm,
+            eval_every=every,
+            seed=self.seed,
+            time_budget_s=self.time_budget,
+        )
 
 
 def teacher_source(loaded, teacher: str | None) -> str:
@@ -140,8 +155,10 @@ def teacher_source(loaded, teacher: str | None) -> str:
         return teacher
     src = (loaded.manifest or {}).get("source") or {}
     if not src:
-        raise RecoupError(f"'{loaded.source}' is not a compressed artifact (no manifest source); give the dense "
-                          f"model with --teacher SOURCE")
+        raise RecoupError(
+            f"'{loaded.source}' is not a compressed artifact (no manifest source); give the dense "
+            f"model with --teacher SOURCE"
+        )
     return str(src.get("path") or src.get("model"))
 
 
@@ -153,8 +170,9 @@ def load_teacher(loaded, teacher: str | None, dtype: str | torch.dtype = "float3
     try:
         return load_model(src, dtype=dtype, device=device)
     except (RecoupError, OSError, ValueError) as exc:
-        raise RecoupError(f"cannot load the dense source '{src}' of '{loaded.source}' ({exc}); "
-                          f"give it with --teacher SOURCE") from None
+        raise RecoupError(
+            f"cannot load the dense source '{src}' of '{loaded.source}' ({exc}); give it with --teacher SOURCE"
+        ) from None
 
 
 @dataclasses.dataclass
@@ -215,8 +233,11 @@ def training_context(model: torch.nn.Module, gradient_checkpointing: bool = Fals
                 hooks += [m.register_forward_pre_hook(on), m.register_forward_hook(off)]
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
-    amp = (torch.autocast(device_type=device.type, dtype=dtype) if dtype in (torch.bfloat16, torch.float16)
-           else contextlib.nullcontext())
+    amp = (
+        torch.autocast(device_type=device.type, dtype=dtype)
+        if dtype in (torch.bfloat16, torch.float16)
+        else contextlib.nullcontext()
+    )
     try:
         with amp:
             yield
@@ -227,9 +248,15 @@ def training_context(model: torch.nn.Module, gradient_checkpointing: bool = Fals
             model.gradient_checkpointing_disable()
 
 
-def train(params: list[torch.nn.Parameter], batches: Iterator, loss_fn: Callable[[object], torch.Tensor],
-          cfg: TrainConfig, validate: Callable[[], float] | None = None,
-          tokens_in: Callable[[object], int] = lambda b: 0, desc: str = "train") -> TrainResult:
+def train(
+    params: list[torch.nn.Parameter],
+    batches: Iterator,
+    loss_fn: Callable[[object], torch.Tensor],
+    cfg: TrainConfig,
+    validate: Callable[[], float] | None = None,
+    tokens_in: Callable[[object], int] = lambda b: 0,
+    desc: str = "train",
+) -> TrainResult:
     """Minimise ``loss_fn(batch)`` over ``params``; returns the history; leaves the best state in ``params``."""
     torch.manual_seed(cfg.seed)
     device = params[0].device if params else torch.device("cpu")
@@ -260,8 +287,9 @@ def train(params: list[torch.nn.Parameter], batches: Iterator, loss_fn: Callable
         sched.step()
         history.append(parallel.mean_scalar(loss.item(), device))
         tokens += round(parallel.mean_scalar(float(tokens_in(batch)), device) * parallel.world_size())
-        last = (step + 1 == cfg.steps) or (cfg.time_budget_s is not None and parallel.main_decides(
-            time.time() - started > cfg.time_budget_s, device))
+        last = (step + 1 == cfg.steps) or (
+            cfg.time_budget_s is not None and parallel.main_decides(time.time() - started > cfg.time_budget_s, device)
+        )
         if validate is not None and main and ((step + 1) % cfg.eval_every == 0 or last):
             with torch.no_grad():
                 v = validate()
@@ -280,8 +308,21 @@ def train(params: list[torch.nn.Parameter], batches: Iterator, loss_fn: Callable
             for p, b in zip(params, best):
                 p.copy_(b)
     seconds = time.time() - started
-    log.info("%s: %d steps in %.1fs, best val loss %s at step %s", desc, step + 1, seconds,
-             f"{best_val:.4f}" if best is not None else "n/a", best_step)
-    return TrainResult(steps=step + 1, seconds=seconds, train_loss=history, val_loss=vals,
-                       best_val_loss=best_val if best is not None else None, best_step=best_step, tokens=tokens,
-                       cpu_seconds=time.process_time() - cpu_started)
+    log.info(
+        "%s: %d steps in %.1fs, best val loss %s at step %s",
+        desc,
+        step + 1,
+        seconds,
+        f"{best_val:.4f}" if best is not None else "n/a",
+        best_step,
+    )
+    return TrainResult(
+        steps=step + 1,
+        seconds=seconds,
+        train_loss=history,
+        val_loss=vals,
+        best_val_loss=best_val if best is not None else None,
+        best_step=best_step,
+        tokens=tokens,
+        cpu_seconds=time.process_time() - cpu_started,
+    )

@@ -89,11 +89,15 @@ class TuneConfig(FitConfig):
         from recoup.model.load import resolve_source
 
         kind, path = resolve_source(model)
-        check(kind == "artifact", f"tune trains inside a recoup artifact; '{model}' is not one (compress it first "
-                                  f"with `recoup compress`)")
+        check(
+            kind == "artifact",
+            f"tune trains inside a recoup artifact; '{model}' is not one (compress it first with `recoup compress`)",
+        )
         if out is not None:
-            check(Path(out).expanduser().resolve() != Path(path).resolve(),
-                  "--out is the source artifact; write the tuned artifact to another directory")
+            check(
+                Path(out).expanduser().resolve() != Path(path).resolve(),
+                "--out is the source artifact; write the tuned artifact to another directory",
+            )
         refuse_parts(read_manifest(path, verify=False), self.parts(), model)
 
 
@@ -102,19 +106,30 @@ def refuse_parts(manifest: dict, parts: tuple[str, ...], where: str) -> None:
     mask, or would tune nothing."""
     bits = (manifest.get("recipe") or {}).get("bits")
     if "weights" in parts and bits:
-        raise RecoupError(f"--trainable weights would move the {bits}-bit weights of '{where}' off their integer "
-                          f"codes; tune a quantized artifact's scales (--trainable scales) and/or norms")
+        raise RecoupError(
+            f"--trainable weights would move the {bits}-bit weights of '{where}' off their integer "
+            f"codes; tune a quantized artifact's scales (--trainable scales) and/or norms"
+        )
     if "scales" in parts and not bits:
-        raise RecoupError(f"'{where}' is not quantized: it has no scales to tune; use --trainable weights (its "
-                          f"kept weights, mask frozen) and/or norms")
+        raise RecoupError(
+            f"'{where}' is not quantized: it has no scales to tune; use --trainable weights (its "
+            f"kept weights, mask frozen) and/or norms"
+        )
 
 
 class _Dequant(nn.Module):
     """The weight of a quantized linear from its frozen codes and trainable scales: ``(s0 * r)[:, g] * (q - z[:, g])``
     in float32, cast to the model's dtype (transposed for a Conv1D layout)."""
 
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor,
-                 dtype: torch.dtype, transpose: bool) -> None:
+    def __init__(
+        self,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        g_idx: torch.Tensor,
+        dtype: torch.dtype,
+        transpose: bool,
+    ) -> None:
         super().__init__()
         self.register_buffer("codes", codes)  # uint8 (rows, cols)
         self.register_buffer("s0", scale.float())
@@ -135,9 +150,12 @@ class _Dequant(nn.Module):
 
 def norm_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The normalisation layers of ``model`` (RMSNorm / LayerNorm of any architecture) that have parameters."""
-    return [(n, m) for n, m in model.named_modules()
-            if (isinstance(m, nn.LayerNorm) or "Norm" in type(m).__name__)
-            and any(True for _ in m.parameters(recurse=False))]
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if (isinstance(m, nn.LayerNorm) or "Norm" in type(m).__name__)
+        and any(True for _ in m.parameters(recurse=False))
+    ]
 
 
 class TunedArtifact(Recovery):
@@ -169,17 +187,24 @@ class TunedArtifact(Recovery):
 
         after = self.fingerprint()
         if after["digest"] != self.before["digest"]:
-            changed = [n for n, e in after["linears"].items()
-                       if (e["mask_sha256"], e.get("codes_sha256")) != (self.before["linears"][n]["mask_sha256"],
-                                                                       self.before["linears"][n].get("codes_sha256"))]
-            raise RecoupError(f"refusing to save: tuning changed the codes or mask of {len(changed)} linears "
-                              f"(e.g. {changed[:1]}); the source artifact is untouched")
+            changed = [
+                n
+                for n, e in after["linears"].items()
+                if (e["mask_sha256"], e.get("codes_sha256"))
+                != (self.before["linears"][n]["mask_sha256"], self.before["linears"][n].get("codes_sha256"))
+            ]
+            raise RecoupError(
+                f"refusing to save: tuning changed the codes or mask of {len(changed)} linears "
+                f"(e.g. {changed[:1]}); the source artifact is untouched"
+            )
         write_artifact(self.loaded, self.fields, self.qparams, path, self.storage)
 
     @classmethod
     def load(cls, path: str | Path) -> "TunedArtifact":
-        raise RecoupError(f"'{path}' is a tuned artifact, not a recovery to attach; use it as the model "
-                          f"(`recoup eval {path}`, `recoup export {path} ...`)")
+        raise RecoupError(
+            f"'{path}' is a tuned artifact, not a recovery to attach; use it as the model "
+            f"(`recoup eval {path}`, `recoup export {path} ...`)"
+        )
 
 
 def _on_grid(w: torch.Tensor, q: dict, bits: int, dtype: torch.dtype) -> torch.Tensor | None:
@@ -187,7 +212,7 @@ def _on_grid(w: torch.Tensor, q: dict, bits: int, dtype: torch.dtype) -> torch.T
     artifact's ``dtype``, else None."""
     from recoup.artifact.packing import dequantize, grid_codes
 
-    codes = grid_codes(w, q["scale"], q["zero"], q["g_idx"], 2 ** bits - 1)
+    codes = grid_codes(w, q["scale"], q["zero"], q["g_idx"], 2**bits - 1)
     if codes is None:
         return None
     exact = dequantize(codes, q["scale"], q["zero"], q["g_idx"]).to(dtype).to(w.dtype)
@@ -223,8 +248,10 @@ def fit_tune(loaded, config: TuneConfig, data) -> tuple[TunedArtifact, TrainResu
     if dtype not in (art_dtype, torch.float32):  # every other tensor is written back as loaded
         art = str(art_dtype).replace("torch.", "")
         wider = art if art == "float32" else f"{art} or float32"
-        raise RecoupError(f"tune writes a new {art} artifact from the model as loaded ({str(dtype)[6:]}), which would "
-                          f"round its untouched weights; load it with --dtype {wider}")
+        raise RecoupError(
+            f"tune writes a new {art} artifact from the model as loaded ({str(dtype)[6:]}), which would "
+            f"round its untouched weights; load it with --dtype {wider}"
+        )
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -265,17 +292,29 @@ def fit_tune(loaded, config: TuneConfig, data) -> tuple[TunedArtifact, TrainResu
     if not params:
         raise RecoupError(f"nothing to tune in '{loaded.source}' with --trainable {config.trainable}")
     trained = int(sum(p.numel() for p in params))
-    log.info("tune: %d scale groups of %d linears, %d sparse linears, %d norms (%d parameters)",
-             sum(d.ratio.numel() for d in dequants.values()), len(dequants), len(masked), len(norms), trained)
+    log.info(
+        "tune: %d scale groups of %d linears, %d sparse linears, %d norms (%d parameters)",
+        sum(d.ratio.numel() for d in dequants.values()),
+        len(dequants),
+        len(masked),
+        len(norms),
+        trained,
+    )
 
     pad = pad_id_of(tok)
     device = next(model.parameters()).device
     validate = (lambda: mean_loss(model, data.valid, pad, config.batch_size)) if data.valid else None
     base_val = validate() if validate is not None else None
     try:
-        result = train(params, data.batches(config.batch_size, pad, config.seed),
-                       lambda b: objective(model, b, device), config.train_config(), validate,
-                       tokens_in=lambda b: b.tokens, desc="tune")
+        result = train(
+            params,
+            data.batches(config.batch_size, pad, config.seed),
+            lambda b: objective(model, b, device),
+            config.train_config(),
+            validate,
+            tokens_in=lambda b: b.tokens,
+            desc="tune",
+        )
     finally:
         for h in hooks:
             h.remove()
@@ -284,7 +323,7 @@ def fit_tune(loaded, config: TuneConfig, data) -> tuple[TunedArtifact, TrainResu
         for name, dq in dequants.items():  # the tuned scales, then each weight exactly as the store decodes it
             scale = dq.scale().detach().cpu()
             if scale_dtype == "float16":
-                scale = scale.to(torch.float16).float().clamp_min(2.0 ** -24)
+                scale = scale.to(torch.float16).float().clamp_min(2.0**-24)
             q = qparams[name]
             qparams[name] = {**q, "scale": scale.to(q["scale"].dtype)}
             w = dequantize(dq.codes.cpu(), qparams[name]["scale"], q["zero"], q["g_idx"]).to(art_dtype)
@@ -303,16 +342,25 @@ def fit_tune(loaded, config: TuneConfig, data) -> tuple[TunedArtifact, TrainResu
 
     after = compression_fingerprint(model, manifest, qparams)
     record = {
-        "method": "tune", "trainable": list(parts), "trained_parameters": trained,
+        "method": "tune",
+        "trainable": list(parts),
+        "trained_parameters": trained,
         "tuned": {"scales": len(dequants), "weights": len(masked), "norms": len(norms)},
-        "frozen_off_grid": off_grid, "zero_points": "frozen",
+        "frozen_off_grid": off_grid,
+        "zero_points": "frozen",
         "objective": config.objective,
         "teacher": teacher_source(loaded, config.teacher) if config.objective != "lm" else None,
-        "data": data.protocol, "config": config.to_dict(),
-        "train": {"steps": result.steps, "seconds": round(result.seconds, 1), "best_val_loss": result.best_val_loss,
-                  "best_step": result.best_step, "val_loss_before": base_val,
-                  "val_ppl_before": math.exp(min(base_val, 50)) if base_val is not None else None,
-                  "tokens": result.tokens},
+        "data": data.protocol,
+        "config": config.to_dict(),
+        "train": {
+            "steps": result.steps,
+            "seconds": round(result.seconds, 1),
+            "best_val_loss": result.best_val_loss,
+            "best_step": result.best_step,
+            "val_loss_before": base_val,
+            "val_ppl_before": math.exp(min(base_val, 50)) if base_val is not None else None,
+            "tokens": result.tokens,
+        },
         "source_artifact": {"path": manifest["artifact_dir"], "manifest_sha256": manifest.get("manifest_sha256")},
         "compression_fingerprint": {"digest": before["digest"], "unchanged": after["digest"] == before["digest"]},
     }
@@ -323,6 +371,11 @@ def fit_tune(loaded, config: TuneConfig, data) -> tuple[TunedArtifact, TrainResu
     return TunedArtifact(loaded, fields, qparams, storage, before, meta), result
 
 
-METHOD = RecoveryMethod("tune", "tune the artifact's own scales / sparse weights / norms, codes and masks frozen: a "
-                                "new artifact, 0 extra parameters (PEQA; Kurtic et al. 2023)", TuneConfig, fit_tune,
-                        TunedArtifact.load)
+METHOD = RecoveryMethod(
+    "tune",
+    "tune the artifact's own scales / sparse weights / norms, codes and masks frozen: a "
+    "new artifact, 0 extra parameters (PEQA; Kurtic et al. 2023)",
+    TuneConfig,
+    fit_tune,
+    TunedArtifact.load,
+)

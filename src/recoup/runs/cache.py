@@ -17,9 +17,9 @@ import os
 import shutil
 from pathlib import Path
 
+from recoup.model.load import BUNDLED_ALIAS, bundled_model_dir, model_fingerprint, resolve_source
 from recoup.safeio import dumps
 from recoup.version import __version__
-from recoup.model.load import BUNDLED_ALIAS, bundled_model_dir, model_fingerprint, resolve_source
 
 log = logging.getLogger(__name__)
 

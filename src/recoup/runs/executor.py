@@ -5,9 +5,10 @@ stages it reads, the run directory); :func:`run_job` is a top-level function tha
 else, writes the stage's output directory atomically and returns a :class:`JobResult`. Workers
 never touch the results store: the driver (``runs/run.py``) records each result as it arrives.
 
-The driver submits jobs whose inputs are ready (up to :meth:`Executor.capacity`) and calls :meth:`Executor.next_done` for the
-next finished one. ``local`` runs them here, one at a time; ``ray`` (:mod:`recoup.runs.ray_executor`)
-runs each as a Ray task on a local or remote cluster, with the run directory on a shared file system.
+The driver submits jobs whose inputs are ready (up to :meth:`Executor.capacity`) and calls
+:meth:`Executor.next_done` for the next finished one. ``local`` runs them here, one at a time; ``ray``
+(:mod:`recoup.runs.ray_executor`) runs each as a Ray task on a local or remote cluster, with the run directory on a
+shared file system.
 """
 
 from __future__ import annotations
@@ -60,11 +61,17 @@ def run_job(job: Job) -> JobResult:
     t0, cpu0 = time.time(), _cpu_seconds()
     tmp = cache.begin(final)
     result = execute(job.kind, job.params, {k: Path(v) for k, v in job.inputs.items()}, tmp)
-    result = {"stage": job.name, "kind": job.kind, "key": job.key, **result,
-              "cpu_seconds": round(_cpu_seconds() - cpu0, 2)}  # user + system, all threads
+    result = {
+        "stage": job.name,
+        "kind": job.kind,
+        "key": job.key,
+        **result,
+        "cpu_seconds": round(_cpu_seconds() - cpu0, 2),
+    }  # user + system, all threads
     cache.commit(tmp, final, result)
-    return JobResult(job.name, job.key, "done", cache.read_result(final) or result, job.out_dir,
-                     round(time.time() - t0, 3))
+    return JobResult(
+        job.name, job.key, "done", cache.read_result(final) or result, job.out_dir, round(time.time() - t0, 3)
+    )
 
 
 def _cpu_seconds() -> float:

@@ -15,8 +15,24 @@ from typing import Any
 from recoup.evaluate.metrics import lower_is_better, matching
 
 # Numeric fields of a task's result that are not metrics.
-NOT_METRICS = {"n", "stderr", "seconds", "tokens", "windows", "windows_available", "limit", "seqlen", "seed",
-               "batch_size", "shots", "k", "num_fewshot", "examples", "max_new_tokens", "context_tokens"}
+NOT_METRICS = {
+    "n",
+    "stderr",
+    "seconds",
+    "tokens",
+    "windows",
+    "windows_available",
+    "limit",
+    "seqlen",
+    "seed",
+    "batch_size",
+    "shots",
+    "k",
+    "num_fewshot",
+    "examples",
+    "max_new_tokens",
+    "context_tokens",
+}
 BULKY = {"examples", "per_example", "records", "generations"}  # kept in the stage's result.json, not per row
 # Preferred headline metric per task, in order.
 PRIMARY_ORDER = ("ppl", "acc_norm", "acc", "exact_match", "em", "f1", "rougeL", "rouge_l", "rouge1", "score")
@@ -50,8 +66,11 @@ def metric_rows(evaluation: dict) -> list[dict]:
         meta = {k: v for k, v in res.items() if (not _is_number(v) or k in NOT_METRICS) and k not in BULKY}
         meta.pop("stderr", None)
         nested = meta.pop("protocol", None)
-        protocol = {**{k: v for k, v in protocol_all.items() if k != "seconds"}, **meta,
-                    **(nested if isinstance(nested, dict) else {})}
+        protocol = {
+            **{k: v for k, v in protocol_all.items() if k != "seconds"},
+            **meta,
+            **(nested if isinstance(nested, dict) else {}),
+        }
         for metric, value in res.items():
             if not _is_number(value) or metric in NOT_METRICS or metric.endswith("_stderr"):
                 continue
@@ -61,15 +80,22 @@ def metric_rows(evaluation: dict) -> list[dict]:
                 err = stderr
             else:
                 err = res.get(f"{metric}_stderr")
-            rows.append({"task": task, "metric": metric, "value": float(value),
-                         "n": int(n) if _is_number(n) else None,
-                         "stderr": float(err) if _is_number(err) else None,
-                         "protocol": {**protocol, "primary": metric == primary}})
+            rows.append(
+                {
+                    "task": task,
+                    "metric": metric,
+                    "value": float(value),
+                    "n": int(n) if _is_number(n) else None,
+                    "stderr": float(err) if _is_number(err) else None,
+                    "protocol": {**protocol, "primary": metric == primary},
+                }
+            )
     return rows
 
 
-def gap_closed(dense: float, compressed: float, recovered: float, metric: str | None = None,
-               min_gap: float = 0.01) -> float | None:
+def gap_closed(
+    dense: float, compressed: float, recovered: float, metric: str | None = None, min_gap: float = 0.01
+) -> float | None:
     """(compressed - recovered) / (compressed - dense): 1 = all the loss won back, 0 = none, <0 = worse.
 
     None when there is no loss to win back: the compressed model is within ``min_gap`` (relative) of
@@ -85,14 +111,31 @@ def gap_closed(dense: float, compressed: float, recovered: float, metric: str | 
 
 # ----------------------------------------------------------------------------- two results files
 
-COMPARE_SKIP = {"n", "seconds", "tokens", "windows", "seqlen", "windows_available", "limit", "n_judged",
-                "distinct_tokens_all", "unique_tokens"}
+COMPARE_SKIP = {
+    "n",
+    "seconds",
+    "tokens",
+    "windows",
+    "seqlen",
+    "windows_available",
+    "limit",
+    "n_judged",
+    "distinct_tokens_all",
+    "unique_tokens",
+}
 
 
 def headline(result: dict, all_metrics: bool = False) -> list[str]:
     """The metrics of one task result worth comparing (every numeric one with ``all_metrics``)."""
-    numeric = [k for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-               and not k.endswith("_stderr") and k not in COMPARE_SKIP and not k.startswith("n_")]
+    numeric = [
+        k
+        for k, v in result.items()
+        if isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and not k.endswith("_stderr")
+        and k not in COMPARE_SKIP
+        and not k.startswith("n_")
+    ]
     if all_metrics:
         return numeric
     judge = [k for k in numeric if k.startswith("judge_") and not k.endswith("_reference")]
@@ -114,8 +157,24 @@ def compare_results(dense: dict, other: dict, tolerance: float = 0.05, all_metri
             a, b = d_res[task].get(metric), o_res[task].get(metric)
             if not _is_number(a) or not _is_number(b):
                 continue
-            rows.append({"task": task, "metric": metric, "dense": a, "other": b, "delta": b - a,
-                         "relative": (b - a) / abs(a) if a else None, "n_dense": d_res[task].get("n"),
-                         "n_other": o_res[task].get("n"), "matching": matching(a, b, tolerance, metric=metric)})
-    return {"dense": dense.get("model"), "other": other.get("model"), "tolerance": tolerance, "rows": rows,
-            "only_dense": sorted(set(d_res) - set(o_res)), "only_other": sorted(set(o_res) - set(d_res))}
+            rows.append(
+                {
+                    "task": task,
+                    "metric": metric,
+                    "dense": a,
+                    "other": b,
+                    "delta": b - a,
+                    "relative": (b - a) / abs(a) if a else None,
+                    "n_dense": d_res[task].get("n"),
+                    "n_other": o_res[task].get("n"),
+                    "matching": matching(a, b, tolerance, metric=metric),
+                }
+            )
+    return {
+        "dense": dense.get("model"),
+        "other": other.get("model"),
+        "tolerance": tolerance,
+        "rows": rows,
+        "only_dense": sorted(set(d_res) - set(o_res)),
+        "only_other": sorted(set(o_res) - set(d_res)),
+    }

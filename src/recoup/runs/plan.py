@@ -29,8 +29,13 @@ class StageSpec:
 
 
 def _compress_labels(step: dict) -> dict:
-    return {"compression": step["name"], "method": step["method"], "sparsity": step.get("sparsity"),
-            "bits": step.get("bits"), "pattern": step.get("pattern")}
+    return {
+        "compression": step["name"],
+        "method": step["method"],
+        "sparsity": step.get("sparsity"),
+        "bits": step.get("bits"),
+        "pattern": step.get("pattern"),
+    }
 
 
 def build_plan(recipe: Recipe, fingerprint: str) -> list[StageSpec]:
@@ -53,22 +58,48 @@ def build_plan(recipe: Recipe, fingerprint: str) -> list[StageSpec]:
         step = steps[name]
         params = {**base, **{k: v for k, v in step.items() if k != "name"}}
         add(StageSpec(f"compress:{name}", "compress", params, [], {"role": "compressed", **_compress_labels(step)}))
-        add(StageSpec(f"eval:{name}", "evaluate", {**base, **evaluation, "base": f"compress:{name}"},
-                      [f"compress:{name}"], {"role": "compressed", **_compress_labels(step)}))
+        add(
+            StageSpec(
+                f"eval:{name}",
+                "evaluate",
+                {**base, **evaluation, "base": f"compress:{name}"},
+                [f"compress:{name}"],
+                {"role": "compressed", **_compress_labels(step)},
+            )
+        )
 
     if recipe.evaluate.dense:
-        add(StageSpec("eval:dense", "evaluate", {**base, **evaluation}, [],
-                      {"role": "dense", "compression": "dense", "method": "dense", "sparsity": 0.0, "bits": None}))
+        add(
+            StageSpec(
+                "eval:dense",
+                "evaluate",
+                {**base, **evaluation},
+                [],
+                {"role": "dense", "compression": "dense", "method": "dense", "sparsity": 0.0, "bits": None},
+            )
+        )
     for rec in recipe.recover:
         on, name = rec["base"], rec["name"]
         add_compression(on)
         keys = {k: v for k, v in rec.items() if k not in ("name", "base", "transfer")}
-        add(StageSpec(f"recover:{name}", "recover", {**base, **keys, "base": f"compress:{on}"},
-                      [f"compress:{on}"], {"role": "recovery", "recovery": name, **_compress_labels(steps[on])}))
-        add(StageSpec(f"eval:{on}+{name}", "evaluate",
-                      {**base, **evaluation, "base": f"compress:{on}", "recovery": f"recover:{name}"},
-                      [f"compress:{on}", f"recover:{name}"],
-                      {"role": "recovered", "recovery": name, **_compress_labels(steps[on])}))
+        add(
+            StageSpec(
+                f"recover:{name}",
+                "recover",
+                {**base, **keys, "base": f"compress:{on}"},
+                [f"compress:{on}"],
+                {"role": "recovery", "recovery": name, **_compress_labels(steps[on])},
+            )
+        )
+        add(
+            StageSpec(
+                f"eval:{on}+{name}",
+                "evaluate",
+                {**base, **evaluation, "base": f"compress:{on}", "recovery": f"recover:{name}"},
+                [f"compress:{on}", f"recover:{name}"],
+                {"role": "recovered", "recovery": name, **_compress_labels(steps[on])},
+            )
+        )
         for target in rec.get("transfer") or []:
             if target == "dense":
                 labels = {"compression": "dense", "method": "dense", "sparsity": 0.0, "bits": None}
@@ -79,16 +110,33 @@ def build_plan(recipe: Recipe, fingerprint: str) -> list[StageSpec]:
                 labels = _compress_labels(steps[target])
                 params = {**base, **evaluation, "base": f"compress:{target}", "recovery": f"recover:{name}"}
                 needs = [f"compress:{target}", f"recover:{name}"]
-            add(StageSpec(f"eval:{target}+{name}", "evaluate", params, needs,
-                          {"role": "transfer", "recovery": name, "trained_on": on, **labels}))
+            add(
+                StageSpec(
+                    f"eval:{target}+{name}",
+                    "evaluate",
+                    params,
+                    needs,
+                    {"role": "transfer", "recovery": name, "trained_on": on, **labels},
+                )
+            )
     for ex in recipe.export:
         add_compression(ex["base"])
         keys = {k: v for k, v in ex.items() if k not in ("name", "base", "recovery")}
         needs = [f"compress:{ex['base']}"] + ([f"recover:{ex['recovery']}"] if ex.get("recovery") else [])
-        add(StageSpec(f"export:{ex['name']}", "export",
-                      {**base, **keys, "base": f"compress:{ex['base']}",
-                       **({"recovery": f"recover:{ex['recovery']}"} if ex.get("recovery") else {})},
-                      needs, {"role": "export", "export": ex["name"], **_compress_labels(steps[ex["base"]])}))
+        add(
+            StageSpec(
+                f"export:{ex['name']}",
+                "export",
+                {
+                    **base,
+                    **keys,
+                    "base": f"compress:{ex['base']}",
+                    **({"recovery": f"recover:{ex['recovery']}"} if ex.get("recovery") else {}),
+                },
+                needs,
+                {"role": "export", "export": ex["name"], **_compress_labels(steps[ex["base"]])},
+            )
+        )
     for name in steps:
         add_compression(name)
     return plan
@@ -100,8 +148,10 @@ def describe_plan(plan: list[StageSpec]) -> list[str]:
     for i, spec in enumerate(plan, 1):
         p = spec.params
         if spec.kind == "compress":
-            what = (f"{p['method']} sparsity={p.get('sparsity')} pattern={p.get('pattern')} bits={p.get('bits')} "
-                    f"group_size={p.get('group_size')}; calib {p['calib']} {p['nsamples']}x{p['seqlen']} seed {p['seed']}")
+            what = (
+                f"{p['method']} sparsity={p.get('sparsity')} pattern={p.get('pattern')} bits={p.get('bits')} "
+                f"group_size={p.get('group_size')}; calib {p['calib']} {p['nsamples']}x{p['seqlen']} seed {p['seed']}"
+            )
         elif spec.kind == "recover":
             what = f"{p['method']} on {p['base']}"
         elif spec.kind == "export":

@@ -37,8 +37,9 @@ def task_bars(view, out: Path) -> Path | None:
     n = len(view.tasks)
     cols = min(n, 3)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows + 0.6 * max(0, len(view.evals) - 4) / 2),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(4.2 * cols, 3.2 * rows + 0.6 * max(0, len(view.evals) - 4) / 2), squeeze=False
+    )
     for ax, task in zip(axes.flat, view.tasks):
         evs = [e for e in view.evals if task in e.values]
         vals = [e.values[task]["value"] for e in evs]
@@ -74,8 +75,14 @@ def gap_bars(view, out: Path) -> Path | None:
     for j, (before, after) in enumerate(pairs):
         vals = [(_gap(view, t, before, after) or 0.0) * 100 for t in view.tasks]
         xs = [i + (j - (len(pairs) - 1) / 2) * width for i in range(len(view.tasks))]
-        ax.bar(xs, vals, width, color=ROLE_COLORS.get(after.role, "gray"), alpha=0.6 + 0.4 * (j % 2),
-               label=f"{after.title} ({after.role})")
+        ax.bar(
+            xs,
+            vals,
+            width,
+            color=ROLE_COLORS.get(after.role, "gray"),
+            alpha=0.6 + 0.4 * (j % 2),
+            label=f"{after.title} ({after.role})",
+        )
         for x, v in zip(xs, vals):
             ax.text(x, v, f"{v:.0f}%", ha="center", va="bottom" if v >= 0 else "top", fontsize=7)
     ax.axhline(0, color="black", lw=0.6)
@@ -137,8 +144,15 @@ def sweep_curves(view, out: Path) -> Path | None:
                 lines[key].append((float(e.labels["sparsity"]), row["value"], row.get("stderr") or 0.0))
         for key, pts in lines.items():
             pts.sort()
-            ax.errorbar([p[0] * 100 for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
-                        ms=4, capsize=2, label=key)
+            ax.errorbar(
+                [p[0] * 100 for p in pts],
+                [p[1] for p in pts],
+                yerr=[p[2] for p in pts],
+                marker="o",
+                ms=4,
+                capsize=2,
+                label=key,
+            )
         metric = next((e.values[task]["metric"] for e in comp if task in e.values), "?")
         if view.dense and task in view.dense.values:
             d = view.dense.values[task]["value"]

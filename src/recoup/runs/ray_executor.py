@@ -57,8 +57,10 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
             pass
     except OSError as exc:
         why = exc.strerror or type(exc).__name__
-        raise RecoupError(f"ray executor: nothing answers at {address} ({why}); start a cluster there "
-                          f"(`ray start --head`) or leave --address out for a local one") from None
+        raise RecoupError(
+            f"ray executor: nothing answers at {address} ({why}); start a cluster there "
+            f"(`ray start --head`) or leave --address out for a local one"
+        ) from None
 
 
 def wants_gpu(job: Job, cluster_gpus: float) -> bool:
@@ -70,8 +72,13 @@ def wants_gpu(job: Job, cluster_gpus: float) -> bool:
 class RayExecutor(Executor):
     """Runs each job as a Ray task; hands results back as they complete, in any order."""
 
-    def __init__(self, address: str | None = None, max_retries: int = DEFAULT_RETRIES, cpus_per_stage: int = 1,
-                 num_cpus: int | None = None) -> None:
+    def __init__(
+        self,
+        address: str | None = None,
+        max_retries: int = DEFAULT_RETRIES,
+        cpus_per_stage: int = 1,
+        num_cpus: int | None = None,
+    ) -> None:
         if max_retries < 0 or cpus_per_stage < 1:
             raise RecoupError("ray executor: max_retries must be >= 0 and cpus_per_stage >= 1")
         ray = self._ray = _import_ray()
@@ -87,21 +94,28 @@ class RayExecutor(Executor):
             try:
                 ray.init(address=address, **kwargs)
             except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise RecoupError(f"ray executor: cannot start or join a Ray cluster at "
-                                  f"{address or 'local'}: {exc}") from None
+                raise RecoupError(
+                    f"ray executor: cannot start or join a Ray cluster at {address or 'local'}: {exc}"
+                ) from None
         res = ray.cluster_resources()
         self._gpus = float(res.get("GPU", 0))
         self._slots = max(1, int(res.get("CPU", 1) // cpus_per_stage) + int(self._gpus))
         self._remote = ray.remote(run_job)
         self.pending: dict = {}  # ObjectRef -> Job
-        log.info("ray executor: %s cluster, %d CPU, %g GPU, up to %d retries per stage",
-                 "local" if address is None else address, int(res.get("CPU", 0)), self._gpus, max_retries)
+        log.info(
+            "ray executor: %s cluster, %d CPU, %g GPU, up to %d retries per stage",
+            "local" if address is None else address,
+            int(res.get("CPU", 0)),
+            self._gpus,
+            max_retries,
+        )
 
     def submit(self, job: Job) -> None:
         gpu = wants_gpu(job, self._gpus)
         opts = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": self.cpus_per_stage}
-        ref = self._remote.options(name=f"recoup:{job.name}", max_retries=self.max_retries,
-                                   retry_exceptions=False, **opts).remote(job)
+        ref = self._remote.options(
+            name=f"recoup:{job.name}", max_retries=self.max_retries, retry_exceptions=False, **opts
+        ).remote(job)
         self.pending[ref] = job
 
     def next_done(self) -> tuple[Job, JobResult]:
@@ -129,9 +143,13 @@ class RayExecutor(Executor):
             return JobFailed(job, err if isinstance(err, Exception) else RecoupError(str(exc)))
         # the worker or its node died, every retry used up
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return JobFailed(job, RecoupError(
-            f"stage {job.name}: its Ray worker died {self.max_retries + 1} time(s) ({type(exc).__name__}: "
-            f"{first[:160]}); stopped; finished stages are kept, run again to resume"))
+        return JobFailed(
+            job,
+            RecoupError(
+                f"stage {job.name}: its Ray worker died {self.max_retries + 1} time(s) ({type(exc).__name__}: "
+                f"{first[:160]}); stopped; finished stages are kept, run again to resume"
+            ),
+        )
 
     def pending_count(self) -> int:
         return len(self.pending)

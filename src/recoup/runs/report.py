@@ -21,6 +21,7 @@ from recoup.safeio import dumps
 
 log = logging.getLogger(__name__)
 
+
 @dataclasses.dataclass
 class EvalRow:
     stage: str
@@ -53,8 +54,16 @@ class RunView:
         return next((e for e in self.evals if e.role == "dense"), None)
 
     def find(self, role: str, compression: str, recovery: str | None = None) -> EvalRow | None:
-        return next((e for e in self.evals if e.role == role and e.labels.get("compression") == compression
-                     and (recovery is None or e.labels.get("recovery") == recovery)), None)
+        return next(
+            (
+                e
+                for e in self.evals
+                if e.role == role
+                and e.labels.get("compression") == compression
+                and (recovery is None or e.labels.get("recovery") == recovery)
+            ),
+            None,
+        )
 
 
 def load_view(store: Store, run_id: str) -> RunView:
@@ -122,9 +131,13 @@ def recovery_pairs(view: RunView) -> list[tuple[EvalRow, EvalRow]]:
 
 # ----------------------------------------------------------------------------- Markdown
 
+
 def results_table(view: RunView) -> list[str]:
-    head = "| model | role | " + " | ".join(f"{t} ({_metric_of(view, t)}{'↓' if _lower(view, t) else '↑'})"
-                                           for t in view.tasks) + " |"
+    head = (
+        "| model | role | "
+        + " | ".join(f"{t} ({_metric_of(view, t)}{'↓' if _lower(view, t) else '↑'})" for t in view.tasks)
+        + " |"
+    )
     lines = [head, "|" + "---|" * (2 + len(view.tasks))]
     for e in view.evals:
         cells = [fmt(e.values.get(t)) + _mark(view, e, t) for t in view.tasks]
@@ -144,16 +157,20 @@ def recovery_table(view: RunView) -> list[str]:
     pairs = recovery_pairs(view)
     if not pairs or view.dense is None:
         return []
-    lines = ["| recovery | attached to | task | dense | compressed | + recovery | gap closed | matching |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| recovery | attached to | task | dense | compressed | + recovery | gap closed | matching |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for before, after in pairs:
         for t in view.tasks:
             where = after.labels.get("compression")
             kind = "trained here" if after.role == "recovered" else f"transfer from {after.labels.get('trained_on')}"
-            lines.append(f"| {after.labels.get('recovery')} | {where} ({kind}) | {t} | {fmt(view.dense.values.get(t))} | "
-                         f"{fmt(before.values.get(t))}{_mark(view, before, t)} | "
-                         f"{fmt(after.values.get(t))}{_mark(view, after, t)} | {_pct(_gap(view, t, before, after))} | "
-                         f"{'yes' if _mark(view, after, t) == ' ✓' else 'no'} |")
+            lines.append(
+                f"| {after.labels.get('recovery')} | {where} ({kind}) | {t} | {fmt(view.dense.values.get(t))} | "
+                f"{fmt(before.values.get(t))}{_mark(view, before, t)} | "
+                f"{fmt(after.values.get(t))}{_mark(view, after, t)} | {_pct(_gap(view, t, before, after))} | "
+                f"{'yes' if _mark(view, after, t) == ' ✓' else 'no'} |"
+            )
     return lines
 
 
@@ -165,16 +182,23 @@ def training_table(view: RunView) -> list[str]:
     rows = _stage_result(view, "recover")
     if not rows:
         return []
-    lines = ["| recovery | method | trained on | steps | seconds | tokens | val loss before → best (step) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| recovery | method | trained on | steps | seconds | tokens | val loss before → best (step) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for s in rows:
         r, tr = s["result"], s["result"].get("train") or {}
         before = r.get("val_loss_without_recovery")
         best = tr.get("best_val_loss")
-        loss = (f"{before:.4f} → {best:.4f} ({tr.get('best_step')})" if isinstance(before, float)
-                and isinstance(best, float) else "–")
-        lines.append(f"| {s['labels'].get('recovery')} | {r.get('method')} | {s['labels'].get('compression')} | "
-                     f"{tr.get('steps')} | {tr.get('seconds', 0):.0f} | {tr.get('tokens')} | {loss} |")
+        loss = (
+            f"{before:.4f} → {best:.4f} ({tr.get('best_step')})"
+            if isinstance(before, float) and isinstance(best, float)
+            else "–"
+        )
+        lines.append(
+            f"| {s['labels'].get('recovery')} | {r.get('method')} | {s['labels'].get('compression')} | "
+            f"{tr.get('steps')} | {tr.get('seconds', 0):.0f} | {tr.get('tokens')} | {loss} |"
+        )
     return lines
 
 
@@ -187,10 +211,12 @@ def compression_table(view: RunView) -> list[str]:
         cfg = (s["result"].get("report") or {}).get("config") or {}
         cal = s["result"].get("calibration") or {}
         lab = s["labels"]
-        lines.append(f"| {lab.get('compression')} | {lab.get('method')} | {lab.get('pattern') or lab.get('sparsity')} | "
-                     f"{lab.get('bits') or '–'} | {cfg.get('group_size') or '–'} | "
-                     f"{s['result'].get('compress_seconds', 0):.0f} | "
-                     f"{cal.get('corpus')} {cal.get('split')} {cal.get('nsamples')}×{cal.get('seqlen')} seed {cal.get('seed')} |")
+        lines.append(
+            f"| {lab.get('compression')} | {lab.get('method')} | {lab.get('pattern') or lab.get('sparsity')} | "
+            f"{lab.get('bits') or '–'} | {cfg.get('group_size') or '–'} | "
+            f"{s['result'].get('compress_seconds', 0):.0f} | "
+            f"{cal.get('corpus')} {cal.get('split')} {cal.get('nsamples')}×{cal.get('seqlen')} seed {cal.get('seed')} |"
+        )
     return lines
 
 
@@ -218,30 +244,48 @@ def summary_paragraph(view: RunView) -> str:
             for t in view.tasks:
                 d, c = view.dense.values.get(t), before.values.get(t)
                 if d and c:
-                    deltas.append(f"{t} {fmt(d, False)} → {fmt(c, False)} ({(c['value'] / d['value'] - 1) * 100:+.1f}%)")
-            parts.append(f"Compressing {recipe.get('model')} with {comp} ({_describe(before.labels)}) cost: "
-                         + "; ".join(deltas) + ".")
-        wins = [f"{t} {fmt(before.values.get(t), False)} → {fmt(after.values.get(t), False)} "
-                + (f"({_pct(g)} of the gap closed)" if (g := _gap(view, t, before, after)) is not None
-                   else "(no loss to win back there)") for t in view.tasks
-                if before.values.get(t) and after.values.get(t)]
-        what = (f"The {after.labels.get('recovery')} recovery learned on {comp}" if after.role == "recovered"
-                else f"The same {after.labels.get('recovery')} attached unchanged to {comp} (transfer)")
+                    deltas.append(
+                        f"{t} {fmt(d, False)} → {fmt(c, False)} ({(c['value'] / d['value'] - 1) * 100:+.1f}%)"
+                    )
+            parts.append(
+                f"Compressing {recipe.get('model')} with {comp} ({_describe(before.labels)}) cost: "
+                + "; ".join(deltas)
+                + "."
+            )
+        wins = [
+            f"{t} {fmt(before.values.get(t), False)} → {fmt(after.values.get(t), False)} "
+            + (
+                f"({_pct(g)} of the gap closed)"
+                if (g := _gap(view, t, before, after)) is not None
+                else "(no loss to win back there)"
+            )
+            for t in view.tasks
+            if before.values.get(t) and after.values.get(t)
+        ]
+        what = (
+            f"The {after.labels.get('recovery')} recovery learned on {comp}"
+            if after.role == "recovered"
+            else f"The same {after.labels.get('recovery')} attached unchanged to {comp} (transfer)"
+        )
         parts.append(f"{what} won back: " + "; ".join(wins) + ".")
     if not pairs:
         comps = [e for e in view.evals if e.role == "compressed"]
         n_match = sum(1 for e in comps for t in view.tasks if _mark(view, e, t) == " ✓")
         total = sum(1 for e in comps for t in view.tasks if e.values.get(t))
-        parts.append(f"{len(comps)} compressed models evaluated on {len(view.tasks)} task(s); {n_match} of {total} "
-                     f"(model, task) results match dense within {view.matching:.0%}.")
+        parts.append(
+            f"{len(comps)} compressed models evaluated on {len(view.tasks)} task(s); {n_match} of {total} "
+            f"(model, task) results match dense within {view.matching:.0%}."
+        )
         parts += _sweep_sentences(view)
     else:
         rec = [e for _, e in pairs]
         n_match = sum(1 for e in rec for t in view.tasks if _mark(view, e, t) == " ✓")
         total = sum(1 for e in rec for t in view.tasks if e.values.get(t))
         parts += _best_sentences(view, pairs)
-        parts.append(f"With recovery, {n_match} of {total} (model, task) results match dense within "
-                     f"{view.matching:.0%} (LLM-KICK's definition).")
+        parts.append(
+            f"With recovery, {n_match} of {total} (model, task) results match dense within "
+            f"{view.matching:.0%} (LLM-KICK's definition)."
+        )
     return " ".join(parts)
 
 
@@ -265,8 +309,9 @@ def _best_sentences(view: RunView, pairs: list[tuple[EvalRow, EvalRow]]) -> list
 
 def _describe(labels: dict) -> str:
     bits = f" + {labels['bits']}-bit" if labels.get("bits") else ""
-    sp = labels.get("pattern") or (f"{labels['sparsity']:.0%}" if isinstance(labels.get("sparsity"), (int, float))
-                                   else "")
+    sp = labels.get("pattern") or (
+        f"{labels['sparsity']:.0%}" if isinstance(labels.get("sparsity"), (int, float)) else ""
+    )
     return f"{labels.get('method')} {sp}{bits}".strip()
 
 
@@ -275,12 +320,19 @@ def _sweep_sentences(view: RunView) -> list[str]:
     for task in view.tasks[:1]:
         best: dict[str, float] = {}
         for e in view.evals:
-            if e.role == "compressed" and isinstance(e.labels.get("sparsity"), (int, float)) and _mark(view, e, task) == " ✓":
+            if (
+                e.role == "compressed"
+                and isinstance(e.labels.get("sparsity"), (int, float))
+                and _mark(view, e, task) == " ✓"
+            ):
                 key = e.labels.get("method")
                 best[key] = max(best.get(key, -1.0), float(e.labels["sparsity"]))
         methods = list(dict.fromkeys(e.labels.get("method") for e in view.evals if e.role == "compressed"))
-        out.append(f"Highest sparsity still matching dense on {task}: " +
-                   ", ".join(f"{m} {best[m]:.0%}" if m in best else f"{m} none" for m in methods) + ".")
+        out.append(
+            f"Highest sparsity still matching dense on {task}: "
+            + ", ".join(f"{m} {best[m]:.0%}" if m in best else f"{m} none" for m in methods)
+            + "."
+        )
     return out
 
 
@@ -295,25 +347,52 @@ def write_report(store: Store, run_id: str, out_dir: str | Path) -> tuple[Path, 
     summary = summary_paragraph(view)
     plots = write_plots(view, out) if (recipe.get("report") or {}).get("plots", True) else []
     ev = recipe.get("evaluate") or {}
-    md = [f"# recoup run `{view.run['run_id']}`", "", f"Recipe: `{view.run['recipe_source']}` (name `{recipe.get('name')}`), "
-          f"model `{recipe.get('model')}`, dtype {recipe.get('dtype')}, seed {recipe.get('seed')}. "
-          f"Store: `{store.path}`. Run directory: `{view.run['run_dir']}`.", "", "## Summary", "", summary, "",
-          "## Results per task", "",
-          f"Headline metric per task (↓ lower is better, ↑ higher); ± is the standard error; ✓ = matching dense "
-          f"(within {view.matching:.0%}, LLM-KICK), ✗ = not. Evaluation: tasks {', '.join(view.tasks)}; "
-          f"limit {ev.get('limit')} (perplexity windows / examples per task)"
-          + "".join(f", {t}: {n}" for t, n in (ev.get("limits") or {}).items())
-          + f"; perplexity window {ev.get('seqlen')} "
-          f"tokens, batch {ev.get('batch_size')}.", "", *results_table(view), ""]
-    for title, table in (("Recovery: dense vs compressed vs recovered", recovery_table(view)),
-                         ("Training", training_table(view)), ("Compression", compression_table(view))):
+    md = [
+        f"# recoup run `{view.run['run_id']}`",
+        "",
+        f"Recipe: `{view.run['recipe_source']}` (name `{recipe.get('name')}`), "
+        f"model `{recipe.get('model')}`, dtype {recipe.get('dtype')}, seed {recipe.get('seed')}. "
+        f"Store: `{store.path}`. Run directory: `{view.run['run_dir']}`.",
+        "",
+        "## Summary",
+        "",
+        summary,
+        "",
+        "## Results per task",
+        "",
+        f"Headline metric per task (↓ lower is better, ↑ higher); ± is the standard error; ✓ = matching dense "
+        f"(within {view.matching:.0%}, LLM-KICK), ✗ = not. Evaluation: tasks {', '.join(view.tasks)}; "
+        f"limit {ev.get('limit')} (perplexity windows / examples per task)"
+        + "".join(f", {t}: {n}" for t, n in (ev.get("limits") or {}).items())
+        + f"; perplexity window {ev.get('seqlen')} "
+        f"tokens, batch {ev.get('batch_size')}.",
+        "",
+        *results_table(view),
+        "",
+    ]
+    for title, table in (
+        ("Recovery: dense vs compressed vs recovered", recovery_table(view)),
+        ("Training", training_table(view)),
+        ("Compression", compression_table(view)),
+    ):
         if table:
             md += [f"## {title}", "", *table, ""]
     if plots:
         md += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
-    md += ["## Stages", "", "attempts = times the stage was started; reused = times a finished result was "
-           "reused instead of recomputed.", "", *stages_table(view), "",
-           "## Protocol (the recipe as run)", "", "```json", dumps(recipe, indent=1), "```", ""]
+    md += [
+        "## Stages",
+        "",
+        "attempts = times the stage was started; reused = times a finished result was reused instead of recomputed.",
+        "",
+        *stages_table(view),
+        "",
+        "## Protocol (the recipe as run)",
+        "",
+        "```json",
+        dumps(recipe, indent=1),
+        "```",
+        "",
+    ]
     path = out / "report.md"
     tmp = out / f".report.md.{os.getpid()}.tmp"
     tmp.write_text("\n".join(md))

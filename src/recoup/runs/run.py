@@ -70,21 +70,45 @@ def _metrics_of(spec: StageSpec, result: dict) -> list[dict]:
     if spec.kind == "recover":
         train = result.get("train") or {}
         rows = []
-        for metric, value in (("best_val_loss", train.get("best_val_loss")),
-                              ("val_loss_without", result.get("val_loss_without_recovery")),
-                              ("steps", train.get("steps")), ("seconds", train.get("seconds")),
-                              ("tokens", train.get("tokens"))):
+        for metric, value in (
+            ("best_val_loss", train.get("best_val_loss")),
+            ("val_loss_without", result.get("val_loss_without_recovery")),
+            ("steps", train.get("steps")),
+            ("seconds", train.get("seconds")),
+            ("tokens", train.get("tokens")),
+        ):
             if isinstance(value, (int, float)):
-                rows.append({"task": "train", "metric": metric, "value": float(value), "n": None, "stderr": None,
-                             "protocol": {"config": result.get("config")}})
+                rows.append(
+                    {
+                        "task": "train",
+                        "metric": metric,
+                        "value": float(value),
+                        "n": None,
+                        "stderr": None,
+                        "protocol": {"config": result.get("config")},
+                    }
+                )
         return rows
     if spec.kind == "compress":
         rep = result.get("report") or {}
-        values = {"seconds": result.get("compress_seconds"), "sparsity": rep.get("sparsity"),
-                  "mean_error": rep.get("mean_error"), "peak_rss_mb": rep.get("peak_rss_mb")}
-        return [{"task": "compress", "metric": k, "value": float(v), "n": None, "stderr": None,
-                 "protocol": {"calibration": result.get("calibration"), "config": rep.get("config")}}
-                for k, v in values.items() if isinstance(v, (int, float))]
+        values = {
+            "seconds": result.get("compress_seconds"),
+            "sparsity": rep.get("sparsity"),
+            "mean_error": rep.get("mean_error"),
+            "peak_rss_mb": rep.get("peak_rss_mb"),
+        }
+        return [
+            {
+                "task": "compress",
+                "metric": k,
+                "value": float(v),
+                "n": None,
+                "stderr": None,
+                "protocol": {"calibration": result.get("calibration"), "config": rep.get("config")},
+            }
+            for k, v in values.items()
+            if isinstance(v, (int, float))
+        ]
     return []
 
 
@@ -109,8 +133,10 @@ def check_run_dir(run_dir: Path) -> None:
             raise RecoupError(f"--out '{run_dir}' exists and is a file; choose a directory path")
         foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_FILES)
         if foreign:
-            raise RecoupError(f"--out '{run_dir}' holds files recoup did not write ({', '.join(foreign[:3])}"
-                              f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty directory")
+            raise RecoupError(
+                f"--out '{run_dir}' holds files recoup did not write ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty directory"
+            )
         if not writable(run_dir):
             raise RecoupError(f"--out '{run_dir}' is not writable")
         return
@@ -133,8 +159,10 @@ def lock_run_dir(run_dir: Path) -> Iterator[None]:
         except BlockingIOError:
             fh.seek(0)
             holder = fh.read().strip() or "another process"
-            raise RecoupError(f"another recoup run ({holder}) is running in '{run_dir}'; wait for it to finish "
-                              f"or choose another --out") from None
+            raise RecoupError(
+                f"another recoup run ({holder}) is running in '{run_dir}'; wait for it to finish "
+                f"or choose another --out"
+            ) from None
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
@@ -150,8 +178,13 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def run_recipe(recipe: Recipe, out: str | Path | None = None, store: Store | None = None,
-               executor: Executor | None = None, report: bool = True) -> RunOutcome:
+def run_recipe(
+    recipe: Recipe,
+    out: str | Path | None = None,
+    store: Store | None = None,
+    executor: Executor | None = None,
+    report: bool = True,
+) -> RunOutcome:
     """Run every stage of ``recipe`` not already finished in ``out``; record it all in ``store``."""
     started = time.time()
     run_dir = Path(out or default_run_dir(recipe)).expanduser().resolve()
@@ -161,8 +194,9 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, store: Store | Non
         return _run_locked(recipe, run_dir, started, store, executor, report)
 
 
-def _run_locked(recipe: Recipe, run_dir: Path, started: float, store: Store | None, executor: Executor | None,
-                report: bool) -> RunOutcome:
+def _run_locked(
+    recipe: Recipe, run_dir: Path, started: float, store: Store | None, executor: Executor | None, report: bool
+) -> RunOutcome:
     own_store = store is None
     store = store or Store()
     executor = executor or LocalExecutor()
@@ -174,9 +208,15 @@ def _run_locked(recipe: Recipe, run_dir: Path, started: float, store: Store | No
     store.start_run(run_id, recipe.name, recipe.to_dict(), recipe.source, str(run_dir))
     for i, spec in enumerate(plan):
         store.plan_stage(run_id, spec.name, i, spec.kind, keys[spec.name], dirs[spec.name], spec.labels)
-    _write_json_atomic(run_dir / "run.json", {"run_id": run_id, "store": str(store.path), "recipe": recipe.to_dict(),
-                                              "stages": [{**s.to_dict(), "key": keys[s.name], "dir": dirs[s.name]}
-                                                         for s in plan]})
+    _write_json_atomic(
+        run_dir / "run.json",
+        {
+            "run_id": run_id,
+            "store": str(store.path),
+            "recipe": recipe.to_dict(),
+            "stages": [{**s.to_dict(), "key": keys[s.name], "dir": dirs[s.name]} for s in plan],
+        },
+    )
     by_name = {s.name: s for s in plan}
     done: set[str] = set()
     submitted: set[str] = set()
@@ -184,8 +224,15 @@ def _run_locked(recipe: Recipe, run_dir: Path, started: float, store: Store | No
     reused: list[str] = []
 
     def record(spec: StageSpec, res: JobResult) -> None:
-        store.stage_finished(run_id, spec.name, res.result, res.status == "cached", res.seconds,
-                             _metrics_of(spec, res.result), _artifacts_of(spec, res.out_dir))
+        store.stage_finished(
+            run_id,
+            spec.name,
+            res.result,
+            res.status == "cached",
+            res.seconds,
+            _metrics_of(spec, res.result),
+            _artifacts_of(spec, res.out_dir),
+        )
         (reused if res.status == "cached" else ran).append(spec.name)
         done.add(spec.name)
         log.info("stage %s: %s%s", spec.name, res.status, "" if res.status == "cached" else f" in {res.seconds:.1f}s")
@@ -200,8 +247,15 @@ def _run_locked(recipe: Recipe, run_dir: Path, started: float, store: Store | No
                 if finished is None and executor.pending_count() >= executor.capacity():
                     continue
                 submitted.add(spec.name)
-                job = Job(spec.name, spec.kind, spec.params, keys[spec.name], {n: dirs[n] for n in spec.needs},
-                          dirs[spec.name], i)
+                job = Job(
+                    spec.name,
+                    spec.kind,
+                    spec.params,
+                    keys[spec.name],
+                    {n: dirs[n] for n in spec.needs},
+                    dirs[spec.name],
+                    i,
+                )
                 if finished is not None:
                     record(spec, JobResult(spec.name, keys[spec.name], "cached", finished, dirs[spec.name], 0.0))
                     continue

@@ -40,15 +40,16 @@ def _peak_rss_mb() -> float:
 
 # ----------------------------------------------------------------------------- the stage functions
 
+
 def compress(job: CompressJob) -> dict:
     """Compress ``job.model`` with ``job.config`` and write the artifact to ``job.out``."""
     from recoup.artifact import load_model
     from recoup.artifact.layerwise import LayerwiseWriter
     from recoup.artifact.store import check_space, estimate_bytes, no_space_as_error, save_artifact
-    from recoup.model.lazy import load_lazy
     from recoup.compress import METHODS
     from recoup.compress import compress as run_engine
     from recoup.data.calibration import calibration_windows
+    from recoup.model.lazy import load_lazy
 
     if job.out is None:
         raise RecoupError("compress: give --out DIR")
@@ -70,16 +71,22 @@ def compress(job: CompressJob) -> dict:
         else:
             writer = LayerwiseWriter(loaded, weights, job.out, job.storage, job.config.bits)
             try:
-                report = run_engine(loaded, job.config, calib, device=job.device, weights=weights,
-                                    on_layer=writer.add_layer)
+                report = run_engine(
+                    loaded, job.config, calib, device=job.device, weights=weights, on_layer=writer.add_layer
+                )
             except BaseException:
                 writer.close()
                 raise
             seconds = time.time() - t0
             out = writer.finish(report)
     manifest = json.loads((out / "recoup.json").read_text())
-    return {"artifact": str(out), "report": report.to_dict(), "calibration": calib.protocol if calib else None,
-            "compress_seconds": round(seconds, 3), "storage": manifest.get("storage")}
+    return {
+        "artifact": str(out),
+        "report": report.to_dict(),
+        "calibration": calib.protocol if calib else None,
+        "compress_seconds": round(seconds, 3),
+        "storage": manifest.get("storage"),
+    }
 
 
 def _recovery_for(job: EvalJob, loaded) -> Any:
@@ -105,8 +112,15 @@ def evaluate(job: EvalJob, judge: Any = None) -> dict:
     from recoup.evaluate.runner import evaluate as run_tasks
 
     options = dict(job.options)
-    judge = judge or build_judge(job.judge_url, job.judge_model, job.judge_key_env, job.judge_local,
-                                 job.judge_retries, dtype=job.dtype, device=job.device)
+    judge = judge or build_judge(
+        job.judge_url,
+        job.judge_model,
+        job.judge_key_env,
+        job.judge_local,
+        job.judge_retries,
+        dtype=job.dtype,
+        device=job.device,
+    )
     if judge is not None:
         options["judge"] = judge
     loaded = load_model(job.model, dtype=job.dtype, device=job.device, device_map=job.device_map)
@@ -117,8 +131,9 @@ def evaluate(job: EvalJob, judge: Any = None) -> dict:
         groups.setdefault(job.limits.get(task, job.limit), []).append(task)
     merged: dict = {}
     for limit, tasks in groups.items():
-        settings = EvalSettings(seqlen=job.seqlen, limit=limit, batch_size=job.batch_size, seed=job.seed,
-                                bos=job.bos, options=options)
+        settings = EvalSettings(
+            seqlen=job.seqlen, limit=limit, batch_size=job.batch_size, seed=job.seed, bos=job.bos, options=options
+        )
         out = run_tasks(run_loaded, tasks, settings, recovery, attached=True)
         merged.setdefault("model", out["model"])
         merged.setdefault("results", {}).update(out["results"])
@@ -133,8 +148,10 @@ def evaluate(job: EvalJob, judge: Any = None) -> dict:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(dumps(merged, indent=2))
     if bad:
-        raise RecoupError(f"{bad[0]} is not a finite number; the result is marked failed"
-                          f"{' in ' + job.json if job.json else ''} (a diverged recovery or a broken model?)")
+        raise RecoupError(
+            f"{bad[0]} is not a finite number; the result is marked failed"
+            f"{' in ' + job.json if job.json else ''} (a diverged recovery or a broken model?)"
+        )
     return merged
 
 
@@ -174,12 +191,26 @@ def recover(job: RecoverJob) -> dict:
     main = parallel.is_main()  # under torchrun / accelerate, rank 0 alone saves
     if main:
         recovery.save(out)
-    summary: dict = {"model": job.model, "method": job.method, "config": job.config.to_dict(), "out": str(out),
-                     "parameters": recovery.num_parameters(), "total_seconds": round(time.time() - started, 1)}
+    summary: dict = {
+        "model": job.model,
+        "method": job.method,
+        "config": job.config.to_dict(),
+        "out": str(out),
+        "parameters": recovery.num_parameters(),
+        "total_seconds": round(time.time() - started, 1),
+    }
     if result is not None:
-        summary.update({"steps": result.steps, "seconds": round(result.seconds, 1), "cpu_seconds": result.cpu_seconds,
-                        "tokens": result.tokens, "best_val_loss": result.best_val_loss, "best_step": result.best_step,
-                        "train": result.to_dict()})
+        summary.update(
+            {
+                "steps": result.steps,
+                "seconds": round(result.seconds, 1),
+                "cpu_seconds": result.cpu_seconds,
+                "tokens": result.tokens,
+                "best_val_loss": result.best_val_loss,
+                "best_step": result.best_step,
+                "train": result.to_dict(),
+            }
+        )
         base = (getattr(recovery, "meta", {}).get("train") or {}).get("val_loss_without_prompt")
         summary["val_loss_without_recovery"] = base
         if main and not (out / TRAIN_RECORD).is_file():
@@ -203,6 +234,7 @@ def best_ppl(summary: dict) -> str:
 
 # ----------------------------------------------------------------------------- recipe stages
 
+
 def _model_source(params: dict, inputs: dict[str, Path]) -> str:
     """The model a stage reads: the upstream compression artifact, or the recipe's model."""
     base = params.get("base")
@@ -221,11 +253,17 @@ def _compress_stage(params: dict, inputs: dict[str, Path], out: Path) -> dict:
 
 
 def _recover_stage(params: dict, inputs: dict[str, Path], out: Path) -> dict:
-    job = RecoverJob.from_flat({**_job_keys(params), "model": _model_source(params, inputs),
-                                "out": str(out / RECOVERY_DIR)})
+    job = RecoverJob.from_flat(
+        {**_job_keys(params), "model": _model_source(params, inputs), "out": str(out / RECOVERY_DIR)}
+    )
     summary = recover(job)
-    record = {"recovery": RECOVERY_DIR, "method": job.method, "config": job.config.to_dict(),
-              "parameters": summary["parameters"], "val_loss_without_recovery": summary.get("val_loss_without_recovery")}
+    record = {
+        "recovery": RECOVERY_DIR,
+        "method": job.method,
+        "config": job.config.to_dict(),
+        "parameters": summary["parameters"],
+        "val_loss_without_recovery": summary.get("val_loss_without_recovery"),
+    }
     if "train" in summary:
         record["train"] = summary["train"]
     return record
@@ -234,8 +272,9 @@ def _recover_stage(params: dict, inputs: dict[str, Path], out: Path) -> dict:
 def _evaluate_stage(params: dict, inputs: dict[str, Path], out: Path) -> dict:
     keys = _job_keys(params)
     ref = keys.pop("recovery", None)
-    job = EvalJob.from_flat({**keys, "model": _model_source(params, inputs),
-                             "recovery": str(inputs[ref] / RECOVERY_DIR) if ref else None})
+    job = EvalJob.from_flat(
+        {**keys, "model": _model_source(params, inputs), "recovery": str(inputs[ref] / RECOVERY_DIR) if ref else None}
+    )
     return {"evaluation": evaluate(job)}
 
 
@@ -243,15 +282,24 @@ def _export_stage(params: dict, inputs: dict[str, Path], out: Path) -> dict:
     keys = _job_keys(params)
     keys.pop("model", None)
     ref = keys.pop("recovery", None)
-    job = ExportJob.from_flat({**keys, "source": str(inputs[params["base"]] / ARTIFACT_DIR),
-                               "recovery": str(inputs[ref] / RECOVERY_DIR) if ref else None,
-                               "out": str(out / EXPORT_DIR)})
+    job = ExportJob.from_flat(
+        {
+            **keys,
+            "source": str(inputs[params["base"]] / ARTIFACT_DIR),
+            "recovery": str(inputs[ref] / RECOVERY_DIR) if ref else None,
+            "out": str(out / EXPORT_DIR),
+        }
+    )
     result = export(job)
     return {**{k: v for k, v in result.items() if k != "out"}, "export": EXPORT_DIR}
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[dict, dict[str, Path], Path], dict]] = {
-    "compress": _compress_stage, "recover": _recover_stage, "evaluate": _evaluate_stage, "export": _export_stage}
+    "compress": _compress_stage,
+    "recover": _recover_stage,
+    "evaluate": _evaluate_stage,
+    "export": _export_stage,
+}
 
 # The code each stage kind runs: its hash is part of the stage's cache key.
 STAGE_CODE: dict[str, tuple[str, ...]] = {

@@ -91,66 +91,108 @@ class Store:
     def start_run(self, run_id: str, name: str, recipe: dict, source: str, run_dir: str) -> None:
         now = time.time()
         with self.transaction() as c:
-            c.execute("""INSERT INTO runs (run_id, name, recipe_source, recipe, run_dir, status, created, updated, host, pid)
+            c.execute(
+                """INSERT INTO runs (run_id, name, recipe_source, recipe, run_dir, status, created, updated, host, pid)
                          VALUES (?, ?, ?, ?, ?, 'running', ?, ?, ?, ?)
                          ON CONFLICT(run_id) DO UPDATE SET status='running', updated=excluded.updated,
                          host=excluded.host, pid=excluded.pid, finished=NULL""",
-                      (run_id, name, source, dumps(recipe, sort_keys=True), run_dir, now, now,
-                       socket.gethostname(), os.getpid()))
+                (
+                    run_id,
+                    name,
+                    source,
+                    dumps(recipe, sort_keys=True),
+                    run_dir,
+                    now,
+                    now,
+                    socket.gethostname(),
+                    os.getpid(),
+                ),
+            )
 
-    def plan_stage(self, run_id: str, stage: str, position: int, kind: str, key: str, out_dir: str,
-                   labels: dict) -> None:
+    def plan_stage(
+        self, run_id: str, stage: str, position: int, kind: str, key: str, out_dir: str, labels: dict
+    ) -> None:
         """Register a stage as pending (keeps counters of earlier attempts when the key is unchanged)."""
         with self.transaction() as c:
             row = c.execute("SELECT key, status FROM stages WHERE run_id=? AND stage=?", (run_id, stage)).fetchone()
             if row is None or row["key"] != key:
-                c.execute("""INSERT OR REPLACE INTO stages (run_id, stage, position, kind, key, status, dir, labels)
+                c.execute(
+                    """INSERT OR REPLACE INTO stages (run_id, stage, position, kind, key, status, dir, labels)
                              VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)""",
-                          (run_id, stage, position, kind, key, out_dir, dumps(labels)))
+                    (run_id, stage, position, kind, key, out_dir, dumps(labels)),
+                )
                 c.execute("DELETE FROM metrics WHERE run_id=? AND stage=?", (run_id, stage))
                 c.execute("DELETE FROM artifacts WHERE run_id=? AND stage=?", (run_id, stage))
             else:
-                c.execute("UPDATE stages SET position=?, labels=? WHERE run_id=? AND stage=?",
-                          (position, dumps(labels), run_id, stage))
+                c.execute(
+                    "UPDATE stages SET position=?, labels=? WHERE run_id=? AND stage=?",
+                    (position, dumps(labels), run_id, stage),
+                )
 
     def stage_started(self, run_id: str, stage: str) -> None:
         with self.transaction() as c:
-            c.execute("""UPDATE stages SET status='running', started=?, attempts=attempts+1, error=NULL
-                         WHERE run_id=? AND stage=?""", (time.time(), run_id, stage))
+            c.execute(
+                """UPDATE stages SET status='running', started=?, attempts=attempts+1, error=NULL
+                         WHERE run_id=? AND stage=?""",
+                (time.time(), run_id, stage),
+            )
 
     def stage_failed(self, run_id: str, stage: str, error: str) -> None:
         with self.transaction() as c:
-            c.execute("UPDATE stages SET status='failed', error=? WHERE run_id=? AND stage=?",
-                      (redact(error), run_id, stage))
+            c.execute(
+                "UPDATE stages SET status='failed', error=? WHERE run_id=? AND stage=?", (redact(error), run_id, stage)
+            )
 
-    def stage_finished(self, run_id: str, stage: str, result: dict, cached: bool, seconds: float,
-                       metrics: list[dict], artifacts: dict[str, str]) -> None:
+    def stage_finished(
+        self,
+        run_id: str,
+        stage: str,
+        result: dict,
+        cached: bool,
+        seconds: float,
+        metrics: list[dict],
+        artifacts: dict[str, str],
+    ) -> None:
         """Record a finished stage, its metrics and artifacts in one transaction (idempotent)."""
         with self.transaction() as c:
-            c.execute("""UPDATE stages SET status='done', result=?, finished=COALESCE(finished, ?),
+            c.execute(
+                """UPDATE stages SET status='done', result=?, finished=COALESCE(finished, ?),
                          seconds=COALESCE(?, seconds), cache_hits=cache_hits+? WHERE run_id=? AND stage=?""",
-                      (dumps(result, default=str), time.time(), None if cached else seconds, int(cached),
-                       run_id, stage))
+                (dumps(result, default=str), time.time(), None if cached else seconds, int(cached), run_id, stage),
+            )
             key = c.execute("SELECT key FROM stages WHERE run_id=? AND stage=?", (run_id, stage)).fetchone()["key"]
             for kind, path in artifacts.items():
                 c.execute("INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?, ?)", (run_id, stage, kind, path, key))
             for m in metrics:
-                c.execute("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                          (run_id, stage, m["task"], m["metric"], m["value"], m.get("n"), m.get("stderr"),
-                           dumps(m.get("protocol") or {}, sort_keys=True, default=str)))
+                c.execute(
+                    "INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        run_id,
+                        stage,
+                        m["task"],
+                        m["metric"],
+                        m["value"],
+                        m.get("n"),
+                        m.get("stderr"),
+                        dumps(m.get("protocol") or {}, sort_keys=True, default=str),
+                    ),
+                )
 
     def interrupt_run(self, run_id: str) -> None:
         """Mark the run and every stage of it still running as interrupted (SIGINT/SIGTERM)."""
         with self.transaction() as c:
             c.execute("UPDATE stages SET status='interrupted' WHERE run_id=? AND status='running'", (run_id,))
-            c.execute("UPDATE runs SET status='interrupted', updated=?, finished=NULL WHERE run_id=?",
-                      (time.time(), run_id))
+            c.execute(
+                "UPDATE runs SET status='interrupted', updated=?, finished=NULL WHERE run_id=?", (time.time(), run_id)
+            )
 
     def finish_run(self, run_id: str, status: str, summary: str | None = None, report: str | None = None) -> None:
         with self.transaction() as c:
-            c.execute("""UPDATE runs SET status=?, updated=?, finished=?, summary=COALESCE(?, summary),
+            c.execute(
+                """UPDATE runs SET status=?, updated=?, finished=?, summary=COALESCE(?, summary),
                          report=COALESCE(?, report) WHERE run_id=?""",
-                      (status, time.time(), time.time() if status == "done" else None, summary, report, run_id))
+                (status, time.time(), time.time() if status == "done" else None, summary, report, run_id),
+            )
 
     # ------------------------------------------------------------------ reads
 
@@ -175,19 +217,22 @@ class Store:
         """One run by id, or by a unique prefix of its id or by its name (the latest run of that name)."""
         row = self.conn.execute("SELECT * FROM runs WHERE run_id=?", (run_id,)).fetchone()
         if row is None:
-            rows = self.conn.execute("SELECT * FROM runs WHERE run_id LIKE ? ORDER BY created",
-                                     (run_id.replace("%", "") + "%",)).fetchall()
+            rows = self.conn.execute(
+                "SELECT * FROM runs WHERE run_id LIKE ? ORDER BY created", (run_id.replace("%", "") + "%",)
+            ).fetchall()
             if len(rows) > 1:
-                raise RecoupError(f"'{run_id}' matches {len(rows)} runs: "
-                                  f"{', '.join(r['run_id'] for r in rows)}; give more of the id")
+                raise RecoupError(
+                    f"'{run_id}' matches {len(rows)} runs: {', '.join(r['run_id'] for r in rows)}; give more of the id"
+                )
             row = rows[0] if rows else None
         if row is None:
             rows = self.conn.execute("SELECT * FROM runs WHERE name=? ORDER BY created DESC", (run_id,)).fetchall()
             row = rows[0] if rows else None
         if row is None:
             known = [r["run_id"] for r in self.conn.execute("SELECT run_id FROM runs ORDER BY created")]
-            raise RecoupError(f"no run '{run_id}' in {self.path}; known: {', '.join(known) or '(none)'}"
-                              f" (`recoup runs` lists them)")
+            raise RecoupError(
+                f"no run '{run_id}' in {self.path}; known: {', '.join(known) or '(none)'} (`recoup runs` lists them)"
+            )
         return dict(row)
 
     def stages(self, run_id: str) -> list[dict]:
@@ -201,9 +246,12 @@ class Store:
         return out
 
     def metrics(self, run_id: str) -> list[dict[str, Any]]:
-        rows = self.conn.execute("""SELECT m.*, s.position FROM metrics m JOIN stages s
+        rows = self.conn.execute(
+            """SELECT m.*, s.position FROM metrics m JOIN stages s
                                     ON s.run_id=m.run_id AND s.stage=m.stage WHERE m.run_id=?
-                                    ORDER BY s.position, m.task, m.metric""", (run_id,)).fetchall()
+                                    ORDER BY s.position, m.task, m.metric""",
+            (run_id,),
+        ).fetchall()
         return [{**dict(r), "protocol": json.loads(r["protocol"] or "{}")} for r in rows]
 
     def artifacts(self, run_id: str) -> list[dict]:

@@ -22,8 +22,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from recoup.artifact.export.base import (FORMATS, GGUF_TYPES, SIDE_JSON, ArtifactInfo, ExportConfig, Exporter,
-                                         linear_codes)
+from recoup.artifact.export.base import (
+    FORMATS,
+    GGUF_TYPES,
+    SIDE_JSON,
+    ArtifactInfo,
+    ExportConfig,
+    Exporter,
+    linear_codes,
+)
 from recoup.artifact.export.compressed_tensors import CompressedTensorsExporter
 from recoup.artifact.export.gguf import GgufExporter
 from recoup.artifact.export.hf import HfExporter
@@ -46,8 +53,9 @@ def export(config: ExportConfig) -> dict[str, Any]:
     exporter = FORMATS.get(config.format)
     src = Path(config.source).expanduser()
     if not src.is_dir():
-        raise RecoupError(f"'{config.source}' is not a directory; export takes a recoup artifact "
-                          "(the --out of `recoup compress`)")
+        raise RecoupError(
+            f"'{config.source}' is not a directory; export takes a recoup artifact (the --out of `recoup compress`)"
+        )
     manifest = read_manifest(src)
     out = Path(config.out).expanduser().resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -78,27 +86,54 @@ def export(config: ExportConfig) -> dict[str, Any]:
     nbytes = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and SUBDIR not in f.relative_to(out).parts)
     seconds = time.perf_counter() - t0
     log.info("exported %s as %s to %s (%.1f MB, %.1fs)", src, config.format, out, nbytes / 1e6, seconds)
-    return {"out": str(out), "format": config.format, "loader": exporter.loader, "plan": plan, **written,
-            "bytes": nbytes, "seconds": round(seconds, 2),
-            "recovery": str(out / SUBDIR) if rec is not None and not config.merge else None,
-            "merged": bool(config.merge)}
+    return {
+        "out": str(out),
+        "format": config.format,
+        "loader": exporter.loader,
+        "plan": plan,
+        **written,
+        "bytes": nbytes,
+        "seconds": round(seconds, 2),
+        "recovery": str(out / SUBDIR) if rec is not None and not config.merge else None,
+        "merged": bool(config.merge),
+    }
 
 
-def _side_record(info: ArtifactInfo, config: ExportConfig, plan: dict[str, Any], written: dict[str, Any],
-                 rec: dict[str, Any] | None, placed: bool) -> dict[str, Any]:
+def _side_record(
+    info: ArtifactInfo,
+    config: ExportConfig,
+    plan: dict[str, Any],
+    written: dict[str, Any],
+    rec: dict[str, Any] | None,
+    placed: bool,
+) -> dict[str, Any]:
     """``recoup_export.json``: where the weights came from and what was done to them."""
     from recoup.version import __version__
 
     m = info.manifest
-    return {"format": config.format, "plan": plan, "written": written, "recoup": __version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "artifact": {"path": str(info.path), "created": m.get("created"), "source": m.get("source")},
-            "compression": {"method": info.recipe.get("method"), "recipe": info.recipe, "summary": m.get("summary"),
-                            "grid": info.describe_grid(), "calibration": m.get("calibration")},
-            "recovery": None if rec is None else {**rec, "merged": bool(config.merge), "beside": placed,
-                                                  "dir": SUBDIR if placed else None},
-            "merge": ("the LoRA is merged: the weights are dense (pruned zeros filled, off the quantization grid)"
-                      if config.merge else None)}
+    return {
+        "format": config.format,
+        "plan": plan,
+        "written": written,
+        "recoup": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "artifact": {"path": str(info.path), "created": m.get("created"), "source": m.get("source")},
+        "compression": {
+            "method": info.recipe.get("method"),
+            "recipe": info.recipe,
+            "summary": m.get("summary"),
+            "grid": info.describe_grid(),
+            "calibration": m.get("calibration"),
+        },
+        "recovery": None
+        if rec is None
+        else {**rec, "merged": bool(config.merge), "beside": placed, "dir": SUBDIR if placed else None},
+        "merge": (
+            "the LoRA is merged: the weights are dense (pruned zeros filled, off the quantization grid)"
+            if config.merge
+            else None
+        ),
+    }
 
 
 __all__ = ["FORMATS", "GGUF_TYPES", "ExportConfig", "Exporter", "export", "linear_codes"]

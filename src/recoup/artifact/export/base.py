@@ -48,17 +48,23 @@ class ExportConfig(Config):
         check(bool(self.source), "export needs a source artifact")
         check(bool(self.out), "export needs --out")
         FORMATS.get(self.format)  # an unknown format is one line naming the known ones
-        check(self.dtype is None or self.dtype in DTYPES,
-              f"--dtype must be one of {', '.join(DTYPES)} (got '{self.dtype}')")
+        check(
+            self.dtype is None or self.dtype in DTYPES,
+            f"--dtype must be one of {', '.join(DTYPES)} (got '{self.dtype}')",
+        )
         if self.gguf_type is not None:
             check(self.format == "gguf", "--gguf-type applies to --format gguf only")
-            check(self.gguf_type in GGUF_TYPES,
-                  f"unknown --gguf-type '{self.gguf_type}'; known: {', '.join(GGUF_TYPES)}")
+            check(
+                self.gguf_type in GGUF_TYPES, f"unknown --gguf-type '{self.gguf_type}'; known: {', '.join(GGUF_TYPES)}"
+            )
         if self.merge:
             check(self.recovery is not None, "--merge needs --recovery DIR (the LoRA to merge)")
-            check(self.format == "hf", "--merge writes a dense model: only --format hf holds it (merging a LoRA "
-                                       "into a sparse or quantized base would densify it); drop --merge to export "
-                                       "the adapter beside the model")
+            check(
+                self.format == "hf",
+                "--merge writes a dense model: only --format hf holds it (merging a LoRA "
+                "into a sparse or quantized base would densify it); drop --merge to export "
+                "the adapter beside the model",
+            )
 
 
 @dataclasses.dataclass
@@ -96,8 +102,9 @@ class ArtifactInfo:
     def describe_grid(self) -> str:
         if not self.bits:
             return "no quantization grid"
-        return f"{self.bits}-bit {'sym' if self.sym else 'asym'} " + \
-            (f"groups of {self.group_size}" if self.group_size else "per-row")
+        return f"{self.bits}-bit {'sym' if self.sym else 'asym'} " + (
+            f"groups of {self.group_size}" if self.group_size else "per-row"
+        )
 
 
 def natural_groups(info: ArtifactInfo) -> str | None:
@@ -108,11 +115,15 @@ def natural_groups(info: ArtifactInfo) -> str | None:
         cols = int(q["g_idx"].numel())
         g = info.group_size or cols
         if cols % g:
-            return (f"'{name}' has {cols} columns, not a multiple of the group size {g} (a ragged last group); "
-                    f"recompress with a --group-size that divides {cols}")
+            return (
+                f"'{name}' has {cols} columns, not a multiple of the group size {g} (a ragged last group); "
+                f"recompress with a --group-size that divides {cols}"
+            )
         if not torch.equal(q["g_idx"].long(), torch.arange(cols) // g):
-            return (f"'{name}' has act-order groups (columns not in group order); recompress with "
-                    "--static-groups or without --act-order")
+            return (
+                f"'{name}' has act-order groups (columns not in group order); recompress with "
+                "--static-groups or without --act-order"
+            )
         if name in shapes and shapes[name][1] != cols:
             return f"'{name}': its grid covers {cols} columns but the linear has {shapes[name][1]}"
     return None
@@ -127,8 +138,15 @@ class Exporter(Protocol):
 
     def plan(self, info: ArtifactInfo, config: ExportConfig) -> dict[str, Any]: ...
 
-    def write(self, model: nn.Module, tokenizer: Any, info: ArtifactInfo, plan: dict[str, Any],
-              config: ExportConfig, out: Path) -> dict[str, Any]: ...
+    def write(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        info: ArtifactInfo,
+        plan: dict[str, Any],
+        config: ExportConfig,
+        out: Path,
+    ) -> dict[str, Any]: ...
 
 
 FORMATS: Registry[Exporter] = Registry("export format")
@@ -149,7 +167,7 @@ def linear_codes(weight: torch.Tensor, q: dict[str, torch.Tensor], bits: int) ->
     """The codes of ``weight`` (rows, cols) on its grid ``q``, or None when the weight is not exactly on
     it (e.g. AWQ's preceding linear, rescaled after it was quantized): such a linear stays unquantized."""
     w = weight.detach().float().cpu()
-    codes = grid_codes(w, q["scale"], q["zero"], q["g_idx"], 2 ** bits - 1)
+    codes = grid_codes(w, q["scale"], q["zero"], q["g_idx"], 2**bits - 1)
     if codes is None or not torch.equal(dequantize(codes, q["scale"], q["zero"], q["g_idx"]), w):
         return None
     return LinearCodes(codes, q["scale"].float(), q["zero"].float())

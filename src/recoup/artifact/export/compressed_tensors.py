@@ -27,8 +27,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from recoup.artifact.export.base import (ArtifactInfo, ExportConfig, LinearCodes, dtype_of, linear_codes,
-                                         linear_modules, natural_groups)
+from recoup.artifact.export.base import (
+    ArtifactInfo,
+    ExportConfig,
+    LinearCodes,
+    dtype_of,
+    linear_codes,
+    linear_modules,
+    natural_groups,
+)
 from recoup.errors import RecoupError
 
 FORMAT_VERSION = "0.20.1"  # the compressed-tensors release whose layout this writes (and tests load)
@@ -43,7 +50,7 @@ def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
     stream = ((v[:, :, None] >> torch.arange(bits)) & 1).reshape(rows, cols * bits)
     stream = torch.nn.functional.pad(stream, (0, words * 32 - cols * bits)).view(rows, words, 32)
     packed = (stream << torch.arange(32)).sum(-1)  # int64 in [0, 2**32)
-    return torch.where(packed >= 2 ** 31, packed - 2 ** 32, packed).to(torch.int32)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
 
 
 class CompressedTensorsExporter:
@@ -52,11 +59,14 @@ class CompressedTensorsExporter:
 
     def plan(self, info: ArtifactInfo, config: ExportConfig) -> dict[str, Any]:
         if not info.bits:
-            raise RecoupError(f"'{info.path}' is not quantized ({info.describe_grid()}); compressed-tensors holds "
-                              "quantized weights only (its sparse formats were removed): use --format hf")
+            raise RecoupError(
+                f"'{info.path}' is not quantized ({info.describe_grid()}); compressed-tensors holds "
+                "quantized weights only (its sparse formats were removed): use --format hf"
+            )
         if not 1 <= info.bits <= 8:
-            raise RecoupError(f"compressed-tensors holds 1-8 bit integers, the artifact has {info.bits}-bit codes; "
-                              "use --format hf")
+            raise RecoupError(
+                f"compressed-tensors holds 1-8 bit integers, the artifact has {info.bits}-bit codes; use --format hf"
+            )
         why = natural_groups(info)
         if why:
             raise RecoupError(f"compressed-tensors cannot hold this grid exactly: {why} (or use --format hf)")
@@ -64,8 +74,15 @@ class CompressedTensorsExporter:
         return {"format": fmt, "dtype": str(dtype_of(info, config)).replace("torch.", "")}
 
     @torch.no_grad()
-    def write(self, model: nn.Module, tokenizer: Any, info: ArtifactInfo, plan: dict[str, Any],
-              config: ExportConfig, out: Path) -> dict[str, Any]:
+    def write(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        info: ArtifactInfo,
+        plan: dict[str, Any],
+        config: ExportConfig,
+        out: Path,
+    ) -> dict[str, Any]:
         """The quantized linears as packed codes + scales, the rest dense in ``plan['dtype']``, into ``out``."""
         from safetensors.torch import save_file
 
@@ -97,12 +114,16 @@ class CompressedTensorsExporter:
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(str(out))
         tokenizer.save_pretrained(str(out))
-        return {"quantized_linears": len(quantized), "ignored_linears": len(linears) - len(quantized),
-                "files": ["model.safetensors", "config.json"]}
+        return {
+            "quantized_linears": len(quantized),
+            "ignored_linears": len(linears) - len(quantized),
+            "files": ["model.safetensors", "config.json"],
+        }
 
 
-def _module_tensors(name: str, lc: LinearCodes, bits: int, offset: int, fmt: str, sym: bool,
-                    dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _module_tensors(
+    name: str, lc: LinearCodes, bits: int, offset: int, fmt: str, sym: bool, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     rows, cols = lc.codes.shape
     scale = lc.scale.to(dtype).contiguous()
     zero_signed = (lc.zero - offset).to(torch.int64)
@@ -111,19 +132,44 @@ def _module_tensors(name: str, lc: LinearCodes, bits: int, offset: int, fmt: str
         if not sym:
             out[f"{name}.weight_zero_point"] = zero_signed.to(torch.int8).contiguous()
         return out
-    out = {f"{name}.weight_packed": pack_int32(lc.codes, bits), f"{name}.weight_scale": scale,
-           f"{name}.weight_shape": torch.tensor([rows, cols], dtype=torch.int64)}
+    out = {
+        f"{name}.weight_packed": pack_int32(lc.codes, bits),
+        f"{name}.weight_scale": scale,
+        f"{name}.weight_shape": torch.tensor([rows, cols], dtype=torch.int64),
+    }
     if not sym:  # packed along the output dimension (packed_dim=0)
         out[f"{name}.weight_zero_point"] = pack_int32((zero_signed + offset).t(), bits).t().contiguous()
     return out
 
 
 def _quantization_config(info: ArtifactInfo, fmt: str, ignore: list[str]) -> dict[str, Any]:
-    weights = {"num_bits": int(info.bits), "type": "int", "symmetric": info.sym,
-               "strategy": "group" if info.group_size else "channel", "group_size": info.group_size,
-               "dynamic": False, "actorder": None, "observer": "minmax", "block_structure": None}
-    return {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
-            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
-                                          "output_activations": None, "format": fmt}},
-            "ignore": ignore, "kv_cache_scheme": None, "sparsity_config": {}, "global_compression_ratio": None,
-            "version": FORMAT_VERSION}
+    weights = {
+        "num_bits": int(info.bits),
+        "type": "int",
+        "symmetric": info.sym,
+        "strategy": "group" if info.group_size else "channel",
+        "group_size": info.group_size,
+        "dynamic": False,
+        "actorder": None,
+        "observer": "minmax",
+        "block_structure": None,
+    }
+    return {
+        "quant_method": "compressed-tensors",
+        "format": fmt,
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": weights,
+                "input_activations": None,
+                "output_activations": None,
+                "format": fmt,
+            }
+        },
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "sparsity_config": {},
+        "global_compression_ratio": None,
+        "version": FORMAT_VERSION,
+    }

@@ -23,8 +23,15 @@ class HfExporter:
     def plan(self, info: ArtifactInfo, config: ExportConfig) -> dict[str, Any]:
         return {"dtype": str(dtype_of(info, config)).replace("torch.", ""), "quantized_linears": 0}
 
-    def write(self, model: nn.Module, tokenizer: Any, info: ArtifactInfo, plan: dict[str, Any],
-              config: ExportConfig, out: Path) -> dict[str, Any]:
+    def write(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        info: ArtifactInfo,
+        plan: dict[str, Any],
+        config: ExportConfig,
+        out: Path,
+    ) -> dict[str, Any]:
         """Dense safetensors of ``model`` in ``plan['dtype']`` and its tokenizer, into ``out``."""
         model = model.to(dtype_of(info, config))
         model.config.dtype = plan["dtype"]

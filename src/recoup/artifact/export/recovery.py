@@ -28,8 +28,11 @@ def describe_recovery(path: str | Path) -> dict[str, Any]:
     if not folder.is_dir():
         raise RecoupError(f"--recovery: no recovery directory at '{path}'")
     try:
-        peft_type = json.loads((folder / PEFT_CONFIG).read_text()).get("peft_type") \
-            if (folder / PEFT_CONFIG).is_file() else None
+        peft_type = (
+            json.loads((folder / PEFT_CONFIG).read_text()).get("peft_type")
+            if (folder / PEFT_CONFIG).is_file()
+            else None
+        )
         method = json.loads((folder / RECORD).read_text()).get("method") if (folder / RECORD).is_file() else None
     except json.JSONDecodeError as exc:
         raise RecoupError(f"--recovery '{path}': corrupt metadata ({exc})") from None
@@ -46,8 +49,10 @@ def check_recovery(rec: dict[str, Any], fmt: str, merge: bool) -> None:
     if merge and rec["method"] == "cpet":
         raise RecoupError("--merge: a CPET recovery has modules beside its LoRA and cannot be merged")
     if fmt == "gguf":
-        raise RecoupError("--recovery with --format gguf: PEFT cannot load a GGUF base and llama.cpp's LoRA "
-                          "format is not written yet; export the recovery with --format hf or compressed-tensors")
+        raise RecoupError(
+            "--recovery with --format gguf: PEFT cannot load a GGUF base and llama.cpp's LoRA "
+            "format is not written yet; export the recovery with --format hf or compressed-tensors"
+        )
 
 
 def place_recovery(rec: dict[str, Any], out: Path, final: Path) -> Path:

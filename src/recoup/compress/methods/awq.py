@@ -53,20 +53,32 @@ _LLAMA_LIKE = {
 }
 # group (as in anatomy's ``sequential``) -> the op whose output is the group's input
 PRECEDING_OP: dict[str, dict[tuple[str, ...], str]] = {
-    "llama": _LLAMA_LIKE, "mistral": _LLAMA_LIKE, "qwen2": _LLAMA_LIKE, "qwen3": _LLAMA_LIKE,
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
     "gemma3_text": {**_LLAMA_LIKE, ("mlp.gate_proj", "mlp.up_proj"): "pre_feedforward_layernorm"},
-    "opt": {("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"): "self_attn_layer_norm",
-            ("self_attn.out_proj",): "self_attn.v_proj", ("fc1",): "final_layer_norm", ("fc2",): "fc1"},
+    "opt": {
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"): "self_attn_layer_norm",
+        ("self_attn.out_proj",): "self_attn.v_proj",
+        ("fc1",): "final_layer_norm",
+        ("fc2",): "fc1",
+    },
     "gpt2": {("attn.c_attn",): "ln_1", ("mlp.c_fc",): "ln_2"},
 }
 NORM_WEIGHT_OFFSET = {"gemma3_text"}  # Gemma's RMSNorm computes x * (1 + weight)
 
 
-_LLAMA_BLOCK = {("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"): "self_attn",
-                ("mlp.gate_proj", "mlp.up_proj"): "mlp"}
+_LLAMA_BLOCK = {
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"): "self_attn",
+    ("mlp.gate_proj", "mlp.up_proj"): "mlp",
+}
 # group -> the module whose output the scale search compares (absent: the group's single linear itself)
 BLOCK: dict[str, dict[tuple[str, ...], str]] = {
-    "llama": _LLAMA_BLOCK, "mistral": _LLAMA_BLOCK, "qwen2": _LLAMA_BLOCK, "qwen3": _LLAMA_BLOCK,
+    "llama": _LLAMA_BLOCK,
+    "mistral": _LLAMA_BLOCK,
+    "qwen2": _LLAMA_BLOCK,
+    "qwen3": _LLAMA_BLOCK,
     "gemma3_text": _LLAMA_BLOCK,
     "opt": {("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"): "self_attn"},
     "gpt2": {("attn.c_attn",): "attn", ("mlp.c_fc",): "mlp"},
@@ -81,7 +93,9 @@ def block_of(model_type: str, names: tuple[str, ...]) -> str | None:
     return BLOCK.get(model_type, {}).get(tuple(names), names[0] if len(names) == 1 else None)
 
 
-def scale_candidates(x_mean: torch.Tensor, w_mean: torch.Tensor | None, n_grid: int) -> list[tuple[float, torch.Tensor]]:
+def scale_candidates(
+    x_mean: torch.Tensor, w_mean: torch.Tensor | None, n_grid: int
+) -> list[tuple[float, torch.Tensor]]:
     """(exponent, s (cols,)) for every candidate: llm-compressor's grid (duo: a=0 plain, then grid-1 duo exponents
     in [0, 1]; plain: grid exponents in [0, 1])."""
     if w_mean is None:
@@ -105,7 +119,7 @@ def weight_mean(weights: list[torch.Tensor], grid: QuantGrid) -> torch.Tensor:
     for w in weights:
         g = grid.group_size or w.shape[1]
         a = w.abs()
-        parts = [a[:, i:i + g] / (a[:, i:i + g].amax(dim=1, keepdim=True) + 1e-6) for i in range(0, w.shape[1], g)]
+        parts = [a[:, i : i + g] / (a[:, i : i + g].amax(dim=1, keepdim=True) + 1e-6) for i in range(0, w.shape[1], g)]
         total = total + torch.cat(parts, 1).sum(0)
         rows += w.shape[0]
     return total / rows
@@ -117,8 +131,9 @@ def _call(block: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def awq_search_block(view, names: tuple[str, ...], stats: BlockIOStats, grid: QuantGrid, n_grid: int,
-                     duo: bool) -> tuple[torch.Tensor, float, float, float]:
+def awq_search_block(
+    view, names: tuple[str, ...], stats: BlockIOStats, grid: QuantGrid, n_grid: int, duo: bool
+) -> tuple[torch.Tensor, float, float, float]:
     """Try every candidate scale on the group ``names`` of ``view``, measuring the MSE of the recorded block
     calls' outputs (block output (b, T, H) per call) against the unquantized ones. Restores the weights.
 
@@ -134,8 +149,9 @@ def awq_search_block(view, names: tuple[str, ...], stats: BlockIOStats, grid: Qu
         for a, s in scale_candidates(x_mean, weight_mean(weights, grid) if duo else None, n_grid):
             for n, w in zip(names, weights):
                 view.set_weight(n, rtn(w * s[None, :], grid).weight / s[None, :])
-            loss = sum(float(((_call(block, a_, k_).float() - r) ** 2).sum()) for (a_, k_), r in
-                       zip(stats.inputs, refs)) / max(numel, 1)
+            loss = sum(
+                float(((_call(block, a_, k_).float() - r) ** 2).sum()) for (a_, k_), r in zip(stats.inputs, refs)
+            ) / max(numel, 1)
             first = loss if first is None else first
             if loss < best[2]:
                 best = (s, a, loss)
@@ -146,8 +162,14 @@ def awq_search_block(view, names: tuple[str, ...], stats: BlockIOStats, grid: Qu
 
 
 @torch.no_grad()
-def awq_clip(weight: torch.Tensor, x: torch.Tensor, grid: QuantGrid, n_grid: int = 20, max_shrink: float = 0.5,
-             rows_per_batch: int = 64) -> torch.Tensor:
+def awq_clip(
+    weight: torch.Tensor,
+    x: torch.Tensor,
+    grid: QuantGrid,
+    n_grid: int = 20,
+    max_shrink: float = 0.5,
+    rows_per_batch: int = 64,
+) -> torch.Tensor:
     """The paper's clipping search (llm-awq ``auto_clip_layer``): weight (rows, cols), x (n, cols) sampled inputs.
 
     Per output row and quantization group, the threshold ``t = max|w| * (1 - i/n_grid)`` for i <
@@ -157,22 +179,22 @@ def awq_clip(weight: torch.Tensor, x: torch.Tensor, grid: QuantGrid, n_grid: int
     g = grid.group_size or cols
     out = weight.clone()
     for start in range(0, cols, g):  # one quantization group of columns at a time (ragged last group)
-        wg, xg = weight[:, start:start + g], x[:, start:start + g]
+        wg, xg = weight[:, start : start + g], x[:, start : start + g]
         org_max = wg.abs().amax(dim=1, keepdim=True)  # (rows, 1)
         best_max, best_err = org_max.clone(), torch.full_like(org_max, float("inf"))
         sub = QuantGrid(grid.bits, grid.sym, None)
         for r0 in range(0, rows, rows_per_batch):
-            w_b, m_b = wg[r0:r0 + rows_per_batch], org_max[r0:r0 + rows_per_batch]
+            w_b, m_b = wg[r0 : r0 + rows_per_batch], org_max[r0 : r0 + rows_per_batch]
             ref = xg @ w_b.t()  # (n, rows_b)
             for i in range(int(max_shrink * n_grid)):
                 t = m_b * (1 - i / n_grid)
                 cur = torch.maximum(torch.minimum(w_b, t), -t)
                 q, _, _ = sub.quantize_matrix(cur)
                 err = ((xg @ q.t() - ref) ** 2).mean(dim=0)[:, None]  # (rows_b, 1)
-                better = err < best_err[r0:r0 + rows_per_batch]
-                best_err[r0:r0 + rows_per_batch] = torch.where(better, err, best_err[r0:r0 + rows_per_batch])
-                best_max[r0:r0 + rows_per_batch] = torch.where(better, t, best_max[r0:r0 + rows_per_batch])
-        out[:, start:start + g] = torch.maximum(torch.minimum(wg, best_max), -best_max)
+                better = err < best_err[r0 : r0 + rows_per_batch]
+                best_err[r0 : r0 + rows_per_batch] = torch.where(better, err, best_err[r0 : r0 + rows_per_batch])
+                best_max[r0 : r0 + rows_per_batch] = torch.where(better, t, best_max[r0 : r0 + rows_per_batch])
+        out[:, start : start + g] = torch.maximum(torch.minimum(wg, best_max), -best_max)
     return out
 
 
@@ -188,15 +210,24 @@ def _prepare(view, names: tuple[str, ...], stats: BlockIOStats, config: Compress
     if prev is None:
         info["awq"] = "no foldable preceding op; clipping only"
     elif prev in view.linear_names and view.get_weight(prev).shape[0] != weights[0].shape[1]:
-        info["awq"] = f"{prev} output {view.get_weight(prev).shape[0]} != input {weights[0].shape[1]} (GQA); clipping only"
+        info["awq"] = (
+            f"{prev} output {view.get_weight(prev).shape[0]} != input {weights[0].shape[1]} (GQA); clipping only"
+        )
     elif not stats.inputs:
         info["awq"] = "no block calls recorded; clipping only"
     else:
         s, ratio, err, err0 = awq_search_block(view, names, stats, grid, opts.grid, opts.duo_scaling)
         _fold(view, names, weights, prev, s, grid)
         stats.input_scale = s  # the group's inputs are now x / s
-        info.update({"awq_ratio": ratio, "awq_block_loss": err, "awq_block_loss_unscaled": err0,
-                     "awq_folded_into": prev, "awq_scale_spread": float(s.max() / s.min())})
+        info.update(
+            {
+                "awq_ratio": ratio,
+                "awq_block_loss": err,
+                "awq_block_loss_unscaled": err0,
+                "awq_folded_into": prev,
+                "awq_scale_spread": float(s.max() / s.min()),
+            }
+        )
     if opts.clip and opts.rounding == "rtn":  # thresholds chosen for round-to-nearest; GPTQ fits its own grids
         x = stats.sample()
         x = x / s[None, :] if s is not None else x
@@ -208,8 +239,9 @@ def _prepare(view, names: tuple[str, ...], stats: BlockIOStats, config: Compress
     return info
 
 
-def _fold(view, names: tuple[str, ...], weights: list[torch.Tensor], prev: str, s: torch.Tensor,
-          grid: QuantGrid) -> None:
+def _fold(
+    view, names: tuple[str, ...], weights: list[torch.Tensor], prev: str, s: torch.Tensor, grid: QuantGrid
+) -> None:
     """Multiply the group's columns by s and fold 1/s into ``prev`` (its output rows, or a norm's weight/bias)."""
     prev_mod = view.module(prev)
     is_linear = prev in view.linear_names
@@ -273,14 +305,26 @@ class AWQOptions(MethodOptions):
     def check(self, config) -> None:
         check(isinstance(self.grid, int) and self.grid >= 2, f"grid must be >= 2 (got {self.grid})")
         check(isinstance(self.samples, int) and self.samples >= 16, f"samples must be >= 16 (got {self.samples})")
-        check(self.block_tokens is None or (isinstance(self.block_tokens, int) and self.block_tokens >= 1),
-              f"block_tokens must be >= 1 (got {self.block_tokens})")
-        check(isinstance(self.clip_tokens, int) and self.clip_tokens >= 16,
-              f"clip_tokens must be >= 16 (got {self.clip_tokens})")
+        check(
+            self.block_tokens is None or (isinstance(self.block_tokens, int) and self.block_tokens >= 1),
+            f"block_tokens must be >= 1 (got {self.block_tokens})",
+        )
+        check(
+            isinstance(self.clip_tokens, int) and self.clip_tokens >= 16,
+            f"clip_tokens must be >= 16 (got {self.clip_tokens})",
+        )
         check(self.rounding in ("rtn", "gptq"), f"rounding must be rtn or gptq (got {self.rounding!r})")
         if self.true_sequential is None:
             self.true_sequential = self.rounding == "rtn"
 
 
-METHOD = Method("awq", "block_io", _compress, prepare_group=_prepare, paper="Lin et al. 2023 (AWQ)",
-                quantize="required", options=AWQOptions, block=block_of)
+METHOD = Method(
+    "awq",
+    "block_io",
+    _compress,
+    prepare_group=_prepare,
+    paper="Lin et al. 2023 (AWQ)",
+    quantize="required",
+    options=AWQOptions,
+    block=block_of,
+)

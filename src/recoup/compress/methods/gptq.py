@@ -22,27 +22,49 @@ class GPTQOptions(OBSOptions):
     column groups before the reordering, so the artifact's ``g_idx`` stays trivial (no runtime
     reordering in vLLM / GGUF kernels) while the quality gain of act-order is kept."""
 
-    act_order: bool = True  # quantize columns in order of decreasing Hessian diagonal (GPTQ's act-order; --no-act-order: left to right)
-    static_groups: bool = True  # with act_order and a group_size: fit each group's grid before reordering (trivial g_idx); no effect per-row
+    # quantize columns in order of decreasing Hessian diagonal (GPTQ's act-order; --no-act-order: left to right)
+    act_order: bool = True
+    # with act_order and a group_size: fit each group's grid before reordering (trivial g_idx); no effect per-row
+    static_groups: bool = True
 
     def check(self, config) -> None:
         super().check(config)
 
 
-def gptq(weight: torch.Tensor, hessian: torch.Tensor, config: CompressConfig,
-         factors: dict | None = None) -> LinearResult:
+def gptq(
+    weight: torch.Tensor, hessian: torch.Tensor, config: CompressConfig, factors: dict | None = None
+) -> LinearResult:
     """weight (rows, cols), hessian (cols, cols) = 2/n X^T X; factors: see :func:`obs_compress`."""
     grid = config.grid()
-    res = obs_compress(weight, hessian, grid=grid, blocksize=config.options.blocksize,
-                       percdamp=config.options.percdamp, act_order=config.options.act_order,
-                       static_groups=config.options.static_groups, factors=factors)
-    return LinearResult(weight=res.weight, scale=res.scale, zero=res.zero, g_idx=res.g_idx,
-                        info={"obs_loss": res.loss, "damp": res.damp})
+    res = obs_compress(
+        weight,
+        hessian,
+        grid=grid,
+        blocksize=config.options.blocksize,
+        percdamp=config.options.percdamp,
+        act_order=config.options.act_order,
+        static_groups=config.options.static_groups,
+        factors=factors,
+    )
+    return LinearResult(
+        weight=res.weight,
+        scale=res.scale,
+        zero=res.zero,
+        g_idx=res.g_idx,
+        info={"obs_loss": res.loss, "damp": res.damp},
+    )
 
 
 def _compress(weight: torch.Tensor, stats: HessianStats, config: CompressConfig) -> LinearResult:
     return gptq(weight, stats.hessian(), config, stats.factors)
 
 
-METHOD = Method("gptq", "hessian", _compress, paper="Frantar et al. 2022 (GPTQ)", quantize="required",
-                options=GPTQOptions, one_thread=True)
+METHOD = Method(
+    "gptq",
+    "hessian",
+    _compress,
+    paper="Frantar et al. 2022 (GPTQ)",
+    quantize="required",
+    options=GPTQOptions,
+    one_thread=True,
+)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from recoup.artifact.grid import QuantGrid
 from recoup.compress.config import CompressConfig
 from recoup.compress.methods.base import LinearResult, Method
-from recoup.artifact.grid import QuantGrid
 
 
 def rtn(weight: torch.Tensor, grid: QuantGrid) -> LinearResult:

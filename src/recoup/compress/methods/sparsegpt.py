@@ -34,19 +34,42 @@ class SparseGPTOptions(OBSOptions):
             self.true_sequential = config.bits is not None
 
 
-def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, config: CompressConfig,
-              factors: dict | None = None) -> LinearResult:
+def sparsegpt(
+    weight: torch.Tensor, hessian: torch.Tensor, config: CompressConfig, factors: dict | None = None
+) -> LinearResult:
     """weight (rows, cols), hessian (cols, cols) = 2/n X^T X; factors: see :func:`obs_compress`."""
     grid = config.grid() if config.bits else None
-    res = obs_compress(weight, hessian, sparsity=config.sparsity or 0.0, nm=config.nm, grid=grid,
-                       blocksize=config.options.blocksize, percdamp=config.options.percdamp, factors=factors)
-    return LinearResult(weight=res.weight, mask=res.mask, scale=res.scale, zero=res.zero, g_idx=res.g_idx,
-                        info={"obs_loss": res.loss, "damp": res.damp})
+    res = obs_compress(
+        weight,
+        hessian,
+        sparsity=config.sparsity or 0.0,
+        nm=config.nm,
+        grid=grid,
+        blocksize=config.options.blocksize,
+        percdamp=config.options.percdamp,
+        factors=factors,
+    )
+    return LinearResult(
+        weight=res.weight,
+        mask=res.mask,
+        scale=res.scale,
+        zero=res.zero,
+        g_idx=res.g_idx,
+        info={"obs_loss": res.loss, "damp": res.damp},
+    )
 
 
 def _compress(weight: torch.Tensor, stats: HessianStats, config: CompressConfig) -> LinearResult:
     return sparsegpt(weight, stats.hessian(), config, stats.factors)
 
 
-METHOD = Method("sparsegpt", "hessian", _compress, paper="Frantar & Alistarh 2023 (SparseGPT)", prune="required",
-                quantize="optional", options=SparseGPTOptions, one_thread=True)
+METHOD = Method(
+    "sparsegpt",
+    "hessian",
+    _compress,
+    paper="Frantar & Alistarh 2023 (SparseGPT)",
+    prune="required",
+    quantize="optional",
+    options=SparseGPTOptions,
+    one_thread=True,
+)

@@ -26,8 +26,9 @@ class WandaOptions(MethodOptions):
     true_sequential: bool = True  # on: norms after the earlier groups are pruned; off: the reference's order
 
 
-def wanda_prune(weight: torch.Tensor, col_norms: torch.Tensor, sparsity: float,
-                nm: tuple[int, int] | None = None) -> LinearResult:
+def wanda_prune(
+    weight: torch.Tensor, col_norms: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None
+) -> LinearResult:
     """weight (rows, cols), col_norms (cols,) = ||X_j||_2 over the calibration tokens."""
     score = weight.abs() * col_norms.to(weight)[None, :]
     mask = nm_mask(score, *nm) if nm else unstructured_mask(score, sparsity, per_row=True)
@@ -38,5 +39,4 @@ def _compress(weight: torch.Tensor, stats: ActNormStats, config: CompressConfig)
     return wanda_prune(weight, stats.norms(), config.sparsity or 0.0, config.nm)
 
 
-METHOD = Method("wanda", "act_norm", _compress, paper="Sun et al. 2023 (Wanda)", prune="required",
-                options=WandaOptions)
+METHOD = Method("wanda", "act_norm", _compress, paper="Sun et al. 2023 (Wanda)", prune="required", options=WandaOptions)

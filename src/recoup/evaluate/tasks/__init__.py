@@ -22,23 +22,58 @@ FAMILIES: Registry[Callable[[str], TaskSpec]] = Registry("task family")  # "pref
 FAMILIES.register(perplexity.PREFIX, perplexity.spec)
 
 for _name in multiple_choice.ZERO_SHOT_TASKS + ("mmlu",):
-    TASKS.register(_name, TaskSpec(_name, "multiple_choice", multiple_choice.run, multiple_choice.PACK,
-                                   multiple_choice.check, multiple_choice.load))
+    TASKS.register(
+        _name,
+        TaskSpec(
+            _name,
+            "multiple_choice",
+            multiple_choice.run,
+            multiple_choice.PACK,
+            multiple_choice.check,
+            multiple_choice.load,
+        ),
+    )
 for _name in factoid.TASKS:
-    TASKS.register(_name, TaskSpec(_name, "factoid_qa", factoid.run, factoid.source(_name), factoid.checker(_name),
-                                   factoid.load))
+    TASKS.register(
+        _name, TaskSpec(_name, "factoid_qa", factoid.run, factoid.source(_name), factoid.checker(_name), factoid.load)
+    )
 for _name in retrieval.TASKS:
-    TASKS.register(_name, TaskSpec(_name, "retrieval_qa", retrieval.run, retrieval.PACK, retrieval.check,
-                                   retrieval.load))
+    TASKS.register(
+        _name, TaskSpec(_name, "retrieval_qa", retrieval.run, retrieval.PACK, retrieval.check, retrieval.load)
+    )
 for _name in summarization.TASKS:
-    TASKS.register(_name, TaskSpec(_name, "summarization", summarization.run, summarization.source(_name),
-                                   summarization.checker(_name), None))
-TASKS.register("instructions", TaskSpec("instructions", "instruction_following", instruction.run,
-                                        "a jsonl file (--option instructions_file=PATH)", instruction.check, None))
+    TASKS.register(
+        _name,
+        TaskSpec(
+            _name, "summarization", summarization.run, summarization.source(_name), summarization.checker(_name), None
+        ),
+    )
+TASKS.register(
+    "instructions",
+    TaskSpec(
+        "instructions",
+        "instruction_following",
+        instruction.run,
+        "a jsonl file (--option instructions_file=PATH)",
+        instruction.check,
+        None,
+    ),
+)
 
 SUITES: dict[str, list[str]] = {
-    "kick": ["triviaqa", "nq_open", "qa_wikidata", "mmlu", "squad_closed", "squad_open", "coqa_closed", "coqa_open",
-             "xsum", "cnndm", "instructions"],
+    "kick": [
+        "triviaqa",
+        "nq_open",
+        "qa_wikidata",
+        "mmlu",
+        "squad_closed",
+        "squad_open",
+        "coqa_closed",
+        "coqa_open",
+        "xsum",
+        "cnndm",
+        "instructions",
+    ],
     "zeroshot": ["arc_easy", "arc_challenge", "piqa", "hellaswag", "boolq", "openbookqa", "winogrande", "sciq"],
 }
 
@@ -89,5 +124,18 @@ def load_examples(name: str, options: dict | None = None) -> list[dict]:
 
 requests_for = multiple_choice.requests_for
 
-__all__ = ["TASKS", "FAMILIES", "SUITES", "task_names", "OPTIONS", "TaskSpec", "get_runner", "get_spec", "expand_suite", "validate",
-           "load_examples", "requests_for", "parse_options"]
+__all__ = [
+    "TASKS",
+    "FAMILIES",
+    "SUITES",
+    "task_names",
+    "OPTIONS",
+    "TaskSpec",
+    "get_runner",
+    "get_spec",
+    "expand_suite",
+    "validate",
+    "load_examples",
+    "requests_for",
+    "parse_options",
+]

