@@ -56,24 +56,24 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RECOUP_LLAMA_CPP_CACHE") or Path.home() / ".cache" / "recoup-llama-cpp").expanduser()
 
 
-def _has_bins(d: Path) -> bool:
-    return all((d / t).is_file() and os.access(d / t, os.X_OK) for t in TARGETS)
+def _has_bins(d: Path, targets: tuple[str, ...]) -> bool:
+    return all((d / t).is_file() and os.access(d / t, os.X_OK) for t in targets)
 
 
-def find_llama_cpp() -> Path | None:
-    """The folder holding ``llama-perplexity`` and ``llama-server``: under ``LLAMA_CPP_DIR``, else the cache."""
+def find_llama_cpp(targets: tuple[str, ...] = TARGETS) -> Path | None:
+    """The folder holding the ``targets`` binaries: under ``LLAMA_CPP_DIR``, else the cache."""
     roots = [Path(os.environ["LLAMA_CPP_DIR"]).expanduser()] if os.environ.get("LLAMA_CPP_DIR") else []
     roots.append(cache_dir() / "llama.cpp")
     for root in roots:
         for d in (root / "build" / "bin", root / "bin", root):
-            if _has_bins(d):
+            if _has_bins(d, targets):
                 return d
     return None
 
 
-def why_missing() -> str:
+def why_missing(targets: tuple[str, ...] = TARGETS) -> str:
     where = f"LLAMA_CPP_DIR={os.environ['LLAMA_CPP_DIR']}" if os.environ.get("LLAMA_CPP_DIR") else "LLAMA_CPP_DIR unset"
-    return (f"llama.cpp's {' and '.join(TARGETS)} not found ({where}; cache {cache_dir()}); "
+    return (f"llama.cpp's {' and '.join(targets)} not found ({where}; cache {cache_dir()}); "
             "`python benchmarks/llama_cpp.py` builds them into the cache")
 
 
@@ -157,9 +157,16 @@ def llama_ppl(bins: Path, gguf: Path, text_file: Path, ctx: int, chunks: int, th
     cmd = [str(bins / "llama-perplexity"), "-m", str(gguf), "-f", str(text_file), "-c", str(ctx), "-b", str(ctx),
            "--chunks", str(chunks), "-t", str(threads)]
     t0 = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    log = out.stdout + out.stderr
-    m = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", log)
+    for _ in range(10):  # its logger thread can drop the last lines at exit (exit 0, no final estimate; llama.cpp
+        # leaks its logger on purpose, see common/log.cpp): the value after chunk n is the same number, else run again
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        log = out.stdout + out.stderr
+        m = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", log)
+        last = re.search(rf"\[{chunks}\]([0-9.]+),", log)
+        if m is None and last is not None:
+            m = re.match(r"(.*) (.*)", f"{last.group(1)} nan")
+        if out.returncode != 0 or m is not None:
+            break
     if out.returncode != 0 or m is None:
         tail = "\n".join(log.strip().splitlines()[-8:])
         raise RuntimeError(f"llama-perplexity failed on {gguf} (exit {out.returncode}):\n{tail}")
@@ -295,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--judge-limit", type=int, default=2)
     ap.add_argument("--work", default=None, help="artifacts and GGUF files (reused); default CACHE/work")
     ap.add_argument("--out", default=None, help="results folder: llama_cpp.json")
-    ap.add_argument("--no-build", action="store_true", help="fail instead of building llama.cpp")
+    ap.add_argument("--no-build", action="store_true", help="never build llama.cpp: fail without llama-perplexity, "
+                    "skip the server parts without llama-server")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
@@ -304,10 +312,13 @@ def main(argv: list[str] | None = None) -> int:
     from recoup.data.corpora import load_corpus
 
     bins = find_llama_cpp()
+    if bins is None and args.no_build:
+        bins = find_llama_cpp(("llama-perplexity",))
     if bins is None:
         if args.no_build:
-            raise SystemExit(why_missing())
+            raise SystemExit(why_missing(("llama-perplexity",)))
         bins = build_llama_cpp()
+    has_server = _has_bins(bins, ("llama-server",))
     version = llama_cpp_version(bins)
     work = Path(args.work).expanduser() if args.work else cache_dir() / "work"
     work.mkdir(parents=True, exist_ok=True)
@@ -337,7 +348,9 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer_check = judge = None
     dense_gguf = work / "gguf" / "dense-F32" / "model.gguf"
-    if dense_gguf.is_file():
+    if dense_gguf.is_file() and not has_server:
+        print(f"llama-server not built in {bins}: tokenizer check and judge skipped (--no-build)")
+    if dense_gguf.is_file() and has_server:
         lm = load_model(str(work / "art" / "dense"))
         with LlamaServer(bins, dense_gguf, threads=args.threads, log=work / "llama-server.log") as server:
             theirs = server.tokenize(text)
