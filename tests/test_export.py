@@ -25,8 +25,11 @@ from recoup.data.calibration import Calibration
 from recoup.errors import RecoupError
 from recoup.model.load import LoadedModel
 
-TEXT = ["the quick brown fox jumps over the lazy dog 0123456789", "recoup exports compressed models",
-        "Hello world! How are you today?"] * 20
+TEXT = [
+    "the quick brown fox jumps over the lazy dog 0123456789",
+    "recoup exports compressed models",
+    "Hello world! How are you today?",
+] * 20
 
 
 def bpe_tokenizer() -> PreTrainedTokenizerFast:
@@ -34,8 +37,14 @@ def bpe_tokenizer() -> PreTrainedTokenizerFast:
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
-                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk.train_from_iterator(
+        TEXT,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<pad>", "<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
@@ -102,18 +111,23 @@ def test_hf_export_loads_in_plain_transformers(tmp_path, dtype, rel):
 def test_pack_int32_matches_compressed_tensors():
     ct = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
     for bits in (2, 3, 4, 7):
-        v = torch.randint(0, 2 ** bits, (5, 70), generator=torch.Generator().manual_seed(bits))
+        v = torch.randint(0, 2**bits, (5, 70), generator=torch.Generator().manual_seed(bits))
         ref = ct.pack_to_int32((v - 2 ** (bits - 1)).to(torch.int8), bits)
         assert torch.equal(pack_int32(v, bits), ref)
         ref0 = ct.pack_to_int32((v - 2 ** (bits - 1)).to(torch.int8), bits, packed_dim=0)
         assert torch.equal(pack_int32(v.t(), bits).t(), ref0)
 
 
-@pytest.mark.parametrize("cfg", [dict(method="sparsegpt", sparsity=0.5, bits=4, group_size=32),
-                                 dict(method="rtn", bits=3, group_size=-1),
-                                 dict(method="rtn", bits=8, group_size=32),
-                                 dict(method="awq", bits=4, group_size=32),
-                                 dict(method="awq", bits=3, group_size=32, rounding="gptq")])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(method="sparsegpt", sparsity=0.5, bits=4, group_size=32),
+        dict(method="rtn", bits=3, group_size=-1),
+        dict(method="rtn", bits=8, group_size=32),
+        dict(method="awq", bits=4, group_size=32),
+        dict(method="awq", bits=3, group_size=32, rounding="gptq"),
+    ],
+)
 def test_compressed_tensors_loads_in_transformers(tmp_path, cfg):
     pytest.importorskip("compressed_tensors")
     art = artifact(tmp_path, **cfg)
@@ -144,7 +158,7 @@ def test_compressed_tensors_asymmetric_decompresses_bitwise(tmp_path, bits):
     state = load_file(str(tmp_path / "compressed-tensors" / "model.safetensors"))
     for name in art.manifest["layers"]:
         name = name["name"]
-        local = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+        local = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
         w = comp.decompress(local, scheme)["weight"]
         assert torch.equal(w.float(), art.model.get_submodule(name).weight), name
     assert ct.__version__ and res["quantized_linears"] == len(art.manifest["layers"])
@@ -164,11 +178,15 @@ def test_compressed_tensors_refuses_what_it_cannot_hold(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
-@pytest.mark.parametrize("cfg,qtype,rel", [
-    (dict(method="sparsegpt", sparsity=0.5, bits=4, group_size=64), "Q4_0", 2e-3),
-    (dict(method="rtn", bits=4, group_size=32, sym=False), "Q4_1", 2e-3),
-    (dict(method="gptq", bits=8, group_size=32), "Q8_0", 2e-3),
-    (dict(method="rtn", bits=3, group_size=32), "F32", 1e-5)])
+@pytest.mark.parametrize(
+    "cfg,qtype,rel",
+    [
+        (dict(method="sparsegpt", sparsity=0.5, bits=4, group_size=64), "Q4_0", 2e-3),
+        (dict(method="rtn", bits=4, group_size=32, sym=False), "Q4_1", 2e-3),
+        (dict(method="gptq", bits=8, group_size=32), "Q8_0", 2e-3),
+        (dict(method="rtn", bits=3, group_size=32), "F32", 1e-5),
+    ],
+)
 def test_gguf_loads_in_transformers_reader(tmp_path, arch, cfg, qtype, rel):
     art = artifact(tmp_path, arch=arch, tie=arch == "qwen3", **cfg)
     res = run_export(art, tmp_path, "gguf")
@@ -247,8 +265,9 @@ def lora_dir(model, path, base: str | None = None):
     import peft
 
     torch.manual_seed(3)
-    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                         task_type="CAUSAL_LM"))
+    wrapped = peft.get_peft_model(
+        model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    )
     for n, p in wrapped.named_parameters():
         if "lora_B" in n:
             p.data.normal_(0, 0.05)
@@ -281,8 +300,13 @@ def test_merge_only_into_hf_and_recorded(tmp_path):
     art = artifact(tmp_path, method="sparsegpt", sparsity=0.5, bits=4, group_size=32)
     ref = lora_dir(load_artifact(art.path).model, tmp_path / "lora")
     with pytest.raises(RecoupError, match="densify"):
-        ExportConfig(source=str(art.path), format="compressed-tensors", out=str(tmp_path / "x"),
-                     recovery=str(tmp_path / "lora"), merge=True)
+        ExportConfig(
+            source=str(art.path),
+            format="compressed-tensors",
+            out=str(tmp_path / "x"),
+            recovery=str(tmp_path / "lora"),
+            merge=True,
+        )
     res = run_export(art, tmp_path, "hf", recovery=str(tmp_path / "lora"), merge=True)
     side = json.loads((tmp_path / "hf" / "recoup_export.json").read_text())
     assert side["recovery"]["merged"] is True and "dense" in side["merge"] and res["recovery"] is None
@@ -299,11 +323,13 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
     tiny().model.save_pretrained(str(plain))
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep me")
-    cases = [(["--format", "ggfu"], "did you mean 'gguf'"),
-             (["--format", "gguf", "--gguf-type", "Q4_0"], "does not hold"),
-             (["--format", "compressed-tensors", "--out", str(tmp_path / "full")], "already exists"),
-             (["--format", "hf", "--dtype", "float8"], "--dtype"),
-             (["--format", "hf", "--merge"], "--merge needs --recovery")]
+    cases = [
+        (["--format", "ggfu"], "did you mean 'gguf'"),
+        (["--format", "gguf", "--gguf-type", "Q4_0"], "does not hold"),
+        (["--format", "compressed-tensors", "--out", str(tmp_path / "full")], "already exists"),
+        (["--format", "hf", "--dtype", "float8"], "--dtype"),
+        (["--format", "hf", "--merge"], "--merge needs --recovery"),
+    ]
     capsys.readouterr()
     for extra, needle in cases:
         argv = ["export", str(art.path), "--out", str(tmp_path / "new")] + extra
@@ -383,12 +409,14 @@ def test_soft_prompt_beside_export_loads_with_peft(tmp_path):
     from recoup.recover.soft_prompt import SoftPrompt
 
     art = artifact(tmp_path, method="sparsegpt", sparsity=0.5, bits=4, group_size=32)
-    sp = SoftPrompt(torch.randn(5, 64, generator=torch.Generator().manual_seed(0)) * 0.02,
-                    {"base_model": str(art.path), "num_attention_heads": 4, "num_layers": 2})
+    sp = SoftPrompt(
+        torch.randn(5, 64, generator=torch.Generator().manual_seed(0)) * 0.02,
+        {"base_model": str(art.path), "num_attention_heads": 4, "num_layers": 2},
+    )
     sp.save(tmp_path / "sp")
     res = run_export(art, tmp_path, "hf", recovery=str(tmp_path / "sp"))
     m = AutoPeftModelForCausalLM.from_pretrained(res["recovery"], dtype=torch.float32).eval()
     with torch.no_grad():
-        got = m(input_ids=X).logits[:, sp.tokens:]
+        got = m(input_ids=X).logits[:, sp.tokens :]
         ref = forward_logits(art.model, X, None, sp.prefix(art.model, X, torch.ones_like(X)))
     assert_close(got.float(), ref.float(), 1e-5)

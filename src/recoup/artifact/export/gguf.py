@@ -44,10 +44,17 @@ class GgufArch:
 
 
 # model types llama.cpp runs and this writer handles (data, docs/design.md house style 4)
-ARCHES = {"llama": GgufArch("llama", True), "mistral": GgufArch("llama", True, "mistral"),
-          "qwen2": GgufArch("qwen2", False), "qwen3": GgufArch("qwen3", False)}
-REFUSED = {"gemma3_text": "its norms (1 + w) and scaled embeddings are not converted yet",
-           "opt": "llama.cpp has no OPT architecture", "gpt2": "its fused Conv1D attention is not converted yet"}
+ARCHES = {
+    "llama": GgufArch("llama", True),
+    "mistral": GgufArch("llama", True, "mistral"),
+    "qwen2": GgufArch("qwen2", False),
+    "qwen3": GgufArch("qwen3", False),
+}
+REFUSED = {
+    "gemma3_text": "its norms (1 + w) and scaled embeddings are not converted yet",
+    "opt": "llama.cpp has no OPT architecture",
+    "gpt2": "its fused Conv1D attention is not converted yet",
+}
 # (bits, sym) -> the block type that holds that grid
 GRID_TYPES = {(4, True): "Q4_0", (4, False): "Q4_1", (8, True): "Q8_0"}
 FLOAT_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -77,11 +84,15 @@ class GgufExporter:
 
     def plan(self, info: ArtifactInfo, config: ExportConfig) -> dict[str, Any]:
         if info.model_type in REFUSED:
-            raise RecoupError(f"GGUF export of a '{info.model_type}' model: {REFUSED[info.model_type]}; "
-                              "use --format hf or compressed-tensors")
+            raise RecoupError(
+                f"GGUF export of a '{info.model_type}' model: {REFUSED[info.model_type]}; "
+                "use --format hf or compressed-tensors"
+            )
         if info.model_type not in ARCHES:
-            raise RecoupError(f"GGUF export knows {', '.join(sorted(ARCHES))} models, not '{info.model_type}'; "
-                              "use --format hf or compressed-tensors")
+            raise RecoupError(
+                f"GGUF export knows {', '.join(sorted(ARCHES))} models, not '{info.model_type}'; "
+                "use --format hf or compressed-tensors"
+            )
         from transformers import AutoConfig
 
         from recoup.artifact.store import _artifact_config  # a packed artifact's config, its model type restored
@@ -97,22 +108,40 @@ class GgufExporter:
         if wanted is None:
             linear_type = fits or float_type
             if info.bits and not fits:
-                log.warning("the artifact's grid (%s) has no GGUF block type (%s); its quantized linears are "
-                            "written as %s", info.describe_grid(), why or "no block type", linear_type)
+                log.warning(
+                    "the artifact's grid (%s) has no GGUF block type (%s); its quantized linears are written as %s",
+                    info.describe_grid(),
+                    why or "no block type",
+                    linear_type,
+                )
         elif wanted in FLOAT_TYPES.values():
             linear_type = float_type = wanted
         elif wanted != fits:
             reason = why if wanted == grid_type else f"the artifact has {info.describe_grid()}, not {wanted}'s grid"
-            raise RecoupError(f"--gguf-type {wanted} does not hold this artifact exactly ({reason}); recompress with "
-                              f"{_grid_flags(wanted)}, or pick --gguf-type {float_type}")
+            raise RecoupError(
+                f"--gguf-type {wanted} does not hold this artifact exactly ({reason}); recompress with "
+                f"{_grid_flags(wanted)}, or pick --gguf-type {float_type}"
+            )
         else:
             linear_type = wanted
-        return {"linear_type": linear_type, "float_type": float_type, "pre_tokenizer": pre,
-                "pre_tokenizer_from": pre_from, "arch": ARCHES[info.model_type].arch}
+        return {
+            "linear_type": linear_type,
+            "float_type": float_type,
+            "pre_tokenizer": pre,
+            "pre_tokenizer_from": pre_from,
+            "arch": ARCHES[info.model_type].arch,
+        }
 
     @torch.no_grad()
-    def write(self, model: nn.Module, tokenizer: Any, info: ArtifactInfo, plan: dict[str, Any],
-              config: ExportConfig, out: Path) -> dict[str, Any]:
+    def write(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        info: ArtifactInfo,
+        plan: dict[str, Any],
+        config: ExportConfig,
+        out: Path,
+    ) -> dict[str, Any]:
         """``out/model.gguf``: metadata, tokenizer, then every tensor under llama.cpp's name."""
         import gguf
 
@@ -121,8 +150,9 @@ class GgufExporter:
         writer = gguf.GGUFWriter(str(out / FILE), spec.arch)
         _add_metadata(writer, cfg, spec, FILE_TYPES[plan["linear_type"]])
         add_tokenizer(writer, tokenizer, info.path, int(cfg.vocab_size), plan["pre_tokenizer"])
-        names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == spec.arch),
-                                         int(cfg.num_hidden_layers))
+        names = gguf.get_tensor_name_map(
+            next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == spec.arch), int(cfg.num_hidden_layers)
+        )
         qtype = plan["linear_type"] if plan["linear_type"] in GRID_TYPES.values() else None
         counts: dict[str, int] = {}
         exact_scales = True
@@ -154,8 +184,12 @@ class GgufExporter:
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=False)
         writer.close()
-        return {"file": FILE, "tensor_types": counts, "scales_exact_in_fp16": exact_scales if qtype else None,
-                "files": [FILE]}
+        return {
+            "file": FILE,
+            "tensor_types": counts,
+            "scales_exact_in_fp16": exact_scales if qtype else None,
+            "files": [FILE],
+        }
 
 
 def _add_metadata(writer: Any, cfg: Any, spec: GgufArch, file_type: int) -> None:
@@ -197,8 +231,10 @@ def check_config(cfg: Any, spec: GgufArch) -> None:
     if window is not None and getattr(cfg, "use_sliding_window", True) and window < int(cfg.max_position_embeddings):
         raise RecoupError(f"GGUF export: sliding-window attention ({window} tokens) is not written; use --format hf")
     if spec.arch == "qwen3" and getattr(cfg, "attention_bias", False):
-        raise RecoupError("GGUF export: llama.cpp's qwen3 has no attention output bias (attention_bias=true); "
-                          "use --format hf or compressed-tensors")
+        raise RecoupError(
+            "GGUF export: llama.cpp's qwen3 has no attention output bias (attention_bias=true); "
+            "use --format hf or compressed-tensors"
+        )
     if float(getattr(cfg, "partial_rotary_factor", 1.0) or 1.0) != 1.0:
         raise RecoupError("GGUF export: partial rotary embeddings are not written; use --format hf")
     heads = int(cfg.num_attention_heads)
@@ -212,8 +248,11 @@ def _qk_permutation(module: str, cfg: Any, rows: int) -> torch.Tensor | None:
     leaf = module.rsplit(".", 1)[-1]
     if leaf not in ("q_proj", "k_proj"):
         return None
-    heads = int(cfg.num_attention_heads if leaf == "q_proj" else
-                (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads))
+    heads = int(
+        cfg.num_attention_heads
+        if leaf == "q_proj"
+        else (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    )
     return torch.arange(rows).view(heads, 2, rows // heads // 2).transpose(1, 2).reshape(-1)
 
 
@@ -229,7 +268,7 @@ def _blocks(lc: LinearCodes, g_idx: torch.Tensor, qtype: str) -> np.ndarray:
         q = (codes.to(torch.int16) - zero.to(torch.int16)).to(torch.int8).view(torch.uint8)
         parts = [d, q]
     else:
-        qs = codes[:, :BLOCK // 2] | (codes[:, BLOCK // 2:] << 4)
+        qs = codes[:, : BLOCK // 2] | (codes[:, BLOCK // 2 :] << 4)
         if qtype == "Q4_0":
             parts = [d, qs]
         else:  # Q4_1: d * q + m with m = -scale * zero

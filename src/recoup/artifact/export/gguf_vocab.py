@@ -33,9 +33,9 @@ log = logging.getLogger(__name__)
 # pre-tokenizers in that llama-vocab.cpp (WordPiece models: bert-bge-large, jina-v2-en) are left out; of
 # a hash listed twice the later name is kept, as in the converter's chain of ifs.
 CHECK_TEXT = (
-    '\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated)'
-    ' ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁'
-    ' ?我想在apple工作1314151天～ ------======= нещо на Български \'\'\'\'\'\'```````""""......!!!'
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated)"
+    " ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁"
+    " ?我想在apple工作1314151天～ ------======= нещо на Български ''''''```````\"\"\"\"......!!!"
     "!!!?????? I've been 'told he's there, 'RE you sure? 'M not sure I'll make it, 'D"
     " you like some tea? We'Ve a'lL"
 )
@@ -137,10 +137,14 @@ PRE_BY_HASH = {
 }
 
 # llama.cpp pre-tokenizer name -> the Split regex transformers' tokenizer.json carries for it
-_QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-          r"|\s+(?!\S)|\s+")
-_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2 = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+_LLAMA3 = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 SPLIT_PRE = {_QWEN2: "qwen2", _LLAMA3: "llama-bpe"}
 
 
@@ -182,8 +186,10 @@ def check_tokenizer(path: Path, tokenizer: Any = None) -> tuple[str, str]:
     tj = _tokenizer_json(path)
     model = (tj.get("model") or {}).get("type")
     if model != "BPE" or not json.dumps(tj.get("decoder") or {}).count("ByteLevel"):
-        raise RecoupError(f"GGUF export writes byte-level BPE tokenizers only; this one is {model} "
-                          f"(decoder {(tj.get('decoder') or {}).get('type')}); use --format hf or compressed-tensors")
+        raise RecoupError(
+            f"GGUF export writes byte-level BPE tokenizers only; this one is {model} "
+            f"(decoder {(tj.get('decoder') or {}).get('type')}); use --format hf or compressed-tensors"
+        )
     if tokenizer is None:
         from transformers import AutoTokenizer
 
@@ -193,19 +199,24 @@ def check_tokenizer(path: Path, tokenizer: Any = None) -> tuple[str, str]:
         return PRE_BY_HASH[digest], f"llama.cpp's table of tokenizer hashes ({digest[:16]})"
     pre = None if tj.get("normalizer") else _pre_name(tj.get("pre_tokenizer"))
     if pre is None:
-        raise RecoupError("GGUF export: llama.cpp has no pre-tokenizer for this tokenizer (its hash "
-                          f"{digest[:16]} is not in llama.cpp's table, and its normalizer / pre-tokenizer "
-                          f"{json.dumps(tj.get('normalizer'))[:40]} / {json.dumps(tj.get('pre_tokenizer'))[:80]} "
-                          "is none of llama.cpp's regex sets); use --format hf or compressed-tensors")
+        raise RecoupError(
+            "GGUF export: llama.cpp has no pre-tokenizer for this tokenizer (its hash "
+            f"{digest[:16]} is not in llama.cpp's table, and its normalizer / pre-tokenizer "
+            f"{json.dumps(tj.get('normalizer'))[:40]} / {json.dumps(tj.get('pre_tokenizer'))[:80]} "
+            "is none of llama.cpp's regex sets); use --format hf or compressed-tensors"
+        )
     log.info("tokenizer hash %s is not in llama.cpp's table; pre-tokenizer '%s' from its description", digest, pre)
     return pre, "the tokenizer's pre-tokenizer description (hash not in llama.cpp's table)"
 
 
 def looks_special(text: str) -> bool:
     """llama.cpp's ``does_token_look_special``: added tokens written CONTROL although not marked special."""
-    return (text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or (text.startswith("<|") and text.endswith("|>"))
-            or (text.startswith("<\uff5c") and text.endswith("\uff5c>"))
-            or (text.startswith("<unused") and text.endswith(">")))
+    return (
+        text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+        or (text.startswith("<|") and text.endswith("|>"))
+        or (text.startswith("<\uff5c") and text.endswith("\uff5c>"))
+        or (text.startswith("<unused") and text.endswith(">"))
+    )
 
 
 def add_tokenizer(writer: Any, tokenizer: Any, path: Path, vocab_size: int, pre: str) -> None:
