@@ -104,13 +104,13 @@ def test_output_that_cannot_fit_is_refused_before_compressing(tmp_path, monkeypa
     from helpers import save_tiny
 
     import recoup.compress as compress_room
-    from recoup.artifact import store
+    from recoup.artifact import space
 
     save_tiny(tmp_path / "tiny")
     ran = []
     monkeypatch.setattr(compress_room, "compress", lambda *a, **k: ran.append(1))
     usage = _shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(store.shutil, "disk_usage", lambda p: usage._replace(free=4096))
+    monkeypatch.setattr(space.shutil, "disk_usage", lambda p: usage._replace(free=4096))
     capsys.readouterr()
     assert (
         main(

@@ -45,7 +45,8 @@ def compress(job: CompressJob) -> dict:
     """Compress ``job.model`` with ``job.config`` and write the artifact to ``job.out``."""
     from recoup.artifact import load_model
     from recoup.artifact.layerwise import LayerwiseWriter
-    from recoup.artifact.store import check_space, estimate_bytes, no_space_as_error, save_artifact
+    from recoup.artifact.space import check_space, estimate_bytes, no_space_as_error
+    from recoup.artifact.store import save_artifact
     from recoup.compress import METHODS
     from recoup.compress import compress as run_engine
     from recoup.data.calibration import calibration_windows
