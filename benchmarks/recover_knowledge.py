@@ -11,9 +11,15 @@ Row grammar (``--rows``, comma-separated; the same rows are measured on every ar
                                   directory is reused, or fitted; the fit seconds include EoRA's)
     lora:task=T | cpet:task=T     references trained on task T's train part (held-out split as the SciQ column;
                                   CPET with its recovery modules); LoRA rank --lora-rank
+    tune:PARTS:OBJ                `recoup recover ART --method tune`: the artifact's own PARTS (a +-joined list of
+                                  scales, norms, weights) trained on --data into a new artifact of the same format
+                                  and size in --workdir, measured as the model (0 extra parameters); a row whose
+                                  parts do not apply to an artifact (scales on an unquantized one, weights on a
+                                  quantized one) is skipped there with the reason printed
 
-OBJ is an objective: lm (next-token loss), kd (distil the dense source) or lm+kd. ``--steps`` overrides every
-trained row's steps (default: each method's own).
+OBJ is an objective: lm (next-token loss), kd (distil the dense source) or lm+kd; a tune row also takes
+squarehead (match the dense source's decoder-layer outputs) and its sums (kd+squarehead, ...). ``--steps``
+overrides every trained row's steps (default: each method's own).
 
 Columns: PTB and wiki test perplexity (``--ppl-windows`` x ``--ppl-seqlen``); accuracy (acc, lm-eval definitions,
 through the evaluation Scorer, per example kept) on ARC-Easy (``--arc`` seeded examples, 0 = all 570), PIQA
@@ -71,30 +77,43 @@ log = logging.getLogger("recover_knowledge")
 OBJECTIVES = ("lm", "kd", "lm+kd")
 ROW = re.compile(
     r"^(?:(dense|compressed)|eora:(\d+)(?:@([0-9.]+))?|(soft-prompt|idp):([a-z+]+)|"
-    r"lora:([a-z+]+?)(\+eora)?|(lora|cpet):task=([a-z_]+))$"
+    r"lora:([a-z+]+?)(\+eora)?|(lora|cpet):task=([a-z_]+)|tune:([a-z+]+):([a-z+]+))$"
 )
+TUNE_PARTS = ("scales", "norms", "weights")  # recoup.recover.tune.TRAINABLE
 
 
 @dataclasses.dataclass
 class Row:
     spec: str
-    method: str  # dense | compressed | eora | soft-prompt | idp | lora | cpet
+    method: str  # dense | compressed | eora | soft-prompt | idp | lora | cpet | tune
     rank: int | None = None
     energy: float | None = None
     objective: str | None = None
     from_eora: bool = False
     task: str | None = None
+    parts: tuple[str, ...] = ()  # tune: what trains inside the artifact
 
 
 def parse_row(spec: str) -> Row:
     """A row spec of the module docstring's grammar; SystemExit with the grammar otherwise."""
+    from recoup.recover.losses import OBJECTIVES as TUNE_OBJECTIVES
+
     m = ROW.match(spec)
     obj = m and (m.group(5) or m.group(6))
-    if not m or (obj and obj not in OBJECTIVES):
+    parts = m and m.group(10) and m.group(10).split("+")
+    if (
+        not m
+        or (obj and obj not in OBJECTIVES)
+        or (parts and (any(p not in TUNE_PARTS for p in parts) or len(set(parts)) < len(parts)))
+        or (parts and m.group(11) not in TUNE_OBJECTIVES)
+    ):
         raise SystemExit(
             f"bad row '{spec}': use dense, compressed, eora:R[@E], soft-prompt:OBJ, idp:OBJ, lora:OBJ, "
-            f"lora:OBJ+eora, lora:task=T, cpet:task=T (OBJ: {', '.join(OBJECTIVES)})"
+            f"lora:OBJ+eora, lora:task=T, cpet:task=T (OBJ: {', '.join(OBJECTIVES)}), tune:PARTS:OBJ (PARTS: "
+            f"+-joined {', '.join(TUNE_PARTS)}; OBJ: {', '.join(TUNE_OBJECTIVES)})"
         )
+    if parts:
+        return Row(spec, "tune", objective=m.group(11), parts=tuple(p for p in TUNE_PARTS if p in parts))
     if m.group(1):
         return Row(spec, m.group(1))
     if m.group(2):
@@ -126,6 +145,8 @@ def recover_flat(row: Row, args, inherit: str | None = None) -> dict:
         }
         return {**flat, "energy": row.energy} if row.energy is not None else flat
     flat = {"method": row.method, "seed": args.seed}
+    if row.method == "tune":
+        flat["trainable"] = ",".join(row.parts)
     if row.task:
         flat.update({"task": row.task, "heldout_fraction": 0.3})
     else:
@@ -159,11 +180,39 @@ def fit_row(row: Row, artifact: str, args, workdir: Path) -> tuple[str | None, d
     flat = recover_flat(row, args, str(inherit) if inherit else None)
     started = time.time()
     summary = recover(RecoverJob.from_flat({**flat, "model": artifact, "out": str(out), "force": True}))
-    return str(out), {
+    fitted = {
         "parameters": summary["parameters"],
         "fit_seconds": round(time.time() - started + extra_seconds, 1),
         "config": summary["config"],
     }
+    if row.method == "tune":  # what the new artifact's manifest records of its tuning (validation losses included)
+        from recoup.artifact.store import read_manifest
+
+        fitted["tuning"] = read_manifest(out)["tuning"][-1]
+    return str(out), fitted
+
+
+def tune_skip(row: Row, manifest: dict, label: str) -> str | None:
+    """Why the tune row ``row`` does not apply to the artifact of ``manifest`` (tune's own refusal: scales on an
+    unquantized artifact, weights on a quantized one), or None."""
+    from recoup.errors import RecoupError
+    from recoup.recover.tune import refuse_parts
+
+    if row.method != "tune":
+        return None
+    try:
+        refuse_parts(manifest, row.parts, label)
+    except RecoupError as e:
+        return str(e)
+    return None
+
+
+def measured_model(row: Row, artifact: str, dense: str, recovery: str | None) -> tuple[str, str | None]:
+    """(the model a row is measured as, the recovery attached to it): a tune row's recovery is a new artifact,
+    measured like any model with nothing attached."""
+    if row.method == "tune":
+        return str(recovery), None
+    return (dense if row.method == "dense" else artifact), recovery
 
 
 def fitted_before(row: Row, label: str, name: str, args) -> tuple[str | None, dict | None]:
@@ -184,6 +233,7 @@ def fitted_before(row: Row, label: str, name: str, args) -> tuple[str | None, di
         "parameters": before["parameters"],
         "fit_seconds": before["fit_seconds"],
         "config": before["config"],
+        **({"tuning": before["tuning"]} if "tuning" in before else {}),
         "fitted_in": str(args.fitted_from),
     }
 
@@ -249,6 +299,7 @@ def evaluate_row(row: Row, source: str, recovery: str | None, args, examples: di
     loaded, rec, net = attached(row, source, recovery, examples)
     base = sum(p.numel() for n, p in loaded.model.named_parameters() if "lora_" not in n)  # without an attached LoRA
     out = {
+        "model_manifest_sha256": (loaded.manifest or {}).get("manifest_sha256"),  # an artifact's identity
         "ppl_ptb": res["ppl:ptb"]["ppl"],
         "ppl_wiki": res["ppl:wiki"]["ppl"],
         "ppl_windows": args.ppl_windows,
@@ -397,9 +448,11 @@ def main() -> None:
         drawn = json.loads((out / "examples.json").read_text())
     groups: dict[str, dict] = {}
     for label, artifact in artifacts.items():
-        src = read_manifest(artifact)["source"]
+        manifest = read_manifest(artifact)
+        src = manifest["source"]
         dense = src.get("path") or src["model"]
         measured: dict[str, dict] = {}
+        skipped: dict[str, str] = {}  # tune rows that do not apply to this artifact, with tune's reason
         for row in rows:
             done = (
                 out
@@ -434,10 +487,13 @@ def main() -> None:
                                 f"gone; remove the row file to refit it"
                             )
                     log.info("%s %s: adding %s", label, row.spec, ", ".join(missing))
-                    add_columns(
-                        row, cached, dense if row.method == "dense" else artifact, recovery, missing, args, examples
-                    )
+                    add_columns(row, cached, *measured_model(row, artifact, dense, recovery), missing, args, examples)
                     done.write_text(json.dumps(cached, indent=1))
+                continue
+            reason = tune_skip(row, manifest, label)
+            if reason:
+                skipped[row.spec] = reason
+                print(f"{label} {row.spec}: skipped: {reason}", flush=True)
                 continue
             if args.report_only:
                 log.info("%s %s: not measured", label, row.spec)
@@ -445,7 +501,7 @@ def main() -> None:
             recovery, fitted = fitted_before(row, label, done.name, args) if args.fitted_from else (None, None)
             if fitted is None:
                 recovery, fitted = fit_row(row, artifact, args, Path(args.workdir) / safe(label))
-            source = dense if row.method == "dense" else artifact
+            source, recovery = measured_model(row, artifact, dense, recovery)
             measured[row.spec] = {**fitted, **evaluate_row(row, source, recovery, args, examples)}
             r = measured[row.spec]
             r["parameters_pct"] = 100.0 * r["parameters"] / r["base_parameters"]
@@ -459,6 +515,7 @@ def main() -> None:
             "artifact": artifact,
             "dense": dense,
             "rows": measured,
+            "skipped": skipped,
             "analysis": analyse(measured, args.bootstrap, args.seed),
         }
     # the threads the rows' latencies were measured with (a --report-only run's own count says nothing of them)

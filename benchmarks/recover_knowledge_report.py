@@ -132,17 +132,22 @@ def markdown(groups: dict[str, dict], setup: dict) -> str:
                 + (", ".join(matched) or "none")
                 + " |"
             )
+        skipped = group.get("skipped") or {}
+        if skipped:
+            lines += ["", *(f"Skipped `{n}`: {why}" for n, why in skipped.items())]
         lines += ["", *budget_lines(rows, ana), ""]
     return "\n".join(lines)
 
 
+ZERO = "0 extra parameters at inference"  # a recovery inside the artifact (tune rows): a new artifact, same size
 BUDGETS = [(0.1, "<= 0.1% (the seeds' claim: a prompt)"), (2.0, "<= 2%"), (10.0, "<= 10%"), (float("inf"), "any")]
 
 
 def budget_lines(rows: dict[str, dict], ana: dict[str, dict]) -> list[str]:
-    """Which recovery without task data does best within each extra-parameter budget: the highest mean accuracy
-    delta against the compressed row over the accuracy columns (points: a share of a gap of one or two points
-    is noise), with each column's delta and the share of the PTB gap closed."""
+    """Which recovery without task data does best within each extra-parameter budget, the first budget being no
+    extra parameter at all (a tuned artifact): the highest mean accuracy delta against the compressed row over
+    the accuracy columns (points: a share of a gap of one or two points is noise), with each column's delta and
+    the share of the PTB gap closed."""
     free = {n: r for n, r in rows.items() if n not in ("dense", "compressed") and ":task=" not in n}
     tasks = [t for t, _ in TASKS if all("delta" in ana[n].get(t, {}) for n in free)]
     if not free or not tasks:
@@ -153,8 +158,8 @@ def budget_lines(rows: dict[str, dict], ana: dict[str, dict]) -> list[str]:
         f"{', '.join(lab for t, lab in TASKS if t in tasks)}):",
         "",
     ]
-    for cap, label in BUDGETS:
-        within = [n for n in free if free[n]["parameters_pct"] <= cap]
+    for cap, label in [(0.0, ZERO), *BUDGETS]:
+        within = [n for n in free if (free[n]["parameters"] == 0 if cap == 0.0 else free[n]["parameters_pct"] <= cap)]
         if not within:
             out.append(f"- {label}: no row")
             continue
