@@ -12,6 +12,7 @@ from helpers import save_tiny, tiny_model
 from safetensors.torch import load_file
 from test_run import write_corpus
 
+from recoup.artifact import load_model
 from recoup.artifact.packing import PACKED_FILE
 from recoup.artifact.store import QPARAMS_FILE, compression_fingerprint, load_artifact, load_qparams, read_manifest
 from recoup.cli import main
@@ -288,6 +289,92 @@ def test_cli_tune_kd_squarehead_then_eval_and_export_compressed_tensors(work, tm
     # the tuned artifact is a model, not an adapter: attaching it is one clear line
     code = main(["eval", str(work["quant"]), "--recovery", str(out), "--tasks", f"ppl:{work['corpus']}"])
     assert code == 2
+
+
+# ---------------------------------------------------------------------------------------------- block-wise
+
+
+def _layer_losses(student, teacher, ids) -> list[float]:
+    """Each decoder layer's ||y_s - y_t||^2 / ||y_t||^2 on ``ids``, every model on its own stream (full forwards)."""
+    with torch.no_grad(), layer_outputs(student) as hs, layer_outputs(teacher) as ht:
+        student(ids)
+        teacher(ids)
+    return [float(squarehead_loss([hs[i]], [ht[i]])) for i in sorted(hs)]
+
+
+def test_blockwise_alone_lowers_each_layers_loss_and_is_what_the_tuned_model_computes(work):
+    """Block-wise with no end-to-end step: every layer's loss falls, and the recorded loss after is the tuned model's
+    own layer output against the dense model's on the compression's calibration windows (the two streams)."""
+    from recoup.data.calibration import calibration_windows
+
+    tuned, *_ = _tune(work, "quant", trainable="scales,norms", steps=0, blockwise_steps=12, lr=2e-2, batch_size=2)
+    bw = tuned.meta["blockwise"]
+    assert bw["steps"] == 12 and bw["windows"] == 4 and bw["seqlen"] == SEQLEN and len(bw["layers"]) == 2
+    for rec in bw["layers"]:
+        assert rec["improved"] and rec["loss_after"] < rec["loss_before"] * 0.95 and rec["parameters"] > 0, rec
+    cal = read_manifest(work["quant"])["calibration"]
+    assert bw["calibration"] == calibration_windows(tuned.loaded.tokenizer, cal["corpus"], 4, SEQLEN).protocol
+    ids = calibration_windows(tuned.loaded.tokenizer, cal["corpus"], cal["nsamples"], cal["seqlen"], cal["seed"])
+    dense = load_model(str(work["dense"])).model
+    got = _layer_losses(tuned.loaded.model, dense, ids.input_ids)
+    assert got == pytest.approx([r["loss_after"] for r in bw["layers"]], rel=1e-4)
+    source = _layer_losses(load_artifact(work["quant"]).model, dense, ids.input_ids)
+    assert source[0] == pytest.approx(bw["layers"][0]["loss_before"], rel=1e-4)  # layer 0: the same input stream
+    assert all(g < s for g, s in zip(got, source)), (got, source)
+    assert tuned.meta["train"]["steps"] == 0 and tuned.meta["train"]["best_val_loss"] == bw["val_loss_after"]
+
+
+def test_blockwise_then_end_to_end_codes_and_masks_bit_identical_recorded_in_the_manifest(work, tmp_path):
+    out = tmp_path / "bw"
+    args = ["recover", str(work["quant"]), "--method", "tune", "--trainable", "scales,norms"]
+    common = ["--data", work["corpus"], "--seqlen", str(SEQLEN), "--batch-size", "2", "--val-windows", "1"]
+    assert main([*args, *common, "--steps", "3", "--blockwise-steps", "6", "--lr", "1e-2", "--out", str(out)]) == 0
+    old_t, new_t = _packed(work["quant"]), _packed(out)
+    assert old_t.keys() == new_t.keys() and all(torch.equal(old_t[k], new_t[k]) for k in old_t)
+    old_q, new_q = load_qparams(work["quant"]), load_qparams(out)
+    assert all(torch.equal(old_q[n]["zero"], new_q[n]["zero"]) for n in old_q)
+    rec = read_manifest(out)["tuning"][-1]
+    assert rec["config"]["blockwise_steps"] == 6 and rec["train"]["steps"] == 3
+    bw = rec["blockwise"]
+    assert bw["steps"] == 6 and bw["teacher"] == str(work["dense"]) and len(bw["layers"]) == 2
+    assert all(r["loss_after"] < r["loss_before"] for r in bw["layers"]), bw["layers"]
+    assert bw["val_loss_after"] is not None and rec["compression_fingerprint"]["unchanged"]
+
+
+def test_blockwise_masked_weights_pruned_stay_zero(work):
+    src = load_artifact(work["sparse"])
+    masks = {n: anatomy(src.model).weight_matrix(m) == 0 for n, m in anatomy(src.model).iter_linears()}
+    tuned, *_ = _tune(work, "sparse", trainable="weights", steps=0, blockwise_steps=6, lr=3e-4, batch_size=2)
+    assert all(r["loss_after"] < r["loss_before"] for r in tuned.meta["blockwise"]["layers"])
+    model = tuned.loaded.model
+    for name, mod in anatomy(model).iter_linears():
+        assert torch.equal(anatomy(model).weight_matrix(mod) == 0, masks[name])
+    tuned.save(work["tmp"] / "sparse-bw")  # the fingerprint check at save passes
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--blockwise-steps", "-1"], "blockwise_steps must be >= 0 (got -1; 0: off)"),
+        (["--steps", "0"], "steps must be >= 1 (got 0; 0 only with --blockwise-steps N"),
+        (["--blockwise-steps", "2", "--magnitude"], "fits on the compression's calibration windows, and"),
+    ],
+)
+def test_blockwise_refusals_are_one_line_exit_2(work, capsys, extra, message):
+    source = work["quant"]
+    if "--magnitude" in extra:  # a data-free compression records no calibration windows
+        extra = [e for e in extra if e != "--magnitude"]
+        source = work["tmp"] / "magnitude"
+        if not source.exists():
+            assert main(["compress", str(work["dense"]), "--method", "magnitude", "--sparsity", "0.5", "--out",
+                         str(source), "--device", "cpu"]) == 0  # fmt: skip
+            capsys.readouterr()
+        extra = [*extra, "--trainable", "weights"]
+    code = main(["recover", str(source), "--method", "tune", "--data", work["corpus"], *extra, "--out",
+                 str(work["tmp"] / "refused-bw")])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not (work["tmp"] / "refused-bw").exists()
 
 
 # ---------------------------------------------------------------------------------------------- squarehead

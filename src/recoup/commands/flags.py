@@ -89,6 +89,8 @@ HELP: dict[str, str] = {
     "teacher": "dense model source for CPET distillation (default: the artifact's source model)",
     "trainable": "tune: comma list of scales (quantized linears' group scales, codes frozen), weights (sparse "
     "unquantized linears' kept weights, mask frozen), norms (normalisation gains)",
+    "blockwise_steps": "tune: before end to end, fit each decoder layer's trainable parts for N steps to the dense "
+    "layer's output, one layer at a time, on the compression's calibration windows (0: off)",
     "objective": "lm | kd (teacher's next-token distribution) | squarehead (teacher's decoder-layer outputs, "
     "normalised MSE) | a + sum: lm+kd, kd+squarehead, lm+squarehead, lm+kd+squarehead",
     "squarehead_weight": "weight of the squarehead term beside another term",

@@ -26,6 +26,14 @@ from which artifact. Its codes and masks are bit-identical to the source's: the 
 (:func:`recoup.artifact.store.compression_fingerprint`, codes under the new scales) is checked before writing, and
 a mismatch refuses to save. It adds no parameter and no compute at inference; ``recoup eval`` and ``recoup
 export`` take it like any artifact.
+
+``--blockwise-steps N`` (default 0, off) first fits each decoder layer's share of those parameters for N steps to
+reproduce the dense layer's output, one layer at a time (:mod:`recoup.recover.blockwise`: the compressed model's
+own stream in, the dense layer's output on the dense stream as the target, SquareHead-normalised MSE), then trains
+end to end (``--steps 0``: block-wise alone). Its calibration windows are the ones the compression used, rebuilt
+from the manifest's calibration record (corpus, nsamples, seqlen, seed, BOS): memory is then what compression
+needed (two activation buffers of nsamples x seqlen x hidden, one layer training at a time), no new knob, and the
+end-to-end loop's own data stays separate; an artifact compressed without calibration data is refused.
 """
 
 from __future__ import annotations
@@ -72,12 +80,25 @@ class TuneConfig(FitConfig):
     steps: int = 100
     lr: float = 2e-4
     eval_every: int | None = None
+    blockwise_steps: int = 0  # steps per decoder layer of block-wise reconstruction before end to end; 0: off
 
     default_data: ClassVar[str | None] = "ptb"
 
     def __post_init__(self) -> None:
+        check(self.blockwise_steps >= 0, f"blockwise_steps must be >= 0 (got {self.blockwise_steps}; 0: off)")
+        check(
+            self.steps >= 1 or (self.steps == 0 and self.blockwise_steps > 0),
+            f"steps must be >= 1 (got {self.steps}; 0 only with --blockwise-steps N: block-wise alone)",
+        )
         super().__post_init__()
         self.trainable = ",".join(trainable_parts(self.trainable))
+
+    def train_config(self):
+        """The end-to-end loop's config; None when it is off (``steps`` 0, block-wise reconstruction alone)."""
+        if self.steps == 0:
+            dataclasses.replace(self, steps=1).train_config()  # the other keys still checked
+            return None
+        return super().train_config()
 
     def parts(self) -> tuple[str, ...]:
         return trainable_parts(self.trainable)
@@ -98,7 +119,21 @@ class TuneConfig(FitConfig):
                 Path(out).expanduser().resolve() != Path(path).resolve(),
                 "--out is the source artifact; write the tuned artifact to another directory",
             )
-        refuse_parts(read_manifest(path, verify=False), self.parts(), model)
+        manifest = read_manifest(path, verify=False)
+        refuse_parts(manifest, self.parts(), model)
+        if self.blockwise_steps:
+            calibration_of(manifest, model)
+
+
+def calibration_of(manifest: dict, where: str) -> dict:
+    """The compression's calibration record (block-wise reconstruction rebuilds its windows); one line without."""
+    cal = manifest.get("calibration") or {}
+    if not all(cal.get(k) for k in ("corpus", "nsamples", "seqlen")):
+        raise RecoupError(
+            f"--blockwise-steps fits on the compression's calibration windows, and '{where}' records none "
+            f"(compressed without calibration data); leave --blockwise-steps out"
+        )
+    return cal
 
 
 def refuse_parts(manifest: dict, parts: tuple[str, ...], where: str) -> None:
@@ -224,6 +259,7 @@ def fit_tune(loaded, config: TuneConfig, data) -> tuple[TunedArtifact, TrainResu
     from recoup.artifact.packing import dequantize
     from recoup.artifact.store import compression_fingerprint, load_qparams, recorded_fields
     from recoup.model.load import parse_dtype
+    from recoup.recover.blockwise import reconstruct
     from recoup.recover.losses import mean_loss
     from recoup.recover.task_data import pad_id_of, training_data
     from recoup.recover.train import train
@@ -242,6 +278,7 @@ def fit_tune(loaded, config: TuneConfig, data) -> tuple[TunedArtifact, TrainResu
     scale_dtype = (manifest.get("recipe") or {}).get("scale_dtype", "float32")
     before = compression_fingerprint(model, manifest, qparams)
     objective = config.objective_loss(loaded)
+    cal = calibration_of(manifest, loaded.source) if config.blockwise_steps else None
     modules = dict(model.named_modules())
     names = [r["name"] for r in manifest.get("layers") or []]
     dtype = next(model.parameters()).dtype
@@ -305,16 +342,25 @@ def fit_tune(loaded, config: TuneConfig, data) -> tuple[TunedArtifact, TrainResu
     device = next(model.parameters()).device
     validate = (lambda: mean_loss(model, data.valid, pad, config.batch_size)) if data.valid else None
     base_val = validate() if validate is not None else None
+    blockwise = None
     try:
-        result = train(
-            params,
-            data.batches(config.batch_size, pad, config.seed),
-            lambda b: objective(model, b, device),
-            config.train_config(),
-            validate,
-            tokens_in=lambda b: b.tokens,
-            desc="tune",
-        )
+        if cal is not None:
+            blockwise = reconstruct(loaded, config, objective.teacher, params, cal)
+            blockwise["val_loss_after"] = validate() if validate is not None else None
+        cfg = config.train_config()
+        if cfg is None:  # block-wise alone: the state it left, validated once
+            v = blockwise["val_loss_after"]
+            result = TrainResult(0, 0.0, [], [(0, v)] if v is not None else [], v, 0 if v is not None else None, 0)
+        else:
+            result = train(
+                params,
+                data.batches(config.batch_size, pad, config.seed),
+                lambda b: objective(model, b, device),
+                cfg,
+                validate,
+                tokens_in=lambda b: b.tokens,
+                desc="tune",
+            )
     finally:
         for h in hooks:
             h.remove()
@@ -363,6 +409,7 @@ def fit_tune(loaded, config: TuneConfig, data) -> tuple[TunedArtifact, TrainResu
         },
         "source_artifact": {"path": manifest["artifact_dir"], "manifest_sha256": manifest.get("manifest_sha256")},
         "compression_fingerprint": {"digest": before["digest"], "unchanged": after["digest"] == before["digest"]},
+        "blockwise": blockwise,
     }
     fields = recorded_fields(manifest)
     fields["tuning"] = list(manifest.get("tuning") or []) + [record]
