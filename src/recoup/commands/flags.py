@@ -48,6 +48,13 @@ HELP: dict[str, str] = {
     "targets": "which linears: all, attention, mlp",
     "batch_size": "compress: calibration windows per forward; eval: scoring batch; recover: windows or examples "
     "per step",
+    "activation_budget_mb": "compress: MiB the calibration activations may take in memory: within it one forward "
+    "per layer (parked at each group), over it re-runs per group, and activations larger than it go to a "
+    "memory-mapped file in TMPDIR, batch by batch (the same artifact); default: in memory, parked forwards up to "
+    "half the free memory",
+    "activation_dtype": "compress: auto (the layers' dtype: float32 on CPU) | float32 | bfloat16 | float16: the "
+    "calibration activations stored between layers; bfloat16 halves them, rounding each layer's inputs (the "
+    "layers still compute in their own dtype)",
     "tasks": "comma-separated tasks, e.g. ppl:ptb,arc_easy,piqa (default ppl:ptb)",
     "suite": "a named task suite: kick (LLM-KICK's families) or zeroshot",
     "limit": "at most N perplexity windows / N examples per task",

@@ -23,6 +23,7 @@ from recoup.errors import RecoupError
 from recoup.registry import unknown_name_message
 
 TARGETS = ("all", "attention", "mlp")
+ACTIVATION_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def parse_pattern(pattern: str) -> tuple[int, int]:
@@ -79,9 +80,13 @@ class CompressConfig(Config):
     # code's and llm-compressor's; on CPU its intermediates stay in cache), 8 on the one-forward-per-layer path,
     # where every batch is a parked forward in its own thread (and, on CPU, its own pool of worker threads)
     batch_size: int | None = None
-    # memory for the one-forward-per-layer engine's parked forwards; None: half the device's free memory;
-    # 0: re-run each layer per group
+    # memory (MiB) for the calibration activations: the one-forward-per-layer engine parks its forwards only within
+    # it, and activations larger than it live in a memory-mapped temporary file, processed batch by batch (the same
+    # result). None: in memory, parked forwards up to half the device's free memory; 0: re-run per group, in a file
     activation_budget_mb: int | None = None
+    # dtype the engine stores the calibration activations in between layers: auto (the layers' own: float32 on
+    # CPU, as before) | float32 | bfloat16 (half the memory; each layer's inputs rounded to bf16) | float16
+    activation_dtype: str = "auto"
     options: Any = None  # the method's MethodOptions (a mapping is validated into it)
 
     @classmethod
@@ -165,9 +170,15 @@ class CompressConfig(Config):
         )
         if self.activation_budget_mb is not None:
             check(
-                isinstance(self.activation_budget_mb, int) and self.activation_budget_mb >= 0,
+                isinstance(self.activation_budget_mb, int)
+                and not isinstance(self.activation_budget_mb, bool)
+                and self.activation_budget_mb >= 0,
                 f"activation_budget_mb must be a whole number of MiB >= 0 (got {self.activation_budget_mb!r})",
             )
+        check(
+            self.activation_dtype in ACTIVATION_DTYPES,
+            unknown_name_message("activation_dtype", str(self.activation_dtype), ACTIVATION_DTYPES),
+        )
         self._check_method(spec)
 
     def _check_method(self, spec) -> None:

@@ -21,6 +21,11 @@ parked forwards (estimated and logged), one group's statistics, no second copy o
 (the execution device differs from the model's, e.g. ``device="cuda"`` for a model on CPU, or
 ``offload=True``), the device holds one layer + the activations + one group's statistics; the
 activations stay on the execution device for the whole pass (float32: 4 * nsamples * seqlen * hidden bytes).
+``activation_dtype`` bfloat16 or float16 stores them in 2 bytes a value (each layer's inputs rounded to it, the
+layer still computing in its own dtype; :mod:`recoup.model.streamer`); activations larger than
+``activation_budget_mb`` live in a memory-mapped temporary file on the host, whatever the execution device, each
+batch copied to the device for its forward (bitwise the in-memory result; parked forwards, which would hold
+every batch, are then off: they always need more than the activations).
 """
 
 from __future__ import annotations
@@ -242,15 +247,24 @@ def _record(
 
 
 def single_pass(
-    method, config: CompressConfig, inps: torch.Tensor, group_cols: list[int], device: torch.device
+    method,
+    config: CompressConfig,
+    inps: torch.Tensor,
+    group_cols: list[int],
+    device: torch.device,
+    element_size: int | None = None,
+    spilled: bool = False,
 ) -> tuple[bool, int]:
     """(whether layers run once per batch, the parked forwards' estimated bytes) for this method and budget.
 
     A method that rescales the op before a group (AWQ's ``prepare_group``) changes what an already-run
-    part of the forward computed, so it re-runs; otherwise the budget (``activation_budget_mb``, default
-    half the device's free memory) decides."""
-    need = parked_bytes(inps.shape[0] * inps.shape[1], inps.shape[2], group_cols, inps.element_size())
-    if method.prepare_group is not None:
+    part of the forward computed, so it re-runs, as do activations that live in a file (``spilled``: the
+    parked forwards would hold every batch in memory); otherwise the budget (``activation_budget_mb``, default
+    half the device's free memory) decides. element_size: bytes of a value as the layers compute (default
+    the activations')."""
+    size = element_size if element_size is not None else inps.element_size()
+    need = parked_bytes(inps.shape[0] * inps.shape[1], inps.shape[2], group_cols, size)
+    if method.prepare_group is not None or spilled:
         return False, need
     budget = (
         config.activation_budget_mb * 2**20 if config.activation_budget_mb is not None else available_bytes(device) // 2
@@ -311,6 +325,7 @@ def _compress_layer(
             lambda k, stats: _compress_groups(i, view, method, [(groups[k], stats)], config, linears),
             device,
             finish=propagate,
+            store=streamer.put,
         )
     else:
         for names in groups:
@@ -363,7 +378,9 @@ def compress(
         raise RecoupError(f"{config.method} needs calibration data (e.g. --calib ptb)")
     model_device = torch.device("cpu") if weights is not None else next(model.parameters()).device
     device = resolve_device(device, model_device)
-    streamer = LayerStreamer(model, anat, device, offload, weights)
+    budget = config.activation_budget_mb * 2**20 if config.activation_budget_mb is not None else None
+    act_dtype = None if config.activation_dtype == "auto" else getattr(torch, config.activation_dtype)
+    streamer = LayerStreamer(model, anat, device, offload, weights, activation_dtype=act_dtype, budget_bytes=budget)
     offload = streamer.offload
     cuda = device.type == "cuda"
     if cuda:
@@ -384,7 +401,9 @@ def compress(
             ids = calibration.input_ids
             inps, _ = streamer.capture(ids, config.batch_size or 1)
             cols = [anat.weight_matrix(_get(anat.layers[0], g[0])).shape[1] for g in groups]
-            once, need = single_pass(method, config, inps, cols, device)
+            once, need = single_pass(
+                method, config, inps, cols, device, streamer.compute_dtype.itemsize, streamer.spilled
+            )
             if config.batch_size is None:
                 config = copy.copy(config)  # the report records the batch size used
                 config.batch_size = PARKED_BATCH if once and not _dense_order(config) else 1
@@ -395,9 +414,10 @@ def compress(
                 else f"parked forwards would need {need / 2**20:.0f} MiB, over the budget"
             )
             log.info(
-                "captured layer inputs %s on %s in %.1fs (%.0f MiB); %s",
+                "captured layer inputs %s %s %s in %.1fs (%.0f MiB); %s",
                 tuple(inps.shape),
-                inps.device,
+                str(inps.dtype).removeprefix("torch."),
+                "in a memory-mapped temporary file" if streamer.spilled else f"on {inps.device}",
                 time.time() - started,
                 inps.numel() * inps.element_size() / 2**20,
                 "every group's statistics from the dense layer, then one forward to propagate (true_sequential off)"
@@ -433,14 +453,23 @@ def compress(
                 sum(errs) / len(errs),
                 max(errs),
             )
+        # how the activations were held: the dtype (a narrower one rounds each layer's inputs) and where
+        activations = (
+            {
+                "activation_dtype": str(streamer.inps.dtype).removeprefix("torch."),
+                "activation_storage": "file" if streamer.spilled else "memory",
+            }
+            if streamer.inps is not None
+            else {}
+        )
     finally:
-        streamer.inps = None
+        streamer.close()
         model.train(was_training)
     report = CompressReport(
         method=config.method,
         config=config.to_dict(),
         model_type=anat.model_type,
-        calibration=calibration.protocol if calibration is not None else None,
+        calibration={**calibration.protocol, **activations} if calibration is not None else None,
         linears=linears,
         seconds=time.time() - started,
         peak_rss_mb=peak_rss_mb(),

@@ -86,7 +86,8 @@ class _Worker:
 def parked_bytes(tokens: int, hidden: int, group_cols: list[int], element_size: int) -> int:
     """Upper estimate of what the parked forwards of ``tokens`` calibration tokens hold at once: per token
     the layer input and the residual (2 x hidden) plus the input of every group (its ``cols``), which
-    covers the normed input and the MLP intermediate held at the down projection."""
+    covers the normed input and the MLP intermediate held at the down projection. element_size: bytes of a value
+    as the layer computes (a forward casts narrower stored activations up to it)."""
     return tokens * element_size * (2 * hidden + sum(group_cols))
 
 
@@ -111,6 +112,7 @@ def run_parked(
     on_group: Callable[[int, Any], None],
     device: torch.device,
     finish: bool = True,
+    store: Callable[[slice, torch.Tensor], None] | None = None,
 ) -> None:
     """Observe, compress (``on_group(k, stats)``, in order) and propagate one layer in one forward per batch.
 
@@ -118,7 +120,8 @@ def run_parked(
     each group, in true-sequential order; inps (N, T, H) is overwritten in place by the layer's outputs
     after every group has been compressed; new_stats(k) makes the statistics object group k's hook feeds.
     ``finish`` off: the forwards are unwound after the last group instead of run to the end (nothing reads
-    the last layer's output), and ``inps`` is left as it was."""
+    the last layer's output), and ``inps`` is left as it was. store(rows, out): how a batch's outputs are written
+    (default ``inps[rows] = out``; the layer streamer's casts them to the activations' dtype)."""
     local = threading.local()
     current: list[Any] = [None]
 
@@ -167,7 +170,10 @@ def run_parked(
             w.resume()
             if w.at is not None:
                 raise RecoupError("a layer forward parked after its last group; the anatomy map does not match")
-            inps[rows] = w.out
+            if store is None:
+                inps[rows] = w.out
+            else:
+                store(rows, w.out)
             w.out = None
     finally:
         for h in handles:

@@ -14,14 +14,28 @@ is called with, and a way to run one layer at a time on those inputs, its output
   capture, whose record pass replaces the layers by pass-throughs (masks and rotary embeddings do not depend
   on layer outputs), and each decoder layer moves to the execution device while it is worked on, then back.
   Device memory is then one layer plus the activations plus what the method keeps.
-- Activations: (nsamples, seqlen, hidden), held once on the execution device for the whole pass and
-  overwritten in place by each layer's outputs (:meth:`LayerStreamer.propagate`).
+- Activations: (nsamples, seqlen, hidden), held once for the whole pass and overwritten in place by each
+  layer's outputs (:meth:`LayerStreamer.propagate`), batch by batch. By default they are held on the execution
+  device in the dtype the first layer receives (the model's: float32 on CPU), exactly as the layers produce them.
+  ``activation_dtype`` stores them narrower: bfloat16 halves them and rounds every layer's inputs to 8 mantissa
+  bits (relative error <= 2**-9 per value, one rounding per layer boundary, not accumulated inside a layer);
+  float16 keeps 11 bits (<= 2**-12) but overflows past 65504 (refused with one line when a value does). Each
+  batch is cast back to the layer's dtype for the layer call, so the layer, its hooks and every statistic
+  compute as before, from the rounded inputs. ``budget_bytes``: activations larger than it live in a
+  memory-mapped file in a temporary folder (``TMPDIR``), on the host whatever the execution device; each batch
+  is copied to the execution device for its call and its output written back, so memory holds one batch's
+  inputs and outputs. The file's space is reserved up front and its name removed once mapped (POSIX), so nothing
+  stays on disk however the process ends. The results are those of the in-memory path with the same dtype.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+import math
+import os
+import shutil
+import tempfile
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -131,12 +145,14 @@ def capture_inputs(
     batch_size: int,
     device: torch.device | None = None,
     passthrough: bool = False,
-) -> tuple[torch.Tensor, list[Record]]:
+    store: Callable[[int, torch.Tensor], None] | None = None,
+) -> tuple[torch.Tensor | None, list[Record]]:
     """(first-layer inputs (N, T, H), per-layer (other args, kwargs, hidden-as-kwarg)) for ids (N, T).
 
     device: where the ids go (default: the model's first parameter's). passthrough: record the
     per-layer arguments with every layer replaced by a pass-through (offload: the layers need not
-    be on ``device``), the arguments moved to ``device``."""
+    be on ``device``), the arguments moved to ``device``. store: given, each batch's inputs go to
+    ``store(first row, inputs)`` as they are computed instead of being joined (the inputs returned are None)."""
     layers = anat.layers
     device = device if device is not None else next(model.parameters()).device
     records: list[Any] = [None] * len(layers)
@@ -162,18 +178,24 @@ def capture_inputs(
         records = [to_device(r, device) for r in records]
 
     inps: list[torch.Tensor] = []
+    row = [0]
 
     def grab(_mod, args, kwargs):
-        inps.append((args[0] if args else kwargs["hidden_states"]).detach())
+        h = (args[0] if args else kwargs["hidden_states"]).detach()
+        if store is None:
+            inps.append(h)
+        else:
+            store(row[0], h)
         raise StopForward
 
     with hooked(layers[0].register_forward_pre_hook(grab, with_kwargs=True)):
         for start in range(0, ids.shape[0], batch_size):
+            row[0] = start
             try:
                 model(input_ids=ids[start : start + batch_size].to(device), use_cache=False)
             except StopForward:
                 pass
-    return torch.cat(inps, 0), records
+    return (torch.cat(inps, 0) if store is None else None), records
 
 
 class LayerStreamer:
@@ -183,7 +205,11 @@ class LayerStreamer:
     worked on and back after (default: when ``device`` is not the model's device). weights: lazy weights
     (:mod:`recoup.model.lazy`; ``model`` is then a skeleton): the embeddings are read for the capture and
     freed, each layer is read from the checkpoint onto ``device`` when it is entered and freed when it is left,
-    so memory holds one layer at a time. Use::
+    so memory holds one layer at a time. activation_dtype: the dtype the activations are stored in (default:
+    the layers' own); budget_bytes: activations larger than this live in a memory-mapped temporary file (module
+    docstring). ``peak_bytes`` counts the most activation memory the streamer held at once (the in-memory
+    activations plus the batches it copied or produced; not a file's pages, nor what a caller's own loop over
+    ``inps`` makes). Use::
 
         streamer = LayerStreamer(model, device=dev)
         streamer.capture(ids, batch_size)               # streamer.inps (N, T, H), streamer.records
@@ -191,6 +217,7 @@ class LayerStreamer:
             with streamer.layer(i) as layer:            # on the execution device
                 ...                                     # observe / change the layer (hooks, streamer.run)
                 streamer.propagate(i, batch_size)       # its outputs become the next layer's inputs
+        streamer.close()                                # the activations (and their file) freed
     """
 
     def __init__(
@@ -200,8 +227,15 @@ class LayerStreamer:
         device: torch.device | None = None,
         offload: bool | None = None,
         weights: LazyWeights | None = None,
+        activation_dtype: torch.dtype | None = None,
+        budget_bytes: int | None = None,
     ) -> None:
         self.model, self.weights = model, weights
+        self.activation_dtype, self.budget_bytes = activation_dtype, budget_bytes
+        self.compute_dtype: torch.dtype | None = None  # the first layer's input dtype, known after capture
+        self.spilled = False  # whether the activations live (lived, once closed) in a memory-mapped file
+        self.peak_bytes = 0
+        self._folder: str | None = None
         self.anat = anat if anat is not None else anatomy(model)
         self.model_device = torch.device("cpu") if weights is not None else next(model.parameters()).device
         if weights is not None:
@@ -219,9 +253,91 @@ class LayerStreamer:
     def num_layers(self) -> int:
         return len(self.anat.layers)
 
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of the activations held in memory (0 when they live in a file)."""
+        return 0 if self.inps is None or self.spilled else self.inps.numel() * self.inps.element_size()
+
+    def _note(self, *batches: torch.Tensor) -> None:
+        """Count the in-memory activations plus the given batches that are not views of them."""
+        own = self.inps.untyped_storage().data_ptr() if self.inps is not None else None
+        extra = sum(b.numel() * b.element_size() for b in batches if b.untyped_storage().data_ptr() != own)
+        self.peak_bytes = max(self.peak_bytes, self.resident_bytes + extra)
+
+    def _mapped(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised tensor of ``shape`` backed by a new file in a temporary folder, its space reserved
+        (a full disk is one line now, not a crash while writing), its name removed at once where the OS allows."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        folder = tempfile.mkdtemp(prefix="recoup-activations-")
+        path = os.path.join(folder, "activations.bin")
+        try:
+            with open(path, "wb") as fh:
+                if hasattr(os, "posix_fallocate"):
+                    os.posix_fallocate(fh.fileno(), 0, nbytes)
+                else:
+                    fh.truncate(nbytes)
+            out = torch.from_file(path, shared=True, size=math.prod(shape), dtype=dtype).view(shape)
+        except (OSError, RuntimeError) as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise RecoupError(
+                f"the calibration activations ({nbytes / 2**20:.0f} MiB) could not be placed in a file in "
+                f"{os.path.dirname(folder)} ({getattr(exc, 'strerror', None) or exc}); set TMPDIR to a folder with "
+                f"room, or raise the activation budget"
+            ) from None
+        with contextlib.suppress(OSError):  # POSIX: the mapping outlives the name; Windows: removed by close()
+            os.unlink(path)
+            os.rmdir(folder)
+        self._folder = folder if os.path.exists(folder) else None
+        return out
+
+    def _store(self, n: int) -> Callable[[int, torch.Tensor], None]:
+        """The capture's sink: the first batch fixes the shape and dtypes and places the activations (in memory,
+        or in a file when over the budget); every batch is written into its rows."""
+
+        def store(start: int, h: torch.Tensor) -> None:
+            if self.inps is None:
+                self.compute_dtype = h.dtype
+                dtype = self.activation_dtype or h.dtype
+                shape = (n, *h.shape[1:])
+                nbytes = math.prod(shape) * dtype.itemsize
+                self.spilled = self.budget_bytes is not None and nbytes > self.budget_bytes
+                if self.spilled:
+                    self.inps = self._mapped(shape, dtype)
+                else:
+                    self.inps = torch.empty(shape, dtype=dtype, device=self.device)
+            self._note(h)
+            self.put(slice(start, start + h.shape[0]), h)
+
+        return store
+
+    def put(self, rows: slice, h: torch.Tensor) -> None:
+        """Write ``h`` (the layers' dtype) into the activations' ``rows``, cast to their dtype; a value float16
+        cannot hold is refused."""
+        self.inps[rows] = h  # cast to the stored dtype (and copied to the host for a file)
+        if self.inps.dtype == torch.float16 and h.dtype != torch.float16 and not torch.isfinite(self.inps[rows]).all():
+            raise RecoupError(
+                "an activation exceeds float16's range (65504); use --activation-dtype bfloat16 or float32"
+            )
+
+    def load(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of the activations on the execution device in the layers' dtype: a view where they
+        already are so, else a copy."""
+        x = self.inps[start:stop]
+        if self.spilled:
+            return x.to(self.device, self.compute_dtype, copy=True)
+        return x.to(self.device, self.compute_dtype)
+
+    def close(self) -> None:
+        """Free the activations (and remove their file's folder where it could not be removed at once)."""
+        self.inps = None
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
+
     def capture(self, ids: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, list[Record]]:
         """Capture the first layer's inputs for ids (N, T) in batches of ``batch_size`` and every layer's
-        arguments; the inputs stay on the execution device."""
+        arguments; the inputs are written batch by batch into the activations (module docstring)."""
+        self.close()
         if self.weights is not None:
             prefix = _prefix_params(self.model, self.anat)
             self.weights.load_params(prefix, self.device)
@@ -232,9 +348,18 @@ class LayerStreamer:
                 if self.offload and self.weights is None
                 else contextlib.nullcontext(),
             ):
-                self.inps, self.records = capture_inputs(
-                    self.model, self.anat, ids, batch_size, self.device, passthrough=self.offload
+                _, self.records = capture_inputs(
+                    self.model,
+                    self.anat,
+                    ids,
+                    batch_size,
+                    self.device,
+                    passthrough=self.offload,
+                    store=self._store(ids.shape[0]),
                 )
+        except BaseException:
+            self.close()
+            raise
         finally:
             if self.weights is not None:
                 self.weights.free_params(_prefix_params(self.model, self.anat))
@@ -260,17 +385,25 @@ class LayerStreamer:
                     torch.cuda.empty_cache()
 
     def call(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        """Layer ``i``'s output for inputs ``h`` (b, T, H) with its recorded arguments."""
+        """Layer ``i``'s output for inputs ``h`` (b, T, H) with its recorded arguments (``h`` cast to the layers'
+        dtype on the execution device first, where it is not already)."""
+        if self.compute_dtype is not None:
+            h = h.to(self.device, self.compute_dtype)
         return call_layer(self.anat.layers[i], h, self.records[i])
 
     def run(self, i: int, batch_size: int) -> None:
         """One forward of layer ``i`` over every calibration batch, outputs discarded (hooks observe it); a
         hook raising :class:`StopForward` ends that batch's forward."""
         for start in range(0, self.inps.shape[0], batch_size):
+            x = self.load(start, start + batch_size)
+            self._note(x)
             with contextlib.suppress(StopForward):
-                self.call(i, self.inps[start : start + batch_size])
+                self.call(i, x)
 
     def propagate(self, i: int, batch_size: int) -> None:
         """Replace the activations by layer ``i``'s outputs, batch by batch, in place."""
         for start in range(0, self.inps.shape[0], batch_size):
-            self.inps[start : start + batch_size] = self.call(i, self.inps[start : start + batch_size])
+            x = self.load(start, start + batch_size)
+            out = self.call(i, x)
+            self._note(x, out)
+            self.put(slice(start, start + batch_size), out)
