@@ -23,15 +23,18 @@ is called with, and a way to run one layer at a time on those inputs, its output
   batch is cast back to the layer's dtype for the layer call, so the layer, its hooks and every statistic
   compute as before, from the rounded inputs. ``budget_bytes``: activations larger than it live in a
   memory-mapped file in a temporary folder (``TMPDIR``), on the host whatever the execution device; each batch
-  is copied to the execution device for its call and its output written back, so memory holds one batch's
-  inputs and outputs. The file's space is reserved up front and its name removed once mapped (POSIX), so nothing
-  stays on disk however the process ends. The results are those of the in-memory path with the same dtype.
+  is copied to the execution device for its call and its output written back, and its pages are then dropped
+  from the process (``madvise``; the kernel's page cache keeps them, writes them back and frees them under
+  pressure), so the process holds one batch's inputs and outputs. The file's space is reserved up front and
+  its name removed once mapped (POSIX), so nothing stays on disk however the process ends. The results are those
+  of the in-memory path with the same dtype.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import mmap
 import os
 import shutil
 import tempfile
@@ -236,6 +239,7 @@ class LayerStreamer:
         self.spilled = False  # whether the activations live (lived, once closed) in a memory-mapped file
         self.peak_bytes = 0
         self._folder: str | None = None
+        self._map: mmap.mmap | None = None
         self.anat = anat if anat is not None else anatomy(model)
         self.model_device = torch.device("cpu") if weights is not None else next(model.parameters()).device
         if weights is not None:
@@ -271,24 +275,40 @@ class LayerStreamer:
         folder = tempfile.mkdtemp(prefix="recoup-activations-")
         path = os.path.join(folder, "activations.bin")
         try:
-            with open(path, "wb") as fh:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+            try:
                 if hasattr(os, "posix_fallocate"):
-                    os.posix_fallocate(fh.fileno(), 0, nbytes)
+                    os.posix_fallocate(fd, 0, nbytes)
                 else:
-                    fh.truncate(nbytes)
-            out = torch.from_file(path, shared=True, size=math.prod(shape), dtype=dtype).view(shape)
-        except (OSError, RuntimeError) as exc:
+                    os.ftruncate(fd, nbytes)
+                self._map = mmap.mmap(fd, nbytes)
+            finally:
+                os.close(fd)
+        except OSError as exc:
             shutil.rmtree(folder, ignore_errors=True)
             raise RecoupError(
                 f"the calibration activations ({nbytes / 2**20:.0f} MiB) could not be placed in a file in "
-                f"{os.path.dirname(folder)} ({getattr(exc, 'strerror', None) or exc}); set TMPDIR to a folder with "
-                f"room, or raise the activation budget"
+                f"{os.path.dirname(folder)} ({exc.strerror or exc}); set TMPDIR to a folder with room, or raise "
+                f"the activation budget"
             ) from None
         with contextlib.suppress(OSError):  # POSIX: the mapping outlives the name; Windows: removed by close()
             os.unlink(path)
             os.rmdir(folder)
         self._folder = folder if os.path.exists(folder) else None
-        return out
+        return torch.frombuffer(self._map, dtype=dtype).view(shape)
+
+    def _release(self, rows: slice) -> None:
+        """Drop the file's pages under ``rows`` from this process's memory once a batch is read or written: the
+        file (and the kernel's page cache, which writes it back and can drop it) keeps the values, so the process
+        holds what :attr:`peak_bytes` counts, not every page it touched. A shared file mapping never loses data
+        this way, so whole pages around the rows go too."""
+        if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        row = self.inps[0].numel() * self.inps.element_size()
+        start = rows.start * row // mmap.PAGESIZE * mmap.PAGESIZE
+        stop = min(-(-min(rows.stop, self.inps.shape[0]) * row // mmap.PAGESIZE) * mmap.PAGESIZE, len(self._map))
+        if stop > start:
+            self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
     def _store(self, n: int) -> Callable[[int, torch.Tensor], None]:
         """The capture's sink: the first batch fixes the shape and dtypes and places the activations (in memory,
@@ -318,18 +338,25 @@ class LayerStreamer:
             raise RecoupError(
                 "an activation exceeds float16's range (65504); use --activation-dtype bfloat16 or float32"
             )
+        self._release(rows)
 
     def load(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of the activations on the execution device in the layers' dtype: a view where they
         already are so, else a copy."""
         x = self.inps[start:stop]
         if self.spilled:
-            return x.to(self.device, self.compute_dtype, copy=True)
+            x = x.to(self.device, self.compute_dtype, copy=True)
+            self._release(slice(start, stop))
+            return x
         return x.to(self.device, self.compute_dtype)
 
     def close(self) -> None:
         """Free the activations (and remove their file's folder where it could not be removed at once)."""
         self.inps = None
+        if self._map is not None:
+            with contextlib.suppress(BufferError):  # a tensor still viewing it: unmapped when that one is freed
+                self._map.close()
+            self._map = None
         if self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)
             self._folder = None
