@@ -277,8 +277,8 @@ def fit_tune(loaded, config: TuneConfig, data) -> tuple[TunedArtifact, TrainResu
     bits = (manifest.get("recipe") or {}).get("bits")
     scale_dtype = (manifest.get("recipe") or {}).get("scale_dtype", "float32")
     before = compression_fingerprint(model, manifest, qparams)
+    cal = calibration_of(manifest, loaded.source) if config.blockwise_steps else None  # before the teacher loads
     objective = config.objective_loss(loaded)
-    cal = calibration_of(manifest, loaded.source) if config.blockwise_steps else None
     modules = dict(model.named_modules())
     names = [r["name"] for r in manifest.get("layers") or []]
     dtype = next(model.parameters()).dtype
