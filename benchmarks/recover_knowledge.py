@@ -16,6 +16,8 @@ Row grammar (``--rows``, comma-separated; the same rows are measured on every ar
                                   and size in --workdir, measured as the model (0 extra parameters); a row whose
                                   parts do not apply to an artifact (scales on an unquantized one, weights on a
                                   quantized one) is skipped there with the reason printed
+    tune:PARTS:OBJ:bw=N           the same, each decoder layer first fitted N steps to the dense layer's output
+                                  on the compression's calibration windows (tune's --blockwise-steps N)
 
 OBJ is an objective: lm (next-token loss), kd (distil the dense source) or lm+kd; a tune row also takes
 squarehead (match the dense source's decoder-layer outputs) and its sums (kd+squarehead, ...). ``--steps``
@@ -34,7 +36,8 @@ of the compressed -> dense gap; a value within 5% of dense matches (``recoup.eva
 group by artifact. Each row is written to ``<out>/rows/<label>--<row>.json`` as soon as it is measured (the dense
 row once per dense source, ``dense--<source>.json``); a rerun skips finished rows (a column a finished row
 lacks, such as a newly asked ``--tasks`` entry, is scored on the row's saved recovery in ``--workdir``),
-``--report-only`` just rebuilds ``<out>/recover_knowledge.{json,md,png}``. ``--fitted-from DIR`` measures the
+``--report-only`` just rebuilds ``<out>/recover_knowledge.{json,md,png}`` (an artifact since deleted keeps its
+group: its dense source and skipped rows come from the last report). ``--fitted-from DIR`` measures the
 recoveries a study with ``--out DIR`` fitted into the same ``--workdir`` at this run's evaluation settings (a larger
 protocol) without refitting. The full study (``A=/work/wt/eora-art``; 8x exists already):
 
@@ -77,7 +80,7 @@ log = logging.getLogger("recover_knowledge")
 OBJECTIVES = ("lm", "kd", "lm+kd")
 ROW = re.compile(
     r"^(?:(dense|compressed)|eora:(\d+)(?:@([0-9.]+))?|(soft-prompt|idp):([a-z+]+)|"
-    r"lora:([a-z+]+?)(\+eora)?|(lora|cpet):task=([a-z_]+)|tune:([a-z+]+):([a-z+]+))$"
+    r"lora:([a-z+]+?)(\+eora)?|(lora|cpet):task=([a-z_]+)|tune:([a-z+]+):([a-z+]+)(?::bw=(\d+))?)$"
 )
 TUNE_PARTS = ("scales", "norms", "weights")  # recoup.recover.tune.TRAINABLE
 
@@ -92,6 +95,7 @@ class Row:
     from_eora: bool = False
     task: str | None = None
     parts: tuple[str, ...] = ()  # tune: what trains inside the artifact
+    blockwise: int = 0  # tune: block-wise reconstruction steps per decoder layer (0: off)
 
 
 def parse_row(spec: str) -> Row:
@@ -106,14 +110,21 @@ def parse_row(spec: str) -> Row:
         or (obj and obj not in OBJECTIVES)
         or (parts and (any(p not in TUNE_PARTS for p in parts) or len(set(parts)) < len(parts)))
         or (parts and m.group(11) not in TUNE_OBJECTIVES)
+        or (m.group(12) is not None and int(m.group(12)) < 1)
     ):
         raise SystemExit(
             f"bad row '{spec}': use dense, compressed, eora:R[@E], soft-prompt:OBJ, idp:OBJ, lora:OBJ, "
             f"lora:OBJ+eora, lora:task=T, cpet:task=T (OBJ: {', '.join(OBJECTIVES)}), tune:PARTS:OBJ (PARTS: "
-            f"+-joined {', '.join(TUNE_PARTS)}; OBJ: {', '.join(TUNE_OBJECTIVES)})"
+            f"+-joined {', '.join(TUNE_PARTS)}; OBJ: {', '.join(TUNE_OBJECTIVES)}), tune:PARTS:OBJ:bw=N (N >= 1)"
         )
     if parts:
-        return Row(spec, "tune", objective=m.group(11), parts=tuple(p for p in TUNE_PARTS if p in parts))
+        return Row(
+            spec,
+            "tune",
+            objective=m.group(11),
+            parts=tuple(p for p in TUNE_PARTS if p in parts),
+            blockwise=int(m.group(12) or 0),
+        )
     if m.group(1):
         return Row(spec, m.group(1))
     if m.group(2):
@@ -147,6 +158,8 @@ def recover_flat(row: Row, args, inherit: str | None = None) -> dict:
     flat = {"method": row.method, "seed": args.seed}
     if row.method == "tune":
         flat["trainable"] = ",".join(row.parts)
+        if row.blockwise:
+            flat["blockwise_steps"] = row.blockwise
     if row.task:
         flat.update({"task": row.task, "heldout_fraction": 0.3})
     else:
@@ -194,14 +207,16 @@ def fit_row(row: Row, artifact: str, args, workdir: Path) -> tuple[str | None, d
 
 def tune_skip(row: Row, manifest: dict, label: str) -> str | None:
     """Why the tune row ``row`` does not apply to the artifact of ``manifest`` (tune's own refusal: scales on an
-    unquantized artifact, weights on a quantized one), or None."""
+    unquantized artifact, weights on a quantized one, block-wise steps without a calibration record), or None."""
     from recoup.errors import RecoupError
-    from recoup.recover.tune import refuse_parts
+    from recoup.recover.tune import calibration_of, refuse_parts
 
     if row.method != "tune":
         return None
     try:
         refuse_parts(manifest, row.parts, label)
+        if row.blockwise:
+            calibration_of(manifest, label)
     except RecoupError as e:
         return str(e)
     return None
@@ -447,10 +462,19 @@ def main() -> None:
     elif (out / "examples.json").is_file():
         drawn = json.loads((out / "examples.json").read_text())
     groups: dict[str, dict] = {}
+    before = {}  # the last report's groups: where a --report-only run takes a deleted artifact's dense source from
+    if (out / "recover_knowledge.json").is_file():
+        before = json.loads((out / "recover_knowledge.json").read_text()).get("artifacts", {})
     for label, artifact in artifacts.items():
-        manifest = read_manifest(artifact)
-        src = manifest["source"]
-        dense = src.get("path") or src["model"]
+        manifest, dense = None, None
+        if args.report_only and not Path(artifact).is_dir():  # the study's artifacts are large and may be gone
+            dense = (before.get(label) or {}).get("dense")
+            if dense is None:
+                raise SystemExit(f"{artifact} is gone and {out / 'recover_knowledge.json'} has no '{label}' group")
+        else:
+            manifest = read_manifest(artifact)
+            src = manifest["source"]
+            dense = src.get("path") or src["model"]
         measured: dict[str, dict] = {}
         skipped: dict[str, str] = {}  # tune rows that do not apply to this artifact, with tune's reason
         for row in rows:
@@ -490,7 +514,11 @@ def main() -> None:
                     add_columns(row, cached, *measured_model(row, artifact, dense, recovery), missing, args, examples)
                     done.write_text(json.dumps(cached, indent=1))
                 continue
-            reason = tune_skip(row, manifest, label)
+            reason = (
+                tune_skip(row, manifest, label)
+                if manifest
+                else (before.get(label) or {}).get("skipped", {}).get(row.spec)
+            )
             if reason:
                 skipped[row.spec] = reason
                 print(f"{label} {row.spec}: skipped: {reason}", flush=True)

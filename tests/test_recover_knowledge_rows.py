@@ -35,7 +35,18 @@ def test_tune_row_grammar(study):
     row = rk.parse_row("tune:norms+scales:kd+squarehead")
     assert (row.method, row.parts, row.objective) == ("tune", ("scales", "norms"), "kd+squarehead")
     assert rk.parse_row("tune:weights:lm").parts == ("weights",)
-    for bad in ("tune:scale:kd", "tune:scales:foo", "tune:scales+scales:kd", "tune::kd", "tune:scales"):
+    bw = rk.parse_row("tune:scales:kd:bw=8")
+    assert (bw.parts, bw.objective, bw.blockwise, row.blockwise) == (("scales",), "kd", 8, 0)
+    assert rk.recover_flat(bw, argparse.Namespace(seed=0, data="ptb", steps=None))["blockwise_steps"] == 8
+    bad_rows = (
+        "tune:scale:kd",
+        "tune:scales:foo",
+        "tune:scales+scales:kd",
+        "tune::kd",
+        "tune:scales",
+        "tune:scales:kd:bw=0",
+    )
+    for bad in bad_rows:
         with pytest.raises(SystemExit, match="bad row"):
             rk.parse_row(bad)
     flat = rk.recover_flat(row, argparse.Namespace(seed=0, data="ptb,wiki", steps=40))
@@ -57,6 +68,9 @@ def test_tune_skip_reasons(study):
     assert "integer codes" in rk.tune_skip(weights, quant, "A")
     assert rk.tune_skip(scales, quant, "A") is None and rk.tune_skip(weights, sparse, "A") is None
     assert rk.tune_skip(rk.parse_row("eora:8"), sparse, "A") is None
+    assert "calibration" in rk.tune_skip(rk.parse_row("tune:scales:kd:bw=4"), quant, "A")
+    cal = {**quant, "calibration": {"corpus": "ptb", "nsamples": 4, "seqlen": 48}}
+    assert rk.tune_skip(rk.parse_row("tune:scales:kd:bw=4"), cal, "A") is None
 
 
 def _row(params: float, pct: float, arc: float) -> dict:
