@@ -180,6 +180,11 @@ def main() -> None:
         help="where the checkpoints and artifacts go",
     )
     ap.add_argument("--keep", action="store_true", help="keep the artifacts (the checkpoints are always kept)")
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="add to this shape's JSON instead of replacing it (cells not run now keep their earlier figures)",
+    )
     args = ap.parse_args()
     work = Path(args.work)
     cells = args.cells.split(",")
@@ -253,7 +258,10 @@ def main() -> None:
                 f"wall {cell['wall_s']:7.1f} s",
                 flush=True,
             )
-        (OUT / f"{shape}.json").write_text(json.dumps(result, indent=1))
+        prior = OUT / f"{shape}.json"
+        if args.merge and prior.is_file():  # cells measured by another run of the same shape are kept
+            result["cells"] = {**json.loads(prior.read_text()).get("cells", {}), **result["cells"]}
+        prior.write_text(json.dumps(result, indent=1))
         if not args.keep:
             for art in work.glob(f"{shape}-*-*"):
                 if art.is_dir():
