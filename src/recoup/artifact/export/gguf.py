@@ -93,13 +93,15 @@ class GgufExporter:
                 f"GGUF export knows {', '.join(sorted(ARCHES))} models, not '{info.model_type}'; "
                 "use --format hf or compressed-tensors"
             )
-        from transformers import AutoConfig
+        from transformers import AutoConfig, AutoTokenizer
 
         from recoup.artifact.store import _artifact_config  # a packed artifact's config, its model type restored
 
         cfg = _artifact_config(info.path) or AutoConfig.from_pretrained(str(info.path))
         check_config(cfg, ARCHES[info.model_type])
-        pre, pre_from = check_tokenizer(info.path)
+        # the tokenizer as recoup loads the artifact's (its model type restored): the class transformers picks for
+        # that type may split text differently from the bare tokenizer.json (see check_tokenizer)
+        pre, pre_from = check_tokenizer(info.path, AutoTokenizer.from_pretrained(str(info.path), config=cfg))
         float_type = FLOAT_TYPES[dtype_of(info, config)]
         grid_type = GRID_TYPES.get((info.bits, info.sym)) if info.bits else None
         why = _block_mismatch(info) if grid_type else None

@@ -197,12 +197,19 @@ def check_tokenizer(path: Path, tokenizer: Any = None) -> tuple[str, str]:
     digest = pre_tokenizer_hash(tokenizer)
     if digest in PRE_BY_HASH:
         return PRE_BY_HASH[digest], f"llama.cpp's table of tokenizer hashes ({digest[:16]})"
-    pre = None if tj.get("normalizer") else _pre_name(tj.get("pre_tokenizer"))
+    # describe the tokenizer as transformers runs it, not as its file says: a tokenizer class may replace the file's
+    # pre-tokenizer (transformers' Qwen2Tokenizer applies Qwen2's split regex to any tokenizer.json saved with a qwen2
+    # model), and llama.cpp must split text the way recoup's evaluation did
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    run = json.loads(backend.to_str()) if backend is not None else tj
+    # NFC is the one normalizer accepted (real Qwen2 tokenizers carry it and llama.cpp's converter maps them to its
+    # qwen2 pre-tokenizer): llama.cpp does not normalize, so only text not already in NFC form can split differently
+    pre = None if run.get("normalizer") not in (None, {"type": "NFC"}) else _pre_name(run.get("pre_tokenizer"))
     if pre is None:
         raise RecoupError(
             "GGUF export: llama.cpp has no pre-tokenizer for this tokenizer (its hash "
             f"{digest[:16]} is not in llama.cpp's table, and its normalizer / pre-tokenizer "
-            f"{json.dumps(tj.get('normalizer'))[:40]} / {json.dumps(tj.get('pre_tokenizer'))[:80]} "
+            f"{json.dumps(run.get('normalizer'))[:40]} / {json.dumps(run.get('pre_tokenizer'))[:80]} "
             "is none of llama.cpp's regex sets); use --format hf or compressed-tensors"
         )
     log.info("tokenizer hash %s is not in llama.cpp's table; pre-tokenizer '%s' from its description", digest, pre)
