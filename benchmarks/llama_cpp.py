@@ -304,6 +304,8 @@ def judge_eval(server: LlamaServer, work: Path, limit: int, threads: int) -> dic
         server.url + "/v1",
         "--judge-model",
         "smollm2-135m-gguf",
+        "--judge-timeout",
+        "900",  # a judge on a shared CPU may take minutes for one reply; slow is not an error here
         "--limit",
         str(limit),
         "--option",

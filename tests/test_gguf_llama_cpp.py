@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import subprocess
 import sys
@@ -205,10 +204,6 @@ def test_llama_cpp_perplexity_of_the_bundled_model_matches_recoup(tmp_path):
 
 @pytest.mark.slow
 @needs_server
-@pytest.mark.skipif(
-    not os.environ.get("RECOUP_LLAMA_JUDGE_TEST"),
-    reason="generation plus a CPU judge takes tens of minutes on a small machine; set RECOUP_LLAMA_JUDGE_TEST=1",
-)
 def test_llama_server_is_a_real_judge(tmp_path):
     """llama-server with the bundled model's GGUF judges `recoup eval --tasks instructions,cnndm` end to end:
     the run completes (exit 0) and every example is either judged or counted under the judge's error."""
@@ -256,6 +251,12 @@ def test_llama_server_is_a_real_judge(tmp_path):
             "local",
             "--limit",
             "2",
+            "--option",
+            "max_new_tokens=32",  # short answers and short judge replies keep a CPU run to minutes
+            "--judge-max-tokens",
+            "64",
+            "--judge-timeout",
+            "600",
             "--option",
             f"instructions_file={tmp_path / 'instructions.jsonl'}",
             "--option",

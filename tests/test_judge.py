@@ -105,6 +105,34 @@ def test_unreachable_judge_is_a_clear_error():
         judge.instruction("q", "a")
 
 
+def test_a_judge_slower_than_its_timeout_is_named_slow_not_unreachable():
+    """A listening endpoint that never answers (a CPU judge mid-reply) is reported as slow, with the flag to raise."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)  # accepts the connection, never replies
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+        judge = Judge(HttpJudge(url, "m", None, timeout=0.5), retries=1, backoff_s=0)
+        with pytest.raises(JudgeError, match=r"no reply within 0.5 s \(raise --judge-timeout\)"):
+            judge.instruction("q", "a")
+
+
+def test_judge_timeout_and_reply_cap_reach_the_request():
+    with FakeJudgeServer(["8"]) as srv:
+        judge = build_judge(srv.url, "m", None, None, retries=1, timeout=33.0, max_tokens=64)
+        assert judge.backend.timeout == 33.0
+        judge.instruction("q", "a")
+    assert srv.requests[0]["max_tokens"] == 64
+
+
+@pytest.mark.parametrize("flag,value", [("--judge-timeout", "0"), ("--judge-max-tokens", "4")])
+def test_bad_judge_timeout_or_cap_is_one_line(flag, value, capsys):
+    from recoup.cli import main
+
+    assert main(["eval", "smollm2-135m", "--tasks", "ppl:ptb", flag, value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flag.lstrip("-").replace("-", "_") in err[0], err
+
+
 def test_http_error_and_non_json_reply_are_clear_errors():
     with FakeJudgeServer([(500, b"oops"), (200, b"<html>not json</html>")]) as srv:
         judge = Judge(HttpJudge(srv.url, "m", None), retries=1, backoff_s=0)

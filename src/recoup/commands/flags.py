@@ -67,6 +67,8 @@ HELP: dict[str, str] = {
     "default OPENAI_API_KEY may be unset for a keyless endpoint); never logged or written",
     "judge_local": "a local model source to use as the judge instead of a URL",
     "judge_retries": "attempts per judged example",
+    "judge_timeout": "seconds to wait for one judge reply (default 120; a judge served on a CPU may need more)",
+    "judge_max_tokens": "the judge's reply length cap in tokens (default 512)",
     "recovery": "directory of a saved recovery (prompt or adapter) to attach",
     "prompt_text": "a hard prompt: text prepended (as token embeddings, never scored) to every input",
     "json": "write results JSON here",

@@ -159,6 +159,10 @@ class HttpJudge:
             raise JudgeError(redact(f"judge {self.url} answered HTTP {exc.code} ({exc.reason})")) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
+            if isinstance(reason, TimeoutError) or isinstance(exc, TimeoutError):  # slow, not gone
+                raise JudgeError(
+                    redact(f"judge {self.url} sent no reply within {self.timeout:g} s (raise --judge-timeout)")
+                ) from None
             raise JudgeError(redact(f"judge {self.url} is unreachable ({reason})")) from None
         try:
             return redact(json.loads(payload)["choices"][0]["message"]["content"])
@@ -280,13 +284,17 @@ def build_judge(
     retries: int = 3,
     dtype: str = "float32",
     device: str = "cpu",
+    timeout: float = 120.0,
+    max_tokens: int = 512,
 ) -> Judge | None:
-    """The judge the CLI flags describe, or None when none is configured."""
+    """The judge the CLI flags describe, or None when none is configured. ``timeout``: seconds per request to
+    an endpoint; ``max_tokens``: the reply length cap (an endpoint's ``max_tokens``, a local judge's new tokens)."""
     check_judge(url, model, key_env, local)
     if url:
-        return Judge(HttpJudge(url, model, key_env), retries=retries)
+        return Judge(HttpJudge(url, model, key_env, timeout=timeout, max_tokens=max_tokens), retries=retries)
     if local:
         from recoup.artifact import load_model
 
-        return Judge(LocalJudge(load_model(local, dtype=dtype, device=device)), retries=retries)
+        loaded = load_model(local, dtype=dtype, device=device)
+        return Judge(LocalJudge(loaded, max_new_tokens=max_tokens), retries=retries)
     return None

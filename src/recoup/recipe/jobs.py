@@ -212,6 +212,8 @@ class EvalJob(Config):
     judge_key_env: str = "OPENAI_API_KEY"
     judge_local: str | None = None
     judge_retries: int = 3
+    judge_timeout: float = 120.0  # seconds per judge request (a judge on a CPU needs minutes for a long reply)
+    judge_max_tokens: int = 512  # the judge's reply length cap
     recovery: str | None = None  # a saved recovery directory to attach
     prompt_text: str | None = None  # a hard prompt (text prepended as embeddings, never scored)
     json: str | None = None  # write the results here
@@ -241,6 +243,8 @@ class EvalJob(Config):
         check(self.seed >= 0, f"seed must be >= 0 (got {self.seed})")
         check_policy(self.bos)
         check(self.judge_retries >= 1, f"judge_retries must be >= 1 (got {self.judge_retries})")
+        check(self.judge_timeout > 0, f"judge_timeout must be > 0 seconds (got {self.judge_timeout})")
+        check(self.judge_max_tokens >= 16, f"judge_max_tokens must be >= 16 (got {self.judge_max_tokens})")
         check(self.dtype in DTYPES, f"unknown dtype '{self.dtype}'; use auto, float32, bfloat16 or float16")
         check_device(self.device)
         check(self.device_map in (None, "auto"), f"unknown device_map '{self.device_map}'; use auto (or leave it out)")

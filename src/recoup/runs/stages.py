@@ -121,6 +121,8 @@ def evaluate(job: EvalJob, judge: Any = None) -> dict:
         job.judge_retries,
         dtype=job.dtype,
         device=job.device,
+        timeout=job.judge_timeout,
+        max_tokens=job.judge_max_tokens,
     )
     if judge is not None:
         options["judge"] = judge
