@@ -329,7 +329,8 @@ def summarize_judged(res: dict, command: str, seconds: float) -> dict:
     """Per task: examples, examples judged, judge means, parse retries (attempts beyond the first on judged
     examples) and the judge error (the example whose replies never parsed stops the judging)."""
     tasks = {}
-    for name, r in (res.get("tasks") or res).items():
+    # `recoup eval --json` writes {"model", "results": {task: ...}, "protocol"}
+    for name, r in (res.get("results") or res.get("tasks") or res).items():
         if not isinstance(r, dict) or "examples" not in r:
             continue
         ex = r["examples"]

@@ -18,7 +18,8 @@ from recoup.evaluate.runner import EvalSettings
 from recoup.evaluate.tasks import instruction, summarization
 from recoup.evaluate.tasks.judging import judge_all
 
-SHARED = Path(__file__).resolve().parent / "data" / "llm-kick"  # LLM-KICK's files, copied unchanged
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT / "tests" / "data" / "llm-kick"  # LLM-KICK's files, copied unchanged
 
 
 class FakeJudgeServer:
@@ -252,3 +253,13 @@ def test_recoup_eval_with_a_judge_records_its_scores_per_example_and_as_means(tm
     assert sorted(r["judge_coherence_reference"] for r in res["examples"]) == [8.0, 9.0]
     assert res["protocol"]["judge"]["judge"].startswith("judge-m @ http://127.0.0.1")
     assert "sk-test" not in out.read_text()
+    # the llama.cpp benchmark's summary reads this very file (the llama-server judge test asserts on it)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_llama_cpp", ROOT / "benchmarks" / "llama_cpp.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    summary = bench.summarize_judged(json.loads(out.read_text()), "recoup eval ...", 0.0)["tasks"]
+    assert set(summary) == {"cnndm"} and summary["cnndm"]["n_judged"] == 2
+    assert summary["cnndm"]["judge_scores"]["judge_coherence"] == pytest.approx(4.0)
+    assert summary["cnndm"]["parse_retries"] == 0 and summary["cnndm"]["judge_error"] is None
