@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -155,29 +155,46 @@ def encode_linear(w: torch.Tensor, qparams: dict[str, torch.Tensor] | None, bits
     n = rows * cols
     base = {"shape": [rows, cols]}
     nonzero = w != 0
-    candidates: list[Encoded] = []
+    nnz = int(nonzero.sum())
+    # (size in bytes, builder) of each candidate: sizes are known before packing, so only the candidates that
+    # can win are packed (on a dense quantized linear the mask form is never built); ties keep this order
+    candidates: list[tuple[int, Callable[[], Encoded]]] = []
     if qparams is not None and bits:
         codes = grid_codes(w, qparams["scale"], qparams["zero"], qparams["g_idx"], 2**bits - 1)
         if codes is not None:
-            candidates.append(Encoded({**base, "encoding": "codes", "bits": bits}, {"codes": pack_bits(codes, bits)}))
             candidates.append(
-                Encoded(
-                    {**base, "encoding": "mask_codes", "bits": bits},
-                    {"mask": pack_bits(nonzero, 1), "codes": pack_bits(codes[nonzero], bits)},
+                (
+                    packed_nbytes(n, bits),
+                    lambda: Encoded({**base, "encoding": "codes", "bits": bits}, {"codes": pack_bits(codes, bits)}),
                 )
             )
-    elif not bool(nonzero.all()):
+            candidates.append(
+                (
+                    packed_nbytes(n, 1) + packed_nbytes(nnz, bits),
+                    lambda: Encoded(
+                        {**base, "encoding": "mask_codes", "bits": bits},
+                        {"mask": pack_bits(nonzero, 1), "codes": pack_bits(codes[nonzero], bits)},
+                    ),
+                )
+            )
+    elif nnz < n:
         candidates.append(
-            Encoded(
-                {**base, "encoding": "mask_values"}, {"mask": pack_bits(nonzero, 1), "values": w[nonzero].contiguous()}
+            (
+                packed_nbytes(n, 1) + nnz * w.element_size(),
+                lambda: Encoded(
+                    {**base, "encoding": "mask_values"},
+                    {"mask": pack_bits(nonzero, 1), "values": w[nonzero].contiguous()},
+                ),
             )
         )
     dense_bytes = n * w.element_size()
-    for enc in sorted(candidates, key=lambda e: e.nbytes):
-        if enc.nbytes >= dense_bytes:
+    for size, build in sorted(candidates, key=lambda c: c[0]):
+        if size >= dense_bytes:
             break
+        enc = build()
         if _same_bits(decode_linear(enc.meta, enc.tensors, qparams, w.dtype), w):
             return enc
+        del enc
     return None
 
 

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from recoup.artifact.report import CompressReport, LinearRecord, peak_rss_mb
+from recoup.artifact.report import CompressReport, LinearRecord, peak_rss_mb, rss_mb
 from recoup.compress.config import CompressConfig
 from recoup.compress.devices import resolve_device
 from recoup.compress.methods import METHODS, LinearResult
@@ -446,12 +446,15 @@ def compress(
                 if on_layer is not None:
                     on_layer(i, layer, [r.name for r in linears[first_record:]], qparams)
             errs = [r.error for r in linears[first_record:]]
+            now = rss_mb()  # after the layer is freed: with lazy weights this should not grow from layer to layer
             log.info(
-                "layer %d: %.1fs, mean relative error %.4g (max %.4g)",
+                "layer %d: %.1fs, mean relative error %.4g (max %.4g), RSS %s MiB (peak %.0f)",
                 i,
                 time.time() - t_layer,
                 sum(errs) / len(errs),
                 max(errs),
+                "?" if now is None else f"{now:.0f}",
+                peak_rss_mb(),
             )
         # how the activations were held: the dtype (a narrower one rounds each layer's inputs) and where
         activations = (
