@@ -227,3 +227,18 @@ def test_freed_layer_tensors_go_back_to_the_system():
 
     assert growth("default")[0] > 4  # the pattern does grow without the setting (else this test would prove nothing)
     assert max(growth("fixed")) < 2
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="Linux /proc")
+def test_peak_memory_is_the_process_own_not_its_parents():
+    """A process started by fork and exec inherits its parent's ru_maxrss; the peak recoup records (the artifact's
+    peak_rss_mb, the per-layer log, a stage's record) is the process's own high-water mark."""
+    big = bytearray(1024 * 2**20)  # the parent touches 1 GiB before it starts the child
+    big[::4096] = b"\1" * len(range(0, len(big), 4096))
+    code = "import resource; from recoup.artifact.report import peak_rss_mb; "
+    code += "print(peak_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    del big
+    own, inherited = float(out[0]), float(out[1])
+    assert inherited > 1024  # the premise: ru_maxrss carries the parent's peak
+    assert own < 700  # python, torch and recoup's import

@@ -4,14 +4,28 @@ from __future__ import annotations
 
 import dataclasses
 import resource
+import sys
 from typing import Any
 
 import torch
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (Linux ru_maxrss is KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process so far, in MiB.
+
+    Linux: the high-water mark of this process's own memory (``VmHWM``). Not ``ru_maxrss``: a process started
+    by fork and exec starts its ``ru_maxrss`` at its parent's peak, so a compression launched from a large
+    parent (a notebook, a benchmark driver) would report the parent's peak as its own. Elsewhere ``ru_maxrss``
+    (KiB on Linux and BSD, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def rss_mb() -> float | None:

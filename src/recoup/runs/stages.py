@@ -16,11 +16,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import resource
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from recoup.artifact.report import peak_rss_mb
 from recoup.errors import RecoupError
 from recoup.model import parallel
 from recoup.model.recovery import RUN_RECORD, TRAIN_RECORD
@@ -32,10 +32,6 @@ log = logging.getLogger(__name__)
 ARTIFACT_DIR = "artifact"
 RECOVERY_DIR = "recovery"
 EXPORT_DIR = "export"
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 # ----------------------------------------------------------------------------- the stage functions
@@ -322,7 +318,7 @@ def execute(kind: str, params: dict, inputs: dict[str, Path], out: Path) -> dict
     t0 = time.time()
     result = fn(params, inputs, out)
     result["seconds"] = round(time.time() - t0, 3)
-    result["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+    result["peak_rss_mb"] = round(peak_rss_mb(), 1)
     log.info("stage %s done in %.1fs (peak RSS %.0f MB)", kind, result["seconds"], result["peak_rss_mb"])
     return result
 
