@@ -4,9 +4,13 @@ Never imports recoup. Loads the HF model directory, calibrates on the exact toke
 (a saved (N, T) tensor, no shuffling), runs ``llmcompressor.oneshot`` with the recipe of the same name,
 times it, and saves the model's state dict with every quantized linear's weight dequantized on its
 grid (compressed-tensors' own ``forward_quantize``), so recoup scores the result with its own evaluator.
-Prints one ``RESULT {json}`` line.
+With ``--no-save`` (benchmarks/memory.py's peer cells) nothing is written: the process is measured for its
+peak memory and time only (an 8B model's float32 state dict would be 30 GB). The model is loaded whole, in
+float32 (recoup's compute dtype on CPU), with ``AutoModelForCausalLM.from_pretrained``. Prints one
+``RESULT {json}`` line.
 
     VENV/bin/python benchmarks/compress_peer_worker.py --model-dir DIR --calib ids.pt --recipe gptq-w4g64 --out W.pt
+    VENV/bin/python benchmarks/compress_peer_worker.py --model-dir DIR --calib ids.pt --recipe rtn-w4g128 --no-save
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ def recipe(name: str, sym: bool):
     # so a plain "lm_head" does not exclude it: llm-compressor 0.14 then prunes lm_head ("Sparsifying lm_head")
     # and, on a model with tied embeddings, the input embedding with it. Its own warning's advice:
     prune_ignore = ["lm_head", "re:.*lm_head"]
+    if name == "rtn-w4g128":  # round-to-nearest onto the group's min/max grid: no calibration statistics
+        return [QuantizationModifier(config_groups=groups(4, 128), ignore=ignore)]
     if name == "gptq-w4g64":
         return [GPTQModifier(config_groups=groups(4, 64), ignore=ignore)]
     if name == "gptq-w3g64":
@@ -83,8 +89,11 @@ def main() -> int:
     p.add_argument("--recipe", required=True)
     p.add_argument("--asym", action="store_true")
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", help="where the dequantized state dict goes (torch.save)")
+    p.add_argument("--no-save", action="store_true", help="write nothing (memory and time measurements)")
     args = p.parse_args()
+    if not args.out and not args.no_save:
+        p.error("give --out W.pt or --no-save")
 
     import torch
     from datasets import Dataset
@@ -101,8 +110,10 @@ def main() -> int:
 
     ids = torch.load(args.calib)
     n, t = ids.shape
+    t_load = time.time()
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(args.model_dir)
+    load_s, model_dtype = time.time() - t_load, str(next(model.parameters()).dtype).replace("torch.", "")
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     t0, c0 = time.time(), time.process_time()
     oneshot(
@@ -116,8 +127,15 @@ def main() -> int:
         batch_size=args.batch_size,
     )
     seconds, cpu = time.time() - t0, time.process_time() - c0
-    state, quantized = dequantized_state(model)
-    torch.save(state, args.out)
+    if args.no_save:
+        quantized = sum(
+            1
+            for m in model.modules()
+            if isinstance(m, torch.nn.Linear) and getattr(getattr(m, "quantization_scheme", None), "weights", None)
+        )
+    else:
+        state, quantized = dequantized_state(model)
+        torch.save(state, args.out)
     import llmcompressor
 
     print(
@@ -129,6 +147,8 @@ def main() -> int:
                 "quantized_linears": quantized,
                 "llmcompressor": llmcompressor.__version__,
                 "torch": torch.__version__,
+                "model_dtype": model_dtype,
+                "load_s": load_s,
             }
         ),
         flush=True,

@@ -4,17 +4,28 @@ Builds random-weight checkpoints of real shapes on disk (bf16 safetensors shards
 model's tokenizer, so the vocabulary is 49152): ``llama-3.2-1b`` (hidden 2048, 16 layers, MLP 8192, 32/8 heads,
 tied embeddings), ``llama-3-8b`` (hidden 4096, 32 layers, MLP 14336, 32/8 heads) and ``llama-3-8b-Nl`` (the
 8B shapes with N = 2 or 4 of its layers). Then, each cell its own
-``recoup`` process whose peak RSS is read with ``wait4`` (its own ``ru_maxrss``):
+``recoup`` process whose peak RSS is read with ``wait4`` (its own ``ru_maxrss``; forked by a small launcher
+process, since a child's ``ru_maxrss`` starts at the peak RSS of the process that forked it):
 
 - ``compress`` Wanda 50% and RTN w4 g128 (``--lazy``, the default: one decoder layer read at a time; with
   ``--eager`` also ``--no-lazy``, the whole model loaded first), PTB calibration ``--nsamples`` x ``--seqlen``;
-- ``eval`` of the Wanda artifact on one PTB window (``--limit 1``) with ``--dtype bfloat16`` on CPU.
+- ``eval`` of the Wanda artifact on one PTB window (``--limit 1``) with ``--dtype bfloat16`` on CPU;
+- ``peer-wanda`` and ``peer-rtn``: the same two compressions by the peer tool llm-compressor
+  (benchmarks/compress_peer_worker.py in llm-compressor's own virtual environment, ``--peer-venv``, created with
+  ``--peer-version`` by benchmarks/compress_vs_peer.py's ``ensure_peer`` when missing): ``WandaPruningModifier``
+  at 50% and ``QuantizationModifier`` int4 group 128 symmetric (recoup's RTN default grid), ``oneshot`` on the
+  *same token windows* recoup calibrates on (recoup's own ``calibration_windows``, saved to the work folder),
+  nothing written (``--no-save``). Its loader reads the whole model (``AutoModelForCausalLM.from_pretrained``,
+  float32: recoup's compute dtype on CPU) before it compresses; the cell records the dtype, the llmcompressor
+  and torch versions, and the ``oneshot`` call's own seconds beside the process's wall time. A peer that cannot
+  be installed or fails records why (one line) and the run goes on.
 
 Random weights are fine for memory and time (the work per layer does not depend on the values); quality is
 measured on real models (benchmarks/compress_vs_peer.py, benchmarks/eval.py).
 
     python benchmarks/memory.py --shapes llama-3.2-1b --eager
     nice -n 10 python benchmarks/memory.py --shapes llama-3-8b --cells wanda,rtn
+    python benchmarks/memory.py --shapes llama-3.2-1b --cells wanda,rtn,peer-wanda,peer-rtn --nsamples 2 --seqlen 128
 
 Prints a table and writes JSON under benchmarks/results/memory/ (one file per shape).
 """
@@ -60,6 +71,9 @@ RECIPES = {
     "wanda": ["--method", "wanda", "--sparsity", "0.5"],
     "rtn": ["--method", "rtn", "--bits", "4", "--group-size", "128"],
 }
+# peer cell -> (recoup's recipe of the same compression, compress_peer_worker.py's recipe name)
+PEER_RECIPES = {"peer-wanda": ("wanda", "wanda-50"), "peer-rtn": ("rtn", "rtn-w4g128")}
+PEER_WORKER = Path(__file__).resolve().parent / "compress_peer_worker.py"
 SHARD_BYTES = 2 * 10**9
 
 
@@ -147,30 +161,106 @@ def build(shape: str, folder: Path) -> dict:
     return info
 
 
+# Forks and execs the measured command from a fresh small process and writes its wait4 status and peak RSS to
+# argv[1]. A process's ru_maxrss starts at the peak RSS of the process it was forked from (Linux carries the
+# parent's high-water mark over fork and exec), so a child forked by this script directly would report at least
+# this script's own peak (the checkpoint build, the calibration windows): the launcher's is ~10 MB.
+LAUNCHER = """
+import json, os, sys, time
+t0 = time.time()
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(sys.argv[2], sys.argv[2:])
+    finally:
+        os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as fh:
+    json.dump({"status": status, "maxrss_kb": usage.ru_maxrss, "wall_s": time.time() - t0}, fh)
+"""
+
+
 def measure(cmd: list[str], log: Path) -> dict:
     """Run ``cmd`` (its output to ``log``); its own peak RSS (wait4) and wall time, and per-layer seconds."""
-    t0 = time.time()
+    usage_file = log.with_name(log.name + ".rusage.json")
+    usage_file.unlink(missing_ok=True)
     with open(log, "w") as fh:
         env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.time() - t0
+        launch = [sys.executable, "-S", "-c", LAUNCHER, str(usage_file), *cmd]
+        proc = subprocess.run(launch, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    if not usage_file.is_file():
+        raise RuntimeError(f"the measuring launcher failed (rc {proc.returncode}) for {' '.join(cmd)}")
+    usage = json.loads(usage_file.read_text())
+    usage_file.unlink()
+    status, wall = usage["status"], usage["wall_s"]
     text = log.read_text(errors="replace")
     layers = [float(s) for s in re.findall(r"layer \d+: ([0-9.]+)s", text)]
     return {
         "cmd": " ".join(cmd[2:]),
         "rc": os.waitstatus_to_exitcode(status),
         "wall_s": round(wall, 1),
-        "peak_rss_mb": round(usage.ru_maxrss / 1024),
+        "peak_rss_mb": round(usage["maxrss_kb"] / 1024),
         "layer_seconds": layers,
         "mean_layer_s": round(sum(layers) / len(layers), 2) if layers else None,
     }
 
 
+def write_calib(ckpt: Path, nsamples: int, seqlen: int, path: Path) -> dict:
+    """The token windows ``recoup compress CKPT --calib ptb --nsamples N --seqlen T`` calibrates on (its own
+    function, at ``recoup compress``'s default seed and BOS policy), saved as an (N, T) tensor for the peer."""
+    import dataclasses
+    import hashlib
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from recoup.data.calibration import calibration_windows
+    from recoup.recipe.jobs import CompressJob
+
+    defaults = {f.name: f.default for f in dataclasses.fields(CompressJob)}
+    tok = AutoTokenizer.from_pretrained(str(ckpt))
+    cal = calibration_windows(tok, "ptb", nsamples, seqlen, defaults["seed"], bos=defaults["bos"])
+    ids = cal.input_ids.clone().to(torch.int64)
+    torch.save(ids, path)
+    sha = hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16]
+    return {"ids": str(path), "shape": list(ids.shape), "seed": cal.seed, "bos": cal.bos, "sha256_16": sha}
+
+
+def peer_python(venv: str, version: str) -> tuple[Path | None, dict]:
+    """llm-compressor's venv python (installed if missing) and its versions; (None, {"error": why}) if it fails."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from compress_vs_peer import ensure_peer  # benchmarks/compress_vs_peer.py: the peer's venv
+
+    try:
+        py = ensure_peer(Path(venv), torch.__version__.split("+")[0], version)
+        probe = "import llmcompressor, torch, transformers; print('VERSIONS', llmcompressor.__version__, "
+        probe += "torch.__version__, transformers.__version__)"
+        out = subprocess.run([str(py), "-c", probe], capture_output=True, text=True, check=True).stdout
+        versions = [ln.split()[1:] for ln in out.splitlines() if ln.startswith("VERSIONS ")][-1]
+        return py, dict(zip(("llmcompressor", "torch", "transformers"), versions))
+    except Exception as exc:  # noqa: BLE001  (any failure to install is recorded, never a crash of the run)
+        why = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        return None, {"error": f"llm-compressor {version} not available in {venv}: {why}"}
+
+
+def last_error(text: str) -> str:
+    """The last line of a log that names an error (else its last non-empty line)."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if re.search(r"Error|Exception|Killed", ln)]
+    return (errors or lines or ["(no output)"])[-1][:300]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="llama-3.2-1b")
-    ap.add_argument("--cells", default="wanda,rtn,eval", help="wanda, rtn (compress) and eval (of the wanda one)")
+    ap.add_argument(
+        "--cells",
+        default="wanda,rtn,eval",
+        help="wanda, rtn (recoup compress), eval (of the wanda artifact), peer-wanda, peer-rtn (the same two "
+        "compressions by llm-compressor on the same calibration tokens)",
+    )
     ap.add_argument("--eager", action="store_true", help="also compress with --no-lazy (the whole model loaded)")
     ap.add_argument("--nsamples", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -185,9 +275,20 @@ def main() -> None:
         action="store_true",
         help="add to this shape's JSON instead of replacing it (cells not run now keep their earlier figures)",
     )
+    ap.add_argument(
+        "--peer-venv", default="/work/wt/venvs/llmc", help="llm-compressor's own venv (created when missing)"
+    )
+    ap.add_argument("--peer-version", default="0.14.0.1", help="llmcompressor to install there")
     args = ap.parse_args()
     work = Path(args.work)
     cells = args.cells.split(",")
+    unknown = [c for c in cells if c not in ("wanda", "rtn", "eval", *PEER_RECIPES)]
+    if unknown:
+        sys.exit(f"unknown cell(s) {unknown}; known: wanda, rtn, eval, {', '.join(PEER_RECIPES)}")
+    peer_py, peer_info = (None, {})
+    if any(c in PEER_RECIPES for c in cells):
+        peer_py, peer_info = peer_python(args.peer_venv, args.peer_version)
+        print(f"llm-compressor: {peer_py or ''} {peer_info}", flush=True)
     recoup = [sys.executable, "-m", "recoup"]
     OUT.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -232,6 +333,64 @@ def main() -> None:
                     f"  wall {cell['wall_s']:7.1f} s  layer {cell['mean_layer_s']} s",
                     flush=True,
                 )
+        peer_cells = [c for c in PEER_RECIPES if c in cells]
+        calib = None
+        if peer_cells and peer_py is not None:
+            try:
+                calib = write_calib(ckpt, args.nsamples, args.seqlen, work / f"{shape}-calib-ptb.pt")
+            except Exception as exc:  # noqa: BLE001
+                peer_info = {**peer_info, "error": f"calibration windows not written: {exc}".splitlines()[0]}
+        for name in peer_cells:
+            recipe, peer_recipe = PEER_RECIPES[name]
+            key = f"compress {recipe} llm-compressor"
+            if peer_py is None or calib is None:
+                cell = {"rc": None, "error": peer_info.get("error", "llm-compressor not available")}
+            else:
+                cmd = [
+                    str(peer_py),
+                    str(PEER_WORKER),
+                    "--model-dir",
+                    str(ckpt),
+                    "--calib",
+                    calib["ids"],
+                    "--recipe",
+                    peer_recipe,
+                    "--no-save",
+                ]
+                log = work / f"{shape}-{name}.log"
+                cell = {**measure(cmd, log), "cmd": " ".join(cmd)}
+                del cell["layer_seconds"], cell["mean_layer_s"]
+                text = log.read_text(errors="replace")
+                found = [ln for ln in text.splitlines() if ln.startswith("RESULT ")]
+                if cell["rc"] == 0 and found:
+                    res = json.loads(found[-1][len("RESULT ") :])
+                    cell.update(
+                        {
+                            "oneshot_s": round(res["compress_s"], 1),
+                            "oneshot_cpu_s": round(res["compress_cpu_s"], 1),
+                            "load_s": round(res["load_s"], 1),
+                            "load": "whole model, AutoModelForCausalLM.from_pretrained",
+                            "model_dtype": res["model_dtype"],
+                            "quantized_linears": res["quantized_linears"],
+                        }
+                    )
+                else:
+                    rc = cell["rc"]
+                    why = f"killed by signal {-rc}" if rc is not None and rc < 0 else last_error(text)
+                    cell["error"] = f"rc {rc}: {why}"
+                cell["calibration_ids"] = calib
+            cell.update({k: v for k, v in peer_info.items() if k != "error"})
+            cell["peer_recipe"] = peer_recipe
+            result["cells"][key] = cell
+            rows.append((shape, key, cell))
+            if "error" in cell:
+                print(f"{shape:14s} {key}: FAILED {cell['error']}", flush=True)
+            else:
+                print(
+                    f"{shape:14s} {key} rc={cell['rc']} peak RSS {cell['peak_rss_mb']:7d} MB  wall "
+                    f"{cell['wall_s']:7.1f} s  (oneshot {cell['oneshot_s']} s, {cell['model_dtype']})",
+                    flush=True,
+                )
         if "eval" in cells:
             art = work / f"{shape}-wanda-lazy"
             cmd = recoup + [
@@ -266,9 +425,15 @@ def main() -> None:
             for art in work.glob(f"{shape}-*-*"):
                 if art.is_dir():
                     shutil.rmtree(art, ignore_errors=True)
-    print(f"\n{'shape':14s} {'cell':24s} {'peak RSS MB':>12s} {'wall s':>8s} {'s/layer':>8s}")
+    print(f"\n{'shape':14s} {'cell':31s} {'peak RSS MB':>12s} {'wall s':>8s} {'s/layer':>8s}")
     for shape, name, cell in rows:
-        print(f"{shape:14s} {name:24s} {cell['peak_rss_mb']:12d} {cell['wall_s']:8.1f} {cell['mean_layer_s'] or '':>8}")
+        if "error" in cell:
+            print(f"{shape:14s} {name:31s} failed: {cell['error']}")
+            continue
+        print(
+            f"{shape:14s} {name:31s} {cell['peak_rss_mb']:12d} {cell['wall_s']:8.1f} "
+            f"{cell.get('mean_layer_s') or '':>8}"
+        )
 
 
 if __name__ == "__main__":
