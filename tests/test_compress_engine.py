@@ -233,3 +233,28 @@ def test_awq_searches_every_foldable_group_on_its_block_output(arch):
         if "awq_block_loss" in r.info:
             assert r.info["awq_block_loss"] <= r.info["awq_block_loss_unscaled"]
         assert ("q_proj" in r.name or "k_proj" in r.name) != (rel[r.name] in r.info["awq_clip"])
+
+
+def test_a_layer_holds_one_linear_result_at_a_time(monkeypatch):
+    """Once a linear's compressed weight is in the layer, the engine keeps no float32 copy of it (nor its mask):
+    when the next linear starts, no earlier result's weight is alive, so a layer's peak is one linear's work."""
+    import dataclasses
+    import weakref
+
+    from recoup.compress.methods import METHODS
+
+    wanda = METHODS.get("wanda")
+    earlier: list[weakref.ref] = []
+    alive_at_start: list[int] = []
+
+    def counting(weight, stats, config):
+        alive_at_start.append(sum(ref() is not None for ref in earlier))
+        res = wanda.compress_linear(weight, stats, config)
+        earlier.extend([weakref.ref(res.weight), weakref.ref(res.mask)])
+        return res
+
+    monkeypatch.setitem(METHODS._items, "wanda", dataclasses.replace(wanda, compress_linear=counting))
+    lm = tiny_loaded("llama", hidden=32, layers=2)
+    compress(lm, CompressConfig(method="wanda", sparsity=0.5), calib())
+    assert len(alive_at_start) == len(list(anatomy(lm.model).iter_linears()))
+    assert alive_at_start == [0] * len(alive_at_start)

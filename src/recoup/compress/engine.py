@@ -31,6 +31,7 @@ every batch, are then off: they always need more than the activations).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from typing import Any, Callable
@@ -161,19 +162,33 @@ def _dense_order(config: CompressConfig) -> bool:
 
 
 def relative_error(w0: torch.Tensor, w1: torch.Tensor, stats) -> tuple[float, str]:
-    """Relative reconstruction error of w1 vs w0 (rows, cols): ||dW X||^2 / ||W X||^2 where stats allow."""
-    d = w1 - w0
+    """Relative reconstruction error of w1 vs w0 (rows, cols): ||dW X||^2 / ||W X||^2 where stats allow.
+
+    The weighted sums run over blocks of rows (float64 totals), so the temporaries are a block's size rather
+    than several copies of the matrix."""
     if isinstance(stats, HessianStats):
         h = stats.xtx
-        return float(((d @ h) * d).sum() / ((w0 @ h) * w0).sum().clamp(min=1e-30)), "output"
+        return _ratio_by_rows(w0, w1, lambda m: (m @ h) * m), "output"
     if isinstance(stats, ActNormStats):
-        return float((d * d * stats.sq).sum() / (w0 * w0 * stats.sq).sum().clamp(min=1e-30)), "act_norm"
+        return _ratio_by_rows(w0, w1, lambda m: m * m * stats.sq), "act_norm"
+    d = w1 - w0
     if isinstance(stats, ActSampleStats):
         x = stats.sample()
         if getattr(stats, "input_scale", None) is not None:  # AWQ folded 1/s into the op producing x
             x = x / stats.input_scale[None, :]
         return float(((x @ d.t()) ** 2).sum() / ((x @ w0.t()) ** 2).sum().clamp(min=1e-30)), "sample"
     return float((d * d).sum() / (w0 * w0).sum().clamp(min=1e-30)), "weight"
+
+
+def _ratio_by_rows(w0: torch.Tensor, w1: torch.Tensor, quad: Callable[[torch.Tensor], torch.Tensor]) -> float:
+    """sum(quad(w1 - w0)) / sum(quad(w0)) with ``quad`` row-separable, computed a block of rows at a time."""
+    step = max(1, (1 << 22) // max(1, w0.shape[1]))
+    num = den = 0.0
+    for r in range(0, w0.shape[0], step):
+        a = w0[r : r + step]
+        num += float(quad(w1[r : r + step] - a).sum())
+        den += float(quad(a).sum())
+    return num / max(den, 1e-30)
 
 
 def _compress_groups(
@@ -212,6 +227,7 @@ def _compress_groups(
             res = method.compress_linear(w0, stats, config)
             err, kind = relative_error(w0, res.weight, stats)
             _record(i, view, name, w0, res, err, kind, time.time() - t0, group_info, config, linears)
+            del w0, res  # before the next linear's copies: the layer's peak is one linear's work, not two
 
 
 def _record(
@@ -229,7 +245,9 @@ def _record(
 ) -> None:
     """Put the compressed weight in the layer and what was done in the report."""
     view.set_weight(name, res.weight)
-    view.results[name] = res
+    # the layer holds the weight now; the grid (scale, zero, g_idx) is all that is read later (the artifact's
+    # qparams, AWQ's folding), so the result's float32 weight and mask copies go (a layer's worth of memory)
+    view.results[name] = dataclasses.replace(res, weight=torch.empty(0), mask=None)
     linears.append(
         LinearRecord(
             name=f"{view.anat.spec.layers}.{i}.{name}",
