@@ -44,6 +44,7 @@ from recoup.artifact.report import CompressReport, LinearRecord, peak_rss_mb, rs
 from recoup.compress.config import CompressConfig
 from recoup.compress.devices import resolve_device
 from recoup.compress.methods import METHODS, LinearResult
+from recoup.compress.methods.base import row_blocks
 from recoup.compress.onepass import available_bytes, parked_bytes, run_parked
 from recoup.compress.parallel import side_by_side
 from recoup.compress.stats import ActNormStats, ActSampleStats, BlockIOStats, HessianStats
@@ -182,11 +183,10 @@ def relative_error(w0: torch.Tensor, w1: torch.Tensor, stats) -> tuple[float, st
 
 def _ratio_by_rows(w0: torch.Tensor, w1: torch.Tensor, quad: Callable[[torch.Tensor], torch.Tensor]) -> float:
     """sum(quad(w1 - w0)) / sum(quad(w0)) with ``quad`` row-separable, computed a block of rows at a time."""
-    step = max(1, (1 << 22) // max(1, w0.shape[1]))
     num = den = 0.0
-    for r in range(0, w0.shape[0], step):
-        a = w0[r : r + step]
-        num += float(quad(w1[r : r + step] - a).sum())
+    for rows in row_blocks(*w0.shape):
+        a = w0[rows]
+        num += float(quad(w1[rows] - a).sum())
         den += float(quad(a).sum())
     return num / max(den, 1e-30)
 

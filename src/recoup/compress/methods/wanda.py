@@ -12,7 +12,7 @@ import torch
 
 from recoup.compress.config import CompressConfig, MethodOptions
 from recoup.compress.masks import nm_mask, unstructured_mask
-from recoup.compress.methods.base import LinearResult, Method
+from recoup.compress.methods.base import LinearResult, Method, row_blocks
 from recoup.compress.stats import ActNormStats
 
 
@@ -26,23 +26,19 @@ class WandaOptions(MethodOptions):
     true_sequential: bool = True  # on: norms after the earlier groups are pruned; off: the reference's order
 
 
-ROW_BLOCK_ELEMENTS = 1 << 22  # 4 Mi scores (16 MB in float32) ranked at a time
-
-
 def wanda_prune(
     weight: torch.Tensor, col_norms: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None
 ) -> LinearResult:
     """weight (rows, cols), col_norms (cols,) = ||X_j||_2 over the calibration tokens.
 
-    Rows are scored and ranked in blocks of about ``ROW_BLOCK_ELEMENTS`` entries: every choice is within a
+    Rows are scored and ranked in blocks (:func:`row_blocks`): every choice is within a
     row, so the mask is the one of the whole matrix, while the score and ranking buffers stay a block's size
     (an 8B model's MLP matrix would otherwise need about 0.9 GB of them)."""
     norms = col_norms.to(weight)[None, :]
     mask = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
-    step = max(1, ROW_BLOCK_ELEMENTS // max(1, weight.shape[1]))
-    for r in range(0, weight.shape[0], step):
-        score = weight[r : r + step].abs() * norms
-        mask[r : r + step] = nm_mask(score, *nm) if nm else unstructured_mask(score, sparsity, per_row=True)
+    for rows in row_blocks(*weight.shape):
+        score = weight[rows].abs() * norms
+        mask[rows] = nm_mask(score, *nm) if nm else unstructured_mask(score, sparsity, per_row=True)
         del score
     return LinearResult(weight=weight.masked_fill(mask, 0), mask=mask)
 
