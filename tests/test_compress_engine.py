@@ -264,9 +264,9 @@ def test_a_layer_holds_one_linear_result_at_a_time(monkeypatch):
 def test_row_blocks_give_the_whole_matrix_result(monkeypatch, nm):
     """Wanda's masks and the relative error, computed a block of rows at a time, equal the whole-matrix
     computation (tiny models fit one block, so the blocks are made small here: several per matrix)."""
+    from recoup import blocks
     from recoup.compress.engine import relative_error
     from recoup.compress.masks import nm_mask, unstructured_mask
-    from recoup.compress.methods import base
     from recoup.compress.methods.wanda import wanda_prune
     from recoup.compress.stats import ActNormStats
 
@@ -278,8 +278,8 @@ def test_row_blocks_give_the_whole_matrix_result(monkeypatch, nm):
     stats.sq = norms**2
     res_whole = wanda_prune(w, norms, 0.5, nm)
     err_whole = float(((res_whole.weight - w) ** 2 * stats.sq).sum() / (w * w * stats.sq).sum())
-    monkeypatch.setattr(base, "ROW_BLOCK_ELEMENTS", 5 * 64)  # 8 blocks, the last one short
-    assert len(base.row_blocks(*w.shape)) == 8
+    monkeypatch.setattr(blocks, "ROW_BLOCK_ELEMENTS", 5 * 64)  # 8 blocks, the last one short
+    assert len(blocks.row_blocks(*w.shape)) == 8
     res = wanda_prune(w, norms, 0.5, nm)
     assert torch.equal(res.mask, whole) and torch.equal(res.weight, w.masked_fill(whole, 0))
     err, kind = relative_error(w, res.weight, stats)

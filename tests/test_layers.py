@@ -11,6 +11,8 @@ SRC = Path(recoup.__file__).parent
 LAYER = {
     "errors": 0,
     "safeio": 0,
+    "blocks": 0,
+    "memory": 0,
     "config": 0,
     "registry": 0,
     "paths": 0,

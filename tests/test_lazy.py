@@ -120,6 +120,35 @@ def test_lazy_artifact_is_the_whole_model_artifact(tmp_path, arch, recipe, dtype
     assert _manifest(lazy)["summary"]["linears"] == 3 * 7 or arch in ("gpt2", "opt")
 
 
+@pytest.mark.parametrize("recipe", ["wanda", "sparsegpt"])
+def test_artifact_is_the_same_when_written_in_small_blocks(tmp_path, monkeypatch, recipe):
+    """Big tensors are packed, checked and converted a block of rows (or a chunk of values) at a time: the
+    embedding read from a bf16 checkpoint into the artifact's float32, Wanda's ranking, the packed codes and
+    masks. Tiny models fit one block, so the blocks are made small here (several per tensor): the artifact is
+    byte for byte the one written in whole-tensor blocks."""
+    from recoup import blocks
+    from recoup.artifact import packing
+
+    src = tmp_path / "src"
+    lm = save_tiny(src, "llama", hidden=32, layers=2)
+    lm.model.to(torch.bfloat16).save_pretrained(str(src))
+    whole = tmp_path / "whole"
+    _compress(tmp_path, src, whole, True, **RECIPES[recipe])
+    monkeypatch.setattr(blocks, "ROW_BLOCK_ELEMENTS", 3 * 32)  # 3 rows of a 32-column matrix a block
+    monkeypatch.setattr(packing, "PACK_CHUNK", 40)
+    small = tmp_path / "small"
+    _compress(tmp_path, src, small, True, **RECIPES[recipe])
+    files = sorted(f.name for f in whole.iterdir())
+    assert files == sorted(f.name for f in small.iterdir())
+    for name in files:
+        if name != "recoup.json":
+            assert (whole / name).read_bytes() == (small / name).read_bytes(), name
+    a, b = _manifest(whole), _manifest(small)  # the relative errors sum per block: equal to float32 rounding
+    errors = [(r.pop("error"), q.pop("error")) for r, q in zip(a["layers"], b["layers"])]
+    errors.append((a["summary"].pop("mean_error"), b["summary"].pop("mean_error")))
+    assert a == b and all(x == pytest.approx(y, rel=1e-5) for x, y in errors)
+
+
 def _calib(n=4, t=16) -> Calibration:
     ids = torch.randint(4, 100, (n, t), generator=torch.Generator().manual_seed(0))
     return Calibration(input_ids=ids, corpus="random", split="train", seqlen=t, seed=0)

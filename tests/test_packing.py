@@ -259,3 +259,45 @@ def test_cli_storage_flag(tmp_path, capsys):
     a, b = load_artifact(tmp_path / "packed"), load_artifact(tmp_path / "dense")
     assert torch.equal(a.model(X).logits, b.model(X).logits)
     assert {n for n, _ in anatomy(a.model).iter_linears()} == {r["name"] for r in a.manifest["layers"]}
+
+
+@pytest.mark.parametrize("kind", ["codes", "mask_codes", "mask_values", "mask_values_bf16"])
+def test_packing_in_row_blocks_and_chunks_gives_the_whole_matrix_bytes(monkeypatch, kind):
+    """Packing, its bit-for-bit check and decoding run a block of rows (and a chunk of values) at a time, so an
+    8B model's largest linear makes no whole-size float temporary. Tiny matrices fit one block, so the blocks and
+    chunks are made small here (several per matrix, the last short): the same bytes, the same decoded bits."""
+    from recoup import blocks
+    from recoup.artifact import packing
+
+    g = torch.Generator().manual_seed(3)
+    rows, cols, group = 37, 48, 16
+    scale = torch.rand(rows, cols // group, generator=g) * 0.1 + 0.01
+    zero = torch.full((rows, cols // group), 7.0)
+    g_idx = torch.arange(cols, dtype=torch.int32) // group
+    q = torch.randint(0, 16, (rows, cols), generator=g).float()
+    w = packing.dequantize(q, scale, zero, g_idx)
+    grid = {"scale": scale, "zero": zero, "g_idx": g_idx}
+    keep = torch.rand(rows, cols, generator=g) > 0.5
+    if kind == "codes":
+        w, qp = w + 0.0, grid
+    elif kind == "mask_codes":
+        w, qp = torch.where(keep, w, torch.zeros(())), grid
+    else:
+        w, qp = torch.where(keep, torch.randn(rows, cols, generator=g), torch.zeros(())), None  # no -0.0
+        w = w.to(torch.bfloat16) if kind.endswith("bf16") else w
+    whole = encode_linear(w, qp, 4 if qp else None)
+    assert whole is not None and whole.meta["encoding"] == kind.removesuffix("_bf16")
+    monkeypatch.setattr(blocks, "ROW_BLOCK_ELEMENTS", 5 * cols)  # 8 row blocks, the last short
+    monkeypatch.setattr(packing, "PACK_CHUNK", 24)  # several chunks per packed tensor, the last short
+    assert len(blocks.row_blocks(rows, cols)) == 8
+    blocked = encode_linear(w, qp, 4 if qp else None)
+    assert blocked.meta == whole.meta and blocked.tensors.keys() == whole.tensors.keys()
+    for k in whole.tensors:
+        assert torch.equal(blocked.tensors[k], whole.tensors[k]), k
+    back = packing.decode_linear(blocked.meta, blocked.tensors, qp, w.dtype)
+    assert torch.equal(back.view(torch.uint8), w.contiguous().view(torch.uint8))
+    if qp:  # the grid codes agree with the whole-matrix expression
+        assert torch.equal(packing.grid_codes(w, scale, zero, g_idx, 15), torch.round(w / scale[:, g_idx.long()] + 7))
+        off = w.clone()  # a weight a third of a step off its grid, in the last (short) block: found, kept dense
+        off[rows - 1, cols - 1] += scale[rows - 1, -1] * 0.3
+        assert encode_linear(off, qp, 4) is None

@@ -20,7 +20,7 @@ one another; ``tests/test_layers.py`` checks it)::
     compress/  |  recover/  |  evaluate/        peers
     artifact/      save / load / pack / grid / fingerprint of compressed models; load_model of every source
     model/, data/  loading, anatomy, forward, the recovery contract; corpora, windows, task datasets
-    errors, config, registry, paths, overrides, version     the base
+    errors, config, registry, paths, overrides, version, blocks, memory  the base
 
 Registries (one per kind; a new one is one file + one line): compression methods
 (``recoup.compress.METHODS``), recovery methods (``recoup.recover.methods.RECOVERIES``), tasks

@@ -12,6 +12,7 @@ on the same weights; no whole-model state dict is ever in memory.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import struct
 from collections import Counter
@@ -69,9 +70,7 @@ def merge_safetensors(path: Path, sources: dict[str, Path], metadata: dict[str, 
         out.write(struct.pack("<Q", len(raw)))
         out.write(raw)
         for name in order:
-            t = TensorFile(sources[name])[name]
-            out.write(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-            del t
+            TensorFile(sources[name]).copy_bytes(name, out)  # bytes as they are, a chunk in memory at a time
             left[sources[name]] -= 1
             if not left[sources[name]] and delete:
                 sources[name].unlink()
@@ -126,6 +125,24 @@ class LayerwiseWriter:
             save_file(tensors, str(f))
             into.update({k: f for k in tensors})
 
+    def _spool_blocks(self, stem: str, name: str, shape: list[int], dtype: torch.dtype, blocks) -> None:
+        """Spool one tensor of ``shape`` and ``dtype`` given as its consecutive blocks of rows."""
+        f = self.spool / f"{stem}.safetensors"
+        size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        dtype_name = {v: k for k, v in SAFE_DTYPES.items()}[dtype]
+        raw = json.dumps({name: {"dtype": dtype_name, "shape": shape, "data_offsets": [0, size]}}).encode()
+        raw += b" " * (-len(raw) % 8)
+        written = 0
+        with open(f, "wb") as out:
+            out.write(struct.pack("<Q", len(raw)) + raw)
+            for block in blocks:
+                data = block.to(dtype).contiguous().reshape(-1).view(torch.uint8)
+                out.write(data.numpy().data)
+                written += data.numel()
+        if written != size:
+            raise RecoupError(f"'{name}' was not read whole from the checkpoint ({written} of {size} bytes)")
+        self.dense[name] = f
+
     @torch.no_grad()
     def finish(self, report: CompressReport) -> Path:
         """Read what lies outside the decoder layers from the checkpoint, merge the spool into the artifact's
@@ -138,9 +155,12 @@ class LayerwiseWriter:
             kept = remove_tied_weights_from_state_dict(model.state_dict(), model)
             params = dict(model.named_parameters(remove_duplicate=False))
             for n, name in enumerate(k for k in kept if k not in self.dense and k not in self.metas):
-                t = self.weights.read(name) if name in params else model.get_buffer(name).detach().cpu()
-                self._spool(f"rest{n}", {name: t.contiguous()}, self.dense, save_file)
-                del t
+                if name in params:  # converted a block of rows at a time, straight into its spool file
+                    self._spool_blocks(f"rest{n}", name, *self.weights.read_blocks(name))
+                else:
+                    self._spool(
+                        f"rest{n}", {name: model.get_buffer(name).detach().cpu().contiguous()}, self.dense, save_file
+                    )
             missing = [k for k in kept if k not in self.dense and k not in self.metas]
             if missing:
                 raise RecoupError(f"the layer-by-layer artifact lacks {missing[0]}")

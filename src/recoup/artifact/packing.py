@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from recoup.blocks import row_blocks
 from recoup.errors import RecoupError
 from recoup.model.anatomy import anatomy
 
@@ -37,12 +38,12 @@ def packed_nbytes(n: int, bits: int) -> int:
     return math.ceil(n * bits / 8)
 
 
-def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Bit-pack ``values`` (any shape, integers in ``[0, 2**bits)``) into a flat uint8 tensor of
-    ``ceil(n * bits / 8)`` bytes, the first value in the lowest bits of the first byte."""
-    if not 1 <= bits <= 8:
-        raise ValueError(f"bits must be 1-8, got {bits}")
-    v = values.reshape(-1).to(torch.uint8)
+# values per chunk of pack_bits / unpack_bits (a multiple of 8, so every chunk starts on a byte boundary whatever
+# the bit width): their temporaries stay a few chunk sizes, not several copies of an 8B model's largest linear
+PACK_CHUNK = 1 << 23
+
+
+def _pack_chunk(v: torch.Tensor, bits: int) -> torch.Tensor:
     n = v.numel()
     if 8 % bits == 0:  # 1, 2, 4, 8 bits: whole values per byte
         per = 8 // bits
@@ -54,13 +55,7 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     return (flat << torch.arange(8, dtype=torch.uint8)).sum(1, dtype=torch.int32).to(torch.uint8)
 
 
-def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: (n,) uint8 values from ``ceil(n * bits / 8)`` packed bytes."""
-    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != packed_nbytes(n, bits):
-        raise RecoupError(
-            f"packed tensor of {tuple(packed.shape)} {packed.dtype} does not hold {n} values of "
-            f"{bits} bits; the artifact is corrupted"
-        )
+def _unpack_chunk(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if 8 % bits == 0:
         per = 8 // bits
         out = (packed[:, None] >> (torch.arange(per, dtype=torch.uint8) * bits)) & (2**bits - 1)
@@ -69,23 +64,58 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return (flat << torch.arange(bits, dtype=torch.uint8)).sum(1, dtype=torch.int32).to(torch.uint8)
 
 
+def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Bit-pack ``values`` (any shape, integers in ``[0, 2**bits)``) into a flat uint8 tensor of
+    ``ceil(n * bits / 8)`` bytes, the first value in the lowest bits of the first byte."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be 1-8, got {bits}")
+    v = values.reshape(-1)
+    n = v.numel()
+    out = torch.empty(packed_nbytes(n, bits), dtype=torch.uint8)
+    for start in range(0, n, PACK_CHUNK):
+        chunk = _pack_chunk(v[start : start + PACK_CHUNK].to(torch.uint8), bits)
+        out[start * bits // 8 : start * bits // 8 + chunk.numel()] = chunk
+    return out
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: (n,) uint8 values from ``ceil(n * bits / 8)`` packed bytes."""
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != packed_nbytes(n, bits):
+        raise RecoupError(
+            f"packed tensor of {tuple(packed.shape)} {packed.dtype} does not hold {n} values of "
+            f"{bits} bits; the artifact is corrupted"
+        )
+    out = torch.empty(n, dtype=torch.uint8)
+    for start in range(0, n, PACK_CHUNK):
+        m = min(PACK_CHUNK, n - start)
+        b0 = start * bits // 8
+        out[start : start + m] = _unpack_chunk(packed[b0 : b0 + packed_nbytes(m, bits)], bits, m)
+    return out
+
+
 def grid_codes(
     w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor, maxq: int
 ) -> torch.Tensor | None:
     """uint8 codes (rows, cols) of ``w`` (rows, cols) on its grids (scale/zero: (rows, groups),
-    g_idx: (cols,)), or None when a code falls outside ``[0, maxq]``."""
+    g_idx: (cols,)), or None when a code falls outside ``[0, maxq]``. Computed a block of rows at a time."""
     g = g_idx.long()
-    q = torch.round(w.float() / scale.float()[:, g] + zero.float()[:, g])
-    if w.numel() and (q.min() < 0 or q.max() > maxq):
-        return None
-    return q.to(torch.uint8)
+    out = torch.empty(w.shape, dtype=torch.uint8)
+    for r in row_blocks(*w.shape):
+        q = torch.round(w[r].float() / scale[r].float()[:, g] + zero[r].float()[:, g])
+        if q.numel() and (q.min() < 0 or q.max() > maxq):
+            return None
+        out[r] = q.to(torch.uint8)
+    return out
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
     """float32 ``scale[:, g] * (codes - zero[:, g])``, (rows, cols): the same two float32 operations
-    as :meth:`QuantGrid.quantize`, hence the same bits."""
+    as :meth:`QuantGrid.quantize`, hence the same bits (a block of rows at a time: every value is its own)."""
     g = g_idx.long()
-    return scale.float().index_select(1, g) * (codes.float() - zero.float().index_select(1, g))
+    out = torch.empty(codes.shape, dtype=torch.float32)
+    for r in row_blocks(*codes.shape):
+        out[r] = scale[r].float().index_select(1, g) * (codes[r].float() - zero[r].float().index_select(1, g))
+    return out
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -109,36 +139,62 @@ class Encoded:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
+def _row_decoder(
+    meta: dict[str, Any], tensors: dict[str, torch.Tensor], qparams: dict[str, torch.Tensor] | None
+) -> tuple[int, int, Callable[[slice], torch.Tensor]]:
+    """(rows, cols, the decoded rows of a slice): the bit-packed parts are unpacked once (uint8 / bool, a
+    quarter of a float32 copy); the float work runs per block of rows, so a whole-size float temporary is
+    never made."""
+    rows, cols = (int(x) for x in meta["shape"])
+    enc, n = meta["encoding"], rows * cols
+    if enc not in ENCODINGS:
+        raise RecoupError(f"unknown packed encoding '{enc}'; is this artifact from a newer recoup?")
+    if enc != "codes":
+        mask = unpack_bits(tensors["mask"], 1, n).view(rows, cols).view(torch.bool)  # 0/1 bytes: a bool view
+        # offsets of each row's first kept value in the values / codes stored for the kept weights only
+        counts = [torch.count_nonzero(mask[r], dim=1) for r in row_blocks(rows, cols)]  # (a bool sum is int64-sized)
+        starts = [0, *torch.cumsum(torch.cat(counts), 0).tolist()] if counts else [0]
+        nnz = starts[-1]
+    if enc == "mask_values":
+        vals = tensors["values"]
+        if vals.numel() != nnz:
+            raise RecoupError("packed values do not match their mask; the artifact is corrupted")
+
+        def block(r: slice) -> torch.Tensor:
+            m = mask[r]
+            return torch.zeros(m.shape, dtype=vals.dtype).masked_scatter_(
+                m, vals[starts[r.start] : starts[r.start + m.shape[0]]]
+            )
+
+        return rows, cols, block
+    if qparams is None or not {"scale", "zero", "g_idx"} <= qparams.keys():
+        raise RecoupError("a linear is stored as codes but its grid is not in the quantization parameters")
+    bits = int(meta["bits"])
+    scale, zero, g = qparams["scale"], qparams["zero"], qparams["g_idx"].long()
+    if enc == "codes":
+        codes = unpack_bits(tensors["codes"], bits, n).view(rows, cols)
+        return rows, cols, lambda r: dequantize(codes[r], scale[r], zero[r], g)
+    codes = unpack_bits(tensors["codes"], bits, nnz)
+
+    def masked(r: slice) -> torch.Tensor:
+        m = mask[r]
+        z = zero[r].float().index_select(1, g)  # pruned weights take the code of 0.0: scale * 0 = +0
+        full = z.clone().masked_scatter_(m, codes[starts[r.start] : starts[r.start + m.shape[0]]].float())
+        return scale[r].float().index_select(1, g) * (full - z)
+
+    return rows, cols, masked
+
+
 def decode_linear(
     meta: dict[str, Any], tensors: dict[str, torch.Tensor], qparams: dict[str, torch.Tensor] | None, dtype: torch.dtype
 ) -> torch.Tensor:
     """The weight (rows, cols) in ``dtype`` from an :class:`Encoded`'s ``meta`` and ``tensors``."""
     try:
-        rows, cols = (int(x) for x in meta["shape"])
-        enc, n = meta["encoding"], rows * cols
-        if enc not in ENCODINGS:
-            raise RecoupError(f"unknown packed encoding '{enc}'; is this artifact from a newer recoup?")
-        mask = unpack_bits(tensors["mask"], 1, n).view(rows, cols).bool() if enc != "codes" else None
-        if enc == "mask_values":
-            vals = tensors["values"]
-            if vals.numel() != int(mask.sum()):
-                raise RecoupError("packed values do not match their mask; the artifact is corrupted")
-            return torch.zeros(rows, cols, dtype=vals.dtype).masked_scatter_(mask, vals).to(dtype)
-        if qparams is None or not {"scale", "zero", "g_idx"} <= qparams.keys():
-            raise RecoupError("a linear is stored as codes but its grid is not in the quantization parameters")
-        bits = int(meta["bits"])
-        if enc == "codes":
-            return dequantize(
-                unpack_bits(tensors["codes"], bits, n).view(rows, cols),
-                qparams["scale"],
-                qparams["zero"],
-                qparams["g_idx"],
-            ).to(dtype)
-        codes = unpack_bits(tensors["codes"], bits, int(mask.sum()))
-        g = qparams["g_idx"].long()
-        zero = qparams["zero"].float().index_select(1, g)  # pruned weights take the code of 0.0: scale * 0 = +0
-        full = zero.clone().masked_scatter_(mask, codes.float())
-        return (qparams["scale"].float().index_select(1, g) * (full - zero)).to(dtype)
+        rows, cols, block = _row_decoder(meta, tensors, qparams)
+        out = torch.empty(rows, cols, dtype=dtype)
+        for r in row_blocks(rows, cols):
+            out[r] = block(r)
+        return out
     except RecoupError:
         raise
     except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as exc:
@@ -148,6 +204,26 @@ def decode_linear(
         ) from None
 
 
+def _decodes_to(enc: Encoded, qparams: dict[str, torch.Tensor] | None, w: torch.Tensor) -> bool:
+    """Whether ``enc`` decodes to exactly ``w``, bit for bit, compared a block of rows at a time."""
+    rows, cols, block = _row_decoder(enc.meta, enc.tensors, qparams)
+    return (rows, cols) == tuple(w.shape) and all(
+        _same_bits(block(r).to(w.dtype), w[r]) for r in row_blocks(rows, cols)
+    )
+
+
+def _kept(t: torch.Tensor, keep: torch.Tensor, nnz: int) -> torch.Tensor:
+    """``t[keep]`` (row-major order), gathered a block of rows at a time: boolean indexing of a whole matrix
+    makes an int64 index of every kept entry (8 bytes each, twice a float32 copy's size)."""
+    out = torch.empty(nnz, dtype=t.dtype)
+    at = 0
+    for r in row_blocks(*t.shape):
+        part = t[r][keep[r]]
+        out[at : at + part.numel()] = part
+        at += part.numel()
+    return out
+
+
 def encode_linear(w: torch.Tensor, qparams: dict[str, torch.Tensor] | None, bits: int | None) -> Encoded | None:
     """The smallest packed form of ``w`` (rows, cols, model dtype) that decodes to exactly ``w``
     and is smaller than ``w`` dense, or None (keep it dense). ``qparams``: its grid, if quantized."""
@@ -155,7 +231,7 @@ def encode_linear(w: torch.Tensor, qparams: dict[str, torch.Tensor] | None, bits
     n = rows * cols
     base = {"shape": [rows, cols]}
     nonzero = w != 0
-    nnz = int(nonzero.sum())
+    nnz = int(torch.count_nonzero(nonzero))
     # (size in bytes, builder) of each candidate: sizes are known before packing, so only the candidates that
     # can win are packed (on a dense quantized linear the mask form is never built); ties keep this order
     candidates: list[tuple[int, Callable[[], Encoded]]] = []
@@ -173,7 +249,7 @@ def encode_linear(w: torch.Tensor, qparams: dict[str, torch.Tensor] | None, bits
                     packed_nbytes(n, 1) + packed_nbytes(nnz, bits),
                     lambda: Encoded(
                         {**base, "encoding": "mask_codes", "bits": bits},
-                        {"mask": pack_bits(nonzero, 1), "codes": pack_bits(codes[nonzero], bits)},
+                        {"mask": pack_bits(nonzero, 1), "codes": pack_bits(_kept(codes, nonzero, nnz), bits)},
                     ),
                 )
             )
@@ -183,7 +259,7 @@ def encode_linear(w: torch.Tensor, qparams: dict[str, torch.Tensor] | None, bits
                 packed_nbytes(n, 1) + nnz * w.element_size(),
                 lambda: Encoded(
                     {**base, "encoding": "mask_values"},
-                    {"mask": pack_bits(nonzero, 1), "values": w[nonzero].contiguous()},
+                    {"mask": pack_bits(nonzero, 1), "values": _kept(w, nonzero, nnz)},
                 ),
             )
         )
@@ -192,7 +268,7 @@ def encode_linear(w: torch.Tensor, qparams: dict[str, torch.Tensor] | None, bits
         if size >= dense_bytes:
             break
         enc = build()
-        if _same_bits(decode_linear(enc.meta, enc.tensors, qparams, w.dtype), w):
+        if _decodes_to(enc, qparams, w):
             return enc
         del enc
     return None

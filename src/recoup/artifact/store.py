@@ -462,7 +462,7 @@ def compression_fingerprint(
         mod = getattr(mod, "base_layer", mod)  # a PEFT-wrapped linear: fingerprint the frozen base weight
         w = anat.weight_matrix(mod).detach().float()
         mask = w == 0
-        entry: dict[str, Any] = {"zeros": int(mask.sum()), "numel": w.numel(), "mask_sha256": _sha(mask)}
+        entry: dict[str, Any] = {"zeros": int(torch.count_nonzero(mask)), "numel": w.numel(), "mask_sha256": _sha(mask)}
         q = qparams.get(name)
         if q is not None and bits:
             dev = grid_deviation(w, q["scale"], q["zero"], q["g_idx"], 2**bits - 1)

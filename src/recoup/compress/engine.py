@@ -41,10 +41,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from recoup.artifact.report import CompressReport, LinearRecord, peak_rss_mb, rss_mb
+from recoup.blocks import row_blocks, zero_fraction
 from recoup.compress.config import CompressConfig
 from recoup.compress.devices import resolve_device
 from recoup.compress.methods import METHODS, LinearResult
-from recoup.compress.methods.base import row_blocks
 from recoup.compress.onepass import available_bytes, parked_bytes, run_parked
 from recoup.compress.parallel import side_by_side
 from recoup.compress.stats import ActNormStats, ActSampleStats, BlockIOStats, HessianStats
@@ -253,7 +253,7 @@ def _record(
             name=f"{view.anat.spec.layers}.{i}.{name}",
             layer=i,
             shape=tuple(w0.shape),
-            sparsity=float((res.weight == 0).float().mean()),
+            sparsity=zero_fraction(res.weight),
             bits=config.bits,
             group_size=config.group_size,
             error=err,

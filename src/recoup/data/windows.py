@@ -21,6 +21,7 @@ import torch
 
 from recoup.data.corpora import load_corpus
 from recoup.errors import RecoupError
+from recoup.memory import trim_heap
 
 _TOKENIZED: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()  # (tokenizer, text) digests -> ids
 TOKENIZED_KEEP = 8  # texts kept (PTB train is 1.1M tokens, 9 MB)
@@ -49,6 +50,7 @@ def tokenize_corpus(tokenizer, text: str) -> torch.Tensor:
         _TOKENIZED.move_to_end(key)
         return _TOKENIZED[key].clone()
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False).input_ids[0]
+    trim_heap()  # the tokenizer's per-token objects (about 0.5 GB for PTB train) are freed: give them back
     if key is not None:
         _TOKENIZED[key] = ids.clone()
         while len(_TOKENIZED) > TOKENIZED_KEEP:

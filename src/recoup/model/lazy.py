@@ -14,14 +14,16 @@ streamer, :mod:`recoup.model.streamer`), not the whole model.
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from recoup.errors import RecoupError
+from recoup.memory import trim_heap
 from recoup.model.load import LoadedModel
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -177,6 +179,7 @@ class LazyWeights:
             p = self._current(p)
             if p.device.type != "meta":
                 self._set(p, torch.empty(p.shape, dtype=p.dtype, device="meta"))
+        trim_heap()  # what the module's work freed in glibc's heap goes back too, not only its tensors
 
     def read(self, name: str) -> torch.Tensor:
         """The checkpoint tensor of the model's parameter ``name`` (a tied name resolves to the stored one), in
@@ -185,6 +188,19 @@ class LazyWeights:
         key = self._key[id(param)]
         self.reads[key] += 1
         return TensorFile(self.files[key])[key].to(self.dtype)
+
+    def read_blocks(self, name: str) -> tuple[list[int], torch.dtype, Iterator[torch.Tensor]]:
+        """(shape, ``dtype``, its blocks of rows in ``dtype``) of the checkpoint tensor of parameter ``name``: what
+        :meth:`read` gives, one block of rows at a time (a conversion never holds the whole tensor twice)."""
+        from recoup.blocks import row_blocks
+
+        key = self._key[id(self.model.get_parameter(name))]
+        self.reads[key] += 1
+        fh = TensorFile(self.files[key])
+        shape = list(fh.header[key]["shape"])
+        rows = shape[0] if shape else 1
+        blocks = row_blocks(rows, max(1, math.prod(shape) // max(1, rows)))
+        return shape, self.dtype, (fh.rows(key, r.start, r.stop).to(self.dtype) for r in blocks)
 
     def alive(self) -> list[str]:
         """Names of the parameters that hold memory now (one name per tensor)."""
@@ -253,16 +269,44 @@ class TensorFile:
         return name in self.header
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        shape = self.header[name]["shape"]
+        return self.rows(name, 0, shape[0] if shape else 1)
+
+    def dtype(self, name: str) -> torch.dtype:
         info = self.header[name]
-        a, b = info["data_offsets"]
-        buf = bytearray(b - a)
-        with open(self.path, "rb") as fh:
-            fh.seek(self.start + a)
-            if fh.readinto(buf) != b - a:
-                raise RecoupError(f"'{self.path}' is truncated (tensor '{name}')")
         dtype = self.DTYPES.get(info["dtype"])
         if dtype is None:
             raise RecoupError(f"'{self.path}': tensor '{name}' has dtype {info['dtype']}, which recoup does not read")
+        return dtype
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of tensor ``name`` (along its first dimension; a 0-d tensor is one row), read
+        alone: a big tensor (an 8B model's embedding matrix) can be converted a block of rows at a time."""
+        info, dtype = self.header[name], self.dtype(name)
+        shape = list(info["shape"])
+        a, b = info["data_offsets"]
+        n_rows = shape[0] if shape else 1
+        row_bytes = (b - a) // max(1, n_rows)
+        start, stop = max(0, start), min(stop, n_rows)
+        buf = bytearray(max(0, stop - start) * row_bytes)
+        with open(self.path, "rb") as fh:
+            fh.seek(self.start + a + start * row_bytes)
+            if fh.readinto(buf) != len(buf):
+                raise RecoupError(f"'{self.path}' is truncated (tensor '{name}')")
+        out_shape = [max(0, stop - start), *shape[1:]] if shape else []
         if not buf:
-            return torch.empty(info["shape"], dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
+            return torch.empty(out_shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(out_shape)
+
+    def copy_bytes(self, name: str, out: Any, chunk: int = 64 << 20) -> None:
+        """Write tensor ``name``'s raw bytes to the open file ``out``, ``chunk`` bytes at a time."""
+        a, b = self.header[name]["data_offsets"]
+        with open(self.path, "rb") as fh:
+            fh.seek(self.start + a)
+            left = b - a
+            while left:
+                piece = fh.read(min(chunk, left))
+                if not piece:
+                    raise RecoupError(f"'{self.path}' is truncated (tensor '{name}')")
+                out.write(piece)
+                left -= len(piece)

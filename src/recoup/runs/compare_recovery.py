@@ -55,7 +55,7 @@ def base_sparsity(model: nn.Module) -> float:
     zeros = total = 0
     for _, mod in anatomy(base_of(model)).iter_linears():
         w = weight_of(mod)
-        zeros += int((w == 0).sum())
+        zeros += w.numel() - int(torch.count_nonzero(w))
         total += w.numel()
     return zeros / total
 

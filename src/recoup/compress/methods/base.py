@@ -13,15 +13,6 @@ import torch
 
 from recoup.compress.config import MethodOptions
 
-ROW_BLOCK_ELEMENTS = 1 << 22  # 4 Mi entries (16 MB in float32): the temporaries of one block of rows
-
-
-def row_blocks(rows: int, cols: int) -> list[slice]:
-    """Slices of consecutive rows of a (rows, cols) matrix, each about ``ROW_BLOCK_ELEMENTS`` entries, for
-    row-separable work whose temporaries should stay a block's size rather than the matrix's."""
-    step = max(1, ROW_BLOCK_ELEMENTS // max(1, cols))
-    return [slice(r, r + step) for r in range(0, rows, step)]
-
 
 @dataclasses.dataclass
 class LinearResult:

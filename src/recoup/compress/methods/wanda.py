@@ -10,9 +10,10 @@ import dataclasses
 
 import torch
 
+from recoup.blocks import row_blocks
 from recoup.compress.config import CompressConfig, MethodOptions
 from recoup.compress.masks import nm_mask, unstructured_mask
-from recoup.compress.methods.base import LinearResult, Method, row_blocks
+from recoup.compress.methods.base import LinearResult, Method
 from recoup.compress.stats import ActNormStats
 
 
