@@ -7,8 +7,9 @@ tied embeddings), ``llama-3-8b`` (hidden 4096, 32 layers, MLP 14336, 32/8 heads)
 ``recoup`` process whose peak RSS is read with ``wait4`` (its own ``ru_maxrss``; forked by a small launcher
 process, since a child's ``ru_maxrss`` starts at the peak RSS of the process that forked it):
 
-- ``compress`` Wanda 50% and RTN w4 g128 (``--lazy``, the default: one decoder layer read at a time; with
-  ``--eager`` also ``--no-lazy``, the whole model loaded first), PTB calibration ``--nsamples`` x ``--seqlen``;
+- ``compress`` Wanda 50%, RTN w4 g128 and (``--cells gptq``) GPTQ w4 g128 (``--lazy``, the default: one decoder
+  layer read at a time; with ``--eager`` also ``--no-lazy``, the whole model loaded first), PTB calibration
+  ``--nsamples`` x ``--seqlen``;
 - ``eval`` of the Wanda artifact on one PTB window (``--limit 1``) with ``--dtype bfloat16`` on CPU;
 - ``peer-wanda`` and ``peer-rtn``: the same two compressions by the peer tool llm-compressor
   (benchmarks/compress_peer_worker.py in llm-compressor's own virtual environment, ``--peer-venv``, created with
@@ -70,6 +71,7 @@ SHAPES.update({f"llama-3-8b-{n}l": {**SHAPES["llama-3-8b"], "num_hidden_layers":
 RECIPES = {
     "wanda": ["--method", "wanda", "--sparsity", "0.5"],
     "rtn": ["--method", "rtn", "--bits", "4", "--group-size", "128"],
+    "gptq": ["--method", "gptq", "--bits", "4", "--group-size", "128"],
 }
 # peer cell -> (recoup's recipe of the same compression, compress_peer_worker.py's recipe name)
 PEER_RECIPES = {"peer-wanda": ("wanda", "wanda-50"), "peer-rtn": ("rtn", "rtn-w4g128")}
@@ -258,8 +260,8 @@ def main() -> None:
     ap.add_argument(
         "--cells",
         default="wanda,rtn,eval",
-        help="wanda, rtn (recoup compress), eval (of the wanda artifact), peer-wanda, peer-rtn (the same two "
-        "compressions by llm-compressor on the same calibration tokens)",
+        help="wanda, rtn, gptq (recoup compress; gptq: w4 g128), eval (of the wanda artifact), peer-wanda, "
+        "peer-rtn (the same two compressions by llm-compressor on the same calibration tokens)",
     )
     ap.add_argument("--eager", action="store_true", help="also compress with --no-lazy (the whole model loaded)")
     ap.add_argument("--nsamples", type=int, default=8)
@@ -282,7 +284,7 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.work)
     cells = args.cells.split(",")
-    unknown = [c for c in cells if c not in ("wanda", "rtn", "eval", *PEER_RECIPES)]
+    unknown = [c for c in cells if c not in (*RECIPES, "eval", *PEER_RECIPES)]
     if unknown:
         sys.exit(f"unknown cell(s) {unknown}; known: wanda, rtn, eval, {', '.join(PEER_RECIPES)}")
     peer_py, peer_info = (None, {})
@@ -303,7 +305,7 @@ def main() -> None:
             "weights": "random (memory and time only)",
             "cells": {},
         }
-        for recipe in (r for r in ("wanda", "rtn") if r in cells):
+        for recipe in (r for r in RECIPES if r in cells):
             for mode in ("lazy", "eager") if args.eager else ("lazy",):
                 art = work / f"{shape}-{recipe}-{mode}"
                 cmd = recoup + [
