@@ -69,8 +69,12 @@ class LayerView:
     def module(self, name: str) -> nn.Module:
         return _get(self.layer, name)
 
-    def get_weight(self, name: str) -> torch.Tensor:
-        return self.anat.weight_matrix(self.module(name)).detach().float().contiguous().clone()
+    def get_weight(self, name: str, copy: bool = True) -> torch.Tensor:
+        """The weight (out, in) float32; ``copy=False``: the layer's own tensor where it already is one (a method
+        reads its input and returns a new weight, so the engine needs no float32 copy of each matrix; the layer's
+        tensor is overwritten only once the result is recorded)."""
+        w = self.anat.weight_matrix(self.module(name)).detach().float().contiguous()
+        return w.clone() if copy else w
 
     def set_weight(self, name: str, w: torch.Tensor) -> None:
         p = self.module(name).weight
@@ -204,7 +208,11 @@ def _compress_groups(
     them side by side, one per torch thread (:mod:`recoup.compress.parallel`: bitwise the same weights);
     otherwise one after the other (AWQ's ``prepare_group`` rescales a group before it is compressed)."""
     jobs = [(names, stats, name) for names, stats in pairs for name in names]
-    w0s = [view.get_weight(name) for _, _, name in jobs] if method.one_thread and not method.prepare_group else []
+    w0s = (
+        [view.get_weight(name, copy=False) for _, _, name in jobs]
+        if method.one_thread and not method.prepare_group
+        else []
+    )
     # tied weights (one storage) stay one at a time: each must see the one before it compressed
     if w0s and len({w.untyped_storage().data_ptr() for w in w0s}) == len(w0s):
         for _, stats in pairs:
@@ -223,7 +231,7 @@ def _compress_groups(
         group_info = method.prepare_group(view, names, stats, config) if method.prepare_group else {}
         for name in names:
             t0 = time.time()
-            w0 = view.get_weight(name)
+            w0 = view.get_weight(name, copy=False)
             res = method.compress_linear(w0, stats, config)
             err, kind = relative_error(w0, res.weight, stats)
             _record(i, view, name, w0, res, err, kind, time.time() - t0, group_info, config, linears)
@@ -319,7 +327,7 @@ def _compress_layer(
         block = method.block(view.model_type, names) if method.block else None
         return _new_stats(
             method.stats,
-            view.get_weight(names[0]).shape[1],
+            view.get_weight(names[0], copy=False).shape[1],
             config,
             calls,
             device,
