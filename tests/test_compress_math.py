@@ -236,3 +236,18 @@ def test_awq_gptq_rounding_uses_the_hessian_of_the_rescaled_inputs():
     assert err(got.weight) < err(rtn.weight)
     with pytest.raises(RecoupError, match="rounding must be rtn or gptq"):
         CompressConfig.from_dict(dict(method="awq", bits=3, rounding="nearest"))
+
+
+def test_damped_inverse_cholesky_is_the_textbook_expression_bitwise():
+    """The damping is added to the diagonal in place and each intermediate freed as soon as it is used (two
+    (cols, cols) matrices at a time instead of six): the factor is bitwise the textbook expression's."""
+    x = torch.randn(300, 64, generator=torch.Generator().manual_seed(0))
+    h = x.t() @ x
+    h[5, :] = h[:, 5] = 0  # a dead column, as a zero-input feature gives
+    h[5, 5] = 1
+    upper, damp = damped_inverse_cholesky(h, 0.01)
+    eye = torch.eye(64)
+    ref = torch.linalg.cholesky(
+        torch.cholesky_inverse(torch.linalg.cholesky(h + eye * (0.01 * float(h.diag().mean())))), upper=True
+    )
+    assert damp == 0.01 and torch.equal(upper, ref)
