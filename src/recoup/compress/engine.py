@@ -176,13 +176,13 @@ def relative_error(w0: torch.Tensor, w1: torch.Tensor, stats) -> tuple[float, st
         return _ratio_by_rows(w0, w1, lambda m: (m @ h) * m), "output"
     if isinstance(stats, ActNormStats):
         return _ratio_by_rows(w0, w1, lambda m: m * m * stats.sq), "act_norm"
-    d = w1 - w0
     if isinstance(stats, ActSampleStats):
         x = stats.sample()
         if getattr(stats, "input_scale", None) is not None:  # AWQ folded 1/s into the op producing x
             x = x / stats.input_scale[None, :]
+        d = w1 - w0
         return float(((x @ d.t()) ** 2).sum() / ((x @ w0.t()) ** 2).sum().clamp(min=1e-30)), "sample"
-    return float((d * d).sum() / (w0 * w0).sum().clamp(min=1e-30)), "weight"
+    return _ratio_by_rows(w0, w1, lambda m: m * m), "weight"
 
 
 def _ratio_by_rows(w0: torch.Tensor, w1: torch.Tensor, quad: Callable[[torch.Tensor], torch.Tensor]) -> float:
