@@ -57,6 +57,22 @@ def test_blocked_hessian_is_the_symmetric_full_product(cols):
     assert work == cols * cols if cols < HessianStats.BLOCKED_FROM else work < 0.7 * cols * cols
 
 
+@pytest.mark.parametrize("cols", [24, 301])
+def test_hessian_read_midway_then_added_to_is_the_same_and_holds_one_matrix(cols):
+    """Reading xtx keeps one (cols, cols) matrix (its mirror), not the accumulator beside it; adding after a read
+    continues from the mirror, and the result is bitwise that of adding everything first."""
+    x = torch.randn(4, 40, cols, generator=torch.Generator().manual_seed(1))
+    once, midway = HessianStats(cols), HessianStats(cols)
+    for chunk in x.split(2):
+        once.add(chunk)
+    midway.add(x[:2])
+    first = midway.xtx.clone()
+    big = [t for t in (midway._acc, midway._full) if t is not None]
+    assert len(big) == 1
+    midway.add(x[2:])
+    assert torch.equal(midway.xtx, once.xtx) and not torch.equal(first, once.xtx)
+
+
 def test_act_norms_are_column_l2_norms():
     x = torch.randn(3, 7, 5)
     s = ActNormStats(5)

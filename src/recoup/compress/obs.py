@@ -49,17 +49,22 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def damped_inverse_cholesky(h: torch.Tensor, percdamp: float, retries: int = 6) -> tuple[torch.Tensor, float]:
+def damped_inverse_cholesky(
+    h: torch.Tensor, percdamp: float, retries: int = 6, dead: torch.Tensor | None = None
+) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1. If H is singular or not positive
     definite, multiply the dampening by 10 and retry, logging it; gives up with RecoupError."""
-    mean_diag = float(torch.diag(h).mean())
+    diag = torch.diag(h).clone()
+    if dead is not None:  # dead columns (no input) get 1 on the diagonal, as GPTQ's reference sets H[dead, dead]
+        diag[dead] = 1
+    mean_diag = float(diag.mean())
     damp = percdamp
     for attempt in range(retries + 1):
         try:
             # at most two (cols, cols) matrices besides h at a time (an 8B model's down_proj: 0.8 GB each);
             # adding to the diagonal in place is H + damp * mean * I value for value
             hd = h.clone()
-            hd.diagonal().add_(damp * mean_diag)
+            hd.diagonal().copy_(diag).add_(damp * mean_diag)
             chol = torch.linalg.cholesky(hd)
             del hd
             hinv = torch.cholesky_inverse(chol)
@@ -147,13 +152,13 @@ def _factor(
     hessian: torch.Tensor, percdamp: float, act_order: bool, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, float]:
     """(dead columns, act-order permutation or None, upper Cholesky factor of the damped inverse, damp)."""
-    h = hessian.detach().float().contiguous().clone().to(device)
+    h = hessian.detach().float().contiguous().to(device)  # read only: the dead columns' fix goes into a copy
     dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else None
+    fixed = torch.diag(h).masked_fill(dead, 1)
+    perm = torch.argsort(fixed, descending=True) if act_order else None
     if perm is not None:
-        h = h[perm][:, perm]
-    hinv, damp = damped_inverse_cholesky(h, percdamp)
+        h, dead = h[perm][:, perm], dead[perm]
+    hinv, damp = damped_inverse_cholesky(h, percdamp, dead=dead)
     return dead, perm, hinv, damp
 
 

@@ -36,7 +36,8 @@ class HessianStats:
     BLOCKED_FROM = 256
 
     def __init__(self, cols: int, device: torch.device | str = "cpu") -> None:
-        self._acc = torch.zeros(cols, cols, dtype=torch.float32, device=device)
+        self.cols = cols
+        self._acc: torch.Tensor | None = torch.zeros(cols, cols, dtype=torch.float32, device=device)
         self._block = -(-cols // self.BLOCKS) if cols >= self.BLOCKED_FROM else 0
         self._full: torch.Tensor | None = None
         self.count = 0
@@ -44,13 +45,15 @@ class HessianStats:
 
     def products(self, tokens: int) -> list[tuple[int, int, int]]:
         """The (m, k, n) matmuls one ``add`` of ``tokens`` rows runs (for FLOP counting)."""
-        cols = self._acc.shape[0]
+        cols = self.cols
         if not self._block:
             return [(cols, tokens, cols)]
         return [(min(self._block, cols - i), tokens, min(i + self._block, cols)) for i in range(0, cols, self._block)]
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
+        if self._acc is None:  # read as xtx before: its mirror holds the same lower triangle, which is all add uses
+            self._acc, self._full = self._full, None
         if self._block:
             xt, b = x.t(), self._block
             for i in range(0, x.shape[1], b):
@@ -68,6 +71,7 @@ class HessianStats:
             return self._acc
         if self._full is None:
             self._full = torch.tril(self._acc) + torch.tril(self._acc, -1).t()
+            self._acc = None  # one (cols, cols) matrix kept, not two (0.8 GB each for an 8B model's down_proj)
         return self._full
 
     def hessian(self) -> torch.Tensor:
