@@ -223,9 +223,19 @@ def _compress_groups(
             res = method.compress_linear(w0s[k], jobs[k][1], config)
             return (res, *relative_error(w0s[k], res.weight, jobs[k][1]), time.time() - t0)
 
-        done = side_by_side(one, range(len(jobs)), [w.numel() for w in w0s], torch.get_num_threads())
-        for (_, _, name), w0, (res, err, kind, seconds) in zip(jobs, w0s, done):
-            _record(i, view, name, w0, res, err, kind, seconds, {}, config, linears)
+        # waves of as many linears as threads, the largest first: the results in memory at once are one wave's,
+        # not the whole layer's (an 8B layer's seven results with GPTQ's copies were 5 GB); recorded as each wave
+        # ends, then listed in the layer's order
+        workers, first = torch.get_num_threads(), len(linears)
+        order = sorted(range(len(jobs)), key=lambda k: -w0s[k].numel())
+        for at in range(0, len(order), workers):
+            wave = order[at : at + workers]
+            done = side_by_side(one, wave, [w0s[k].numel() for k in wave], workers)
+            for k, (res, err, kind, seconds) in zip(wave, done):
+                _record(i, view, jobs[k][2], w0s[k], res, err, kind, seconds, {}, config, linears)
+            del done, res
+        rank = {f"{view.anat.spec.layers}.{i}.{name}": k for k, (_, _, name) in enumerate(jobs)}
+        linears[first:] = sorted(linears[first:], key=lambda r: rank[r.name])
         return
     for names, stats in pairs:
         group_info = method.prepare_group(view, names, stats, config) if method.prepare_group else {}
