@@ -215,7 +215,7 @@ def test_lazy_artifact_is_the_whole_model_artifact_on_the_bundled_model(tmp_path
 
 PATTERN = """
 import ctypes, sys, torch
-from recoup.model.lazy import return_freed_tensors_to_the_system
+from recoup.memory import return_freed_tensors_to_the_system
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
 libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]

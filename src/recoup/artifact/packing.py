@@ -155,6 +155,11 @@ def _row_decoder(
         counts = [torch.count_nonzero(mask[r], dim=1) for r in row_blocks(rows, cols)]  # (a bool sum is int64-sized)
         starts = [0, *torch.cumsum(torch.cat(counts), 0).tolist()] if counts else [0]
         nnz = starts[-1]
+
+        def kept(stored: torch.Tensor, r: slice, m: torch.Tensor) -> torch.Tensor:
+            """The stored kept values (or codes) of rows ``r``, whose mask is ``m``."""
+            return stored[starts[r.start] : starts[r.start + m.shape[0]]]
+
     if enc == "mask_values":
         vals = tensors["values"]
         if vals.numel() != nnz:
@@ -162,9 +167,7 @@ def _row_decoder(
 
         def block(r: slice) -> torch.Tensor:
             m = mask[r]
-            return torch.zeros(m.shape, dtype=vals.dtype).masked_scatter_(
-                m, vals[starts[r.start] : starts[r.start + m.shape[0]]]
-            )
+            return torch.zeros(m.shape, dtype=vals.dtype).masked_scatter_(m, kept(vals, r, m))
 
         return rows, cols, block
     if qparams is None or not {"scale", "zero", "g_idx"} <= qparams.keys():
@@ -179,7 +182,7 @@ def _row_decoder(
     def masked(r: slice) -> torch.Tensor:
         m = mask[r]
         z = zero[r].float().index_select(1, g)  # pruned weights take the code of 0.0: scale * 0 = +0
-        full = z.clone().masked_scatter_(m, codes[starts[r.start] : starts[r.start + m.shape[0]]].float())
+        full = z.clone().masked_scatter_(m, kept(codes, r, m).float())
         return scale[r].float().index_select(1, g) * (full - z)
 
     return rows, cols, masked

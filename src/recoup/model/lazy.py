@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from recoup.errors import RecoupError
-from recoup.memory import trim_heap
+from recoup.memory import return_freed_tensors_to_the_system, trim_heap
 from recoup.model.load import LoadedModel
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -60,30 +60,6 @@ def skeleton(folder: Path, dtype: torch.dtype, trust_remote_code: bool = False) 
     if (Path(folder) / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(folder))
     return model.eval()
-
-
-def return_freed_tensors_to_the_system() -> bool:
-    """Have glibc serve every allocation over 128 KiB with its own memory map, unmapped when freed.
-
-    Layer-by-layer work allocates and frees tensors of tens to hundreds of MB per layer. glibc raises its mmap
-    threshold to the size of the largest chunk freed so far (up to 32 MB), so later tensors below it land on the
-    heap, where small long-lived allocations between them keep the freed space from being reused or returned:
-    compressing LLaMA-3-8B's shape grew by about 60 MB a layer (5.1 GB peak after 32 layers); with a fixed
-    threshold it stays flat. The same as ``MALLOC_MMAP_THRESHOLD_=131072``; a value the user set in the
-    environment is left alone. Returns whether the setting took effect (False off glibc)."""
-    import ctypes
-    import ctypes.util
-    import os
-    import platform
-
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    m_mmap_threshold = -3  # <malloc.h> M_MMAP_THRESHOLD
-    return bool(mallopt(m_mmap_threshold, 128 * 1024))
 
 
 class LazyWeights:
