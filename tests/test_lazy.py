@@ -16,6 +16,7 @@ import torch
 from helpers import needs_packs, save_tiny
 
 from recoup.artifact.layerwise import merge_safetensors
+from recoup.artifact.store import load_qparams
 from recoup.compress import CompressConfig, compress
 from recoup.data.calibration import Calibration
 from recoup.model.lazy import load_lazy
@@ -187,6 +188,33 @@ def test_lazy_reads_each_tensor_once_and_holds_one_layer(tmp_path, arch):
         for k in weights.files
         if "norm" in k and not k.startswith(layers_key) or k.startswith("lm_head") or "ln_f" in k
     )
+
+
+def test_grids_are_spooled_with_their_layer(tmp_path, monkeypatch):
+    """The layer-by-layer writer takes each layer's quantization grids out of memory with the layer: when a
+    layer is written, the grids held are that layer's alone (they used to pile up until the artifact was
+    finished, ~13 MB a layer of an 8B model); the grids file is still the whole-model one (test above)."""
+    from recoup.artifact.layerwise import LayerwiseWriter
+
+    src = tmp_path / "src"
+    save_tiny(src, "llama", hidden=32, layers=3)
+    held: list[list[str]] = []
+    add = LayerwiseWriter.add_layer
+
+    def add_layer(self, i, layer, names, qparams):
+        held.append(sorted(qparams))
+        add(self, i, layer, names, qparams)
+        held.append(sorted(qparams))
+
+    monkeypatch.setattr(LayerwiseWriter, "add_layer", add_layer)
+    out = tmp_path / "out"
+    _compress(tmp_path, src, out, True, **RECIPES["gptq"])
+    assert len(held) == 6
+    for i in range(3):
+        at, after = held[2 * i], held[2 * i + 1]
+        assert len(at) == 7 and all(n.startswith(f"model.layers.{i}.") for n in at)
+        assert after == []
+    assert len(load_qparams(out)) == 21
 
 
 @pytest.mark.slow

@@ -201,17 +201,13 @@ def finish_artifact(
     packed: dict[str, torch.Tensor] | None,
 ) -> Path:
     """Complete the artifact in ``tmp`` (its weights and config already there; ``packed``: the packed tensors to
-    write, None when the packed file is written already), seal its manifest and move it to ``out``."""
+    write, None when the packed file is written already; ``qparams``: the grids to write, empty when there are none
+    or their file is written already), seal its manifest and move it to ``out``."""
     from safetensors.torch import save_file
 
     loaded.tokenizer.save_pretrained(str(tmp))
     if qparams:
-        flat = {
-            f"{name}.{k}": (_small_zero(v) if storage == "packed" and k == "zero" else v).contiguous()
-            for name, d in qparams.items()
-            for k, v in d.items()
-        }
-        save_file(flat, str(tmp / QPARAMS_FILE))
+        save_file(grid_tensors(qparams, storage), str(tmp / QPARAMS_FILE))
     if metas:
         if packed is not None:
             save_file(packed, str(tmp / PACKED_FILE), metadata={"format": "recoup-packed"})
@@ -404,6 +400,16 @@ def _artifact_config(path: Path):
     if real not in CONFIG_MAPPING:
         raise RecoupError(f"artifact '{path}' holds a '{real}' model, which this transformers does not know")
     return CONFIG_MAPPING[real].from_dict(raw)
+
+
+def grid_tensors(qparams: dict[str, dict[str, torch.Tensor]], storage: str) -> dict[str, torch.Tensor]:
+    """The tensors of the grids file for ``qparams``: ``<linear>.<scale|zero|g_idx>`` (a packed artifact's zero
+    points as uint8 where that is exact)."""
+    return {
+        f"{name}.{k}": (_small_zero(v) if storage == "packed" and k == "zero" else v).contiguous()
+        for name, d in qparams.items()
+        for k, v in d.items()
+    }
 
 
 def _small_zero(zero: torch.Tensor) -> torch.Tensor:

@@ -402,7 +402,8 @@ def compress(
     (default: when ``device`` differs from the model's device). The weights are the model's either way.
     weights: lazy weights (``loaded.model`` is a skeleton, :mod:`recoup.model.lazy`): each decoder layer is read
     from the checkpoint when reached and freed after; ``on_layer(i, layer, names, qparams)`` is then called with
-    the compressed layer still in memory (``names``: its linears as the report lists them), e.g. to write it.
+    the compressed layer still in memory (``names``: its linears as the report lists them), e.g. to write it;
+    it may take the layer's grids out of ``qparams`` (the report then holds only the grids left in it).
     """
     model = loaded.model
     anat = anatomy(model)
