@@ -267,3 +267,23 @@ def test_damped_inverse_cholesky_is_the_textbook_expression_bitwise():
         torch.cholesky_inverse(torch.linalg.cholesky(h + eye * (0.01 * float(h.diag().mean())))), upper=True
     )
     assert damp == 0.01 and torch.equal(upper, ref)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("mode", ["gptq", "sparsegpt-4bit"])
+def test_obs_reads_the_unscaled_hessian_bitwise(mode, act_order):
+    """GPTQ and SparseGPT read X^T X and 2/n apart (no scaled (cols, cols) copy per linear): the result is
+    bitwise the one from the scaled Hessian, with a dead column, act order on and off."""
+    g = torch.Generator().manual_seed(3)
+    stats = HessianStats(48)
+    for _ in range(3):
+        x = torch.randn(40, 48, generator=g)
+        x[:, 7] = 0
+        stats.add(x)
+    w = torch.randn(20, 48, generator=g)
+    grid = QuantGrid(bits=4, group_size=16, sym=False)
+    keys = dict(grid=grid, act_order=act_order) if mode == "gptq" else dict(grid=grid, sparsity=0.5)
+    want = obs_compress(w, stats.hessian(), **keys)
+    got = obs_compress(w, stats.xtx, hessian_scale=stats.hessian_scale, **keys)
+    assert torch.equal(got.weight, want.weight) and got.damp == want.damp and got.loss == want.loss
+    assert torch.equal(got.scale, want.scale) and torch.equal(got.zero, want.zero)

@@ -50,11 +50,12 @@ def single_thread() -> Iterator[None]:
 
 
 def damped_inverse_cholesky(
-    h: torch.Tensor, percdamp: float, retries: int = 6, dead: torch.Tensor | None = None
+    h: torch.Tensor, percdamp: float, retries: int = 6, dead: torch.Tensor | None = None, scale: float = 1.0
 ) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1. If H is singular or not positive
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, H = ``scale * h`` (``scale`` != 1: H is never
+    made beside ``h``, its scaled values go straight into the damped copy). If H is singular or not positive
     definite, multiply the dampening by 10 and retry, logging it; gives up with RecoupError."""
-    diag = torch.diag(h).clone()
+    diag = torch.diag(h) * scale if scale != 1.0 else torch.diag(h).clone()
     if dead is not None:  # dead columns (no input) get 1 on the diagonal, as GPTQ's reference sets H[dead, dead]
         diag[dead] = 1
     mean_diag = float(diag.mean())
@@ -63,7 +64,7 @@ def damped_inverse_cholesky(
         try:
             # at most two (cols, cols) matrices besides h at a time (an 8B model's down_proj: 0.8 GB each);
             # adding to the diagonal in place is H + damp * mean * I value for value
-            hd = h.clone()
+            hd = h * scale if scale != 1.0 else h.clone()  # value for value the scaled matrix's copy
             hd.diagonal().copy_(diag).add_(damp * mean_diag)
             chol = torch.linalg.cholesky(hd)
             del hd
@@ -119,8 +120,9 @@ def obs_compress(
     act_order: bool = False,
     static_groups: bool = False,
     factors: dict | None = None,
+    hessian_scale: float = 1.0,
 ) -> ObsResult:
-    """Prune and/or quantize ``weight`` (rows, cols) with Hessian ``hessian`` (cols, cols).
+    """Prune and/or quantize ``weight`` (rows, cols) with Hessian ``hessian_scale * hessian`` (cols, cols).
 
     Unstructured pruning picks, per block of ``blocksize`` columns, exactly ``floor(sparsity * rows *
     blocksize)`` weights of lowest ``w^2 / [H^-1]_jj^2`` (SparseGPT's adaptive mask selection); N:M
@@ -145,20 +147,23 @@ def obs_compress(
             act_order=act_order,
             static_groups=static_groups,
             factors=factors,
+            hessian_scale=hessian_scale,
         )
 
 
 def _factor(
-    hessian: torch.Tensor, percdamp: float, act_order: bool, device: torch.device
+    hessian: torch.Tensor, percdamp: float, act_order: bool, device: torch.device, scale: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, float]:
-    """(dead columns, act-order permutation or None, upper Cholesky factor of the damped inverse, damp)."""
+    """(dead columns, act-order permutation or None, upper Cholesky factor of the damped inverse, damp), of the
+    Hessian ``scale * hessian``."""
     h = hessian.detach().float().contiguous().to(device)  # read only: the dead columns' fix goes into a copy
-    dead = torch.diag(h) == 0
-    fixed = torch.diag(h).masked_fill(dead, 1)
+    diag = torch.diag(h) * scale  # the scaled Hessian's diagonal, value for value
+    dead = diag == 0
+    fixed = diag.masked_fill(dead, 1)
     perm = torch.argsort(fixed, descending=True) if act_order else None
     if perm is not None:
         h, dead = h[perm][:, perm], dead[perm]
-    hinv, damp = damped_inverse_cholesky(h, percdamp, dead=dead)
+    hinv, damp = damped_inverse_cholesky(h, percdamp, dead=dead, scale=scale)
     return dead, perm, hinv, damp
 
 
@@ -174,6 +179,7 @@ def _obs_compress(
     act_order: bool,
     static_groups: bool,
     factors: dict | None,
+    hessian_scale: float,
 ) -> ObsResult:
     w = weight.detach().float().contiguous().clone()
     rows, cols = w.shape
@@ -183,7 +189,7 @@ def _obs_compress(
         if factors is not None and key in factors:
             dead, perm, hinv, damp = factors[key]
         else:
-            dead, perm, hinv, damp = _factor(hessian, percdamp, act_order, w.device)
+            dead, perm, hinv, damp = _factor(hessian, percdamp, act_order, w.device, hessian_scale)
             if factors is not None:
                 factors[key] = (dead, perm, hinv, damp)
     w[:, dead] = 0

@@ -74,9 +74,14 @@ class HessianStats:
             self._acc = None  # one (cols, cols) matrix kept, not two (0.8 GB each for an 8B model's down_proj)
         return self._full
 
+    @property
+    def hessian_scale(self) -> float:
+        """2/n: ``hessian() == hessian_scale * xtx``."""
+        return 2.0 / max(self.count, 1)
+
     def hessian(self) -> torch.Tensor:
         """(cols, cols) = 2/n * sum x x^T."""
-        return self.xtx * (2.0 / max(self.count, 1))
+        return self.xtx * self.hessian_scale
 
 
 class ActNormStats:

@@ -35,9 +35,14 @@ class SparseGPTOptions(OBSOptions):
 
 
 def sparsegpt(
-    weight: torch.Tensor, hessian: torch.Tensor, config: CompressConfig, factors: dict | None = None
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    config: CompressConfig,
+    factors: dict | None = None,
+    hessian_scale: float = 1.0,
 ) -> LinearResult:
-    """weight (rows, cols), hessian (cols, cols) = 2/n X^T X; factors: see :func:`obs_compress`."""
+    """weight (rows, cols), ``hessian_scale * hessian`` (cols, cols) = 2/n X^T X; factors: see
+    :func:`obs_compress`."""
     grid = config.grid() if config.bits else None
     res = obs_compress(
         weight,
@@ -48,6 +53,7 @@ def sparsegpt(
         blocksize=config.options.blocksize,
         percdamp=config.options.percdamp,
         factors=factors,
+        hessian_scale=hessian_scale,
     )
     return LinearResult(
         weight=res.weight,
@@ -60,7 +66,8 @@ def sparsegpt(
 
 
 def _compress(weight: torch.Tensor, stats: HessianStats, config: CompressConfig) -> LinearResult:
-    return sparsegpt(weight, stats.hessian(), config, stats.factors)
+    # X^T X as accumulated and 2/n apart: no scaled (cols, cols) copy per linear (0.8 GB for an 8B down_proj)
+    return sparsegpt(weight, stats.xtx, config, stats.factors, stats.hessian_scale)
 
 
 METHOD = Method(
