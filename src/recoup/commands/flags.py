@@ -32,7 +32,8 @@ HELP: dict[str, str] = {
     "device": "cpu | cuda | cuda:N (compress: also auto; on a GPU the model stays on CPU, one decoder layer at a "
     "time moves to it)",
     "lazy": "compress: read each decoder layer's weights from the checkpoint when it is reached, write and free it "
-    "(memory: one layer, not the model; the same artifact); --no-lazy loads the whole model first",
+    "(memory: one layer, not the model; the same artifact); recover --method eora on CPU: read the artifact and its "
+    "dense source one layer at a time (the same recovery); --no-lazy loads the whole model first",
     "storage": "packed: bit-packed codes + sparsity bitmasks (loads to the same weights, bit for bit); dense: "
     "fake-quant weights",
     "method": "the method (see the list above)",

@@ -47,13 +47,14 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
     return where
 
 
-def skeleton(folder: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
-    """The causal LM of the checkpoint in ``folder`` with its parameters on ``meta`` (``dtype``), in eval mode,
-    with the checkpoint's generation config."""
+def skeleton(folder: Path, dtype: torch.dtype, trust_remote_code: bool = False, config: Any = None) -> nn.Module:
+    """The causal LM of the checkpoint in ``folder`` (``config``: its transformers config, default read from the
+    folder) with its parameters on ``meta`` (``dtype``), in eval mode, with the checkpoint's generation config."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    if config is None:
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.tie_weights()  # from_config on meta leaves tied parameters (embeddings = lm_head) apart
@@ -71,7 +72,7 @@ class LazyWeights:
     def __init__(self, model: nn.Module, folder: str | Path, dtype: torch.dtype = torch.float32) -> None:
         self.model, self.folder, self.dtype = model, Path(folder), dtype
         return_freed_tensors_to_the_system()  # each layer's tensors come and go: keep the heap from growing
-        self.files = checkpoint_files(self.folder)
+        self.files = self._files()
         self.reads: Counter[str] = Counter()
         prefix = getattr(model, "base_model_prefix", "") or ""
         # every name of every parameter (a tied one has several), and where each is stored
@@ -99,6 +100,10 @@ class LazyWeights:
                 f"the checkpoint in '{self.folder}' does not hold '{missing[0]}' under the model's name "
                 f"(and {len(missing) - 1} more); it cannot be read layer by layer"
             )
+
+    def _files(self) -> dict[str, Path]:
+        """{stored tensor name: file} (a subclass may store some tensors otherwise)."""
+        return checkpoint_files(self.folder)
 
     def _params(self, module: nn.Module) -> Iterator[nn.Parameter]:
         seen: set[int] = set()
@@ -130,15 +135,10 @@ class LazyWeights:
     @torch.no_grad()
     def load_params(self, params: list[nn.Parameter], device: torch.device | str = "cpu") -> None:
         """Read ``params`` (those still on ``meta``) from the checkpoint, as ``dtype`` on ``device``."""
-        todo: dict[Path, list[nn.Parameter]] = {}
         for p in params:
             if p.device.type == "meta":
-                todo.setdefault(self.files[self._key[id(p)]], []).append(p)
-        for f, params in todo.items():
-            fh = TensorFile(f)
-            for p in params:
                 key = self._key[id(p)]
-                t = fh[key]
+                t = self._tensor(key)
                 if tuple(t.shape) != tuple(p.shape):
                     raise RecoupError(
                         f"checkpoint tensor '{key}' is {tuple(t.shape)}, the model expects "
@@ -147,6 +147,10 @@ class LazyWeights:
                 self.reads[key] += 1
                 self._set(p, t.to(device=device, dtype=self.dtype))
                 del t
+
+    def _tensor(self, key: str) -> torch.Tensor:
+        """The stored tensor ``key``, as stored (a subclass may decode it)."""
+        return TensorFile(self.files[key])[key]
 
     @torch.no_grad()
     def free_params(self, params: list[nn.Parameter]) -> None:
@@ -163,7 +167,7 @@ class LazyWeights:
         param = self.model.get_parameter(name)
         key = self._key[id(param)]
         self.reads[key] += 1
-        return TensorFile(self.files[key])[key].to(self.dtype)
+        return self._tensor(key).to(self.dtype)
 
     def read_blocks(self, name: str) -> tuple[list[int], torch.dtype, Iterator[torch.Tensor]]:
         """(shape, ``dtype``, its blocks of rows in ``dtype``) of the checkpoint tensor of parameter ``name``: what

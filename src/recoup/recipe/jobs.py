@@ -283,6 +283,7 @@ class RecoverJob(_MethodJob):
     device: str = "cpu"
     device_map: str | None = None  # auto: accelerate's big-model placement (GPUs, then CPU); overrides device
     force: bool = False
+    lazy: bool = True  # a method that streams layers (eora) reads the artifact one decoder layer at a time on CPU
     config: Any = None
 
     POSITIONAL: ClassVar[tuple[str, ...]] = ("model",)

@@ -39,6 +39,9 @@ class RecoveryMethod:
     fit: Callable[[Any, Any, Any], tuple[Recovery, Any]]
     load: Callable[[Path], Recovery]
     peft_type: str | None = None
+    # a fit that reads the artifact (and its dense source) one decoder layer at a time: (loaded skeleton, its lazy
+    # weights, config) -> (recovery, result); None: the method needs the whole model in memory
+    fit_lazy: Callable[[Any, Any, Any], tuple[Recovery, Any]] | None = None
 
     @property
     def trains(self) -> bool:
@@ -100,14 +103,22 @@ def compression_digest(model: nn.Module, manifest: dict | None) -> dict | None:
 def record_intact(rec: Recovery, loaded, wrapped: nn.Module, before: dict | None) -> None:
     """Prove the artifact's masks and codes are unchanged after training (RecoupError otherwise) and record
     it, with the base the recovery was learned on, in ``rec.meta``."""
+    after = None
     if before is not None:
         after = compression_digest(wrapped, loaded.manifest)
         if after["digest"] != before["digest"]:
             raise RecoupError("internal error: training changed the artifact's masks or quantized values")
+    record_base(rec, loaded, after)
+
+
+def record_base(rec: Recovery, loaded, fingerprint: dict | None) -> None:
+    """Record in ``rec.meta`` the base the recovery was learned on and its (unchanged) compression
+    ``fingerprint`` (:func:`recoup.artifact.store.compression_fingerprint`; None for a plain model)."""
+    if fingerprint is not None:
         rec.meta["compression_fingerprint"] = {
-            "digest": before["digest"],
+            "digest": fingerprint["digest"],
             "unchanged": True,
-            "sparsity": after["sparsity"],
-            "all_on_grid": after["all_on_grid"],
+            "sparsity": fingerprint["sparsity"],
+            "all_on_grid": fingerprint["all_on_grid"],
         }
     rec.meta["source"] = loaded.source

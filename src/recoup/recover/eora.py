@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -33,9 +34,10 @@ from tqdm.auto import tqdm
 from recoup.config import Config, check
 from recoup.errors import RecoupError
 from recoup.model.anatomy import Anatomy, _get, anatomy
+from recoup.model.lazy import LazyWeights
 from recoup.model.streamer import LayerStreamer, hooked
 from recoup.recover.adapter import LoraConfig, LoraRecovery
-from recoup.recover.base import RecoveryMethod, base_of, compression_digest, record_intact
+from recoup.recover.base import RecoveryMethod, base_of, compression_digest, record_base, record_intact
 from recoup.recover.train import load_teacher, teacher_source
 
 log = logging.getLogger(__name__)
@@ -96,27 +98,45 @@ def compensate(
     damp: float = 0.01,
     energy: float | None = None,
     kept: dict[str, float] | None = None,
+    *,
+    weights: LazyWeights | None = None,
+    dense_weights: LazyWeights | None = None,
+    on_layer: Callable[[int, nn.Module], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Stream ``model`` (compressed, left unchanged) layer by layer on calibration ids (N, T) and return the
     EoRA compensation of every linear whose leaf name is in ``targets`` as a PEFT LoRA state dict
     (``lora_A`` (r, in), ``lora_B`` (out, r), scaling 1; r = ``rank``, or per linear by ``energy``, see
     :func:`eigen_compensation`). ``dense``: the same architecture with the dense weights (only its weights
-    are read). ``kept``, if given, is filled with each linear's kept energy share, keyed by module name."""
+    are read). ``kept``, if given, is filled with each linear's kept energy share, keyed by module name.
+
+    ``weights`` / ``dense_weights``: lazy weights of ``model`` / ``dense`` (skeletons, :mod:`recoup.model.lazy`):
+    each decoder layer of both is read when reached and freed after, so memory holds one layer of each, not two
+    models. ``on_layer(i, layer)`` is called with the compressed layer ``i`` in memory (e.g. to fingerprint it)."""
     anat, dense_anat = anatomy(model), anatomy(dense)
     if len(dense_anat.layers) != len(anat.layers) or dense_anat.hidden_size != anat.hidden_size:
         raise RecoupError("the dense source does not have the compressed model's shape (another model?)")
-    device = next(model.parameters()).device
     names = [n for n in anat.linear_names() if n.split(".")[-1] in targets]
     groups = [tuple(n for n in g if n in names) for g in anat.spec.sequential]
     groups = [g for g in groups if g]
-    streamer = LayerStreamer(model, anat)
-    streamer.capture(ids, batch_size)
+    streamer = LayerStreamer(model, anat, weights=weights)
     state: dict[str, torch.Tensor] = {}
-    for i in tqdm(range(streamer.num_layers), desc="eora", unit="layer"):
-        with streamer.layer(i) as layer:
-            _compensate_layer(
-                i, streamer, layer, dense_anat, groups, rank, batch_size, damp, energy, device, state, kept
-            )
+    try:
+        streamer.capture(ids, batch_size)
+        for i in tqdm(range(streamer.num_layers), desc="eora", unit="layer"):
+            with streamer.layer(i) as layer:
+                if dense_weights is not None:
+                    dense_weights.load(dense_anat.layers[i])
+                try:
+                    _compensate_layer(
+                        i, streamer, layer, dense_anat, groups, rank, batch_size, damp, energy, state, kept
+                    )
+                finally:
+                    if dense_weights is not None:
+                        dense_weights.free(dense_anat.layers[i])
+                if on_layer is not None:
+                    on_layer(i, layer)
+    finally:
+        streamer.close()
     return state
 
 
@@ -130,7 +150,6 @@ def _compensate_layer(
     batch_size: int,
     damp: float,
     energy: float | None,
-    device: torch.device,
     state: dict[str, torch.Tensor],
     kept: dict[str, float] | None,
 ) -> None:
@@ -152,7 +171,7 @@ def _compensate_layer(
     for g in groups:
         for name in g:
             w_c = anat.weight_matrix(_get(layer, name)).detach().double()
-            w_d = dense_anat.weight_matrix(_get(dense_layer, name)).detach().to(device).double()
+            w_d = dense_anat.weight_matrix(_get(dense_layer, name)).detach().to(w_c.device).double()
             if w_d.shape != w_c.shape:
                 raise RecoupError(
                     f"layer {i} {name}: dense weight {tuple(w_d.shape)} vs compressed "
@@ -218,25 +237,84 @@ class EoraConfig(Config):
 
 def fit(loaded, config: EoraConfig, data=None) -> tuple[EoraRecovery, None]:
     """The registry's fit: EoRA on the compressed ``loaded`` (unchanged; its fingerprint checked)."""
-    from recoup.data.calibration import calibration_windows
-
     dense = load_teacher(loaded, config.teacher)
-    calib = calibration_windows(loaded.tokenizer, config.calib, config.nsamples, config.seqlen, config.seed)
     model = base_of(loaded.model)
     before = compression_digest(model, loaded.manifest)
+    rec = _eora(loaded, config, model, dense.model)
+    del dense
+    record_intact(rec, loaded, model, before)
+    return rec, None
+
+
+def fit_lazy(loaded, weights: LazyWeights, config: EoraConfig) -> tuple[EoraRecovery, None]:
+    """EoRA on an artifact read one decoder layer at a time (``loaded.model`` a skeleton, ``weights`` its lazy
+    weights, :func:`recoup.artifact.lazy.load_artifact_lazy`), its dense source read the same way when it is a
+    local safetensors checkpoint (else loaded whole): memory holds one layer of each, not two models. The
+    artifact's compression fingerprint is taken layer by layer as each is read; the result is :func:`fit`'s."""
+    from recoup.artifact.store import fingerprint_summary, fingerprinted_linears, linear_fingerprint
+    from recoup.model.lazy import load_lazy
+
+    src = teacher_source(loaded, config.teacher)
+    lazy = load_lazy(src, "float32")
+    dense, dense_weights = lazy if lazy is not None else (load_teacher(loaded, config.teacher), None)
+    if lazy is None:
+        log.info("eora: the dense source '%s' cannot be read layer by layer; loaded whole", src)
+    manifest = loaded.manifest or {}
+    anat = anatomy(loaded.model)
+    named = fingerprinted_linears(manifest)
+    bits = (manifest.get("recipe") or {}).get("bits")
+    entries: dict[str, dict] = {}
+
+    def fingerprint(i: int, layer: nn.Module) -> None:
+        prefix = f"{anat.spec.layers}.{i}."
+        for name in (n for n in named if n.startswith(prefix)):
+            module = _get(layer, name[len(prefix) :])
+            entries[name] = linear_fingerprint(anat.weight_matrix(module), weights.grid(name), bits)
+
+    rec = _eora(loaded, config, loaded.model, dense.model, weights, dense_weights, fingerprint)
+    missing = [n for n in named if n not in entries]
+    if missing:
+        raise RecoupError(f"the artifact names '{missing[0]}', which is in no decoder layer of its model")
+    record_base(rec, loaded, fingerprint_summary({n: entries[n] for n in named}) if named else None)
+    return rec, None
+
+
+def _eora(
+    loaded,
+    config: EoraConfig,
+    model: nn.Module,
+    dense: nn.Module,
+    weights: LazyWeights | None = None,
+    dense_weights: LazyWeights | None = None,
+    on_layer: Callable[[int, nn.Module], None] | None = None,
+) -> EoraRecovery:
+    """The compensation of ``model`` against ``dense`` on the config's calibration windows, as a recovery with
+    its protocol in ``meta`` (the fingerprint is the caller's)."""
+    from recoup.data.calibration import calibration_windows
+
+    calib = calibration_windows(loaded.tokenizer, config.calib, config.nsamples, config.seqlen, config.seed)
     ana = anatomy(model)
     targets = ana.peft_target_modules("all")
     started = time.time()
     kept: dict[str, float] = {}
     state = compensate(
-        model, dense.model, calib.input_ids, config.rank, targets, config.batch_size, config.damp, config.energy, kept
+        model,
+        dense,
+        calib.input_ids,
+        config.rank,
+        targets,
+        config.batch_size,
+        config.damp,
+        config.energy,
+        kept,
+        weights=weights,
+        dense_weights=dense_weights,
+        on_layer=on_layer,
     )
     seconds = time.time() - started
-    del dense
     top = config.rank if config.energy is None else max(v.shape[0] for k, v in state.items() if ".lora_A." in k)
     rec = EoraRecovery(LoraConfig(rank=top, alpha=float(top)), targets, state, ana.hidden_size)
     ranks = rec.ranks()
-    record_intact(rec, loaded, model, before)
     rec.meta.update(
         {
             "init": "eora",
@@ -268,7 +346,7 @@ def fit(loaded, config: EoraConfig, data=None) -> tuple[EoraRecovery, None]:
         )
     else:
         log.info("eora rank %d: %d parameters in %.1fs", config.rank, rec.num_parameters(), seconds)
-    return rec, None
+    return rec
 
 
 METHOD = RecoveryMethod(
@@ -278,4 +356,5 @@ METHOD = RecoveryMethod(
     fit,
     EoraRecovery.load,
     peft_type="LORA",
+    fit_lazy=fit_lazy,
 )

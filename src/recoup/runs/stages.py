@@ -181,11 +181,18 @@ def recover(job: RecoverJob) -> dict:
     if job.out is None:
         raise RecoupError("recover: give --out DIR")
     method = RECOVERIES.get(job.method)
-    loaded = load_model(job.model, dtype=job.dtype, device=job.device, device_map=job.device_map)
-    data = training_data(loaded.tokenizer, job.config) if method.trains else None
     started = time.time()
-    with training_context(loaded.model, bool(getattr(job.config, "gradient_checkpointing", False))):
-        recovery, result = method.fit(loaded, job.config, data)
+    if _streams(job, method):  # one decoder layer of the artifact (and of its dense source) in memory at a time
+        from recoup.artifact.lazy import load_artifact_lazy
+
+        loaded, weights = load_artifact_lazy(job.model, job.dtype)
+        recovery, result = method.fit_lazy(loaded, weights, job.config)
+    else:
+        loaded = load_model(job.model, dtype=job.dtype, device=job.device, device_map=job.device_map)
+        data = training_data(loaded.tokenizer, job.config) if method.trains else None
+        started = time.time()
+        with training_context(loaded.model, bool(getattr(job.config, "gradient_checkpointing", False))):
+            recovery, result = method.fit(loaded, job.config, data)
     out = Path(job.out).expanduser()
     main = parallel.is_main()  # under torchrun / accelerate, rank 0 alone saves
     if main:
@@ -217,6 +224,16 @@ def recover(job: RecoverJob) -> dict:
     if main:
         (out / RUN_RECORD).write_text(dumps(summary, indent=2, default=str))
     return summary
+
+
+def _streams(job: RecoverJob, method) -> bool:
+    """Whether ``job`` reads its artifact layer by layer: the method can, ``--lazy`` (the default), on CPU, and
+    the model is a local artifact (a dense model or a hub id loads whole)."""
+    from recoup.model.load import resolve_source
+
+    if method.fit_lazy is None or not job.lazy or job.device_map or str(job.device) != "cpu":
+        return False
+    return resolve_source(job.model)[0] == "artifact"
 
 
 def export(job: ExportJob) -> dict:
