@@ -3,7 +3,7 @@
 Builds random-weight checkpoints of real shapes on disk (bf16 safetensors shards of at most 2 GB, the bundled
 model's tokenizer, so the vocabulary is 49152): ``llama-3.2-1b`` (hidden 2048, 16 layers, MLP 8192, 32/8 heads,
 tied embeddings), ``llama-3-8b`` (hidden 4096, 32 layers, MLP 14336, 32/8 heads) and ``llama-3-8b-Nl`` (the
-8B shapes with N = 2 or 4 of its layers). Then, each cell its own
+8B shapes with N = 1, 2 or 4 of its layers). Then, each cell its own
 ``recoup`` process whose peak RSS is read with ``wait4`` (its own ``ru_maxrss``; forked by a small launcher
 process, since a child's ``ru_maxrss`` starts at the peak RSS of the process that forked it):
 
@@ -11,6 +11,8 @@ process, since a child's ``ru_maxrss`` starts at the peak RSS of the process tha
   layer read at a time; with ``--eager`` also ``--no-lazy``, the whole model loaded first), PTB calibration
   ``--nsamples`` x ``--seqlen``;
 - ``eval`` of the Wanda artifact on one PTB window (``--limit 1``) with ``--dtype bfloat16`` on CPU;
+- ``eora``: ``recoup recover`` of the RTN artifact (else the Wanda one) ``--method eora --rank 32`` on the same
+  calibration size, the artifact and its dense source read one layer at a time (``--eager``: also ``--no-lazy``);
 - ``peer-wanda`` and ``peer-rtn``: the same two compressions by the peer tool llm-compressor
   (benchmarks/compress_peer_worker.py in llm-compressor's own virtual environment, ``--peer-venv``, created with
   ``--peer-version`` by benchmarks/compress_vs_peer.py's ``ensure_peer`` when missing): ``WandaPruningModifier``
@@ -67,7 +69,7 @@ SHAPES = {
 }
 # LLaMA-3-8B's decoder layer and embeddings with fewer layers: what one 8B layer costs, and whether peak memory
 # grows with depth (with lazy weights it should not), without 16 GB of checkpoint and 32 layers of CPU time
-SHAPES.update({f"llama-3-8b-{n}l": {**SHAPES["llama-3-8b"], "num_hidden_layers": n} for n in (2, 4)})
+SHAPES.update({f"llama-3-8b-{n}l": {**SHAPES["llama-3-8b"], "num_hidden_layers": n} for n in (1, 2, 4)})
 RECIPES = {
     "wanda": ["--method", "wanda", "--sparsity", "0.5"],
     "rtn": ["--method", "rtn", "--bits", "4", "--group-size", "128"],
@@ -260,8 +262,9 @@ def main() -> None:
     ap.add_argument(
         "--cells",
         default="wanda,rtn,eval",
-        help="wanda, rtn, gptq (recoup compress; gptq: w4 g128), eval (of the wanda artifact), peer-wanda, "
-        "peer-rtn (the same two compressions by llm-compressor on the same calibration tokens)",
+        help="wanda, rtn, gptq (recoup compress; gptq: w4 g128), eval (of the wanda artifact), eora (recover "
+        "--method eora --rank 32 of the rtn artifact, else the wanda one), peer-wanda, peer-rtn (the same two "
+        "compressions by llm-compressor on the same calibration tokens)",
     )
     ap.add_argument("--eager", action="store_true", help="also compress with --no-lazy (the whole model loaded)")
     ap.add_argument("--nsamples", type=int, default=8)
@@ -284,9 +287,10 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.work)
     cells = args.cells.split(",")
-    unknown = [c for c in cells if c not in (*RECIPES, "eval", *PEER_RECIPES)]
+    known = (*RECIPES, "eval", "eora", *PEER_RECIPES)
+    unknown = [c for c in cells if c not in known]
     if unknown:
-        sys.exit(f"unknown cell(s) {unknown}; known: wanda, rtn, eval, {', '.join(PEER_RECIPES)}")
+        sys.exit(f"unknown cell(s) {unknown}; known: {', '.join(known)}")
     peer_py, peer_info = (None, {})
     if any(c in PEER_RECIPES for c in cells):
         peer_py, peer_info = peer_python(args.peer_venv, args.peer_version)
@@ -419,6 +423,35 @@ def main() -> None:
                 f"wall {cell['wall_s']:7.1f} s",
                 flush=True,
             )
+        if "eora" in cells:
+            src = next((a for a in (work / f"{shape}-rtn-lazy", work / f"{shape}-wanda-lazy") if a.is_dir()), None)
+            for mode in ("lazy", "eager") if args.eager else ("lazy",):
+                if src is None:
+                    cell = {"rc": None, "error": "no rtn or wanda artifact of this run (add the rtn cell)"}
+                else:
+                    cmd = recoup + [
+                        "recover",
+                        str(src),
+                        "--method",
+                        "eora",
+                        "--rank",
+                        "32",
+                        "--calib",
+                        "ptb",
+                        "--nsamples",
+                        str(args.nsamples),
+                        "--seqlen",
+                        str(args.seqlen),
+                        "--out",
+                        str(work / f"{shape}-eora-{mode}"),
+                        "--force",
+                        "--lazy" if mode == "lazy" else "--no-lazy",
+                    ]
+                    cell = {**measure(cmd, work / f"{shape}-eora-{mode}.log"), "artifact": src.name}
+                key = f"recover eora r32 {mode}"
+                result["cells"][key] = cell
+                rows.append((shape, key, cell))
+                print(f"{shape:14s} {key}: {cell.get('error') or cell['peak_rss_mb']} MB", flush=True)
         prior = OUT / f"{shape}.json"
         if args.merge and prior.is_file():  # cells measured by another run of the same shape are kept
             result["cells"] = {**json.loads(prior.read_text()).get("cells", {}), **result["cells"]}

@@ -411,3 +411,19 @@ def test_init_eora_starts_lora_and_cpet_from_the_compensation_in_one_command(art
         )
         == 2
     )
+
+
+def test_damping_in_place_is_the_textbook_expression_bitwise():
+    """The eigenvalue damping goes onto the diagonal in place (no identity matrix and sum beside the Hessian):
+    the factors are bitwise those of H + c I written out."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 48, generator=g)
+    xtx, dw = x.T @ x, torch.randn(20, 48, generator=g)
+    b, a, kept = eigen_compensation(dw, xtx, 8)
+    h = xtx.double()
+    h = h + 0.01 * h.diagonal().mean().clamp(min=1e-12) * torch.eye(48, dtype=torch.float64)
+    lam, q = torch.linalg.eigh(h)
+    sq = lam.clamp(min=1e-12).sqrt()
+    u, s, vh = torch.linalg.svd(dw.double() @ q * sq, full_matrices=False)
+    root = s[:8].sqrt()
+    assert torch.equal(b, (u[:, :8] * root).float()) and torch.equal(a, ((root[:, None] * vh[:8] / sq) @ q.T).float())

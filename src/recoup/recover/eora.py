@@ -67,8 +67,10 @@ def eigen_compensation(
     Computed in float64, returned in float32.
     """
     out_f, in_f = dw.shape
-    h = xtx.double()
-    h = h + damp * h.diagonal().mean().clamp(min=1e-12) * torch.eye(in_f, dtype=h.dtype, device=h.device)
+    h = xtx.double() if xtx.dtype != torch.float64 else xtx.clone()
+    # the damping added to the diagonal in place: H + c I value for value, without two more (in, in) float64
+    # matrices (an 8B down_proj's is 1.6 GB)
+    h.diagonal().add_(damp * h.diagonal().mean().clamp(min=1e-12))
     lam, q = torch.linalg.eigh(h)
     sq = lam.clamp(min=1e-12).sqrt()
     u, s, vh = torch.linalg.svd(dw.double() @ q * sq, full_matrices=False)
