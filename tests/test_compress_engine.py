@@ -265,7 +265,7 @@ def test_row_blocks_give_the_whole_matrix_result(monkeypatch, nm):
     """Wanda's masks and the relative error, computed a block of rows at a time, equal the whole-matrix
     computation (tiny models fit one block, so the blocks are made small here: several per matrix)."""
     from recoup import blocks
-    from recoup.compress.engine import relative_error
+    from recoup.compress.stats import relative_error
     from recoup.compress.masks import nm_mask, unstructured_mask
     from recoup.compress.methods.wanda import wanda_prune
     from recoup.compress.stats import ActNormStats

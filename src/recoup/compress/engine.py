@@ -41,13 +41,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from recoup.artifact.report import CompressReport, LinearRecord, peak_rss_mb, rss_mb
-from recoup.blocks import row_blocks, zero_fraction
+from recoup.blocks import zero_fraction
 from recoup.compress.config import CompressConfig
 from recoup.compress.devices import resolve_device
 from recoup.compress.methods import METHODS, LinearResult
 from recoup.compress.onepass import available_bytes, parked_bytes, run_parked
 from recoup.compress.parallel import side_by_side
-from recoup.compress.stats import ActNormStats, ActSampleStats, BlockIOStats, HessianStats
+from recoup.compress.stats import ActNormStats, ActSampleStats, BlockIOStats, HessianStats, relative_error
 from recoup.data.calibration import Calibration
 from recoup.errors import RecoupError
 from recoup.model.anatomy import Anatomy, _get, anatomy
@@ -164,35 +164,6 @@ def _observe(streamer: LayerStreamer, i: int, firsts: list[nn.Module], stats: li
 def _dense_order(config: CompressConfig) -> bool:
     """Whether every group takes its statistics from the dense layer (a method's ``true_sequential`` off)."""
     return not getattr(config.options, "true_sequential", True)
-
-
-def relative_error(w0: torch.Tensor, w1: torch.Tensor, stats) -> tuple[float, str]:
-    """Relative reconstruction error of w1 vs w0 (rows, cols): ||dW X||^2 / ||W X||^2 where stats allow.
-
-    The weighted sums run over blocks of rows (float64 totals), so the temporaries are a block's size rather
-    than several copies of the matrix."""
-    if isinstance(stats, HessianStats):
-        h = stats.xtx
-        return _ratio_by_rows(w0, w1, lambda m: (m @ h) * m), "output"
-    if isinstance(stats, ActNormStats):
-        return _ratio_by_rows(w0, w1, lambda m: m * m * stats.sq), "act_norm"
-    if isinstance(stats, ActSampleStats):
-        x = stats.sample()
-        if getattr(stats, "input_scale", None) is not None:  # AWQ folded 1/s into the op producing x
-            x = x / stats.input_scale[None, :]
-        d = w1 - w0
-        return float(((x @ d.t()) ** 2).sum() / ((x @ w0.t()) ** 2).sum().clamp(min=1e-30)), "sample"
-    return _ratio_by_rows(w0, w1, lambda m: m * m), "weight"
-
-
-def _ratio_by_rows(w0: torch.Tensor, w1: torch.Tensor, quad: Callable[[torch.Tensor], torch.Tensor]) -> float:
-    """sum(quad(w1 - w0)) / sum(quad(w0)) with ``quad`` row-separable, computed a block of rows at a time."""
-    num = den = 0.0
-    for rows in row_blocks(*w0.shape):
-        a = w0[rows]
-        num += float(quad(w1[rows] - a).sum())
-        den += float(quad(a).sum())
-    return num / max(den, 1e-30)
 
 
 def _compress_groups(

@@ -7,13 +7,18 @@
 - :class:`BlockIOStats`: those, plus the inputs (args, kwargs) of whole calls of the block whose output
   AWQ's loss is measured on (the attention or MLP module), on up to ``block_tokens`` tokens (None: every call),
   and optionally a :class:`HessianStats` of every input (AWQ rounded by GPTQ).
+
+:func:`relative_error` measures a compressed weight's error with whichever of them the layer gathered.
 """
 
 from __future__ import annotations
 
 import threading
+from typing import Callable
 
 import torch
+
+from recoup.blocks import row_blocks
 
 
 class FactorCache(dict):
@@ -163,3 +168,32 @@ class BlockIOStats(ActSampleStats):
 
 
 STATS_KINDS = ("none", "hessian", "act_norm", "act_sample", "block_io")
+
+
+def relative_error(w0: torch.Tensor, w1: torch.Tensor, stats) -> tuple[float, str]:
+    """Relative reconstruction error of w1 vs w0 (rows, cols): ||dW X||^2 / ||W X||^2 where stats allow.
+
+    The weighted sums run over blocks of rows (float64 totals), so the temporaries are a block's size rather
+    than several copies of the matrix."""
+    if isinstance(stats, HessianStats):
+        h = stats.xtx
+        return _ratio_by_rows(w0, w1, lambda m: (m @ h) * m), "output"
+    if isinstance(stats, ActNormStats):
+        return _ratio_by_rows(w0, w1, lambda m: m * m * stats.sq), "act_norm"
+    if isinstance(stats, ActSampleStats):
+        x = stats.sample()
+        if getattr(stats, "input_scale", None) is not None:  # AWQ folded 1/s into the op producing x
+            x = x / stats.input_scale[None, :]
+        d = w1 - w0
+        return float(((x @ d.t()) ** 2).sum() / ((x @ w0.t()) ** 2).sum().clamp(min=1e-30)), "sample"
+    return _ratio_by_rows(w0, w1, lambda m: m * m), "weight"
+
+
+def _ratio_by_rows(w0: torch.Tensor, w1: torch.Tensor, quad: Callable[[torch.Tensor], torch.Tensor]) -> float:
+    """sum(quad(w1 - w0)) / sum(quad(w0)) with ``quad`` row-separable, computed a block of rows at a time."""
+    num = den = 0.0
+    for rows in row_blocks(*w0.shape):
+        a = w0[rows]
+        num += float(quad(w1[rows] - a).sum())
+        den += float(quad(a).sum())
+    return num / max(den, 1e-30)
