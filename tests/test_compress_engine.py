@@ -265,10 +265,9 @@ def test_row_blocks_give_the_whole_matrix_result(monkeypatch, nm):
     """Wanda's masks and the relative error, computed a block of rows at a time, equal the whole-matrix
     computation (tiny models fit one block, so the blocks are made small here: several per matrix)."""
     from recoup import blocks
-    from recoup.compress.stats import relative_error
     from recoup.compress.masks import nm_mask, unstructured_mask
     from recoup.compress.methods.wanda import wanda_prune
-    from recoup.compress.stats import ActNormStats
+    from recoup.compress.stats import ActNormStats, relative_error
 
     g = torch.Generator().manual_seed(0)
     w, norms = torch.randn(37, 64, generator=g), torch.rand(64, generator=g) + 0.1

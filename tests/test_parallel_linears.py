@@ -104,3 +104,35 @@ def test_side_by_side_threads_run_on_one_torch_thread_and_leave_the_caller_alone
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_side_by_side_holds_one_wave_of_results():
+    """Linears compressed side by side run in waves of as many as threads: when a linear starts, the results
+    alive from the others are at most those of its own wave (a layer's seven results at once were 5 GB on an 8B
+    layer with GPTQ); the results placed in the layer keep no float32 weight or mask."""
+    import weakref
+
+    method = engine.METHODS.get("sparsegpt")
+    orig = method.compress_linear
+    lock = threading.Lock()
+    earlier: list[weakref.ref] = []
+    alive_at_start: list[int] = []
+
+    def counting(*a, **k):
+        with lock:
+            alive_at_start.append(sum(ref() is not None for ref in earlier))
+        res = orig(*a, **k)
+        with lock:
+            earlier.extend([weakref.ref(res.weight), weakref.ref(res.mask)])
+        return res
+
+    object.__setattr__(method, "compress_linear", counting)  # a frozen dataclass; restored below
+    with_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        run("llama", dict(method="sparsegpt", sparsity=0.5))  # dense order: a layer's seven linears at once
+    finally:
+        torch.set_num_threads(with_threads)
+        object.__setattr__(method, "compress_linear", orig)
+    assert len(alive_at_start) == 14
+    assert max(alive_at_start) <= 2  # the other linear of the wave (its weight and mask), never earlier waves'
