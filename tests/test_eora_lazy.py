@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import save_tiny
+from helpers import needs_packs, save_tiny
 
 from recoup.artifact.lazy import load_artifact_lazy
 from recoup.model.recovery import Recovery
@@ -84,3 +84,25 @@ def test_lazy_eora_holds_one_layer_of_each_model(tmp_path, monkeypatch):
         assert all(n.startswith(layer) for n in teacher) and teacher
     assert weights.alive() == [] and teachers[0][1].alive() == []
     assert all(n == 1 for n in weights.reads.values())
+
+
+@pytest.mark.slow
+@needs_packs  # PTB calibration
+def test_lazy_eora_is_the_whole_model_eora_on_the_bundled_model(tmp_path):
+    from recoup.model.load import bundled_model_dir
+
+    if not (bundled_model_dir() / "config.json").is_file():
+        pytest.skip("the bundled model is not set up (recoup setup)")
+    flat = {"model": "smollm2-135m", "out": str(tmp_path / "art"), "method": "rtn", "bits": 3, "group_size": 64}
+    stages.compress(stages.CompressJob.from_flat({**flat, "device": "cpu"}))
+    recs = []
+    for lazy in (False, True):
+        keys = {"model": str(tmp_path / "art"), "method": "eora", "out": str(tmp_path / f"eora-{lazy}"), "lazy": lazy}
+        stages.recover(stages.RecoverJob.from_flat({**keys, "rank": 8, "calib": "ptb", "nsamples": 2, "seqlen": 64}))
+        from recoup.recover.methods import load_recovery
+
+        recs.append(load_recovery(tmp_path / f"eora-{lazy}"))
+    whole, lazy = recs
+    assert whole.state.keys() == lazy.state.keys()
+    assert all(torch.equal(whole.state[k], lazy.state[k]) for k in whole.state)
+    assert whole.meta["compression_fingerprint"] == lazy.meta["compression_fingerprint"]
