@@ -1,9 +1,10 @@
 """Benchmark memory: peak host RSS and wall time of compress and eval on real model shapes with random weights.
 
 Builds random-weight checkpoints of real shapes on disk (bf16 safetensors shards of at most 2 GB, the bundled
-model's tokenizer, so the vocabulary is 49152): ``llama-3.2-1b`` (hidden 2048, 16 layers, MLP 8192, 32/8 heads,
-tied embeddings), ``llama-3-8b`` (hidden 4096, 32 layers, MLP 14336, 32/8 heads) and ``llama-3-8b-Nl`` (the
-8B shapes with N = 1, 2 or 4 of its layers). Then, each cell its own
+model's tokenizer, so the vocabulary is 49152): ``smollm2-135m`` (the bundled model's shape: hidden 576, 30
+layers), ``llama-3.2-1b`` (hidden 2048, 16 layers, MLP 8192, 32/8 heads, tied embeddings), ``llama-3-8b`` (hidden
+4096, 32 layers, MLP 14336, 32/8 heads) and ``llama-3-8b-Nl`` (the 8B shapes with N = 1, 2 or 4 of its layers).
+Then, each cell its own
 ``recoup`` process whose peak RSS is read with ``wait4`` (its own ``ru_maxrss``; forked by a small launcher
 process, since a child's ``ru_maxrss`` starts at the peak RSS of the process that forked it):
 
@@ -48,6 +49,16 @@ from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "results" / "memory"
 SHAPES = {
+    # SmolLM2-135M's shape (the bundled model's): small enough for the slow cells (EoRA's eigen-decompositions)
+    "smollm2-135m": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
+    ),
     "llama-3.2-1b": dict(
         hidden_size=2048,
         intermediate_size=8192,
