@@ -301,3 +301,26 @@ def test_packing_in_row_blocks_and_chunks_gives_the_whole_matrix_bytes(monkeypat
         off = w.clone()  # a weight a third of a step off its grid, in the last (short) block: found, kept dense
         off[rows - 1, cols - 1] += scale[rows - 1, -1] * 0.3
         assert encode_linear(off, qp, 4) is None
+
+
+def test_kept_values_are_stored_in_the_narrowest_exact_dtype():
+    """A pruned bf16 checkpoint's kept weights are bf16 values (computed in float32): they are stored in 2 bytes
+    each and decode bit for bit; values no narrower dtype holds exactly stay float32."""
+    from recoup.artifact.packing import decode_linear, encode_linear
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 40, generator=g).bfloat16().float()
+    w[torch.rand(24, 40, generator=g) < 0.5] = 0
+    enc = encode_linear(w, None, None)
+    assert enc.meta["encoding"] == "mask_values" and enc.tensors["values"].dtype == torch.bfloat16
+    assert torch.equal(decode_linear(enc.meta, enc.tensors, None, torch.float32), w)
+    half = (torch.randn(24, 40, generator=g) * 1e-3).half().float()  # float16 values: finer than bf16
+    half[w == 0] = 0
+    enc = encode_linear(half, None, None)
+    assert enc.tensors["values"].dtype == torch.float16
+    assert torch.equal(decode_linear(enc.meta, enc.tensors, None, torch.float32), half)
+    full = torch.randn(24, 40, generator=g)
+    full[w == 0] = 0
+    enc = encode_linear(full, None, None)
+    assert enc.tensors["values"].dtype == torch.float32
+    assert torch.equal(decode_linear(enc.meta, enc.tensors, None, torch.float32), full)

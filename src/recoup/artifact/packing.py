@@ -8,7 +8,8 @@ grid (already in ``quant_params.safetensors``) give the weight back exactly. Enc
   not a nibble), little-endian within a byte (the first code in the lowest bits).
 - ``mask_codes``: a bitmask of the non-zero weights + the codes of those only (joint sparse +
   quantized: 50% sparse 4-bit is 1 + 0.5 * 4 = 3 bits per weight instead of 4).
-- ``mask_values``: a bitmask + the non-zero values in the model dtype (sparse, not quantized).
+- ``mask_values``: a bitmask + the non-zero values (sparse, not quantized), in the narrowest of bfloat16, float16
+  and the model dtype that holds every one exactly (pruning a bf16 checkpoint keeps bf16 values: 2 bytes each).
 
 :func:`encode_linear` decodes every candidate and keeps the smallest one that gives the weight
 back BIT FOR BIT; a linear none reproduces (e.g. AWQ's preceding linear, rescaled after it was
@@ -262,7 +263,7 @@ def encode_linear(w: torch.Tensor, qparams: dict[str, torch.Tensor] | None, bits
                 packed_nbytes(n, 1) + nnz * w.element_size(),
                 lambda: Encoded(
                     {**base, "encoding": "mask_values"},
-                    {"mask": pack_bits(nonzero, 1), "values": _kept(w, nonzero, nnz)},
+                    {"mask": pack_bits(nonzero, 1), "values": _narrowest(_kept(w, nonzero, nnz))},
                 ),
             )
         )
@@ -275,6 +276,18 @@ def encode_linear(w: torch.Tensor, qparams: dict[str, torch.Tensor] | None, bits
             return enc
         del enc
     return None
+
+
+def _narrowest(values: torch.Tensor) -> torch.Tensor:
+    """``values`` in the narrowest of bfloat16 / float16 that holds every one exactly, else as they are: the kept
+    weights of a pruned bf16 checkpoint are bf16 values computed in float32, and 2 bytes each hold them."""
+    for dtype in (torch.bfloat16, torch.float16):
+        if torch.empty(0, dtype=dtype).element_size() < values.element_size():
+            narrow = values.to(dtype)
+            if torch.equal(narrow.to(values.dtype), values):
+                return narrow
+            del narrow
+    return values
 
 
 @torch.no_grad()
