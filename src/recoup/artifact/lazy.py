@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from recoup.artifact.packing import PACKED_FILE, decode_linear
-from recoup.artifact.store import QPARAMS_FILE, _artifact_config, member, read_manifest
+from recoup.artifact.store import QPARAMS_FILE, artifact_config, member, read_manifest
 from recoup.errors import RecoupError
 from recoup.model.anatomy import anatomy
 from recoup.model.lazy import LazyWeights, TensorFile, checkpoint_files, skeleton
@@ -73,7 +73,7 @@ def load_artifact_lazy(path: str | Path, dtype: str | torch.dtype = "float32") -
         )
     packed = member(path, storage.get("file", PACKED_FILE), f"artifact '{path}': recoup.json") if metas else path
     torch_dtype = resolve_dtype(dtype, "cpu", path)
-    config = _artifact_config(path) or AutoConfig.from_pretrained(str(path))
+    config = artifact_config(path) or AutoConfig.from_pretrained(str(path))
     model = skeleton(path, torch_dtype, config=config)
     weights = ArtifactWeights(model, path, torch_dtype, metas, packed)
     tokenizer = AutoTokenizer.from_pretrained(str(path), config=config)

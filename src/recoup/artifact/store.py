@@ -350,7 +350,7 @@ def load_artifact(path: str | Path, dtype: str | torch.dtype = "float32", device
             f"'{path}/{ARTIFACT_MANIFEST}' says packed storage but lists no packed tensors; the artifact is corrupted"
         )
     try:
-        config = _artifact_config(path)
+        config = artifact_config(path)
         tokenizer = AutoTokenizer.from_pretrained(str(path), **({"config": config} if config is not None else {}))
         with _quiet_missing_weights() if metas else nullcontext():
             model, info = AutoModelForCausalLM.from_pretrained(
@@ -388,7 +388,7 @@ def _mark_packed_config(config_file: Path) -> None:
     config_file.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
 
 
-def _artifact_config(path: Path):
+def artifact_config(path: Path):
     """The transformers config of the artifact at ``path``, with a packed artifact's real model type
     restored (older artifacts and dense ones have it in place: None lets transformers read it)."""
     from transformers import CONFIG_MAPPING

@@ -95,9 +95,9 @@ class GgufExporter:
             )
         from transformers import AutoConfig, AutoTokenizer
 
-        from recoup.artifact.store import _artifact_config  # a packed artifact's config, its model type restored
+        from recoup.artifact.store import artifact_config  # a packed artifact's config, its model type restored
 
-        cfg = _artifact_config(info.path) or AutoConfig.from_pretrained(str(info.path))
+        cfg = artifact_config(info.path) or AutoConfig.from_pretrained(str(info.path))
         check_config(cfg, ARCHES[info.model_type])
         # the tokenizer as recoup loads the artifact's (its model type restored): the class transformers picks for
         # that type may split text differently from the bare tokenizer.json (see check_tokenizer)
