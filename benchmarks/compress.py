@@ -46,7 +46,7 @@ RECIPES: dict[str, dict] = {
 
 def check_properties(loaded, config, report) -> dict:
     """Exact zero fraction, N:M and grid membership of every targeted linear, measured on the weights."""
-    from recoup.artifact.store import compression_fingerprint
+    from recoup.artifact.fingerprint import compression_fingerprint
     from recoup.compress.masks import is_nm
     from recoup.model.anatomy import anatomy
 
@@ -82,7 +82,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
                 "calibration": m["calibration"],
             }
         )
-        from recoup.artifact.store import compression_fingerprint
+        from recoup.artifact.fingerprint import compression_fingerprint
 
         row["all_on_grid"] = compression_fingerprint(loaded.model, m)["all_on_grid"]
     else:

@@ -8,7 +8,7 @@ import pytest
 from helpers import save_tiny
 
 from recoup.artifact import load_model
-from recoup.artifact.store import compression_fingerprint
+from recoup.artifact.fingerprint import compression_fingerprint
 from recoup.cli import main
 from recoup.compress import CompressConfig
 from recoup.compress.masks import is_nm

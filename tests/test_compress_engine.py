@@ -9,8 +9,9 @@ import torch
 from helpers import tiny_loaded
 
 from recoup.artifact import load_model
+from recoup.artifact.fingerprint import compression_fingerprint
 from recoup.artifact.grid import QuantGrid
-from recoup.artifact.store import compression_fingerprint, load_artifact, save_artifact
+from recoup.artifact.store import load_artifact, save_artifact
 from recoup.compress import CompressConfig, compress
 from recoup.compress.engine import LayerView
 from recoup.compress.masks import is_nm

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from recoup.artifact import load_model
-from recoup.artifact.store import compression_fingerprint
+from recoup.artifact.fingerprint import compression_fingerprint
 from recoup.compress import CompressConfig, compress
 from recoup.compress.masks import is_nm
 from recoup.data.calibration import calibration_windows

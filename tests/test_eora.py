@@ -116,7 +116,7 @@ def test_eora_artifact_keeps_fingerprint_and_loads_in_peft_with_identical_logits
     from peft import PeftModel
 
     from recoup.artifact import load_model
-    from recoup.artifact.store import compression_fingerprint
+    from recoup.artifact.fingerprint import compression_fingerprint
     from recoup.recover.methods import RECOVERIES, load_recovery
 
     art, text = artifact

@@ -134,7 +134,8 @@ def test_save_load_round_trip_and_peft_gives_same_loss(corpus, tmp_path):
 def test_transfer_across_artifacts_and_hidden_size_mismatch(corpus, tmp_path):
     """A prompt learned on one compressed tiny model attaches unchanged to other sparsity levels."""
     from recoup.artifact import load_model
-    from recoup.artifact.store import compression_fingerprint, save_artifact
+    from recoup.artifact.fingerprint import compression_fingerprint
+    from recoup.artifact.store import save_artifact
     from recoup.compress.config import CompressConfig
     from recoup.compress.engine import compress
 

@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 from test_run import write_corpus
 
 from recoup.artifact import load_model
+from recoup.artifact.fingerprint import compression_fingerprint
 from recoup.artifact.packing import PACKED_FILE
-from recoup.artifact.store import QPARAMS_FILE, compression_fingerprint, load_artifact, load_qparams, read_manifest
+from recoup.artifact.store import QPARAMS_FILE, load_artifact, load_qparams, read_manifest
 from recoup.cli import main
 from recoup.data.windows import corpus_ids
 from recoup.errors import RecoupError

@@ -60,7 +60,7 @@ class LinearRecord:
 @dataclasses.dataclass
 class CompressReport:
     """Per-linear records plus totals; ``qparams`` holds each quantized linear's grid (scale, zero,
-    g_idx tensors) for the artifact and for :func:`recoup.artifact.store.compression_fingerprint`."""
+    g_idx tensors) for the artifact and for :func:`recoup.artifact.fingerprint.compression_fingerprint`."""
 
     method: str
     config: dict[str, Any]

@@ -95,7 +95,7 @@ def compression_digest(model: nn.Module, manifest: dict | None) -> dict | None:
     """The artifact's compression fingerprint (masks + quantized codes) of ``model``; None for a plain model."""
     if not manifest:
         return None
-    from recoup.artifact.store import compression_fingerprint
+    from recoup.artifact.fingerprint import compression_fingerprint
 
     return compression_fingerprint(base_of(model), manifest)
 
@@ -113,7 +113,7 @@ def record_intact(rec: Recovery, loaded, wrapped: nn.Module, before: dict | None
 
 def record_base(rec: Recovery, loaded, fingerprint: dict | None) -> None:
     """Record in ``rec.meta`` the base the recovery was learned on and its (unchanged) compression
-    ``fingerprint`` (:func:`recoup.artifact.store.compression_fingerprint`; None for a plain model)."""
+    ``fingerprint`` (:func:`recoup.artifact.fingerprint.compression_fingerprint`; None for a plain model)."""
     if fingerprint is not None:
         rec.meta["compression_fingerprint"] = {
             "digest": fingerprint["digest"],

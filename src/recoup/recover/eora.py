@@ -253,7 +253,7 @@ def fit_lazy(loaded, weights: LazyWeights, config: EoraConfig) -> tuple[EoraReco
     weights, :func:`recoup.artifact.lazy.load_artifact_lazy`), its dense source read the same way when it is a
     local safetensors checkpoint (else loaded whole): memory holds one layer of each, not two models. The
     artifact's compression fingerprint is taken layer by layer as each is read; the result is :func:`fit`'s."""
-    from recoup.artifact.store import fingerprint_summary, fingerprinted_linears, linear_fingerprint
+    from recoup.artifact.fingerprint import fingerprint_summary, fingerprinted_linears, linear_fingerprint
     from recoup.model.lazy import load_lazy
 
     src = teacher_source(loaded, config.teacher)

@@ -23,7 +23,7 @@ The new artifact is written by the artifact store's own writer in the source's s
 bitmasks, or dense), with the source's compression record (recipe, calibration, per-layer records) and a
 ``tuning`` list in its manifest saying what was tuned, on what data, with which objective and teacher, starting
 from which artifact. Its codes and masks are bit-identical to the source's: the compression fingerprint
-(:func:`recoup.artifact.store.compression_fingerprint`, codes under the new scales) is checked before writing, and
+(:func:`recoup.artifact.fingerprint.compression_fingerprint`, codes under the new scales) is checked before writing, and
 a mismatch refuses to save. It adds no parameter and no compute at inference; ``recoup eval`` and ``recoup
 export`` take it like any artifact.
 
@@ -211,7 +211,7 @@ class TunedArtifact(Recovery):
         return {"method": self.method, "parameters": 0, **self.meta}
 
     def fingerprint(self) -> dict:
-        from recoup.artifact.store import compression_fingerprint
+        from recoup.artifact.fingerprint import compression_fingerprint
 
         return compression_fingerprint(self.loaded.model, self.fields, self.qparams)
 
@@ -256,8 +256,9 @@ def _on_grid(w: torch.Tensor, q: dict, bits: int, dtype: torch.dtype) -> torch.T
 
 def fit_tune(loaded, config: TuneConfig, data) -> tuple[TunedArtifact, TrainResult]:
     """Tune ``config.trainable`` inside the artifact ``loaded`` (in place); returns the tuned artifact, unsaved."""
+    from recoup.artifact.fingerprint import compression_fingerprint
     from recoup.artifact.packing import dequantize
-    from recoup.artifact.store import compression_fingerprint, load_qparams, recorded_fields
+    from recoup.artifact.store import load_qparams, recorded_fields
     from recoup.model.load import parse_dtype
     from recoup.recover.blockwise import reconstruct
     from recoup.recover.losses import mean_loss
