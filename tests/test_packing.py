@@ -8,9 +8,9 @@ import pytest
 import torch
 from helpers import save_tiny, tiny_loaded
 
+from recoup.artifact.fingerprint import compression_fingerprint
 from recoup.artifact.packing import PACKED_FILE, encode_linear, pack_bits, packed_nbytes, unpack_bits
 from recoup.artifact.store import (
-    compression_fingerprint,
     load_artifact,
     load_qparams,
     repack_artifact,

@@ -6,35 +6,35 @@ gives, value for value, in the same dtype.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
 
-from recoup.artifact.packing import PACKED_FILE, decode_linear
-from recoup.artifact.store import QPARAMS_FILE, artifact_config, member, read_manifest
-from recoup.errors import RecoupError
+from recoup.artifact.packing import decode_linear
+from recoup.artifact.store import QPARAMS_FILE, artifact_config, packed_tensors, read_manifest
 from recoup.model.anatomy import anatomy
 from recoup.model.lazy import LazyWeights, TensorFile, checkpoint_files, skeleton
 from recoup.model.load import LoadedModel
-
-log = logging.getLogger(__name__)
 
 
 class ArtifactWeights(LazyWeights):
     """:class:`LazyWeights` of an artifact: dense tensors come from ``model.safetensors``, a packed linear's weight
     is decoded from the packed file with its grid (read alone from the grids file) when it is loaded."""
 
-    def __init__(self, model: torch.nn.Module, folder: str | Path, dtype: torch.dtype, metas: dict, packed: Path):
-        self.metas, self.packed = metas, TensorFile(packed) if metas else None
+    def __init__(
+        self, model: torch.nn.Module, folder: str | Path, dtype: torch.dtype, metas: dict, packed: Path | None
+    ) -> None:
+        self.metas, self.packed = metas, TensorFile(packed) if packed is not None else None
         grids = Path(folder) / QPARAMS_FILE
         self.grids = TensorFile(grids) if grids.is_file() else None
         self.conv1d = anatomy(model).spec.conv1d
         super().__init__(model, folder, dtype)
 
     def _files(self) -> dict[str, Path]:
-        files = {k: v for k, v in checkpoint_files(self.folder).items() if v.name != QPARAMS_FILE}
-        files = {k: v for k, v in files.items() if v.name != PACKED_FILE}
+        # model.safetensors' tensors (the grids and packed files are safetensors too, but not weights), then the
+        # packed linears' weights, decoded from the packed file
+        other = {QPARAMS_FILE} | ({self.packed.path.name} if self.packed is not None else set())
+        files = {k: v for k, v in checkpoint_files(self.folder).items() if v.name not in other}
         files.update({key: self.packed.path for key in self.metas})
         return files
 
@@ -65,13 +65,7 @@ def load_artifact_lazy(path: str | Path, dtype: str | torch.dtype = "float32") -
 
     path = Path(path).expanduser().resolve()
     manifest = read_manifest(path)
-    storage = manifest.get("storage") or {}
-    metas = storage.get("tensors") if storage.get("kind") == "packed" else {}
-    if not isinstance(metas, dict):
-        raise RecoupError(
-            f"'{path}/recoup.json' says packed storage but lists no packed tensors; the artifact is corrupted"
-        )
-    packed = member(path, storage.get("file", PACKED_FILE), f"artifact '{path}': recoup.json") if metas else path
+    metas, packed = packed_tensors(path, manifest)
     torch_dtype = resolve_dtype(dtype, "cpu", path)
     config = artifact_config(path) or AutoConfig.from_pretrained(str(path))
     model = skeleton(path, torch_dtype, config=config)

@@ -338,14 +338,7 @@ def load_artifact(path: str | Path, dtype: str | torch.dtype = "float32", device
 
     path = Path(path).expanduser().resolve()
     manifest = read_manifest(path)
-    storage = manifest.get("storage") or {}
-    metas = storage.get("tensors") if storage.get("kind") == "packed" else {}
-    if metas:  # before the model loads: the packed file's name is checked like every listed file
-        member(path, storage.get("file", PACKED_FILE), f"artifact '{path}': {ARTIFACT_MANIFEST}")
-    if not isinstance(metas, dict):
-        raise RecoupError(
-            f"'{path}/{ARTIFACT_MANIFEST}' says packed storage but lists no packed tensors; the artifact is corrupted"
-        )
+    metas, packed = packed_tensors(path, manifest)
     try:
         config = artifact_config(path)
         tokenizer = AutoTokenizer.from_pretrained(str(path), **({"config": config} if config is not None else {}))
@@ -366,7 +359,6 @@ def load_artifact(path: str | Path, dtype: str | torch.dtype = "float32", device
             "the artifact is corrupted"
         )
     if metas:  # read and decoded one linear at a time: no second copy of the packed weights in memory
-        packed = member(path, storage.get("file", PACKED_FILE), f"artifact '{path}': {ARTIFACT_MANIFEST}")
         unpack_into(model, metas, TensorFile(packed), load_qparams(path))
     check_finite(model.state_dict().items(), f"artifact '{path}'")
     model.to(device).eval()
@@ -374,6 +366,20 @@ def load_artifact(path: str | Path, dtype: str | torch.dtype = "float32", device
         tokenizer.pad_token = tokenizer.eos_token
     manifest["artifact_dir"] = str(path)
     return LoadedModel(model=model, tokenizer=tokenizer, source=str(path), path=path, manifest=manifest)
+
+
+def packed_tensors(path: Path, manifest: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], Path | None]:
+    """({parameter name: meta} of the artifact's packed linears, the packed file; None when nothing is packed),
+    the file's name checked like every listed file before any weight is read."""
+    storage = manifest.get("storage") or {}
+    metas = storage.get("tensors") if storage.get("kind") == "packed" else {}
+    if not isinstance(metas, dict):
+        raise RecoupError(
+            f"'{path}/{ARTIFACT_MANIFEST}' says packed storage but lists no packed tensors; the artifact is corrupted"
+        )
+    if not metas:
+        return {}, None
+    return metas, member(path, storage.get("file", PACKED_FILE), f"artifact '{path}': {ARTIFACT_MANIFEST}")
 
 
 def _mark_packed_config(config_file: Path) -> None:

@@ -181,11 +181,11 @@ def recover(job: RecoverJob) -> dict:
     if job.out is None:
         raise RecoupError("recover: give --out DIR")
     method = RECOVERIES.get(job.method)
-    started = time.time()
     if _streams(job, method):  # one decoder layer of the artifact (and of its dense source) in memory at a time
         from recoup.artifact.lazy import load_artifact_lazy
 
         loaded, weights = load_artifact_lazy(job.model, job.dtype)
+        started = time.time()
         recovery, result = method.fit_lazy(loaded, weights, job.config)
     else:
         loaded = load_model(job.model, dtype=job.dtype, device=job.device, device_map=job.device_map)
