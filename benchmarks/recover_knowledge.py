@@ -34,7 +34,8 @@ of the compressed -> dense gap; a value within 5% of dense matches (``recoup.eva
 
 ``--artifacts`` names one or more artifacts (``LABEL=PATH`` or a path, labelled by its folder name); the tables
 group by artifact. Each row is written to ``<out>/rows/<label>--<row>.json`` as soon as it is measured (the dense
-row once per dense source, ``dense--<source>.json``); a rerun skips finished rows (a column a finished row
+row once per dense source, ``dense--<source>.json``); a rerun skips finished rows and measures without refitting
+a recovery whose fit finished in ``--workdir`` before the study stopped (its run record says so; a column a finished row
 lacks, such as a newly asked ``--tasks`` entry, is scored on the row's saved recovery in ``--workdir``),
 ``--report-only`` just rebuilds ``<out>/recover_knowledge.{json,md,png}`` (an artifact since deleted keeps its
 group: its dense source and skipped rows come from the last report). ``--fitted-from DIR`` measures the
@@ -75,6 +76,8 @@ from pathlib import Path
 
 import torch
 from recover_knowledge_report import TASKS, analyse, markdown, plot
+
+from recoup.model.recovery import RUN_RECORD
 
 log = logging.getLogger("recover_knowledge")
 OBJECTIVES = ("lm", "kd", "lm+kd")
@@ -191,18 +194,42 @@ def fit_row(row: Row, artifact: str, args, workdir: Path) -> tuple[str | None, d
         extra_seconds = float(load_recovery(inherit).meta["seconds"])
     out = workdir / safe(row.spec.replace(":", "-"))
     flat = recover_flat(row, args, str(inherit) if inherit else None)
-    started = time.time()
-    summary = recover(RecoverJob.from_flat({**flat, "model": artifact, "out": str(out), "force": True}))
-    fitted = {
-        "parameters": summary["parameters"],
-        "fit_seconds": round(time.time() - started + extra_seconds, 1),
-        "config": summary["config"],
-    }
+    job = RecoverJob.from_flat({**flat, "model": artifact, "out": str(out), "force": True})
+    done = finished_fit(out, job)
+    if done is not None:  # an interrupted study's fit: measure it, do not refit (its own fit seconds)
+        log.info("%s: fitted before (%s), measuring it", out, RUN_RECORD)
+        fitted = {
+            "parameters": done["parameters"],
+            "fit_seconds": round(done["total_seconds"] + extra_seconds, 1),
+            "config": done["config"],
+            "fit_resumed": True,
+        }
+    else:
+        started = time.time()
+        summary = recover(job)
+        fitted = {
+            "parameters": summary["parameters"],
+            "fit_seconds": round(time.time() - started + extra_seconds, 1),
+            "config": summary["config"],
+        }
     if row.method == "tune":  # what the new artifact's manifest records of its tuning (validation losses included)
         from recoup.artifact.store import read_manifest
 
         fitted["tuning"] = read_manifest(out)["tuning"][-1]
     return str(out), fitted
+
+
+def finished_fit(out: Path, job) -> dict | None:
+    """The run record of a recovery already fitted into ``out`` for the same artifact and settings as ``job`` (a
+    study stopped during its evaluation), or None. `recoup recover` writes the record last, after the recovery
+    itself, so a record means the fit finished; its ``total_seconds`` (the fit, without loading the model) is the
+    row's fit time."""
+    record = out / RUN_RECORD
+    if not record.is_file():
+        return None
+    done = json.loads(record.read_text())
+    same = done.get("model") == job.model and done.get("method") == job.method
+    return done if same and done.get("config") == json.loads(json.dumps(job.config.to_dict())) else None
 
 
 def tune_skip(row: Row, manifest: dict, label: str) -> str | None:

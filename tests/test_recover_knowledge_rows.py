@@ -5,6 +5,7 @@ attached, and the report's zero-extra-parameter budget line."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -117,3 +118,13 @@ def test_tune_row_fits_a_new_artifact(study, tmp_path):
     assert read_manifest(recovery)["tuning"][-1]["compression_fingerprint"]["unchanged"]
     assert rk.measured_model(row, str(art), str(dense), recovery) == (recovery, None)
     assert rk.measured_model(rk.parse_row("compressed"), str(art), str(dense), None) == (str(art), None)
+
+    # a study stopped after this fit measures it on rerun without refitting; other settings refit
+    record = Path(recovery) / "recoup_run.json"
+    stamp = record.stat().st_mtime_ns
+    again, resumed = rk.fit_row(row, str(art), args, tmp_path / "work")
+    assert again == recovery and resumed["fit_resumed"] and record.stat().st_mtime_ns == stamp
+    assert resumed["fit_seconds"] == json.loads(record.read_text())["total_seconds"] and resumed["parameters"] == 0
+    assert resumed["tuning"] == fitted["tuning"]
+    _, refit = rk.fit_row(row, str(art), argparse.Namespace(seed=0, data=corpus, steps=3), tmp_path / "work")
+    assert "fit_resumed" not in refit and refit["tuning"]["train"]["steps"] == 3
