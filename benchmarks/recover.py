@@ -8,7 +8,11 @@
 2. Latency, batch 1 (:func:`recoup.evaluate.latency.measure_latency`): prefill of a ``--prompt-len``
    token input and per-token greedy decode with the KV cache, for the model alone, + a soft prompt
    of ``--tokens``, + an IDP pool of ``--pool`` x ``--tokens`` (one-prefill: the choice is made inside the
-   prefill; a saved two-pass pool's prefill includes its selection pass; see benchmarks/idp_prefill.py).
+   prefill; a saved two-pass pool's prefill includes its selection pass; see benchmarks/idp_prefill.py),
+   + an unmerged LoRA (``--lora-rank R`` on every linear, or a saved ``--lora``: the two low-rank products an
+   adapter adds to every linear on every token), and a tuned artifact of the same model (``--tuned``: recovery
+   inside the weights, nothing attached). ``--rounds N`` times every row once per round, in turn, so the load on a
+   shared machine falls on every row alike; the "x alone" columns are each row's ratio to the model alone.
 
     python benchmarks/recover.py --model /work/artifacts/smollm2-8x --steps 4 --json benchmarks/results/recover.json
 
@@ -87,6 +91,7 @@ def main() -> None:
     from recoup.artifact import load_model
     from recoup.data.calibration import calibration_windows
     from recoup.evaluate.latency import LatencyConfig, measure_latency
+    from recoup.recover.adapter import LoraConfig, LoraRecovery, lora_parameters
     from recoup.recover.idp import IDPPool
     from recoup.recover.methods import load_recovery
     from recoup.recover.soft_prompt import SoftPrompt
@@ -101,6 +106,26 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--prompt", default=None, help="a saved soft prompt for the latency rows")
     ap.add_argument("--idp", default=None, help="a saved IDP pool for the latency rows")
+    ap.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        help="also time the model with an unmerged LoRA of this rank on every linear (PEFT's init; latency does "
+        "not depend on the values), or give --lora",
+    )
+    ap.add_argument("--lora", default=None, help="a saved LoRA / EoRA adapter for the latency rows (kept unmerged)")
+    ap.add_argument(
+        "--tuned",
+        default=None,
+        help="a tuned artifact (`recoup recover --method tune`) of --model, timed as a model with nothing attached",
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="latency rounds: every row is timed once per round, in turn, so load on the machine falls on every "
+        "row alike; each figure is the median over rounds of a round's median",
+    )
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
@@ -128,24 +153,51 @@ def main() -> None:
     )
     ids = calibration_windows(loaded.tokenizer, "ptb", 1, args.prompt_len, seed=1, split="test").input_ids
     lat_cfg = LatencyConfig(args.prompt_len, args.new_tokens, args.repeats)
-    for name, rec in (
-        ("model alone", None),
-        (f"+ soft prompt ({prompt.tokens} tokens)", prompt),
-        (f"+ IDP ({pool.size} x {pool.tokens} tokens)", pool),
-    ):
-        res = measure_latency(loaded.model, ids, rec, lat_cfg)
-        res.pop("generated")
+    timed = [
+        ("model alone", loaded.model, None),
+        (f"+ soft prompt ({prompt.tokens} tokens)", loaded.model, prompt),
+        (f"+ IDP ({pool.size} x {pool.tokens} tokens)", loaded.model, pool),
+    ]
+    if args.lora or args.lora_rank:  # a second copy: PEFT wraps the linears of the model it is given in place
+        lora = load_recovery(args.lora) if args.lora else None
+        other = load_model(args.model).model
+        if lora is None:
+            lora = LoraRecovery.for_model(other, LoraConfig(rank=args.lora_rank))
+        wrapped = lora.apply(other)
+        extra = sum(p.numel() for p in lora_parameters(wrapped))
+        timed.append((f"+ LoRA r{lora.cfg.rank} unmerged ({extra} parameters)", wrapped, None))
+    if args.tuned:
+        timed.append(("tuned artifact (0 extra parameters)", load_model(args.tuned).model, None))
+    runs: dict[str, list[dict]] = {name: [] for name, _, _ in timed}
+    for _ in range(args.rounds):
+        for name, model, rec in timed:
+            res = measure_latency(model, ids, rec, lat_cfg)
+            res.pop("generated")
+            runs[name].append(res)
+    for name, _, _ in timed:
+        res = {**runs[name][0], "rounds": args.rounds}
+        for key in ("prefill_ms", "decode_ms_per_token"):
+            res[key] = statistics.median(r[key] for r in runs[name])
+            res[key + "_rounds"] = [r[key] for r in runs[name]]
         rows.append({"kind": "latency", "name": name, **res})
+    alone = rows[-len(timed)]
+    for r in rows[-len(timed) :]:  # the same round's load falls on every row: ratios compare them
+        r["prefill_vs_alone"] = r["prefill_ms"] / alone["prefill_ms"]
+        r["decode_vs_alone"] = r["decode_ms_per_token"] / alone["decode_ms_per_token"]
 
     print(f"model {args.model}; torch threads {torch.get_num_threads()}")
     print(f"{'training (seqlen %d, batch %d)' % (args.seqlen, args.batch_size):44s} {'s/step':>8s} {'tokens/s':>9s}")
     for r in rows:
         if r["kind"] == "train":
             print(f"{r['name']:44s} {r['sec_per_step']:8.2f} {r['tokens_per_s']:9.1f}")
-    print(f"\n{'latency (batch 1, %d-token input)' % args.prompt_len:44s} {'prefill ms':>10s} {'decode ms/tok':>13s}")
+    head = f"latency (batch 1, {args.prompt_len}-token input, {args.rounds} rounds)"
+    print(f"\n{head:52s} {'prefill ms':>10s} {'x alone':>7s} {'decode ms/tok':>13s} {'x alone':>7s}")
     for r in rows:
         if r["kind"] == "latency":
-            print(f"{r['name']:44s} {r['prefill_ms']:10.1f} {r['decode_ms_per_token']:13.2f}")
+            print(
+                f"{r['name']:52s} {r['prefill_ms']:10.1f} {r['prefill_vs_alone']:7.3f} "
+                f"{r['decode_ms_per_token']:13.2f} {r['decode_vs_alone']:7.3f}"
+            )
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
