@@ -132,6 +132,11 @@ def main() -> None:
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--json", default="benchmarks/results/recover.json")
     args = ap.parse_args()
+    if args.rounds < 1 or args.lora_rank < 0:
+        ap.error("--rounds must be >= 1 and --lora-rank >= 0")
+    for flag, path in (("--tuned", args.tuned), ("--lora", args.lora), ("--prompt", args.prompt), ("--idp", args.idp)):
+        if path and not Path(path).is_dir():
+            ap.error(f"{flag} {path}: no such directory")
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
 
