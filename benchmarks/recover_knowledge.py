@@ -34,9 +34,9 @@ of the compressed -> dense gap; a value within 5% of dense matches (``recoup.eva
 
 ``--artifacts`` names one or more artifacts (``LABEL=PATH`` or a path, labelled by its folder name); the tables
 group by artifact. Each row is written to ``<out>/rows/<label>--<row>.json`` as soon as it is measured (the dense
-row once per dense source, ``dense--<source>.json``); a rerun skips finished rows and measures without refitting
-a recovery whose fit finished in ``--workdir`` before the study stopped (its run record says so; a column a finished row
-lacks, such as a newly asked ``--tasks`` entry, is scored on the row's saved recovery in ``--workdir``),
+row once per dense source, ``dense--<source>.json``); a rerun skips finished rows (a column a finished row lacks,
+such as a newly asked ``--tasks`` entry, is scored on the row's saved recovery in ``--workdir``) and measures a
+recovery whose fit finished in ``--workdir`` before the study stopped (its run record says so) without refitting;
 ``--report-only`` just rebuilds ``<out>/recover_knowledge.{json,md,png}`` (an artifact since deleted keeps its
 group: its dense source and skipped rows come from the last report). ``--fitted-from DIR`` measures the
 recoveries a study with ``--out DIR`` fitted into the same ``--workdir`` at this run's evaluation settings (a larger
